@@ -1,0 +1,317 @@
+"""`kcp`: run the stack, manage clusters, dispatch, inspect.
+
+    kcp up                      local stack (embedded Redis if none answers), Ctrl-C stops it
+    kcp serve                   the control-plane service
+    kcp agent --slots 4         a kernel agent on this host
+    kcp cluster create NAME --kernels 3 | list | scale NAME N | destroy NAME
+    kcp dispatch CLUSTER '{"type": "PING"}'
+    kcp metrics CLUSTER | status | demo
+
+Human-readable output by default, `--json` for scripts. Exit codes: 0 ok, 1 the operation
+failed (e.g. the kernel reported an error), 2 bad input, 3 Redis unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pydantic
+
+from .client import KcpClient
+from .connection import connect
+from .errors import InvalidRequest, KcpError, RedisUnavailable
+from .models import KernelState
+from .settings import Settings
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS = 1, 2, 3
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else human(data))
+
+
+# ------------------------------------------------------------------ client commands
+async def _cluster(args: argparse.Namespace, kcp: KcpClient) -> int:
+    if args.action == "create":
+        config = json.loads(args.config) if args.config else None
+        info = await kcp.create_cluster(args.name, args.kernels, config)
+        _emit(
+            args,
+            info.model_dump(mode="json", exclude={"kernels"}),
+            lambda d: f"cluster {d['name']}: {d['running']}/{d['desired']} kernels running ({d['status']})",
+        )
+    elif args.action == "list":
+        clusters = [i.model_dump(mode="json", exclude={"kernels"}) for i in await kcp.list_clusters()]
+        _emit(
+            args,
+            clusters,
+            lambda cs: (
+                table(
+                    [(c["name"], c["status"], f"{c['running']}/{c['desired']}", c["reason"]) for c in cs],
+                    ("CLUSTER", "STATUS", "KERNELS", "REASON"),
+                )
+                if cs
+                else "no clusters"
+            ),
+        )
+    elif args.action == "scale":
+        before, after = await kcp.scale_cluster(args.name, args.count)
+        _emit(
+            args,
+            {"cluster": args.name, "previous_count": before, "new_count": after},
+            lambda d: f"cluster {d['cluster']}: {d['previous_count']} -> {d['new_count']} kernels",
+        )
+    else:
+        await kcp.destroy_cluster(args.name)
+        _emit(
+            args,
+            {"cluster_name": args.name, "destroyed": True},
+            lambda d: f"cluster {d['cluster_name']} destroyed",
+        )
+    return 0
+
+
+async def _dispatch(args: argparse.Namespace, kcp: KcpClient) -> int:
+    try:
+        request = json.loads(args.request)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request is not valid JSON: {exc}") from None
+    res = await kcp.dispatch(args.cluster, request)
+    _emit(
+        args,
+        res.model_dump(),
+        lambda d: f"{d['kernel']} ({d['latency_ms']:.1f} ms): {json.dumps(d['result'])}",
+    )
+    return 0
+
+
+async def _metrics(args: argparse.Namespace, kcp: KcpClient) -> int:
+    m = (await kcp.get_metrics(args.cluster)).to_dict()
+    _emit(args, m, lambda d: "\n".join(f"{k:<18}{v}" for k, v in d.items()))
+    return 0
+
+
+async def _status(args: argparse.Namespace, kcp: KcpClient) -> int:
+    agents = await kcp.state.agents()
+    clusters = await kcp.list_clusters()
+    rows = []
+    for info in clusters:
+        loads = await kcp.state.loads(info.kernels)
+        for k in info.kernels:
+            load = loads.get(k.name)
+            rows.append(
+                (
+                    info.name,
+                    k.name,
+                    k.agent,
+                    k.state.value,
+                    k.pid or "-",
+                    f"{load.cpu:.0%}" if load else "-",
+                    f"{load.memory:.2%}" if load else "-",
+                    load.queue_depth if load else "-",
+                    f"{load.latency_ms:.1f}" if load else "-",
+                )
+            )
+    data = {
+        "agents": [{**a.model_dump(), "alive": alive} for a, alive in agents],
+        "clusters": [i.model_dump(mode="json") for i in clusters],
+    }
+
+    def human(_: Any) -> str:
+        used: dict[str, int] = {}
+        for info in clusters:
+            for k in info.kernels:
+                if k.state is not KernelState.STOPPED:
+                    used[k.agent] = used.get(k.agent, 0) + 1
+        out = (
+            table(
+                [
+                    (
+                        a.name,
+                        a.host,
+                        "up" if alive else "DOWN",
+                        f"{used.get(a.name, 0)}/{a.slots}",
+                        a.capabilities or "-",
+                    )
+                    for a, alive in agents
+                ],
+                ("AGENT", "HOST", "LEASE", "KERNELS", "CAPABILITIES"),
+            )
+            if agents
+            else "no agents"
+        )
+        out += "\n\n" + (
+            table(
+                [(i.name, i.status.value, f"{i.running}/{i.desired}", i.reason) for i in clusters],
+                ("CLUSTER", "STATUS", "KERNELS", "REASON"),
+            )
+            if clusters
+            else "no clusters"
+        )
+        if rows:
+            out += "\n\n" + table(
+                rows, ("CLUSTER", "KERNEL", "AGENT", "STATE", "PID", "CPU", "MEM", "QUEUE", "LAT_MS")
+            )
+        return out
+
+    _emit(args, data, human)
+    return 0
+
+
+def _run_client(
+    args: argparse.Namespace, fn: Callable[[argparse.Namespace, KcpClient], Awaitable[int]]
+) -> int:
+    async def go() -> int:
+        async with KcpClient(args.settings) as kcp:
+            return await fn(args, kcp)
+
+    try:
+        return asyncio.run(go())
+    except InvalidRequest as exc:
+        print(f"kcp: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RedisUnavailable as exc:
+        print(f"kcp: {exc} (is Redis running at {args.settings.redis_url}?)", file=sys.stderr)
+        return EXIT_REDIS
+    except KcpError as exc:
+        print(f"kcp: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+# ------------------------------------------------------------------ daemons
+def _serve(args: argparse.Namespace) -> int:
+    from .service import ControlPlane
+
+    async def go() -> int:
+        redis = connect(args.settings.redis_url)
+        plane = ControlPlane(redis, args.settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, plane.stop)
+        try:
+            await plane.run()
+        finally:
+            await redis.aclose()
+        return 0
+
+    return asyncio.run(go())
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .stack import LocalStack
+
+    stack = LocalStack(
+        args.settings,
+        agents=args.agents,
+        slots=args.slots,
+        log_level=args.log_level,
+        handlers=tuple(args.handlers),
+    )
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with stack:
+        print(
+            f"kcp up: Redis {stack.redis_url}, control plane, {args.agents} agents x {args.slots} slots. "
+            f"Ctrl-C stops everything.\n  export KCP_REDIS_URL={stack.redis_url}",
+            flush=True,
+        )
+        while not stop and all(p.poll() is None for p in stack.procs):
+            time.sleep(0.2)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.settings, redis_url_given=args.redis_url is not None)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from kernel_agent.__main__ import add_arguments as add_agent_arguments
+
+    p = argparse.ArgumentParser(
+        prog="kcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--redis-url", help="Redis URL (default: $KCP_REDIS_URL or redis://127.0.0.1:6379/0)")
+    p.add_argument("--prefix", help="key prefix (default: $KCP_PREFIX or kcp:)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--log-level", help="default: INFO for serve/agent/up, WARNING otherwise")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local stack: Redis if none answers, the service, agents")
+    up.add_argument("--agents", type=int, default=3)
+    up.add_argument("--slots", type=int, default=4)
+    up.add_argument("--handlers", action="append", default=[])
+    sub.add_parser("serve", help="run the control-plane service")
+    agent = sub.add_parser("agent", help="run a kernel agent on this host")
+    add_agent_arguments(agent, common=False)
+
+    cluster = sub.add_parser("cluster", help="create, list, scale, destroy clusters")
+    csub = cluster.add_subparsers(dest="action", required=True)
+    create = csub.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--kernels", type=int, default=1)
+    create.add_argument("--config", help='JSON, e.g. {"max_kernels": 20}')
+    csub.add_parser("list")
+    scale = csub.add_parser("scale")
+    scale.add_argument("name")
+    scale.add_argument("count", type=int)
+    destroy = csub.add_parser("destroy")
+    destroy.add_argument("name")
+
+    dispatch = sub.add_parser("dispatch", help="run one request on a cluster")
+    dispatch.add_argument("cluster")
+    dispatch.add_argument("request", help='JSON, e.g. {"type": "PING"}')
+    metrics = sub.add_parser("metrics", help="cluster metrics")
+    metrics.add_argument("cluster")
+    sub.add_parser("status", help="agents, clusters, kernels: one-shot table")
+    sub.add_parser("demo", help="a real local stack, a cluster, a few hundred dispatches, scaling")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.log_level = args.log_level or ("INFO" if args.command in ("serve", "agent", "up") else "WARNING")
+    if args.command != "agent":
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {k: v for k, v in (("redis_url", args.redis_url), ("prefix", args.prefix)) if v}
+    try:
+        args.settings = Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        print(f"kcp: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.command == "agent":
+        from kernel_agent.__main__ import run as run_agent
+
+        return run_agent(args)
+    daemons: dict[str, Callable[[argparse.Namespace], int]] = {"serve": _serve, "up": _up, "demo": _demo}
+    if args.command in daemons:
+        return daemons[args.command](args)
+    commands = {"cluster": _cluster, "dispatch": _dispatch, "metrics": _metrics, "status": _status}
+    return _run_client(args, commands[args.command])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The fast path: enqueue a job on a kernel in one round trip and await its pushed result.
+
+Each client process owns one reply list (`reply:{client_id}`) and one listener task that
+blocks on it (BLPOP) and resolves the future of each job id: no polling anywhere. A cached
+view of each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing
+from reading Redis on every dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from .connection import MAX_BLOCK_SECONDS
+from .engine import KernelBusy
+from .errors import ClusterNotFound, DispatchTimeout
+from .jobs import Outcome, decode_result, encode_job
+from .keys import Keys
+from .models import KernelLoad, KernelRecord, KernelState
+from .requests import SyscallRequest
+from .scripts import Scripts
+from .state import State, now_ms
+
+logger = logging.getLogger(__name__)
+
+#: How long an unfinished job key lives at most, beyond its deadline, ms (a safety net).
+JOB_TTL_EXTRA_MS = 3_600_000
+#: How long a cached kernel list is trusted without a change notification, seconds.
+VIEW_TTL = 2.0
+#: How long cached load records are trusted (they are refreshed once per heartbeat), seconds.
+LOAD_TTL = 0.5
+
+
+class Dispatcher:
+    """Submits jobs and awaits their results. `start()` before use, `stop()` after."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, scripts: Scripts) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.client_id = uuid.uuid4().hex
+        self.reply_key = keys.reply(self.client_id)
+        self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name=f"kcp-replies-{self.client_id[:8]}")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.delete(self.reply_key)
+
+    async def submit(self, kernel: KernelRecord, request: SyscallRequest, wait_s: float) -> Outcome:
+        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result.
+
+        Raises `KernelBusy` when the kernel takes no work (nothing was enqueued) and
+        `DispatchTimeout` when no result came in time (the job is then cancelled, so a late
+        result is dropped by the kernel instead of delivered twice).
+        """
+        job_id = uuid.uuid4().hex
+        cluster, name = kernel.cluster, kernel.name
+        now = now_ms()
+        payload = encode_job(
+            request.model_dump(mode="json", exclude_defaults=True) | {"type": request.type},
+            job_try=1,
+            enqueue_ms=now,
+        )
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = fut
+        try:
+            queued, detail = await self.scripts.enqueue(
+                keys=[
+                    self.keys.kernel(cluster, name),
+                    self.keys.queue(cluster, name),
+                    self.keys.inflight(cluster, name),
+                    self.keys.job(cluster, job_id),
+                ],
+                args=[
+                    job_id,
+                    payload,
+                    self.reply_key,
+                    now,
+                    now + int(wait_s * 1000),
+                    int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
+                    name,
+                ],
+            )
+            if int(queued) != 1:
+                raise KernelBusy(f"{cluster}/{name}: {detail}")
+            try:
+                async with asyncio.timeout(wait_s):
+                    return await fut
+            except TimeoutError:
+                cancelled = await self.scripts.cancel(
+                    keys=[
+                        self.keys.job(cluster, job_id),
+                        self.keys.queue(cluster, name),
+                        self.keys.inflight(cluster, name),
+                    ],
+                    args=[job_id],
+                )
+                if not cancelled and fut.done():  # the result raced the timeout and won
+                    return fut.result()
+                raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
+        finally:
+            self._waiting.pop(job_id, None)
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                item = await self.redis.blpop([self.reply_key], timeout=MAX_BLOCK_SECONDS)
+                backoff = 0.1
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("reply listener lost Redis (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if item is None:
+                continue
+            try:
+                outcome = decode_result(item[1])
+            except Exception:
+                logger.warning("dropping a malformed reply on %s", self.reply_key)
+                continue
+            fut = self._waiting.get(outcome.job_id)
+            if fut is not None and not fut.done():
+                fut.set_result(outcome)
+
+
+@dataclass(slots=True)
+class _View:
+    kernels: list[KernelRecord] = field(default_factory=list)
+    loads: dict[str, KernelLoad] = field(default_factory=dict)
+    kernels_at: float = 0.0
+    loads_at: float = 0.0
+
+
+class ClusterViews:
+    """Per-cluster cache of kernel records and load records, refreshed on `notify` messages."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self._views: dict[str, _View] = {}
+        self._changed = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="kcp-notify")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+
+    async def wait_change(self, seconds: float) -> None:
+        """Return after the next change notification (any cluster), or after `seconds`."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(seconds, 0.0))
+
+    def invalidate(self, cluster: str) -> None:
+        view = self._views.get(cluster)
+        if view is not None:
+            view.kernels_at = 0.0
+
+    async def get(
+        self, cluster: str, *, wait: float = 0.0, with_loads: bool = False
+    ) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
+        """The cluster's kernels (and loads); waits up to `wait` seconds for a running one."""
+        deadline = time.monotonic() + wait
+        while True:
+            view = self._views.setdefault(cluster, _View())
+            now = time.monotonic()
+            if now - view.kernels_at > VIEW_TTL:
+                self._changed.clear()
+                view.kernels = await self.state.kernels(cluster)
+                view.kernels_at = now
+            if with_loads and now - view.loads_at > LOAD_TTL:
+                view.loads = await self.state.loads(view.kernels)
+                view.loads_at = now
+            if any(k.state is KernelState.RUNNING for k in view.kernels) or now >= deadline:
+                return view.kernels, view.loads
+            if not view.kernels and await self.state.get_cluster(cluster) is None:
+                raise ClusterNotFound(cluster)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(deadline - now, 0.25))
+            view.kernels_at = 0.0
+
+    async def _watch(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.state.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.state.keys.notify())
+                backoff = 0.1
+                while True:
+                    # a bounded wait, so an idle subscription never hits the socket timeout
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS)
+                    cluster = message.get("data") if message else None
+                    if isinstance(cluster, str):
+                        self.invalidate(cluster)
+                        self._changed.set()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("notify watcher lost Redis (%s); retrying in %.1fs", exc, backoff)
+                self._views.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

@@ -1,0 +1,93 @@
+"""The exception tree. Callers catch these, never redis-py's types.
+
+KcpError
+├── InvalidRequest          bad input: a name, a config, a request (also a ValueError)
+├── ClusterNotFound
+├── ClusterExists
+├── CapacityError           no agent can host the kernels asked for
+├── DispatchError           a dispatch did not produce a result
+│   ├── NoKernelAvailable   no running kernel could take the request in time
+│   ├── DispatchTimeout     a kernel took the request but no result came in time
+│   └── KernelError         the kernel ran the request and it failed (bad args, handler raised)
+└── RedisUnavailable        Redis could not be reached or answered with an error
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import redis.exceptions
+
+
+class KcpError(Exception):
+    """Base of every error kcp raises on purpose."""
+
+
+class InvalidRequest(KcpError, ValueError):
+    """The input was rejected before anything changed."""
+
+
+class ClusterNotFound(KcpError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"cluster {name!r} does not exist")
+        self.name = name
+
+
+class ClusterExists(KcpError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"cluster {name!r} already exists")
+        self.name = name
+
+
+class CapacityError(KcpError):
+    """Not enough free agent slots (with the required capabilities)."""
+
+
+class DispatchError(KcpError):
+    """A dispatch ended without a result."""
+
+
+class NoKernelAvailable(DispatchError):
+    pass
+
+
+class DispatchTimeout(DispatchError):
+    pass
+
+
+class KernelError(DispatchError):
+    """The kernel executed the request and reported a failure."""
+
+    def __init__(self, message: str, *, kernel: str, error_type: str = "KernelError") -> None:
+        super().__init__(message)
+        self.kernel = kernel
+        self.error_type = error_type
+
+
+class RedisUnavailable(KcpError):
+    """Redis could not be reached, timed out, or refused a command."""
+
+
+def _translate(exc: redis.exceptions.RedisError) -> KcpError:
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return RedisUnavailable(f"Redis unavailable: {exc}")
+    return RedisUnavailable(f"Redis error: {exc}")
+
+
+@contextlib.contextmanager
+def map_redis_errors() -> Iterator[None]:
+    """Translate redis-py exceptions raised inside the block into `RedisUnavailable`."""
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise _translate(exc) from exc
+
+
+@contextlib.asynccontextmanager
+async def amap_redis_errors() -> AsyncIterator[None]:
+    """Async flavour of `map_redis_errors` for `async with` blocks."""
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise _translate(exc) from exc

@@ -1,0 +1,107 @@
+"""Job and result encoding: arq's job model with a JSON serializer (never pickle).
+
+A job is what `arq.jobs.serialize_job` writes (`{"t", "f", "a", "k", "et"}`): the syscall type
+is the function, the request is the kwargs. A result is what `arq.jobs.serialize_result`
+writes; its ``r`` holds ``{"kernel", "value"}`` or ``{"kernel", "error", "error_type"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from arq.jobs import deserialize_job_raw, deserialize_result, serialize_job, serialize_result
+
+
+def json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def json_loads(raw: bytes | str) -> Any:
+    return json.loads(raw)
+
+
+def encode_job(request: dict[str, Any], *, job_try: int, enqueue_ms: int) -> str:
+    return serialize_job(
+        str(request["type"]), (), request, job_try, enqueue_ms, serializer=json_dumps
+    ).decode()
+
+
+def decode_job(raw: str) -> tuple[dict[str, Any], int]:
+    """(request, enqueue ms) of an encoded job."""
+    _function, _args, kwargs, _try, enqueue_ms = deserialize_job_raw(raw.encode(), deserializer=json_loads)
+    return kwargs, enqueue_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a kernel reported for one job."""
+
+    job_id: str
+    kernel: str
+    success: bool
+    value: dict[str, Any] | None
+    error: str
+    error_type: str
+    attempt: int
+    enqueue_ms: int
+    start_ms: int
+    finish_ms: int
+
+
+def encode_result(
+    *,
+    job_id: str,
+    function: str,
+    kernel: str,
+    queue: str,
+    attempt: int,
+    enqueue_ms: int,
+    start_ms: int,
+    finish_ms: int,
+    value: dict[str, Any] | None,
+    error: str = "",
+    error_type: str = "",
+) -> str:
+    body: dict[str, Any] = {"kernel": kernel}
+    if error_type:
+        body.update(error=error, error_type=error_type)
+    else:
+        body["value"] = value
+    raw = serialize_result(
+        function,
+        (),
+        {},
+        attempt,
+        enqueue_ms,
+        not error_type,
+        body,
+        start_ms,
+        finish_ms,
+        f"{job_id}:{function}",
+        queue,
+        job_id,
+        serializer=json_dumps,
+    )
+    if raw is None:  # arq gives up only when even its fallback cannot be serialized
+        raise ValueError(f"result of job {job_id} cannot be serialized")
+    return raw.decode()
+
+
+def decode_result(raw: str) -> Outcome:
+    res = deserialize_result(raw.encode(), deserializer=json_loads)
+    body = res.result if isinstance(res.result, dict) else {"error": str(res.result)}
+    success = bool(res.success) and "value" in body
+    return Outcome(
+        job_id=str(res.job_id),
+        kernel=str(body.get("kernel", "")),
+        success=success,
+        value=body.get("value") if success else None,
+        error="" if success else str(body.get("error", "result could not be serialized")),
+        error_type="" if success else str(body.get("error_type", "SerializationError")),
+        attempt=res.job_try,
+        enqueue_ms=int(res.enqueue_time.timestamp() * 1000),
+        start_ms=int(res.start_time.timestamp() * 1000),
+        finish_ms=int(res.finish_time.timestamp() * 1000),
+    )

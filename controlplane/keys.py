@@ -1,0 +1,116 @@
+"""The Redis key schema: every key kcp reads or writes is built here, nowhere else.
+
+All keys start with the configured prefix (default ``kcp:``) and are ``:``-separated.
+Names are validated (`models.NAME_PATTERN`) before they reach this module, so a name
+can never inject a separator or a glob character. `docs/redis-keys.md` explains each key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Values of the `agent:{name}:kernels` fields: run the kernel, or let it drain and stop.
+ASSIGN_RUN, ASSIGN_DRAIN = "run", "drain"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "kcp:"
+
+    # ------------------------------------------------------------ clusters
+    def clusters(self) -> str:
+        """SET of cluster names."""
+        return f"{self.prefix}clusters"
+
+    def cluster(self, cluster: str) -> str:
+        """HASH: the cluster record (config JSON, desired count, status)."""
+        return f"{self.prefix}cluster:{cluster}"
+
+    def cluster_kernels(self, cluster: str) -> str:
+        """SET of the cluster's kernel names."""
+        return f"{self.prefix}cluster:{cluster}:kernels"
+
+    def cluster_stats(self, cluster: str) -> str:
+        """HASH of counters: dispatches, errors, latency_ms_sum (written by kernels on finish)."""
+        return f"{self.prefix}cluster:{cluster}:stats"
+
+    def cluster_orphans(self, cluster: str) -> str:
+        """ZSET job id -> enqueue ms: jobs taken from a dead kernel, waiting for a live one."""
+        return f"{self.prefix}cluster:{cluster}:orphans"
+
+    # ------------------------------------------------------------ kernels
+    def kernel(self, cluster: str, kernel: str) -> str:
+        """HASH: the kernel record (agent, state, epoch, pid, ...)."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}"
+
+    def queue(self, cluster: str, kernel: str) -> str:
+        """ZSET job id -> enqueue ms: the kernel's job queue (arq's queue model). Kernels BZPOPMIN it."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}:queue"
+
+    def inflight(self, cluster: str, kernel: str) -> str:
+        """ZSET job id -> enqueue ms: every job routed to the kernel and not finished (queued + running)."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}:inflight"
+
+    def kernel_stats(self, cluster: str, kernel: str) -> str:
+        """HASH of counters: dispatches, errors, latency_ms_sum."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}:stats"
+
+    def kernel_pattern(self, cluster: str) -> str:
+        """SCAN pattern for every per-kernel key of a cluster."""
+        return f"{self.prefix}kernel:{cluster}:*"
+
+    # ------------------------------------------------------------ jobs
+    def job(self, cluster: str, job_id: str) -> str:
+        """HASH: one job (arq-serialized JSON under ``job``, routing fields, fencing epoch)."""
+        return f"{self.prefix}job:{cluster}:{job_id}"
+
+    def job_pattern(self, cluster: str) -> str:
+        return f"{self.prefix}job:{cluster}:*"
+
+    def reply(self, client_id: str) -> str:
+        """LIST: results pushed to one client process (expires when the client goes away)."""
+        return f"{self.prefix}reply:{client_id}"
+
+    # ------------------------------------------------------------ agents
+    def agents(self) -> str:
+        """SET of agent names."""
+        return f"{self.prefix}agents"
+
+    def agent(self, agent: str) -> str:
+        """HASH: the agent record (host, slots, capabilities, labels)."""
+        return f"{self.prefix}agent:{agent}"
+
+    def agent_lease(self, agent: str) -> str:
+        """STRING with a TTL: present while the agent is alive."""
+        return f"{self.prefix}agent:{agent}:lease"
+
+    def agent_kernels(self, agent: str) -> str:
+        """HASH ``cluster/kernel`` -> ``run`` | ``drain``: the kernels assigned to the agent."""
+        return f"{self.prefix}agent:{agent}:kernels"
+
+    def agent_wake(self, agent: str) -> str:
+        """LIST the control plane pushes to so the agent re-reads its assignment at once."""
+        return f"{self.prefix}agent:{agent}:wake"
+
+    def load(self, agent: str, cluster: str, kernel: str) -> str:
+        """HASH with a TTL: the load record of one kernel, written by its agent's heartbeat.
+
+        Under the agent's key space so a per-agent ACL can allow writing only its own."""
+        return f"{self.prefix}agent:{agent}:load:{cluster}:{kernel}"
+
+    # ------------------------------------------------------------ control plane
+    def leader(self) -> str:
+        """STRING with a TTL: the token of the leading `kcp serve`."""
+        return f"{self.prefix}leader"
+
+    def service_wake(self) -> str:
+        """LIST clients push to so the leader reconciles at once."""
+        return f"{self.prefix}service:wake"
+
+    def epoch(self) -> str:
+        """STRING counter: fencing epochs handed to kernel incarnations."""
+        return f"{self.prefix}epoch"
+
+    def notify(self) -> str:
+        """Pub/sub channel (not a key): a cluster name is published when its kernels change."""
+        return f"{self.prefix}notify"

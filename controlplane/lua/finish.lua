@@ -1,0 +1,31 @@
+-- finish.lua: a kernel delivers a result. Fenced: only the kernel incarnation the job is
+-- assigned to may finish it, and only once (the job key is deleted here).
+--
+-- KEYS[1] job            HASH  {prefix}job:{cluster}:{id}
+-- KEYS[2] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
+-- KEYS[3] reply          LIST  {prefix}reply:{client}
+-- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats
+-- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
+-- ARGV[1] job id
+-- ARGV[2] kernel name of the caller
+-- ARGV[3] fencing epoch of the caller
+-- ARGV[4] reply message (arq-serialized result, JSON)
+-- ARGV[5] 1 when the syscall succeeded, 0 when it failed
+-- ARGV[6] latency, ms: enqueue to finish (queue wait + execution)
+-- ARGV[7] reply list TTL, ms
+-- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else).
+local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch')
+if not f[1] or f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[7])
+local failed = 1 - tonumber(ARGV[5])
+for i = 4, 5 do
+    redis.call('HINCRBY', KEYS[i], 'dispatches', 1)
+    redis.call('HINCRBY', KEYS[i], 'errors', failed)
+    redis.call('HINCRBYFLOAT', KEYS[i], 'latency_ms_sum', ARGV[6])
+end
+return 1

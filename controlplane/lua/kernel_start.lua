@@ -1,0 +1,29 @@
+-- kernel_start.lua: a kernel process comes up and takes a new fencing epoch.
+--
+-- KEYS[1] kernel record  HASH    {prefix}kernel:{cluster}:{kernel}
+-- KEYS[2] epoch counter  STRING  {prefix}epoch
+-- ARGV[1] agent name the process runs under
+-- ARGV[2] pid
+-- ARGV[3] host
+-- ARGV[4] now, unix seconds
+-- ARGV[5] syscalls (space-separated)
+-- ARGV[6] capabilities (space-separated)
+-- Returns {epoch, state} or {0, reason} when the kernel is not (any more) assigned to this agent.
+local f = redis.call('HMGET', KEYS[1], 'agent', 'state')
+if not f[1] then
+    return {0, 'missing'}
+end
+if f[1] ~= ARGV[1] then
+    return {0, 'assigned to ' .. f[1]}
+end
+if f[2] == 'stopped' then
+    return {0, 'stopped'}
+end
+local epoch = redis.call('INCR', KEYS[2])
+local state = f[2]
+if state == 'pending' then
+    state = 'running'
+end
+redis.call('HSET', KEYS[1], 'epoch', epoch, 'pid', ARGV[2], 'host', ARGV[3], 'started_at', ARGV[4],
+    'syscalls', ARGV[5], 'capabilities', ARGV[6], 'state', state)
+return {epoch, state}

@@ -1,0 +1,212 @@
+"""The spec's data classes and enums, and the records kcp keeps in Redis.
+
+Everything that crosses a boundary (a config from a user, a record read from Redis)
+is a pydantic model, so bad input becomes a `pydantic.ValidationError` (wrapped in
+`InvalidRequest` by the client) instead of corrupt state.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+#: Cluster, kernel and agent names: no key separators, glob characters or whitespace.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Capability = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$")]
+
+
+class ClusterStatus(StrEnum):
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    SCALING = "scaling"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class KernelState(StrEnum):
+    PENDING = "pending"  # placed on an agent, process not up yet
+    RUNNING = "running"  # takes work
+    DRAINING = "draining"  # finishes its queue, takes nothing new
+    STOPPED = "stopped"  # drained and gone
+
+
+#: Kernels that count towards a cluster's size.
+ACTIVE_KERNEL_STATES = frozenset({KernelState.PENDING, KernelState.RUNNING})
+
+
+class RoutingStrategy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+    CAPABILITY_BASED = "capability_based"
+    RANDOM = "random"
+    PRIMARY_FALLBACK = "primary_fallback"
+
+
+class BusTopic(StrEnum):
+    EVENTS = "events"
+    METRICS = "metrics"
+    CONTROL = "control"
+    DATA = "data"
+
+
+class ClusterConfig(BaseModel):
+    """How a cluster may size itself. `capabilities` are required of every agent hosting it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_kernels: int = Field(1, ge=0, le=10_000)
+    max_kernels: int = Field(10, ge=1, le=10_000)
+    auto_scale: bool = False
+    scale_up_threshold: float = Field(0.8, gt=0, le=1)
+    scale_down_threshold: float = Field(0.2, ge=0, lt=1)
+    capabilities: list[Capability] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterConfig:
+        if self.min_kernels > self.max_kernels:
+            raise ValueError(f"min_kernels ({self.min_kernels}) exceeds max_kernels ({self.max_kernels})")
+        if self.scale_down_threshold >= self.scale_up_threshold:
+            raise ValueError("scale_down_threshold must be below scale_up_threshold")
+        return self
+
+
+class OrchestrationConfig(BaseModel):
+    """Client-side routing: strategy, concurrency bound, per-attempt timeout and retries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: RoutingStrategy = RoutingStrategy.ROUND_ROBIN
+    max_concurrent: int = Field(100, ge=1, le=100_000)
+    timeout_ms: int = Field(5000, ge=1, le=3_600_000)
+    retry_count: int = Field(2, ge=0, le=10)
+    enable_failover: bool = True
+    #: the kernel PRIMARY_FALLBACK prefers (default: the first kernel by name)
+    primary: Name | None = None
+
+
+class OrchestrationMetrics(BaseModel):
+    """What one engine (one client process) has done."""
+
+    total_dispatches: int = 0
+    successful: int = 0
+    failed: int = 0
+    retries: int = 0
+    failovers: int = 0
+    timeouts: int = 0
+    total_latency_ms: float = 0.0
+    dispatches_by_kernel: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def avg_latency_ms(self) -> float:
+        return self.total_latency_ms / self.successful if self.successful else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.model_dump(), "avg_latency_ms": round(self.avg_latency_ms, 3)}
+
+
+class KernelLoad(BaseModel):
+    """A load report for one kernel. Ranges as in the spec: fractions 0..1, queue depth >= 0."""
+
+    name: str
+    cpu: float = Field(0.0, ge=0, le=1)
+    memory: float = Field(0.0, ge=0, le=1)
+    queue_depth: int = Field(0, ge=0)
+    latency_ms: float = Field(0.0, ge=0)
+    error_rate: float = Field(0.0, ge=0, le=1)
+    updated_at: float = Field(default_factory=time.time, description="unix time of the report, seconds")
+
+
+class LoadBalancerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_weight: float = Field(0.4, ge=0)
+    memory_weight: float = Field(0.3, ge=0)
+    queue_weight: float = Field(0.2, ge=0)
+    error_weight: float = Field(0.1, ge=0)
+    max_latency_ms: float = Field(1000.0, gt=0)
+    health_threshold: float = Field(0.8, gt=0)
+    #: queue depth that counts as fully loaded (the spec's 0-100 range)
+    max_queue_depth: int = Field(100, ge=1)
+
+
+class BusMessage(BaseModel):
+    from_kernel: Name | str
+    topic: BusTopic
+    payload: dict[str, Any] = Field(default_factory=dict)
+    to_kernel: str | None = None
+    timestamp: float = Field(default_factory=time.time)
+
+
+class ClusterMetrics(BaseModel):
+    cluster_name: str
+    kernel_count: int = 0
+    total_dispatches: int = 0
+    total_errors: int = 0
+    avg_latency_ms: float = 0.0
+    avg_cpu: float = 0.0
+    avg_memory: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class KernelMetricsSnapshot(BaseModel):
+    kernel_name: str
+    timestamp: float = Field(default_factory=time.time)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- records kept in Redis
+
+
+class ClusterRecord(BaseModel):
+    """`{prefix}cluster:{name}` (a hash: config is JSON, the rest plain fields)."""
+
+    name: Name
+    config: ClusterConfig
+    desired: int = Field(ge=0)
+    status: ClusterStatus = ClusterStatus.INITIALIZING
+    reason: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+
+class KernelRecord(BaseModel):
+    """`{prefix}kernel:{cluster}:{name}` (a hash of plain fields)."""
+
+    cluster: Name
+    name: Name
+    agent: Name
+    state: KernelState = KernelState.PENDING
+    epoch: int = 0
+    pid: int = 0
+    host: str = ""
+    syscalls: str = ""  # space-separated names the kernel executes
+    capabilities: str = ""  # space-separated
+    started_at: float = 0.0
+
+    @property
+    def index(self) -> int:
+        """`worker-7` -> 7; names outside that pattern sort last."""
+        head, _, tail = self.name.rpartition("-")
+        return int(tail) if head and tail.isdigit() else 1 << 30
+
+
+class AgentRecord(BaseModel):
+    """`{prefix}agent:{name}` (a hash of plain fields)."""
+
+    name: Name
+    host: str = ""
+    pid: int = 0
+    slots: int = Field(1, ge=0, le=4096)
+    capabilities: str = ""  # space-separated
+    labels: str = ""  # JSON object
+    draining: bool = False
+    started_at: float = 0.0
+
+    @property
+    def capability_set(self) -> frozenset[str]:
+        return frozenset(self.capabilities.split())

@@ -1,0 +1,72 @@
+"""The service loop: lead or stand by, reconcile on every wake-up or period."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from ..keys import Keys
+from ..scripts import Scripts
+from ..settings import Settings
+from ..state import State
+from .leader import LeaderLease
+from .reconciler import Reconciler
+
+logger = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    """`kcp serve`. Several may run; the one holding the lease reconciles, the others wait."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        scripts = Scripts(redis)
+        self.lease = LeaderLease(scripts, self.keys, settings.leader_ttl)
+        self.reconciler = Reconciler(State(redis, self.keys), scripts, settings)
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if await self.lease.acquire():
+                    await self.reconciler.reconcile_all()
+                    await self._wait(self.settings.reconcile_interval, wake=True)
+                else:
+                    await self._wait(self.settings.leader_ttl / 3, wake=False)
+                backoff = 0.1
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("control plane lost Redis (%s); retrying in %.1fs", exc, backoff)
+                await self._wait(backoff, wake=False)
+                backoff = min(backoff * 2, 2.0)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            if self.lease.leading:
+                await self.lease.release()
+        logger.info("control plane stopped")
+
+    async def _wait(self, seconds: float, *, wake: bool) -> None:
+        """Sleep up to `seconds`; a leader also wakes on `service:wake` pushes, or on stop."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        waiters: set[asyncio.Future[object]] = {stop}
+        if wake:
+            waiters.add(asyncio.ensure_future(self.redis.blpop([self.keys.service_wake()], timeout=seconds)))
+        try:
+            await asyncio.wait(waiters, timeout=seconds + 0.5, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            results = await asyncio.gather(*waiters, return_exceptions=True)
+        if wake and any(isinstance(r, list | tuple) for r in results):
+            await self.redis.delete(self.keys.service_wake())  # coalesce a burst of wake-ups
+        for r in results:
+            if isinstance(r, redis.exceptions.RedisError):
+                raise r

@@ -1,0 +1,319 @@
+"""Converge every cluster on its desired kernel count.
+
+Level-triggered and idempotent: each pass reads the records, decides, and writes each
+decision in one MULTI/EXEC, so a control plane killed mid-pass leaves nothing
+half-placed and the next leader simply carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from ..jobs import encode_result
+from ..keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
+from ..models import (
+    ACTIVE_KERNEL_STATES,
+    AgentRecord,
+    ClusterRecord,
+    ClusterStatus,
+    KernelRecord,
+    KernelState,
+)
+from ..scripts import Scripts
+from ..settings import Settings
+from ..state import State, now_ms
+
+logger = logging.getLogger(__name__)
+
+#: How long a destroyed cluster's kernels may take to finish what they run, seconds.
+TEARDOWN_GRACE = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """The agents as seen at the start of a pass."""
+
+    agents: dict[str, AgentRecord]
+    alive: frozenset[str]
+    assigned: Counter[str]  # agent -> kernels assigned (all clusters)
+
+    def hosts(self, agent: str) -> bool:
+        return agent in self.alive
+
+
+class Reconciler:
+    def __init__(self, state: State, scripts: Scripts, settings: Settings) -> None:
+        self.state = state
+        self.redis = state.redis
+        self.keys: Keys = state.keys
+        self.scripts = scripts
+        self.settings = settings
+
+    async def reconcile_all(self) -> None:
+        fleet = await self._fleet()
+        for cluster in await self.state.list_clusters():
+            try:
+                if cluster.status is ClusterStatus.STOPPED:
+                    await self._teardown(cluster, fleet)
+                else:
+                    await self._reconcile(cluster, fleet)
+            except Exception:  # one broken cluster must not stop the others
+                logger.exception("reconciling cluster %s failed", cluster.name)
+        await self._forget_dead_agents(fleet)
+
+    async def _fleet(self) -> Fleet:
+        agents = await self.state.agents()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record, _ in agents:
+                pipe.hlen(self.keys.agent_kernels(record.name))
+            counts = await pipe.execute()
+        return Fleet(
+            agents={r.name: r for r, _ in agents},
+            alive=frozenset(r.name for r, alive in agents if alive),
+            assigned=Counter({r.name: int(n) for (r, _), n in zip(agents, counts, strict=True)}),
+        )
+
+    # ------------------------------------------------------------ one cluster
+    async def _reconcile(self, cluster: ClusterRecord, fleet: Fleet) -> None:
+        name = cluster.name
+        changed = False
+        kernels: list[KernelRecord] = []
+        for k in await self.state.kernels(name):
+            if k.state is KernelState.STOPPED or not fleet.hosts(k.agent):
+                if k.state is not KernelState.STOPPED:
+                    logger.warning(
+                        "kernel %s/%s lost with agent %s; failing its work over", name, k.name, k.agent
+                    )
+                await self._remove_kernel(k)
+                fleet.assigned[k.agent] -= 1
+                changed = True
+            else:
+                kernels.append(k)
+        active = [k for k in kernels if k.state in ACTIVE_KERNEL_STATES]
+        reason = ""
+        if len(active) < cluster.desired:
+            placed, reason = await self._place(cluster, kernels, cluster.desired - len(active), fleet)
+            changed |= placed > 0
+        elif len(active) > cluster.desired:
+            surplus = sorted(active, key=lambda k: k.index, reverse=True)[: len(active) - cluster.desired]
+            for k in surplus:
+                await self._drain(k)
+            changed = True
+        await self._adopt_orphans(name, [k for k in kernels if k.state is KernelState.RUNNING])
+        await self._set_status(cluster, await self.state.kernels(name), reason)
+        if changed:
+            await self.redis.publish(self.keys.notify(), name)
+
+    async def _place(
+        self, cluster: ClusterRecord, kernels: list[KernelRecord], count: int, fleet: Fleet
+    ) -> tuple[int, str]:
+        """Place `count` kernels on agents with free slots and the required capabilities."""
+        required = set(cluster.config.capabilities)
+        here = Counter(k.agent for k in kernels)
+        used = {k.name for k in kernels}
+        names = (
+            f"worker-{i}" for i in range(self.settings.max_kernels_per_cluster) if f"worker-{i}" not in used
+        )
+        placed = 0
+        for _ in range(count):
+            candidates = [
+                a
+                for a in fleet.agents.values()
+                if a.name in fleet.alive
+                and not a.draining
+                and required <= a.capability_set
+                and fleet.assigned[a.name] < a.slots
+            ]
+            if not candidates:
+                need = count - placed
+                what = f" with capabilities {sorted(required)}" if required else ""
+                return placed, f"waiting for {need} free agent slot(s){what}"
+            agent = min(
+                candidates, key=lambda a: (here[a.name], fleet.assigned[a.name] / max(a.slots, 1), a.name)
+            )
+            kernel = next(names, None)
+            if kernel is None:
+                return placed, "no free kernel name"
+            record = KernelRecord(cluster=cluster.name, name=kernel, agent=agent.name)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.kernel(cluster.name, kernel))
+                pipe.hset(
+                    self.keys.kernel(cluster.name, kernel),
+                    mapping={
+                        "cluster": record.cluster,
+                        "name": record.name,
+                        "agent": record.agent,
+                        "state": record.state.value,
+                        "epoch": "0",
+                    },
+                )
+                pipe.sadd(self.keys.cluster_kernels(cluster.name), kernel)
+                pipe.hset(self.keys.agent_kernels(agent.name), f"{cluster.name}/{kernel}", ASSIGN_RUN)
+                pipe.lpush(self.keys.agent_wake(agent.name), "place")
+                pipe.pexpire(self.keys.agent_wake(agent.name), 60_000)
+                await pipe.execute()
+            logger.info("placed %s/%s on agent %s", cluster.name, kernel, agent.name)
+            here[agent.name] += 1
+            fleet.assigned[agent.name] += 1
+            placed += 1
+        return placed, ""
+
+    async def _drain(self, k: KernelRecord) -> None:
+        """Take no new work on `k`; its process finishes its queue and stops."""
+        if k.state is KernelState.PENDING:  # never started, so it holds no work
+            await self._remove_kernel(k)
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.kernel(k.cluster, k.name), "state", KernelState.DRAINING.value)
+            pipe.hset(self.keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}", ASSIGN_DRAIN)
+            pipe.lpush(self.keys.agent_wake(k.agent), "drain")
+            pipe.pexpire(self.keys.agent_wake(k.agent), 60_000)
+            await pipe.execute()
+        logger.info("draining %s/%s on agent %s", k.cluster, k.name, k.agent)
+
+    async def _remove_kernel(self, k: KernelRecord) -> None:
+        """Delete a stopped or lost kernel; whatever it still held goes to the cluster's orphans."""
+        keys = self.keys
+        inflight = keys.inflight(k.cluster, k.name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zunionstore(
+                keys.cluster_orphans(k.cluster), [keys.cluster_orphans(k.cluster), inflight], aggregate="MIN"
+            )
+            pipe.delete(
+                keys.kernel(k.cluster, k.name),
+                keys.queue(k.cluster, k.name),
+                inflight,
+                keys.kernel_stats(k.cluster, k.name),
+                keys.load(k.agent, k.cluster, k.name),
+            )
+            pipe.srem(keys.cluster_kernels(k.cluster), k.name)
+            pipe.hdel(keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}")
+            await pipe.execute()
+
+    async def _adopt_orphans(self, cluster: str, running: list[KernelRecord]) -> None:
+        """Hand jobs of lost kernels to running ones, spread evenly."""
+        orphans = self.keys.cluster_orphans(cluster)
+        ids = await self.redis.zrange(orphans, 0, 1023)
+        if not ids or not running:
+            return
+        share = -(-len(ids) // len(running))
+        for i, k in enumerate(running):
+            chunk = ids[i * share : (i + 1) * share]
+            if not chunk:
+                break
+            moved = await self.scripts.rebind(
+                keys=[
+                    orphans,
+                    self.keys.kernel(cluster, k.name),
+                    self.keys.queue(cluster, k.name),
+                    self.keys.inflight(cluster, k.name),
+                    *(self.keys.job(cluster, j) for j in chunk),
+                ],
+                args=[k.name, *chunk],
+            )
+            if int(moved) > 0:
+                logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
+
+    async def _set_status(self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str) -> None:
+        running = sum(k.state is KernelState.RUNNING for k in kernels)
+        settled = running == cluster.desired and len(kernels) == cluster.desired
+        if settled:
+            status = ClusterStatus.RUNNING
+        elif reason and running == 0:
+            status = ClusterStatus.ERROR
+        elif cluster.status is ClusterStatus.INITIALIZING:
+            status = ClusterStatus.INITIALIZING
+        else:
+            status = ClusterStatus.SCALING
+        if status is not cluster.status or reason != cluster.reason:
+            await self.state.update_cluster(cluster.name, status=status.value, reason=reason)
+            await self.redis.publish(self.keys.notify(), cluster.name)
+            logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
+
+    # ------------------------------------------------------------ destroy
+    async def _teardown(self, cluster: ClusterRecord, fleet: Fleet) -> None:
+        """Stop the kernels, fail what was still queued, then delete every key of the cluster."""
+        name = cluster.name
+        kernels = await self.state.kernels(name)
+        stopped_at = float(await self.redis.hget(self.keys.cluster(name), "stopped_at") or 0)
+        waiting = [
+            k
+            for k in kernels
+            if k.state is not KernelState.STOPPED
+            and k.state is not KernelState.PENDING
+            and fleet.hosts(k.agent)
+        ]
+        for k in kernels:
+            await self._fail_queued(name, self.keys.queue(name, k.name), "cluster destroyed")
+            if k in waiting and k.state is not KernelState.DRAINING:
+                await self._drain(k)
+        if waiting and time.time() - stopped_at < TEARDOWN_GRACE:
+            return
+        for k in kernels:
+            await self._remove_kernel(k)
+        await self._fail_queued(name, self.keys.cluster_orphans(name), "cluster destroyed")
+        leftovers = [key async for key in self.redis.scan_iter(match=self.keys.job_pattern(name), count=500)]
+        leftovers += [
+            key async for key in self.redis.scan_iter(match=self.keys.kernel_pattern(name), count=500)
+        ]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                self.keys.cluster(name),
+                self.keys.cluster_kernels(name),
+                self.keys.cluster_stats(name),
+                self.keys.cluster_orphans(name),
+                *leftovers,
+            )
+            pipe.srem(self.keys.clusters(), name)
+            await pipe.execute()
+        await self.redis.publish(self.keys.notify(), name)
+        logger.info("cluster %s destroyed", name)
+
+    async def _fail_queued(self, cluster: str, source: str, why: str) -> None:
+        """Answer every job still waiting in `source` with an error, and drop it."""
+        while ids := await self.redis.zrange(source, 0, 255):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(self.keys.job(cluster, job_id), "reply")
+                replies = await pipe.execute()
+            now = now_ms()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for job_id, reply in zip(ids, replies, strict=True):
+                    pipe.zrem(source, job_id)
+                    pipe.delete(self.keys.job(cluster, job_id))
+                    if reply:
+                        pipe.rpush(
+                            reply,
+                            encode_result(
+                                job_id=job_id,
+                                function="?",
+                                kernel="",
+                                queue=source,
+                                attempt=0,
+                                enqueue_ms=now,
+                                start_ms=now,
+                                finish_ms=now,
+                                value=None,
+                                error=why,
+                                error_type="ClusterDestroyed",
+                            ),
+                        )
+                await pipe.execute()
+
+    async def _forget_dead_agents(self, fleet: Fleet) -> None:
+        """Deregister agents whose lease expired once none of their kernels is left."""
+        for agent in fleet.agents.values():
+            if agent.name in fleet.alive or fleet.assigned[agent.name] > 0:
+                continue
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(
+                    self.keys.agent(agent.name),
+                    self.keys.agent_kernels(agent.name),
+                    self.keys.agent_wake(agent.name),
+                )
+                pipe.srem(self.keys.agents(), agent.name)
+                await pipe.execute()
+            logger.info("forgot agent %s (lease expired)", agent.name)

@@ -1,0 +1,1 @@
+"""The kcp agent: hosts kernels and executes their syscalls."""

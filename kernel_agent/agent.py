@@ -1,0 +1,289 @@
+"""The agent: one daemon per host that registers, keeps a lease, and supervises kernels.
+
+The control plane writes which kernels this agent should run (`agent:{name}:kernels`);
+the agent converges on that set level-triggered on every heartbeat, and at once when
+woken through `agent:{name}:wake`. Each kernel is its own OS process
+(`python -m kernel_agent.kernel`), restarted with back-off when it crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from pydantic import BaseModel, Field
+
+from controlplane.keys import ASSIGN_DRAIN, Keys
+from controlplane.models import Capability, Name
+from controlplane.settings import Settings
+
+from .kernel import EXIT_UNASSIGNED
+from .load import ProcessSampler, RateTracker
+from .syscalls import builtin_registry, load_handlers
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class AgentConfig(BaseModel):
+    """What `kcp agent` is started with."""
+
+    name: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "agent")
+    slots: int = Field(4, ge=0, le=4096, description="how many kernels this agent may host")
+    capabilities: list[Capability] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    handlers: list[str] = Field(default_factory=list, description="modules with register(registry)")
+    concurrency: int = Field(1, ge=1, le=1024, description="jobs each kernel runs at once")
+    drain_timeout: float = Field(30.0, gt=0, description="SIGTERM grace for kernels, seconds")
+
+
+@dataclass(slots=True)
+class _Child:
+    cluster: str
+    kernel: str
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    stopping: bool = False  # SIGTERM sent: draining
+    done: bool = False  # exited for good (drained, or the control plane moved it)
+    rates: RateTracker = field(default_factory=RateTracker)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.cluster}/{self.kernel}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Agent:
+    def __init__(self, redis: aioredis.Redis, settings: Settings, config: AgentConfig) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.config = config
+        registry = builtin_registry()
+        load_handlers(registry, config.handlers)
+        self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
+        self.children: dict[str, _Child] = {}
+        self.sampler = ProcessSampler()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Begin a clean shutdown: drain every kernel, then deregister."""
+        self._stop.set()
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        name = self.config.name
+        backoff = 0.1
+        registered = False
+        while not self._stop.is_set():
+            try:
+                if not registered:
+                    await self._register()
+                    registered = True
+                    logger.info(
+                        "agent %s registered: %d slots, capabilities %s",
+                        name,
+                        self.config.slots,
+                        self.capabilities or "-",
+                    )
+                await self._tick()
+                backoff = 0.1
+                popped = await self._wait_wake()
+                if popped:
+                    logger.debug("agent %s woken", name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("agent %s lost Redis (%s); retrying in %.1fs", name, exc, backoff)
+                registered = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+        await self._shutdown()
+
+    async def _wait_wake(self) -> bool:
+        wake = asyncio.ensure_future(
+            self.redis.blpop(
+                [self.keys.agent_wake(self.config.name)], timeout=self.settings.heartbeat_interval
+            )
+        )
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (wake, stop):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(wake, stop, return_exceptions=True)
+        return wake in done and not wake.cancelled() and wake.exception() is None and bool(wake.result())
+
+    async def _register(self) -> None:
+        k, c = self.keys, self.config
+        record = {
+            "name": c.name,
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "slots": str(c.slots),
+            "capabilities": " ".join(self.capabilities),
+            "labels": json.dumps(c.labels),
+            "draining": "0",
+            "started_at": f"{time.time():.3f}",
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(k.agent(c.name), mapping=record)
+            pipe.sadd(k.agents(), c.name)
+            pipe.set(k.agent_lease(c.name), record["pid"], px=int(self.settings.lease_ttl * 1000))
+            await pipe.execute()
+        await self.redis.lpush(k.service_wake(), f"agent {c.name}")
+
+    async def _tick(self) -> None:
+        """Renew the lease, converge on the assignment, report load."""
+        name = self.config.name
+        await self.redis.set(self.keys.agent_lease(name), os.getpid(), px=int(self.settings.lease_ttl * 1000))
+        assigned = await self.redis.hgetall(self.keys.agent_kernels(name))
+        await self._converge(assigned)
+        await self._report_load()
+
+    async def _converge(self, assigned: dict[str, str]) -> None:
+        """Run what is assigned ("run" or "drain"), drain what is not, restart what crashed."""
+        now = time.monotonic()
+        for ref in assigned.keys() - self.children.keys():
+            cluster, _, kernel = ref.partition("/")
+            self.children[ref] = _Child(cluster, kernel)
+        for ref, child in list(self.children.items()):
+            if child.proc is not None and child.proc.returncode is not None:
+                await self._reap(child)
+            wanted = assigned.get(ref)
+            if wanted is None or wanted == ASSIGN_DRAIN:
+                if child.running and not child.stopping:
+                    logger.info("draining kernel %s", ref)
+                    child.stopping = True
+                    child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                elif wanted is None and not child.running:
+                    del self.children[ref]
+                    continue
+            if wanted is not None and not child.running and not child.done and now >= child.next_start:
+                await self._spawn(child)  # a crashed draining kernel comes back to finish its queue
+
+    async def _reap(self, child: _Child) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        self.sampler.forget(child.proc.pid)
+        child.proc = None
+        if code in (0, EXIT_UNASSIGNED):  # drained and stopped, or no longer ours
+            child.done = True
+            return
+        child.restarts += 1
+        delay = min(0.2 * 2 ** min(child.restarts - 1, 6), 10.0)
+        child.next_start = time.monotonic() + delay
+        logger.warning("kernel %s exited with %s; restart %d in %.1fs", child.ref, code, child.restarts, delay)
+
+    async def _spawn(self, child: _Child) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "kernel_agent.kernel",
+            "--cluster",
+            child.cluster,
+            "--name",
+            child.kernel,
+            "--agent",
+            self.config.name,
+            "--concurrency",
+            str(self.config.concurrency),
+            "--log-level",
+            logging.getLevelName(logging.getLogger().level),
+        ]
+        for module in self.config.handlers:
+            cmd += ["--handlers", module]
+        env = {**os.environ, "KCP_REDIS_URL": self.settings.redis_url, "KCP_PREFIX": self.settings.prefix}
+        child.proc = await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
+        child.stopping = False
+        logger.info("started kernel %s (pid %d)", child.ref, child.proc.pid)
+
+    async def _report_load(self) -> None:
+        live = [c for c in self.children.values() if c.running and c.proc is not None]
+        if not live:
+            return
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in live:
+                pipe.zcard(k.queue(c.cluster, c.kernel))
+                pipe.zcard(k.inflight(c.cluster, c.kernel))
+                pipe.hgetall(k.kernel_stats(c.cluster, c.kernel))
+            rows = await pipe.execute()
+        ttl_ms = int(self.settings.lease_ttl * 1000)
+        now = f"{time.time():.3f}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i, c in enumerate(live):
+                queued, inflight, stats = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+                c.rates.update(
+                    float(stats.get("dispatches", 0)),
+                    float(stats.get("errors", 0)),
+                    float(stats.get("latency_ms_sum", 0)),
+                )
+                cpu, memory = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
+                key = k.load(self.config.name, c.cluster, c.kernel)
+                pipe.hset(
+                    key,
+                    mapping={
+                        "cpu": f"{cpu:.4f}",
+                        "memory": f"{memory:.6f}",
+                        "queue_depth": str(queued),
+                        "inflight": str(inflight),
+                        "latency_ms": f"{c.rates.latency_ms:.3f}",
+                        "error_rate": f"{c.rates.error_rate:.4f}",
+                        "updated_at": now,
+                    },
+                )
+                pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+
+    async def _shutdown(self) -> None:
+        """Drain every kernel (SIGTERM, grace, then SIGKILL) and deregister."""
+        name = self.config.name
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.hset(self.keys.agent(name), "draining", "1")
+            await self.redis.lpush(self.keys.service_wake(), f"agent {name}")
+        procs = [c.proc for c in self.children.values() if c.running and c.proc is not None]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        if procs:
+            logger.info("agent %s draining %d kernels", name, len(procs))
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(p.wait()) for p in procs], timeout=self.config.drain_timeout
+            )
+            for proc in procs:
+                if proc.returncode is None:
+                    logger.warning("kernel pid %d did not drain in time; killing it", proc.pid)
+                    proc.kill()
+            for task in pending:
+                await task
+        k = self.keys
+        with contextlib.suppress(redis.exceptions.RedisError):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                # the assignment hash stays: the control plane owns it and clears it
+                pipe.delete(k.agent_lease(name), k.agent(name), k.agent_wake(name))
+                pipe.srem(k.agents(), name)
+                await pipe.execute()
+            await self.redis.lpush(k.service_wake(), f"agent {name}")
+        logger.info("agent %s stopped", name)

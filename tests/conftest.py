@@ -1,0 +1,128 @@
+"""Shared fixtures: private redis-server processes (never the machine's own on 6379) and fakeredis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import pytest_asyncio
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
+
+from controlplane.redis_server import RedisServerProcess, start_redis_server
+
+#: Every test carries at least one of these (a module-level `pytestmark` counts).
+CLASSIFYING_MARKERS = ("unit", "integration", "system")
+
+RedisServerFactory = Callable[..., RedisServerProcess]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so chaos tests already carry `system`
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run unclassified tests; chaos tests are system tests too (so `-m system` selects them)."""
+    for item in items:
+        if item.get_closest_marker("chaos") and not item.get_closest_marker("system"):
+            item.add_marker(pytest.mark.system)
+    unmarked = [item.nodeid for item in items if not any(map(item.get_closest_marker, CLASSIFYING_MARKERS))]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests without a unit/integration/system (or chaos) marker: {', '.join(unmarked)}"
+        )
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
+    """One private redis-server (free loopback port, tmp data dir) for the whole session."""
+    with start_redis_server(data_dir=tmp_path_factory.mktemp("redis-session")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerFactory]:
+    """`factory(**kwargs)` starts another server (kwargs of `start_redis_server`; `data_dir` defaults to
+    a fresh tmp dir); all of them are stopped at teardown."""
+    started: list[RedisServerProcess] = []
+
+    def factory(**kwargs: Any) -> RedisServerProcess:
+        kwargs.setdefault("data_dir", tmp_path_factory.mktemp("redis"))
+        server = start_redis_server(**kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServerProcess) -> str:
+    """URL of the session server, emptied (FLUSHALL) for this test."""
+    with SyncRedis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest_asyncio.fixture(name="redis")
+async def redis_client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    """An asyncio client (decode_responses=True) on the emptied session server."""
+    client = AsyncRedis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def fake_redis() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
+    """An in-process fake (decode_responses=True) with its own empty FakeServer, Lua included."""
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(version=(7,)), decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+class ProcessStack:
+    """kcp processes (`kcp serve`, `kcp agent`) against one Redis; everything is killed at teardown."""
+
+    #: Short leases so failure handling is quick in tests.
+    ENV = {"KCP_HEARTBEAT_INTERVAL": "0.3", "KCP_LEASE_TTL": "1.5", "KCP_LEADER_TTL": "1.5"}
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "controlplane.cli", "--redis-url", self.redis_url, *args]
+        proc = subprocess.Popen(cmd, env={**os.environ, **self.ENV})
+        self.procs.append(proc)
+        return proc
+
+    def serve(self) -> subprocess.Popen[bytes]:
+        return self._spawn("--log-level", "INFO", "serve")
+
+    def agent(self, name: str, slots: int = 4, *extra: str) -> subprocess.Popen[bytes]:
+        return self._spawn("--log-level", "INFO", "agent", "--name", name, "--slots", str(slots), *extra)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def stack(redis_url: str) -> Iterator[ProcessStack]:
+    """A factory of kcp processes on the test's private Redis."""
+    procs = ProcessStack(redis_url)
+    try:
+        yield procs
+    finally:
+        procs.stop()
