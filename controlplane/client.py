@@ -217,7 +217,7 @@ class KcpClient:
         )
 
     async def get_metrics(self, cluster: str) -> ClusterMetrics:
-        """Counters from every client process (kept in Redis) and the kernels' latest load."""
+        """Counters the kernels keep in Redis (every client's dispatches count) and their latest load."""
         record = await self.state.require_cluster(validate_name(cluster))
         kernels = [k for k in await self.state.kernels(cluster) if k.state in ACTIVE_KERNEL_STATES]
         stats = await self.state.cluster_stats(cluster)

@@ -30,6 +30,8 @@ from .state import State, now_ms
 
 logger = logging.getLogger(__name__)
 
+#: Pushed on our own reply list to wake the listener when the dispatcher stops.
+_STOP = "stop"
 #: How long an unfinished job key lives at most, beyond its deadline, ms (a safety net).
 JOB_TTL_EXTRA_MS = 3_600_000
 #: How long a cached kernel list is trusted without a change notification, seconds.
@@ -49,6 +51,7 @@ class Dispatcher:
         self.reply_key = keys.reply(self.client_id)
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         if self._listener is None:
@@ -56,9 +59,16 @@ class Dispatcher:
 
     async def stop(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # wake the blocked BLPOP with a sentinel rather than cancelling it: cancelling a
+            # blocking command on a pooled connection can leave the task waiting on the pool
+            self._stopping = True
+            try:
+                await self.redis.lpush(self.reply_key, _STOP)
+                await asyncio.wait_for(asyncio.shield(self._listener), MAX_BLOCK_SECONDS + 1)
+            except (redis.exceptions.RedisError, TimeoutError):
+                self._listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._listener
             self._listener = None
         for fut in self._waiting.values():
             if not fut.done():
@@ -115,15 +125,16 @@ class Dispatcher:
                     ],
                     args=[job_id],
                 )
-                if not cancelled and fut.done():  # the result raced the timeout and won
-                    return fut.result()
+                if not cancelled:  # finished just now: the result is on its way, take it
+                    with contextlib.suppress(TimeoutError):
+                        return await asyncio.wait_for(asyncio.shield(fut), 1.0)
                 raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
         finally:
             self._waiting.pop(job_id, None)
 
     async def _listen(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             try:
                 item = await self.redis.blpop([self.reply_key], timeout=MAX_BLOCK_SECONDS)
                 backoff = 0.1
@@ -132,7 +143,7 @@ class Dispatcher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            if item is None:
+            if item is None or item[1] == _STOP:
                 continue
             try:
                 outcome = decode_result(item[1])
@@ -215,7 +226,9 @@ class ClusterViews:
                 backoff = 0.1
                 while True:
                     # a bounded wait, so an idle subscription never hits the socket timeout
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS
+                    )
                     cluster = message.get("data") if message else None
                     if isinstance(cluster, str):
                         self.invalidate(cluster)

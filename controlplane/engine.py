@@ -87,14 +87,18 @@ class OrchestrationEngine:
         balancer = LoadBalancer(rng=self._rng)
         for k in pool:
             load = loads.get(k.name)
-            if load is None:
-                balancer.register(k.name)
+            own = self._inflight.get(k.name, 0)
+            if load is None:  # unknown, not idle; but our own work on it is known
+                if own:
+                    balancer.update_load(k.name, queue_depth=own)
+                else:
+                    balancer.register(k.name)
                 continue
             balancer.update_load(
                 k.name,
                 load.cpu,
                 load.memory,
-                load.queue_depth + self._inflight.get(k.name, 0),
+                load.queue_depth + own,
                 load.latency_ms,
                 load.error_rate,
             )
@@ -112,59 +116,67 @@ class OrchestrationEngine:
         the strategy is PRIMARY_FALLBACK. `kernel` pins the request to one kernel by name (for
         state that lives in one kernel's memory). Raises a `DispatchError` when nothing worked.
         """
+        async with self._slots:
+            self.metrics.total_dispatches += 1
+            try:
+                return await self._attempts(candidates, submit, request, kernel)
+            except Exception:
+                self.metrics.failed += 1
+                raise
+
+    async def _attempts(
+        self, candidates: Candidates, submit: Submit, request: SyscallRequest, kernel: str | None
+    ) -> Outcome:
         cfg = self.config
         timeout = cfg.timeout_ms / 1000
         deadline = time.monotonic() + timeout * (cfg.retry_count + 1)
         tried: set[str] = set()
         last_error: Exception | None = None
-        async with self._slots:
-            self.metrics.total_dispatches += 1
-            attempt = 0
-            while attempt <= cfg.retry_count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+        attempt = 0
+        while attempt <= cfg.retry_count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            kernels, loads = await candidates(min(timeout, remaining))
+            pool = self.eligible(kernels, request)
+            if kernel is not None:
+                pool = [k for k in pool if k.name == kernel]
+            picked = self.select(pool, loads, tried if cfg.enable_failover else set())
+            if picked is None and tried:
+                picked = self.select(pool, loads, set())  # every kernel tried once: go round again
+            if picked is None:
+                where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
+                last_error = NoKernelAvailable(f"{where} in the cluster")
+                break
+            if attempt:
+                self.metrics.retries += 1
+                if picked.name not in tried:
+                    self.metrics.failovers += 1
+            tried.add(picked.name)
+            self._inflight[picked.name] = self._inflight.get(picked.name, 0) + 1
+            try:
+                outcome = await submit(picked, min(timeout, remaining))
+            except KernelBusy:
+                continue  # not an attempt: the kernel took nothing
+            except DispatchTimeout as exc:
+                self.metrics.timeouts += 1
+                last_error = exc
+            else:
+                if outcome.success:
+                    self._record_success(outcome)
+                    return outcome
+                last_error = KernelError(
+                    outcome.error, kernel=outcome.kernel or picked.name, error_type=outcome.error_type
+                )
+                if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
+                    "InvalidArguments",
+                    "UnknownSyscall",
+                ):
                     break
-                kernels, loads = await candidates(min(timeout, remaining))
-                pool = self.eligible(kernels, request)
-                if kernel is not None:
-                    pool = [k for k in pool if k.name == kernel]
-                picked = self.select(pool, loads, tried if cfg.enable_failover else set())
-                if picked is None and tried:
-                    picked = self.select(pool, loads, set())  # every kernel tried once: go round again
-                if picked is None:
-                    where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
-                    last_error = NoKernelAvailable(f"{where} in the cluster")
-                    break
-                if attempt:
-                    self.metrics.retries += 1
-                    if picked.name not in tried:
-                        self.metrics.failovers += 1
-                tried.add(picked.name)
-                self._inflight[picked.name] = self._inflight.get(picked.name, 0) + 1
-                try:
-                    outcome = await submit(picked, min(timeout, remaining))
-                except KernelBusy:
-                    continue  # not an attempt: the kernel took nothing
-                except DispatchTimeout as exc:
-                    self.metrics.timeouts += 1
-                    last_error = exc
-                else:
-                    if outcome.success:
-                        self._record_success(outcome)
-                        return outcome
-                    last_error = KernelError(
-                        outcome.error, kernel=outcome.kernel or picked.name, error_type=outcome.error_type
-                    )
-                    if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
-                        "InvalidArguments",
-                        "UnknownSyscall",
-                    ):
-                        break
-                finally:
-                    self._inflight[picked.name] -= 1
-                attempt += 1
-            self.metrics.failed += 1
-            raise last_error or NoKernelAvailable("no kernel available within the timeout")
+            finally:
+                self._inflight[picked.name] -= 1
+            attempt += 1
+        raise last_error or NoKernelAvailable("no kernel available within the timeout")
 
     def _record_success(self, outcome: Outcome) -> None:
         m = self.metrics

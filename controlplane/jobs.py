@@ -13,6 +13,9 @@ from typing import Any
 
 from arq.jobs import deserialize_job_raw, deserialize_result, serialize_job, serialize_result
 
+#: How long a pushed result waits for its client before the reply list expires, ms.
+REPLY_TTL_MS = 60_000
+
 
 def json_dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
@@ -101,7 +104,7 @@ def decode_result(raw: str) -> Outcome:
         error="" if success else str(body.get("error", "result could not be serialized")),
         error_type="" if success else str(body.get("error_type", "SerializationError")),
         attempt=res.job_try,
-        enqueue_ms=int(res.enqueue_time.timestamp() * 1000),
-        start_ms=int(res.start_time.timestamp() * 1000),
-        finish_ms=int(res.finish_time.timestamp() * 1000),
+        enqueue_ms=round(res.enqueue_time.timestamp() * 1000),
+        start_ms=round(res.start_time.timestamp() * 1000),
+        finish_ms=round(res.finish_time.timestamp() * 1000),
     )

@@ -19,7 +19,6 @@ class Settings(BaseSettings):
     lease_ttl: float = Field(3.0, gt=0, le=600, description="agent lease time-to-live, seconds")
     reconcile_interval: float = Field(0.5, gt=0, le=60, description="control-plane reconcile period, seconds")
     leader_ttl: float = Field(3.0, gt=0, le=600, description="control-plane leader lease, seconds")
-    dispatch_timeout: float = Field(5.0, gt=0, le=3600, description="default dispatch timeout, seconds")
     ready_timeout: float = Field(30.0, ge=0, le=3600, description="create/scale wait for kernels, seconds")
     max_kernels_per_cluster: int = Field(256, ge=1, le=10_000, description="upper bound on any kernel count")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request, bytes (JSON)")

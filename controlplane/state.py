@@ -156,6 +156,5 @@ class State:
         return out
 
 
-
 def now_ms() -> int:
     return int(time.time() * 1000)

@@ -158,7 +158,13 @@ class Agent:
     async def _tick(self) -> None:
         """Renew the lease, converge on the assignment, report load."""
         name = self.config.name
-        await self.redis.set(self.keys.agent_lease(name), os.getpid(), px=int(self.settings.lease_ttl * 1000))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.agent_lease(name), os.getpid(), px=int(self.settings.lease_ttl * 1000))
+            pipe.exists(self.keys.agent(name))
+            _, registered = await pipe.execute()
+        if not registered:  # forgotten while unreachable (paused, partitioned): register again
+            logger.warning("agent %s was deregistered by the control plane; registering again", name)
+            await self._register()
         assigned = await self.redis.hgetall(self.keys.agent_kernels(name))
         await self._converge(assigned)
         await self._report_load()
@@ -195,7 +201,9 @@ class Agent:
         child.restarts += 1
         delay = min(0.2 * 2 ** min(child.restarts - 1, 6), 10.0)
         child.next_start = time.monotonic() + delay
-        logger.warning("kernel %s exited with %s; restart %d in %.1fs", child.ref, code, child.restarts, delay)
+        logger.warning(
+            "kernel %s exited with %s; restart %d in %.1fs", child.ref, code, child.restarts, delay
+        )
 
     async def _spawn(self, child: _Child) -> None:
         cmd = [

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from controlplane.connection import connect
-from controlplane.jobs import decode_job, encode_result
+from controlplane.jobs import REPLY_TTL_MS, decode_job, encode_result
 from controlplane.keys import Keys
 from controlplane.scripts import Scripts
 from controlplane.settings import Settings
@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 IDLE_BLOCK = 5.0
 #: Blocking-pop timeout while draining, seconds.
 DRAIN_BLOCK = 0.2
-#: How long a pushed result waits for its client before the reply list expires, ms.
-REPLY_TTL_MS = 60_000
 #: Exit code when the control plane no longer assigns this kernel to our agent.
 EXIT_UNASSIGNED = 3
 
@@ -72,6 +70,7 @@ class KernelProcess:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
+        self._superseded = False  # a newer incarnation owns our name: stop without touching its work
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
 
@@ -147,7 +146,7 @@ class KernelProcess:
 
     async def _serve(self) -> None:
         while True:
-            if self._draining.is_set() and not self._tasks and await self._try_stop():
+            if self._draining.is_set() and not self._tasks and (self._superseded or await self._try_stop()):
                 return
             await self._slots.acquire()
             try:
@@ -208,8 +207,18 @@ class KernelProcess:
     async def _handle(self, job_id: str) -> None:
         job_key = self.keys.job(self.cluster, job_id)
         claimed = await self.scripts.claim(
-            keys=[job_key, self.inflight_key], args=[job_id, self.name, self.epoch, _now_ms()]
+            keys=[job_key, self.inflight_key, self.queue_key], args=[job_id, self.name, self.epoch, _now_ms()]
         )
+        if claimed[0] == "zombie":
+            logger.warning(
+                "kernel %s/%s epoch %s was replaced by a newer incarnation; exiting",
+                self.cluster,
+                self.name,
+                self.epoch,
+            )
+            self._superseded = True
+            self.drain()
+            return
         if claimed[0] != "ok":
             logger.debug("job %s not run: %s", job_id, claimed[0])
             return
@@ -269,7 +278,7 @@ def _now_ms() -> int:
 
 async def _amain(args: argparse.Namespace) -> int:
     settings = Settings()
-    registry = builtin_registry()
+    registry = builtin_registry(max_request_bytes=settings.max_request_bytes)
     load_handlers(registry, args.handlers)
     redis = connect(settings.redis_url)
     kernel = KernelProcess(

@@ -372,11 +372,6 @@ async def test_max_concurrent_bounds_the_submits_in_flight() -> None:
     assert eng.metrics.successful == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py execute(): a dispatch that eligible() rejects (InvalidRequest, NoKernelAvailable "
-    "for a missing capability) is counted in total_dispatches but neither in successful nor in failed",
-)
 @pytest.mark.parametrize(
     "request_body",
     [{"type": "INFER"}, {"type": "PING", "requires": ["gpu"]}],
@@ -425,12 +420,6 @@ async def test_least_loaded_counts_its_own_inflight_work() -> None:
     assert await spread_of_concurrent_dispatches(eng, cluster, 20) == {"kernel-1": 10, "kernel-2": 10}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py select(): for a kernel with no load report LEAST_LOADED calls balancer.register() "
-    "and drops the engine's own in-flight count, so a burst before the first heartbeat (or after the "
-    "load keys expire) is spread at random (15/5 with this seed) instead of evenly",
-)
 async def test_least_loaded_counts_its_own_inflight_work_without_load_reports() -> None:
     eng = engine(strategy=RoutingStrategy.LEAST_LOADED)
     cluster = FakeCluster(kernels(2))

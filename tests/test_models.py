@@ -221,11 +221,6 @@ def test_an_unserializable_value_becomes_a_failed_result(value: dict[str, Any]) 
     assert (outcome.job_id, outcome.attempt, outcome.finish_ms) == ("j1", 2, NOW + 7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs.py decode_result(): int(datetime.timestamp() * 1000) truncates float error, so some "
-    "millisecond times decode 1 ms early (e.g. 2147486217483 -> 2147486217482)",
-)
 def test_result_times_round_trip_exactly() -> None:
     ms = 2_147_486_217_483  # 2038-01-19T03:56:57.483Z
     outcome = decode_result(result(enqueue_ms=ms, start_ms=ms, finish_ms=ms))

@@ -11,12 +11,11 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from conftest import ProcessStack
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import ClusterStatus, KcpClient, KcpError, Settings
 from controlplane.keys import Keys
-
-from conftest import ProcessStack
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
@@ -53,13 +52,17 @@ async def write_then_read(kcp: KcpClient, cluster: str, rng: random.Random) -> N
     """WRITE random bytes, then READ them back from the same kernel."""
     address = 0x1000 + rng.randrange(0, 0xF0000)
     data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
-    w = await kcp.dispatch(cluster, {"type": "WRITE", "address": address, "data": data.hex(), "encoding": "hex"})
+    w = await kcp.dispatch(
+        cluster, {"type": "WRITE", "address": address, "data": data.hex(), "encoding": "hex"}
+    )
     r = await kcp.dispatch(cluster, {"type": "READ", "address": address, "size": len(data)}, kernel=w.kernel)
     assert r.kernel == w.kernel
     assert bytes.fromhex(r.result["data"]) == data
 
 
-async def test_cluster_lifecycle_across_processes(stack: ProcessStack, redis: AsyncRedis, redis_url: str) -> None:
+async def test_cluster_lifecycle_across_processes(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
     stack.serve()
     for i in range(3):
         stack.agent(f"host-{i}", slots=3)
@@ -125,7 +128,9 @@ async def test_cluster_lifecycle_across_processes(stack: ProcessStack, redis: As
             assert not (await redis.get(key) or "").startswith("\x80"), f"{key} holds pickled bytes"
 
 
-async def test_second_control_plane_takes_over(stack: ProcessStack, redis: AsyncRedis, redis_url: str) -> None:
+async def test_second_control_plane_takes_over(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
     serves = [stack.serve(), stack.serve()]
     stack.agent("host-0", slots=4)
     await agents_up(redis, 1)
@@ -147,7 +152,9 @@ async def test_second_control_plane_takes_over(stack: ProcessStack, redis: Async
         assert (await kcp.dispatch("after", {"type": "PING"})).result["pong"] is True
 
 
-async def test_agent_sigterm_drains_and_work_moves(stack: ProcessStack, redis: AsyncRedis, redis_url: str) -> None:
+async def test_agent_sigterm_drains_and_work_moves(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
     stack.serve()
     leaving = stack.agent("leaving", slots=2)
     await agents_up(redis, 1)

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from ..jobs import encode_result
+from ..jobs import REPLY_TTL_MS, encode_result
 from ..keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from ..models import (
     ACTIVE_KERNEL_STATES,
@@ -301,6 +301,7 @@ class Reconciler:
                                 error_type="ClusterDestroyed",
                             ),
                         )
+                        pipe.pexpire(reply, REPLY_TTL_MS)
                 await pipe.execute()
 
     async def _forget_dead_agents(self, fleet: Fleet) -> None:
