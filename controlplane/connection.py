@@ -7,7 +7,7 @@ import socket
 import redis.asyncio as aioredis
 
 #: The longest blocking read (BZPOPMIN/BLPOP timeout) any kcp component issues, seconds.
-MAX_BLOCK_SECONDS = 5.0
+MAX_BLOCK_SECONDS = 5
 
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
@@ -20,7 +20,7 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, name):
             keepalive[getattr(socket, name)] = value
-    return aioredis.Redis.from_url(
+    client: aioredis.Redis = aioredis.Redis.from_url(
         url,
         decode_responses=True,
         max_connections=max_connections,
@@ -31,3 +31,4 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         health_check_interval=30,
         retry_on_timeout=False,
     )
+    return client

@@ -100,7 +100,7 @@ def decode_result(raw: str) -> Outcome:
         job_id=str(res.job_id),
         kernel=str(body.get("kernel", "")),
         success=success,
-        value=body.get("value") if success else None,
+        value=body["value"] if success and isinstance(body["value"], dict) else None,
         error="" if success else str(body.get("error", "result could not be serialized")),
         error_type="" if success else str(body.get("error_type", "SerializationError")),
         attempt=res.job_try,

@@ -123,7 +123,8 @@ class Agent:
     async def _wait_wake(self) -> bool:
         wake = asyncio.ensure_future(
             self.redis.blpop(
-                [self.keys.agent_wake(self.config.name)], timeout=self.settings.heartbeat_interval
+                [self.keys.agent_wake(self.config.name)],
+                timeout=self.settings.heartbeat_interval,  # type: ignore[arg-type]  # fractional: Redis >= 6
             )
         )
         stop = asyncio.ensure_future(self._stop.wait())

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import fakeredis
 import pytest
@@ -88,7 +88,11 @@ class ProcessStack:
     """kcp processes (`kcp serve`, `kcp agent`) against one Redis; everything is killed at teardown."""
 
     #: Short leases so failure handling is quick in tests.
-    ENV = {"KCP_HEARTBEAT_INTERVAL": "0.3", "KCP_LEASE_TTL": "1.5", "KCP_LEADER_TTL": "1.5"}
+    ENV: ClassVar[dict[str, str]] = {
+        "KCP_HEARTBEAT_INTERVAL": "0.3",
+        "KCP_LEASE_TTL": "1.5",
+        "KCP_LEADER_TTL": "1.5",
+    }
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url

@@ -22,11 +22,11 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 KEYS = Keys()
 
 
-async def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate: Any, limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
     while not await predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
         await asyncio.sleep(0.1)
 
 

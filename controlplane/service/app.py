@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -56,9 +57,11 @@ class ControlPlane:
     async def _wait(self, seconds: float, *, wake: bool) -> None:
         """Sleep up to `seconds`; a leader also wakes on `service:wake` pushes, or on stop."""
         stop = asyncio.ensure_future(self._stop.wait())
-        waiters: set[asyncio.Future[object]] = {stop}
+        waiters: set[asyncio.Future[Any]] = {stop}
         if wake:
-            waiters.add(asyncio.ensure_future(self.redis.blpop([self.keys.service_wake()], timeout=seconds)))
+            # Redis >= 6 takes fractional BLPOP timeouts; redis-py's stubs say int
+            pop = self.redis.blpop([self.keys.service_wake()], timeout=seconds)  # type: ignore[arg-type]
+            waiters.add(asyncio.ensure_future(pop))  # type: ignore[arg-type]  # see the mypy override note
         try:
             await asyncio.wait(waiters, timeout=seconds + 0.5, return_when=asyncio.FIRST_COMPLETED)
         finally:
