@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -250,49 +251,69 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kernel_agent.__main__ import add_arguments as add_agent_arguments
 
-    p = argparse.ArgumentParser(
-        prog="kcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    # The common options work before or after the subcommand (`kcp agent --redis-url URL`);
+    # SUPPRESS keeps a subcommand's parser from overwriting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url",
+        default=argparse.SUPPRESS,
+        help="Redis URL (default: $KCP_REDIS_URL or redis://127.0.0.1:6379/0)",
     )
-    p.add_argument("--redis-url", help="Redis URL (default: $KCP_REDIS_URL or redis://127.0.0.1:6379/0)")
-    p.add_argument("--prefix", help="key prefix (default: $KCP_PREFIX or kcp:)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--log-level", help="default: INFO for serve/agent/up, WARNING otherwise")
+    common.add_argument(
+        "--prefix", default=argparse.SUPPRESS, help="key prefix (default: $KCP_PREFIX or kcp:)"
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="default: INFO for serve/agent/up, WARNING otherwise"
+    )
+    p = argparse.ArgumentParser(
+        prog="kcp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[common])
 
-    up = sub.add_parser("up", help="run a local stack: Redis if none answers, the service, agents")
+    up = add("up", help="run a local stack: Redis if none answers, the service, agents")
     up.add_argument("--agents", type=int, default=3)
     up.add_argument("--slots", type=int, default=4)
     up.add_argument("--handlers", action="append", default=[])
-    sub.add_parser("serve", help="run the control-plane service")
-    agent = sub.add_parser("agent", help="run a kernel agent on this host")
+    add("serve", help="run the control-plane service")
+    agent = add("agent", help="run a kernel agent on this host")
     add_agent_arguments(agent, common=False)
 
-    cluster = sub.add_parser("cluster", help="create, list, scale, destroy clusters")
+    cluster = add("cluster", help="create, list, scale, destroy clusters")
     csub = cluster.add_subparsers(dest="action", required=True)
-    create = csub.add_parser("create")
+    add_action = functools.partial(csub.add_parser, parents=[common])
+    create = add_action("create")
     create.add_argument("name")
     create.add_argument("--kernels", type=int, default=1)
     create.add_argument("--config", help='JSON, e.g. {"max_kernels": 20}')
-    csub.add_parser("list")
-    scale = csub.add_parser("scale")
+    add_action("list")
+    scale = add_action("scale")
     scale.add_argument("name")
     scale.add_argument("count", type=int)
-    destroy = csub.add_parser("destroy")
+    destroy = add_action("destroy")
     destroy.add_argument("name")
 
-    dispatch = sub.add_parser("dispatch", help="run one request on a cluster")
+    dispatch = add("dispatch", help="run one request on a cluster")
     dispatch.add_argument("cluster")
     dispatch.add_argument("request", help='JSON, e.g. {"type": "PING"}')
-    metrics = sub.add_parser("metrics", help="cluster metrics")
+    metrics = add("metrics", help="cluster metrics")
     metrics.add_argument("cluster")
-    sub.add_parser("status", help="agents, clusters, kernels: one-shot table")
-    sub.add_parser("demo", help="a real local stack, a cluster, a few hundred dispatches, scaling")
+    add("status", help="agents, clusters, kernels: one-shot table")
+    add("demo", help="a real local stack, a cluster, a few hundred dispatches, scaling")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, default in (("redis_url", None), ("prefix", None), ("json", False), ("log_level", None)):
+        setattr(args, name, getattr(args, name, default))  # SUPPRESSed when not given anywhere
     args.log_level = args.log_level or ("INFO" if args.command in ("serve", "agent", "up") else "WARNING")
     if args.command != "agent":
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

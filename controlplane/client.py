@@ -34,7 +34,7 @@ from .models import (
     OrchestrationConfig,
     RoutingStrategy,
 )
-from .requests import parse_request
+from .requests import parse_args, parse_request
 from .scripts import Scripts
 from .settings import Settings
 from .state import State
@@ -189,6 +189,7 @@ class KcpClient:
         if kernel is not None:
             kernel = validate_name(kernel, "kernel name")
         req = parse_request(request, max_bytes=self.settings.max_request_bytes)
+        parse_args(req)  # builtin syscalls: bad arguments fail here, before any round trip
         engine = engine or self.engine
         await self.start()
         with_loads = engine.config.strategy in (

@@ -68,11 +68,8 @@ async def _scenario(settings: Settings) -> None:
         )
 
         w = await kcp.dispatch("demo", {"type": "WRITE", "address": 0x2000, "data": "hello, kcp"})
-        r = await kcp.dispatch("demo", {"type": "READ", "address": 0x2000, "size": 10})
-        print(
-            f"WRITE on {w.kernel}, READ on {r.kernel}: {bytes.fromhex(r.result['data'])!r}"
-            + (" (same kernel memory)" if w.kernel == r.kernel else " (each kernel has its own memory)")
-        )
+        r = await kcp.dispatch("demo", {"type": "READ", "address": 0x2000, "size": 10}, kernel=w.kernel)
+        print(f"WRITE then READ on {r.kernel}: {bytes.fromhex(r.result['data'])!r}")
         try:
             await kcp.dispatch("demo", {"type": "READ", "address": -1, "size": 8})
         except KcpError as exc:
