@@ -9,7 +9,6 @@ from .client import ClusterInfo, DispatchResult, KcpClient
 from .cluster import KernelCluster
 from .engine import OrchestrationEngine
 from .errors import (
-    CapacityError,
     ClusterExists,
     ClusterNotFound,
     DispatchError,
@@ -40,7 +39,6 @@ from .tools import OrchestrationTools
 __all__ = [
     "BusMessage",
     "BusTopic",
-    "CapacityError",
     "ClusterConfig",
     "ClusterExists",
     "ClusterInfo",

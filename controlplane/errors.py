@@ -4,7 +4,6 @@ KcpError
 ├── InvalidRequest          bad input: a name, a config, a request (also a ValueError)
 ├── ClusterNotFound
 ├── ClusterExists
-├── CapacityError           no agent can host the kernels asked for
 ├── DispatchError           a dispatch did not produce a result
 │   ├── NoKernelAvailable   no running kernel could take the request in time
 │   ├── DispatchTimeout     a kernel took the request but no result came in time
@@ -38,10 +37,6 @@ class ClusterExists(KcpError):
     def __init__(self, name: str) -> None:
         super().__init__(f"cluster {name!r} already exists")
         self.name = name
-
-
-class CapacityError(KcpError):
-    """Not enough free agent slots (with the required capabilities)."""
 
 
 class DispatchError(KcpError):
