@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import fakeredis
@@ -100,7 +101,9 @@ class ProcessStack:
 
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "controlplane.cli", "--redis-url", self.redis_url, *args]
-        proc = subprocess.Popen(cmd, env={**os.environ, **self.ENV})
+        # the repository root on the path, so agents can load `--handlers examples.infer_handlers`
+        env = {**os.environ, **self.ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.Popen(cmd, env=env)
         self.procs.append(proc)
         return proc
 

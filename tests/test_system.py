@@ -191,3 +191,32 @@ async def test_crashed_kernel_is_restarted_and_its_jobs_rerun(
         assert result.result["payload"] == "survives"
         kernel = (await kcp.get_cluster("crashy")).kernels[0]
         assert kernel.pid != pid and kernel.epoch > epoch
+
+
+async def test_capabilities_steer_placement_and_routing(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
+    """A user syscall loaded with --handlers declares a capability; clusters and requests that
+    require it land only on the agents and kernels that have it."""
+    stack.agent("plain", 4)
+    stack.agent("inference", 4, "--handlers", "examples.infer_handlers")
+    stack.serve()
+    await agents_up(redis, 2)
+    infer = {"type": "INFER", "requires": ["infer"], "inputs": [0.5, 1.0, 2.0], "seed": 7, "outputs": 2}
+    async with KcpClient(Settings(redis_url=redis_url)) as kcp:
+        info = await kcp.create_cluster("gpu", 2, {"capabilities": ["infer"]})
+        assert info.running == 2 and {k.agent for k in info.kernels} == {"inference"}
+        first = await kcp.dispatch("gpu", infer)
+        again = await kcp.dispatch("gpu", infer)
+        assert first.result["outputs"] == again.result["outputs"] and len(first.result["outputs"]) == 2
+
+        await kcp.create_cluster("mixed", 2)  # no constraint: spread over both agents
+        mixed = await kcp.get_cluster("mixed")
+        assert {k.agent for k in mixed.kernels} == {"plain", "inference"}
+        routed = {(await kcp.dispatch("mixed", infer)).kernel for _ in range(6)}
+        assert routed == {next(k.name for k in mixed.kernels if k.agent == "inference")}
+        with pytest.raises(KcpError, match="INFER"):
+            await kcp.dispatch("mixed", {"type": "INFER", "inputs": []})  # bad arguments: a clear error
+
+        info = await kcp.create_cluster("needs-tpu", 1, {"capabilities": ["tpu"]}, wait=2)
+        assert info.running == 0 and "tpu" in info.reason  # waits for capacity, says why
