@@ -136,7 +136,7 @@ class Dispatcher:
         backoff = 0.1
         while not self._stopping:
             try:
-                item = await self.redis.blpop([self.reply_key], timeout=int(MAX_BLOCK_SECONDS))
+                item = await self.redis.blpop([self.reply_key], timeout=MAX_BLOCK_SECONDS)
                 backoff = 0.1
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 logger.warning("reply listener lost Redis (%s); retrying in %.1fs", exc, backoff)
