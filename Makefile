@@ -7,7 +7,7 @@ comma := ,
 EXTRAS := $(if $(shell command -v redis-server),dev,dev$(comma)embedded)
 LINT_PATHS := $(wildcard controlplane kernel_agent tests bench examples)
 
-.PHONY: install demo test lint typecheck bench clean distclean
+.PHONY: install demo test fuzz lint typecheck bench clean distclean
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The fuzz suites with long budgets: 3000 hypothesis examples per property, and malformed writes
+# into a live system's Redis for KCP_FUZZ_SECONDS (default 60).
+fuzz: $(STAMP)
+	KCP_FUZZ_SECONDS=$${KCP_FUZZ_SECONDS:-60} $(BIN)/pytest --hypothesis-profile=fuzz \
+		tests/test_fuzz_models.py tests/test_fuzz_api.py tests/test_fuzz_redis.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

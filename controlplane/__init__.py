@@ -5,6 +5,7 @@ The spec's public names (`OrchestrationTools`, `KernelCluster`, `OrchestrationEn
 """
 
 from .balancer import LoadBalancer
+from .bus import BusConfig, InterKernelBus, ReceivedMessage
 from .client import ClusterInfo, DispatchResult, KcpClient
 from .cluster import KernelCluster
 from .engine import OrchestrationEngine
@@ -19,6 +20,7 @@ from .errors import (
     NoKernelAvailable,
     RedisUnavailable,
 )
+from .metrics import ClusterMetricsCollector
 from .models import (
     BusMessage,
     BusTopic,
@@ -30,6 +32,7 @@ from .models import (
     LoadBalancerConfig,
     OrchestrationConfig,
     OrchestrationMetrics,
+    OutlierConfig,
     RoutingStrategy,
 )
 from .requests import SyscallRequest
@@ -37,17 +40,20 @@ from .settings import Settings
 from .tools import OrchestrationTools
 
 __all__ = [
+    "BusConfig",
     "BusMessage",
     "BusTopic",
     "ClusterConfig",
     "ClusterExists",
     "ClusterInfo",
     "ClusterMetrics",
+    "ClusterMetricsCollector",
     "ClusterNotFound",
     "ClusterStatus",
     "DispatchError",
     "DispatchResult",
     "DispatchTimeout",
+    "InterKernelBus",
     "InvalidRequest",
     "KcpClient",
     "KcpError",
@@ -62,6 +68,8 @@ __all__ = [
     "OrchestrationEngine",
     "OrchestrationMetrics",
     "OrchestrationTools",
+    "OutlierConfig",
+    "ReceivedMessage",
     "RedisUnavailable",
     "RoutingStrategy",
     "Settings",

@@ -5,7 +5,9 @@
     kcp agent --slots 4         a kernel agent on this host
     kcp cluster create NAME --kernels 3 | list | scale NAME N | destroy NAME
     kcp dispatch CLUSTER '{"type": "PING"}'
-    kcp metrics CLUSTER | status | demo
+    kcp metrics CLUSTER | status | top | demo
+    kcp bus publish TOPIC JSON [--to KERNEL] | tail TOPIC|inbox:KERNEL|dead | stats
+    kcp serve --metrics-port 9464   ... with Prometheus /metrics
 
 Human-readable output by default, `--json` for scripts. Exit codes: 0 ok, 1 the operation
 failed (e.g. the kernel reported an error), 2 bad input, 3 Redis unavailable.
@@ -26,11 +28,13 @@ from typing import Any
 
 import pydantic
 
+from .acl import add_arguments as add_acl_arguments
+from .acl import run as run_acl
 from .client import KcpClient
 from .connection import connect
 from .errors import InvalidRequest, KcpError, RedisUnavailable
-from .models import KernelState
-from .settings import Settings
+from .settings import Settings, explain_settings_error
+from .tls import redact_url
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS = 1, 2, 3
 
@@ -106,73 +110,6 @@ async def _metrics(args: argparse.Namespace, kcp: KcpClient) -> int:
     return 0
 
 
-async def _status(args: argparse.Namespace, kcp: KcpClient) -> int:
-    agents = await kcp.state.agents()
-    clusters = await kcp.list_clusters()
-    rows = []
-    for info in clusters:
-        loads = await kcp.state.loads(info.kernels)
-        for k in info.kernels:
-            load = loads.get(k.name)
-            rows.append(
-                (
-                    info.name,
-                    k.name,
-                    k.agent,
-                    k.state.value,
-                    k.pid or "-",
-                    f"{load.cpu:.0%}" if load else "-",
-                    f"{load.memory:.2%}" if load else "-",
-                    load.queue_depth if load else "-",
-                    f"{load.latency_ms:.1f}" if load else "-",
-                )
-            )
-    data = {
-        "agents": [{**a.model_dump(), "alive": alive} for a, alive in agents],
-        "clusters": [i.model_dump(mode="json") for i in clusters],
-    }
-
-    def human(_: Any) -> str:
-        used: dict[str, int] = {}
-        for info in clusters:
-            for k in info.kernels:
-                if k.state is not KernelState.STOPPED:
-                    used[k.agent] = used.get(k.agent, 0) + 1
-        out = (
-            table(
-                [
-                    (
-                        a.name,
-                        a.host,
-                        "up" if alive else "DOWN",
-                        f"{used.get(a.name, 0)}/{a.slots}",
-                        a.capabilities or "-",
-                    )
-                    for a, alive in agents
-                ],
-                ("AGENT", "HOST", "LEASE", "KERNELS", "CAPABILITIES"),
-            )
-            if agents
-            else "no agents"
-        )
-        out += "\n\n" + (
-            table(
-                [(i.name, i.status.value, f"{i.running}/{i.desired}", i.reason) for i in clusters],
-                ("CLUSTER", "STATUS", "KERNELS", "REASON"),
-            )
-            if clusters
-            else "no clusters"
-        )
-        if rows:
-            out += "\n\n" + table(
-                rows, ("CLUSTER", "KERNEL", "AGENT", "STATE", "PID", "CPU", "MEM", "QUEUE", "LAT_MS")
-            )
-        return out
-
-    _emit(args, data, human)
-    return 0
-
-
 def _run_client(
     args: argparse.Namespace, fn: Callable[[argparse.Namespace, KcpClient], Awaitable[int]]
 ) -> int:
@@ -186,7 +123,7 @@ def _run_client(
         print(f"kcp: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RedisUnavailable as exc:
-        print(f"kcp: {exc} (is Redis running at {args.settings.redis_url}?)", file=sys.stderr)
+        print(f"kcp: {exc} (is Redis running at {redact_url(args.settings.redis_url)}?)", file=sys.stderr)
         return EXIT_REDIS
     except KcpError as exc:
         print(f"kcp: {exc}", file=sys.stderr)
@@ -195,6 +132,7 @@ def _run_client(
 
 # ------------------------------------------------------------------ daemons
 def _serve(args: argparse.Namespace) -> int:
+    from .exporter import serve_metrics
     from .service import ControlPlane
 
     async def go() -> int:
@@ -204,12 +142,23 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, plane.stop)
         try:
-            await plane.run()
+            async with serve_metrics(
+                redis,
+                args.settings,
+                port=args.metrics_port,
+                host=args.metrics_host,
+                leader=lambda: plane.lease.leading,
+            ):
+                await plane.run()
         finally:
             await redis.aclose()
         return 0
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except InvalidRequest as exc:  # e.g. the metrics port is taken
+        print(f"kcp serve: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -251,13 +200,16 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kernel_agent.__main__ import add_arguments as add_agent_arguments
 
+    from .top import add_top_arguments
+
     # The common options work before or after the subcommand (`kcp agent --redis-url URL`);
     # SUPPRESS keeps a subcommand's parser from overwriting what was given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--redis-url",
         default=argparse.SUPPRESS,
-        help="Redis URL (default: $KCP_REDIS_URL or redis://127.0.0.1:6379/0)",
+        help="Redis URL (default: $KCP_REDIS_URL or redis://127.0.0.1:6379/0); "
+        "give a password in $KCP_REDIS_PASSWORD, not here: command lines are public",
     )
     common.add_argument(
         "--prefix", default=argparse.SUPPRESS, help="key prefix (default: $KCP_PREFIX or kcp:)"
@@ -281,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--agents", type=int, default=3)
     up.add_argument("--slots", type=int, default=4)
     up.add_argument("--handlers", action="append", default=[])
-    add("serve", help="run the control-plane service")
+    serve = add("serve", help="run the control-plane service")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--metrics-host", default="0.0.0.0", help="address for /metrics (default 0.0.0.0)")
     agent = add("agent", help="run a kernel agent on this host")
     add_agent_arguments(agent, common=False)
 
@@ -305,11 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = add("metrics", help="cluster metrics")
     metrics.add_argument("cluster")
     add("status", help="agents, clusters, kernels: one-shot table")
+    add_top_arguments(add("top", help="live view of clusters, kernels and events (refreshes in place)"))
     add("demo", help="a real local stack, a cluster, a few hundred dispatches, scaling")
+    from .bus.cli import add_arguments as add_bus_arguments
+
+    add_bus_arguments(add("bus", help="inter-kernel bus: publish, tail a stream, stats"), common)
+    add_acl_arguments(add("acl", help="Redis ACL users for the service, clients and each agent"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .top import status_command, top_command
+
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, default in (("redis_url", None), ("prefix", None), ("json", False), ("log_level", None)):
@@ -321,16 +282,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.settings = Settings(**overrides)
     except pydantic.ValidationError as exc:
-        print(f"kcp: invalid settings: {exc}", file=sys.stderr)
+        print(f"kcp: invalid settings: {explain_settings_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "acl":
+        return run_acl(args, args.settings)
     if args.command == "agent":
         from kernel_agent.__main__ import run as run_agent
 
         return run_agent(args)
+    if args.command == "bus":
+        from .bus.cli import run as run_bus
+
+        return run_bus(args)
     daemons: dict[str, Callable[[argparse.Namespace], int]] = {"serve": _serve, "up": _up, "demo": _demo}
     if args.command in daemons:
         return daemons[args.command](args)
-    commands = {"cluster": _cluster, "dispatch": _dispatch, "metrics": _metrics, "status": _status}
+    commands = {
+        "cluster": _cluster,
+        "dispatch": _dispatch,
+        "metrics": _metrics,
+        "status": status_command,
+        "top": top_command,
+    }
     return _run_client(args, commands[args.command])
 
 

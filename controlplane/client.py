@@ -7,6 +7,7 @@ async with KcpClient() as kcp:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import Any, Self
 
 import pydantic
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from .connection import connect
 from .dispatch import ClusterViews, Dispatcher
@@ -38,6 +40,7 @@ from .requests import parse_args, parse_request
 from .scripts import Scripts
 from .settings import Settings
 from .state import State
+from .stats import FAILOVERS, RETRIES, SCALE_DOWN, SCALE_UP
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +173,8 @@ class KcpClient:
         record = await self.state.require_cluster(validate_name(name))
         target = self._count(target_count, record.config, "target_count")
         await self.state.update_cluster(name, desired=target, status=ClusterStatus.SCALING.value)
+        if target != record.desired:
+            await self._bump(name, {SCALE_UP if target > record.desired else SCALE_DOWN: 1})
         await self._wake_service()
         await self._await_settled(name, wait)
         return record.desired, target
@@ -200,15 +205,23 @@ class KcpClient:
         async def candidates(wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
             return await self.views.get(cluster, wait=wait, with_loads=with_loads)
 
+        tried: list[str] = []  # kernels attempted, for the retries/failovers counters
+
         async def submit(kernel: KernelRecord, wait_s: float) -> Outcome:
+            tried.append(kernel.name)
             try:
                 return await self.dispatcher.submit(kernel, req, wait_s)
             except Exception:
                 self.views.invalidate(cluster)
                 raise
 
-        async with amap_redis_errors():
-            outcome = await engine.execute(candidates, submit, req, kernel=kernel)
+        try:
+            async with amap_redis_errors():
+                outcome = await engine.execute(candidates, submit, req, kernel=kernel)
+        finally:
+            if len(tried) > 1:
+                retries, failovers = len(tried) - 1, len(set(tried)) - 1
+                await self._bump(cluster, {RETRIES: retries, FAILOVERS: failovers})
         return DispatchResult(
             kernel=outcome.kernel,
             result=outcome.value or {},
@@ -255,6 +268,15 @@ class KcpClient:
                 "(set min_kernels/max_kernels in the config)"
             )
         return count
+
+    async def _bump(self, cluster: str, counters: Mapping[str, int]) -> None:
+        """Add to event counters of the cluster's stats hash (exported as Prometheus counters)."""
+        with contextlib.suppress(redis.exceptions.RedisError):  # a counter never fails the operation
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for field, amount in counters.items():
+                    if amount:
+                        pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)
+                await pipe.execute()
 
     async def _wake_service(self) -> None:
         async with amap_redis_errors():

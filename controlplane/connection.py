@@ -1,34 +1,116 @@
-"""Redis connections from a URL, tuned for kcp's blocking reads."""
+"""Redis connections from a URL, tuned for kcp's blocking reads; Sentinel-aware."""
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 
 #: The longest blocking read (BZPOPMIN/BLPOP timeout) any kcp component issues, seconds.
 MAX_BLOCK_SECONDS = 5
+#: How much longer than its own timeout a blocking read may take before the link counts as dead, s.
+BLOCK_GRACE_SECONDS = 5.0
+
+
+#: `redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]`
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    """A parsed `redis+sentinel://` URL. The credentials are the master's; sentinels take none."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse `redis+sentinel://h1:26379,h2:26379/mymaster/0`; ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL: {url!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    sentinels = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"sentinel address {item!r} in {url!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(f"{url!r}: expected /service_name or /service_name/db after the sentinels")
+    return SentinelUrl(
+        sentinels=tuple(sentinels),
+        service=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+class _SentinelRedis(aioredis.Redis):
+    """The master's client; closing it closes the connections to the sentinels too."""
+
+    kcp_sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.kcp_sentinel is not None:
+            for client in self.kcp_sentinel.sentinels:
+                await client.aclose()
 
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (redis://, rediss://, unix://), decoding responses as UTF-8.
+    """An asyncio Redis client for `url` (redis://, rediss://, unix://, redis+sentinel://), decoding
+    responses as UTF-8.
 
     The socket timeout is longer than any blocking read kcp issues, so a blocked BZPOPMIN is never
-    mistaken for a dead server; keepalive notices a silently dropped connection.
+    mistaken for a dead server; keepalive notices a silently dropped connection. With
+    `redis+sentinel://` every new connection asks the sentinels for the current master, so after a
+    failover the callers' reconnect-with-backoff loops land on the new master.
     """
     keepalive: dict[int, int | bytes] = {}
     for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, name):
             keepalive[getattr(socket, name)] = value
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        max_connections=max_connections,
-        socket_connect_timeout=5.0,
-        socket_timeout=MAX_BLOCK_SECONDS + 10.0,
-        socket_keepalive=True,
-        socket_keepalive_options=keepalive,
-        health_check_interval=30,
-        retry_on_timeout=False,
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "max_connections": max_connections,
+        "socket_connect_timeout": 5.0,
+        "socket_timeout": MAX_BLOCK_SECONDS + 10.0,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive,
+        "health_check_interval": 30,
+        "retry_on_timeout": False,
+    }
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        return _connect_sentinel(parse_sentinel_url(url), options)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+    return client
+
+
+def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> aioredis.Redis:
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(spec.sentinels),
+        min_other_sentinels=0,
+        sentinel_kwargs={"socket_connect_timeout": 1.0, "socket_timeout": 1.0, "decode_responses": True},
     )
+    client = sentinel.master_for(
+        spec.service,
+        redis_class=_SentinelRedis,
+        db=spec.db,
+        username=spec.username,
+        password=spec.password,
+        **options,
+    )
+    assert isinstance(client, _SentinelRedis)
+    client.kcp_sentinel = sentinel
     return client

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from .connection import MAX_BLOCK_SECONDS
-from .engine import KernelBusy
+from . import routing
+from .channel import Channel
+from .connection import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS
 from .errors import ClusterNotFound, DispatchTimeout
 from .jobs import Outcome, decode_result, encode_job
 from .keys import Keys
@@ -30,8 +31,8 @@ from .state import State, now_ms
 
 logger = logging.getLogger(__name__)
 
-#: Pushed on our own reply list to wake the listener when the dispatcher stops.
-_STOP = "stop"
+#: Replies the listener takes per blocking pop, at most.
+REPLY_BATCH = 512
 #: How long an unfinished job key lives at most, beyond its deadline, ms (a safety net).
 JOB_TTL_EXTRA_MS = 3_600_000
 #: How long a cached kernel list is trusted without a change notification, seconds.
@@ -49,9 +50,12 @@ class Dispatcher:
         self.scripts = scripts
         self.client_id = uuid.uuid4().hex
         self.reply_key = keys.reply(self.client_id)
+        # enqueue and cancel, pipelined across concurrent dispatches
+        self.channel = Channel(redis, preload=(scripts.enqueue, scripts.cancel))
+        self._enqueue = self.channel.script(scripts.enqueue)
+        self._replies = Channel(redis)  # the reply listener's blocking pops
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._stopping = False
 
     async def start(self) -> None:
         if self._listener is None:
@@ -59,22 +63,17 @@ class Dispatcher:
 
     async def stop(self) -> None:
         if self._listener is not None:
-            # wake the blocked BLPOP with a sentinel rather than cancelling it: cancelling a
-            # blocking command on a pooled connection can leave the task waiting on the pool
-            self._stopping = True
-            try:
-                await self.redis.lpush(self.reply_key, _STOP)
-                await asyncio.wait_for(asyncio.shield(self._listener), MAX_BLOCK_SECONDS + 1)
-            except (redis.exceptions.RedisError, TimeoutError):
-                self._listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._listener
+            self._listener.cancel()  # safe: its blocking pop runs on a connection of its own
+            # gather(return_exceptions) waits for it without swallowing a cancellation of our own
+            await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
+        await self._replies.aclose()
         with contextlib.suppress(redis.exceptions.RedisError):
-            await self.redis.delete(self.reply_key)
+            await self.channel.execute("DEL", self.reply_key)
+        await self.channel.aclose()
 
     async def submit(self, kernel: KernelRecord, request: SyscallRequest, wait_s: float) -> Outcome:
         """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result.
@@ -94,13 +93,12 @@ class Dispatcher:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting[job_id] = fut
         try:
-            queued, detail = await self.scripts.enqueue(
-                keys=[
-                    self.keys.kernel(cluster, name),
-                    self.keys.queue(cluster, name),
-                    self.keys.inflight(cluster, name),
-                    self.keys.job(cluster, job_id),
-                ],
+            # a `Route` lets enqueue.lua choose among candidates; `name` is then its choice
+            enqueued = await routing.enqueue(
+                self._enqueue,
+                self.keys,
+                kernel,
+                job_id=job_id,
                 args=[
                     job_id,
                     payload,
@@ -108,51 +106,71 @@ class Dispatcher:
                     now,
                     now + int(wait_s * 1000),
                     int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
-                    name,
                 ],
             )
-            if int(queued) != 1:
-                raise KernelBusy(f"{cluster}/{name}: {detail}")
+            name = enqueued.kernel
             try:
                 async with asyncio.timeout(wait_s):
-                    return await fut
+                    outcome = await asyncio.shield(fut)  # a timeout must not cancel fut: see below
+                ok = outcome.success or outcome.error_type in routing.BAD_REQUEST_ERRORS
+                await routing.report(self.scripts, self.keys, kernel, ok=ok, now_ms=now_ms())
+                return outcome
             except TimeoutError:
-                cancelled = await self.scripts.cancel(
-                    keys=[
+                cancelled = await self.channel.evalsha(
+                    self.scripts.cancel,
+                    [
                         self.keys.job(cluster, job_id),
                         self.keys.queue(cluster, name),
                         self.keys.inflight(cluster, name),
                     ],
-                    args=[job_id],
+                    [job_id],
                 )
                 if not cancelled:  # finished just now: the result is on its way, take it
                     with contextlib.suppress(TimeoutError):
                         return await asyncio.wait_for(asyncio.shield(fut), 1.0)
+                await routing.report(self.scripts, self.keys, kernel, ok=False, now_ms=now_ms())
                 raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
         finally:
             self._waiting.pop(job_id, None)
 
     async def _listen(self) -> None:
         backoff = 0.1
-        while not self._stopping:
+        batched = True  # BLMPOP (Redis 7) takes every waiting reply in one trip; BLPOP before 7
+        while True:
             try:
-                item = await self.redis.blpop([self.reply_key], timeout=MAX_BLOCK_SECONDS)
+                async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS):
+                    if batched:
+                        item = await self._replies.execute(
+                            "BLMPOP", MAX_BLOCK_SECONDS, 1, self.reply_key, "LEFT", "COUNT", REPLY_BATCH
+                        )
+                        replies = item[1] if item else []
+                    else:
+                        item = await self._replies.execute("BLPOP", self.reply_key, MAX_BLOCK_SECONDS)
+                        replies = [item[1]] if item else []
                 backoff = 0.1
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                logger.warning("reply listener lost Redis (%s); retrying in %.1fs", exc, backoff)
+            except redis.exceptions.ResponseError as exc:
+                if batched and "unknown command" in str(exc).lower():
+                    batched = False
+                    continue
+                raise
+            except (redis.exceptions.ConnectionError, TimeoutError) as exc:
+                logger.warning("reply listener lost Redis (%r); retrying in %.1fs", exc, backoff)
+                await self._replies.reset("reply listener reconnects")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            if item is None or item[1] == _STOP:
-                continue
-            try:
-                outcome = decode_result(item[1])
-            except Exception:
-                logger.warning("dropping a malformed reply on %s", self.reply_key)
-                continue
-            fut = self._waiting.get(outcome.job_id)
-            if fut is not None and not fut.done():
-                fut.set_result(outcome)
+            for raw in replies:
+                self._deliver(raw)
+
+    def _deliver(self, raw: str) -> None:
+        try:
+            outcome = decode_result(raw)
+        except Exception:
+            logger.warning("dropping a malformed reply on %s", self.reply_key)
+            return
+        fut = self._waiting.get(outcome.job_id)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
 
 
 @dataclass(slots=True)
@@ -171,16 +189,21 @@ class ClusterViews:
         self._views: dict[str, _View] = {}
         self._changed = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         if self._watcher is None:
+            self._stopping = False
             self._watcher = asyncio.create_task(self._watch(), name="kcp-notify")
 
     async def stop(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            self._stopping = True
+            # redis-py can swallow a cancellation that lands while its pub/sub connection is
+            # being set up; the watcher checks `_stopping`, and we cancel until it is done
+            while not self._watcher.done():
+                self._watcher.cancel()
+                await asyncio.wait({self._watcher}, timeout=0.1)
             self._watcher = None
 
     async def wait_change(self, seconds: float) -> None:
@@ -219,12 +242,12 @@ class ClusterViews:
 
     async def _watch(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             pubsub = self.state.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.state.keys.notify())
                 backoff = 0.1
-                while True:
+                while not self._stopping:
                     # a bounded wait, so an idle subscription never hits the socket timeout
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS

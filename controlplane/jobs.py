@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic
 from arq.jobs import deserialize_job_raw, deserialize_result, serialize_job, serialize_result
 
 #: How long a pushed result waits for its client before the reply list expires, ms.
@@ -31,10 +32,20 @@ def encode_job(request: dict[str, Any], *, job_try: int, enqueue_ms: int) -> str
     ).decode()
 
 
+#: Largest encoded job a kernel decodes, bytes: the largest `max_request_bytes` plus the envelope.
+MAX_JOB_BYTES = (64 << 20) + 4096
+_DECODED_JOB: pydantic.TypeAdapter[tuple[dict[str, Any], int]] = pydantic.TypeAdapter(
+    tuple[dict[str, Any], pydantic.StrictInt]
+)
+
+
 def decode_job(raw: str) -> tuple[dict[str, Any], int]:
-    """(request, enqueue ms) of an encoded job."""
+    """(request, enqueue ms) of an encoded job. ValueError (or arq's DeserializationError) when it
+    is too large or not a job: a request object and an integer enqueue time."""
+    if len(raw) > MAX_JOB_BYTES:
+        raise ValueError(f"job is {len(raw)} bytes, above {MAX_JOB_BYTES}")
     _function, _args, kwargs, _try, enqueue_ms = deserialize_job_raw(raw.encode(), deserializer=json_loads)
-    return kwargs, enqueue_ms
+    return _DECODED_JOB.validate_python((kwargs, enqueue_ms))  # pydantic's ValidationError is a ValueError
 
 
 @dataclass(frozen=True, slots=True)

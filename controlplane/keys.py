@@ -34,6 +34,14 @@ class Keys:
         """HASH of counters: dispatches, errors, latency_ms_sum (written by kernels on finish)."""
         return f"{self.prefix}cluster:{cluster}:stats"
 
+    def cluster_rr(self, cluster: str) -> str:
+        """STRING counter: the round-robin position every client of the cluster shares."""
+        return f"{self.prefix}cluster:{cluster}:rr"
+
+    def cluster_ejected(self, cluster: str) -> str:
+        """ZSET kernel -> ejected-until ms: kernels outlier detection keeps out of routing."""
+        return f"{self.prefix}cluster:{cluster}:ejected"
+
     def cluster_orphans(self, cluster: str) -> str:
         """ZSET job id -> enqueue ms: jobs taken from a dead kernel, waiting for a live one."""
         return f"{self.prefix}cluster:{cluster}:orphans"
@@ -51,9 +59,19 @@ class Keys:
         """ZSET job id -> enqueue ms: every job routed to the kernel and not finished (queued + running)."""
         return f"{self.prefix}kernel:{cluster}:{kernel}:inflight"
 
+    def kernel_lease(self, cluster: str, kernel: str) -> str:
+        """STRING with a TTL (value: pid): present while the kernel's process is alive. The agent's
+        heartbeat thread renews it; the leader declares the kernel dead when it is missing."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}:lease"
+
     def kernel_stats(self, cluster: str, kernel: str) -> str:
         """HASH of counters: dispatches, errors, latency_ms_sum."""
         return f"{self.prefix}kernel:{cluster}:{kernel}:stats"
+
+    def kernel_health(self, cluster: str, kernel: str) -> str:
+        """HASH: outlier detection of one kernel as every client sees it (`lua/outlier.lua`):
+        consecutive failures, ejections, ejected_until ms, last_ejected ms."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}:health"
 
     def kernel_pattern(self, cluster: str) -> str:
         """SCAN pattern for every per-kernel key of a cluster."""
@@ -92,11 +110,28 @@ class Keys:
         """LIST the control plane pushes to so the agent re-reads its assignment at once."""
         return f"{self.prefix}agent:{agent}:wake"
 
+    def heartbeats(self) -> str:
+        """HASH agent -> unix ms of its last heartbeat (how long ago a dead agent was last seen)."""
+        return f"{self.prefix}heartbeats"
+
     def load(self, agent: str, cluster: str, kernel: str) -> str:
         """HASH with a TTL: the load record of one kernel, written by its agent's heartbeat.
 
         Under the agent's key space so a per-agent ACL can allow writing only its own."""
         return f"{self.prefix}agent:{agent}:load:{cluster}:{kernel}"
+
+    # ------------------------------------------------------------ ClusterMetricsCollector
+    def collector_values(self, cluster: str) -> str:
+        """HASH ``{kernel}/{metric}`` -> JSON value: what `ClusterMetricsCollector` recorded."""
+        return f"{self.prefix}metrics:{cluster}:values"
+
+    def collector_kernels(self, cluster: str) -> str:
+        """ZSET kernel -> unix seconds of its last record/increment (the collector's kernels)."""
+        return f"{self.prefix}metrics:{cluster}:kernels"
+
+    def collector_types(self, cluster: str) -> str:
+        """HASH metric -> ``counter`` (only ever incremented) | ``gauge`` (recorded)."""
+        return f"{self.prefix}metrics:{cluster}:types"
 
     # ------------------------------------------------------------ control plane
     def leader(self) -> str:
@@ -107,6 +142,10 @@ class Keys:
         """LIST clients push to so the leader reconciles at once."""
         return f"{self.prefix}service:wake"
 
+    def reliability(self) -> str:
+        """HASH of failure-handling counters and the last detection time (see docs/reliability.md)."""
+        return f"{self.prefix}reliability"
+
     def epoch(self) -> str:
         """STRING counter: fencing epochs handed to kernel incarnations."""
         return f"{self.prefix}epoch"
@@ -114,3 +153,36 @@ class Keys:
     def notify(self) -> str:
         """Pub/sub channel (not a key): a cluster name is published when its kernels change."""
         return f"{self.prefix}notify"
+
+    # ------------------------------------------------------------ inter-kernel bus
+    def bus_topic(self, topic: str) -> str:
+        """STREAM of one topic (events, metrics, control, data); one consumer group per subscribed kernel."""
+        return f"{self.prefix}bus:topic:{topic}"
+
+    def bus_inbox(self, kernel: str) -> str:
+        """STREAM of direct messages to one kernel; its one consumer group is named after the kernel."""
+        return f"{self.prefix}bus:inbox:{kernel}"
+
+    def bus_seq(self, stream: str) -> str:
+        """STRING counter: the last sequence number given to an entry of `stream` (a bus stream key)."""
+        return f"{stream}:seq"
+
+    def bus_subscribers(self, topic: str) -> str:
+        """SET of the kernels subscribed to a topic (their groups on the topic stream)."""
+        return f"{self.prefix}bus:topic:{topic}:subscribers"
+
+    def bus_kernels(self) -> str:
+        """HASH kernel -> JSON {host, pid, registered_at}: kernels registered on the bus."""
+        return f"{self.prefix}bus:kernels"
+
+    def bus_lease(self, kernel: str) -> str:
+        """STRING with a TTL: present while a bus process serves the kernel."""
+        return f"{self.prefix}bus:kernel:{kernel}:lease"
+
+    def bus_dead(self) -> str:
+        """STREAM of dead letters: entries given up after too many deliveries, with the reason."""
+        return f"{self.prefix}bus:dead"
+
+    def bus_stats(self) -> str:
+        """HASH of counters: dead:{stream kind}, gaps:{topic}:{kernel}, trimmed:{topic}."""
+        return f"{self.prefix}bus:stats"

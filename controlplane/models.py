@@ -44,6 +44,8 @@ class RoutingStrategy(StrEnum):
     CAPABILITY_BASED = "capability_based"
     RANDOM = "random"
     PRIMARY_FALLBACK = "primary_fallback"
+    #: power of two choices on in-flight counts and load reports, with outlier ejection (docs/routing.md)
+    ADAPTIVE = "adaptive"
 
 
 class BusTopic(StrEnum):
@@ -74,18 +76,51 @@ class ClusterConfig(BaseModel):
         return self
 
 
+class OutlierConfig(BaseModel):
+    """When a kernel is ejected from routing, for how long, and how many may be (docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: failures in a row (as the clients see them, shared in Redis) that eject a kernel
+    consecutive_failures: int = Field(5, ge=1, le=1000)
+    #: a kernel whose recent failure rate exceeds its peers' median by this much is ejected
+    failure_rate_margin: float = Field(0.3, gt=0, le=1)
+    #: outcomes a client must have seen of a kernel before judging its failure rate
+    min_requests: int = Field(10, ge=1, le=100_000)
+    #: first ejection, ms; each further one doubles it, up to `max_ejection_ms`
+    base_ejection_ms: int = Field(1000, ge=1, le=3_600_000)
+    max_ejection_ms: int = Field(30_000, ge=1, le=86_400_000)
+    #: largest share of a cluster's kernels ejected at once (at least one of two or more)
+    max_ejection_share: float = Field(0.34, ge=0, le=1)
+    #: after readmission a kernel's share ramps up linearly over this window, ms
+    slow_start_ms: int = Field(5000, ge=0, le=3_600_000)
+
+
 class OrchestrationConfig(BaseModel):
     """Client-side routing: strategy, concurrency bound, per-attempt timeout and retries."""
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: RoutingStrategy = RoutingStrategy.ROUND_ROBIN
+    strategy: RoutingStrategy = RoutingStrategy.ADAPTIVE  # won bench/routing.py: docs/routing.md
     max_concurrent: int = Field(100, ge=1, le=100_000)
     timeout_ms: int = Field(5000, ge=1, le=3_600_000)
     retry_count: int = Field(2, ge=0, le=10)
     enable_failover: bool = True
     #: the kernel PRIMARY_FALLBACK prefers (default: the first kernel by name)
     primary: Name | None = None
+    #: kernels ADAPTIVE compares per request (sampled at random when there are more; the
+    #: comparison runs atomically in Redis, so comparing more does not herd: docs/routing.md)
+    adaptive_choices: int = Field(8, ge=2, le=16)
+    #: load reports older than this count as unknown, not idle (ADAPTIVE), seconds
+    load_expiry_s: float = Field(3.0, gt=0, le=3600)
+    #: retries allowed per request on average (on top of `min_retries_per_s`); a sick cluster
+    #: gets at most this many extra attempts, whatever `retry_count` says
+    retry_budget: float = Field(0.2, ge=0, le=10)
+    #: retries always allowed, per second (so a quiet client can still retry)
+    min_retries_per_s: float = Field(10.0, ge=0, le=100_000)
+    #: outlier ejection shared in Redis; None: on for ADAPTIVE only
+    outlier_detection: bool | None = None
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
 
 
 class OrchestrationMetrics(BaseModel):

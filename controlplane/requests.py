@@ -94,7 +94,7 @@ def normalise_syscall_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidRequest(f"type must be a string (got {type(name).__name__})")
     upper = name.upper()
-    if not _NAME_RE.match(upper):
+    if not _NAME_RE.fullmatch(upper):
         raise InvalidRequest(
             f"type must be 1 to 32 characters: a letter, then letters, digits or '_' (got {_short(name)})"
         )
@@ -369,7 +369,7 @@ def parse_request(request: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_BY
         return SyscallRequest.model_validate(dict(request))
     except ValidationError as exc:
         raw = request.get("type")
-        prefix = raw.upper() if isinstance(raw, str) and _NAME_RE.match(raw.upper()) else "request"
+        prefix = raw.upper() if isinstance(raw, str) and _NAME_RE.fullmatch(raw.upper()) else "request"
         raise InvalidRequest(explain(prefix, exc)) from exc
 
 

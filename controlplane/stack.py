@@ -75,19 +75,19 @@ class LocalStack:
             sys.executable,
             "-m",
             "controlplane.cli",
-            "--redis-url",
-            self.redis_url,
             "--prefix",
             self.settings.prefix,
             "--log-level",
             self.log_level,
         ]
-        self.procs.append(subprocess.Popen([*base, "serve"]))
+        # the URL (it may hold a password) goes in the environment: argv is visible to every user
+        env = {**os.environ, "KCP_REDIS_URL": self.redis_url}
+        self.procs.append(subprocess.Popen([*base, "serve"], env=env))
         for i in range(self.agents):
             cmd = [*base, "agent", "--name", f"agent-{i}", "--slots", str(self.slots)]
             for module in self.handlers:
                 cmd += ["--handlers", module]
-            self.procs.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()}))
+            self.procs.append(subprocess.Popen(cmd, env={**env, "PYTHONPATH": os.getcwd()}))
 
     def stop(self, grace: float = 15.0) -> None:
         for proc in reversed(self.procs):  # agents first: they drain, then the service

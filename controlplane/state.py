@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -17,12 +20,33 @@ import pydantic
 import redis.asyncio as aioredis
 
 from .errors import ClusterExists, ClusterNotFound, amap_redis_errors
-from .keys import Keys
-from .models import AgentRecord, ClusterConfig, ClusterRecord, ClusterStatus, KernelLoad, KernelRecord
+from .keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
+from .models import (
+    NAME_PATTERN,
+    AgentRecord,
+    ClusterConfig,
+    ClusterRecord,
+    ClusterStatus,
+    KernelLoad,
+    KernelRecord,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=pydantic.BaseModel)
+
+
+#: Entries read from Redis that failed validation and were skipped, by kind (this process).
+MALFORMED: Counter[str] = Counter()
+#: Largest cluster `config` JSON parsed, bytes (a real one is about 150).
+MAX_CONFIG_BYTES = 65536
+_REF = re.compile(f"{NAME_PATTERN[:-1]}/{NAME_PATTERN[1:]}")
+
+
+def skip_malformed(kind: str, key: str, why: object) -> None:
+    """Log and count an entry that is skipped because it does not parse (never fatal)."""
+    MALFORMED[kind] += 1
+    logger.warning("skipping malformed %s %s: %.300s", kind, key, why)
 
 
 def _parse(model: type[T], fields: dict[str, Any], key: str) -> T | None:
@@ -30,9 +54,35 @@ def _parse(model: type[T], fields: dict[str, Any], key: str) -> T | None:
         return None
     try:
         return model.model_validate(fields)
-    except pydantic.ValidationError as exc:
-        logger.warning("skipping malformed record %s: %s", key, exc.errors(include_url=False)[:3])
+    except pydantic.ValidationError as exc:  # the input is left out: it may be huge
+        skip_malformed(model.__name__, key, exc.errors(include_url=False, include_input=False)[:3])
         return None
+
+
+def parse_counters(fields: dict[str, str], key: str) -> dict[str, float]:
+    """A stats hash as finite numbers; a field that is not one is skipped."""
+    out: dict[str, float] = {}
+    for name, raw in fields.items():
+        try:
+            value = float(raw) if len(raw) <= 64 else math.nan
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            out[name] = value
+        else:
+            skip_malformed("counter", f"{key} {name!r}", f"not a finite number: {raw!r:.80}")
+    return out
+
+
+def parse_assignment(fields: dict[str, str], key: str) -> dict[str, str]:
+    """An agent's assignment hash (``cluster/kernel`` -> ``run`` | ``drain``), malformed fields skipped."""
+    out: dict[str, str] = {}
+    for ref, wanted in fields.items():
+        if _REF.fullmatch(ref) and wanted in (ASSIGN_RUN, ASSIGN_DRAIN):
+            out[ref] = wanted
+        else:
+            skip_malformed("assignment", f"{key} {ref!r:.100}", f"value {wanted!r:.80}")
+    return out
 
 
 def encode(record: pydantic.BaseModel) -> dict[str, str]:
@@ -51,9 +101,14 @@ def encode(record: pydantic.BaseModel) -> dict[str, str]:
 def parse_cluster(fields: dict[str, Any], key: str) -> ClusterRecord | None:
     if "config" in fields:
         try:
+            if len(fields["config"]) > MAX_CONFIG_BYTES:
+                raise ValueError(f"config is {len(fields['config'])} bytes")
             fields = {**fields, "config": json.loads(fields["config"])}
-        except ValueError:
-            logger.warning("skipping cluster record %s: config is not JSON", key)
+        except ValueError as exc:
+            skip_malformed("ClusterRecord", key, f"config is not JSON: {exc}")
+            return None
+        except RecursionError:
+            skip_malformed("ClusterRecord", key, "config nests too deeply")
             return None
     return _parse(ClusterRecord, fields, key)
 
@@ -108,7 +163,7 @@ class State:
     async def cluster_stats(self, name: str) -> dict[str, float]:
         async with amap_redis_errors():
             raw = await self.redis.hgetall(self.keys.cluster_stats(name))
-        return {k: float(v) for k, v in raw.items()}
+        return parse_counters(raw, self.keys.cluster_stats(name))
 
     # ------------------------------------------------------------ kernels
     async def kernels(self, cluster: str) -> list[KernelRecord]:

@@ -7,11 +7,12 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 
 import pydantic
 
 from controlplane.connection import connect
-from controlplane.settings import Settings
+from controlplane.settings import Settings, explain_settings_error
 
 from .agent import Agent, AgentConfig
 
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             **({"name": args.name} if args.name else {}),
         )
     except (pydantic.ValidationError, ValueError) as exc:
-        raise SystemExit(f"kcp agent: invalid configuration: {exc}") from None
+        text = explain_settings_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
+        print(f"kcp agent: invalid configuration: {text}", file=sys.stderr)
+        return 2  # bad input, as for every kcp command
     logging.basicConfig(level=args.log_level, format="%(asctime)s agent %(levelname)s %(message)s")
     return asyncio.run(_run(settings, config))
 

@@ -24,10 +24,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from pydantic import BaseModel, Field
 
-from controlplane.keys import ASSIGN_DRAIN, Keys
+from controlplane.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.models import Capability, Name
 from controlplane.settings import Settings
+from controlplane.state import parse_assignment, parse_counters
 
+from .heartbeat import Heartbeat
 from .kernel import EXIT_UNASSIGNED
 from .load import ProcessSampler, RateTracker
 from .syscalls import builtin_registry, load_handlers
@@ -58,6 +60,7 @@ class _Child:
     next_start: float = 0.0
     stopping: bool = False  # SIGTERM sent: draining
     done: bool = False  # exited for good (drained, or the control plane moved it)
+    placement: str = ""  # `placed_at` of the kernel record this child was started for
     rates: RateTracker = field(default_factory=RateTracker)
 
     @property
@@ -86,6 +89,16 @@ class Agent:
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()
         self._stop = asyncio.Event()
+        self._live: list[tuple[str, str, int]] = []  # read by the heartbeat thread; replaced, never mutated
+        self.heartbeat = Heartbeat(
+            redis_url=settings.redis_url,
+            keys=self.keys,
+            agent=config.name,
+            interval=settings.heartbeat_interval,
+            ttl=settings.lease_ttl,
+            children=lambda: self._live,
+            stall_after=max(10.0, 4 * settings.lease_ttl),
+        )
 
     def stop(self) -> None:
         """Begin a clean shutdown: drain every kernel, then deregister."""
@@ -101,6 +114,7 @@ class Agent:
                 if not registered:
                     await self._register()
                     registered = True
+                    self.heartbeat.start()
                     logger.info(
                         "agent %s registered: %d slots, capabilities %s",
                         name,
@@ -108,6 +122,7 @@ class Agent:
                         self.capabilities or "-",
                     )
                 await self._tick()
+                self.heartbeat.touch()
                 backoff = 0.1
                 popped = await self._wait_wake()
                 if popped:
@@ -118,7 +133,18 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff)
                 backoff = min(backoff * 2, 2.0)
+            except redis.exceptions.ResponseError as exc:
+                # a key of the wrong type, or a command the ACL refuses: say so, never crash
+                logger.error("agent %s: Redis refused a command (%s); retrying in %.1fs", name, exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
         await self._shutdown()
+
+    def _publish_live(self) -> None:
+        self._live = [
+            (c.cluster, c.kernel, c.proc.pid) for c in self.children.values() if c.running and c.proc
+        ]
 
     async def _wait_wake(self) -> bool:
         wake = asyncio.ensure_future(
@@ -152,22 +178,21 @@ class Agent:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(k.agent(c.name), mapping=record)
             pipe.sadd(k.agents(), c.name)
-            pipe.set(k.agent_lease(c.name), record["pid"], px=int(self.settings.lease_ttl * 1000))
+            pipe.set(k.agent_lease(c.name), int(time.time() * 1000), px=int(self.settings.lease_ttl * 1000))
             await pipe.execute()
         await self.redis.lpush(k.service_wake(), f"agent {c.name}")
 
     async def _tick(self) -> None:
-        """Renew the lease, converge on the assignment, report load."""
+        """Converge on the assignment, report load (the heartbeat thread renews the leases)."""
         name = self.config.name
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.agent_lease(name), os.getpid(), px=int(self.settings.lease_ttl * 1000))
-            pipe.exists(self.keys.agent(name))
-            _, registered = await pipe.execute()
+        registered = await self.redis.exists(self.keys.agent(name))
         if not registered:  # forgotten while unreachable (paused, partitioned): register again
             logger.warning("agent %s was deregistered by the control plane; registering again", name)
             await self._register()
-        assigned = await self.redis.hgetall(self.keys.agent_kernels(name))
+        key = self.keys.agent_kernels(name)
+        assigned = parse_assignment(await self.redis.hgetall(key), key)  # malformed fields skipped
         await self._converge(assigned)
+        self._publish_live()
         await self._report_load()
 
     async def _converge(self, assigned: dict[str, str]) -> None:
@@ -176,9 +201,11 @@ class Agent:
         for ref in assigned.keys() - self.children.keys():
             cluster, _, kernel = ref.partition("/")
             self.children[ref] = _Child(cluster, kernel)
-        for ref, child in list(self.children.items()):
+        for child in list(self.children.values()):
             if child.proc is not None and child.proc.returncode is not None:
                 await self._reap(child)
+        await self._renew_replaced(assigned, now)
+        for ref, child in list(self.children.items()):
             wanted = assigned.get(ref)
             if wanted is None or wanted == ASSIGN_DRAIN:
                 if child.running and not child.stopping:
@@ -190,6 +217,26 @@ class Agent:
                     continue
             if wanted is not None and not child.running and not child.done and now >= child.next_start:
                 await self._spawn(child)  # a crashed draining kernel comes back to finish its queue
+
+    async def _renew_replaced(self, assigned: dict[str, str], now: float) -> None:
+        """A kernel the control plane removed and placed again under the same name, between two
+        of our ticks, looks like the old one (finished, or waiting out a restart back-off); its
+        record's `placed_at` tells them apart. A new placement starts afresh, at once."""
+        waiting = [
+            c
+            for ref, c in self.children.items()
+            if assigned.get(ref) == ASSIGN_RUN and not c.running and (c.done or now < c.next_start)
+        ]
+        if not waiting:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in waiting:
+                pipe.hget(self.keys.kernel(c.cluster, c.kernel), "placed_at")
+            placements = await pipe.execute()
+        for c, placed in zip(waiting, placements, strict=True):
+            if placed and placed != c.placement:
+                logger.info("kernel %s was placed here again; starting it afresh", c.ref)
+                self.children[c.ref] = _Child(c.cluster, c.kernel)
 
     async def _reap(self, child: _Child) -> None:
         assert child.proc is not None
@@ -207,6 +254,9 @@ class Agent:
         )
 
     async def _spawn(self, child: _Child) -> None:
+        child.placement = (
+            await self.redis.hget(self.keys.kernel(child.cluster, child.kernel), "placed_at") or ""
+        )
         cmd = [
             sys.executable,
             "-m",
@@ -230,7 +280,8 @@ class Agent:
         logger.info("started kernel %s (pid %d)", child.ref, child.proc.pid)
 
     async def _report_load(self) -> None:
-        live = [c for c in self.children.values() if c.running and c.proc is not None]
+        # not for kernels told to stop: their record may already be gone with their cluster
+        live = [c for c in self.children.values() if c.running and not c.stopping and c.proc is not None]
         if not live:
             return
         k = self.keys
@@ -239,12 +290,15 @@ class Agent:
                 pipe.zcard(k.queue(c.cluster, c.kernel))
                 pipe.zcard(k.inflight(c.cluster, c.kernel))
                 pipe.hgetall(k.kernel_stats(c.cluster, c.kernel))
-            rows = await pipe.execute()
+            rows = await pipe.execute(raise_on_error=False)  # a key of the wrong type reads as empty
         ttl_ms = int(self.settings.lease_ttl * 1000)
         now = f"{time.time():.3f}"
         async with self.redis.pipeline(transaction=False) as pipe:
             for i, c in enumerate(live):
-                queued, inflight, stats = rows[3 * i], rows[3 * i + 1], rows[3 * i + 2]
+                queued, inflight, raw = (
+                    r if not isinstance(r, Exception) else None for r in rows[3 * i : 3 * i + 3]
+                )
+                stats = parse_counters(raw or {}, k.kernel_stats(c.cluster, c.kernel))
                 c.rates.update(
                     float(stats.get("dispatches", 0)),
                     float(stats.get("errors", 0)),
@@ -257,8 +311,8 @@ class Agent:
                     mapping={
                         "cpu": f"{cpu:.4f}",
                         "memory": f"{memory:.6f}",
-                        "queue_depth": str(queued),
-                        "inflight": str(inflight),
+                        "queue_depth": str(queued or 0),
+                        "inflight": str(inflight or 0),
                         "latency_ms": f"{c.rates.latency_ms:.3f}",
                         "error_rate": f"{c.rates.error_rate:.4f}",
                         "updated_at": now,
@@ -270,6 +324,8 @@ class Agent:
     async def _shutdown(self) -> None:
         """Drain every kernel (SIGTERM, grace, then SIGKILL) and deregister."""
         name = self.config.name
+        self._publish_live()
+        self.heartbeat.stall_after = float("inf")  # draining may take a while: stay alive meanwhile
         with contextlib.suppress(redis.exceptions.RedisError):
             await self.redis.hset(self.keys.agent(name), "draining", "1")
             await self.redis.lpush(self.keys.service_wake(), f"agent {name}")
@@ -287,12 +343,23 @@ class Agent:
                     proc.kill()
             for task in pending:
                 await task
+        await asyncio.to_thread(self.heartbeat.stop)
         k = self.keys
         with contextlib.suppress(redis.exceptions.RedisError):
             async with self.redis.pipeline(transaction=True) as pipe:
                 # the assignment hash stays: the control plane owns it and clears it
-                pipe.delete(k.agent_lease(name), k.agent(name), k.agent_wake(name))
-                pipe.srem(k.agents(), name)
+                pipe.delete(k.agent_lease(name), k.agent_wake(name))
+                pipe.hdel(k.heartbeats(), name)
                 await pipe.execute()
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.srem(k.agents(), name)
+                    pipe.delete(k.agent(name))
+                    await pipe.execute()
+            except redis.exceptions.ResponseError:
+                # The per-agent ACL (docs/security.md) lets an agent join the agent set but not
+                # remove names from it (it could evict another agent): the record stays, and the
+                # leader forgets us now that the lease is gone.
+                logger.debug("agent %s leaves its deregistration to the control plane", name)
             await self.redis.lpush(k.service_wake(), f"agent {name}")
         logger.info("agent %s stopped", name)

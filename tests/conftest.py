@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import fakeredis
+import hypothesis
 import pytest
 import pytest_asyncio
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane.redis_server import RedisServerProcess, start_redis_server
+
+# `make fuzz` runs the fuzz suites with `--hypothesis-profile=fuzz` (and KCP_FUZZ_SECONDS for the
+# live-system fuzzer); `make test` uses the default budgets, which the fuzz tests keep small.
+hypothesis.settings.register_profile("fuzz", max_examples=3000, deadline=None)
 
 #: Every test carries at least one of these (a module-level `pytestmark` counts).
 CLASSIFYING_MARKERS = ("unit", "integration", "system")
@@ -99,19 +104,24 @@ class ProcessStack:
         self.redis_url = redis_url
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "controlplane.cli", "--redis-url", self.redis_url, *args]
         # the repository root on the path, so agents can load `--handlers examples.infer_handlers`
-        env = {**os.environ, **self.ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.Popen(cmd, env=env)
+        root = str(Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(cmd, env={**os.environ, **self.ENV, "PYTHONPATH": root, **(env or {})})
         self.procs.append(proc)
         return proc
 
-    def serve(self) -> subprocess.Popen[bytes]:
-        return self._spawn("--log-level", "INFO", "serve")
+    def serve(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """`extra`: flags of `kcp serve` (e.g. --metrics-port N). `env`: extra variables, e.g.
+        KCP_REDIS_USERNAME/PASSWORD (never put secrets on argv)."""
+        return self._spawn("--log-level", "INFO", "serve", *extra, env=env)
 
-    def agent(self, name: str, slots: int = 4, *extra: str) -> subprocess.Popen[bytes]:
-        return self._spawn("--log-level", "INFO", "agent", "--name", name, "--slots", str(slots), *extra)
+    def agent(
+        self, name: str, slots: int = 4, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        args = ("--log-level", "INFO", "agent", "--name", name, "--slots", str(slots), *extra)
+        return self._spawn(*args, env=env)
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.engine import KernelBusy, OrchestrationEngine
+from controlplane.engine import ESTIMATE_DECAY_S, KernelBusy, OrchestrationEngine, RetryBudget, _KernelStats
 from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, NoKernelAvailable
 from controlplane.jobs import Outcome
 from controlplane.models import (
@@ -25,6 +25,7 @@ from controlplane.models import (
     RoutingStrategy,
 )
 from controlplane.requests import SyscallRequest, parse_request
+from controlplane.routing import Route
 
 pytestmark = pytest.mark.unit
 
@@ -69,6 +70,7 @@ def outcome(name: str, *, error_type: str = "", error: str = "") -> Outcome:
 
 
 def engine(**config: Any) -> OrchestrationEngine:
+    config.setdefault("strategy", RoutingStrategy.ROUND_ROBIN)
     return OrchestrationEngine(OrchestrationConfig(**config), rng=random.Random(7))
 
 
@@ -424,3 +426,156 @@ async def test_least_loaded_counts_its_own_inflight_work_without_load_reports() 
     eng = engine(strategy=RoutingStrategy.LEAST_LOADED)
     cluster = FakeCluster(kernels(2))
     assert await spread_of_concurrent_dispatches(eng, cluster, 20) == {"kernel-1": 10, "kernel-2": 10}
+
+
+# ---------------------------------------------------------------- routes decided in Redis
+
+
+def test_round_robin_hands_redis_the_whole_rotation() -> None:
+    pool = kernels(4)
+    route = engine().select(pool, {}, set())
+    assert isinstance(route, Route) and route.mode == "rr"
+    names = [k.name for k in route.candidates]
+    offset = route.tie  # the list is the canonical order rotated by `tie`
+    assert names == [k.name for k in pool[offset:] + pool[:offset]]
+
+
+def test_primary_fallback_lists_the_primary_then_the_rest_in_order() -> None:
+    route = engine(strategy=RoutingStrategy.PRIMARY_FALLBACK, primary="kernel-3").select(
+        kernels(4), {}, set()
+    )
+    assert isinstance(route, Route) and route.mode == "first"
+    assert [k.name for k in route.candidates] == ["kernel-3", "kernel-1", "kernel-2", "kernel-4"]
+
+
+def test_outlier_detection_is_on_for_adaptive_only_unless_configured() -> None:
+    assert engine(strategy=RoutingStrategy.ADAPTIVE).outlier_detection
+    assert not engine().outlier_detection
+    rr = engine(outlier_detection=True).select(kernels(3), {}, set())
+    assert isinstance(rr, Route) and rr.outlier is not None and rr.cluster_size == 3
+    random_pick = engine(strategy=RoutingStrategy.RANDOM, outlier_detection=True).select(
+        kernels(3), {}, set()
+    )
+    assert isinstance(random_pick, Route) and random_pick.outlier is not None
+
+
+async def test_adaptive_compares_distinct_candidates_with_what_it_learned() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE, adaptive_choices=3)
+    cluster = FakeCluster(kernels(5))
+    for _ in range(40):
+        await cluster.run(eng)  # every outcome: 8 ms of service (start 1002, finish 1010)
+    route = eng.select(kernels(5), {}, set())
+    assert isinstance(route, Route) and route.mode == "p2c"
+    assert len({k.name for k in route.candidates}) == 3
+    assert all(s == pytest.approx(8.0) for s in route.service_ms)
+    assert route.error_rate == [0.0, 0.0, 0.0]
+    assert route.load_expiry_ms == 3000 and route.outlier is not None
+
+
+async def test_adaptive_spreads_concurrent_work_without_redis() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+    placed = await spread_of_concurrent_dispatches(eng, FakeCluster(kernels(4)), 40)
+    assert placed == {f"kernel-{n}": 10 for n in range(1, 5)}
+
+
+def test_adaptive_relaxes_a_pessimistic_estimate_of_a_kernel_it_no_longer_sees() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE, adaptive_choices=2)
+    pool = kernels(2)
+    slow, fast = (eng._stats.setdefault(("c1", k.name), _KernelStats()) for k in pool)
+    slow.observe(True, 400.0)
+    fast.observe(True, 50.0)
+    assert eng._service_estimates(pool, pool) == [pytest.approx(400.0, rel=1e-3), 50.0]
+    slow.at -= 3 * ESTIMATE_DECAY_S  # unobserved for a while: most of the way back to the median
+    relaxed = eng._service_estimates(pool, pool)[0]
+    assert 225.0 < relaxed < 240.0  # median 225 + 175 * e^-3
+
+
+def test_an_ejected_kernel_is_skipped_until_readmitted_and_panic_routes_to_all() -> None:
+    now = 1_700_000_000.0
+    eng = OrchestrationEngine(
+        OrchestrationConfig(strategy=RoutingStrategy.ADAPTIVE), rng=random.Random(1), clock=lambda: now
+    )
+    pool = kernels(4)
+    eng._ejected[("c1", "kernel-2")] = int(now * 1000) + 5000
+    for _ in range(20):
+        route = eng.select(pool, {}, set())
+        assert isinstance(route, Route) and "kernel-2" not in {k.name for k in route.candidates}
+    for n in (1, 3):  # three of four out: fewer than half admitted, so nobody is skipped
+        eng._ejected[("c1", f"kernel-{n}")] = int(now * 1000) + 5000
+    route = eng.select(pool, {}, set())
+    assert isinstance(route, Route) and len(route.candidates) == 4
+    now += 6  # every ejection over
+    eng._ejected.pop(("c1", "kernel-1"))
+    eng._ejected.pop(("c1", "kernel-3"))
+    route = eng.select(pool, {}, set())
+    assert isinstance(route, Route) and len(route.candidates) == 4
+
+
+async def test_a_kernel_failing_far_more_than_its_peers_is_a_rate_outlier() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+    flaky = kernel(1)
+    healthy = [kernel(2), kernel(3)]
+    for _ in range(12):
+        eng._observe(flaky, outcome("kernel-1", error_type="HandlerError", error="boom"))
+        for k in healthy:
+            eng._observe(k, outcome(k.name))
+    route = eng.select([flaky, *healthy], {}, set())
+    assert isinstance(route, Route) and route.rate_outliers == frozenset({"kernel-1"})
+
+
+def test_bad_requests_are_not_held_against_a_kernel() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+    for _ in range(20):
+        eng._observe(kernel(1), outcome("kernel-1", error_type="InvalidArguments", error="bad"))
+    assert eng._stats[("c1", "kernel-1")].error_rate == 0.0
+
+
+async def test_ejections_reported_by_redis_are_learned() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+
+    async def submit(record: KernelRecord, time_left: float) -> Outcome:
+        assert isinstance(record, Route)
+        record.ejected["kernel-3"] = 2**42  # enqueue.lua saw kernel-3 ejected
+        return outcome(record.name)
+
+    await eng.execute(FakeCluster(kernels(4)).candidates, submit, PING)
+    for _ in range(20):
+        route = eng.select(kernels(4), {}, set())
+        assert isinstance(route, Route) and "kernel-3" not in {k.name for k in route.candidates}
+
+
+# ---------------------------------------------------------------- retry budget
+
+
+async def test_an_empty_retry_budget_stops_retries() -> None:
+    eng = engine(retry_count=3, retry_budget=0.0, min_retries_per_s=0.0)
+    eng.budget.tokens = 0.0
+    cluster = FakeCluster(kernels(3), *[time_out] * 10)
+    with pytest.raises(DispatchTimeout):
+        await cluster.run(eng)
+    assert len(cluster.calls) == 1
+    assert eng.metrics.retries == 0
+
+
+def test_the_retry_budget_refills_from_requests_and_time() -> None:
+    now = 0.0
+    budget = RetryBudget(0.5, 1.0, clock=lambda: now)
+    budget.tokens = 0.0
+    assert not budget.withdraw()
+    budget.deposit()
+    budget.deposit()  # two requests: one retry's worth
+    assert budget.withdraw()
+    assert not budget.withdraw()
+    now += 2.0  # the floor: one per second
+    assert budget.withdraw() and budget.withdraw() and not budget.withdraw()
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+def test_a_capability_miss_says_what_the_kernels_declare() -> None:
+    records = [kernel(1, capabilities="infer"), kernel(2, capabilities="infer sim")]
+    with pytest.raises(NoKernelAvailable, match=r"\['gpu'\].*declare: infer, sim"):
+        engine(strategy=RoutingStrategy.CAPABILITY_BASED).eligible(
+            records, parse_request({"type": "PING", "requires": ["gpu"]})
+        )

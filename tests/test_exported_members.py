@@ -26,9 +26,9 @@ SPEC_NAMES = {
     "OrchestrationMetrics",
     "ClusterMetrics",
     "KernelMetricsSnapshot",
+    "InterKernelBus",
+    "ClusterMetricsCollector",
 }
-#: spec names of components not built yet
-FUTURE_SPEC_NAMES = {"InterKernelBus", "ClusterMetricsCollector"}
 
 
 def public_members() -> list[str]:
@@ -51,8 +51,3 @@ def test_all_names_resolve() -> None:
 
 def test_all_has_the_spec_names() -> None:
     assert sorted(SPEC_NAMES - set(controlplane.__all__)) == []
-
-
-@pytest.mark.xfail(strict=True, reason="bus (issue 4) and collector (issue 7) not built yet")
-def test_all_has_the_future_spec_names() -> None:
-    assert sorted(FUTURE_SPEC_NAMES - set(controlplane.__all__)) == []

@@ -101,9 +101,10 @@ class Lua:
         )
 
     async def claim(self, job_id: str, *, kernel: str = "k1", epoch: int = 1, now: int = NOW) -> Any:
+        """claim.lua for `job_id`, or in pop mode (the oldest queued job) when it is ''."""
         return await self.s.claim(
             keys=[KEYS.job(CLUSTER, job_id), KEYS.inflight(CLUSTER, kernel), KEYS.queue(CLUSTER, kernel)],
-            args=[job_id, kernel, epoch, now],
+            args=[job_id, kernel, epoch, now, KEYS.job(CLUSTER, "")],
         )
 
     async def finish(
@@ -211,7 +212,7 @@ async def test_enqueue_writes_the_job_and_routes_it(lua: Lua) -> None:
 async def test_claim_increments_attempt_and_returns_the_job(lua: Lua) -> None:
     await lua.put_kernel()
     await lua.enqueue("j1", payload="payload-1")
-    assert await lua.claim("j1") == ["ok", "payload-1", KEYS.reply(CLIENT), 1]
+    assert await lua.claim("j1") == ["ok", "payload-1", KEYS.reply(CLIENT), 1, "j1", 1]
     job = await lua.job("j1")
     assert job["attempt"] == "1"
     assert job["state"] == "running"
@@ -223,7 +224,7 @@ async def test_claim_by_another_kernel_is_fenced(lua: Lua) -> None:
     await lua.put_kernel()
     await lua.enqueue("j1")
     before = await lua.snapshot()
-    assert await lua.claim("j1", kernel="k2", epoch=1) == ["fenced"]
+    assert await lua.claim("j1", kernel="k2", epoch=1) == ["fenced", "j1"]
     assert await lua.snapshot() == before
 
 
@@ -234,13 +235,13 @@ async def test_claim_by_a_stale_incarnation_gives_the_job_back(lua: Lua) -> None
     before = await lua.snapshot()
     popped = await lua.r.bzpopmin(KEYS.queue(CLUSTER, "k1"), timeout=1)
     assert popped is not None and popped[1] == "j1"
-    assert await lua.claim("j1", kernel="k1", epoch=7) == ["zombie"]
+    assert await lua.claim("j1", kernel="k1", epoch=7) == ["zombie", "j1"]
     assert await lua.snapshot() == before, "the job is queued again, untouched"
 
 
 async def test_claim_of_a_missing_job_is_gone_and_leaves_inflight(lua: Lua) -> None:
     await lua.r.zadd(KEYS.inflight(CLUSTER, "k1"), {"j1": NOW, "j2": NOW})
-    assert await lua.claim("j1") == ["gone"]
+    assert await lua.claim("j1") == ["gone", "j1"]
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j2": NOW}
 
 
@@ -249,9 +250,29 @@ async def test_claim_past_the_deadline_expires_and_deletes_the_job(lua: Lua) -> 
     await lua.enqueue("j1", deadline_ms=NOW + 100)
     await lua.enqueue("j2", deadline_ms=NOW + 100)
     assert (await lua.claim("j2", now=NOW + 100))[0] == "ok"  # the deadline itself is still in time
-    assert await lua.claim("j1", now=NOW + 101) == ["expired", KEYS.reply(CLIENT)]
+    assert await lua.claim("j1", now=NOW + 101) == ["expired", "j1"]
     assert not await lua.r.exists(KEYS.job(CLUSTER, "j1"))
     assert "j1" not in await lua.zset(KEYS.inflight(CLUSTER, "k1"))
+
+
+async def test_claim_in_pop_mode_takes_the_oldest_queued_job(lua: Lua) -> None:
+    await lua.put_kernel()
+    assert await lua.claim("") == ["empty"]
+    await lua.enqueue("j2", payload="p2", now=NOW + 1)
+    await lua.enqueue("j1", payload="p1")
+    assert await lua.claim("") == ["ok", "p1", KEYS.reply(CLIENT), 1, "j1", 1]
+    assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {"j2": NOW + 1}
+    assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW, "j2": NOW + 1}
+    assert (await lua.job("j1"))["state"] == "running"
+
+
+async def test_claim_in_pop_mode_applies_the_same_fencing(lua: Lua) -> None:
+    """A stale incarnation popping in pop mode gives the job back, as with an explicit id."""
+    await lua.put_kernel()
+    await lua.enqueue("j1")
+    before = await lua.snapshot()
+    assert await lua.claim("", epoch=7) == ["zombie", "j1"]
+    assert await lua.snapshot() == before
 
 
 # ---------------------------------------------------------------- finish
@@ -288,7 +309,7 @@ async def test_a_zombie_finish_is_rejected_and_changes_nothing(lua: Lua, kernel:
     await lua.enqueue("j1")  # routed to epoch 2
     assert (await lua.job("j1"))["epoch"] == "2"
     if kernel == "k1":  # the old incarnation (epoch 1) still thinks it owns the job
-        assert await lua.claim("j1", epoch=1) == ["zombie"]
+        assert await lua.claim("j1", epoch=1) == ["zombie", "j1"]
     before = await lua.snapshot()
     assert await lua.finish("j1", kernel=kernel, epoch=epoch) == 0
     assert await lua.snapshot() == before
@@ -304,7 +325,7 @@ async def test_cancel_removes_a_queued_job(lua: Lua) -> None:
     assert not await lua.r.exists(KEYS.job(CLUSTER, "j1"))
     assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {}
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
-    assert await lua.claim("j1") == ["gone"]
+    assert await lua.claim("j1") == ["gone", "j1"]
     assert await lua.finish("j1") == 0  # a late result is rejected
 
 
@@ -425,7 +446,7 @@ async def test_rebind_moves_orphans_to_a_running_kernel(lua: Lua) -> None:
     assert await lua.zset(KEYS.inflight(CLUSTER, "k2")) == moved
     assert await lua.zset(KEYS.cluster_orphans(CLUSTER)) == {}  # j3 dropped too
     # the new owner may run it; the old one is fenced out
-    assert await lua.claim("j1", kernel="k1", epoch=1) == ["fenced"]
+    assert await lua.claim("j1", kernel="k1", epoch=1) == ["fenced", "j1"]
     assert (await lua.claim("j1", kernel="k2", epoch=5))[0] == "ok"
     assert await lua.finish("j1", kernel="k1", epoch=1) == 0
     assert await lua.finish("j1", kernel="k2", epoch=5) == 1
@@ -505,7 +526,7 @@ async def test_round_trip(lua: Lua) -> None:
     assert popped is not None
     _key, job_id, score = popped
     assert (job_id, score) == ("j1", NOW)
-    status, job, reply, attempt = await lua.claim(job_id, epoch=3)
+    status, job, reply, attempt, _id, _queued = await lua.claim(job_id, epoch=3)
     assert status == "ok"
     assert reply == KEYS.reply(CLIENT)
     kwargs, enqueue_ms = decode_job(job)

@@ -1,4 +1,6 @@
--- enqueue.lua: route one job to one kernel, in one round trip.
+-- enqueue.lua: route one job to a kernel, in one round trip. With more than 4 KEYS the
+-- script also *chooses* the kernel among candidates (docs/routing.md), so a routing
+-- decision made on fresh in-flight counts costs no extra round trip.
 --
 -- KEYS[1] kernel record  HASH  {prefix}kernel:{cluster}:{kernel}   (read: state, epoch)
 -- KEYS[2] queue          ZSET  {prefix}kernel:{cluster}:{kernel}:queue     id -> enqueue ms
@@ -13,18 +15,156 @@
 -- ARGV[7] kernel name
 -- Returns {1, inflight count} when queued; {0, state} when the kernel takes no work
 -- (draining, stopped, pending, gone); {-1, 'duplicate'} when the job id exists.
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'running' then
-    return {0, state or 'missing'}
+--
+-- Routed form (KEYS[1..3] are then those of the first candidate):
+-- KEYS[5]            round-robin counter  STRING {prefix}cluster:{cluster}:rr (mode rr; SET once queued)
+-- KEYS[5+5(i-1)+1..5] candidate i: kernel record HASH, queue ZSET, inflight ZSET,
+--                    load record HASH {prefix}agent:{a}:load:{c}:{k} (read),
+--                    health HASH {prefix}kernel:{c}:{k}:health (read)
+-- ARGV[8]  mode: 'first' (first running candidate), 'rr' (start at the shared counter),
+--          'p2c' (lowest expected delay, see score() below)
+-- ARGV[9]  p2c: 0 or 1, which candidate wins a tie (the caller draws it at random);
+--          rr: how far the candidate list is rotated from the cluster's canonical order
+-- ARGV[10] load report expiry, ms (older reports are unknown, not idle)
+-- ARGV[11] slow start after readmission, ms
+-- ARGV[12] round-robin counter TTL, ms
+-- ARGV[13+3(i-1)..+2] candidate i: kernel name, client's service-time estimate ms (0: none),
+--          client's failure-rate estimate (-1: none)
+-- Returns {1, inflight count, chosen candidate (1-based), its consecutive failures,
+--          'name=until_ms ...' of candidates seen ejected}; {0, 'name=state ...'} when no
+--          candidate takes work; {-1, 'duplicate'}.
+
+local function write_job(kernel_key, queue_key, inflight_key, name)
+    local epoch = redis.call('HGET', kernel_key, 'epoch')
+    redis.call('HSET', KEYS[4],
+        'job', ARGV[2], 'reply', ARGV[3], 'kernel', name, 'epoch', epoch,
+        'attempt', 0, 'enqueued_ms', ARGV[4], 'deadline_ms', ARGV[5], 'state', 'queued')
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+    redis.call('ZADD', inflight_key, ARGV[4], ARGV[1])
+    redis.call('ZADD', queue_key, ARGV[4], ARGV[1])
+    return redis.call('ZCARD', inflight_key)
 end
+
+if #KEYS <= 4 then
+    local state = redis.call('HGET', KEYS[1], 'state')
+    if state ~= 'running' then
+        return {0, state or 'missing'}
+    end
+    if redis.call('EXISTS', KEYS[4]) == 1 then
+        return {-1, 'duplicate'}
+    end
+    return {1, write_job(KEYS[1], KEYS[2], KEYS[3], ARGV[7])}
+end
+
 if redis.call('EXISTS', KEYS[4]) == 1 then
     return {-1, 'duplicate'}
 end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-redis.call('HSET', KEYS[4],
-    'job', ARGV[2], 'reply', ARGV[3], 'kernel', ARGV[7], 'epoch', epoch,
-    'attempt', 0, 'enqueued_ms', ARGV[4], 'deadline_ms', ARGV[5], 'state', 'queued')
-redis.call('PEXPIRE', KEYS[4], ARGV[6])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return {1, redis.call('ZCARD', KEYS[3])}
+
+local now = tonumber(ARGV[4])
+local mode = ARGV[8]
+local n = (#KEYS - 5) / 5
+local refused = {}
+local ejected = {}
+
+local function key(i, j) return KEYS[5 + 5 * (i - 1) + j] end
+local function name(i) return ARGV[13 + 3 * (i - 1)] end
+
+local function running(i)
+    local state = redis.call('HGET', key(i, 1), 'state')
+    if state ~= 'running' then
+        refused[#refused + 1] = name(i) .. '=' .. (state or 'missing')
+        return false
+    end
+    return true
+end
+
+local order = {}
+local c = 0
+if mode == 'rr' then
+    c = (tonumber(redis.call('GET', KEYS[5])) or 0) + 1  -- advanced only when a job is queued
+    -- candidates come rotated by ARGV[9]; position c of the shared rotation is list index c - offset
+    local offset = tonumber(ARGV[9]) or 0
+    for j = 0, n - 1 do
+        order[#order + 1] = ((c - 1 - offset + j) % n) + 1
+    end
+elseif mode == 'p2c' then
+    -- expected delay of a new job on candidate i, in ms, or nil when it takes no work
+    local expiry, slow_start = tonumber(ARGV[10]), tonumber(ARGV[11])
+    local est, info = {}, {}
+    local known_sum, known_n = 0, 0
+    for i = 1, n do
+        if running(i) then
+            local inflight = redis.call('ZCARD', key(i, 3))
+            local age = 0
+            if inflight > 0 then
+                local oldest = redis.call('ZRANGE', key(i, 3), 0, 0, 'WITHSCORES')
+                age = math.max(now - tonumber(oldest[2]), 0)
+            end
+            local h = redis.call('HMGET', key(i, 5), 'ejected_until')
+            local until_ms = tonumber(h[1]) or 0
+            local l = redis.call('HMGET', key(i, 4), 'latency_ms', 'error_rate', 'cpu', 'inflight', 'updated_at')
+            local fresh = l[5] and (now - tonumber(l[5]) * 1000) <= expiry
+            local s = tonumber(ARGV[14 + 3 * (i - 1)]) or 0
+            local busy = tonumber(l[4]) or 0
+            if s <= 0 and fresh and busy > 0 and (tonumber(l[1]) or 0) > 0 then
+                -- the reported latency includes waiting behind the jobs in flight at report time;
+                -- a kernel idle at report time reports history (it may have been avoided since)
+                s = tonumber(l[1]) / (1 + busy)
+            end
+            if s > 0 then
+                known_sum, known_n = known_sum + s, known_n + 1
+            end
+            local err = math.max(tonumber(ARGV[15 + 3 * (i - 1)]) or -1, 0)
+            local cpu = 0
+            if fresh then
+                err = math.max(err, tonumber(l[2]) or 0)
+                cpu = tonumber(l[3]) or 0
+            end
+            est[i] = s
+            info[i] = {inflight, age, until_ms, err, cpu}
+        end
+    end
+    local default = 1
+    if known_n > 0 then default = known_sum / known_n end
+    local best, best_score = nil, nil
+    local tie = tonumber(ARGV[9]) or 0
+    for i = 1, n do
+        if info[i] then
+            local inflight, age, until_ms, err, cpu = unpack(info[i])
+            local s = est[i]
+            local score
+            if s <= 0 then  -- unknown: the average of the known, not idle
+                score = (inflight + 1) * default
+            else  -- a job in flight for longer than the whole queue should take: stalled
+                score = math.max((inflight + 1) * s, age + s)
+            end
+            score = score / math.max(1 - err, 0.05) ^ 2
+            if cpu > 0.9 then score = score * (1 + (cpu - 0.9) * 5) end
+            if until_ms > now then
+                ejected[#ejected + 1] = name(i) .. '=' .. until_ms
+                score = score + 1e15
+            elseif slow_start > 0 and until_ms > 0 and now - until_ms < slow_start then
+                score = score / math.max((now - until_ms) / slow_start, 0.1)
+            end
+            if best == nil or score < best_score - 1e-9
+                or (math.abs(score - best_score) <= 1e-9 and tie == 1) then
+                best, best_score = i, score
+            end
+        end
+    end
+    if best ~= nil then order[1] = best end
+else
+    for i = 1, n do order[#order + 1] = i end
+end
+
+for skipped, i in ipairs(order) do
+    if mode == 'p2c' or running(i) then
+        local count = write_job(key(i, 1), key(i, 2), key(i, 3), name(i))
+        if mode == 'rr' then  -- the next job starts after the kernel that took this one
+            redis.call('SET', KEYS[5], c + skipped - 1, 'PX', ARGV[12])
+        end
+        local consecutive = tonumber(redis.call('HGET', key(i, 5), 'consecutive')) or 0
+        return {1, count, i, consecutive, table.concat(ejected, ' ')}
+    end
+end
+return {0, table.concat(refused, ' ')}

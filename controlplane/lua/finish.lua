@@ -13,6 +13,9 @@
 -- ARGV[5] 1 when the syscall succeeded, 0 when it failed
 -- ARGV[6] latency, ms: enqueue to finish (queue wait + execution)
 -- ARGV[7] reply list TTL, ms
+-- ARGV[8] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
+-- ARGV[9..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
+--         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
 -- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else).
 local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch')
 if not f[1] or f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
@@ -27,5 +30,11 @@ for i = 4, 5 do
     redis.call('HINCRBY', KEYS[i], 'dispatches', 1)
     redis.call('HINCRBY', KEYS[i], 'errors', failed)
     redis.call('HINCRBYFLOAT', KEYS[i], 'latency_ms_sum', ARGV[6])
+    if ARGV[8] then
+        redis.call('HINCRBY', KEYS[i], 'queue_ms_sum', ARGV[8])
+    end
+    for j = 9, #ARGV do
+        redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
+    end
 end
 return 1

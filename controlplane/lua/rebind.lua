@@ -3,7 +3,8 @@
 --
 -- KEYS[1] source set     ZSET  where the ids are now: the kernel's own inflight set, or
 --                              {prefix}cluster:{cluster}:orphans
--- KEYS[2] target record  HASH  {prefix}kernel:{cluster}:{kernel}  (must be running or draining-with-self)
+-- KEYS[2] target record  HASH  {prefix}kernel:{cluster}:{kernel}  (must be running or draining-with-self;
+--                              read: state, epoch, max_deliveries)
 -- KEYS[3] target queue   ZSET
 -- KEYS[4] target inflight ZSET
 -- KEYS[5..] job hashes, one per id, in ARGV order
@@ -11,17 +12,46 @@
 -- ARGV[2..] job ids
 -- Returns the number of jobs queued on the target; -1 when the target takes no work.
 -- Jobs whose key is gone are dropped from the source set.
-local f = redis.call('HMGET', KEYS[2], 'state', 'epoch')
+--
+-- Redelivery budget: a job already claimed `max_deliveries` times (field `attempt`; default 3)
+-- whose kernel then lost it is not handed out again. It is answered with a
+-- `RedeliveryExhausted` error and deleted, so a request that kills every kernel it touches
+-- ends in a clear error instead of a crash loop. The error goes to the reply list named in the
+-- job hash (the same list finish.lua pushes to; a key read from data, as in finish.lua's caller).
+local f = redis.call('HMGET', KEYS[2], 'state', 'epoch', 'max_deliveries')
 if f[1] ~= 'running' and not (f[1] == 'draining' and KEYS[1] == KEYS[4]) then
     return -1
 end
+local budget = tonumber(f[3]) or 3
 local moved = 0
 for i = 2, #ARGV do
     local id = ARGV[i]
     local job = KEYS[i + 3]
     local score = redis.call('ZSCORE', KEYS[1], id)
     if score then
-        if redis.call('EXISTS', job) == 1 then
+        local j = redis.call('HMGET', job, 'attempt', 'reply', 'enqueued_ms', 'job')
+        if not j[4] then
+            redis.call('ZREM', KEYS[1], id)
+        elseif (tonumber(j[1]) or 0) >= budget then
+            redis.call('ZREM', KEYS[1], id)
+            redis.call('ZREM', KEYS[3], id)
+            redis.call('ZREM', KEYS[4], id)
+            redis.call('DEL', job)
+            if j[2] then
+                local t = redis.call('TIME')
+                local now = t[1] * 1000 + math.floor(t[2] / 1000)
+                local body = cjson.encode({
+                    kernel = '',
+                    error = 'job ' .. id .. ' was delivered ' .. j[1] .. ' times and its kernel died each time',
+                    error_type = 'RedeliveryExhausted',
+                })
+                local result = '{"t":' .. j[1] .. ',"f":"?","a":[],"k":{},"et":' .. (tonumber(j[3]) or now)
+                    .. ',"s":false,"r":' .. body .. ',"st":' .. now .. ',"ft":' .. now
+                    .. ',"q":' .. cjson.encode(KEYS[1]) .. ',"id":' .. cjson.encode(id) .. '}'
+                redis.call('RPUSH', j[2], result)
+                redis.call('PEXPIRE', j[2], 60000)
+            end
+        else
             redis.call('HSET', job, 'kernel', ARGV[1], 'epoch', f[2], 'state', 'queued')
             if KEYS[1] ~= KEYS[4] then
                 redis.call('ZREM', KEYS[1], id)
@@ -29,8 +59,6 @@ for i = 2, #ARGV do
             redis.call('ZADD', KEYS[4], score, id)
             redis.call('ZADD', KEYS[3], score, id)
             moved = moved + 1
-        else
-            redis.call('ZREM', KEYS[1], id)
         end
     end
 end

@@ -28,8 +28,8 @@ class ControlPlane:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         scripts = Scripts(redis)
-        self.lease = LeaderLease(scripts, self.keys, settings.leader_ttl)
-        self.reconciler = Reconciler(State(redis, self.keys), scripts, settings)
+        self.lease = LeaderLease(redis, scripts, self.keys, settings.leader_ttl)
+        self.reconciler = Reconciler(State(redis, self.keys), scripts, settings, self.lease)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -41,12 +41,20 @@ class ControlPlane:
             try:
                 if await self.lease.acquire():
                     await self.reconciler.reconcile_all()
-                    await self._wait(self.settings.reconcile_interval, wake=True)
+                    # wake when the next agent lease would lapse, so a death is seen at once
+                    pause = min(self.settings.reconcile_interval, self.reconciler.detector.next_check_in())
+                    await self._wait(pause, wake=True)
                 else:
                     await self._wait(self.settings.leader_ttl / 3, wake=False)
                 backoff = 0.1
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 logger.warning("control plane lost Redis (%s); retrying in %.1fs", exc, backoff)
+                self.reconciler.detector.grace()  # leases could not be renewed meanwhile either
+                await self._wait(backoff, wake=False)
+                backoff = min(backoff * 2, 2.0)
+            except redis.exceptions.ResponseError as exc:
+                # a key of the wrong type, or a command the ACL refuses: say so, never exit
+                logger.error("control plane: Redis refused a command (%s); retrying in %.1fs", exc, backoff)
                 await self._wait(backoff, wake=False)
                 backoff = min(backoff * 2, 2.0)
         with contextlib.suppress(redis.exceptions.RedisError):

@@ -1,22 +1,25 @@
 """Converge every cluster on its desired kernel count.
 
 Level-triggered and idempotent: each pass reads the records, decides, and writes each
-decision in one MULTI/EXEC, so a control plane killed mid-pass leaves nothing
-half-placed and the next leader simply carries on.
+decision in one MULTI/EXEC fenced by the leader lease (`LeaderLease.fenced`), so a control
+plane killed mid-pass leaves nothing half-placed, a deposed one cannot write, and the next
+leader simply carries on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 
+import redis.exceptions
+
+from .. import stats
 from ..jobs import REPLY_TTL_MS, encode_result
 from ..keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from ..models import (
     ACTIVE_KERNEL_STATES,
-    AgentRecord,
     ClusterRecord,
     ClusterStatus,
     KernelRecord,
@@ -25,6 +28,9 @@ from ..models import (
 from ..scripts import Scripts
 from ..settings import Settings
 from ..state import State, now_ms
+from .autoscaler import Autoscaler
+from .detector import FailureDetector, Fleet
+from .leader import LeaderLease, NotLeader, begin_writes
 
 logger = logging.getLogger(__name__)
 
@@ -32,70 +38,65 @@ logger = logging.getLogger(__name__)
 TEARDOWN_GRACE = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class Fleet:
-    """The agents as seen at the start of a pass."""
-
-    agents: dict[str, AgentRecord]
-    alive: frozenset[str]
-    assigned: Counter[str]  # agent -> kernels assigned (all clusters)
-
-    def hosts(self, agent: str) -> bool:
-        return agent in self.alive
+__all__ = ["Fleet", "Reconciler"]
 
 
 class Reconciler:
-    def __init__(self, state: State, scripts: Scripts, settings: Settings) -> None:
+    def __init__(self, state: State, scripts: Scripts, settings: Settings, lease: LeaderLease) -> None:
         self.state = state
         self.redis = state.redis
         self.keys: Keys = state.keys
         self.scripts = scripts
         self.settings = settings
+        self.lease = lease
+        self.detector = FailureDetector(state, settings)
+        self.autoscaler = Autoscaler(state, lease, settings)
 
     async def reconcile_all(self) -> None:
-        fleet = await self._fleet()
-        for cluster in await self.state.list_clusters():
-            try:
-                if cluster.status is ClusterStatus.STOPPED:
-                    await self._teardown(cluster, fleet)
-                else:
-                    await self._reconcile(cluster, fleet)
-            except Exception:  # one broken cluster must not stop the others
-                logger.exception("reconciling cluster %s failed", cluster.name)
-        await self._forget_dead_agents(fleet)
-
-    async def _fleet(self) -> Fleet:
-        agents = await self.state.agents()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for record, _ in agents:
-                pipe.hlen(self.keys.agent_kernels(record.name))
-            counts = await pipe.execute()
-        return Fleet(
-            agents={r.name: r for r, _ in agents},
-            alive=frozenset(r.name for r, alive in agents if alive),
-            assigned=Counter({r.name: int(n) for (r, _), n in zip(agents, counts, strict=True)}),
-        )
+        """One pass over every cluster. Stops early (quietly) when the leader lease is lost."""
+        try:
+            fleet = await self.detector.fleet()
+            for cluster in await self.state.list_clusters():
+                try:
+                    if cluster.status is ClusterStatus.STOPPED:
+                        await self._teardown(cluster, fleet)
+                    else:
+                        await self._reconcile(cluster, fleet)
+                except NotLeader:
+                    raise
+                except Exception:  # one broken cluster must not stop the others
+                    logger.exception("reconciling cluster %s failed", cluster.name)
+            await self._forget_dead_agents(fleet)
+        except NotLeader as exc:
+            logger.warning("reconcile pass stopped: %s", exc)
 
     # ------------------------------------------------------------ one cluster
     async def _reconcile(self, cluster: ClusterRecord, fleet: Fleet) -> None:
         name = cluster.name
         changed = False
         kernels: list[KernelRecord] = []
-        for k in await self.state.kernels(name):
-            if k.state is KernelState.STOPPED or not fleet.hosts(k.agent):
+        current = await self.state.kernels(name)
+        dead = {k.name for k in await self.detector.dead_kernels(current, fleet)}
+        for k in current:
+            if k.state is KernelState.STOPPED or not fleet.hosts(k.agent) or k.name in dead:
                 if k.state is not KernelState.STOPPED:
                     logger.warning(
                         "kernel %s/%s lost with agent %s; failing its work over", name, k.name, k.agent
                     )
-                await self._remove_kernel(k)
+                    await self.redis.hincrby(self.keys.cluster_stats(name), stats.KERNELS_LOST, 1)
+                await self._remove_kernel(k, wake_agent=k.name in dead)
                 fleet.assigned[k.agent] -= 1
                 changed = True
             else:
                 kernels.append(k)
+        cluster = await self.autoscaler.evaluate(cluster, kernels)
         active = [k for k in kernels if k.state in ACTIVE_KERNEL_STATES]
         reason = ""
         if len(active) < cluster.desired:
-            placed, reason = await self._place(cluster, kernels, cluster.desired - len(active), fleet)
+            # not back onto an agent whose kernel just died under it: its restart back-off for
+            # that name could hold the replacement (it goes there only when nowhere else fits)
+            avoid = {k.agent for k in current if k.name in dead}
+            placed, reason = await self._place(cluster, kernels, cluster.desired - len(active), fleet, avoid)
             changed |= placed > 0
         elif len(active) > cluster.desired:
             surplus = sorted(active, key=lambda k: k.index, reverse=True)[: len(active) - cluster.desired]
@@ -108,7 +109,12 @@ class Reconciler:
             await self.redis.publish(self.keys.notify(), name)
 
     async def _place(
-        self, cluster: ClusterRecord, kernels: list[KernelRecord], count: int, fleet: Fleet
+        self,
+        cluster: ClusterRecord,
+        kernels: list[KernelRecord],
+        count: int,
+        fleet: Fleet,
+        avoid: set[str] | frozenset[str] = frozenset(),
     ) -> tuple[int, str]:
         """Place `count` kernels on agents with free slots and the required capabilities."""
         required = set(cluster.config.capabilities)
@@ -127,6 +133,7 @@ class Reconciler:
                 and required <= a.capability_set
                 and fleet.assigned[a.name] < a.slots
             ]
+            candidates = [a for a in candidates if a.name not in avoid] or candidates
             if not candidates:
                 need = count - placed
                 what = f" with capabilities {sorted(required)}" if required else ""
@@ -138,7 +145,7 @@ class Reconciler:
             if kernel is None:
                 return placed, "no free kernel name"
             record = KernelRecord(cluster=cluster.name, name=kernel, agent=agent.name)
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.lease.fenced() as pipe:
                 pipe.delete(self.keys.kernel(cluster.name, kernel))
                 pipe.hset(
                     self.keys.kernel(cluster.name, kernel),
@@ -148,6 +155,9 @@ class Reconciler:
                         "agent": record.agent,
                         "state": record.state.value,
                         "epoch": "0",
+                        "max_deliveries": str(self.settings.max_deliveries),  # read by rebind.lua
+                        # tells the agent a re-placement under a known name from the old kernel
+                        "placed_at": f"{time.time():.6f}",
                     },
                 )
                 pipe.sadd(self.keys.cluster_kernels(cluster.name), kernel)
@@ -166,7 +176,7 @@ class Reconciler:
         if k.state is KernelState.PENDING:  # never started, so it holds no work
             await self._remove_kernel(k)
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.lease.fenced() as pipe:
             pipe.hset(self.keys.kernel(k.cluster, k.name), "state", KernelState.DRAINING.value)
             pipe.hset(self.keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}", ASSIGN_DRAIN)
             pipe.lpush(self.keys.agent_wake(k.agent), "drain")
@@ -174,11 +184,11 @@ class Reconciler:
             await pipe.execute()
         logger.info("draining %s/%s on agent %s", k.cluster, k.name, k.agent)
 
-    async def _remove_kernel(self, k: KernelRecord) -> None:
+    async def _remove_kernel(self, k: KernelRecord, *, wake_agent: bool = False) -> None:
         """Delete a stopped or lost kernel; whatever it still held goes to the cluster's orphans."""
         keys = self.keys
         inflight = keys.inflight(k.cluster, k.name)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.lease.fenced() as pipe:
             pipe.zunionstore(
                 keys.cluster_orphans(k.cluster), [keys.cluster_orphans(k.cluster), inflight], aggregate="MIN"
             )
@@ -187,10 +197,14 @@ class Reconciler:
                 keys.queue(k.cluster, k.name),
                 inflight,
                 keys.kernel_stats(k.cluster, k.name),
+                keys.kernel_lease(k.cluster, k.name),
                 keys.load(k.agent, k.cluster, k.name),
             )
             pipe.srem(keys.cluster_kernels(k.cluster), k.name)
             pipe.hdel(keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}")
+            if wake_agent:  # it still runs: let it drop the kernel at once
+                pipe.lpush(keys.agent_wake(k.agent), "remove")
+                pipe.pexpire(keys.agent_wake(k.agent), 60_000)
             await pipe.execute()
 
     async def _adopt_orphans(self, cluster: str, running: list[KernelRecord]) -> None:
@@ -215,7 +229,9 @@ class Reconciler:
                 args=[k.name, *chunk],
             )
             if int(moved) > 0:
+                await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, int(moved))
                 logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
+                await self.redis.hincrby(self.keys.reliability(), "jobs_failed_over_total", int(moved))
 
     async def _set_status(self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str) -> None:
         running = sum(k.state is KernelState.RUNNING for k in kernels)
@@ -228,9 +244,18 @@ class Reconciler:
             status = ClusterStatus.INITIALIZING
         else:
             status = ClusterStatus.SCALING
-        if status is not cluster.status or reason != cluster.reason:
-            await self.state.update_cluster(cluster.name, status=status.value, reason=reason)
-            await self.redis.publish(self.keys.notify(), cluster.name)
+        if status is cluster.status and reason == cluster.reason:
+            return
+        key = self.keys.cluster(cluster.name)
+        # WATCHed and re-read: a destroy (status `stopped`) that lands during the pass must win
+        with contextlib.suppress(redis.exceptions.WatchError):
+            async with self.lease.fenced(key, multi=False) as pipe:
+                if await pipe.hget(key, "status") in (None, ClusterStatus.STOPPED.value):
+                    return
+                begin_writes(pipe)
+                pipe.hset(key, mapping={"status": status.value, "reason": reason})
+                pipe.publish(self.keys.notify(), cluster.name)
+                await pipe.execute()
             logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
 
     # ------------------------------------------------------------ destroy
@@ -259,12 +284,17 @@ class Reconciler:
         leftovers += [
             key async for key in self.redis.scan_iter(match=self.keys.kernel_pattern(name), count=500)
         ]
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.lease.fenced() as pipe:
             pipe.delete(
                 self.keys.cluster(name),
                 self.keys.cluster_kernels(name),
                 self.keys.cluster_stats(name),
                 self.keys.cluster_orphans(name),
+                self.keys.cluster_rr(name),
+                self.keys.cluster_ejected(name),
+                self.keys.collector_values(name),
+                self.keys.collector_kernels(name),
+                self.keys.collector_types(name),
                 *leftovers,
             )
             pipe.srem(self.keys.clusters(), name)
@@ -280,7 +310,7 @@ class Reconciler:
                     pipe.hget(self.keys.job(cluster, job_id), "reply")
                 replies = await pipe.execute()
             now = now_ms()
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.lease.fenced() as pipe:
                 for job_id, reply in zip(ids, replies, strict=True):
                     pipe.zrem(source, job_id)
                     pipe.delete(self.keys.job(cluster, job_id))
@@ -309,12 +339,18 @@ class Reconciler:
         for agent in fleet.agents.values():
             if agent.name in fleet.alive or fleet.assigned[agent.name] > 0:
                 continue
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(
-                    self.keys.agent(agent.name),
-                    self.keys.agent_kernels(agent.name),
-                    self.keys.agent_wake(agent.name),
-                )
-                pipe.srem(self.keys.agents(), agent.name)
-                await pipe.execute()
-            logger.info("forgot agent %s (lease expired)", agent.name)
+            # WATCH the lease: an agent that came back meanwhile is not forgotten
+            with contextlib.suppress(redis.exceptions.WatchError):
+                await self._forget(agent.name)
+
+    async def _forget(self, agent: str) -> None:
+        async with self.lease.fenced(self.keys.agent_lease(agent), multi=False) as pipe:
+            if await pipe.exists(self.keys.agent_lease(agent)):
+                return
+            begin_writes(pipe)
+            pipe.delete(self.keys.agent(agent), self.keys.agent_kernels(agent), self.keys.agent_wake(agent))
+            pipe.srem(self.keys.agents(), agent)
+            pipe.hdel(self.keys.heartbeats(), agent)
+            await pipe.execute()
+        await self.detector.forget(agent)
+        logger.info("forgot agent %s (lease expired)", agent)

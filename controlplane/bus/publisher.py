@@ -1,0 +1,132 @@
+"""Appending to bus streams: batched `bus_publish.lua` calls, and trimming with `bus_trim.lua`.
+
+`publish()` callers that overlap share round trips: a call that finds another append in flight
+queues its encoded message and awaits a future; one flush task sends everything queued for a
+stream in batches of up to `publish_batch` messages per script call and resolves each caller's
+future with its own id and sequence number (or the error). A call with nothing else in flight
+appends at once (no task hop: latency). A caller is answered only after Redis appended its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from ..errors import InvalidRequest, KcpError, amap_redis_errors
+from ..keys import Keys
+from ..scripts import lua_source
+from .codec import BusConfig, Published
+
+logger = logging.getLogger(__name__)
+
+Argv = bytes  # one encoded message (`codec.encode`)
+
+
+class StreamWriter:
+    """Appends encoded messages (`codec.encode`) to bus streams and trims them as they grow."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, config: BusConfig) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.config = config
+        self._publish: AsyncScript = redis.register_script(lua_source("bus_publish"))
+        self._trim: AsyncScript = redis.register_script(lua_source("bus_trim"))
+        self._queued: dict[tuple[str, str, str], list[tuple[Argv, asyncio.Future[Published]]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._since_trim: dict[str, int] = {}
+        self._inline = False
+
+    async def append(
+        self, stream: str, topic: str, messages: Sequence[Argv], *, target: str = ""
+    ) -> list[Published]:
+        """Append `messages` to `stream` now, in order; with `target`, only if that kernel is registered."""
+        out: list[Published] = []
+        step = self.config.publish_batch
+        for start in range(0, len(messages), step):
+            chunk = messages[start : start + step]
+            batch = b"[" + b",".join(chunk) + b"]"
+            async with amap_redis_errors():
+                reply = await self._publish(
+                    keys=[stream, self.keys.bus_seq(stream), self.keys.bus_kernels()],
+                    args=[target, topic, batch],
+                )
+            first = int(reply[0])
+            if first < 0:
+                raise InvalidRequest(f"kernel {target!r} is not registered on the bus")
+            out += [Published(entry_id, first + i) for i, entry_id in enumerate(reply[1:])]
+        await self._count(stream, "inbox" if target else topic, len(messages))
+        return out
+
+    async def publish(self, stream: str, topic: str, argv: Argv, *, target: str = "") -> Published:
+        """Append one message. Alone, it goes at once; while another append is in flight it joins
+        the shared batch (`submit`), so overlapping callers share round trips."""
+        if self._inline or self._queued or (self._flusher is not None and not self._flusher.done()):
+            return await self.submit(stream, topic, argv, target=target)
+        self._inline = True
+        try:
+            return (await self.append(stream, topic, [argv], target=target))[0]
+        finally:
+            self._inline = False
+
+    def submit(self, stream: str, topic: str, argv: Argv, *, target: str = "") -> asyncio.Future[Published]:
+        """Queue one message for the shared flush; the future resolves once Redis appended it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Published] = loop.create_future()
+        self._queued.setdefault((stream, topic, target), []).append((argv, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="bus-publish-flush")
+        return future
+
+    async def _flush(self) -> None:
+        while self._queued:
+            queued, self._queued = self._queued, {}
+            for (stream, topic, target), items in queued.items():
+                try:
+                    published = await self.append(stream, topic, [argv for argv, _ in items], target=target)
+                except (KcpError, OSError) as exc:
+                    for _, future in items:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException as exc:  # cancelled while flushing: nobody may wait forever
+                    for _, future in items:
+                        if not future.done():
+                            future.set_exception(
+                                exc if isinstance(exc, Exception) else KcpError("bus closed")
+                            )
+                    raise
+                for (_, future), result in zip(items, published, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+
+    async def close(self) -> None:
+        """Wait for queued messages to be written (or fail)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def _count(self, stream: str, label: str, n: int) -> None:
+        since = self._since_trim.get(stream, 0) + n
+        if since < self.config.trim_every:
+            self._since_trim[stream] = since
+            return
+        self._since_trim[stream] = 0
+        try:
+            await self.trim(stream, label)
+        except KcpError as exc:  # the messages are in; trimming is retried after the next batch
+            logger.warning("bus: trimming %s failed: %s", stream, exc)
+            self._since_trim[stream] = self.config.trim_every
+
+    async def trim(self, stream: str, label: str) -> tuple[int, int]:
+        """Trim below the slowest group, then to the hard cap. Returns (removed safely, removed by cap)."""
+        async with amap_redis_errors():
+            safe, capped = await self._trim(
+                keys=[stream, self.keys.bus_stats()],
+                args=[self.config.keep, self.config.max_len, label],
+            )
+        if capped:
+            logger.warning("bus: %s reached its hard cap; %d unread entries dropped", stream, capped)
+        return int(safe), int(capped)

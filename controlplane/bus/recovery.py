@@ -1,0 +1,86 @@
+"""The consumer's slow paths: delivery counts, dead letters, and gaps left by the hard cap.
+
+Plain functions over a Redis client, so the delivery loop (`consumer.py`) stays about the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ..keys import Keys
+from .codec import BusConfig, Fields, as_dict
+
+logger = logging.getLogger(__name__)
+
+#: [(stream, [[entry id, fields or None], ...]), ...] as XREADGROUP/XAUTOCLAIM return them
+StreamBatch = list[tuple[str, list[Any]]]
+
+
+async def delivery_counts(redis: aioredis.Redis, group: str, response: StreamBatch) -> dict[str, int]:
+    """How often each entry in `response` was delivered (XPENDING), by entry id."""
+    pipe = redis.pipeline(transaction=False)
+    for stream, entries in response:
+        if entries:
+            pipe.xpending_range(stream, group, entries[0][0], entries[-1][0], len(entries))
+    counts: dict[str, int] = {}
+    for rows in await pipe.execute():
+        for row in rows:
+            counts[row["message_id"]] = row["times_delivered"]
+    return counts
+
+
+async def dead_letter(
+    redis: aioredis.Redis,
+    keys: Keys,
+    config: BusConfig,
+    *,
+    group: str,
+    stream: str,
+    label: str,
+    entry_id: str,
+    fields: Fields,
+    deliveries: int,
+    reason: str,
+) -> None:
+    """Move an entry to the dead-letter stream, with why, and acknowledge it: one MULTI/EXEC."""
+    record = {
+        **as_dict(fields),
+        "stream": stream,
+        "group": group,
+        "entry_id": entry_id,
+        "deliveries": str(deliveries),
+        "reason": reason,
+        "dead_at": repr(time.time()),
+    }
+    pipe = redis.pipeline(transaction=True)
+    pipe.xadd(keys.bus_dead(), record, maxlen=config.dead_max_len, approximate=True)  # type: ignore[arg-type]
+    pipe.xack(stream, group, entry_id)
+    pipe.hincrby(keys.bus_stats(), f"dead:{label}", 1)
+    await pipe.execute()
+    logger.warning(
+        "bus: %s: %s of %s dead-lettered after %d deliveries: %s", group, entry_id, stream, deliveries, reason
+    )
+
+
+async def unseen_gaps(redis: aioredis.Redis, keys: Keys, group: str, labels: list[str]) -> int:
+    """Entries the hard cap removed before `group` read them and that it was not told about yet.
+
+    `bus_trim.lua` counts them in `gaps:{label}:{group}` (also while the kernel is down); this
+    logs the news and marks it seen in `gaps:{label}:{group}:seen`. Returns how many were new."""
+    fields = [f"gaps:{label}:{group}" for label in labels]
+    stats = keys.bus_stats()
+    values = await redis.hmget(stats, [*fields, *(f"{f}:seen" for f in fields)])
+    new = 0
+    for i, label in enumerate(labels):
+        total, seen = int(values[i] or 0), int(values[len(labels) + i] or 0)
+        if total > seen:
+            new += total - seen
+            logger.warning(
+                "bus: %s lost %d unread %s entries to the hard cap (max_len)", group, total - seen, label
+            )
+            await redis.hset(stats, f"{fields[i]}:seen", str(total))
+    return new

@@ -1,0 +1,103 @@
+"""Fields of the stats hashes, and the histograms counted in them.
+
+`{prefix}cluster:{cluster}:stats` and `{prefix}kernel:{cluster}:{kernel}:stats` are hashes of
+cumulative counters. Kernels write the dispatch fields through `finish.lua`; the control plane
+and clients add event counters with a single HINCRBY. The exporter (`controlplane/exporter.py`)
+and `kcp top` read them. A new event only needs a field here and an HINCRBY where it happens.
+
+Histograms: `finish.lua` increments one *non-cumulative* bucket field per histogram (the
+smallest upper bound the observation fits under, e.g. ``latency_le_0.005``); readers make
+the buckets cumulative, as Prometheus expects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+# ---------------------------------------------------------------- dispatch (finish.lua)
+DISPATCHES = "dispatches"  #: jobs finished, successful or not
+ERRORS = "errors"  #: jobs whose syscall failed
+LATENCY_MS_SUM = "latency_ms_sum"  #: enqueue -> finish, ms
+QUEUE_MS_SUM = "queue_ms_sum"  #: enqueue -> claim, ms
+
+# ---------------------------------------------------------------- events (cluster stats only)
+RETRIES = "retries"  #: client attempts after the first (engine retry)
+FAILOVERS = "failovers"  #: retries that went to a kernel not tried yet for that request
+JOBS_REQUEUED = "jobs_requeued"  #: jobs of lost kernels handed to a running kernel (reconciler)
+KERNELS_LOST = "kernels_lost"  #: kernels removed because their agent's lease expired (reconciler)
+EJECTIONS = "ejections"  #: kernels taken out of routing for failing (written by routing ejection)
+SCALE_UP = "scale_up"  #: scale requests that raised the desired count (client or autoscaler)
+SCALE_DOWN = "scale_down"  #: scale requests that lowered it
+
+#: Event counters every cluster exposes (0 until something happens), in export order.
+EVENT_FIELDS = (RETRIES, FAILOVERS, JOBS_REQUEUED, KERNELS_LOST, EJECTIONS, SCALE_UP, SCALE_DOWN)
+
+# ---------------------------------------------------------------- histograms
+LATENCY = "latency"  #: enqueue -> finish (queue wait + execution)
+QUEUE = "queue"  #: enqueue -> claim (queue wait)
+
+#: Upper bounds of the histogram buckets, seconds; the last one catches everything.
+BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    math.inf,
+)
+
+
+def _bound(upper: float) -> str:
+    return "inf" if math.isinf(upper) else f"{upper:g}"
+
+
+def bucket_field(histogram: str, seconds: float) -> str:
+    """The one field `finish.lua` increments for an observation of `seconds` (non-cumulative)."""
+    upper = next(b for b in BUCKETS if seconds <= b)
+    return f"{histogram}_le_{_bound(upper)}"
+
+
+def histogram(stats: Mapping[str, float], name: str) -> list[tuple[float, float]]:
+    """Cumulative ``(upper bound, count)`` pairs of histogram `name` read from a stats hash."""
+    out, running = [], 0.0
+    for upper in BUCKETS:
+        running += stats.get(f"{name}_le_{_bound(upper)}", 0.0)
+        out.append((upper, running))
+    return out
+
+
+def diff(new: Sequence[tuple[float, float]], old: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Buckets observed between two readings (`old` from a previous read; a reset counts from 0)."""
+    if not old or new[-1][1] < old[-1][1]:
+        return list(new)
+    return [(b, n - o) for (b, n), (_, o) in zip(new, old, strict=True)]
+
+
+def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """`q`-quantile (0..1) of cumulative buckets, interpolated as PromQL's histogram_quantile.
+
+    None when nothing was observed. Observations in the last (infinite) bucket report the
+    largest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower

@@ -1,0 +1,108 @@
+"""`Channel`: pipelined commands on one dedicated connection, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.exceptions
+from conftest import RedisServerFactory
+
+from controlplane.channel import Channel
+from controlplane.connection import connect
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+async def test_concurrent_callers_get_their_own_replies_in_one_connection(redis_url: str) -> None:
+    r = connect(redis_url)
+    channel = Channel(r)
+    try:
+        replies = await asyncio.gather(*(channel.execute("ECHO", f"m{i}") for i in range(2000)))
+        assert replies == [f"m{i}" for i in range(2000)]
+        clients = [c for c in await r.client_list() if c["cmd"] in ("echo", "client|list")]
+        assert len([c for c in clients if c["cmd"] == "echo"]) == 1, "one connection carried them all"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_error_replies_are_returned_in_place_and_raised_alone(redis_url: str) -> None:
+    r = connect(redis_url)
+    channel = Channel(r)
+    try:
+        await channel.execute("SET", "k", "text")
+        ok, err, after = await channel.execute_many([("GET", "k"), ("INCR", "k"), ("STRLEN", "k")])
+        assert (ok, after) == ("text", 4)
+        assert isinstance(err, redis.exceptions.ResponseError)
+        with pytest.raises(redis.exceptions.ResponseError):
+            await channel.execute("INCR", "k")
+        assert await channel.execute("GET", "k") == "text", "the connection is still in step"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_evalsha_loads_a_script_the_server_forgot(redis_url: str) -> None:
+    r = connect(redis_url)
+    channel = Channel(r)
+    script = r.register_script("return ARGV[1] .. KEYS[1]")
+    try:
+        assert await channel.evalsha(script, ["k"], ["a"]) == "ak"
+        await r.script_flush()
+        assert await channel.evalsha(script, ["k"], ["b"]) == "bk"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_next(redis_url: str) -> None:
+    r = connect(redis_url)
+    channel = Channel(r)
+    try:
+        waiting = asyncio.create_task(channel.execute("BLPOP", "nothing", 0.5))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # the BLPOP's reply (nil, after 0.5 s) still comes first and is dropped
+        assert await channel.execute("ECHO", "next") == "next"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_a_restarted_server_fails_pending_calls_then_the_channel_reconnects(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    server = redis_server_factory()
+    r = connect(server.url)
+    channel = Channel(r)
+    try:
+        assert await channel.execute("PING") == "PONG"
+        blocked = asyncio.create_task(channel.execute("BLPOP", "nothing", 30))
+        await asyncio.sleep(0.1)
+        server.kill()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await blocked
+        server.restart()
+        assert await channel.execute("PING") == "PONG"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_reset_fails_waiters_and_the_next_call_starts_clean(redis_url: str) -> None:
+    r = connect(redis_url)
+    channel = Channel(r)
+    try:
+        blocked = asyncio.create_task(channel.execute("BLPOP", "nothing", 30))
+        await asyncio.sleep(0.05)
+        await channel.reset("test")
+        with pytest.raises(redis.exceptions.ConnectionError, match="test"):
+            await blocked
+        await r.rpush("nothing", "x")
+        assert await channel.execute("LPOP", "nothing") == "x", "the old BLPOP did not take it"
+    finally:
+        await channel.aclose()
+        await r.aclose()
