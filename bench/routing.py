@@ -354,9 +354,12 @@ def run_scenario(bench: Bench, sc: Scenario, kernel_agent: dict[str, str], seed:
         measured = [r for r in results if r[0] >= WARMUP_S]
         ok = [r[1] for r in measured if not r[3]]
         shares: dict[str, int] = {}
+        errors: dict[str, int] = {}
         for r in measured:
             if r[2]:
                 shares[r[2]] = shares.get(r[2], 0) + 1
+            if r[3]:
+                errors[r[3]] = errors.get(r[3], 0) + 1
         rows.append(
             {
                 "strategy": strategy,
@@ -369,7 +372,8 @@ def run_scenario(bench: Bench, sc: Scenario, kernel_agent: dict[str, str], seed:
         )
         print(
             f"  {sc.name} load {sc.load} {strategy:<14} n={len(measured)} p50={rows[-1]['p50']:.0f} "
-            f"p99={rows[-1]['p99']:.0f} err={rows[-1]['errors']:.2%} ({time.monotonic() - started:.0f}s)",
+            f"p99={rows[-1]['p99']:.0f} err={rows[-1]['errors']:.2%} "
+            f"{' '.join(f'{k}={v}' for k, v in sorted(errors.items()))} ({time.monotonic() - started:.0f}s)",
             flush=True,
         )
         bench.drain(keys)
