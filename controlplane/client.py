@@ -37,6 +37,7 @@ from .models import (
     RoutingStrategy,
 )
 from .requests import parse_args, parse_request
+from .routing import KernelBusy, ran_on
 from .scripts import Scripts
 from .settings import Settings
 from .state import State
@@ -205,15 +206,18 @@ class KcpClient:
         async def candidates(wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
             return await self.views.get(cluster, wait=wait, with_loads=with_loads)
 
-        tried: list[str] = []  # kernels attempted, for the retries/failovers counters
+        tried: list[str] = []  # kernels that took an attempt, for the retries/failovers counters
 
         async def submit(kernel: KernelRecord, wait_s: float) -> Outcome:
-            tried.append(kernel.name)
             try:
-                return await self.dispatcher.submit(kernel, req, wait_s)
-            except Exception:
+                outcome = await self.dispatcher.submit(kernel, req, wait_s)
+            except Exception as exc:
+                if not isinstance(exc, KernelBusy):  # refused: nothing was enqueued
+                    tried.append(ran_on(kernel))
                 self.views.invalidate(cluster)
                 raise
+            tried.append(ran_on(kernel))
+            return outcome
 
         try:
             async with amap_redis_errors():

@@ -33,7 +33,7 @@ from .models import (
     RoutingStrategy,
 )
 from .requests import SyscallRequest
-from .routing import BAD_REQUEST_ERRORS, KernelBusy, Route
+from .routing import BAD_REQUEST_ERRORS, KernelBusy, Route, candidates_of, ran_on
 
 __all__ = ["PANIC_THRESHOLD", "KernelBusy", "OrchestrationEngine", "RetryBudget"]
 
@@ -308,7 +308,8 @@ class OrchestrationEngine:
         cfg = self.config
         timeout = cfg.timeout_ms / 1000
         deadline = time.monotonic() + timeout * (cfg.retry_count + 1)
-        tried: set[str] = set()
+        tried: set[str] = set()  # kernels that took an attempt
+        refused: set[str] = set()  # kernels that took no work when asked
         last_error: Exception | None = None
         attempt = 0
         while attempt <= cfg.retry_count:
@@ -322,49 +323,52 @@ class OrchestrationEngine:
             pool = self.eligible(kernels, request)
             if kernel is not None:
                 pool = [k for k in pool if k.name == kernel]
-            picked = self.select(pool, loads, tried if cfg.enable_failover else set())
-            if picked is None and tried:
+            exclude = tried | refused if cfg.enable_failover else refused
+            picked = self.select(pool, loads, exclude)
+            if picked is None and exclude:
                 picked = self.select(pool, loads, set())  # every kernel tried once: go round again
             if picked is None:
                 where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
                 last_error = NoKernelAvailable(f"{where} in the cluster")
                 break
-            if attempt:
-                self.metrics.retries += 1
-                if picked.name not in tried:
-                    self.metrics.failovers += 1
             self._inflight[picked.name] = self._inflight.get(picked.name, 0) + 1
+            outcome: Outcome | None = None
             try:
                 outcome = await submit(picked, min(timeout, remaining))
             except KernelBusy:
-                tried.update(k.name for k in _candidates_of(picked))
+                refused.update(k.name for k in candidates_of(picked))
                 continue  # not an attempt: the kernel took nothing
             except DispatchTimeout as exc:
                 self.metrics.timeouts += 1
-                self._observe(picked, None)
                 last_error = exc
-            else:
-                self._observe(picked, outcome)
-                if outcome.success:
-                    self._record_success(outcome)
-                    return outcome
-                last_error = KernelError(
-                    outcome.error, kernel=outcome.kernel or picked.name, error_type=outcome.error_type
-                )
-                if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
-                    "InvalidArguments",
-                    "UnknownSyscall",
-                ):
-                    break
             finally:
                 self._inflight[picked.name] -= 1
-                tried.add(_ran_on(picked))
+            ran = ran_on(picked)
+            if attempt:
+                self.metrics.retries += 1
+                if ran not in tried:
+                    self.metrics.failovers += 1
+            tried.add(ran)
             attempt += 1
+            self._observe(picked, outcome)
+            if outcome is None:
+                continue
+            if outcome.success:
+                self._record_success(outcome)
+                return outcome
+            last_error = KernelError(
+                outcome.error, kernel=outcome.kernel or ran, error_type=outcome.error_type
+            )
+            if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
+                "InvalidArguments",
+                "UnknownSyscall",
+            ):
+                break
         raise last_error or NoKernelAvailable("no kernel available within the timeout")
 
     def _observe(self, picked: KernelRecord, outcome: Outcome | None) -> None:
         """Learn from an attempt: service time and failure rate, and ejections Redis reported."""
-        name = outcome.kernel if outcome is not None and outcome.kernel else _ran_on(picked)
+        name = outcome.kernel if outcome is not None and outcome.kernel else ran_on(picked)
         stats = self._stats.setdefault((picked.cluster, name), _KernelStats())
         if outcome is None:
             stats.observe(False, None)
@@ -392,12 +396,3 @@ class OrchestrationEngine:
         m.successful += 1
         m.total_latency_ms += max(outcome.finish_ms - outcome.enqueue_ms, 0)
         m.dispatches_by_kernel[outcome.kernel] = m.dispatches_by_kernel.get(outcome.kernel, 0) + 1
-
-
-def _ran_on(picked: KernelRecord) -> str:
-    """The kernel an attempt went to: Redis's choice for a route, else the record itself."""
-    return picked.chosen or picked.name if isinstance(picked, Route) else picked.name
-
-
-def _candidates_of(picked: KernelRecord) -> list[KernelRecord]:
-    return picked.candidates if isinstance(picked, Route) else [picked]

@@ -20,7 +20,17 @@ from .keys import Keys
 from .models import KernelRecord, OutlierConfig
 from .scripts import Scripts
 
-__all__ = ["BAD_REQUEST_ERRORS", "EnqueueResult", "KernelBusy", "Route", "enqueue", "max_ejected", "report"]
+__all__ = [
+    "BAD_REQUEST_ERRORS",
+    "EnqueueResult",
+    "KernelBusy",
+    "Route",
+    "candidates_of",
+    "enqueue",
+    "max_ejected",
+    "ran_on",
+    "report",
+]
 
 #: Error types that are the caller's fault, not the kernel's: never held against a kernel.
 BAD_REQUEST_ERRORS = frozenset({"InvalidArguments", "UnknownSyscall", "MalformedJob"})
@@ -64,7 +74,8 @@ class Route(KernelRecord):
     @classmethod
     def of(cls, first: KernelRecord, **fields: object) -> Route:
         """A route whose first candidate is `first`."""
-        return cls.model_validate({**first.model_dump(), **fields})
+        # validating the fields as they are is cheaper than model_dump() or model_construct()
+        return cls.model_validate(first.__dict__ | fields)
 
     @property
     def candidates(self) -> list[KernelRecord]:
@@ -74,6 +85,16 @@ class Route(KernelRecord):
     def routed(self) -> bool:
         """Whether enqueue.lua chooses (several candidates, or outcomes to report)."""
         return bool(self.alternates) or self.mode != "first" or self.outlier is not None
+
+
+def ran_on(picked: KernelRecord) -> str:
+    """The kernel an attempt went to: Redis's choice for a route, else the record itself."""
+    return picked.chosen or picked.name if isinstance(picked, Route) else picked.name
+
+
+def candidates_of(picked: KernelRecord) -> list[KernelRecord]:
+    """The kernels an attempt could have gone to."""
+    return picked.candidates if isinstance(picked, Route) else [picked]
 
 
 @dataclass(frozen=True, slots=True)

@@ -295,6 +295,33 @@ async def test_a_busy_kernel_is_re_picked_without_consuming_an_attempt() -> None
     assert (eng.metrics.retries, eng.metrics.failed) == (0, 0)
 
 
+async def test_retries_and_failovers_count_the_kernel_redis_chose() -> None:
+    """A route's own name is only its first candidate; enqueue.lua may pick another one."""
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE, timeout_ms=100, retry_count=1)
+    ran: list[str] = []
+
+    async def submit(record: KernelRecord, time_left: float) -> Outcome:
+        assert isinstance(record, Route)
+        others = [k.name for k in record.candidates if k.name != record.name]
+        record.chosen = others[0] if others else record.name  # Redis disagrees with the local order
+        ran.append(record.chosen)
+        if len(ran) == 1:
+            raise DispatchTimeout("no result")
+        return outcome(record.chosen)
+
+    result = await eng.execute(FakeCluster(kernels(2)).candidates, submit, PING)
+    assert ran[0] != ran[1] and result.kernel == ran[1]  # the retry avoided where attempt 1 ran
+    assert (eng.metrics.retries, eng.metrics.failovers) == (1, 1)
+
+
+async def test_a_refusal_during_a_retry_is_not_counted_as_another_retry() -> None:
+    eng = engine(retry_count=1)
+    cluster = FakeCluster(kernels(3), time_out, busy)
+    assert (await cluster.run(eng)).success
+    assert len(cluster.calls) == 3  # timed out, refused, answered
+    assert (eng.metrics.timeouts, eng.metrics.retries, eng.metrics.failovers) == (1, 1, 1)
+
+
 async def test_a_kernel_error_is_not_retried_under_round_robin() -> None:
     eng, cluster = engine(), FakeCluster(kernels(3), fail)
     with pytest.raises(KernelError, match="boom") as info:
