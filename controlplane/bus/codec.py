@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,9 +77,10 @@ class ReceivedMessage(BusMessage):
         return self.reply_to is not None and self.kind == "request"
 
 
-@dataclass(frozen=True, slots=True)
-class Published:
-    """Where a published message landed: its stream entry id and its sequence number in that stream."""
+class Published(NamedTuple):
+    """Where a published message landed: its stream entry id and its sequence number in that stream.
+
+    (A named tuple: one is built per message published, at half the cost of a frozen dataclass.)"""
 
     id: str
     seq: int
