@@ -119,15 +119,17 @@ def _run_client(
 
     try:
         return asyncio.run(go())
-    except InvalidRequest as exc:
-        print(f"kcp: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RedisUnavailable as exc:
-        print(f"kcp: {exc} (is Redis running at {redact_url(args.settings.redis_url)}?)", file=sys.stderr)
-        return EXIT_REDIS
     except KcpError as exc:
-        print(f"kcp: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return report_error(exc, args.settings)
+
+
+def report_error(exc: KcpError, settings: Settings) -> int:
+    """Tell the user what went wrong, the same way for every command; the exit code for it."""
+    if isinstance(exc, RedisUnavailable):
+        print(f"kcp: {exc} (is Redis running at {redact_url(settings.redis_url)}?)", file=sys.stderr)
+        return EXIT_REDIS
+    print(f"kcp: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT if isinstance(exc, InvalidRequest) else EXIT_FAILED
 
 
 # ------------------------------------------------------------------ daemons

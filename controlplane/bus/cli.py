@@ -17,16 +17,14 @@ import argparse
 import asyncio
 import functools
 import json
-import sys
 from typing import Any
 
 import pydantic
 import redis
 
-from ..errors import InvalidRequest, KcpError, RedisUnavailable, map_redis_errors
+from ..errors import InvalidRequest, KcpError, map_redis_errors
 from ..keys import Keys
 from ..models import BusMessage
-from ..tls import redact_url
 from .codec import check_name, check_topic
 from .core import InterKernelBus
 
@@ -158,7 +156,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """`kcp bus ...`: exit 0, 2 on bad input, 3 when Redis is unavailable (as every kcp command)."""
-    from ..cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REDIS
+    from ..cli import report_error
 
     keys = Keys(args.settings.prefix)
     try:
@@ -173,12 +171,5 @@ def run(args: argparse.Namespace) -> int:
             return _tail(args, client, keys)
     except KeyboardInterrupt:
         return 0
-    except InvalidRequest as exc:
-        print(f"kcp: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RedisUnavailable as exc:
-        print(f"kcp: {exc} (is Redis running at {redact_url(args.settings.redis_url)}?)", file=sys.stderr)
-        return EXIT_REDIS
     except KcpError as exc:
-        print(f"kcp: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return report_error(exc, args.settings)
