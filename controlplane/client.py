@@ -74,6 +74,18 @@ class ClusterInfo(pydantic.BaseModel):
     reason: str = ""
     kernels: list[KernelRecord] = pydantic.Field(default_factory=list)
 
+    @classmethod
+    def of(cls, record: ClusterRecord, kernels: list[KernelRecord]) -> ClusterInfo:
+        return cls(
+            name=record.name,
+            status=record.status,
+            desired=record.desired,
+            config=record.config,
+            reason=record.reason,
+            kernels=kernels,
+            running=sum(k.state is KernelState.RUNNING for k in kernels),
+        )
+
 
 class DispatchResult(pydantic.BaseModel):
     kernel: str
@@ -160,11 +172,11 @@ class KcpClient:
 
     async def list_clusters(self) -> list[ClusterInfo]:
         clusters = [c for c in await self.state.list_clusters() if c.status is not ClusterStatus.STOPPED]
-        return [self._info(c, await self.state.kernels(c.name)) for c in clusters]
+        return [ClusterInfo.of(c, await self.state.kernels(c.name)) for c in clusters]
 
     async def get_cluster(self, name: str) -> ClusterInfo:
         record = await self.state.require_cluster(validate_name(name))
-        return self._info(record, await self.state.kernels(name))
+        return ClusterInfo.of(record, await self.state.kernels(name))
 
     async def scale_cluster(
         self, name: str, target_count: int, *, wait: float | None = None
@@ -293,20 +305,8 @@ class KcpClient:
             if record is None:
                 raise ClusterNotFound(name)
             kernels = await self.state.kernels(name)
-            info = self._info(record, kernels)
+            info = ClusterInfo.of(record, kernels)
             settled = info.running == info.desired == len(kernels) and info.status is ClusterStatus.RUNNING
             if settled or time.monotonic() >= deadline:
                 return info
             await self.views.wait_change(min(deadline - time.monotonic(), 0.25))
-
-    @staticmethod
-    def _info(record: ClusterRecord, kernels: list[KernelRecord]) -> ClusterInfo:
-        return ClusterInfo(
-            name=record.name,
-            status=record.status,
-            desired=record.desired,
-            config=record.config,
-            reason=record.reason,
-            kernels=kernels,
-            running=sum(k.state is KernelState.RUNNING for k in kernels),
-        )

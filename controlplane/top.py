@@ -44,16 +44,7 @@ def _pct(x: float, digits: int = 0) -> str:
 
 
 def cluster_info(view: ClusterView) -> ClusterInfo:
-    r = view.record
-    return ClusterInfo(
-        name=r.name,
-        status=r.status,
-        desired=r.desired,
-        running=view.running,
-        config=r.config,
-        reason=r.reason,
-        kernels=[k.record for k in view.kernels],
-    )
+    return ClusterInfo.of(view.record, [k.record for k in view.kernels])
 
 
 def _agentstable(snap: Snapshot) -> str:
