@@ -27,6 +27,31 @@ async def test_concurrent_callers_get_their_own_replies_in_one_connection(redis_
         await r.aclose()
 
 
+async def test_a_lone_call_is_written_at_once_and_a_crowd_in_two_writes(redis_url: str) -> None:
+    r = connect(redis_url)
+    channel = Channel(r)
+    try:
+        await channel.execute("PING")  # connected
+        conn = channel._conn
+        assert conn is not None and conn._writer is not None
+        writes: list[bytes] = []
+        write = conn._writer.write
+        conn._writer.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+
+        first = await channel.send([("ECHO", "alone")])
+        assert len(writes) == 1, "written before the loop step ended"
+        assert await first[0] == "alone"
+
+        writes.clear()
+        replies = await asyncio.gather(*(channel.execute("ECHO", f"m{i}") for i in range(100)))
+        assert replies == [f"m{i}" for i in range(100)]
+        assert len(writes) == 2, "the first at once, the other 99 together when the step ended"
+        assert writes[1].count(b"ECHO") == 99
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
 async def test_error_replies_are_returned_in_place_and_raised_alone(redis_url: str) -> None:
     r = connect(redis_url)
     channel = Channel(r)
