@@ -15,6 +15,11 @@ scenario) at a share of the scenario's capacity. Scenarios:
 - heartbeat: one kernel's agent is stopped (SIGSTOP): its load report freezes while the
              kernel keeps serving (capacity 8 kernels), load 0.7
 
+These compare the routing strategies alone: the cluster's `work_stealing` is off, so a job
+runs where the router sent it. Then `half` at 0.9 and `stuck` run again with work stealing on
+(the default: an idle kernel takes over the oldest job queued on a busy sibling), to show
+what the whole system does.
+
 Latency is from the scheduled arrival to the result (retries included); a request that ends in
 an error counts in the error rate and not in the latency quantiles. The oracle is a
 discrete-event simulation of the same arrivals on the same kernels that sends each request to
@@ -43,10 +48,11 @@ from typing import Any
 
 import redis
 
-from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, Settings
+from controlplane import ClusterConfig, KcpClient, OrchestrationConfig, OrchestrationEngine, Settings
 from controlplane.errors import DispatchError
 from controlplane.keys import Keys
 from controlplane.redis_server import start_redis_server
+from kernel_agent.kernel import SIBLINGS_TTL
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = 8
@@ -58,6 +64,7 @@ CLUSTER = "routing"
 ENV = {"KCP_HEARTBEAT_INTERVAL": "1", "KCP_LEASE_TTL": "120"}  # a stopped agent stays "alive"
 
 RR, RANDOM, LL, ADAPTIVE = "round_robin", "random", "least_loaded", "adaptive"
+ALL = ("half", "stuck", "failing", "heartbeat", "stealing")
 ADAPTIVE_2 = "adaptive(d=2)"
 
 
@@ -71,6 +78,8 @@ class Scenario:
     stuck: str = ""  # kernel stuck at 2 s per request for 30 s after the warm-up
     frozen: str = ""  # kernel whose agent is stopped after the warm-up
     strategies: tuple[str, ...] = (RR, RANDOM, LL, ADAPTIVE)
+    stealing: bool = False  # the cluster's work_stealing during the runs
+    seed: int = 0  # of the arrival and service times
 
     overhead_ms: float = 0.0  # per-job cost of the real system beyond the sleep (calibrated)
 
@@ -108,6 +117,10 @@ def scenarios(measure: float, names: list[str]) -> list[Scenario]:
         out.append(Scenario("failing", 0.7, measure, fail={"worker-4": 0.5}, strategies=few))
     if "heartbeat" in names:
         out.append(Scenario("heartbeat", 0.7, measure, frozen="worker-1", strategies=few))
+    if "stealing" in names:
+        both = (RR, ADAPTIVE)
+        out.append(Scenario("half", 0.9, 2 * measure, speeds=half, strategies=both, stealing=True))
+        out.append(Scenario("stuck", 0.7, 32.0, stuck="worker-3", strategies=both, stealing=True))
     return out
 
 
@@ -276,6 +289,13 @@ class Bench:
             time.sleep(0.2)
         print(f"  (jobs still in flight after {timeout:.0f}s; the next run starts anyway)", flush=True)
 
+    def set_stealing(self, keys: Keys, on: bool) -> None:
+        """Turn the cluster's work stealing on or off; kernels re-read it within SIBLINGS_TTL
+        of their next claim, which the warm-up covers."""
+        record = self.r.hget(keys.cluster(CLUSTER), "config")
+        config = ClusterConfig.model_validate_json(str(record)).model_copy(update={"work_stealing": on})
+        self.r.hset(keys.cluster(CLUSTER), "config", config.model_dump_json())
+
     def reset_routing_state(self, keys: Keys) -> None:
         for i in range(KERNELS):
             self.r.delete(keys.kernel_health(CLUSTER, f"worker-{i}"))
@@ -316,9 +336,9 @@ def q(values: list[float], p: float) -> float:
     return s[min(int(p * len(s)), len(s) - 1)]
 
 
-def run_scenario(bench: Bench, sc: Scenario, kernel_agent: dict[str, str], seed: int) -> list[dict[str, Any]]:
+def run_scenario(bench: Bench, sc: Scenario, kernel_agent: dict[str, str]) -> list[dict[str, Any]]:
     keys = Keys()
-    arrivals = schedule(sc, seed)
+    arrivals = schedule(sc, sc.seed)
     best = oracle(sc, arrivals)
     rows = [
         {
@@ -330,6 +350,8 @@ def run_scenario(bench: Bench, sc: Scenario, kernel_agent: dict[str, str], seed:
             "share": {},
         }
     ]
+    bench.set_stealing(keys, sc.stealing)
+    time.sleep(SIBLINGS_TTL)
     for strategy in sc.strategies:
         bench.reset_routing_state(keys)
         t0 = time.time() + 1.0
@@ -371,7 +393,8 @@ def run_scenario(bench: Bench, sc: Scenario, kernel_agent: dict[str, str], seed:
             }
         )
         print(
-            f"  {sc.name} load {sc.load} {strategy:<14} n={len(measured)} p50={rows[-1]['p50']:.0f} "
+            f"  {sc.name} load {sc.load}{' +stealing' if sc.stealing else ''} {strategy:<14} "
+            f"n={len(measured)} p50={rows[-1]['p50']:.0f} "
             f"p99={rows[-1]['p99']:.0f} err={rows[-1]['errors']:.2%} "
             f"{' '.join(f'{k}={v}' for k, v in sorted(errors.items()))} ({time.monotonic() - started:.0f}s)",
             flush=True,
@@ -391,8 +414,10 @@ def asyncio_timer(at: float, action: Any) -> Any:
 def table(sc: Scenario, rows: list[dict[str, Any]]) -> str:
     rr = next(r for r in rows if r["strategy"] == RR)
     orc = rows[0]
+    stealing = "work stealing on" if sc.stealing else "routing alone"
     head = (
-        f"{sc.name}, load {sc.load} ({sc.load * sc.capacity:.0f} req/s, {sc.measure_s:.0f} s measured)\n"
+        f"{sc.name}, load {sc.load}, {stealing} ({sc.load * sc.capacity:.0f} req/s, "
+        f"{sc.measure_s:.0f} s measured, seed {sc.seed})\n"
         "| strategy | p50 ms | p99 ms | p99.9 ms | errors | p50/RR | p99/RR | p99/oracle "
         "| share per kernel, % (worker-0..7) |\n"
         f"|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
@@ -419,7 +444,7 @@ def main() -> None:
     parser.add_argument(
         "--measure", type=float, default=10.0, help="measured seconds per run (half at 0.9: twice)"
     )
-    parser.add_argument("--scenarios", default="half,stuck,failing,heartbeat")
+    parser.add_argument("--scenarios", default=",".join(ALL))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--strategies", help="comma-separated subset (default: each scenario's set)")
     parser.add_argument("--loads", help="comma-separated subset of the half scenario's loads")
@@ -446,9 +471,12 @@ def main() -> None:
                 f"per-job overhead {overhead:.2f} ms on top of the {MEAN_MS:.0f} ms mean service time",
                 flush=True,
             )
+            # one arrival sequence per scenario and load, the same whatever subset runs
+            every = list(dict.fromkeys((sc.name, sc.load) for sc in scenarios(args.measure, ALL)))
             out = []
-            for i, sc in enumerate(chosen):
-                out.append(table(sc, run_scenario(bench, sc, kernel_agent, args.seed + i)))
+            for sc in chosen:
+                sc.seed = args.seed + every.index((sc.name, sc.load))
+                out.append(table(sc, run_scenario(bench, sc, kernel_agent)))
         finally:
             bench.stop()
     print()

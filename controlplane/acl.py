@@ -7,8 +7,9 @@ Roles (docs/security.md explains what each may and may not do):
   reads agent records and load records; cannot write anything of an agent or the leader lease.
 - **agent** (one user per agent; the agent's kernel processes log in as it too): writes its own
   agent record, lease, wake list and load records, adds itself to the agent set (SADD only),
-  reads its assignment; plus the keys its kernels' Lua scripts need (kernel keys, jobs, replies,
-  cluster stats, the epoch counter, the bus), which the current key layout shares between agents.
+  reads its assignment and the cluster records; plus the keys its kernels' Lua scripts need
+  (kernel keys, jobs, replies, cluster stats, the epoch counter, the bus), which the current key
+  layout shares between agents.
 
 Every pattern is built from `Keys` with ``*`` in place of a name, so the rules follow the key
 schema. Names never contain glob characters (`models.NAME_PATTERN`), so an agent's patterns
@@ -119,6 +120,8 @@ def agent_rules(k: Keys, agent: str) -> list[str]:
     """The rules of agent `agent`'s user (its kernels use the same user)."""
     own = _rw(k.agent(agent), k.agent_lease(agent), k.agent_wake(agent), k.load(agent, "*", "*"))
     own += _ro(k.agent_kernels(agent))
+    # cluster records and kernel sets: a kernel looks up its siblings to take over their work
+    own += _ro(k.cluster("*"))
     selectors = [
         # join the agent set, but never remove another agent from it
         f"(+sadd ~{k.agents()})",

@@ -219,16 +219,17 @@ class KcpClient:
             return await self.views.get(cluster, wait=wait, with_loads=with_loads)
 
         tried: list[str] = []  # kernels that took an attempt, for the retries/failovers counters
+        pinned = kernel is not None
 
-        async def submit(kernel: KernelRecord, wait_s: float) -> Outcome:
+        async def submit(record: KernelRecord, wait_s: float) -> Outcome:
             try:
-                outcome = await self.dispatcher.submit(kernel, req, wait_s)
+                outcome = await self.dispatcher.submit(record, req, wait_s, pinned=pinned)
             except Exception as exc:
                 if not isinstance(exc, KernelBusy):  # refused: nothing was enqueued
-                    tried.append(ran_on(kernel))
+                    tried.append(ran_on(record))
                 self.views.invalidate(cluster)
                 raise
-            tried.append(ran_on(kernel))
+            tried.append(outcome.kernel or ran_on(record))
             return outcome
 
         try:

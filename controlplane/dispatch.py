@@ -75,8 +75,11 @@ class Dispatcher:
             await self.channel.execute("DEL", self.reply_key)
         await self.channel.aclose()
 
-    async def submit(self, kernel: KernelRecord, request: SyscallRequest, wait_s: float) -> Outcome:
-        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result.
+    async def submit(
+        self, kernel: KernelRecord, request: SyscallRequest, wait_s: float, *, pinned: bool = False
+    ) -> Outcome:
+        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result. A
+        `pinned` job runs on that kernel (no idle sibling takes it over: see claim.lua).
 
         Raises `KernelBusy` when the kernel takes no work (nothing was enqueued) and
         `DispatchTimeout` when no result came in time (the job is then cancelled, so a late
@@ -106,6 +109,7 @@ class Dispatcher:
                     now,
                     now + int(wait_s * 1000),
                     int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
+                    "1" if pinned else "",
                 ],
             )
             name = enqueued.kernel
@@ -113,7 +117,9 @@ class Dispatcher:
                 async with asyncio.timeout(wait_s):
                     outcome = await asyncio.shield(fut)  # a timeout must not cancel fut: see below
                 ok = outcome.success or outcome.error_type in routing.BAD_REQUEST_ERRORS
-                await routing.report(self.scripts, self.keys, kernel, ok=ok, now_ms=now_ms())
+                await routing.report(
+                    self.scripts, self.keys, kernel, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
+                )
                 return outcome
             except TimeoutError:
                 cancelled = await self.channel.evalsha(

@@ -343,22 +343,20 @@ class OrchestrationEngine:
                 last_error = exc
             finally:
                 self._inflight[picked.name] -= 1
-            ran = ran_on(picked)
+            ran = outcome.kernel if outcome is not None and outcome.kernel else ran_on(picked)
             if attempt:
                 self.metrics.retries += 1
                 if ran not in tried:
                     self.metrics.failovers += 1
             tried.add(ran)
             attempt += 1
-            self._observe(picked, outcome)
+            self._observe(picked, ran, outcome)
             if outcome is None:
                 continue
             if outcome.success:
                 self._record_success(outcome)
                 return outcome
-            last_error = KernelError(
-                outcome.error, kernel=outcome.kernel or ran, error_type=outcome.error_type
-            )
+            last_error = KernelError(outcome.error, kernel=ran, error_type=outcome.error_type)
             if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
                 "InvalidArguments",
                 "UnknownSyscall",
@@ -366,9 +364,9 @@ class OrchestrationEngine:
                 break
         raise last_error or NoKernelAvailable("no kernel available within the timeout")
 
-    def _observe(self, picked: KernelRecord, outcome: Outcome | None) -> None:
-        """Learn from an attempt: service time and failure rate, and ejections Redis reported."""
-        name = outcome.kernel if outcome is not None and outcome.kernel else ran_on(picked)
+    def _observe(self, picked: KernelRecord, name: str, outcome: Outcome | None) -> None:
+        """Learn from an attempt that ran on kernel `name`: service time and failure rate, and
+        ejections Redis reported."""
         stats = self._stats.setdefault((picked.cluster, name), _KernelStats())
         if outcome is None:
             stats.observe(False, None)

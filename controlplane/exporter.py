@@ -126,6 +126,9 @@ class Families:
             stats.EJECTIONS: CounterMetricFamily(
                 "kcp_kernel_ejections", "kernels taken out of routing for failing", labels=c
             ),
+            stats.STEALS: CounterMetricFamily(
+                "kcp_jobs_stolen", "queued jobs an idle kernel took over from a busy sibling", labels=c
+            ),
         }
         scaling = CounterMetricFamily(
             "kcp_scaling_events", "changes of the desired kernel count", labels=(*c, "direction")

@@ -66,6 +66,8 @@ class ClusterConfig(BaseModel):
     scale_up_threshold: float = Field(0.8, gt=0, le=1)
     scale_down_threshold: float = Field(0.2, ge=0, lt=1)
     capabilities: list[Capability] = Field(default_factory=list, max_length=16)
+    #: an idle kernel takes over the oldest job still queued on a busy sibling (docs/routing.md)
+    work_stealing: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterConfig:

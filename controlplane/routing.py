@@ -129,7 +129,7 @@ async def enqueue(
     args: Sequence[str | int],
 ) -> EnqueueResult:
     """Run enqueue.lua for `route` (a plain `KernelRecord` is a route of one); `args` are
-    ARGV[1..6] of the script. Raises `KernelBusy` when no candidate took the job."""
+    ARGV[1..7] of the script. Raises `KernelBusy` when no candidate took the job."""
     r = route if isinstance(route, Route) else None
     job_key = keys.job(route.cluster, job_id)
     argv: list[str | int | float] = [*args, route.name]
@@ -166,14 +166,18 @@ def max_ejected(cluster_size: int, share: float) -> int:
     return max(1, math.floor(cluster_size * share + 1e-9))
 
 
-async def report(scripts: Scripts, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int) -> None:
-    """Tell the shared outlier detector how an attempt on `route.chosen` went (no-op for plain
-    records, routes without outlier detection, and successes after a clean streak)."""
+async def report(
+    scripts: Scripts, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
+) -> None:
+    """Tell the shared outlier detector how an attempt went on the kernel that ran it: `ran_on`
+    when the result named it (an idle sibling may have taken the job over), else
+    `route.chosen`. A no-op for plain records, routes without outlier detection, and successes
+    after a clean streak (a sibling takes jobs over only without a failure streak)."""
     if not isinstance(route, Route) or route.outlier is None or not route.chosen:
         return
-    if ok and route.consecutive == 0:
+    cfg, name = route.outlier, ran_on or route.chosen
+    if ok and (route.consecutive == 0 or name != route.chosen):
         return  # the common case costs no round trip
-    cfg, name = route.outlier, route.chosen
     event = "ok" if ok else ("rate" if name in route.rate_outliers else "fail")
     ejected, until, _ = await scripts.outlier(
         keys=[keys.kernel_health(route.cluster, name), keys.cluster_ejected(route.cluster)],

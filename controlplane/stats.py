@@ -3,7 +3,8 @@
 `{prefix}cluster:{cluster}:stats` and `{prefix}kernel:{cluster}:{kernel}:stats` are hashes of
 cumulative counters. Kernels write the dispatch fields through `finish.lua`; the control plane
 and clients add event counters with a single HINCRBY. The exporter (`controlplane/exporter.py`)
-and `kcp top` read them. A new event only needs a field here and an HINCRBY where it happens.
+and `kcp top` read them. A new event needs a field here, an HINCRBY where it happens, and its
+metric in the exporter.
 
 Histograms: `finish.lua` increments one *non-cumulative* bucket field per histogram (the
 smallest upper bound the observation fits under, e.g. ``latency_le_0.005``); readers make
@@ -27,11 +28,10 @@ FAILOVERS = "failovers"  #: retries that went to a kernel not tried yet for that
 JOBS_REQUEUED = "jobs_requeued"  #: jobs of lost kernels handed to a running kernel (reconciler)
 KERNELS_LOST = "kernels_lost"  #: kernels removed because their agent's lease expired (reconciler)
 EJECTIONS = "ejections"  #: kernels taken out of routing for failing (written by routing ejection)
+STEALS = "steals"  #: queued jobs an idle kernel took over from a busy sibling (claim.lua)
 SCALE_UP = "scale_up"  #: scale requests that raised the desired count (client or autoscaler)
 SCALE_DOWN = "scale_down"  #: scale requests that lowered it
 
-#: Event counters every cluster exposes (0 until something happens), in export order.
-EVENT_FIELDS = (RETRIES, FAILOVERS, JOBS_REQUEUED, KERNELS_LOST, EJECTIONS, SCALE_UP, SCALE_DOWN)
 
 # ---------------------------------------------------------------- histograms
 LATENCY = "latency"  #: enqueue -> finish (queue wait + execution)

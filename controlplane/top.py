@@ -33,6 +33,7 @@ _EVENT_WORDS = {
     stats.RETRIES: "dispatch retry(ies)",
     stats.FAILOVERS: "failover(s) to another kernel",
     stats.EJECTIONS: "kernel ejection(s)",
+    stats.STEALS: "job(s) taken over by an idle kernel",
     stats.SCALE_UP: "scale-up request(s)",
     stats.SCALE_DOWN: "scale-down request(s)",
 }

@@ -3,7 +3,10 @@
 It wakes on a blocking pop of its own queue (no polling: an idle kernel issues one
 BZPOPMIN every `IDLE_BLOCK` seconds), claims each job under its fencing epoch, runs the
 syscall and pushes the result straight to the waiting client (see `controlplane/lua/`).
-SIGTERM drains: no new work is accepted, queued work finishes, then the process exits.
+When its own queue runs dry it takes over the oldest job still queued on a sibling that it
+can run (work stealing, in the same claim.lua call), so work waits for the first free kernel
+rather than for the one it was routed to. SIGTERM drains: no new work is accepted (none is
+taken from siblings either), queued work finishes, then the process exits.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -30,8 +34,10 @@ from controlplane.channel import Channel
 from controlplane.connection import BLOCK_GRACE_SECONDS, connect
 from controlplane.jobs import REPLY_TTL_MS, decode_job, encode_result
 from controlplane.keys import Keys
+from controlplane.models import KernelState
 from controlplane.scripts import Scripts
 from controlplane.settings import Settings
+from controlplane.state import State
 
 from .syscalls import (
     KernelMemory,
@@ -52,6 +58,12 @@ DRAIN_BLOCK = 0.2
 Finish = tuple[str, list[str], list[str | int]]
 #: Exit code when the control plane no longer assigns this kernel to our agent.
 EXIT_UNASSIGNED = 3
+#: How long the list of siblings to take work from is trusted; refreshed while working, seconds.
+SIBLINGS_TTL = 2.0
+#: Siblings whose queues one claim looks at, at most (a random sample of larger clusters).
+STEAL_CANDIDATES = 16
+#: States of a sibling whose queued jobs may be taken over (a draining one's too: it helps).
+_STEALABLE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
 
 
 class KernelProcess:
@@ -71,6 +83,7 @@ class KernelProcess:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis)
+        self.state = State(redis, keys)
         self.cluster = cluster
         self.name = name
         self.agent = agent
@@ -86,6 +99,9 @@ class KernelProcess:
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.record_key = keys.kernel(cluster, name)
+        self._siblings: list[tuple[str, int]] = []  # (name, epoch) of kernels we may take work from
+        self._siblings_at = float("-inf")
+        self._refreshing: asyncio.Task[None] | None = None
 
     def drain(self) -> None:
         """Stop taking new work; `run` returns once everything in flight is finished."""
@@ -186,6 +202,9 @@ class KernelProcess:
         finally:
             for channel in channels:
                 await channel.aclose()
+            if self._refreshing is not None:
+                self._refreshing.cancel()
+                await asyncio.gather(self._refreshing, return_exceptions=True)
 
     async def _work(self, channel: Channel) -> None:
         """One worker: claim, execute, deliver, on a connection of its own.
@@ -219,7 +238,8 @@ class KernelProcess:
                     if draining and not self._busy and await self._try_stop():
                         return
                     continue
-                busy = claimed[0] != "ok" or int(claimed[-1]) > 0
+                # after a job, look for the next one (own queue, then siblings') before blocking
+                busy = claimed[0] != "ok" or int(claimed[-1]) > 0 or bool(self._siblings)
                 finish = await self._run(claimed)
             if finish is not None:  # still deliver it: finish.lua decides whether it may
                 (reply,) = await channel.send([self._finish_command(finish)])
@@ -260,11 +280,57 @@ class KernelProcess:
         return None if popped is None else str(popped[1])
 
     def _claim_call(self, job_id: str) -> tuple[list[str], list[str | int]]:
-        """KEYS and ARGV of claim.lua for `job_id`, or in pop mode when it is ''."""
-        return (
-            [self.keys.job(self.cluster, job_id), self.inflight_key, self.queue_key, self.record_key],
-            [job_id, self.name, self.epoch, _now_ms(), self.keys.job(self.cluster, "")],
-        )
+        """KEYS and ARGV of claim.lua for `job_id`, or in pop mode when it is '' (then, unless
+        draining, with the siblings it may take a queued job from)."""
+        keys = [self.keys.job(self.cluster, job_id), self.inflight_key, self.queue_key, self.record_key]
+        args: list[str | int] = [job_id, self.name, self.epoch, _now_ms(), self.keys.job(self.cluster, "")]
+        if self._draining.is_set():
+            return keys, args
+        self._keep_siblings_fresh()
+        if job_id or not self._siblings:
+            return keys, args
+        siblings = self._siblings
+        if len(siblings) > STEAL_CANDIDATES:
+            siblings = random.sample(siblings, STEAL_CANDIDATES)
+        keys += [self.keys.kernel_health(self.cluster, self.name), self.keys.cluster_stats(self.cluster)]
+        for name, epoch in siblings:
+            keys += [
+                self.keys.kernel(self.cluster, name),
+                self.keys.queue(self.cluster, name),
+                self.keys.inflight(self.cluster, name),
+            ]
+            args += [name, epoch]
+        return keys, args
+
+    def _keep_siblings_fresh(self) -> None:
+        """Re-read the siblings in the background when the list is older than `SIBLINGS_TTL`
+        (called per claim, so only a kernel that works reads them)."""
+        stale = time.monotonic() - self._siblings_at > SIBLINGS_TTL
+        if stale and (self._refreshing is None or self._refreshing.done()):
+            self._siblings_at = time.monotonic()
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_siblings())
+
+    async def _refresh_siblings(self) -> None:
+        """The cluster's other kernels that take or hold work and whose every syscall and
+        capability we have too (so we can run whatever was routed to them), with the epoch
+        claim.lua checks: a replaced incarnation may run other handlers. None when the
+        cluster's config turns `work_stealing` off."""
+        try:
+            cluster = await self.state.get_cluster(self.cluster)
+            stealing = cluster is not None and cluster.config.work_stealing
+            records = await self.state.kernels(self.cluster) if stealing else []
+        except Exception as exc:  # stealing is an optimisation: never let it stop the kernel
+            logger.warning("kernel %s/%s: could not read its siblings: %s", self.cluster, self.name, exc)
+            return
+        syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
+        self._siblings = [
+            (k.name, k.epoch)
+            for k in records
+            if k.name != self.name
+            and k.state in _STEALABLE_STATES
+            and set(k.syscalls.split()) <= syscalls
+            and set(k.capabilities.split()) <= capabilities
+        ]
 
     def _claim_command(self, job_id: str) -> tuple[str | int, ...]:
         keys, args = self._claim_call(job_id)

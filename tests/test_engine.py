@@ -543,9 +543,9 @@ async def test_a_kernel_failing_far_more_than_its_peers_is_a_rate_outlier() -> N
     flaky = kernel(1)
     healthy = [kernel(2), kernel(3)]
     for _ in range(12):
-        eng._observe(flaky, outcome("kernel-1", error_type="HandlerError", error="boom"))
+        eng._observe(flaky, "kernel-1", outcome("kernel-1", error_type="HandlerError", error="boom"))
         for k in healthy:
-            eng._observe(k, outcome(k.name))
+            eng._observe(k, k.name, outcome(k.name))
     route = eng.select([flaky, *healthy], {}, set())
     assert isinstance(route, Route) and route.rate_outliers == frozenset({"kernel-1"})
 
@@ -553,7 +553,7 @@ async def test_a_kernel_failing_far_more_than_its_peers_is_a_rate_outlier() -> N
 def test_bad_requests_are_not_held_against_a_kernel() -> None:
     eng = engine(strategy=RoutingStrategy.ADAPTIVE)
     for _ in range(20):
-        eng._observe(kernel(1), outcome("kernel-1", error_type="InvalidArguments", error="bad"))
+        eng._observe(kernel(1), "kernel-1", outcome("kernel-1", error_type="InvalidArguments", error="bad"))
     assert eng._stats[("c1", "kernel-1")].error_rate == 0.0
 
 

@@ -18,6 +18,7 @@ from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, Ro
 from controlplane.errors import DispatchTimeout, KernelError, NoKernelAvailable
 from controlplane.keys import Keys
 from controlplane.models import OutlierConfig
+from kernel_agent.kernel import SIBLINGS_TTL
 from tests.conftest import ProcessStack
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
@@ -162,3 +163,48 @@ async def test_a_failing_kernel_is_avoided_and_ejected_for_every_client(
         # another client that never saw a failure stays away too: enqueue.lua skips it
         fresh = engine(RoutingStrategy.ADAPTIVE, timeout_ms=20_000)
         assert "worker-1" not in set(await kernels_of(other, fresh, 20))
+
+
+async def test_idle_kernels_take_over_work_queued_behind_a_stuck_one(
+    stack: ProcessStack, tmp_path: Path
+) -> None:
+    """Work stealing: jobs waiting on a stuck kernel run on its siblings once they have finished
+    their own work; a job pinned to the stuck kernel waits for it; with the cluster's
+    `work_stealing` off nothing moves."""
+    kcp, path = await start(stack, tmp_path)
+    async with kcp:
+        # a kernel that came up before its siblings saw them pending; its list is renewed
+        # SIBLINGS_TTL later, at its next claim
+        await asyncio.sleep(SIBLINGS_TTL)
+        for k in KERNELS:
+            await kcp.dispatch("r", SIM, kernel=k)
+        await asyncio.sleep(0.3)
+        profile(path, worker_0={"stuck_ms": 1000, "stuck_until": 2e9})
+        await asyncio.sleep(0.2)
+        primary = engine(RoutingStrategy.PRIMARY_FALLBACK, primary="worker-0", timeout_ms=20_000)
+        queued = [asyncio.create_task(kcp.dispatch("r", SIM, engine=primary)) for _ in range(5)]
+        await asyncio.sleep(0.2)  # all five on worker-0: one runs for 1 s, four wait in its queue
+        pinned = asyncio.create_task(kcp.dispatch("r", SIM, kernel="worker-0"))
+        await asyncio.sleep(0.2)
+        for k in ("worker-1", "worker-2"):  # the siblings finish a job, then look for more
+            await kcp.dispatch("r", SIM, kernel=k)
+        ran = Counter(r.kernel for r in await asyncio.gather(*queued))
+        assert ran["worker-0"] == 1 and ran["worker-1"] + ran["worker-2"] == 4, ran
+        assert (await pinned).kernel == "worker-0"
+        stats = await kcp.redis.hgetall(Keys().cluster_stats("r"))
+        assert int(stats["steals"]) == 4
+
+        config = json.loads(await kcp.redis.hget(Keys().cluster("r"), "config"))
+        await kcp.redis.hset(Keys().cluster("r"), "config", json.dumps({**config, "work_stealing": False}))
+        await asyncio.sleep(SIBLINGS_TTL + 0.2)  # the kernels' next claims re-read the config
+        for k in KERNELS:
+            await kcp.dispatch("r", SIM, kernel=k)
+        await asyncio.sleep(0.3)
+        profile(path, worker_0={"stuck_ms": 300, "stuck_until": 2e9})
+        await asyncio.sleep(0.2)
+        queued = [asyncio.create_task(kcp.dispatch("r", SIM, engine=primary)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        for k in ("worker-1", "worker-2"):
+            await kcp.dispatch("r", SIM, kernel=k)
+        assert {r.kernel for r in await asyncio.gather(*queued)} == {"worker-0"}
+        assert int((await kcp.redis.hgetall(Keys().cluster_stats("r")))["steals"]) == 4

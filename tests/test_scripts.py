@@ -89,6 +89,7 @@ class Lua:
         now: int = NOW,
         deadline_ms: int = NOW + 10_000,
         ttl_ms: int = JOB_TTL_MS,
+        pinned: bool = False,
     ) -> Any:
         return await self.s.enqueue(
             keys=[
@@ -97,15 +98,41 @@ class Lua:
                 KEYS.inflight(CLUSTER, kernel),
                 KEYS.job(CLUSTER, job_id),
             ],
-            args=[job_id, payload, KEYS.reply(CLIENT), now, deadline_ms, ttl_ms, kernel],
+            args=[
+                job_id,
+                payload,
+                KEYS.reply(CLIENT),
+                now,
+                deadline_ms,
+                ttl_ms,
+                "1" if pinned else "",
+                kernel,
+            ],
         )
 
-    async def claim(self, job_id: str, *, kernel: str = "k1", epoch: int = 1, now: int = NOW) -> Any:
-        """claim.lua for `job_id`, or in pop mode (the oldest queued job) when it is ''."""
-        return await self.s.claim(
-            keys=[KEYS.job(CLUSTER, job_id), KEYS.inflight(CLUSTER, kernel), KEYS.queue(CLUSTER, kernel)],
-            args=[job_id, kernel, epoch, now, KEYS.job(CLUSTER, "")],
-        )
+    async def claim(
+        self,
+        job_id: str,
+        *,
+        kernel: str = "k1",
+        epoch: int = 1,
+        now: int = NOW,
+        siblings: list[tuple[str, int]] | None = None,
+    ) -> Any:
+        """claim.lua for `job_id`, or in pop mode (the oldest queued job) when it is ''; with
+        `siblings` ((name, epoch) pairs) it may take over a queued job of theirs."""
+        keys = [KEYS.job(CLUSTER, job_id), KEYS.inflight(CLUSTER, kernel), KEYS.queue(CLUSTER, kernel)]
+        args: list[Any] = [job_id, kernel, epoch, now, KEYS.job(CLUSTER, "")]
+        if siblings is not None:
+            keys += [
+                KEYS.kernel(CLUSTER, kernel),
+                KEYS.kernel_health(CLUSTER, kernel),
+                KEYS.cluster_stats(CLUSTER),
+            ]
+            for name, sibling_epoch in siblings:
+                keys += [KEYS.kernel(CLUSTER, name), KEYS.queue(CLUSTER, name), KEYS.inflight(CLUSTER, name)]
+                args += [name, sibling_epoch]
+        return await self.s.claim(keys=keys, args=args)
 
     async def finish(
         self,
@@ -273,6 +300,87 @@ async def test_claim_in_pop_mode_applies_the_same_fencing(lua: Lua) -> None:
     before = await lua.snapshot()
     assert await lua.claim("", epoch=7) == ["zombie", "j1"]
     assert await lua.snapshot() == before
+
+
+# ---------------------------------------------------------------- claim: taking over a sibling's queued job
+
+
+async def three_kernels(lua: Lua) -> None:
+    for n in (1, 2, 3):
+        await lua.put_kernel(f"k{n}", epoch=n)
+
+
+async def test_an_idle_kernel_takes_the_oldest_queued_job_of_its_siblings(lua: Lua) -> None:
+    await three_kernels(lua)
+    await lua.enqueue("j1", kernel="k2", payload="p1", now=NOW + 5)
+    await lua.enqueue("j2", kernel="k3", payload="p2", now=NOW)
+    siblings = [("k2", 2), ("k3", 3)]
+    assert await lua.claim("", kernel="k1", siblings=siblings) == ["ok", "p2", KEYS.reply(CLIENT), 1, "j2", 0]
+    job = await lua.job("j2")
+    assert (job["kernel"], job["epoch"], job["stolen_from"], job["state"]) == ("k1", "1", "k3", "running")
+    assert await lua.zset(KEYS.queue(CLUSTER, "k3")) == {}
+    assert await lua.zset(KEYS.inflight(CLUSTER, "k3")) == {}
+    assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j2": NOW}
+    assert (await lua.r.hgetall(KEYS.cluster_stats(CLUSTER)))["steals"] == "1"
+    # the job is now the thief's own: its result goes through, the old owner's is fenced
+    assert await lua.finish("j2", kernel="k3", epoch=3) == 0
+    assert await lua.finish("j2", kernel="k1", epoch=1) == 1
+    assert (await lua.claim("", kernel="k1", siblings=siblings))[4] == "j1"
+    assert await lua.claim("", kernel="k1", siblings=siblings) == ["empty"]
+
+
+async def test_a_kernel_takes_its_own_queued_work_before_a_siblings(lua: Lua) -> None:
+    await three_kernels(lua)
+    await lua.enqueue("old", kernel="k2", now=NOW)
+    await lua.enqueue("mine", kernel="k1", now=NOW + 9)
+    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2)]))[4] == "mine"
+    assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"old": NOW}
+
+
+async def test_pinned_jobs_and_jobs_of_a_replaced_sibling_stay_where_they_are(lua: Lua) -> None:
+    await three_kernels(lua)
+    await lua.enqueue("pinned", kernel="k2", now=NOW, pinned=True)
+    await lua.enqueue("free", kernel="k2", now=NOW + 1)
+    await lua.enqueue("other", kernel="k3", now=NOW - 1)
+    assert (await lua.job("pinned"))["pinned"] == "1"
+    # k3 was replaced since the thief looked (epoch 3 -> 30): its handlers may differ, hands off
+    await lua.put_kernel("k3", epoch=30)
+    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2), ("k3", 3)]))[4] == "free"
+    assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"pinned": NOW}
+    assert await lua.zset(KEYS.queue(CLUSTER, "k3")) == {"other": NOW - 1}
+    assert await lua.claim("", kernel="k1", siblings=[("k2", 2), ("k3", 3)]) == ["empty"]
+
+
+@pytest.mark.parametrize(
+    "thief", ["draining", "stale epoch", "ejected", "failure streak"], ids=lambda t: t.replace(" ", "-")
+)
+async def test_only_a_healthy_current_kernel_takes_work_over(lua: Lua, thief: str) -> None:
+    await three_kernels(lua)
+    await lua.enqueue("j1", kernel="k2")
+    health = KEYS.kernel_health(CLUSTER, "k1")
+    epoch = 1
+    if thief == "draining":
+        await lua.put_kernel("k1", state="draining", epoch=1)
+    elif thief == "stale epoch":
+        epoch = 0
+    elif thief == "ejected":
+        await lua.r.hset(health, mapping={"ejected_until": NOW + 1_000, "consecutive": 0})
+    else:
+        await lua.r.hset(health, mapping={"ejected_until": NOW - 1_000, "consecutive": 2})
+    before = await lua.snapshot()
+    assert await lua.claim("", kernel="k1", epoch=epoch, siblings=[("k2", 2)]) == ["empty"]
+    assert await lua.snapshot() == before
+
+
+async def test_a_stolen_job_cancelled_while_it_runs_leaves_no_trace(lua: Lua) -> None:
+    await three_kernels(lua)
+    await lua.enqueue("j1", kernel="k2")
+    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2)]))[4] == "j1"
+    assert await lua.cancel("j1", kernel="k2") == 1  # the client cancels where it sent the job
+    assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW}
+    assert await lua.finish("j1", kernel="k1") == 0  # rejected, and the thief forgets it
+    assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
+    assert await lua.r.lrange(KEYS.reply(CLIENT), 0, -1) == []
 
 
 # ---------------------------------------------------------------- finish

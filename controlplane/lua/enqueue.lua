@@ -12,7 +12,8 @@
 -- ARGV[4] now, unix ms
 -- ARGV[5] deadline, unix ms (after it nobody waits for the result)
 -- ARGV[6] job key TTL, ms (safety net: a job nobody finishes still expires)
--- ARGV[7] kernel name
+-- ARGV[7] '1' when the request names its kernel (then no sibling may steal it, claim.lua), or ''
+-- ARGV[8] kernel name
 -- Returns {1, inflight count} when queued; {0, state} when the kernel takes no work
 -- (draining, stopped, pending, gone); {-1, 'duplicate'} when the job id exists.
 --
@@ -21,14 +22,14 @@
 -- KEYS[5+5(i-1)+1..5] candidate i: kernel record HASH, queue ZSET, inflight ZSET,
 --                    load record HASH {prefix}agent:{a}:load:{c}:{k} (read),
 --                    health HASH {prefix}kernel:{c}:{k}:health (read)
--- ARGV[8]  mode: 'first' (first running candidate), 'rr' (start at the shared counter),
+-- ARGV[9]  mode: 'first' (first running candidate), 'rr' (start at the shared counter),
 --          'p2c' (lowest expected delay, see score() below)
--- ARGV[9]  p2c: 0 or 1, which candidate wins a tie (the caller draws it at random);
+-- ARGV[10] p2c: 0 or 1, which candidate wins a tie (the caller draws it at random);
 --          rr: how far the candidate list is rotated from the cluster's canonical order
--- ARGV[10] load report expiry, ms (older reports are unknown, not idle)
--- ARGV[11] slow start after readmission, ms
--- ARGV[12] round-robin counter TTL, ms
--- ARGV[13+3(i-1)..+2] candidate i: kernel name, client's service-time estimate ms (0: none),
+-- ARGV[11] load report expiry, ms (older reports are unknown, not idle)
+-- ARGV[12] slow start after readmission, ms
+-- ARGV[13] round-robin counter TTL, ms
+-- ARGV[14+3(i-1)..+2] candidate i: kernel name, client's service-time estimate ms (0: none),
 --          client's failure-rate estimate (-1: none)
 -- Returns {1, inflight count, chosen candidate (1-based), its consecutive failures,
 --          'name=until_ms ...' of candidates seen ejected}; {0, 'name=state ...'} when no
@@ -39,6 +40,9 @@ local function write_job(kernel_key, queue_key, inflight_key, name)
     redis.call('HSET', KEYS[4],
         'job', ARGV[2], 'reply', ARGV[3], 'kernel', name, 'epoch', epoch,
         'attempt', 0, 'enqueued_ms', ARGV[4], 'deadline_ms', ARGV[5], 'state', 'queued')
+    if ARGV[7] == '1' then
+        redis.call('HSET', KEYS[4], 'pinned', 1)
+    end
     redis.call('PEXPIRE', KEYS[4], ARGV[6])
     redis.call('ZADD', inflight_key, ARGV[4], ARGV[1])
     redis.call('ZADD', queue_key, ARGV[4], ARGV[1])
@@ -53,7 +57,7 @@ if #KEYS <= 4 then
     if redis.call('EXISTS', KEYS[4]) == 1 then
         return {-1, 'duplicate'}
     end
-    return {1, write_job(KEYS[1], KEYS[2], KEYS[3], ARGV[7])}
+    return {1, write_job(KEYS[1], KEYS[2], KEYS[3], ARGV[8])}
 end
 
 if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -61,13 +65,13 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
 end
 
 local now = tonumber(ARGV[4])
-local mode = ARGV[8]
+local mode = ARGV[9]
 local n = (#KEYS - 5) / 5
 local refused = {}
 local ejected = {}
 
 local function key(i, j) return KEYS[5 + 5 * (i - 1) + j] end
-local function name(i) return ARGV[13 + 3 * (i - 1)] end
+local function name(i) return ARGV[14 + 3 * (i - 1)] end
 
 local function running(i)
     local state = redis.call('HGET', key(i, 1), 'state')
@@ -83,13 +87,13 @@ local c = 0
 if mode == 'rr' then
     c = (tonumber(redis.call('GET', KEYS[5])) or 0) + 1  -- advanced only when a job is queued
     -- candidates come rotated by ARGV[9]; position c of the shared rotation is list index c - offset
-    local offset = tonumber(ARGV[9]) or 0
+    local offset = tonumber(ARGV[10]) or 0
     for j = 0, n - 1 do
         order[#order + 1] = ((c - 1 - offset + j) % n) + 1
     end
 elseif mode == 'p2c' then
     -- expected delay of a new job on candidate i, in ms, or nil when it takes no work
-    local expiry, slow_start = tonumber(ARGV[10]), tonumber(ARGV[11])
+    local expiry, slow_start = tonumber(ARGV[11]), tonumber(ARGV[12])
     local est, info = {}, {}
     local known_sum, known_n = 0, 0
     for i = 1, n do
@@ -104,7 +108,7 @@ elseif mode == 'p2c' then
             local until_ms = tonumber(h[1]) or 0
             local l = redis.call('HMGET', key(i, 4), 'latency_ms', 'error_rate', 'cpu', 'inflight', 'updated_at')
             local fresh = l[5] and (now - tonumber(l[5]) * 1000) <= expiry
-            local s = tonumber(ARGV[14 + 3 * (i - 1)]) or 0
+            local s = tonumber(ARGV[15 + 3 * (i - 1)]) or 0
             local busy = tonumber(l[4]) or 0
             if s <= 0 and fresh and busy > 0 and (tonumber(l[1]) or 0) > 0 then
                 -- the reported latency includes waiting behind the jobs in flight at report time;
@@ -114,7 +118,7 @@ elseif mode == 'p2c' then
             if s > 0 then
                 known_sum, known_n = known_sum + s, known_n + 1
             end
-            local err = math.max(tonumber(ARGV[15 + 3 * (i - 1)]) or -1, 0)
+            local err = math.max(tonumber(ARGV[16 + 3 * (i - 1)]) or -1, 0)
             local cpu = 0
             if fresh then
                 err = math.max(err, tonumber(l[2]) or 0)
@@ -127,7 +131,7 @@ elseif mode == 'p2c' then
     local default = 1
     if known_n > 0 then default = known_sum / known_n end
     local best, best_score = nil, nil
-    local tie = tonumber(ARGV[9]) or 0
+    local tie = tonumber(ARGV[10]) or 0
     for i = 1, n do
         if info[i] then
             local inflight, age, until_ms, err, cpu = unpack(info[i])
@@ -161,7 +165,7 @@ for skipped, i in ipairs(order) do
     if mode == 'p2c' or running(i) then
         local count = write_job(key(i, 1), key(i, 2), key(i, 3), name(i))
         if mode == 'rr' then  -- the next job starts after the kernel that took this one
-            redis.call('SET', KEYS[5], c + skipped - 1, 'PX', ARGV[12])
+            redis.call('SET', KEYS[5], c + skipped - 1, 'PX', ARGV[13])
         end
         local consecutive = tonumber(redis.call('HGET', key(i, 5), 'consecutive')) or 0
         return {1, count, i, consecutive, table.concat(ejected, ' ')}

@@ -16,9 +16,15 @@
 -- ARGV[8] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
 -- ARGV[9..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
--- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else).
+-- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
+-- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
+-- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
 local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch')
-if not f[1] or f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
+if not f[1] then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 0
+end
+if f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
     return 0
 end
 redis.call('DEL', KEYS[1])
