@@ -238,8 +238,8 @@ class KernelProcess:
                     if draining and not self._busy and await self._try_stop():
                         return
                     continue
-                # after a job, look for the next one (own queue, then siblings') before blocking
-                busy = claimed[0] != "ok" or int(claimed[-1]) > 0 or bool(self._siblings)
+                # work waiting here or on a sibling: take the next job in pop mode, else block
+                busy = claimed[0] != "ok" or int(claimed[-1]) > 0
                 finish = await self._run(claimed)
             if finish is not None:  # still deliver it: finish.lua decides whether it may
                 (reply,) = await channel.send([self._finish_command(finish)])
@@ -280,14 +280,14 @@ class KernelProcess:
         return None if popped is None else str(popped[1])
 
     def _claim_call(self, job_id: str) -> tuple[list[str], list[str | int]]:
-        """KEYS and ARGV of claim.lua for `job_id`, or in pop mode when it is '' (then, unless
-        draining, with the siblings it may take a queued job from)."""
+        """KEYS and ARGV of claim.lua for `job_id`, or in pop mode when it is ''; unless
+        draining, with the siblings whose queues it counts and, in pop mode, may take from."""
         keys = [self.keys.job(self.cluster, job_id), self.inflight_key, self.queue_key, self.record_key]
         args: list[str | int] = [job_id, self.name, self.epoch, _now_ms(), self.keys.job(self.cluster, "")]
         if self._draining.is_set():
             return keys, args
         self._keep_siblings_fresh()
-        if job_id or not self._siblings:
+        if not self._siblings:
             return keys, args
         siblings = self._siblings
         if len(siblings) > STEAL_CANDIDATES:

@@ -315,7 +315,8 @@ async def test_an_idle_kernel_takes_the_oldest_queued_job_of_its_siblings(lua: L
     await lua.enqueue("j1", kernel="k2", payload="p1", now=NOW + 5)
     await lua.enqueue("j2", kernel="k3", payload="p2", now=NOW)
     siblings = [("k2", 2), ("k3", 3)]
-    assert await lua.claim("", kernel="k1", siblings=siblings) == ["ok", "p2", KEYS.reply(CLIENT), 1, "j2", 0]
+    # the last field counts what still waits, here and on the siblings (j1 on k2): look again
+    assert await lua.claim("", kernel="k1", siblings=siblings) == ["ok", "p2", KEYS.reply(CLIENT), 1, "j2", 1]
     job = await lua.job("j2")
     assert (job["kernel"], job["epoch"], job["stolen_from"], job["state"]) == ("k1", "1", "k3", "running")
     assert await lua.zset(KEYS.queue(CLUSTER, "k3")) == {}
@@ -325,7 +326,7 @@ async def test_an_idle_kernel_takes_the_oldest_queued_job_of_its_siblings(lua: L
     # the job is now the thief's own: its result goes through, the old owner's is fenced
     assert await lua.finish("j2", kernel="k3", epoch=3) == 0
     assert await lua.finish("j2", kernel="k1", epoch=1) == 1
-    assert (await lua.claim("", kernel="k1", siblings=siblings))[4] == "j1"
+    assert (await lua.claim("", kernel="k1", siblings=siblings))[4:] == ["j1", 0]
     assert await lua.claim("", kernel="k1", siblings=siblings) == ["empty"]
 
 
@@ -333,7 +334,12 @@ async def test_a_kernel_takes_its_own_queued_work_before_a_siblings(lua: Lua) ->
     await three_kernels(lua)
     await lua.enqueue("old", kernel="k2", now=NOW)
     await lua.enqueue("mine", kernel="k1", now=NOW + 9)
-    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2)]))[4] == "mine"
+    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2)]))[4:] == ["mine", 1]
+    assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"old": NOW}
+    # a claim by id (after a blocking pop) takes nothing over, but counts the siblings' work
+    await lua.enqueue("popped", kernel="k1", now=NOW + 10)
+    assert (await lua.r.bzpopmin(KEYS.queue(CLUSTER, "k1"), timeout=1))[1] == "popped"
+    assert (await lua.claim("popped", kernel="k1", siblings=[("k2", 2)]))[4:] == ["popped", 1]
     assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"old": NOW}
 
 

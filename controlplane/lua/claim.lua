@@ -6,9 +6,10 @@
 -- KEYS[2] inflight  ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
 -- KEYS[3] queue     ZSET  {prefix}kernel:{cluster}:{kernel}:queue
 -- KEYS[4] kernel    HASH  {prefix}kernel:{cluster}:{kernel}  (read: state, epoch; optional)
--- KEYS[5] health    HASH  {prefix}kernel:{cluster}:{kernel}:health (read; stealing only)
--- KEYS[6] stats     HASH  {prefix}cluster:{cluster}:stats (HINCRBY steals; stealing only)
+-- KEYS[5] health    HASH  {prefix}kernel:{cluster}:{kernel}:health (read; with siblings only)
+-- KEYS[6] stats     HASH  {prefix}cluster:{cluster}:stats (HINCRBY steals; with siblings only)
 -- KEYS[7+3(i-1)..+2] sibling i: kernel record HASH (read: epoch), queue ZSET, inflight ZSET
+--                    (counted in both modes; taken from in pop mode only)
 -- ARGV[1] job id the caller popped (BZPOPMIN), or '' to pop the oldest queued job here
 -- ARGV[2] kernel name of the caller
 -- ARGV[3] fencing epoch of the caller
@@ -18,7 +19,8 @@
 --         caller checked then that it runs every syscall and capability of the sibling)
 -- Pop mode lets a busy kernel deliver one result and take its next job in one round trip.
 -- Returns {'ok', job, reply, attempt, id, queued} to run it (queued: jobs still waiting on the
---           caller's own queue);
+--           caller's own queue and its siblings', so the caller knows whether to look for its
+--           next job in pop mode or to block);
 --         {'empty'} in pop mode when there is nothing to take;
 --         {'gone', id} when the job no longer exists (cancelled, timed out, cluster destroyed);
 --         {'fenced', id} when the job now belongs to another kernel;
@@ -120,4 +122,8 @@ if not deadline or deadline < tonumber(ARGV[4]) then
 end
 local attempt = (tonumber(f[6]) or 0) + 1
 redis.call('HSET', job, 'attempt', attempt, 'state', 'running', 'started_ms', ARGV[4])
-return {'ok', f[3], f[4], attempt, id, redis.call('ZCARD', KEYS[3])}
+local queued = redis.call('ZCARD', KEYS[3])
+for i = 1, (#KEYS - 6) / 3 do
+    queued = queued + redis.call('ZCARD', KEYS[6 + 3 * (i - 1) + 2])
+end
+return {'ok', f[3], f[4], attempt, id, queued}
