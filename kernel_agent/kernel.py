@@ -210,9 +210,10 @@ class KernelProcess:
         """One worker: claim, execute, deliver, on a connection of its own.
 
         The result of a job goes out in the same write as the worker's next step, so a job
-        costs one round trip more than its claim. While jobs are waiting (claim.lua reports how
-        many), that next step is the claim of the next one (claim.lua in pop mode): a busy
-        worker spends one round trip per job. Otherwise it is a blocking pop of the queue, and
+        costs one round trip more than its claim. While jobs are waiting here or on a sibling
+        (claim.lua reports how many), that next step is the claim of the next one (claim.lua in
+        pop mode, which takes a sibling's job when our queue is empty): a busy worker spends one
+        round trip per job. Otherwise it is a blocking pop of the queue, and
         the job that wakes it is then claimed by id; an idle kernel sends one BZPOPMIN every
         `IDLE_BLOCK` seconds."""
         finish: Finish | None = None

@@ -64,6 +64,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
     return {-1, 'duplicate'}
 end
 
+local STALL_FACTOR = 3
 local now = tonumber(ARGV[4])
 local mode = ARGV[9]
 local n = (#KEYS - 5) / 5
@@ -139,8 +140,13 @@ elseif mode == 'p2c' then
             local score
             if s <= 0 then  -- unknown: the average of the known, not idle
                 score = (inflight + 1) * default
-            else  -- a job in flight for longer than the whole queue should take: stalled
-                score = math.max((inflight + 1) * s, age + s)
+            else
+                score = (inflight + 1) * s
+                -- a job in flight STALL_FACTOR times longer than the whole queue should take:
+                -- stalled (less would flag healthy kernels that just drew a long job)
+                if age > STALL_FACTOR * inflight * s then
+                    score = math.max(score, age + s)
+                end
             end
             score = score / math.max(1 - err, 0.05) ^ 2
             if cpu > 0.9 then score = score * (1 + (cpu - 0.9) * 5) end
