@@ -72,6 +72,35 @@ async def test_publish_script_numbers_entries_densely_and_fields_are_flat(
 
 
 @pytest.mark.unit
+async def test_overlapping_publishes_reach_the_stream_in_call_order(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """The lone first call is slow (a NOSCRIPT retry, say): the batch behind it must wait for it."""
+    keys = Keys()
+    writer = StreamWriter(fake_redis, keys, BusConfig())
+    script, calls = writer._publish, 0
+
+    async def slow_first(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.05)
+        return await script(**kwargs)
+
+    writer._publish = slow_first  # type: ignore[assignment]
+    stream = keys.bus_topic("events")
+    msgs = [
+        encode(BusMessage(from_kernel="k", topic=BusTopic.EVENTS, payload={"i": i}), 1 << 20)
+        for i in range(20)
+    ]
+    published = await asyncio.gather(*(writer.publish(stream, "events", m) for m in msgs))
+    assert [p.seq for p in published] == list(range(1, 21))
+    assert calls == 2  # the lone call, then one batch for the other 19
+    entries = await fake_redis.xrange(stream)
+    assert [json.loads(fields["payload"])["i"] for _, fields in entries] == list(range(20))
+
+
+@pytest.mark.unit
 async def test_direct_append_refuses_an_unregistered_kernel_and_writes_nothing(
     fake_redis: fakeredis.FakeAsyncRedis,
 ) -> None:

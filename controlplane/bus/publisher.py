@@ -38,7 +38,7 @@ class StreamWriter:
         self._queued: dict[tuple[str, str, str], list[tuple[Argv, asyncio.Future[Published]]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._since_trim: dict[str, int] = {}
-        self._inline = False
+        self._inline: asyncio.Future[None] | None = None  # the lone publish in flight, if any
 
     async def append(
         self, stream: str, topic: str, messages: Sequence[Argv], *, target: str = ""
@@ -63,14 +63,20 @@ class StreamWriter:
 
     async def publish(self, stream: str, topic: str, argv: Argv, *, target: str = "") -> Published:
         """Append one message. Alone, it goes at once; while another append is in flight it joins
-        the shared batch (`submit`), so overlapping callers share round trips."""
-        if self._inline or self._queued or (self._flusher is not None and not self._flusher.done()):
+        the shared batch (`submit`), so overlapping callers share round trips. Either way the
+        messages reach Redis in the order of the calls."""
+        if (
+            self._inline is not None
+            or self._queued
+            or (self._flusher is not None and not self._flusher.done())
+        ):
             return await self.submit(stream, topic, argv, target=target)
-        self._inline = True
+        self._inline = done = asyncio.get_running_loop().create_future()
         try:
             return (await self.append(stream, topic, [argv], target=target))[0]
         finally:
-            self._inline = False
+            self._inline = None
+            done.set_result(None)
 
     def submit(self, stream: str, topic: str, argv: Argv, *, target: str = "") -> asyncio.Future[Published]:
         """Queue one message for the shared flush; the future resolves once Redis appended it."""
@@ -82,6 +88,8 @@ class StreamWriter:
         return future
 
     async def _flush(self) -> None:
+        if self._inline is not None:  # the lone call before this batch goes first (call order)
+            await asyncio.shield(self._inline)
         while self._queued:
             queued, self._queued = self._queued, {}
             for (stream, topic, target), items in queued.items():
