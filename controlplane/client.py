@@ -41,7 +41,7 @@ from .routing import KernelBusy, ran_on
 from .scripts import Scripts
 from .settings import Settings
 from .state import State
-from .stats import FAILOVERS, RETRIES, SCALE_DOWN, SCALE_UP
+from .stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
 
 logger = logging.getLogger(__name__)
 
@@ -219,11 +219,11 @@ class KcpClient:
             return await self.views.get(cluster, wait=wait, with_loads=with_loads)
 
         tried: list[str] = []  # kernels that took an attempt, for the retries/failovers counters
-        pinned = kernel is not None
+        strategy = PINNED if kernel is not None else engine.config.strategy.value
 
         async def submit(record: KernelRecord, wait_s: float) -> Outcome:
             try:
-                outcome = await self.dispatcher.submit(record, req, wait_s, pinned=pinned)
+                outcome = await self.dispatcher.submit(record, req, wait_s, strategy=strategy)
             except Exception as exc:
                 if not isinstance(exc, KernelBusy):  # refused: nothing was enqueued
                     tried.append(ran_on(record))

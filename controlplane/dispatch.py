@@ -76,10 +76,13 @@ class Dispatcher:
         await self.channel.aclose()
 
     async def submit(
-        self, kernel: KernelRecord, request: SyscallRequest, wait_s: float, *, pinned: bool = False
+        self, kernel: KernelRecord, request: SyscallRequest, wait_s: float, *, strategy: str
     ) -> Outcome:
-        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result. A
-        `pinned` job runs on that kernel (no idle sibling takes it over: see claim.lua).
+        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result.
+
+        `strategy` is the routing strategy that picked `kernel` (the cluster counts dispatches
+        by it), or `stats.PINNED` for a request that named its kernel: that job runs there, no
+        idle sibling takes it over (claim.lua).
 
         Raises `KernelBusy` when the kernel takes no work (nothing was enqueued) and
         `DispatchTimeout` when no result came in time (the job is then cancelled, so a late
@@ -109,7 +112,7 @@ class Dispatcher:
                     now,
                     now + int(wait_s * 1000),
                     int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
-                    "1" if pinned else "",
+                    strategy,
                 ],
             )
             name = enqueued.kernel

@@ -5,8 +5,8 @@ counters) per scrape, so every process's work is counted once, wherever it ran, 
 series of a destroyed cluster or a removed kernel are simply not there at the next scrape.
 
 Names follow Prometheus conventions: counters end in `_total`, durations are histograms in
-seconds, fractions are `_ratio`; labels are bounded (cluster, kernel, agent, host, outcome,
-state, status, direction; never a job or request id). docs/observability.md lists them all.
+seconds, fractions are `_ratio`; labels are bounded (cluster, kernel, agent, host, strategy,
+outcome, state, status, direction; never a job or request id). docs/observability.md lists them all.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from . import stats
 from .errors import InvalidRequest, KcpError, amap_redis_errors
 from .exporter_bus import bus_families
 from .keys import Keys
-from .models import ClusterStatus, KernelState
+from .models import ClusterStatus, KernelState, RoutingStrategy
 from .settings import Settings
 from .snapshot import ClusterView, KernelView, Snapshot, read_snapshot
 from .state import State
@@ -55,6 +55,30 @@ def build_version() -> str:
         return metadata.version("kernel-controlplane")
     except metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "unknown"
+
+
+#: The values of the `strategy` label: every strategy, `pinned`, and `unknown` for jobs counted
+#: without one (a bounded set, whatever fields the stats hash holds).
+STRATEGY_LABELS = (*(s.value for s in RoutingStrategy), stats.PINNED)
+
+
+def _by_strategy(s: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+    """(dispatches, errors) per strategy label; what the per-strategy fields of STRATEGY_LABELS
+    do not explain (job hashes without a strategy, or with a name that is none) is `unknown`, so
+    the labels sum to the totals."""
+    out = {
+        label: (
+            s[stats.by_strategy(stats.DISPATCHES, label)],
+            s.get(stats.by_strategy(stats.ERRORS, label), 0.0),
+        )
+        for label in STRATEGY_LABELS
+        if stats.by_strategy(stats.DISPATCHES, label) in s
+    }
+    rest = s.get(stats.DISPATCHES, 0.0) - sum(d for d, _ in out.values())
+    rest_errors = s.get(stats.ERRORS, 0.0) - sum(e for _, e in out.values())
+    if rest > 0 or rest_errors > 0:
+        out["unknown"] = (max(rest, 0.0), max(rest_errors, 0.0))
+    return out
 
 
 def _histogram(name: str, doc: str, labels: tuple[str, ...]) -> HistogramMetricFamily:
@@ -104,7 +128,9 @@ class Families:
             "kcp_cluster_orphaned_jobs", "jobs of lost kernels waiting for a running kernel", labels=c
         )
         dispatches = CounterMetricFamily(
-            "kcp_cluster_dispatches", "jobs finished by the cluster's kernels", labels=(*c, "outcome")
+            "kcp_cluster_dispatches",
+            "jobs finished by the cluster's kernels, by the strategy that routed them",
+            labels=(*c, "strategy", "outcome"),
         )
         latency = _histogram(
             "kcp_cluster_dispatch_latency_seconds", "enqueue to finish (queue wait + execution)", c
@@ -140,9 +166,9 @@ class Families:
             for st in ClusterStatus:
                 status.add_metric([name, st.value], float(view.record.status is st))
             orphans.add_metric([name], view.orphans)
-            total, errors = s.get(stats.DISPATCHES, 0.0), s.get(stats.ERRORS, 0.0)
-            dispatches.add_metric([name, "ok"], max(total - errors, 0.0))
-            dispatches.add_metric([name, "error"], errors)
+            for strategy, (total, errors) in _by_strategy(s).items():
+                dispatches.add_metric([name, strategy, "ok"], max(total - errors, 0.0))
+                dispatches.add_metric([name, strategy, "error"], errors)
             _add_histogram(latency, [name], s, stats.LATENCY, stats.LATENCY_MS_SUM)
             _add_histogram(queue, [name], s, stats.QUEUE, stats.QUEUE_MS_SUM)
             for field, family in events.items():

@@ -32,6 +32,14 @@ STEALS = "steals"  #: queued jobs an idle kernel took over from a busy sibling (
 SCALE_UP = "scale_up"  #: scale requests that raised the desired count (client or autoscaler)
 SCALE_DOWN = "scale_down"  #: scale requests that lowered it
 
+# ---------------------------------------------------------------- by strategy (finish.lua, cluster only)
+PINNED = "pinned"  #: the strategy of a job whose request named its kernel (nobody routed it)
+
+
+def by_strategy(field: str, strategy: str) -> str:
+    """The `field` counter (DISPATCHES, ERRORS) of the jobs `strategy` routed: ``dispatches:adaptive``."""
+    return f"{field}:{strategy}"
+
 
 # ---------------------------------------------------------------- histograms
 LATENCY = "latency"  #: enqueue -> finish (queue wait + execution)

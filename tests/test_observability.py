@@ -74,9 +74,17 @@ async def put_kernel(
     await redis.set(KEYS.kernel_lease(cluster, kernel), "1", px=3000)
 
 
-async def finish(redis: AsyncRedis, cluster: str, kernel: str, job: str, latency_ms: float, ok: bool) -> None:
-    """A job finished through finish.lua, exactly as a kernel does it (buckets included)."""
-    await redis.hset(KEYS.job(cluster, job), mapping={"kernel": kernel, "epoch": "1"})
+async def finish(
+    redis: AsyncRedis,
+    cluster: str,
+    kernel: str,
+    job: str,
+    latency_ms: float,
+    ok: bool,
+    strategy: str = "adaptive",
+) -> None:
+    """A job routed by `strategy` finished through finish.lua, exactly as a kernel does it."""
+    await redis.hset(KEYS.job(cluster, job), mapping={"kernel": kernel, "epoch": "1", "strategy": strategy})
     queue_ms = int(latency_ms / 2)
     delivered = await Scripts(redis).finish(
         keys=[
@@ -121,7 +129,7 @@ async def seed(redis: AsyncRedis) -> None:
     await redis.zadd(KEYS.inflight("compute", "worker-0"), {"q1": 1, "q2": 2, "r1": 0})
     for i, latency in enumerate((0.3, 2, 3, 40)):
         await finish(redis, "compute", "worker-0", f"j{i}", latency, ok=i != 3)
-    await finish(redis, "compute", "worker-1", "j9", 700, ok=True)
+    await finish(redis, "compute", "worker-1", "j9", 700, ok=True, strategy=stats.PINNED)
     await redis.hincrby(KEYS.cluster_stats("compute"), stats.JOBS_REQUEUED, 3)
     await redis.hincrby(KEYS.cluster_stats("compute"), stats.SCALE_DOWN, 1)
 
@@ -134,7 +142,7 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
     await State(redis, KEYS).create_cluster("batch", ClusterConfig(), 1)
     await put_kernel(redis, "batch", "worker-0", "a1")
     await redis.hset(KEYS.load("a1", "batch", "worker-0"), mapping={"cpu": "0.75", "updated_at": "1e9"})
-    await finish(redis, "batch", "worker-0", "b1", 1, ok=False)
+    await finish(redis, "batch", "worker-0", "b1", 1, ok=False, strategy="no such strategy")
     # the failure detector's global counters
     reliability = {
         "agents_dead_total": 2,
@@ -151,8 +159,20 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
         'cluster="compute",kernel="worker-0"',
         'cluster="compute",kernel="worker-1"',
     )
-    assert s[f'kcp_cluster_dispatches_total{{{c},outcome="ok"}}'] == 4
-    assert s[f'kcp_cluster_dispatches_total{{{c},outcome="error"}}'] == 1
+    by_strategy = {
+        (strategy, outcome): s[
+            f'kcp_cluster_dispatches_total{{{c},outcome="{outcome}",strategy="{strategy}"}}'
+        ]
+        for strategy in ("adaptive", "pinned")
+        for outcome in ("ok", "error")
+    }
+    assert by_strategy == {
+        ("adaptive", "ok"): 3,
+        ("adaptive", "error"): 1,
+        ("pinned", "ok"): 1,
+        ("pinned", "error"): 0,
+    }
+    assert sum(v for key, v in s.items() if key.startswith(f"kcp_cluster_dispatches_total{{{c},")) == 4 + 1
     assert s[f'kcp_kernel_dispatches_total{{{k0},outcome="error"}}'] == 1
     assert s[f'kcp_kernel_dispatches_total{{{k1},outcome="ok"}}'] == 1
     # histogram: cumulative buckets in seconds, count == finished jobs, sum in seconds
@@ -180,8 +200,10 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
     assert s["kcp_failure_detection_seconds_sum"] == 3 and s["kcp_failure_detection_seconds_count"] == 2
     assert "Bad" not in text
     b0 = 'cluster="batch",kernel="worker-0"'
-    assert s['kcp_cluster_dispatches_total{cluster="batch",outcome="error"}'] == 1
-    assert s['kcp_cluster_dispatches_total{cluster="batch",outcome="ok"}'] == 0
+    # a strategy name that is not one (a rogue job hash) is counted, under a bounded label
+    assert s['kcp_cluster_dispatches_total{cluster="batch",outcome="error",strategy="unknown"}'] == 1
+    assert s['kcp_cluster_dispatches_total{cluster="batch",outcome="ok",strategy="unknown"}'] == 0
+    assert "no such strategy" not in text
     assert s[f'kcp_kernel_dispatches_total{{{b0},outcome="error"}}'] == 1
     assert s[f"kcp_kernel_cpu_ratio{{{b0}}}"] == 0.75 and s[f"kcp_kernel_queue_depth{{{b0}}}"] == 0
     assert s['kcp_cluster_status{cluster="batch",status="initializing"}'] == 1
@@ -459,14 +481,16 @@ async def test_prometheus_scrapes_a_live_stack(
         await kcp.create_cluster("obs", 2)
         for i in range(ok):
             await kcp.dispatch("obs", {"type": "PING", "payload": i})
-        for _ in range(failed):
+        for _ in range(failed):  # on a kernel named by the request: strategy "pinned"
             with pytest.raises(KernelError):
-                await kcp.dispatch("obs", {"type": "READ", "address": 0x10, "size": 4})
+                await kcp.dispatch("obs", {"type": "READ", "address": 0x10, "size": 4}, kernel="worker-0")
 
-        def counted() -> dict[str, float] | None:
-            rows = _query(prom_port, 'sum by (outcome) (kcp_cluster_dispatches_total{cluster="obs"})')
-            got = {r["metric"]["outcome"]: float(r["value"][1]) for r in rows}
-            return got if got == {"ok": ok, "error": failed} else None
+        def counted() -> dict[tuple[str, str], float] | None:
+            query = 'sum by (strategy, outcome) (kcp_cluster_dispatches_total{cluster="obs"})'
+            rows = _query(prom_port, query)
+            got = {(r["metric"]["strategy"], r["metric"]["outcome"]): float(r["value"][1]) for r in rows}
+            got = {key: n for key, n in got.items() if n}
+            return got if got == {("adaptive", "ok"): ok, ("pinned", "error"): failed} else None
 
         t0 = time.monotonic()
         print("prometheus:", await _until(counted, 60, "Prometheus to see the dispatches"))

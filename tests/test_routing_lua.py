@@ -56,7 +56,7 @@ async def report_load(r: AsyncRedis, n: int, *, age_ms: int = 0, **fields: float
 
 
 async def route_once(r: AsyncRedis, route: Route, job_id: str = "j1", now: int = NOW) -> str:
-    args = [job_id, "{}", "reply", now, now + 10_000, 60_000, ""]
+    args = [job_id, "{}", "reply", now, now + 10_000, 60_000, "adaptive"]
     result = await enqueue(Scripts(r).enqueue, KEYS, route, job_id=job_id, args=args)
     job = await r.hgetall(KEYS.job(CLUSTER, job_id))
     assert job["kernel"] == result.kernel == route.chosen
@@ -166,7 +166,7 @@ async def test_no_candidate_taking_work_is_kernel_busy_and_writes_nothing(r: Asy
         route = Route.of(k1, mode=mode, alternates=[k2])
         with pytest.raises(KernelBusy, match="k1=draining k2=stopped"):
             await enqueue(
-                Scripts(r).enqueue, KEYS, route, job_id="j1", args=["j1", "{}", "r", NOW, NOW, 1, ""]
+                Scripts(r).enqueue, KEYS, route, job_id="j1", args=["j1", "{}", "r", NOW, NOW, 1, "adaptive"]
             )
     assert not await r.exists(KEYS.job(CLUSTER, "j1"), KEYS.queue(CLUSTER, "k1"), KEYS.cluster_rr(CLUSTER))
 

@@ -19,6 +19,7 @@ from redis.asyncio import Redis as AsyncRedis
 from controlplane.jobs import decode_job, decode_result, encode_job, encode_result
 from controlplane.keys import Keys
 from controlplane.scripts import Scripts
+from controlplane.stats import PINNED
 
 CLUSTER = "c1"
 CLIENT = "client-1"
@@ -89,7 +90,7 @@ class Lua:
         now: int = NOW,
         deadline_ms: int = NOW + 10_000,
         ttl_ms: int = JOB_TTL_MS,
-        pinned: bool = False,
+        strategy: str = "adaptive",
     ) -> Any:
         return await self.s.enqueue(
             keys=[
@@ -105,7 +106,7 @@ class Lua:
                 now,
                 deadline_ms,
                 ttl_ms,
-                "1" if pinned else "",
+                strategy,
                 kernel,
             ],
         )
@@ -345,10 +346,10 @@ async def test_a_kernel_takes_its_own_queued_work_before_a_siblings(lua: Lua) ->
 
 async def test_pinned_jobs_and_jobs_of_a_replaced_sibling_stay_where_they_are(lua: Lua) -> None:
     await three_kernels(lua)
-    await lua.enqueue("pinned", kernel="k2", now=NOW, pinned=True)
+    await lua.enqueue("pinned", kernel="k2", now=NOW, strategy=PINNED)
     await lua.enqueue("free", kernel="k2", now=NOW + 1)
     await lua.enqueue("other", kernel="k3", now=NOW - 1)
-    assert (await lua.job("pinned"))["pinned"] == "1"
+    assert (await lua.job("pinned"))["strategy"] == PINNED
     # k3 was replaced since the thief looked (epoch 3 -> 30): its handlers may differ, hands off
     await lua.put_kernel("k3", epoch=30)
     assert (await lua.claim("", kernel="k1", siblings=[("k2", 2), ("k3", 3)]))[4] == "free"
@@ -394,8 +395,8 @@ async def test_a_stolen_job_cancelled_while_it_runs_leaves_no_trace(lua: Lua) ->
 
 async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     await lua.put_kernel()
-    await lua.enqueue("j1")
-    await lua.enqueue("j2", now=NOW + 1)
+    await lua.enqueue("j1", strategy="round_robin")
+    await lua.enqueue("j2", now=NOW + 1, strategy=PINNED)
     await lua.claim("j1")
     assert await lua.finish("j1", message="r1", latency_ms=12) == 1
     assert await lua.finish("j1", message="r1-again", latency_ms=12) == 0
@@ -413,6 +414,10 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
         stats = await lua.r.hgetall(stats_key)
         assert (stats["dispatches"], stats["errors"]) == ("2", "1")
         assert float(stats["latency_ms_sum"]) == pytest.approx(20.5)
+    by_strategy = await lua.r.hgetall(KEYS.cluster_stats(CLUSTER))  # the cluster's only
+    assert (by_strategy["dispatches:round_robin"], by_strategy["errors:round_robin"]) == ("1", "0")
+    assert (by_strategy["dispatches:pinned"], by_strategy["errors:pinned"]) == ("1", "1")
+    assert "dispatches:pinned" not in await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
 
 
 @pytest.mark.parametrize(("kernel", "epoch"), [("k1", 1), ("k2", 2)], ids=["old-epoch", "other-kernel"])
@@ -668,7 +673,13 @@ async def test_round_trip(lua: Lua) -> None:
     assert (outcome.job_id, outcome.attempt) == ("j1", 1)
     assert (outcome.enqueue_ms, outcome.start_ms, outcome.finish_ms) == (NOW, NOW + 5, NOW + 9)
     assert await lua.snapshot() == {
-        KEYS.cluster_stats(CLUSTER): {"dispatches": "1", "errors": "0", "latency_ms_sum": "9"},
+        KEYS.cluster_stats(CLUSTER): {
+            "dispatches": "1",
+            "errors": "0",
+            "latency_ms_sum": "9",
+            "dispatches:adaptive": "1",
+            "errors:adaptive": "0",
+        },
         KEYS.kernel(CLUSTER, "k1"): {"state": "running", "epoch": "3", "agent": "a1"},
         KEYS.kernel_stats(CLUSTER, "k1"): {"dispatches": "1", "errors": "0", "latency_ms_sum": "9"},
     }

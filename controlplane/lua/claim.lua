@@ -58,8 +58,8 @@ local function steal()
                 if best_score and score >= best_score then
                     break
                 end
-                local f = redis.call('HMGET', ARGV[5] .. head[j], 'kernel', 'pinned', 'state')
-                if f[1] == name and not f[2] and f[3] == 'queued' then
+                local f = redis.call('HMGET', ARGV[5] .. head[j], 'kernel', 'strategy', 'state')
+                if f[1] == name and f[2] ~= 'pinned' and f[3] == 'queued' then
                     best, best_score, best_i = head[j], score, i
                     break
                 end

@@ -12,7 +12,8 @@
 -- ARGV[4] now, unix ms
 -- ARGV[5] deadline, unix ms (after it nobody waits for the result)
 -- ARGV[6] job key TTL, ms (safety net: a job nobody finishes still expires)
--- ARGV[7] '1' when the request names its kernel (then no sibling may steal it, claim.lua), or ''
+-- ARGV[7] the strategy that routed the job (counted by finish.lua), or 'pinned' when the request
+--         names its kernel (then no sibling may steal it, claim.lua)
 -- ARGV[8] kernel name
 -- Returns {1, inflight count} when queued; {0, state} when the kernel takes no work
 -- (draining, stopped, pending, gone); {-1, 'duplicate'} when the job id exists.
@@ -39,10 +40,8 @@ local function write_job(kernel_key, queue_key, inflight_key, name)
     local epoch = redis.call('HGET', kernel_key, 'epoch')
     redis.call('HSET', KEYS[4],
         'job', ARGV[2], 'reply', ARGV[3], 'kernel', name, 'epoch', epoch,
-        'attempt', 0, 'enqueued_ms', ARGV[4], 'deadline_ms', ARGV[5], 'state', 'queued')
-    if ARGV[7] == '1' then
-        redis.call('HSET', KEYS[4], 'pinned', 1)
-    end
+        'attempt', 0, 'enqueued_ms', ARGV[4], 'deadline_ms', ARGV[5], 'state', 'queued',
+        'strategy', ARGV[7])
     redis.call('PEXPIRE', KEYS[4], ARGV[6])
     redis.call('ZADD', inflight_key, ARGV[4], ARGV[1])
     redis.call('ZADD', queue_key, ARGV[4], ARGV[1])

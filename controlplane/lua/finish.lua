@@ -16,10 +16,12 @@
 -- ARGV[8] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
 -- ARGV[9..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
+-- The cluster's stats also count the job by the strategy that routed it (the job's `strategy`
+-- field): dispatches:<strategy>, errors:<strategy>.
 -- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
 -- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
-local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch')
+local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch', 'strategy')
 if not f[1] then
     redis.call('ZREM', KEYS[2], ARGV[1])
     return 0
@@ -43,4 +45,7 @@ for i = 4, 5 do
         redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     end
 end
+local strategy = f[3] or 'unknown'
+redis.call('HINCRBY', KEYS[4], 'dispatches:' .. strategy, 1)
+redis.call('HINCRBY', KEYS[4], 'errors:' .. strategy, failed)
 return 1
