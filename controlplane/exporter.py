@@ -57,8 +57,8 @@ def build_version() -> str:
         return "unknown"
 
 
-#: The values of the `strategy` label: every strategy, `pinned`, and `unknown` for jobs counted
-#: without one (a bounded set, whatever fields the stats hash holds).
+#: The `strategy` label values read from the stats hash: every strategy and `pinned`; whatever
+#: else it holds is `unknown` (`_by_strategy`), so the label set stays bounded.
 STRATEGY_LABELS = (*(s.value for s in RoutingStrategy), stats.PINNED)
 
 
