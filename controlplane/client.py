@@ -37,7 +37,6 @@ from .models import (
     RoutingStrategy,
 )
 from .requests import parse_args, parse_request
-from .routing import KernelBusy, ran_on
 from .scripts import Scripts
 from .settings import Settings
 from .state import State
@@ -218,23 +217,19 @@ class KcpClient:
         async def candidates(wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
             return await self.views.get(cluster, wait=wait, with_loads=with_loads)
 
-        tried: list[str] = []  # kernels that took an attempt, for the retries/failovers counters
+        tried: list[str] = []  # the kernel of every attempt, for the retries/failovers counters
         strategy = PINNED if kernel is not None else engine.config.strategy.value
 
         async def submit(record: KernelRecord, wait_s: float) -> Outcome:
             try:
-                outcome = await self.dispatcher.submit(record, req, wait_s, strategy=strategy)
-            except Exception as exc:
-                if not isinstance(exc, KernelBusy):  # refused: nothing was enqueued
-                    tried.append(ran_on(record))
+                return await self.dispatcher.submit(record, req, wait_s, strategy=strategy)
+            except Exception:
                 self.views.invalidate(cluster)
                 raise
-            tried.append(outcome.kernel or ran_on(record))
-            return outcome
 
         try:
             async with amap_redis_errors():
-                outcome = await engine.execute(candidates, submit, req, kernel=kernel)
+                outcome = await engine.execute(candidates, submit, req, kernel=kernel, attempts=tried)
         finally:
             if len(tried) > 1:
                 retries, failovers = len(tried) - 1, len(set(tried)) - 1

@@ -283,7 +283,13 @@ class OrchestrationEngine:
 
     # ------------------------------------------------------------ execution
     async def execute(
-        self, candidates: Candidates, submit: Submit, request: SyscallRequest, *, kernel: str | None = None
+        self,
+        candidates: Candidates,
+        submit: Submit,
+        request: SyscallRequest,
+        *,
+        kernel: str | None = None,
+        attempts: list[str] | None = None,
     ) -> Outcome:
         """Run `request` on a kernel picked by the strategy; on failure retry on another one.
 
@@ -291,23 +297,30 @@ class OrchestrationEngine:
         not tried yet when `enable_failover`, and only while the retry budget lasts); a kernel
         reporting an error is not retried unless the strategy is PRIMARY_FALLBACK. `kernel`
         pins the request to one kernel by name (for state that lives in one kernel's memory).
+        `attempts`, when given, gets the name of the kernel that ran each attempt, in order.
         Raises a `DispatchError` when nothing worked.
         """
         async with self._slots:
             self.metrics.total_dispatches += 1
             self.budget.deposit()
             try:
-                return await self._attempts(candidates, submit, request, kernel)
+                return await self._attempts(candidates, submit, request, kernel, attempts)
             except Exception:
                 self.metrics.failed += 1
                 raise
 
     async def _attempts(
-        self, candidates: Candidates, submit: Submit, request: SyscallRequest, kernel: str | None
+        self,
+        candidates: Candidates,
+        submit: Submit,
+        request: SyscallRequest,
+        kernel: str | None,
+        attempts: list[str] | None,
     ) -> Outcome:
         cfg = self.config
         timeout = cfg.timeout_ms / 1000
         deadline = time.monotonic() + timeout * (cfg.retry_count + 1)
+        ran_on_each = attempts if attempts is not None else []  # the kernel of every attempt
         tried: set[str] = set()  # kernels that took an attempt
         refused: set[str] = set()  # kernels that took no work when asked
         last_error: Exception | None = None
@@ -349,6 +362,7 @@ class OrchestrationEngine:
                 if ran not in tried:
                     self.metrics.failovers += 1
             tried.add(ran)
+            ran_on_each.append(ran)
             attempt += 1
             self._observe(picked, ran, outcome)
             if outcome is None:
