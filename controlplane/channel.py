@@ -2,16 +2,18 @@
 
 redis-py's client takes a connection from its pool, sends one command, waits for its reply
 and gives the connection back: about 90 µs of CPU per command here, most of it in that
-bookkeeping. A `Channel` keeps one connection to itself and lets one reader task hand the
-replies back in order. The first call of a step of the event loop is written at once; calls
-made later in the same step are written together when the step ends. So a lone caller waits
-for nothing, concurrent callers pipeline for free (100 dispatches made at once cost two
-`send()` system calls, not 100: on loopback the system call is the dearest part of a
-command), and a caller may send several commands in one write (`execute_many`), e.g. a
-kernel's result together with its next blocking pop.
+bookkeeping. A `Channel` keeps one connection to itself. The first call of a step of the
+event loop is written at once; calls made later in the same step are written together when
+the step ends. So a lone caller waits for nothing, concurrent callers pipeline for free (100
+dispatches made at once cost two `send()` system calls, not 100: on loopback the system call
+is the dearest part of a command), and a caller may send several commands in one write
+(`execute_many`), e.g. a kernel's result together with its next blocking pop. Replies are
+parsed (hiredis) as the socket delivers them and each goes straight to its waiting future:
+no reader task and no stream buffer sit between the socket and the caller.
 
-The connection is made by the client's own pool class, so URL options, TLS, auth and
-Sentinel work exactly as for the client. Replies are decoded as the client decodes them.
+The connection is made, and its handshake done, by the client's own pool class, so URL
+options, TLS, auth and Sentinel work exactly as for the client; then the channel takes the
+transport over from redis-py's stream (`_Link`). Replies are decoded as the client decodes them.
 A lost connection fails every waiting call with `redis.exceptions.ConnectionError`; the
 next call reconnects. A channel carrying a blocking command (BZPOPMIN, BLPOP) is blocked
 for everyone until it returns, so blocking readers get a channel of their own.
@@ -28,6 +30,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 
@@ -43,14 +46,10 @@ class Channel:
     def __init__(self, redis: aioredis.Redis, *, preload: Sequence[AsyncScript] = ()) -> None:
         self._pool = redis.connection_pool
         self._preload = preload
-        self._conn: AbstractConnection | None = None
+        self._link: _Link | None = None
         self._connecting: asyncio.Lock | None = None
         self._out: list[bytes] = []  # packed commands not written yet
         self._batching = False  # a write went out this loop step: later ones wait for its end
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._readable = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-        self._dropping: asyncio.Task[None] | None = None  # a drop a failed write started
 
     async def execute(self, *command: str | int | float | bytes) -> Any:
         """Run one command; raise its error reply as redis-py would."""
@@ -62,7 +61,7 @@ class Channel:
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one write and return their replies in order; an error reply is
         returned as its exception. A caller that stops waiting (cancelled, timed out) leaves
-        the connection usable: the reader drops its replies when they come."""
+        the connection usable: its replies are dropped when they come."""
         futures = await self.send(commands)
         try:
             if len(futures) == 1:
@@ -78,19 +77,17 @@ class Channel:
         future per reply, resolved in order (for a caller that acts on the first replies
         before a later, blocking one returns). A lost connection fails them with
         ConnectionError."""
-        conn = await self._connection()
+        link = self._link or await self._connect()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
-        self._waiters.extend(futures)  # in the order of the writes: replies come in this order
-        self._readable.set()
+        link.waiters.extend(futures)  # in the order of the writes: replies come in this order
         self._out.append(_pack(commands))
         if not self._batching:
             self._batching = True
             loop.call_soon(self._end_batch)
             self._write()
-        writer = _writer(conn)
-        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-            await writer.drain()  # the peer is slow to read: wait rather than buffer without bound
+        if link.paused is not None:  # the peer is slow to read: wait rather than buffer without bound
+            await asyncio.shield(link.paused)
         return futures
 
     async def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -106,7 +103,7 @@ class Channel:
     async def reset(self, why: str) -> None:
         """Drop the connection: every waiting call fails with ConnectionError(`why`); the next
         call reconnects."""
-        await self._drop(redis.exceptions.ConnectionError(f"channel reset: {why}"))
+        self._drop(redis.exceptions.ConnectionError(f"channel reset: {why}"))
 
     def script(self, script: AsyncScript) -> ScriptCall:
         """`script` as a callable with redis-py's `AsyncScript` signature, run on this channel."""
@@ -120,51 +117,30 @@ class Channel:
         await self.reset("closed")
 
     # ------------------------------------------------------------------ internals
-    async def _connection(self) -> AbstractConnection:
-        if self._conn is not None:
-            return self._conn
+    async def _connect(self) -> _Link:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._conn is None:
+            if self._link is None:
                 # no socket timeout on reads: a blocking command may legitimately take its
                 # whole timeout; callers bound their waits, and keepalive finds dead peers
                 kwargs = {**self._pool.connection_kwargs, "socket_timeout": None}
                 conn: AbstractConnection = self._pool.connection_class(**kwargs)
                 await conn.connect()  # type: ignore[no-untyped-call]
-                if self._preload:  # so a pipelined EVALSHA never meets NOSCRIPT behind a blocking pop
-                    await conn.send_packed_command(
-                        _pack([("SCRIPT", "LOAD", _source(s)) for s in self._preload]), check_health=False
-                    )
-                    for _ in self._preload:
-                        await conn.read_response()
-                self._conn = conn
-                self._reader = asyncio.create_task(self._read(conn), name="kcp-channel-reader")
-        return self._conn
-
-    async def _read(self, conn: AbstractConnection) -> None:
-        while True:
-            while not self._waiters:
-                self._readable.clear()
-                await self._readable.wait()
-            try:
-                reply: Any = await conn.read_response()
-            except redis.exceptions.ResponseError as exc:
-                reply = exc
-            except Exception as exc:
-                if self._conn is conn:
-                    self._conn = self._reader = None
-                self._fail_all(
-                    exc
-                    if isinstance(exc, redis.exceptions.ConnectionError)
-                    else redis.exceptions.ConnectionError(f"channel read failed: {exc!r}")
-                )
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
-                return
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(reply)
+                try:
+                    if self._preload:  # so a pipelined EVALSHA never meets NOSCRIPT behind a blocking pop
+                        await conn.send_packed_command(
+                            _pack([("SCRIPT", "LOAD", _source(s)) for s in self._preload]),
+                            check_health=False,
+                        )
+                        for _ in self._preload:
+                            await conn.read_response()
+                    self._link = _Link(conn, self._lost)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)
+                    raise
+            return self._link
 
     def _end_batch(self) -> None:
         self._batching = False
@@ -173,43 +149,117 @@ class Channel:
     def _write(self) -> None:
         """Write what is queued on the current connection (`_drop` empties the queue, so what
         is queued belongs to it). Synchronous: nothing can cancel it halfway."""
-        if not self._out or self._conn is None:
+        if not self._out or self._link is None:
             return
         data = b"".join(self._out)
         self._out.clear()
-        writer = _writer(self._conn)
         try:
-            if writer is None:
-                raise ConnectionResetError("connection closed")
-            writer.write(data)
+            self._link.write(data)
         except Exception as exc:
-            error = redis.exceptions.ConnectionError(f"channel write failed: {exc!r}")
-            self._dropping = asyncio.get_running_loop().create_task(self._drop(error))
+            self._drop(redis.exceptions.ConnectionError(f"channel write failed: {exc!r}"))
+
+    def _lost(self, link: _Link) -> None:
+        """The connection of `link` failed (closed by the peer, a bad reply): forget it."""
+        if self._link is link:
+            self._link = None
+            self._out.clear()
+
+    def _drop(self, exc: Exception) -> None:
+        link, self._link = self._link, None
+        self._out.clear()
+        if link is not None:
+            link.close(exc)
+
+
+class _Link(asyncio.Protocol):
+    """The protocol of a channel's connection once redis-py has made it: it feeds what the
+    socket delivers to a hiredis reader and resolves the future of each reply in place, in
+    the order of the writes. redis-py's stream is bypassed from then on; its connection
+    object is kept only to close it."""
+
+    def __init__(self, conn: AbstractConnection, on_lost: Callable[[_Link], None]) -> None:
+        encoder = conn.encoder
+        self.conn = conn
+        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.paused: asyncio.Future[None] | None = None  # while the transport's buffer is full
+        self._on_lost = on_lost
+        self._closed = False
+        self._parser = hiredis.Reader(
+            protocolError=redis.exceptions.InvalidResponse,
+            replyError=BaseParser.parse_error,
+            notEnoughData=_MORE,
+            **(
+                {"encoding": encoder.encoding, "errors": encoder.encoding_errors}
+                if encoder.decode_responses
+                else {}
+            ),
+        )
+        writer = conn._writer  # redis-py has no public handle on its transport: pinned in pyproject.toml
+        if writer is None:
+            raise redis.exceptions.ConnectionError("connection closed during set-up")
+        self.transport: asyncio.WriteTransport = writer.transport
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.set_protocol(self)
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+
+    def close(self, exc: Exception) -> None:
+        """Fail every waiter with `exc` and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(exc)
+        self.transport.abort()
+        # redis-py's bookkeeping (its stream is closed with the transport)
+        self.conn._reader = self.conn._writer = None
+
+    # ---- asyncio.Protocol
+    def data_received(self, data: bytes) -> None:
+        parser, waiters = self._parser, self.waiters
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not _MORE:
+                fut = waiters.popleft()  # IndexError: a reply nobody asked for
+                if not fut.done():
+                    fut.set_result(reply)
+        except Exception as exc:
+            self._lose(redis.exceptions.ConnectionError(f"channel read failed: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(
+            redis.exceptions.ConnectionError(
+                f"connection to Redis lost: {exc!r}" if exc else "connection closed by server"
+            )
+        )
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def pause_writing(self) -> None:
+        self.paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.paused is not None and not self.paused.done():
+            self.paused.set_result(None)
+        self.paused = None
+
+    def _lose(self, exc: Exception) -> None:
+        self._on_lost(self)
+        self.close(exc)
 
     def _fail_all(self, exc: Exception) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
+        while self.waiters:
+            fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_exception(exc)
-
-    async def _drop(self, exc: Exception) -> None:
-        conn, reader = self._conn, self._reader
-        self._conn = self._reader = None
-        self._out.clear()
-        self._fail_all(exc)
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            # gather(return_exceptions) waits for it without swallowing a cancellation of our own
-            await asyncio.gather(reader, return_exceptions=True)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+        self.resume_writing()
 
 
-def _writer(conn: AbstractConnection) -> asyncio.StreamWriter | None:
-    """The stream redis-py writes `conn` through (None once closed). redis-py has no public
-    write that does not wait for the drain; pinned to redis 5 in pyproject.toml."""
-    return conn._writer
+#: What the hiredis reader returns when no whole reply is buffered.
+_MORE = object()
 
 
 def _pack(commands: Sequence[Command]) -> bytes:

@@ -32,11 +32,11 @@ async def test_a_lone_call_is_written_at_once_and_a_crowd_in_two_writes(redis_ur
     channel = Channel(r)
     try:
         await channel.execute("PING")  # connected
-        conn = channel._conn
-        assert conn is not None and conn._writer is not None
+        link = channel._link
+        assert link is not None
         writes: list[bytes] = []
-        write = conn._writer.write
-        conn._writer.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
+        write = link.transport.write
+        link.transport.write = lambda data: (writes.append(data), write(data))[1]  # type: ignore[method-assign]
 
         first = await channel.send([("ECHO", "alone")])
         assert len(writes) == 1, "written before the loop step ended"
