@@ -96,7 +96,8 @@ class Dispatcher:
             job_try=1,
             enqueue_ms=now,
         )
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
         self._waiting[job_id] = fut
         try:
             # a `Route` lets enqueue.lua choose among candidates; `name` is then its choice
@@ -116,15 +117,16 @@ class Dispatcher:
                 ],
             )
             name = enqueued.kernel
+            # a timer, not asyncio.timeout + shield: the result wakes us one loop step sooner
+            overdue = loop.call_later(wait_s, self._overdue, job_id, fut)
             try:
-                async with asyncio.timeout(wait_s):
-                    outcome = await asyncio.shield(fut)  # a timeout must not cancel fut: see below
+                outcome = await fut
                 ok = outcome.success or outcome.error_type in routing.BAD_REQUEST_ERRORS
                 await routing.report(
                     self.scripts, self.keys, kernel, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
                 )
                 return outcome
-            except TimeoutError:
+            except _Overdue:
                 cancelled = await self.channel.evalsha(
                     self.scripts.cancel,
                     [
@@ -136,11 +138,21 @@ class Dispatcher:
                 )
                 if not cancelled:  # finished just now: the result is on its way, take it
                     with contextlib.suppress(TimeoutError):
-                        return await asyncio.wait_for(asyncio.shield(fut), 1.0)
+                        return await asyncio.wait_for(self._waiting[job_id], 1.0)
                 await routing.report(self.scripts, self.keys, kernel, ok=False, now_ms=now_ms())
                 raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
+            finally:
+                overdue.cancel()
         finally:
             self._waiting.pop(job_id, None)
+
+    def _overdue(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
+        """`submit`'s wait for `job_id` is over: fail `fut`, and leave a fresh future in its
+        place, in the same step, so a result that comes while the job is being cancelled is
+        still taken."""
+        if not fut.done():
+            self._waiting[job_id] = asyncio.get_running_loop().create_future()
+            fut.set_exception(_Overdue())
 
     async def _listen(self) -> None:
         backoff = 0.1
@@ -180,6 +192,10 @@ class Dispatcher:
         fut = self._waiting.get(outcome.job_id)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
+
+
+class _Overdue(Exception):
+    """Internal: no result came within a job's wait."""
 
 
 @dataclass(slots=True)
