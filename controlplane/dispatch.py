@@ -182,6 +182,8 @@ class Dispatcher:
                 continue
             for raw in replies:
                 self._deliver(raw)
+            if replies:  # let the callers woken run before the next pop is written
+                await asyncio.sleep(0)
 
     def _deliver(self, raw: str) -> None:
         try:
