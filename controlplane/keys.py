@@ -52,8 +52,13 @@ class Keys:
         return f"{self.prefix}kernel:{cluster}:{kernel}"
 
     def queue(self, cluster: str, kernel: str) -> str:
-        """ZSET job id -> enqueue ms: the kernel's job queue (arq's queue model). Kernels BZPOPMIN it."""
+        """ZSET job id -> enqueue ms: the kernel's job queue (arq's queue model)."""
         return f"{self.prefix}kernel:{cluster}:{kernel}:queue"
+
+    def kernel_wake(self, cluster: str, kernel: str) -> str:
+        """ZSET with one member, 'w', while jobs may be queued: the token the kernel's idle
+        workers block on (BZPOPMIN), each with its claim written behind the pop."""
+        return f"{self.prefix}kernel:{cluster}:{kernel}:wake"
 
     def inflight(self, cluster: str, kernel: str) -> str:
         """ZSET job id -> enqueue ms: every job routed to the kernel and not finished (queued + running)."""

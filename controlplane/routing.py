@@ -105,7 +105,13 @@ class EnqueueResult:
 
 def _enqueue_keys(keys: Keys, route: KernelRecord, job_key: str) -> list[str]:
     c = route.cluster
-    out = [keys.kernel(c, route.name), keys.queue(c, route.name), keys.inflight(c, route.name), job_key]
+    out = [
+        keys.kernel(c, route.name),
+        keys.queue(c, route.name),
+        keys.inflight(c, route.name),
+        job_key,
+        keys.kernel_wake(c, route.name),
+    ]
     if not isinstance(route, Route) or not route.routed:
         return out
     out.append(keys.cluster_rr(c))
@@ -116,6 +122,7 @@ def _enqueue_keys(keys: Keys, route: KernelRecord, job_key: str) -> list[str]:
             keys.inflight(c, k.name),
             keys.load(k.agent, c, k.name),
             keys.kernel_health(c, k.name),
+            keys.kernel_wake(c, k.name),
         ]
     return out
 

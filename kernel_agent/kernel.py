@@ -1,12 +1,14 @@
 """One kernel: an OS process that executes the jobs routed to its queue.
 
-It wakes on a blocking pop of its own queue (no polling: an idle kernel issues one
-BZPOPMIN every `IDLE_BLOCK` seconds), claims each job under its fencing epoch, runs the
-syscall and pushes the result straight to the waiting client (see `controlplane/lua/`).
-When its own queue runs dry it takes over the oldest job still queued on a sibling that it
-can run (work stealing, in the same claim.lua call), so work waits for the first free kernel
-rather than for the one it was routed to. SIGTERM drains: no new work is accepted (none is
-taken from siblings either), queued work finishes, then the process exits.
+It wakes on a blocking pop of its wake token, set whenever a job is queued for it (no
+polling: an idle kernel issues one BZPOPMIN and one claim every `IDLE_BLOCK` seconds), claims
+each job under its fencing epoch in the same round trip, runs the syscall and pushes the
+result straight to the waiting client (see `controlplane/lua/`). When its own queue runs dry
+it takes over the oldest job still queued on a sibling that it can run (work stealing, in the
+same claim.lua call), so work waits for the first free kernel rather than for the one it was
+routed to; an idle kernel also looks at its siblings' queues once every `IDLE_BLOCK`.
+SIGTERM drains: no new work is accepted (none is taken from siblings either), queued work
+finishes, then the process exits.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from controlplane import stats
-from controlplane.channel import Channel
+from controlplane.channel import Channel, Command
 from controlplane.connection import BLOCK_GRACE_SECONDS, connect
 from controlplane.jobs import REPLY_TTL_MS, decode_job, encode_result
 from controlplane.keys import Keys
@@ -50,7 +52,8 @@ from .syscalls import (
 
 logger = logging.getLogger(__name__)
 
-#: Blocking-pop timeout while idle, seconds: the only Redis traffic of an idle kernel.
+#: Blocking-pop timeout while idle, seconds: that pop and the claim behind it are the only
+#: Redis traffic of an idle kernel.
 IDLE_BLOCK = 5.0
 #: Blocking-pop timeout while draining, seconds.
 DRAIN_BLOCK = 0.2
@@ -98,6 +101,7 @@ class KernelProcess:
         self._superseded = False  # a newer incarnation owns our name: stop without touching its work
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
+        self.wake_key = keys.kernel_wake(cluster, name)
         self.record_key = keys.kernel(cluster, name)
         self._siblings: list[tuple[str, int]] = []  # (name, epoch) of kernels we may take work from
         self._siblings_at = float("-inf")
@@ -152,6 +156,7 @@ class KernelProcess:
                     self.record_key,
                     self.queue_key,
                     self.inflight_key,
+                    self.wake_key,
                     *(self.keys.job(self.cluster, j) for j in chunk),
                 ],
                 args=[self.name, *chunk],
@@ -209,37 +214,36 @@ class KernelProcess:
     async def _work(self, channel: Channel) -> None:
         """One worker: claim, execute, deliver, on a connection of its own.
 
-        The result of a job goes out in the same write as the worker's next step, so a job
-        costs one round trip more than its claim. While jobs are waiting here or on a sibling
-        (claim.lua reports how many), that next step is the claim of the next one (claim.lua in
-        pop mode, which takes a sibling's job when our queue is empty): a busy worker spends one
-        round trip per job. Otherwise it is a blocking pop of the queue, and
-        the job that wakes it is then claimed by id; an idle kernel sends one BZPOPMIN every
-        `IDLE_BLOCK` seconds."""
+        Each step is one write: the result of the job just run (if any), then the claim of the
+        next job (claim.lua, which takes a sibling's job when our queue is empty). While
+        claim.lua reports jobs waiting here or on a sibling, that is all; otherwise the claim
+        goes behind a blocking pop of our wake token (set by enqueue.lua). Redis runs a command
+        written behind a blocking one as soon as the block ends, so the job that wakes an idle
+        worker is claimed in the same round trip: one round trip per job, busy or idle. An idle
+        kernel sends one BZPOPMIN and one claim every `IDLE_BLOCK` seconds."""
         finish: Finish | None = None
-        busy = True  # jobs may be waiting: claim the next in pop mode rather than block
+        busy = True  # jobs may be waiting: claim the next at once rather than block
         try:
             while not self._superseded:  # a newer incarnation owns our name: stop, touch nothing of it
                 draining = self._draining.is_set()
                 block = DRAIN_BLOCK if draining else IDLE_BLOCK
-                step = self._claim_command("") if busy else ("BZPOPMIN", self.queue_key, block)
-                if finish is None:
-                    (reply,) = await channel.send([step])
-                else:
-                    finish_reply, reply = await channel.send([self._finish_command(finish), step])
-                    await self._delivered(finish, finish_reply)
+                steps: list[Command] = [] if finish is None else [self._finish_command(finish)]
+                if not busy:
+                    steps.append(("BZPOPMIN", self.wake_key, block))
+                steps.append(self._claim_command())
+                replies = await channel.send(steps)
+                if finish is not None:
+                    await self._delivered(finish, replies[0])
                     finish = None
                 claimed: list[Any] | None = None
-                if busy:
-                    claimed = await self._claimed(channel, reply, "")
-                elif (job_id := await self._popped(channel, reply, block)) is not None:
-                    claimed = await self._claimed(channel, None, job_id)
+                if busy or await self._woken(channel, replies[-2], replies[-1], block):
+                    claimed = await self._claimed(channel, replies[-1])
                 if claimed is None or claimed[0] == "empty":
                     busy = False
                     if draining and not self._busy and await self._try_stop():
                         return
                     continue
-                # work waiting here or on a sibling: take the next job in pop mode, else block
+                # work waiting here or on a sibling: claim the next at once, else block first
                 busy = claimed[0] != "ok" or int(claimed[-1]) > 0
                 finish = await self._run(claimed)
             if finish is not None:  # still deliver it: finish.lua decides whether it may
@@ -250,41 +254,53 @@ class KernelProcess:
                 self._undelivered.append(finish)
             raise
 
-    async def _claimed(self, channel: Channel, reply: asyncio.Future[Any] | None, job_id: str) -> list[Any]:
-        """claim.lua's reply (`reply`, when it was sent already), or run it now."""
-        claimed = await reply if reply is not None else None
-        if claimed is None or isinstance(claimed, redis.exceptions.NoScriptError):  # Redis restarted?
-            claimed = await channel.evalsha(self.scripts.claim, *self._claim_call(job_id))
+    async def _claimed(self, channel: Channel, reply: asyncio.Future[Any]) -> list[Any]:
+        """claim.lua's reply; the claim runs again when Redis had forgotten the script."""
+        claimed = await reply
+        if isinstance(claimed, redis.exceptions.NoScriptError):  # SCRIPT FLUSH, or a new server
+            claimed = await channel.evalsha(self.scripts.claim, *self._claim_call())
         elif isinstance(claimed, Exception):
             raise claimed
         return list(claimed)
 
-    async def _popped(self, channel: Channel, reply: asyncio.Future[Any], block: float) -> str | None:
-        """The id a blocking pop took off the queue, or None when it timed out or a drain began.
-        A drain resets the connection of a worker blocked here; a job the pop may have taken is
-        still in our in-flight set, and `_try_stop` puts it back."""
+    async def _woken(
+        self, channel: Channel, pop: asyncio.Future[Any], claim: asyncio.Future[Any], block: float
+    ) -> bool:
+        """Wait for the blocking pop of our wake token to end. True when it did (with the token,
+        or at its timeout): the claim written behind it has run, `claim` holds its reply. False
+        when a drain began: it resets the connection of a worker blocked here, and the claim
+        goes with it; a job that claim may have taken is still in our in-flight set, and
+        `_try_stop` puts it back."""
         self._popping.add(channel)
         try:
             async with asyncio.timeout(block + BLOCK_GRACE_SECONDS):
-                popped = await reply
+                popped = await pop
         except redis.exceptions.ConnectionError:
+            _forget(claim)
             if not self._draining.is_set():
                 raise
-            return None
+            return False
         except TimeoutError:  # the server never answered a bounded pop: the link is dead
+            _forget(claim)
             await channel.reset("blocking pop overdue")
             raise redis.exceptions.TimeoutError("BZPOPMIN overdue") from None
         finally:
             self._popping.discard(channel)
-        if isinstance(popped, Exception):
+        if isinstance(popped, redis.exceptions.ResponseError):
+            # the wake key holds something else (claim.lua replaces it): no tight loop meanwhile
+            logger.warning("kernel %s/%s: blocking pop failed: %s", self.cluster, self.name, popped)
+            await asyncio.sleep(DRAIN_BLOCK)
+        elif isinstance(popped, Exception):
+            _forget(claim)
             raise popped
-        return None if popped is None else str(popped[1])
+        return True
 
-    def _claim_call(self, job_id: str) -> tuple[list[str], list[str | int]]:
-        """KEYS and ARGV of claim.lua for `job_id`, or in pop mode when it is ''; unless
-        draining, with the siblings whose queues it counts and, in pop mode, may take from."""
-        keys = [self.keys.job(self.cluster, job_id), self.inflight_key, self.queue_key, self.record_key]
-        args: list[str | int] = [job_id, self.name, self.epoch, _now_ms(), self.keys.job(self.cluster, "")]
+    def _claim_call(self) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of claim.lua; unless draining, with the siblings whose queues it counts
+        and may take from. `now` is left to the Redis clock: a claim written behind a blocking
+        pop runs when the pop returns."""
+        keys = [self.inflight_key, self.queue_key, self.wake_key, self.record_key]
+        args: list[str | int] = [self.name, self.epoch, "", self.keys.job(self.cluster, "")]
         if self._draining.is_set():
             return keys, args
         self._keep_siblings_fresh()
@@ -333,11 +349,11 @@ class KernelProcess:
             and set(k.capabilities.split()) <= capabilities
         ]
 
-    def _claim_command(self, job_id: str) -> tuple[str | int, ...]:
-        keys, args = self._claim_call(job_id)
+    def _claim_command(self) -> Command:
+        keys, args = self._claim_call()
         return ("EVALSHA", self.scripts.claim.sha, len(keys), *keys, *args)
 
-    def _finish_command(self, finish: Finish) -> tuple[str | int, ...]:
+    def _finish_command(self, finish: Finish) -> Command:
         _, keys, args = finish
         return ("EVALSHA", self.scripts.finish.sha, len(keys), *keys, *args)
 
@@ -445,6 +461,14 @@ class KernelProcess:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _forget(reply: asyncio.Future[Any]) -> None:
+    """Mark a reply nobody will wait for as seen (asyncio would log its error at exit)."""
+    if reply.done() and not reply.cancelled():
+        reply.exception()
+    else:
+        reply.cancel()
 
 
 async def _amain(args: argparse.Namespace) -> int:

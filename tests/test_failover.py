@@ -225,7 +225,10 @@ async def test_kernel_down_longer_than_its_lease_is_replaced_and_its_jobs_move(
             result = await asyncio.wait_for(
                 kcp.dispatch("flaky", {"type": "SLEEP", "ms": 1, "tag": f"c{crash}"}, kernel=victim.name), 25
             )
-            assert result.result["tag"] == f"c{crash}" and result.attempts == 1
+            assert result.result["tag"] == f"c{crash}"
+            # one delivery, or two: a worker killed while blocked on its wake token may still have
+            # claimed the job (the claim is written behind the pop) before its socket closed
+            assert result.attempts in (1, 2)
             await wait_for(lambda: _running(kcp, "flaky", 2), 30, "a whole cluster again")
             if int(await redis.hget(KEYS.reliability(), "kernels_dead_total") or 0):
                 break

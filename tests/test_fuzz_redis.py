@@ -2,8 +2,9 @@
 
 `kcp serve` and two agents (with their kernel processes) run against a private Redis while
 a client dispatches real work. Meanwhile the fuzzer writes garbage where those processes
-read: load records, assignment hashes, job hashes pushed onto the kernels' queues, cluster,
-kernel and agent records, stats hashes, and bus entries (consumed by an `InterKernelBus` in
+read: load records, assignment hashes, job hashes pushed onto the kernels' queues (without a
+wake token: the kernels find them at their next claim), kernels' wake keys of the wrong type,
+cluster, kernel and agent records, stats hashes, and bus entries (consumed by an `InterKernelBus` in
 this process). Afterwards: no process crashed or restarted, every dispatch got its correct
 result, every valid bus message arrived, and the garbage jobs were answered or dropped.
 
@@ -101,8 +102,10 @@ class Fuzzer:
                 pipe.zadd(KEYS.queue(CLUSTER, k["name"]), {job_id: now})
                 await pipe.execute()
             self.jobs.append(job_id)
-        elif kind == 4:  # an id on a queue with no job behind it
+        elif kind == 4:  # an id on a queue with no job behind it; a kernel's wake key of another type
             await r.zadd(KEYS.queue(CLUSTER, k["name"]), {f"nojob{n}": time.time() * 1000})
+            if rng.random() < 0.2:
+                await r.set(KEYS.kernel_wake(CLUSTER, k["name"]), garbage(rng))
         elif kind == 5:  # records that do not parse: a cluster, a kernel of ours, an agent
             which = rng.randrange(3)
             if which == 0:

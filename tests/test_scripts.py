@@ -98,6 +98,7 @@ class Lua:
                 KEYS.queue(CLUSTER, kernel),
                 KEYS.inflight(CLUSTER, kernel),
                 KEYS.job(CLUSTER, job_id),
+                KEYS.kernel_wake(CLUSTER, kernel),
             ],
             args=[
                 job_id,
@@ -113,23 +114,23 @@ class Lua:
 
     async def claim(
         self,
-        job_id: str,
         *,
         kernel: str = "k1",
         epoch: int = 1,
-        now: int = NOW,
+        now: int | str = NOW,
         siblings: list[tuple[str, int]] | None = None,
     ) -> Any:
-        """claim.lua for `job_id`, or in pop mode (the oldest queued job) when it is ''; with
-        `siblings` ((name, epoch) pairs) it may take over a queued job of theirs."""
-        keys = [KEYS.job(CLUSTER, job_id), KEYS.inflight(CLUSTER, kernel), KEYS.queue(CLUSTER, kernel)]
-        args: list[Any] = [job_id, kernel, epoch, now, KEYS.job(CLUSTER, "")]
+        """claim.lua: the oldest job queued on `kernel`; with `siblings` ((name, epoch) pairs) it
+        may take over a queued job of theirs. `now=""` leaves the time to the Redis clock."""
+        keys = [
+            KEYS.inflight(CLUSTER, kernel),
+            KEYS.queue(CLUSTER, kernel),
+            KEYS.kernel_wake(CLUSTER, kernel),
+            KEYS.kernel(CLUSTER, kernel),
+        ]
+        args: list[Any] = [kernel, epoch, now, KEYS.job(CLUSTER, "")]
         if siblings is not None:
-            keys += [
-                KEYS.kernel(CLUSTER, kernel),
-                KEYS.kernel_health(CLUSTER, kernel),
-                KEYS.cluster_stats(CLUSTER),
-            ]
+            keys += [KEYS.kernel_health(CLUSTER, kernel), KEYS.cluster_stats(CLUSTER)]
             for name, sibling_epoch in siblings:
                 keys += [KEYS.kernel(CLUSTER, name), KEYS.queue(CLUSTER, name), KEYS.inflight(CLUSTER, name)]
                 args += [name, sibling_epoch]
@@ -180,6 +181,7 @@ class Lua:
                 KEYS.kernel(CLUSTER, target),
                 KEYS.queue(CLUSTER, target),
                 KEYS.inflight(CLUSTER, target),
+                KEYS.kernel_wake(CLUSTER, target),
                 *(KEYS.job(CLUSTER, i) for i in ids),
             ],
             args=[target, *ids],
@@ -237,70 +239,97 @@ async def test_enqueue_writes_the_job_and_routes_it(lua: Lua) -> None:
 # ---------------------------------------------------------------- claim
 
 
-async def test_claim_increments_attempt_and_returns_the_job(lua: Lua) -> None:
+async def test_claim_takes_the_oldest_queued_job_and_counts_its_attempts(lua: Lua) -> None:
     await lua.put_kernel()
-    await lua.enqueue("j1", payload="payload-1")
-    assert await lua.claim("j1") == ["ok", "payload-1", KEYS.reply(CLIENT), 1, "j1", 1]
+    assert await lua.claim() == ["empty"]
+    await lua.enqueue("j2", payload="p2", now=NOW + 1)
+    await lua.enqueue("j1", payload="p1")
+    # the last field counts what still waits: j2
+    assert await lua.claim() == ["ok", "p1", KEYS.reply(CLIENT), 1, "j1", 1]
+    assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {"j2": NOW + 1}
+    assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW, "j2": NOW + 1}
     job = await lua.job("j1")
-    assert job["attempt"] == "1"
-    assert job["state"] == "running"
-    assert (await lua.claim("j1"))[3] == 2  # a re-delivered job counts its attempts
-    assert "j1" in await lua.zset(KEYS.inflight(CLUSTER, "k1"))
+    assert (job["attempt"], job["state"], job["started_ms"]) == ("1", "running", str(NOW))
+    await lua.r.zadd(KEYS.queue(CLUSTER, "k1"), {"j1": NOW})  # re-delivered (rebind.lua does this)
+    assert (await lua.claim())[3:5] == [2, "j1"], "a re-delivered job counts its attempts"
 
 
-async def test_claim_by_another_kernel_is_fenced(lua: Lua) -> None:
+async def test_claim_keeps_the_wake_token_while_jobs_wait_and_drops_it_after(lua: Lua) -> None:
+    """enqueue.lua sets the token idle workers block on; claim.lua sets it again while jobs
+    remain queued (so another idle worker wakes too) and deletes it once none does."""
     await lua.put_kernel()
+    wake = KEYS.kernel_wake(CLUSTER, "k1")
     await lua.enqueue("j1")
-    before = await lua.snapshot()
-    assert await lua.claim("j1", kernel="k2", epoch=1) == ["fenced", "j1"]
-    assert await lua.snapshot() == before
+    await lua.enqueue("j2", now=NOW + 1)
+    assert await lua.zset(wake) == {"w": 0}
+    assert await lua.r.bzpopmin(wake, timeout=1) == (wake, "w", 0)  # an idle worker wakes
+    assert (await lua.claim())[4] == "j1"
+    assert await lua.zset(wake) == {"w": 0}, "j2 still waits"
+    assert (await lua.claim())[4] == "j2"
+    assert not await lua.r.exists(wake)
+    await lua.r.zadd(wake, {"w": 0})  # a token without a job (the job was cancelled, say)
+    assert await lua.claim() == ["empty"]
+    assert not await lua.r.exists(wake)
+
+
+async def test_a_wake_key_of_another_type_is_replaced(lua: Lua) -> None:
+    await lua.put_kernel()
+    wake = KEYS.kernel_wake(CLUSTER, "k1")
+    await lua.r.set(wake, "garbage")
+    assert (await lua.enqueue("j1"))[0] == 1, "the job is queued all the same"
+    await lua.enqueue("j2", now=NOW + 1)
+    assert (await lua.claim())[4] == "j1"
+    assert await lua.zset(wake) == {"w": 0}
+
+
+async def test_claim_on_the_redis_clock(lua: Lua) -> None:
+    """Kernels send no time: their claim is written behind a blocking pop and runs later."""
+    await lua.put_kernel()
+    now = int(time.time() * 1000)
+    await lua.enqueue("late", now=now, deadline_ms=now - 1)
+    await lua.enqueue("j1", now=now + 1, deadline_ms=now + 60_000)
+    assert await lua.claim(now="") == ["expired", "late"]
+    assert (await lua.claim(now=""))[4] == "j1"
+    assert abs(int((await lua.job("j1"))["started_ms"]) - now) < 5_000
+
+
+async def test_claim_of_a_job_that_belongs_to_another_kernel_is_fenced(lua: Lua) -> None:
+    await lua.put_kernel()
+    await lua.put_kernel("k2")
+    await lua.enqueue("j1")
+    await lua.r.zadd(KEYS.queue(CLUSTER, "k2"), {"j1": NOW})  # a stray id on k2's queue
+    job = await lua.job("j1")
+    assert await lua.claim(kernel="k2") == ["fenced", "j1"]
+    assert await lua.job("j1") == job, "untouched: it is k1's to run"
+    assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {}
+    assert (await lua.claim(kernel="k1"))[4] == "j1"
 
 
 async def test_claim_by_a_stale_incarnation_gives_the_job_back(lua: Lua) -> None:
-    """A zombie process of the same kernel name pops a job of its replacement: it goes back."""
+    """A zombie process of the same kernel name takes a job of its replacement: it goes back."""
     await lua.put_kernel()
     await lua.enqueue("j1")
     before = await lua.snapshot()
-    popped = await lua.r.bzpopmin(KEYS.queue(CLUSTER, "k1"), timeout=1)
-    assert popped is not None and popped[1] == "j1"
-    assert await lua.claim("j1", kernel="k1", epoch=7) == ["zombie", "j1"]
-    assert await lua.snapshot() == before, "the job is queued again, untouched"
+    assert await lua.claim(epoch=7) == ["zombie", "j1"]
+    assert await lua.snapshot() == before, "the job is queued again, untouched, with its wake token"
 
 
 async def test_claim_of_a_missing_job_is_gone_and_leaves_inflight(lua: Lua) -> None:
+    await lua.put_kernel()
     await lua.r.zadd(KEYS.inflight(CLUSTER, "k1"), {"j1": NOW, "j2": NOW})
-    assert await lua.claim("j1") == ["gone", "j1"]
+    await lua.r.zadd(KEYS.queue(CLUSTER, "k1"), {"j1": NOW})
+    assert await lua.claim() == ["gone", "j1"]
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j2": NOW}
 
 
 async def test_claim_past_the_deadline_expires_and_deletes_the_job(lua: Lua) -> None:
     await lua.put_kernel()
     await lua.enqueue("j1", deadline_ms=NOW + 100)
-    await lua.enqueue("j2", deadline_ms=NOW + 100)
-    assert (await lua.claim("j2", now=NOW + 100))[0] == "ok"  # the deadline itself is still in time
-    assert await lua.claim("j1", now=NOW + 101) == ["expired", "j1"]
-    assert not await lua.r.exists(KEYS.job(CLUSTER, "j1"))
-    assert "j1" not in await lua.zset(KEYS.inflight(CLUSTER, "k1"))
-
-
-async def test_claim_in_pop_mode_takes_the_oldest_queued_job(lua: Lua) -> None:
-    await lua.put_kernel()
-    assert await lua.claim("") == ["empty"]
-    await lua.enqueue("j2", payload="p2", now=NOW + 1)
-    await lua.enqueue("j1", payload="p1")
-    assert await lua.claim("") == ["ok", "p1", KEYS.reply(CLIENT), 1, "j1", 1]
-    assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {"j2": NOW + 1}
-    assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW, "j2": NOW + 1}
-    assert (await lua.job("j1"))["state"] == "running"
-
-
-async def test_claim_in_pop_mode_applies_the_same_fencing(lua: Lua) -> None:
-    """A stale incarnation popping in pop mode gives the job back, as with an explicit id."""
-    await lua.put_kernel()
-    await lua.enqueue("j1")
-    before = await lua.snapshot()
-    assert await lua.claim("", epoch=7) == ["zombie", "j1"]
-    assert await lua.snapshot() == before
+    await lua.enqueue("j2", now=NOW + 1, deadline_ms=NOW + 100)
+    assert (await lua.claim(now=NOW + 100))[:5:4] == ["ok", "j1"]  # the deadline itself is in time
+    assert await lua.claim(now=NOW + 101) == ["expired", "j2"]
+    assert not await lua.r.exists(KEYS.job(CLUSTER, "j2"))
+    assert "j2" not in await lua.zset(KEYS.inflight(CLUSTER, "k1"))
 
 
 # ---------------------------------------------------------------- claim: taking over a sibling's queued job
@@ -317,7 +346,7 @@ async def test_an_idle_kernel_takes_the_oldest_queued_job_of_its_siblings(lua: L
     await lua.enqueue("j2", kernel="k3", payload="p2", now=NOW)
     siblings = [("k2", 2), ("k3", 3)]
     # the last field counts what still waits, here and on the siblings (j1 on k2): look again
-    assert await lua.claim("", kernel="k1", siblings=siblings) == ["ok", "p2", KEYS.reply(CLIENT), 1, "j2", 1]
+    assert await lua.claim(kernel="k1", siblings=siblings) == ["ok", "p2", KEYS.reply(CLIENT), 1, "j2", 1]
     job = await lua.job("j2")
     assert (job["kernel"], job["epoch"], job["stolen_from"], job["state"]) == ("k1", "1", "k3", "running")
     assert await lua.zset(KEYS.queue(CLUSTER, "k3")) == {}
@@ -327,20 +356,15 @@ async def test_an_idle_kernel_takes_the_oldest_queued_job_of_its_siblings(lua: L
     # the job is now the thief's own: its result goes through, the old owner's is fenced
     assert await lua.finish("j2", kernel="k3", epoch=3) == 0
     assert await lua.finish("j2", kernel="k1", epoch=1) == 1
-    assert (await lua.claim("", kernel="k1", siblings=siblings))[4:] == ["j1", 0]
-    assert await lua.claim("", kernel="k1", siblings=siblings) == ["empty"]
+    assert (await lua.claim(kernel="k1", siblings=siblings))[4:] == ["j1", 0]
+    assert await lua.claim(kernel="k1", siblings=siblings) == ["empty"]
 
 
 async def test_a_kernel_takes_its_own_queued_work_before_a_siblings(lua: Lua) -> None:
     await three_kernels(lua)
     await lua.enqueue("old", kernel="k2", now=NOW)
     await lua.enqueue("mine", kernel="k1", now=NOW + 9)
-    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2)]))[4:] == ["mine", 1]
-    assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"old": NOW}
-    # a claim by id (after a blocking pop) takes nothing over, but counts the siblings' work
-    await lua.enqueue("popped", kernel="k1", now=NOW + 10)
-    assert (await lua.r.bzpopmin(KEYS.queue(CLUSTER, "k1"), timeout=1))[1] == "popped"
-    assert (await lua.claim("popped", kernel="k1", siblings=[("k2", 2)]))[4:] == ["popped", 1]
+    assert (await lua.claim(kernel="k1", siblings=[("k2", 2)]))[4:] == ["mine", 1]
     assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"old": NOW}
 
 
@@ -352,10 +376,10 @@ async def test_pinned_jobs_and_jobs_of_a_replaced_sibling_stay_where_they_are(lu
     assert (await lua.job("pinned"))["strategy"] == PINNED
     # k3 was replaced since the thief looked (epoch 3 -> 30): its handlers may differ, hands off
     await lua.put_kernel("k3", epoch=30)
-    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2), ("k3", 3)]))[4] == "free"
+    assert (await lua.claim(kernel="k1", siblings=[("k2", 2), ("k3", 3)]))[4] == "free"
     assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"pinned": NOW}
     assert await lua.zset(KEYS.queue(CLUSTER, "k3")) == {"other": NOW - 1}
-    assert await lua.claim("", kernel="k1", siblings=[("k2", 2), ("k3", 3)]) == ["empty"]
+    assert await lua.claim(kernel="k1", siblings=[("k2", 2), ("k3", 3)]) == ["empty"]
 
 
 @pytest.mark.parametrize(
@@ -375,14 +399,14 @@ async def test_only_a_healthy_current_kernel_takes_work_over(lua: Lua, thief: st
     else:
         await lua.r.hset(health, mapping={"ejected_until": NOW - 1_000, "consecutive": 2})
     before = await lua.snapshot()
-    assert await lua.claim("", kernel="k1", epoch=epoch, siblings=[("k2", 2)]) == ["empty"]
+    assert await lua.claim(kernel="k1", epoch=epoch, siblings=[("k2", 2)]) == ["empty"]
     assert await lua.snapshot() == before
 
 
 async def test_a_stolen_job_cancelled_while_it_runs_leaves_no_trace(lua: Lua) -> None:
     await three_kernels(lua)
     await lua.enqueue("j1", kernel="k2")
-    assert (await lua.claim("", kernel="k1", siblings=[("k2", 2)]))[4] == "j1"
+    assert (await lua.claim(kernel="k1", siblings=[("k2", 2)]))[4] == "j1"
     assert await lua.cancel("j1", kernel="k2") == 1  # the client cancels where it sent the job
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW}
     assert await lua.finish("j1", kernel="k1") == 0  # rejected, and the thief forgets it
@@ -397,7 +421,7 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     await lua.put_kernel()
     await lua.enqueue("j1", strategy="round_robin")
     await lua.enqueue("j2", now=NOW + 1, strategy=PINNED)
-    await lua.claim("j1")
+    await lua.claim()
     assert await lua.finish("j1", message="r1", latency_ms=12) == 1
     assert await lua.finish("j1", message="r1-again", latency_ms=12) == 0
     reply = KEYS.reply(CLIENT)
@@ -406,7 +430,7 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     assert not await lua.r.exists(KEYS.job(CLUSTER, "j1"))
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j2": NOW + 1}
 
-    await lua.claim("j2")
+    await lua.claim()
     assert await lua.finish("j2", message="r2", success=False, latency_ms=8.5) == 1
     assert await lua.r.lrange(reply, 0, -1) == ["r1", "r2"]
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
@@ -428,7 +452,7 @@ async def test_a_zombie_finish_is_rejected_and_changes_nothing(lua: Lua, kernel:
     await lua.enqueue("j1")  # routed to epoch 2
     assert (await lua.job("j1"))["epoch"] == "2"
     if kernel == "k1":  # the old incarnation (epoch 1) still thinks it owns the job
-        assert await lua.claim("j1", epoch=1) == ["zombie", "j1"]
+        assert await lua.claim(epoch=1) == ["zombie", "j1"]
     before = await lua.snapshot()
     assert await lua.finish("j1", kernel=kernel, epoch=epoch) == 0
     assert await lua.snapshot() == before
@@ -444,14 +468,14 @@ async def test_cancel_removes_a_queued_job(lua: Lua) -> None:
     assert not await lua.r.exists(KEYS.job(CLUSTER, "j1"))
     assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {}
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
-    assert await lua.claim("j1") == ["gone", "j1"]
+    assert await lua.claim() == ["empty"]
     assert await lua.finish("j1") == 0  # a late result is rejected
 
 
 async def test_cancel_after_finish_returns_0(lua: Lua) -> None:
     await lua.put_kernel()
     await lua.enqueue("j1")
-    await lua.claim("j1")
+    await lua.claim()
     assert await lua.finish("j1") == 1
     assert await lua.cancel("j1") == 0
     assert await lua.r.lrange(KEYS.reply(CLIENT), 0, -1) == ["result"]
@@ -512,7 +536,7 @@ async def test_kernel_stop_drains_then_stops(lua: Lua) -> None:
     assert (await lua.kernel())["state"] == "draining"
     assert await lua.enqueue("j2") == [0, "draining"]
     assert await lua.kernel_stop(epoch=5) == 0  # still one in flight
-    await lua.claim("j1", epoch=5)
+    await lua.claim(epoch=5)
     assert await lua.finish("j1", epoch=5) == 1
     assert await lua.kernel_stop(epoch=5) == 1
     assert (await lua.kernel())["state"] == "stopped"
@@ -564,9 +588,9 @@ async def test_rebind_moves_orphans_to_a_running_kernel(lua: Lua) -> None:
     assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == moved
     assert await lua.zset(KEYS.inflight(CLUSTER, "k2")) == moved
     assert await lua.zset(KEYS.cluster_orphans(CLUSTER)) == {}  # j3 dropped too
+    assert await lua.zset(KEYS.kernel_wake(CLUSTER, "k2")) == {"w": 0}, "k2's idle workers wake"
     # the new owner may run it; the old one is fenced out
-    assert await lua.claim("j1", kernel="k1", epoch=1) == ["fenced", "j1"]
-    assert (await lua.claim("j1", kernel="k2", epoch=5))[0] == "ok"
+    assert (await lua.claim(kernel="k2", epoch=5))[:5:4] == ["ok", "j1"]
     assert await lua.finish("j1", kernel="k1", epoch=1) == 0
     assert await lua.finish("j1", kernel="k2", epoch=5) == 1
 
@@ -598,7 +622,7 @@ async def test_a_restarted_kernel_rebinds_its_own_inflight(lua: Lua, state: str)
     assert (await lua.job("j2"))["epoch"] == "2"
     assert await lua.zset(inflight) == {"j1": NOW, "j2": NOW + 1}  # the source keeps them
     assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {"j1": NOW, "j2": NOW + 1}
-    assert (await lua.claim("j1", epoch=2))[0] == "ok"
+    assert (await lua.claim(epoch=2))[:5:4] == ["ok", "j1"]
 
 
 # ---------------------------------------------------------------- leader
@@ -641,12 +665,10 @@ async def test_round_trip(lua: Lua) -> None:
     raw_job = encode_job(request, job_try=1, enqueue_ms=NOW)
     assert await lua.enqueue("j1", payload=raw_job) == [1, 1]
 
-    popped = await lua.r.bzpopmin(queue, timeout=1)
-    assert popped is not None
-    _key, job_id, score = popped
-    assert (job_id, score) == ("j1", NOW)
-    status, job, reply, attempt, _id, _queued = await lua.claim(job_id, epoch=3)
-    assert status == "ok"
+    wake = KEYS.kernel_wake(CLUSTER, "k1")
+    assert await lua.r.bzpopmin(wake, timeout=1) == (wake, "w", 0)
+    status, job, reply, attempt, job_id, _queued = await lua.claim(epoch=3)
+    assert (status, job_id) == ("ok", "j1")
     assert reply == KEYS.reply(CLIENT)
     kwargs, enqueue_ms = decode_job(job)
     assert (kwargs, enqueue_ms) == (request, NOW)

@@ -72,12 +72,19 @@ async def _put_job(redis: AsyncRedis, job_id: str, **fields: str) -> None:
     base.update(fields)
     await redis.hset(KEYS.job("c", job_id), mapping={k: v for k, v in base.items() if v != "<missing>"})
     await redis.zadd(KEYS.inflight("c", "k1"), {job_id: NOW})
+    await redis.zadd(KEYS.queue("c", "k1"), {job_id: NOW})
 
 
-async def _claim(redis: AsyncRedis, job_id: str, epoch: str = "5", *, with_record: bool = True) -> list[str]:
-    keys = [KEYS.job("c", job_id), KEYS.inflight("c", "k1"), KEYS.queue("c", "k1")]
+async def _claim(redis: AsyncRedis, epoch: str = "5") -> list[str]:
+    """claim.lua for kernel k1: it takes the oldest job on k1's queue."""
     result: list[str] = await Scripts(redis).claim(
-        keys=[*keys, KEYS.kernel("c", "k1")] if with_record else keys, args=[job_id, "k1", epoch, NOW]
+        keys=[
+            KEYS.inflight("c", "k1"),
+            KEYS.queue("c", "k1"),
+            KEYS.kernel_wake("c", "k1"),
+            KEYS.kernel("c", "k1"),
+        ],
+        args=["k1", epoch, NOW, KEYS.job("c", "")],
     )
     return result
 
@@ -101,7 +108,7 @@ async def test_a_corrupt_job_is_dropped_not_run(
 ) -> None:
     await redis.hset(KEYS.kernel("c", "k1"), mapping={"epoch": "5", "state": "running"})
     await _put_job(redis, "j1", **fields)
-    assert (await _claim(redis, "j1"))[0] == outcome
+    assert (await _claim(redis))[0] == outcome
     assert not await redis.exists(KEYS.job("c", "j1"))
     assert await redis.zcard(KEYS.inflight("c", "k1")) == 0
 
@@ -112,12 +119,12 @@ async def test_a_forged_epoch_cannot_make_the_current_kernel_exit(redis: AsyncRe
     a newer incarnation exists."""
     await redis.hset(KEYS.kernel("c", "k1"), mapping={"epoch": "5", "state": "running"})
     await _put_job(redis, "forged", epoch="999")
-    status = await _claim(redis, "forged")
+    status = await _claim(redis)
     assert status[0] == "ok", status  # run by the current incarnation (the record says it is current)
     assert await redis.hget(KEYS.job("c", "forged"), "epoch") == "5"
     # a real zombie (an older incarnation, whose record moved on) still steps aside
     await _put_job(redis, "j2", epoch="5")
-    assert (await _claim(redis, "j2", epoch="4"))[0] == "zombie"
+    assert (await _claim(redis, epoch="4"))[0] == "zombie"
     assert await redis.zscore(KEYS.queue("c", "k1"), "j2") == NOW, "the job went back for the current one"
 
 

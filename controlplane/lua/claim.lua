@@ -1,27 +1,28 @@
--- claim.lua: a kernel takes a job off its queue and starts it; in pop mode, when its own queue
--- is empty, it may take the oldest queued job of a sibling instead (work stealing).
+-- claim.lua: a kernel takes the oldest job off its queue and starts it; when its own queue is
+-- empty it may take the oldest queued job of a sibling instead (work stealing).
 --
--- KEYS[1] job       HASH  {prefix}job:{cluster}:{id}; in pop mode (ARGV[1] == '') a
---                         placeholder: the job key is then ARGV[5] .. the popped id
--- KEYS[2] inflight  ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
--- KEYS[3] queue     ZSET  {prefix}kernel:{cluster}:{kernel}:queue
--- KEYS[4] kernel    HASH  {prefix}kernel:{cluster}:{kernel}  (read: state, epoch; optional)
+-- KEYS[1] inflight  ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
+-- KEYS[2] queue     ZSET  {prefix}kernel:{cluster}:{kernel}:queue
+-- KEYS[3] wake      ZSET  {prefix}kernel:{cluster}:{kernel}:wake: one member, 'w', while jobs
+--                         may be queued; idle workers block on it (BZPOPMIN). enqueue.lua and
+--                         rebind.lua set it; here it is set again while jobs remain queued and
+--                         deleted once none does. It only wakes: a job without a token waits
+--                         for the worker's next claim (at most its blocking timeout), never lost.
+-- KEYS[4] kernel    HASH  {prefix}kernel:{cluster}:{kernel}  (read: state, epoch)
 -- KEYS[5] health    HASH  {prefix}kernel:{cluster}:{kernel}:health (read; with siblings only)
 -- KEYS[6] stats     HASH  {prefix}cluster:{cluster}:stats (HINCRBY steals; with siblings only)
 -- KEYS[7+3(i-1)..+2] sibling i: kernel record HASH (read: epoch), queue ZSET, inflight ZSET
---                    (counted in both modes; taken from in pop mode only)
--- ARGV[1] job id the caller popped (BZPOPMIN), or '' to pop the oldest queued job here
--- ARGV[2] kernel name of the caller
--- ARGV[3] fencing epoch of the caller
--- ARGV[4] now, unix ms
--- ARGV[5] job key prefix, {prefix}job:{cluster}: (pop mode only)
--- ARGV[6+2(i-1)..+1] sibling i: its name, and the epoch the caller last saw it with (the
+-- ARGV[1] kernel name of the caller
+-- ARGV[2] fencing epoch of the caller
+-- ARGV[3] now, unix ms; '' for the Redis server's clock (what kernels send: their claim is
+--         written behind a blocking pop of the wake token and runs when that returns)
+-- ARGV[4] job key prefix, {prefix}job:{cluster}: (the job key is this .. the popped id)
+-- ARGV[5+2(i-1)..+1] sibling i: its name, and the epoch the caller last saw it with (the
 --         caller checked then that it runs every syscall and capability of the sibling)
--- Pop mode lets a busy kernel deliver one result and take its next job in one round trip.
 -- Returns {'ok', job, reply, attempt, id, queued} to run it (queued: jobs still waiting on the
---           caller's own queue and its siblings', so the caller knows whether to look for its
---           next job in pop mode or to block);
---         {'empty'} in pop mode when there is nothing to take;
+--           caller's own queue and its siblings', so the caller knows whether to claim its
+--           next job at once or to block on its wake token first);
+--         {'empty'} when there is nothing to take;
 --         {'gone', id} when the job no longer exists (cancelled, timed out, cluster destroyed);
 --         {'fenced', id} when the job now belongs to another kernel;
 --         {'zombie', id} when it belongs to a newer incarnation of the caller's own kernel name
@@ -38,27 +39,42 @@
 -- to its own inflight set and claims it as its own (kernel and epoch rewritten).
 local STEAL_SCAN = 4
 
+-- set the wake token; a wake key of another type (nothing of ours writes one) is replaced
+local function wake()
+    local set = redis.pcall('ZADD', KEYS[3], 0, 'w')
+    if type(set) == 'table' and set.err then
+        redis.call('DEL', KEYS[3])
+        redis.call('ZADD', KEYS[3], 0, 'w')
+    end
+end
+
+local now = tonumber(ARGV[3])
+if not now then
+    local t = redis.call('TIME')
+    now = t[1] * 1000 + math.floor(t[2] / 1000)
+end
+
 local function steal()
     local me = redis.call('HMGET', KEYS[4], 'state', 'epoch')
-    if me[1] ~= 'running' or me[2] ~= ARGV[3] then
+    if me[1] ~= 'running' or me[2] ~= ARGV[2] then
         return nil
     end
     local health = redis.call('HMGET', KEYS[5], 'ejected_until', 'consecutive')
-    if (tonumber(health[1]) or 0) > tonumber(ARGV[4]) or (tonumber(health[2]) or 0) > 0 then
+    if (tonumber(health[1]) or 0) > now or (tonumber(health[2]) or 0) > 0 then
         return nil
     end
     local best, best_score, best_i
     for i = 1, (#KEYS - 6) / 3 do
         local base = 6 + 3 * (i - 1)
-        local name = ARGV[6 + 2 * (i - 1)]
-        if redis.call('HGET', KEYS[base + 1], 'epoch') == ARGV[7 + 2 * (i - 1)] then
+        local name = ARGV[5 + 2 * (i - 1)]
+        if redis.call('HGET', KEYS[base + 1], 'epoch') == ARGV[6 + 2 * (i - 1)] then
             local head = redis.call('ZRANGE', KEYS[base + 2], 0, STEAL_SCAN - 1, 'WITHSCORES')
             for j = 1, #head, 2 do
                 local score = tonumber(head[j + 1])
                 if best_score and score >= best_score then
                     break
                 end
-                local f = redis.call('HMGET', ARGV[5] .. head[j], 'kernel', 'strategy', 'state')
+                local f = redis.call('HMGET', ARGV[4] .. head[j], 'kernel', 'strategy', 'state')
                 if f[1] == name and f[2] ~= 'pinned' and f[3] == 'queued' then
                     best, best_score, best_i = head[j], score, i
                     break
@@ -72,57 +88,64 @@ local function steal()
     local base = 6 + 3 * (best_i - 1)
     redis.call('ZREM', KEYS[base + 2], best)
     redis.call('ZREM', KEYS[base + 3], best)
-    redis.call('ZADD', KEYS[2], best_score, best)
-    redis.call('HSET', ARGV[5] .. best, 'kernel', ARGV[2], 'epoch', ARGV[3],
-        'stolen_from', ARGV[6 + 2 * (best_i - 1)])
+    redis.call('ZADD', KEYS[1], best_score, best)
+    redis.call('HSET', ARGV[4] .. best, 'kernel', ARGV[1], 'epoch', ARGV[2],
+        'stolen_from', ARGV[5 + 2 * (best_i - 1)])
     redis.call('HINCRBY', KEYS[6], 'steals', 1)
     return best
 end
 
-local id, job = ARGV[1], KEYS[1]
-if id == '' then
-    local popped = redis.call('ZPOPMIN', KEYS[3])
-    if #popped > 0 then
-        id = popped[1]
-    elseif #KEYS > 6 then
+local id
+local popped = redis.call('ZPOPMIN', KEYS[2])
+if #popped > 0 then
+    id = popped[1]
+else
+    redis.call('DEL', KEYS[3])  -- nothing queued: the next enqueue sets the token again
+    if #KEYS > 6 then
         id = steal()
     end
-    if not id or id == '' then
+    if not id then
         return {'empty'}
     end
-    job = ARGV[5] .. id
 end
+local job = ARGV[4] .. id
 local f = redis.call('HMGET', job, 'kernel', 'epoch', 'job', 'reply', 'deadline_ms', 'attempt')
 if not (f[1] and f[3] and f[4] and tonumber(f[2])) or (f[6] and not tonumber(f[6])) then
     redis.call('DEL', job)
-    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[1], id)
     return {'gone', id}
 end
-if f[1] ~= ARGV[2] then
+if f[1] ~= ARGV[1] then
     return {'fenced', id}
 end
-if f[2] ~= ARGV[3] then
-    if KEYS[4] and redis.call('HGET', KEYS[4], 'epoch') == ARGV[3] then
+if f[2] ~= ARGV[2] then
+    if redis.call('HGET', KEYS[4], 'epoch') == ARGV[2] then
         -- the caller's record still names its epoch, so no newer incarnation exists: the job's
         -- epoch is stale or forged (anyone who may write jobs can), not a sign to exit; take it
-        redis.call('HSET', job, 'epoch', ARGV[3])
+        redis.call('HSET', job, 'epoch', ARGV[2])
     else
-        local score = redis.call('ZSCORE', KEYS[2], id)
+        local score = redis.call('ZSCORE', KEYS[1], id)
         if score then
-            redis.call('ZADD', KEYS[3], score, id)
+            redis.call('ZADD', KEYS[2], score, id)
+            wake()  -- for the incarnation the job is for
         end
         return {'zombie', id}
     end
 end
 local deadline = tonumber(f[5])
-if not deadline or deadline < tonumber(ARGV[4]) then
+if not deadline or deadline < now then
     redis.call('DEL', job)
-    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[1], id)
     return {'expired', id}
 end
 local attempt = (tonumber(f[6]) or 0) + 1
-redis.call('HSET', job, 'attempt', attempt, 'state', 'running', 'started_ms', ARGV[4])
-local queued = redis.call('ZCARD', KEYS[3])
+redis.call('HSET', job, 'attempt', attempt, 'state', 'running', 'started_ms', now)
+local queued = redis.call('ZCARD', KEYS[2])
+if queued > 0 then
+    wake()  -- more to do here: another worker blocked on it wakes too
+else
+    redis.call('DEL', KEYS[3])
+end
 for i = 1, (#KEYS - 6) / 3 do
     queued = queued + redis.call('ZCARD', KEYS[6 + 3 * (i - 1) + 2])
 end

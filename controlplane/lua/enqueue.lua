@@ -1,4 +1,4 @@
--- enqueue.lua: route one job to a kernel, in one round trip. With more than 4 KEYS the
+-- enqueue.lua: route one job to a kernel, in one round trip. With more than 5 KEYS the
 -- script also *chooses* the kernel among candidates (docs/routing.md), so a routing
 -- decision made on fresh in-flight counts costs no extra round trip.
 --
@@ -6,6 +6,8 @@
 -- KEYS[2] queue          ZSET  {prefix}kernel:{cluster}:{kernel}:queue     id -> enqueue ms
 -- KEYS[3] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight  id -> enqueue ms
 -- KEYS[4] job            HASH  {prefix}job:{cluster}:{id}
+-- KEYS[5] wake           ZSET  {prefix}kernel:{cluster}:{kernel}:wake  (the token 'w' the
+--                              kernel's idle workers block on; see claim.lua)
 -- ARGV[1] job id
 -- ARGV[2] arq-serialized job (JSON)
 -- ARGV[3] reply list key of the waiting client (stored, not touched here)
@@ -18,11 +20,11 @@
 -- Returns {1, inflight count} when queued; {0, state} when the kernel takes no work
 -- (draining, stopped, pending, gone); {-1, 'duplicate'} when the job id exists.
 --
--- Routed form (KEYS[1..3] are then those of the first candidate):
--- KEYS[5]            round-robin counter  STRING {prefix}cluster:{cluster}:rr (mode rr; SET once queued)
--- KEYS[5+5(i-1)+1..5] candidate i: kernel record HASH, queue ZSET, inflight ZSET,
+-- Routed form (KEYS[1..3] and KEYS[5] are then those of the first candidate):
+-- KEYS[6]            round-robin counter  STRING {prefix}cluster:{cluster}:rr (mode rr; SET once queued)
+-- KEYS[6+6(i-1)+1..6] candidate i: kernel record HASH, queue ZSET, inflight ZSET,
 --                    load record HASH {prefix}agent:{a}:load:{c}:{k} (read),
---                    health HASH {prefix}kernel:{c}:{k}:health (read)
+--                    health HASH {prefix}kernel:{c}:{k}:health (read), wake ZSET
 -- ARGV[9]  mode: 'first' (first running candidate), 'rr' (start at the shared counter),
 --          'p2c' (lowest expected delay, see score() below)
 -- ARGV[10] p2c: 0 or 1, which candidate wins a tie (the caller draws it at random);
@@ -36,7 +38,7 @@
 --          'name=until_ms ...' of candidates seen ejected}; {0, 'name=state ...'} when no
 --          candidate takes work; {-1, 'duplicate'}.
 
-local function write_job(kernel_key, queue_key, inflight_key, name)
+local function write_job(kernel_key, queue_key, inflight_key, wake_key, name)
     local epoch = redis.call('HGET', kernel_key, 'epoch')
     redis.call('HSET', KEYS[4],
         'job', ARGV[2], 'reply', ARGV[3], 'kernel', name, 'epoch', epoch,
@@ -45,10 +47,11 @@ local function write_job(kernel_key, queue_key, inflight_key, name)
     redis.call('PEXPIRE', KEYS[4], ARGV[6])
     redis.call('ZADD', inflight_key, ARGV[4], ARGV[1])
     redis.call('ZADD', queue_key, ARGV[4], ARGV[1])
+    redis.pcall('ZADD', wake_key, 0, 'w')  -- a wake key of another type: claim.lua replaces it
     return redis.call('ZCARD', inflight_key)
 end
 
-if #KEYS <= 4 then
+if #KEYS <= 5 then
     local state = redis.call('HGET', KEYS[1], 'state')
     if state ~= 'running' then
         return {0, state or 'missing'}
@@ -56,7 +59,7 @@ if #KEYS <= 4 then
     if redis.call('EXISTS', KEYS[4]) == 1 then
         return {-1, 'duplicate'}
     end
-    return {1, write_job(KEYS[1], KEYS[2], KEYS[3], ARGV[8])}
+    return {1, write_job(KEYS[1], KEYS[2], KEYS[3], KEYS[5], ARGV[8])}
 end
 
 if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -66,11 +69,11 @@ end
 local STALL_FACTOR = 3
 local now = tonumber(ARGV[4])
 local mode = ARGV[9]
-local n = (#KEYS - 5) / 5
+local n = (#KEYS - 6) / 6
 local refused = {}
 local ejected = {}
 
-local function key(i, j) return KEYS[5 + 5 * (i - 1) + j] end
+local function key(i, j) return KEYS[6 + 6 * (i - 1) + j] end
 local function name(i) return ARGV[14 + 3 * (i - 1)] end
 
 local function running(i)
@@ -85,7 +88,7 @@ end
 local order = {}
 local c = 0
 if mode == 'rr' then
-    c = (tonumber(redis.call('GET', KEYS[5])) or 0) + 1  -- advanced only when a job is queued
+    c = (tonumber(redis.call('GET', KEYS[6])) or 0) + 1  -- advanced only when a job is queued
     -- candidates come rotated by ARGV[9]; position c of the shared rotation is list index c - offset
     local offset = tonumber(ARGV[10]) or 0
     for j = 0, n - 1 do
@@ -168,9 +171,9 @@ end
 
 for skipped, i in ipairs(order) do
     if mode == 'p2c' or running(i) then
-        local count = write_job(key(i, 1), key(i, 2), key(i, 3), name(i))
+        local count = write_job(key(i, 1), key(i, 2), key(i, 3), key(i, 6), name(i))
         if mode == 'rr' then  -- the next job starts after the kernel that took this one
-            redis.call('SET', KEYS[5], c + skipped - 1, 'PX', ARGV[13])
+            redis.call('SET', KEYS[6], c + skipped - 1, 'PX', ARGV[13])
         end
         local consecutive = tonumber(redis.call('HGET', key(i, 5), 'consecutive')) or 0
         return {1, count, i, consecutive, table.concat(ejected, ' ')}

@@ -7,7 +7,8 @@
 --                              read: state, epoch, max_deliveries)
 -- KEYS[3] target queue   ZSET
 -- KEYS[4] target inflight ZSET
--- KEYS[5..] job hashes, one per id, in ARGV order
+-- KEYS[5] target wake    ZSET  (its token is set when a job is queued: see claim.lua)
+-- KEYS[6..] job hashes, one per id, in ARGV order
 -- ARGV[1] target kernel name
 -- ARGV[2..] job ids
 -- Returns the number of jobs queued on the target; -1 when the target takes no work.
@@ -26,7 +27,7 @@ local budget = tonumber(f[3]) or 3
 local moved = 0
 for i = 2, #ARGV do
     local id = ARGV[i]
-    local job = KEYS[i + 3]
+    local job = KEYS[i + 4]
     local score = redis.call('ZSCORE', KEYS[1], id)
     if score then
         local j = redis.call('HMGET', job, 'attempt', 'reply', 'enqueued_ms', 'job')
@@ -61,5 +62,8 @@ for i = 2, #ARGV do
             moved = moved + 1
         end
     end
+end
+if moved > 0 then
+    redis.pcall('ZADD', KEYS[5], 0, 'w')  -- a wake key of another type: claim.lua replaces it
 end
 return moved
