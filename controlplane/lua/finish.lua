@@ -33,13 +33,17 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
-local failed = 1 - tonumber(ARGV[5])
+-- increments of 0 are skipped (readers take a missing counter for 0): a job costs fewer calls
+local failed = ARGV[5] == '0'
+local queue_ms = tonumber(ARGV[8]) or 0
 for i = 4, 5 do
     redis.call('HINCRBY', KEYS[i], 'dispatches', 1)
-    redis.call('HINCRBY', KEYS[i], 'errors', failed)
+    if failed then
+        redis.call('HINCRBY', KEYS[i], 'errors', 1)
+    end
     redis.call('HINCRBYFLOAT', KEYS[i], 'latency_ms_sum', ARGV[6])
-    if ARGV[8] then
-        redis.call('HINCRBY', KEYS[i], 'queue_ms_sum', ARGV[8])
+    if queue_ms ~= 0 then
+        redis.call('HINCRBY', KEYS[i], 'queue_ms_sum', queue_ms)
     end
     for j = 9, #ARGV do
         redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
@@ -47,5 +51,7 @@ for i = 4, 5 do
 end
 local strategy = f[3] or 'unknown'
 redis.call('HINCRBY', KEYS[4], 'dispatches:' .. strategy, 1)
-redis.call('HINCRBY', KEYS[4], 'errors:' .. strategy, failed)
+if failed then
+    redis.call('HINCRBY', KEYS[4], 'errors:' .. strategy, 1)
+end
 return 1
