@@ -321,7 +321,7 @@ class KernelProcess:
 
     def _keep_siblings_fresh(self) -> None:
         """Re-read the siblings in the background when the list is older than `SIBLINGS_TTL`
-        (called per claim, so only a kernel that works reads them)."""
+        (called per claim: an idle kernel reads them once per `IDLE_BLOCK` at most)."""
         stale = time.monotonic() - self._siblings_at > SIBLINGS_TTL
         if stale and (self._refreshing is None or self._refreshing.done()):
             self._siblings_at = time.monotonic()
@@ -340,7 +340,7 @@ class KernelProcess:
             logger.warning("kernel %s/%s: could not read its siblings: %s", self.cluster, self.name, exc)
             return
         syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
-        self._siblings = [
+        siblings = [
             (k.name, k.epoch)
             for k in records
             if k.name != self.name
@@ -348,6 +348,14 @@ class KernelProcess:
             and set(k.syscalls.split()) <= syscalls
             and set(k.capabilities.split()) <= capabilities
         ]
+        changed, self._siblings = siblings != self._siblings, siblings
+        if changed:
+            # a blocked worker's claim went out with the old list: wake it, so that the claim
+            # it writes next carries this one (else it could wait up to IDLE_BLOCK to see it)
+            try:
+                await self.redis.zadd(self.wake_key, {"w": 0})
+            except Exception as exc:
+                logger.warning("kernel %s/%s: could not wake itself: %s", self.cluster, self.name, exc)
 
     def _claim_command(self) -> Command:
         keys, args = self._claim_call()
@@ -369,7 +377,7 @@ class KernelProcess:
         if done < 0:  # another incarnation owns the record now
             return True
         if not await self.redis.zcard(self.queue_key):
-            # in flight but not queued: a job popped by an attempt that never ran; take it back
+            # in flight but not queued: a job claimed for a pop the drain cut off; take it back
             await self.requeue_own()
         return False
 

@@ -18,7 +18,7 @@ from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, Ro
 from controlplane.errors import DispatchTimeout, KernelError, NoKernelAvailable
 from controlplane.keys import Keys
 from controlplane.models import OutlierConfig
-from kernel_agent.kernel import SIBLINGS_TTL
+from kernel_agent.kernel import IDLE_BLOCK, SIBLINGS_TTL
 from tests.conftest import ProcessStack
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
@@ -208,3 +208,30 @@ async def test_idle_kernels_take_over_work_queued_behind_a_stuck_one(
             await kcp.dispatch("r", SIM, kernel=k)
         assert {r.kernel for r in await asyncio.gather(*queued)} == {"worker-0"}
         assert int((await kcp.redis.hgetall(Keys().cluster_stats("r")))["steals"]) == 4
+
+
+async def test_an_idle_kernel_takes_over_a_queued_job_at_the_end_of_its_idle_pop(
+    stack: ProcessStack, tmp_path: Path
+) -> None:
+    """No job finishes anywhere, yet the job queued behind a stuck kernel moves: an idle
+    worker's claim runs when its blocking pop times out (`IDLE_BLOCK`) and takes it over."""
+    kcp, path = await start(stack, tmp_path)
+    async with kcp:
+        await asyncio.sleep(SIBLINGS_TTL)
+        for _ in range(2):  # every kernel has claimed since its sibling list was renewed
+            for k in KERNELS:
+                await kcp.dispatch("r", SIM, kernel=k)
+            await asyncio.sleep(0.3)
+        profile(path, worker_0={"stuck_ms": 3000 + 1000 * IDLE_BLOCK, "stuck_until": 2e9})
+        await asyncio.sleep(0.2)
+        primary = engine(RoutingStrategy.PRIMARY_FALLBACK, primary="worker-0", timeout_ms=30_000)
+        stuck = asyncio.create_task(kcp.dispatch("r", SIM, engine=primary))
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
+        moved = await kcp.dispatch("r", SIM, engine=primary)  # queued behind the stuck one
+        waited = loop.time() - queued_at
+        assert moved.kernel in ("worker-1", "worker-2")
+        assert waited < IDLE_BLOCK + 2.0, waited  # not the stuck job's 3 s + IDLE_BLOCK
+        assert int((await kcp.redis.hgetall(Keys().cluster_stats("r")))["steals"]) == 1
+        assert (await stuck).kernel == "worker-0"
