@@ -261,8 +261,8 @@ class OrchestrationEngine:
             for k in pool
             if (s := self._stats.get((k.cluster, k.name))) is not None and s.outcomes >= cfg.min_requests
         }
-        if len(rates) < 2:
-            return frozenset()
+        if len(rates) < 2 or max(rates.values()) < cfg.failure_rate_margin:
+            return frozenset()  # (a peers' median is never negative: nobody is that far above it)
         out = set()
         for name, rate in rates.items():
             peers = _median([r for n, r in rates.items() if n != name])
