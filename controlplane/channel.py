@@ -78,6 +78,8 @@ class Channel:
         before a later, blocking one returns). A lost connection fails them with
         ConnectionError."""
         link = self._link or await self._connect()
+        if link.closed:  # lost while we connected: its waiters were failed already
+            raise redis.exceptions.ConnectionError("connection to Redis lost")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         link.waiters.extend(futures)  # in the order of the writes: replies come in this order
@@ -200,6 +202,10 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.WriteTransport = writer.transport
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.transport.set_protocol(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def write(self, data: bytes) -> None:
         if self._closed or self.transport.is_closing():

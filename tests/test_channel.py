@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from typing import Any
 
 import pytest
 import redis.exceptions
@@ -128,6 +131,40 @@ async def test_reset_fails_waiters_and_the_next_call_starts_clean(redis_url: str
             await blocked
         await r.rpush("nothing", "x")
         assert await channel.execute("LPOP", "nothing") == "x", "the old BLPOP did not take it"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_a_peer_that_reads_nothing_makes_senders_wait_instead_of_buffering(
+    redis_server_factory: RedisServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("controlplane.channel.WRITE_HIGH_WATER", 64 << 10)
+    server = redis_server_factory()
+    r = connect(server.url)
+    channel = Channel(r)
+    blob = "x" * (256 << 10)
+    try:
+        assert await channel.execute("PING") == "PONG"
+        os.kill(server.pid, signal.SIGSTOP)  # reads nothing from now on
+        futures: list[asyncio.Future[Any]] = []
+
+        async def writer() -> None:
+            for i in range(64):  # 16 MiB: more than the socket buffers take
+                futures.extend(await channel.send([("SET", f"k{i}", blob)]))
+                await asyncio.sleep(0)  # one send per loop step (sends of one step go out together)
+
+        try:
+            writing = asyncio.create_task(writer())
+            await asyncio.sleep(1.0)
+            link = channel._link
+            assert link is not None and link.paused is not None, "the transport's buffer filled up"
+            assert not writing.done() and len(futures) < 64, "the sender waits for the peer"
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await writing
+        assert [await fut for fut in futures] == ["OK"] * 64
+        assert await channel.execute("STRLEN", "k63") == len(blob)
     finally:
         await channel.aclose()
         await r.aclose()
