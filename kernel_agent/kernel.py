@@ -230,7 +230,7 @@ class KernelProcess:
                 steps: list[Command] = [] if finish is None else [self._finish_command(finish)]
                 if not busy:
                     steps.append(("BZPOPMIN", self.wake_key, block))
-                steps.append(self._claim_command())
+                steps.append(self._claim_command(after_job=finish is not None))
                 replies = await channel.send(steps)
                 if finish is not None:
                     await self._delivered(finish, replies[0])
@@ -295,15 +295,16 @@ class KernelProcess:
             raise popped
         return True
 
-    def _claim_call(self) -> tuple[list[str], list[str | int]]:
+    def _claim_call(self, *, after_job: bool = False) -> tuple[list[str], list[str | int]]:
         """KEYS and ARGV of claim.lua; unless draining, with the siblings whose queues it counts
-        and may take from. `now` is left to the Redis clock: a claim written behind a blocking
-        pop runs when the pop returns."""
+        and may take from (re-read `after_job` when stale). `now` is left to the Redis clock: a
+        claim written behind a blocking pop runs when the pop returns."""
         keys = [self.inflight_key, self.queue_key, self.wake_key, self.record_key]
         args: list[str | int] = [self.name, self.epoch, "", self.keys.job(self.cluster, "")]
         if self._draining.is_set():
             return keys, args
-        self._keep_siblings_fresh()
+        if after_job:
+            self._keep_siblings_fresh()
         if not self._siblings:
             return keys, args
         siblings = self._siblings
@@ -321,7 +322,8 @@ class KernelProcess:
 
     def _keep_siblings_fresh(self) -> None:
         """Re-read the siblings in the background when the list is older than `SIBLINGS_TTL`
-        (called per claim: an idle kernel reads them once per `IDLE_BLOCK` at most)."""
+        (called with the claim after a job: only a kernel that works reads them; an idle
+        kernel's periodic claim uses the list it has)."""
         stale = time.monotonic() - self._siblings_at > SIBLINGS_TTL
         if stale and (self._refreshing is None or self._refreshing.done()):
             self._siblings_at = time.monotonic()
@@ -340,14 +342,14 @@ class KernelProcess:
             logger.warning("kernel %s/%s: could not read its siblings: %s", self.cluster, self.name, exc)
             return
         syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
-        siblings = [
+        siblings = sorted(  # sorted: the kernel set comes in no particular order
             (k.name, k.epoch)
             for k in records
             if k.name != self.name
             and k.state in _STEALABLE_STATES
             and set(k.syscalls.split()) <= syscalls
             and set(k.capabilities.split()) <= capabilities
-        ]
+        )
         changed, self._siblings = siblings != self._siblings, siblings
         if changed:
             # a blocked worker's claim went out with the old list: wake it, so that the claim
@@ -357,8 +359,8 @@ class KernelProcess:
             except Exception as exc:
                 logger.warning("kernel %s/%s: could not wake itself: %s", self.cluster, self.name, exc)
 
-    def _claim_command(self) -> Command:
-        keys, args = self._claim_call()
+    def _claim_command(self, *, after_job: bool) -> Command:
+        keys, args = self._claim_call(after_job=after_job)
         return ("EVALSHA", self.scripts.claim.sha, len(keys), *keys, *args)
 
     def _finish_command(self, finish: Finish) -> Command:
