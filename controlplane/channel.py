@@ -161,16 +161,14 @@ class Channel:
             self._drop(redis.exceptions.ConnectionError(f"channel write failed: {exc!r}"))
 
     def _lost(self, link: _Link) -> None:
-        """The connection of `link` failed (closed by the peer, a bad reply): forget it."""
+        """`link` closed (by us, the peer, or a bad reply): forget it and what was not written."""
         if self._link is link:
             self._link = None
             self._out.clear()
 
     def _drop(self, exc: Exception) -> None:
-        link, self._link = self._link, None
-        self._out.clear()
-        if link is not None:
-            link.close(exc)
+        if self._link is not None:
+            self._link.close(exc)  # which calls `_lost`
 
 
 class _Link(asyncio.Protocol):
@@ -213,10 +211,11 @@ class _Link(asyncio.Protocol):
         self.transport.write(data)
 
     def close(self, exc: Exception) -> None:
-        """Fail every waiter with `exc` and close the connection."""
+        """Tell the channel, fail every waiter with `exc` and close the connection."""
         if self._closed:
             return
         self._closed = True
+        self._on_lost(self)
         self._fail_all(exc)
         self.transport.abort()
         # redis-py's bookkeeping (its stream is closed with the transport)
@@ -232,10 +231,10 @@ class _Link(asyncio.Protocol):
                 if not fut.done():
                     fut.set_result(reply)
         except Exception as exc:
-            self._lose(redis.exceptions.ConnectionError(f"channel read failed: {exc!r}"))
+            self.close(redis.exceptions.ConnectionError(f"channel read failed: {exc!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lose(
+        self.close(
             redis.exceptions.ConnectionError(
                 f"connection to Redis lost: {exc!r}" if exc else "connection closed by server"
             )
@@ -251,10 +250,6 @@ class _Link(asyncio.Protocol):
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
         self.paused = None
-
-    def _lose(self, exc: Exception) -> None:
-        self._on_lost(self)
-        self.close(exc)
 
     def _fail_all(self, exc: Exception) -> None:
         while self.waiters:

@@ -100,11 +100,11 @@ local popped = redis.call('ZPOPMIN', KEYS[2])
 if #popped > 0 then
     id = popped[1]
 else
-    redis.call('DEL', KEYS[3])  -- nothing queued: the next enqueue sets the token again
     if #KEYS > 6 then
         id = steal()
     end
     if not id then
+        redis.call('DEL', KEYS[3])  -- nothing queued: the next enqueue sets the token again
         return {'empty'}
     end
 end
