@@ -27,11 +27,12 @@ test: $(STAMP)
 # into a live system's Redis for KCP_FUZZ_SECONDS (default 60).
 fuzz: $(STAMP)
 	KCP_FUZZ_SECONDS=$${KCP_FUZZ_SECONDS:-60} $(BIN)/pytest --hypothesis-profile=fuzz \
-		tests/test_fuzz_models.py tests/test_fuzz_api.py tests/test_fuzz_redis.py
+		tests/protocol/test_fuzz_models.py tests/client/test_fuzz_api.py tests/redis/test_fuzz_redis.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy controlplane kernel_agent

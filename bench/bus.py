@@ -32,7 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from controlplane import BusMessage, BusTopic, InterKernelBus, Settings
-from controlplane.redis_server import start_redis_server
+from controlplane.ops.redis_server import start_redis_server
 
 PAYLOAD = {"kernel": "worker-1", "cpu": 0.42, "memory": 0.31, "queue_depth": 3}
 BATCH = 1000

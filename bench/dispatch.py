@@ -31,7 +31,7 @@ import redis
 import redis.asyncio as aioredis
 
 from controlplane import KcpClient, Settings
-from controlplane.stack import LocalStack
+from controlplane.ops.stack import LocalStack
 
 WORKERS = 3
 IN_FLIGHT = 100

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from controlplane import KcpClient, Settings
-from controlplane.keys import Keys
-from controlplane.stack import LocalStack
+from controlplane.ops.stack import LocalStack
+from controlplane.protocol.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = Keys()

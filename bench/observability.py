@@ -20,15 +20,15 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from controlplane import stats
-from controlplane.exporter import exposition
-from controlplane.jobs import REPLY_TTL_MS
-from controlplane.keys import Keys
-from controlplane.models import ClusterConfig
-from controlplane.redis_server import start_redis_server
-from controlplane.scripts import Scripts
+from controlplane.ops.exporter.core import exposition
+from controlplane.ops.redis_server import start_redis_server
+from controlplane.protocol import stats
+from controlplane.protocol.jobs import REPLY_TTL_MS
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import ClusterConfig
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State
 from controlplane.settings import Settings
-from controlplane.state import State
 
 KEYS = Keys()
 

@@ -50,9 +50,9 @@ import redis
 
 from controlplane import ClusterConfig, KcpClient, OrchestrationConfig, OrchestrationEngine, Settings
 from controlplane.errors import DispatchError
-from controlplane.keys import Keys
-from controlplane.redis_server import start_redis_server
-from kernel_agent.kernel import SIBLINGS_TTL
+from controlplane.ops.redis_server import start_redis_server
+from controlplane.protocol.keys import Keys
+from kernel_agent.kernel.worker import SIBLINGS_TTL
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = 8
@@ -214,7 +214,7 @@ class Bench:
             "KCP_SIM_PROFILE": str(self.profile),
             "PYTHONPATH": str(ROOT),
         }
-        base = [sys.executable, "-m", "controlplane.cli", "--log-level", "WARNING"]
+        base = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING"]
         self.procs = [subprocess.Popen([*base, "serve"], env=env)]
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         for i in range(KERNELS):

@@ -27,10 +27,10 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_tls import make_certificates  # the tests' certificate maker
 
-from controlplane.acl import build_users, passwords_for, setuser_args
-from controlplane.connection import connect
-from controlplane.keys import Keys
-from controlplane.redis_server import free_port, start_redis_server
+from controlplane.ops.acl import build_users, passwords_for, setuser_args
+from controlplane.ops.redis_server import free_port, start_redis_server
+from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import connect
 from controlplane.settings import Settings
 
 KEYS = Keys()

@@ -2,76 +2,100 @@
 
 The spec's public names (`OrchestrationTools`, `KernelCluster`, `OrchestrationEngine`,
 `LoadBalancer`, the enums and config/data classes) plus the typed client `KcpClient`.
+
+Each name is imported when first used (PEP 562), so importing one submodule, say the kernel
+process's `kernel_agent.kernel`, loads nothing of the client, the bus or the exporter.
 """
 
-from .balancer import LoadBalancer
-from .bus import BusConfig, InterKernelBus, ReceivedMessage
-from .client import ClusterInfo, DispatchResult, KcpClient
-from .cluster import KernelCluster
-from .engine import OrchestrationEngine
-from .errors import (
-    ClusterExists,
-    ClusterNotFound,
-    DispatchError,
-    DispatchTimeout,
-    InvalidRequest,
-    KcpError,
-    KernelError,
-    NoKernelAvailable,
-    RedisUnavailable,
-)
-from .metrics import ClusterMetricsCollector
-from .models import (
-    BusMessage,
-    BusTopic,
-    ClusterConfig,
-    ClusterMetrics,
-    ClusterStatus,
-    KernelLoad,
-    KernelMetricsSnapshot,
-    LoadBalancerConfig,
-    OrchestrationConfig,
-    OrchestrationMetrics,
-    OutlierConfig,
-    RoutingStrategy,
-)
-from .requests import SyscallRequest
-from .settings import Settings
-from .tools import OrchestrationTools
+import importlib
+import typing
 
-__all__ = [
-    "BusConfig",
-    "BusMessage",
-    "BusTopic",
-    "ClusterConfig",
-    "ClusterExists",
-    "ClusterInfo",
-    "ClusterMetrics",
-    "ClusterMetricsCollector",
-    "ClusterNotFound",
-    "ClusterStatus",
-    "DispatchError",
-    "DispatchResult",
-    "DispatchTimeout",
-    "InterKernelBus",
-    "InvalidRequest",
-    "KcpClient",
-    "KcpError",
-    "KernelCluster",
-    "KernelError",
-    "KernelLoad",
-    "KernelMetricsSnapshot",
-    "LoadBalancer",
-    "LoadBalancerConfig",
-    "NoKernelAvailable",
-    "OrchestrationConfig",
-    "OrchestrationEngine",
-    "OrchestrationMetrics",
-    "OrchestrationTools",
-    "OutlierConfig",
-    "ReceivedMessage",
-    "RedisUnavailable",
-    "RoutingStrategy",
-    "Settings",
-    "SyscallRequest",
-]
+if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` imports them
+    from controlplane.bus import BusConfig as BusConfig
+    from controlplane.bus import InterKernelBus as InterKernelBus
+    from controlplane.bus import ReceivedMessage as ReceivedMessage
+    from controlplane.client.balancer import LoadBalancer as LoadBalancer
+    from controlplane.client.cluster import KernelCluster as KernelCluster
+    from controlplane.client.core import ClusterInfo as ClusterInfo
+    from controlplane.client.core import DispatchResult as DispatchResult
+    from controlplane.client.core import KcpClient as KcpClient
+    from controlplane.client.engine import OrchestrationEngine as OrchestrationEngine
+    from controlplane.client.metrics import ClusterMetricsCollector as ClusterMetricsCollector
+    from controlplane.client.tools import OrchestrationTools as OrchestrationTools
+    from controlplane.errors import ClusterExists as ClusterExists
+    from controlplane.errors import ClusterNotFound as ClusterNotFound
+    from controlplane.errors import DispatchError as DispatchError
+    from controlplane.errors import DispatchTimeout as DispatchTimeout
+    from controlplane.errors import InvalidRequest as InvalidRequest
+    from controlplane.errors import KcpError as KcpError
+    from controlplane.errors import KernelError as KernelError
+    from controlplane.errors import NoKernelAvailable as NoKernelAvailable
+    from controlplane.errors import RedisUnavailable as RedisUnavailable
+    from controlplane.protocol.models import BusMessage as BusMessage
+    from controlplane.protocol.models import BusTopic as BusTopic
+    from controlplane.protocol.models import ClusterConfig as ClusterConfig
+    from controlplane.protocol.models import ClusterMetrics as ClusterMetrics
+    from controlplane.protocol.models import ClusterStatus as ClusterStatus
+    from controlplane.protocol.models import KernelLoad as KernelLoad
+    from controlplane.protocol.models import KernelMetricsSnapshot as KernelMetricsSnapshot
+    from controlplane.protocol.models import LoadBalancerConfig as LoadBalancerConfig
+    from controlplane.protocol.models import OrchestrationConfig as OrchestrationConfig
+    from controlplane.protocol.models import OrchestrationMetrics as OrchestrationMetrics
+    from controlplane.protocol.models import OutlierConfig as OutlierConfig
+    from controlplane.protocol.models import RoutingStrategy as RoutingStrategy
+    from controlplane.protocol.requests import SyscallRequest as SyscallRequest
+    from controlplane.settings import Settings as Settings
+
+#: Each public name and the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "BusConfig": "controlplane.bus",
+    "BusMessage": "controlplane.protocol.models",
+    "BusTopic": "controlplane.protocol.models",
+    "ClusterConfig": "controlplane.protocol.models",
+    "ClusterExists": "controlplane.errors",
+    "ClusterInfo": "controlplane.client.core",
+    "ClusterMetrics": "controlplane.protocol.models",
+    "ClusterMetricsCollector": "controlplane.client.metrics",
+    "ClusterNotFound": "controlplane.errors",
+    "ClusterStatus": "controlplane.protocol.models",
+    "DispatchError": "controlplane.errors",
+    "DispatchResult": "controlplane.client.core",
+    "DispatchTimeout": "controlplane.errors",
+    "InterKernelBus": "controlplane.bus",
+    "InvalidRequest": "controlplane.errors",
+    "KcpClient": "controlplane.client.core",
+    "KcpError": "controlplane.errors",
+    "KernelCluster": "controlplane.client.cluster",
+    "KernelError": "controlplane.errors",
+    "KernelLoad": "controlplane.protocol.models",
+    "KernelMetricsSnapshot": "controlplane.protocol.models",
+    "LoadBalancer": "controlplane.client.balancer",
+    "LoadBalancerConfig": "controlplane.protocol.models",
+    "NoKernelAvailable": "controlplane.errors",
+    "OrchestrationConfig": "controlplane.protocol.models",
+    "OrchestrationEngine": "controlplane.client.engine",
+    "OrchestrationMetrics": "controlplane.protocol.models",
+    "OrchestrationTools": "controlplane.client.tools",
+    "OutlierConfig": "controlplane.protocol.models",
+    "ReceivedMessage": "controlplane.bus",
+    "RedisUnavailable": "controlplane.errors",
+    "RoutingStrategy": "controlplane.protocol.models",
+    "Settings": "controlplane.settings",
+    "SyscallRequest": "controlplane.protocol.requests",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> typing.Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'controlplane' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

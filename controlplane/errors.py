@@ -1,4 +1,4 @@
-"""The exception tree. Callers catch these, never redis-py's types.
+"""The exception tree. Callers catch these, never redis-py's types (`controlplane.redis.errors` maps them).
 
 KcpError
 ├── InvalidRequest          bad input: a name, a config, a request (also a ValueError)
@@ -12,11 +12,6 @@ KcpError
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-
-import redis.exceptions
 
 
 class KcpError(Exception):
@@ -62,27 +57,3 @@ class KernelError(DispatchError):
 
 class RedisUnavailable(KcpError):
     """Redis could not be reached, timed out, or refused a command."""
-
-
-def _translate(exc: redis.exceptions.RedisError) -> KcpError:
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return RedisUnavailable(f"Redis unavailable: {exc}")
-    return RedisUnavailable(f"Redis error: {exc}")
-
-
-@contextlib.contextmanager
-def map_redis_errors() -> Iterator[None]:
-    """Translate redis-py exceptions raised inside the block into `RedisUnavailable`."""
-    try:
-        yield
-    except redis.exceptions.RedisError as exc:
-        raise _translate(exc) from exc
-
-
-@contextlib.asynccontextmanager
-async def amap_redis_errors() -> AsyncIterator[None]:
-    """Async flavour of `map_redis_errors` for `async with` blocks."""
-    try:
-        yield
-    except redis.exceptions.RedisError as exc:
-        raise _translate(exc) from exc

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .tls import ConnectionOptions, effective_url
+from controlplane.tls import ConnectionOptions, effective_url
 
 
 class Settings(BaseSettings):

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane.requests import FiniteFloat
+from controlplane.protocol.requests import FiniteFloat
 from kernel_agent.syscalls import SyscallContext, SyscallRegistry
 
 MAX_INPUTS = 1024

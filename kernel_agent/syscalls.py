@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from controlplane.errors import InvalidRequest
-from controlplane.requests import (
+from controlplane.protocol.requests import (
     BUILTIN_SYSCALLS,
     DEFAULT_MAX_BYTES,
     decode_data,

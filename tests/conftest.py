@@ -17,7 +17,7 @@ import pytest_asyncio
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane.redis_server import RedisServerProcess, start_redis_server
+from controlplane.ops.redis_server import RedisServerProcess, start_redis_server
 
 # `make fuzz` runs the fuzz suites with `--hypothesis-profile=fuzz` (and KCP_FUZZ_SECONDS for the
 # live-system fuzzer); `make test` uses the default budgets, which the fuzz tests keep small.
@@ -105,7 +105,7 @@ class ProcessStack:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "controlplane.cli", "--redis-url", self.redis_url, *args]
+        cmd = [sys.executable, "-m", "controlplane.ops.cli", "--redis-url", self.redis_url, *args]
         # the repository root on the path, so agents can load `--handlers examples.infer_handlers`
         root = str(Path(__file__).resolve().parents[1])
         proc = subprocess.Popen(cmd, env={**os.environ, **self.ENV, "PYTHONPATH": root, **(env or {})})

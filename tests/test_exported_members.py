@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 
 import pytest
@@ -32,7 +34,9 @@ SPEC_NAMES = {
 
 
 def public_members() -> list[str]:
-    """Public names bound in the package, submodules (attributes set by importing them) left out."""
+    """Public names bound in the package once every export is loaded, submodules left out."""
+    for name in controlplane.__all__:
+        getattr(controlplane, name)
     return sorted(
         name
         for name, value in vars(controlplane).items()
@@ -51,3 +55,15 @@ def test_all_names_resolve() -> None:
 
 def test_all_has_the_spec_names() -> None:
     assert sorted(SPEC_NAMES - set(controlplane.__all__)) == []
+
+
+def test_importing_the_package_loads_none_of_its_parts() -> None:
+    """The spec's names load when first used: `import controlplane` alone imports no submodule."""
+    code = "import sys, controlplane; print(sorted(m for m in sys.modules if m.startswith('controlplane')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["['controlplane']"]
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        controlplane.Nope  # noqa: B018

@@ -10,8 +10,8 @@
 - `cli`: `kcp bus publish|tail|stats`
 """
 
-from .codec import BusConfig, Published, ReceivedMessage
-from .consumer import MessageHandler
-from .core import InterKernelBus
+from controlplane.bus.codec import BusConfig, Published, ReceivedMessage
+from controlplane.bus.consumer import MessageHandler
+from controlplane.bus.core import InterKernelBus
 
 __all__ = ["BusConfig", "InterKernelBus", "MessageHandler", "Published", "ReceivedMessage"]

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InvalidRequest
-from ..models import NAME_PATTERN, BusMessage, BusTopic
+from controlplane.errors import InvalidRequest
+from controlplane.protocol.models import NAME_PATTERN, BusMessage, BusTopic
 
 _NAME = re.compile(NAME_PATTERN)
 _TOPICS = {t.value: t for t in BusTopic}

@@ -31,11 +31,11 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ..errors import KcpError
-from ..keys import Keys
-from ..models import BusMessage, BusTopic
-from .codec import BusConfig, Fields, ReceivedMessage, decode
-from .recovery import StreamBatch, dead_letter, delivery_counts, unseen_gaps
+from controlplane.bus.codec import BusConfig, Fields, ReceivedMessage, decode
+from controlplane.bus.recovery import StreamBatch, dead_letter, delivery_counts, unseen_gaps
+from controlplane.errors import KcpError
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import BusMessage, BusTopic
 
 logger = logging.getLogger(__name__)
 

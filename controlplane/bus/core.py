@@ -27,15 +27,16 @@ import pydantic
 import redis
 import redis.asyncio as aioredis
 
-from ..connection import connect
-from ..errors import DispatchTimeout, InvalidRequest, map_redis_errors
-from ..keys import Keys
-from ..models import BusMessage, BusTopic
-from ..settings import Settings
-from .codec import BusConfig, Published, ReceivedMessage, check_name, check_topic, encode
-from .consumer import KernelConsumer, MessageHandler
-from .publisher import StreamWriter
-from .stats import read_stats
+from controlplane.bus.codec import BusConfig, Published, ReceivedMessage, check_name, check_topic, encode
+from controlplane.bus.consumer import KernelConsumer, MessageHandler
+from controlplane.bus.publisher import StreamWriter
+from controlplane.bus.stats import read_stats
+from controlplane.errors import DispatchTimeout, InvalidRequest
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import BusMessage, BusTopic
+from controlplane.redis.connect import connect
+from controlplane.redis.errors import map_redis_errors
+from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
 

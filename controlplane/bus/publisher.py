@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from ..errors import InvalidRequest, KcpError, amap_redis_errors
-from ..keys import Keys
-from ..scripts import lua_source
-from .codec import BusConfig, Published
+from controlplane.bus.codec import BusConfig, Published
+from controlplane.errors import InvalidRequest, KcpError
+from controlplane.protocol.keys import Keys
+from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts import lua_source
 
 logger = logging.getLogger(__name__)
 

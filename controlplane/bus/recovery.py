@@ -11,8 +11,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..keys import Keys
-from .codec import BusConfig, Fields, as_dict
+from controlplane.bus.codec import BusConfig, Fields, as_dict
+from controlplane.protocol.keys import Keys
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import redis
 
-from ..keys import Keys
-from ..models import BusTopic
-from .consumer import INBOX
+from controlplane.bus.consumer import INBOX
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import BusTopic
 
 
 def _int(value: Any) -> int:

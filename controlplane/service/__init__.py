@@ -1,7 +1,7 @@
 """`kcp serve`: the control-plane service (leader lease, reconciler)."""
 
-from .app import ControlPlane
-from .leader import LeaderLease
-from .reconciler import Reconciler
+from controlplane.service.app import ControlPlane
+from controlplane.service.leader import LeaderLease
+from controlplane.service.reconciler import Reconciler
 
 __all__ = ["ControlPlane", "LeaderLease", "Reconciler"]

@@ -10,12 +10,12 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ..keys import Keys
-from ..scripts import Scripts
-from ..settings import Settings
-from ..state import State
-from .leader import LeaderLease
-from .reconciler import Reconciler
+from controlplane.protocol.keys import Keys
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State
+from controlplane.service.leader import LeaderLease
+from controlplane.service.reconciler import Reconciler
+from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..keys import Keys
-from ..models import ClusterRecord, ClusterStatus, KernelLoad, KernelRecord, KernelState
-from ..settings import Settings
-from ..state import State
-from .leader import LeaderLease
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import ClusterRecord, ClusterStatus, KernelLoad, KernelRecord, KernelState
+from controlplane.redis.state import State
+from controlplane.service.leader import LeaderLease
+from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from ..keys import Keys
-from ..models import AgentRecord, KernelRecord, KernelState
-from ..settings import Settings
-from ..state import State, now_ms
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import AgentRecord, KernelRecord, KernelState
+from controlplane.redis.state import State, now_ms
+from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.client import Pipeline
 
-from ..keys import Keys
-from ..scripts import Scripts
+from controlplane.protocol.keys import Keys
+from controlplane.redis.scripts import Scripts
 
 logger = logging.getLogger(__name__)
 

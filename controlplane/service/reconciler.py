@@ -15,22 +15,22 @@ from collections import Counter
 
 import redis.exceptions
 
-from .. import stats
-from ..jobs import REPLY_TTL_MS, encode_result
-from ..keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
-from ..models import (
+from controlplane.protocol import stats
+from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
+from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
+from controlplane.protocol.models import (
     ACTIVE_KERNEL_STATES,
     ClusterRecord,
     ClusterStatus,
     KernelRecord,
     KernelState,
 )
-from ..scripts import Scripts
-from ..settings import Settings
-from ..state import State, now_ms
-from .autoscaler import Autoscaler
-from .detector import FailureDetector, Fleet
-from .leader import LeaderLease, NotLeader, begin_writes
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State, now_ms
+from controlplane.service.autoscaler import Autoscaler
+from controlplane.service.detector import FailureDetector, Fleet
+from controlplane.service.leader import LeaderLease, NotLeader, begin_writes
+from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ class Procs:
         self.others: list[subprocess.Popen[bytes]] = []  # load clients: killed by stop() if still running
 
     def start(self, name: str, *args: str, netns: str | None = None, url: str | None = None) -> None:
-        cmd = [sys.executable, "-m", "controlplane.cli", "--redis-url", url or self.redis_url, *args]
+        cmd = [sys.executable, "-m", "controlplane.ops.cli", "--redis-url", url or self.redis_url, *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.argv[name] = cmd
@@ -236,7 +236,7 @@ class SentinelSetup:
     SERVICE = "kcpmaster"
 
     def __init__(self, base: Path) -> None:
-        from controlplane.redis_server import find_redis_server, free_port, start_redis_server
+        from controlplane.ops.redis_server import find_redis_server, free_port, start_redis_server
 
         self.master = start_redis_server(data_dir=base / "master")
         self.replica = start_redis_server(

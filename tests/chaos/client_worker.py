@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from controlplane import KcpClient, KcpError, OrchestrationConfig, Settings
-from controlplane.client import DispatchResult
+from controlplane.client.core import DispatchResult
 from controlplane.errors import RedisUnavailable
 
 #: How long a dispatch is retried while Redis is unreachable (a restart, a Sentinel failover), s.

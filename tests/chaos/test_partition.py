@@ -25,7 +25,7 @@ from chaoslib import (
     wait_until,
 )
 
-from controlplane.redis_server import RedisServerProcess
+from controlplane.ops.redis_server import RedisServerProcess
 
 pytestmark = [
     pytest.mark.chaos,

@@ -1,0 +1,309 @@
+"""The typed async client: manage clusters and dispatch requests. Raises `KcpError`s.
+
+async with KcpClient() as kcp:
+    await kcp.create_cluster("compute", kernel_count=3)
+    result = await kcp.dispatch("compute", {"type": "PING"})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Self
+
+import pydantic
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from controlplane.client.dispatch import ClusterViews, Dispatcher
+from controlplane.client.engine import OrchestrationEngine
+from controlplane.errors import ClusterNotFound, InvalidRequest
+from controlplane.protocol.jobs import Outcome
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import (
+    ACTIVE_KERNEL_STATES,
+    NAME_PATTERN,
+    ClusterConfig,
+    ClusterMetrics,
+    ClusterRecord,
+    ClusterStatus,
+    KernelLoad,
+    KernelRecord,
+    KernelState,
+    OrchestrationConfig,
+    RoutingStrategy,
+)
+from controlplane.protocol.requests import parse_args, parse_request
+from controlplane.protocol.stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
+from controlplane.redis.connect import connect
+from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State
+from controlplane.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_NAME = pydantic.TypeAdapter(pydantic.constr(pattern=NAME_PATTERN))
+
+
+def validate_name(name: object, what: str = "cluster name") -> str:
+    """`name` if it is a safe name (letters, digits, `_.-`, at most 64), else `InvalidRequest`."""
+    try:
+        return _NAME.validate_python(name)
+    except pydantic.ValidationError:
+        raise InvalidRequest(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)"
+        ) from None
+
+
+def _error_text(exc: pydantic.ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+
+
+class ClusterInfo(pydantic.BaseModel):
+    """A cluster as a client sees it."""
+
+    name: str
+    status: ClusterStatus
+    desired: int
+    running: int
+    config: ClusterConfig
+    reason: str = ""
+    kernels: list[KernelRecord] = pydantic.Field(default_factory=list)
+
+    @classmethod
+    def of(cls, record: ClusterRecord, kernels: list[KernelRecord]) -> ClusterInfo:
+        return cls(
+            name=record.name,
+            status=record.status,
+            desired=record.desired,
+            config=record.config,
+            reason=record.reason,
+            kernels=kernels,
+            running=sum(k.state is KernelState.RUNNING for k in kernels),
+        )
+
+
+class DispatchResult(pydantic.BaseModel):
+    kernel: str
+    result: dict[str, Any]
+    latency_ms: float
+    attempts: int
+    job_id: str
+
+
+class KcpClient:
+    """One connection pool, one reply listener, one engine. Use as an async context manager."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        orchestration: OrchestrationConfig | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.keys = Keys(self.settings.prefix)
+        self._own_redis = redis is None
+        self.redis = redis if redis is not None else connect(self.settings.redis_url)
+        self.state = State(self.redis, self.keys)
+        self.scripts = Scripts(self.redis)
+        self.dispatcher = Dispatcher(self.redis, self.keys, self.scripts)
+        self.views = ClusterViews(self.state)
+        self.engine = OrchestrationEngine(orchestration)
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.dispatcher.start()
+            await self.views.start()
+            self._started = True
+
+    async def aclose(self) -> None:
+        """Stop the background tasks and close the pool (if this client created it). Idempotent."""
+        if self._started:
+            await self.views.stop()
+            await self.dispatcher.stop()
+            self._started = False
+        if self._own_redis:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ clusters
+    async def create_cluster(
+        self,
+        name: str,
+        kernel_count: int = 1,
+        config: ClusterConfig | Mapping[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+    ) -> ClusterInfo:
+        """Create a cluster of `kernel_count` kernels; wait up to `wait` seconds (default
+        `ready_timeout`) for them to run. Raises `ClusterExists`, `InvalidRequest`."""
+        name = validate_name(name)
+        cfg = self._config(config)
+        count = self._count(kernel_count, cfg, "kernel_count")
+        await self.state.create_cluster(name, cfg, count)
+        await self._wake_service()
+        return await self._await_settled(name, wait)
+
+    async def destroy_cluster(self, name: str, *, wait: float | None = None) -> None:
+        """Stop the cluster's kernels and delete its keys (queued jobs get an error).
+
+        Waits up to `wait` seconds (default `ready_timeout`) for the control plane to finish."""
+        name = validate_name(name)
+        await self.state.require_cluster(name)
+        await self.state.update_cluster(
+            name, status=ClusterStatus.STOPPED.value, stopped_at=f"{time.time():.3f}"
+        )
+        await self._wake_service()
+        deadline = time.monotonic() + (self.settings.ready_timeout if wait is None else wait)
+        while time.monotonic() < deadline and await self.state.get_cluster(name) is not None:
+            await self.views.wait_change(min(deadline - time.monotonic(), 0.25))
+
+    async def list_clusters(self) -> list[ClusterInfo]:
+        clusters = [c for c in await self.state.list_clusters() if c.status is not ClusterStatus.STOPPED]
+        return [ClusterInfo.of(c, await self.state.kernels(c.name)) for c in clusters]
+
+    async def get_cluster(self, name: str) -> ClusterInfo:
+        record = await self.state.require_cluster(validate_name(name))
+        return ClusterInfo.of(record, await self.state.kernels(name))
+
+    async def scale_cluster(
+        self, name: str, target_count: int, *, wait: float | None = None
+    ) -> tuple[int, int]:
+        """Set the cluster's kernel count; returns (previous, new). Scale-down drains kernels:
+        they take no new work and finish what they hold."""
+        record = await self.state.require_cluster(validate_name(name))
+        target = self._count(target_count, record.config, "target_count")
+        await self.state.update_cluster(name, desired=target, status=ClusterStatus.SCALING.value)
+        if target != record.desired:
+            await self._bump(name, {SCALE_UP if target > record.desired else SCALE_DOWN: 1})
+        await self._wake_service()
+        await self._await_settled(name, wait)
+        return record.desired, target
+
+    # ------------------------------------------------------------ work
+    async def dispatch(
+        self,
+        cluster: str,
+        request: Mapping[str, Any],
+        *,
+        kernel: str | None = None,
+        engine: OrchestrationEngine | None = None,
+    ) -> DispatchResult:
+        """Run one syscall on a kernel of `cluster` picked by the engine's strategy, or on
+        `kernel` when given (e.g. a READ of memory an earlier WRITE filled)."""
+        cluster = validate_name(cluster)
+        if kernel is not None:
+            kernel = validate_name(kernel, "kernel name")
+        req = parse_request(request, max_bytes=self.settings.max_request_bytes)
+        parse_args(req)  # builtin syscalls: bad arguments fail here, before any round trip
+        engine = engine or self.engine
+        await self.start()
+        with_loads = engine.config.strategy in (
+            RoutingStrategy.LEAST_LOADED,
+            RoutingStrategy.CAPABILITY_BASED,
+        )
+
+        async def candidates(wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
+            return await self.views.get(cluster, wait=wait, with_loads=with_loads)
+
+        tried: list[str] = []  # the kernel of every attempt, for the retries/failovers counters
+        strategy = PINNED if kernel is not None else engine.config.strategy.value
+
+        async def submit(record: KernelRecord, wait_s: float) -> Outcome:
+            try:
+                return await self.dispatcher.submit(record, req, wait_s, strategy=strategy)
+            except Exception:
+                self.views.invalidate(cluster)
+                raise
+
+        try:
+            async with amap_redis_errors():
+                outcome = await engine.execute(candidates, submit, req, kernel=kernel, attempts=tried)
+        finally:
+            if len(tried) > 1:
+                retries, failovers = len(tried) - 1, len(set(tried)) - 1
+                await self._bump(cluster, {RETRIES: retries, FAILOVERS: failovers})
+        return DispatchResult(
+            kernel=outcome.kernel,
+            result=outcome.value or {},
+            attempts=outcome.attempt,
+            job_id=outcome.job_id,
+            latency_ms=max(outcome.finish_ms - outcome.enqueue_ms, 0),
+        )
+
+    async def get_metrics(self, cluster: str) -> ClusterMetrics:
+        """Counters the kernels keep in Redis (every client's dispatches count) and their latest load."""
+        record = await self.state.require_cluster(validate_name(cluster))
+        kernels = [k for k in await self.state.kernels(cluster) if k.state in ACTIVE_KERNEL_STATES]
+        stats = await self.state.cluster_stats(cluster)
+        loads = list((await self.state.loads(kernels)).values())
+        dispatches = int(stats.get("dispatches", 0))
+        return ClusterMetrics(
+            cluster_name=record.name,
+            kernel_count=len(kernels),
+            total_dispatches=dispatches,
+            total_errors=int(stats.get("errors", 0)),
+            avg_latency_ms=round(stats.get("latency_ms_sum", 0.0) / dispatches, 3) if dispatches else 0.0,
+            avg_cpu=round(sum(x.cpu for x in loads) / len(loads), 4) if loads else 0.0,
+            avg_memory=round(sum(x.memory for x in loads) / len(loads), 6) if loads else 0.0,
+        )
+
+    # ------------------------------------------------------------ helpers
+    def _config(self, config: ClusterConfig | Mapping[str, Any] | None) -> ClusterConfig:
+        if isinstance(config, ClusterConfig):
+            return config
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidRequest(f"config must be a mapping, got {type(config).__name__}")
+        try:
+            return ClusterConfig.model_validate(dict(config or {}))
+        except pydantic.ValidationError as exc:
+            raise InvalidRequest(f"invalid cluster config: {_error_text(exc)}") from None
+
+    def _count(self, count: object, cfg: ClusterConfig, what: str) -> int:
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise InvalidRequest(f"{what} must be an integer, got {count!r}")
+        upper = min(cfg.max_kernels, self.settings.max_kernels_per_cluster)
+        if not cfg.min_kernels <= count <= upper:
+            raise InvalidRequest(
+                f"{what} {count} is outside this cluster's bounds [{cfg.min_kernels}, {upper}] "
+                "(set min_kernels/max_kernels in the config)"
+            )
+        return count
+
+    async def _bump(self, cluster: str, counters: Mapping[str, int]) -> None:
+        """Add to event counters of the cluster's stats hash (exported as Prometheus counters)."""
+        with contextlib.suppress(redis.exceptions.RedisError):  # a counter never fails the operation
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for field, amount in counters.items():
+                    if amount:
+                        pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)
+                await pipe.execute()
+
+    async def _wake_service(self) -> None:
+        async with amap_redis_errors():
+            await self.redis.lpush(self.keys.service_wake(), "client")
+
+    async def _await_settled(self, name: str, wait: float | None) -> ClusterInfo:
+        deadline = time.monotonic() + (self.settings.ready_timeout if wait is None else wait)
+        while True:
+            record = await self.state.get_cluster(name)
+            if record is None:
+                raise ClusterNotFound(name)
+            kernels = await self.state.kernels(name)
+            info = ClusterInfo.of(record, kernels)
+            settled = info.running == info.desired == len(kernels) and info.status is ClusterStatus.RUNNING
+            if settled or time.monotonic() >= deadline:
+                return info
+            await self.views.wait_change(min(deadline - time.monotonic(), 0.25))

@@ -1,0 +1,293 @@
+"""The fast path: enqueue a job on a kernel in one round trip and await its pushed result.
+
+Each client process owns one reply list (`reply:{client_id}`) and one listener task that
+blocks on it (BLPOP) and resolves the future of each job id: no polling anywhere. A cached
+view of each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing
+from reading Redis on every dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from controlplane.client import routing
+from controlplane.errors import ClusterNotFound, DispatchTimeout
+from controlplane.protocol.jobs import Outcome, decode_result, encode_job
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import KernelLoad, KernelRecord, KernelState
+from controlplane.protocol.requests import SyscallRequest
+from controlplane.redis.channel import Channel
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State, now_ms
+
+logger = logging.getLogger(__name__)
+
+#: Replies the listener takes per blocking pop, at most.
+REPLY_BATCH = 512
+#: How long an unfinished job key lives at most, beyond its deadline, ms (a safety net).
+JOB_TTL_EXTRA_MS = 3_600_000
+#: How long a cached kernel list is trusted without a change notification, seconds.
+VIEW_TTL = 2.0
+#: How long cached load records are trusted (they are refreshed once per heartbeat), seconds.
+LOAD_TTL = 0.5
+
+
+class Dispatcher:
+    """Submits jobs and awaits their results. `start()` before use, `stop()` after."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, scripts: Scripts) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.client_id = uuid.uuid4().hex
+        self.reply_key = keys.reply(self.client_id)
+        # enqueue and cancel, pipelined across concurrent dispatches
+        self.channel = Channel(redis, preload=(scripts.enqueue, scripts.cancel))
+        self._enqueue = self.channel.script(scripts.enqueue)
+        self._replies = Channel(redis)  # the reply listener's blocking pops
+        self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name=f"kcp-replies-{self.client_id[:8]}")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()  # safe: its blocking pop runs on a connection of its own
+            # gather(return_exceptions) waits for it without swallowing a cancellation of our own
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        await self._replies.aclose()
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.channel.execute("DEL", self.reply_key)
+        await self.channel.aclose()
+
+    async def submit(
+        self, kernel: KernelRecord, request: SyscallRequest, wait_s: float, *, strategy: str
+    ) -> Outcome:
+        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result.
+
+        `strategy` is the routing strategy that picked `kernel` (the cluster counts dispatches
+        by it), or `stats.PINNED` for a request that named its kernel: that job runs there, no
+        idle sibling takes it over (claim.lua).
+
+        Raises `KernelBusy` when the kernel takes no work (nothing was enqueued) and
+        `DispatchTimeout` when no result came in time (the job is then cancelled, so a late
+        result is dropped by the kernel instead of delivered twice).
+        """
+        job_id = uuid.uuid4().hex
+        cluster, name = kernel.cluster, kernel.name
+        now = now_ms()
+        payload = encode_job(
+            request.model_dump(mode="json", exclude_defaults=True) | {"type": request.type},
+            job_try=1,
+            enqueue_ms=now,
+        )
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        self._waiting[job_id] = fut
+        try:
+            # a `Route` lets enqueue.lua choose among candidates; `name` is then its choice
+            enqueued = await routing.enqueue(
+                self._enqueue,
+                self.keys,
+                kernel,
+                job_id=job_id,
+                args=[
+                    job_id,
+                    payload,
+                    self.reply_key,
+                    now,
+                    now + int(wait_s * 1000),
+                    int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
+                    strategy,
+                ],
+            )
+            name = enqueued.kernel
+            # a timer, not asyncio.timeout + shield: the result wakes us one loop step sooner
+            overdue = loop.call_later(wait_s, self._overdue, job_id, fut)
+            try:
+                outcome = await fut
+                ok = outcome.success or outcome.error_type in routing.BAD_REQUEST_ERRORS
+                await routing.report(
+                    self.scripts, self.keys, kernel, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
+                )
+                return outcome
+            except _Overdue:
+                cancelled = await self.channel.evalsha(
+                    self.scripts.cancel,
+                    [
+                        self.keys.job(cluster, job_id),
+                        self.keys.queue(cluster, name),
+                        self.keys.inflight(cluster, name),
+                    ],
+                    [job_id],
+                )
+                if not cancelled:  # finished just now: the result is on its way, take it
+                    with contextlib.suppress(TimeoutError):
+                        return await asyncio.wait_for(self._waiting[job_id], 1.0)
+                await routing.report(self.scripts, self.keys, kernel, ok=False, now_ms=now_ms())
+                raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
+            finally:
+                overdue.cancel()
+        finally:
+            self._waiting.pop(job_id, None)
+
+    def _overdue(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
+        """`submit`'s wait for `job_id` is over: fail `fut`, and leave a fresh future in its
+        place, in the same step, so a result that comes while the job is being cancelled is
+        still taken."""
+        if not fut.done():
+            self._waiting[job_id] = asyncio.get_running_loop().create_future()
+            fut.set_exception(_Overdue())
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        batched = True  # BLMPOP (Redis 7) takes every waiting reply in one trip; BLPOP before 7
+        while True:
+            try:
+                async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS):
+                    if batched:
+                        item = await self._replies.execute(
+                            "BLMPOP", MAX_BLOCK_SECONDS, 1, self.reply_key, "LEFT", "COUNT", REPLY_BATCH
+                        )
+                        replies = item[1] if item else []
+                    else:
+                        item = await self._replies.execute("BLPOP", self.reply_key, MAX_BLOCK_SECONDS)
+                        replies = [item[1]] if item else []
+                backoff = 0.1
+            except redis.exceptions.ResponseError as exc:
+                if batched and "unknown command" in str(exc).lower():
+                    batched = False
+                    continue
+                raise
+            except (redis.exceptions.ConnectionError, TimeoutError) as exc:
+                logger.warning("reply listener lost Redis (%r); retrying in %.1fs", exc, backoff)
+                await self._replies.reset("reply listener reconnects")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            for raw in replies:
+                self._deliver(raw)
+            if replies:  # let the callers woken run before the next pop is written
+                await asyncio.sleep(0)
+
+    def _deliver(self, raw: str) -> None:
+        try:
+            outcome = decode_result(raw)
+        except Exception:
+            logger.warning("dropping a malformed reply on %s", self.reply_key)
+            return
+        fut = self._waiting.get(outcome.job_id)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
+
+
+class _Overdue(Exception):
+    """Internal: no result came within a job's wait."""
+
+
+@dataclass(slots=True)
+class _View:
+    kernels: list[KernelRecord] = field(default_factory=list)
+    loads: dict[str, KernelLoad] = field(default_factory=dict)
+    kernels_at: float = 0.0
+    loads_at: float = 0.0
+
+
+class ClusterViews:
+    """Per-cluster cache of kernel records and load records, refreshed on `notify` messages."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self._views: dict[str, _View] = {}
+        self._changed = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        if self._watcher is None:
+            self._stopping = False
+            self._watcher = asyncio.create_task(self._watch(), name="kcp-notify")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._stopping = True
+            # redis-py can swallow a cancellation that lands while its pub/sub connection is
+            # being set up; the watcher checks `_stopping`, and we cancel until it is done
+            while not self._watcher.done():
+                self._watcher.cancel()
+                await asyncio.wait({self._watcher}, timeout=0.1)
+            self._watcher = None
+
+    async def wait_change(self, seconds: float) -> None:
+        """Return after the next change notification (any cluster), or after `seconds`."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(seconds, 0.0))
+
+    def invalidate(self, cluster: str) -> None:
+        view = self._views.get(cluster)
+        if view is not None:
+            view.kernels_at = 0.0
+
+    async def get(
+        self, cluster: str, *, wait: float = 0.0, with_loads: bool = False
+    ) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
+        """The cluster's kernels (and loads); waits up to `wait` seconds for a running one."""
+        deadline = time.monotonic() + wait
+        while True:
+            view = self._views.setdefault(cluster, _View())
+            now = time.monotonic()
+            if now - view.kernels_at > VIEW_TTL:
+                self._changed.clear()
+                view.kernels = await self.state.kernels(cluster)
+                view.kernels_at = now
+            if with_loads and now - view.loads_at > LOAD_TTL:
+                view.loads = await self.state.loads(view.kernels)
+                view.loads_at = now
+            if any(k.state is KernelState.RUNNING for k in view.kernels) or now >= deadline:
+                return view.kernels, view.loads
+            if not view.kernels and await self.state.get_cluster(cluster) is None:
+                raise ClusterNotFound(cluster)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(deadline - now, 0.25))
+            view.kernels_at = 0.0
+
+    async def _watch(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            pubsub = self.state.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.state.keys.notify())
+                backoff = 0.1
+                while not self._stopping:
+                    # a bounded wait, so an idle subscription never hits the socket timeout
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS
+                    )
+                    cluster = message.get("data") if message else None
+                    if isinstance(cluster, str):
+                        self.invalidate(cluster)
+                        self._changed.set()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("notify watcher lost Redis (%s); retrying in %.1fs", exc, backoff)
+                self._views.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

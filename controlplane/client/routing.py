@@ -1,0 +1,203 @@
+"""The Redis side of a routing decision: `Route`, the routed enqueue, and outcome reports.
+
+The engine decides *which kernels are candidates*; `lua/enqueue.lua` decides *which one takes
+the job*, in the same round trip that enqueues it, from state every client shares: the
+round-robin counter, each candidate's in-flight set (queued + running jobs of every client),
+its load record and its outlier-detection record. `report` tells the shared outlier detector
+(`lua/outlier.lua`) what a client saw. See docs/routing.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import KernelRecord, OutlierConfig
+from controlplane.redis.scripts import Scripts
+
+__all__ = [
+    "BAD_REQUEST_ERRORS",
+    "EnqueueResult",
+    "KernelBusy",
+    "Route",
+    "candidates_of",
+    "enqueue",
+    "max_ejected",
+    "ran_on",
+    "report",
+]
+
+#: Error types that are the caller's fault, not the kernel's: never held against a kernel.
+BAD_REQUEST_ERRORS = frozenset({"InvalidArguments", "UnknownSyscall", "MalformedJob"})
+#: The shared round-robin counter expires when no client has used it for this long, ms.
+RR_COUNTER_TTL_MS = 3_600_000
+
+Mode = Literal["first", "rr", "p2c"]
+
+
+class KernelBusy(Exception):
+    """Internal: no candidate took the job (draining, stopped, gone). Nothing was enqueued."""
+
+
+class Route(KernelRecord):
+    """A routing decision left to Redis: the first candidate's record plus the others.
+
+    It *is* a `KernelRecord` (the first candidate), so code that passes a kernel through to
+    `Dispatcher.submit` passes a route unchanged. `enqueue` fills in the result fields.
+    """
+
+    mode: Mode = "first"
+    alternates: list[KernelRecord] = Field(default_factory=list)
+    #: per candidate: the client's service-time estimate, ms (0: none yet)
+    service_ms: list[float] = Field(default_factory=list)
+    #: per candidate: the client's failure-rate estimate (-1: none yet)
+    error_rate: list[float] = Field(default_factory=list)
+    #: 0 or 1: which candidate wins a tie in `p2c`
+    tie: int = 0
+    load_expiry_ms: int = 3000
+    #: set when outcomes go to the shared outlier detector
+    outlier: OutlierConfig | None = None
+    #: kernels of the cluster, for the ejection cap
+    cluster_size: int = 0
+    #: kernels whose failure rate this client found well above their peers'
+    rate_outliers: frozenset[str] = frozenset()
+    # ---- filled in by `enqueue` / `report`
+    chosen: str = ""
+    consecutive: int = 0
+    ejected: dict[str, int] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, first: KernelRecord, **fields: object) -> Route:
+        """A route whose first candidate is `first`."""
+        # validating the fields as they are is cheaper than model_dump() or model_construct()
+        return cls.model_validate(first.__dict__ | fields)
+
+    @property
+    def candidates(self) -> list[KernelRecord]:
+        return [self, *self.alternates]
+
+    @property
+    def routed(self) -> bool:
+        """Whether enqueue.lua chooses (several candidates, or outcomes to report)."""
+        return bool(self.alternates) or self.mode != "first" or self.outlier is not None
+
+
+def ran_on(picked: KernelRecord) -> str:
+    """The kernel an attempt went to: Redis's choice for a route, else the record itself."""
+    return picked.chosen or picked.name if isinstance(picked, Route) else picked.name
+
+
+def candidates_of(picked: KernelRecord) -> list[KernelRecord]:
+    """The kernels an attempt could have gone to."""
+    return picked.candidates if isinstance(picked, Route) else [picked]
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    kernel: str
+    inflight: int
+
+
+def _enqueue_keys(keys: Keys, route: KernelRecord, job_key: str) -> list[str]:
+    c = route.cluster
+    out = [
+        keys.kernel(c, route.name),
+        keys.queue(c, route.name),
+        keys.inflight(c, route.name),
+        job_key,
+        keys.kernel_wake(c, route.name),
+    ]
+    if not isinstance(route, Route) or not route.routed:
+        return out
+    out.append(keys.cluster_rr(c))
+    for k in route.candidates:
+        out += [
+            keys.kernel(c, k.name),
+            keys.queue(c, k.name),
+            keys.inflight(c, k.name),
+            keys.load(k.agent, c, k.name),
+            keys.kernel_health(c, k.name),
+            keys.kernel_wake(c, k.name),
+        ]
+    return out
+
+
+async def enqueue(
+    script: Callable[..., Awaitable[Any]],
+    keys: Keys,
+    route: KernelRecord,
+    *,
+    job_id: str,
+    args: Sequence[str | int],
+) -> EnqueueResult:
+    """Run enqueue.lua for `route` (a plain `KernelRecord` is a route of one); `args` are
+    ARGV[1..7] of the script. Raises `KernelBusy` when no candidate took the job."""
+    r = route if isinstance(route, Route) else None
+    job_key = keys.job(route.cluster, job_id)
+    argv: list[str | int | float] = [*args, route.name]
+    if r is None or not r.routed:
+        queued, detail = await script(keys=_enqueue_keys(keys, route, job_key), args=argv)
+        if int(queued) != 1:
+            raise KernelBusy(f"{route.cluster}/{route.name}: {detail}")
+        if r is not None:
+            r.chosen = route.name
+        return EnqueueResult(route.name, int(detail))
+    slow_start = r.outlier.slow_start_ms if r.outlier else 0
+    argv += [r.mode, r.tie, r.load_expiry_ms, slow_start, RR_COUNTER_TTL_MS]
+    for i, k in enumerate(r.candidates):
+        service = r.service_ms[i] if i < len(r.service_ms) else 0.0
+        errors = r.error_rate[i] if i < len(r.error_rate) else -1.0
+        argv += [k.name, f"{service:.3f}", f"{errors:.4f}"]
+    reply = await script(keys=_enqueue_keys(keys, r, job_key), args=argv)
+    if int(reply[0]) != 1:
+        raise KernelBusy(f"{route.cluster}: {reply[1] or 'no candidate takes work'}")
+    _, inflight, index, consecutive, ejected = reply
+    r.chosen = r.candidates[int(index) - 1].name
+    r.consecutive = int(consecutive)
+    for item in str(ejected or "").split():
+        name, _, until = item.partition("=")
+        r.ejected[name] = int(float(until))
+    return EnqueueResult(r.chosen, int(inflight))
+
+
+def max_ejected(cluster_size: int, share: float) -> int:
+    """How many of `cluster_size` kernels may be ejected at once: the share, rounded down,
+    but at least one of two or more (so a two-kernel cluster can eject its bad half)."""
+    if cluster_size < 2:
+        return 0
+    return max(1, math.floor(cluster_size * share + 1e-9))
+
+
+async def report(
+    scripts: Scripts, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
+) -> None:
+    """Tell the shared outlier detector how an attempt went on the kernel that ran it: `ran_on`
+    when the result named it (an idle sibling may have taken the job over), else
+    `route.chosen`. A no-op for plain records, routes without outlier detection, and successes
+    after a clean streak (a sibling takes jobs over only without a failure streak)."""
+    if not isinstance(route, Route) or route.outlier is None or not route.chosen:
+        return
+    cfg, name = route.outlier, ran_on or route.chosen
+    if ok and (route.consecutive == 0 or name != route.chosen):
+        return  # the common case costs no round trip
+    event = "ok" if ok else ("rate" if name in route.rate_outliers else "fail")
+    ejected, until, _ = await scripts.outlier(
+        keys=[keys.kernel_health(route.cluster, name), keys.cluster_ejected(route.cluster)],
+        args=[
+            now_ms,
+            event,
+            cfg.consecutive_failures,
+            cfg.base_ejection_ms,
+            cfg.max_ejection_ms,
+            max_ejected(route.cluster_size, cfg.max_ejection_share),
+            name,
+            cfg.slow_start_ms,
+        ],
+    )
+    if int(ejected):
+        route.ejected[name] = int(until)

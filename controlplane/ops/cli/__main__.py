@@ -1,0 +1,3 @@
+from controlplane.ops.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""One consistent-enough read of the whole fleet: clusters, kernels, agents and their counters.
+
+`kcp status`, `kcp top` and the Prometheus exporter all render this, so what they show comes
+from one place. It is read fresh each time (nothing cached), which is what makes the series of
+a destroyed cluster or a removed kernel disappear from `/metrics` instead of freezing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from controlplane.protocol.models import (
+    AgentRecord,
+    ClusterRecord,
+    ClusterStatus,
+    KernelLoad,
+    KernelRecord,
+    KernelState,
+)
+from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.state import State
+
+#: Kernel states in which a kernel process is expected to be alive.
+LIVE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
+
+
+@dataclass(frozen=True, slots=True)
+class KernelView:
+    record: KernelRecord
+    stats: dict[str, float]
+    load: KernelLoad | None
+    queued: int
+    inflight: int
+    agent_alive: bool
+    lease: bool  # the kernel's own lease (renewed by its agent while the process lives)
+
+    @property
+    def up(self) -> bool:
+        """Running or draining, its process alive (kernel lease) on an agent whose lease is alive."""
+        return self.record.state in LIVE_STATES and self.agent_alive and self.lease
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    record: ClusterRecord
+    stats: dict[str, float]
+    orphans: int
+    kernels: list[KernelView] = field(default_factory=list)
+
+    @property
+    def running(self) -> int:
+        return sum(k.record.state is KernelState.RUNNING for k in self.kernels)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    record: AgentRecord
+    alive: bool
+    lease_ms: int  # remaining lease, ms; <= 0 when expired
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    taken_at: float
+    clusters: list[ClusterView]
+    agents: list[AgentView]
+
+    def kernels(self) -> list[tuple[ClusterView, KernelView]]:
+        return [(c, k) for c in self.clusters for k in c.kernels]
+
+
+def _floats(raw: dict[str, str]) -> dict[str, float]:
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = float(v)
+        except ValueError:
+            continue
+    return out
+
+
+async def read_snapshot(state: State) -> Snapshot:
+    """Every cluster that is not being destroyed, its kernels, and every registered agent."""
+    keys, redis = state.keys, state.redis
+    agents = await state.agents()
+    alive = {a.name for a, ok in agents if ok}
+    clusters = [c for c in await state.list_clusters() if c.status is not ClusterStatus.STOPPED]
+    kernels = {c.name: await state.kernels(c.name) for c in clusters}
+    loads = {c.name: await state.loads(kernels[c.name]) for c in clusters}
+    async with amap_redis_errors(), redis.pipeline(transaction=False) as pipe:
+        for a, _ in agents:
+            pipe.pttl(keys.agent_lease(a.name))
+        for c in clusters:  # in the order the loop below reads them back
+            pipe.hgetall(keys.cluster_stats(c.name))
+            pipe.zcard(keys.cluster_orphans(c.name))
+            for k in kernels[c.name]:
+                pipe.hgetall(keys.kernel_stats(k.cluster, k.name))
+                pipe.zcard(keys.queue(k.cluster, k.name))
+                pipe.zcard(keys.inflight(k.cluster, k.name))
+                pipe.exists(keys.kernel_lease(k.cluster, k.name))
+        rows = iter(await pipe.execute())
+    agent_views = [AgentView(a, ok, max(int(next(rows)), 0)) for a, ok in agents]
+    cluster_views = []
+    for c in clusters:
+        stats, orphans = _floats(next(rows)), int(next(rows))
+        views = []
+        for k in kernels[c.name]:
+            kstats, queued, inflight = _floats(next(rows)), int(next(rows)), int(next(rows))
+            lease = bool(next(rows))
+            load = loads[c.name].get(k.name)
+            views.append(KernelView(k, kstats, load, queued, inflight, k.agent in alive, lease))
+        cluster_views.append(ClusterView(c, stats, orphans, views))
+    return Snapshot(time.time(), cluster_views, agent_views)

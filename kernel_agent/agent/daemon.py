@@ -1,0 +1,364 @@
+"""The agent: one daemon per host that registers, keeps a lease, and supervises kernels.
+
+The control plane writes which kernels this agent should run (`agent:{name}:kernels`);
+the agent converges on that set level-triggered on every heartbeat, and at once when
+woken through `agent:{name}:wake`. Each kernel is its own OS process
+(`python -m kernel_agent.kernel`), restarted with back-off when it crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from pydantic import BaseModel, Field
+
+from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
+from controlplane.protocol.models import Capability, Name
+from controlplane.redis.state import parse_assignment, parse_counters
+from controlplane.settings import Settings
+from kernel_agent.agent.heartbeat import Heartbeat
+from kernel_agent.agent.load import ProcessSampler, RateTracker
+from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE
+from kernel_agent.syscalls import builtin_registry, load_handlers
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class AgentConfig(BaseModel):
+    """What `kcp agent` is started with."""
+
+    name: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "agent")
+    slots: int = Field(4, ge=0, le=4096, description="how many kernels this agent may host")
+    capabilities: list[Capability] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    handlers: list[str] = Field(default_factory=list, description="modules with register(registry)")
+    concurrency: int = Field(1, ge=1, le=1024, description="jobs each kernel runs at once")
+    drain_timeout: float = Field(30.0, gt=0, description="SIGTERM grace for kernels, seconds")
+
+
+@dataclass(slots=True)
+class _Child:
+    cluster: str
+    kernel: str
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    stopping: bool = False  # SIGTERM sent: draining
+    done: bool = False  # exited for good (drained, or the control plane moved it)
+    placement: str = ""  # `placed_at` of the kernel record this child was started for
+    rates: RateTracker = field(default_factory=RateTracker)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.cluster}/{self.kernel}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Agent:
+    def __init__(self, redis: aioredis.Redis, settings: Settings, config: AgentConfig) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.config = config
+        registry = builtin_registry()
+        load_handlers(registry, config.handlers)
+        self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
+        self.children: dict[str, _Child] = {}
+        self.sampler = ProcessSampler()
+        self._stop = asyncio.Event()
+        self._live: list[tuple[str, str, int]] = []  # read by the heartbeat thread; replaced, never mutated
+        self.heartbeat = Heartbeat(
+            redis_url=settings.redis_url,
+            keys=self.keys,
+            agent=config.name,
+            interval=settings.heartbeat_interval,
+            ttl=settings.lease_ttl,
+            children=lambda: self._live,
+            stall_after=max(10.0, 4 * settings.lease_ttl),
+        )
+
+    def stop(self) -> None:
+        """Begin a clean shutdown: drain every kernel, then deregister."""
+        self._stop.set()
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        name = self.config.name
+        backoff = 0.1
+        registered = False
+        while not self._stop.is_set():
+            try:
+                if not registered:
+                    await self._register()
+                    registered = True
+                    self.heartbeat.start()
+                    logger.info(
+                        "agent %s registered: %d slots, capabilities %s",
+                        name,
+                        self.config.slots,
+                        self.capabilities or "-",
+                    )
+                await self._tick()
+                self.heartbeat.touch()
+                backoff = 0.1
+                popped = await self._wait_wake()
+                if popped:
+                    logger.debug("agent %s woken", name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("agent %s lost Redis (%s); retrying in %.1fs", name, exc, backoff)
+                registered = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+            except redis.exceptions.ResponseError as exc:
+                # a key of the wrong type, or a command the ACL refuses: say so, never crash
+                logger.error("agent %s: Redis refused a command (%s); retrying in %.1fs", name, exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+        await self._shutdown()
+
+    def _publish_live(self) -> None:
+        self._live = [
+            (c.cluster, c.kernel, c.proc.pid) for c in self.children.values() if c.running and c.proc
+        ]
+
+    async def _wait_wake(self) -> bool:
+        wake = asyncio.ensure_future(
+            self.redis.blpop(
+                [self.keys.agent_wake(self.config.name)],
+                timeout=self.settings.heartbeat_interval,  # type: ignore[arg-type]  # fractional: Redis >= 6
+            )
+        )
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (wake, stop):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(wake, stop, return_exceptions=True)
+        return wake in done and not wake.cancelled() and wake.exception() is None and bool(wake.result())
+
+    async def _register(self) -> None:
+        k, c = self.keys, self.config
+        record = {
+            "name": c.name,
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "slots": str(c.slots),
+            "capabilities": " ".join(self.capabilities),
+            "labels": json.dumps(c.labels),
+            "draining": "0",
+            "started_at": f"{time.time():.3f}",
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(k.agent(c.name), mapping=record)
+            pipe.sadd(k.agents(), c.name)
+            pipe.set(k.agent_lease(c.name), int(time.time() * 1000), px=int(self.settings.lease_ttl * 1000))
+            await pipe.execute()
+        await self.redis.lpush(k.service_wake(), f"agent {c.name}")
+
+    async def _tick(self) -> None:
+        """Converge on the assignment, report load (the heartbeat thread renews the leases)."""
+        name = self.config.name
+        registered = await self.redis.exists(self.keys.agent(name))
+        if not registered:  # forgotten while unreachable (paused, partitioned): register again
+            logger.warning("agent %s was deregistered by the control plane; registering again", name)
+            await self._register()
+        key = self.keys.agent_kernels(name)
+        assigned = parse_assignment(await self.redis.hgetall(key), key)  # malformed fields skipped
+        await self._converge(assigned)
+        self._publish_live()
+        await self._report_load()
+
+    async def _converge(self, assigned: dict[str, str]) -> None:
+        """Run what is assigned ("run" or "drain"), drain what is not, restart what crashed."""
+        now = time.monotonic()
+        for ref in assigned.keys() - self.children.keys():
+            cluster, _, kernel = ref.partition("/")
+            self.children[ref] = _Child(cluster, kernel)
+        for child in list(self.children.values()):
+            if child.proc is not None and child.proc.returncode is not None:
+                await self._reap(child)
+        await self._renew_replaced(assigned, now)
+        for ref, child in list(self.children.items()):
+            wanted = assigned.get(ref)
+            if wanted is None or wanted == ASSIGN_DRAIN:
+                if child.running and not child.stopping:
+                    logger.info("draining kernel %s", ref)
+                    child.stopping = True
+                    child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                elif wanted is None and not child.running:
+                    del self.children[ref]
+                    continue
+            if wanted is not None and not child.running and not child.done and now >= child.next_start:
+                await self._spawn(child)  # a crashed draining kernel comes back to finish its queue
+
+    async def _renew_replaced(self, assigned: dict[str, str], now: float) -> None:
+        """A kernel the control plane removed and placed again under the same name, between two
+        of our ticks, looks like the old one (finished, or waiting out a restart back-off); its
+        record's `placed_at` tells them apart. A new placement starts afresh, at once."""
+        waiting = [
+            c
+            for ref, c in self.children.items()
+            if assigned.get(ref) == ASSIGN_RUN and not c.running and (c.done or now < c.next_start)
+        ]
+        if not waiting:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in waiting:
+                pipe.hget(self.keys.kernel(c.cluster, c.kernel), "placed_at")
+            placements = await pipe.execute()
+        for c, placed in zip(waiting, placements, strict=True):
+            if placed and placed != c.placement:
+                logger.info("kernel %s was placed here again; starting it afresh", c.ref)
+                self.children[c.ref] = _Child(c.cluster, c.kernel)
+
+    async def _reap(self, child: _Child) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        self.sampler.forget(child.proc.pid)
+        child.proc = None
+        if code in (0, EXIT_UNASSIGNED):  # drained and stopped, or no longer ours
+            child.done = True
+            return
+        child.restarts += 1
+        delay = min(0.2 * 2 ** min(child.restarts - 1, 6), 10.0)
+        child.next_start = time.monotonic() + delay
+        logger.warning(
+            "kernel %s exited with %s; restart %d in %.1fs", child.ref, code, child.restarts, delay
+        )
+
+    async def _spawn(self, child: _Child) -> None:
+        child.placement = (
+            await self.redis.hget(self.keys.kernel(child.cluster, child.kernel), "placed_at") or ""
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            KERNEL_MODULE,
+            "--cluster",
+            child.cluster,
+            "--name",
+            child.kernel,
+            "--agent",
+            self.config.name,
+            "--concurrency",
+            str(self.config.concurrency),
+            "--log-level",
+            logging.getLevelName(logging.getLogger().level),
+        ]
+        for module in self.config.handlers:
+            cmd += ["--handlers", module]
+        env = {**os.environ, "KCP_REDIS_URL": self.settings.redis_url, "KCP_PREFIX": self.settings.prefix}
+        child.proc = await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
+        child.stopping = False
+        logger.info("started kernel %s (pid %d)", child.ref, child.proc.pid)
+
+    async def _report_load(self) -> None:
+        # not for kernels told to stop: their record may already be gone with their cluster
+        live = [c for c in self.children.values() if c.running and not c.stopping and c.proc is not None]
+        if not live:
+            return
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in live:
+                pipe.zcard(k.queue(c.cluster, c.kernel))
+                pipe.zcard(k.inflight(c.cluster, c.kernel))
+                pipe.hgetall(k.kernel_stats(c.cluster, c.kernel))
+            rows = await pipe.execute(raise_on_error=False)  # a key of the wrong type reads as empty
+        ttl_ms = int(self.settings.lease_ttl * 1000)
+        now = f"{time.time():.3f}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i, c in enumerate(live):
+                queued, inflight, raw = (
+                    r if not isinstance(r, Exception) else None for r in rows[3 * i : 3 * i + 3]
+                )
+                stats = parse_counters(raw or {}, k.kernel_stats(c.cluster, c.kernel))
+                c.rates.update(
+                    float(stats.get("dispatches", 0)),
+                    float(stats.get("errors", 0)),
+                    float(stats.get("latency_ms_sum", 0)),
+                )
+                cpu, memory = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
+                key = k.load(self.config.name, c.cluster, c.kernel)
+                pipe.hset(
+                    key,
+                    mapping={
+                        "cpu": f"{cpu:.4f}",
+                        "memory": f"{memory:.6f}",
+                        "queue_depth": str(queued or 0),
+                        "inflight": str(inflight or 0),
+                        "latency_ms": f"{c.rates.latency_ms:.3f}",
+                        "error_rate": f"{c.rates.error_rate:.4f}",
+                        "updated_at": now,
+                    },
+                )
+                pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+
+    async def _shutdown(self) -> None:
+        """Drain every kernel (SIGTERM, grace, then SIGKILL) and deregister."""
+        name = self.config.name
+        self._publish_live()
+        self.heartbeat.stall_after = float("inf")  # draining may take a while: stay alive meanwhile
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.hset(self.keys.agent(name), "draining", "1")
+            await self.redis.lpush(self.keys.service_wake(), f"agent {name}")
+        procs = [c.proc for c in self.children.values() if c.running and c.proc is not None]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        if procs:
+            logger.info("agent %s draining %d kernels", name, len(procs))
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(p.wait()) for p in procs], timeout=self.config.drain_timeout
+            )
+            for proc in procs:
+                if proc.returncode is None:
+                    logger.warning("kernel pid %d did not drain in time; killing it", proc.pid)
+                    proc.kill()
+            for task in pending:
+                await task
+        await asyncio.to_thread(self.heartbeat.stop)
+        k = self.keys
+        with contextlib.suppress(redis.exceptions.RedisError):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                # the assignment hash stays: the control plane owns it and clears it
+                pipe.delete(k.agent_lease(name), k.agent_wake(name))
+                pipe.hdel(k.heartbeats(), name)
+                await pipe.execute()
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.srem(k.agents(), name)
+                    pipe.delete(k.agent(name))
+                    await pipe.execute()
+            except redis.exceptions.ResponseError:
+                # The per-agent ACL (docs/security.md) lets an agent join the agent set but not
+                # remove names from it (it could evict another agent): the record stays, and the
+                # leader forgets us now that the lease is gone.
+                logger.debug("agent %s leaves its deregistration to the control plane", name)
+            await self.redis.lpush(k.service_wake(), f"agent {name}")
+        logger.info("agent %s stopped", name)

@@ -1,0 +1,139 @@
+"""The agent's heartbeat: a dedicated thread, event loop and Redis connection.
+
+Leases are the only liveness signal the control plane trusts, so renewing them must not
+wait behind anything else the agent does (spawning kernels, sampling load, a slow Redis
+reply on the main connection). The thread renews, every `heartbeat_interval`:
+
+- the agent lease (`agent:{name}:lease`, TTL `lease_ttl`),
+- one lease per kernel process that is alive (`kernel:{cluster}:{kernel}:lease`),
+- the agent's field in `heartbeats` (unix ms), from which the leader measures detection time.
+
+It stops renewing when the agent's main loop has made no progress for `stall_after` seconds,
+so a wedged agent is declared dead instead of being kept alive by its heartbeat alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import connect
+
+logger = logging.getLogger(__name__)
+
+#: (cluster, kernel, pid) of each kernel process the agent believes is running.
+Children = Callable[[], list[tuple[str, str, int]]]
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as dead)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class Heartbeat:
+    """Start with `start()`; `stop()` joins the thread. `touch()` marks main-loop progress."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str,
+        keys: Keys,
+        agent: str,
+        interval: float,
+        ttl: float,
+        children: Children,
+        stall_after: float,
+    ) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.agent = agent
+        self.interval = interval
+        self.ttl_ms = max(int(ttl * 1000), 1)
+        self.children = children
+        self.stall_after = stall_after
+        self.beats = 0
+        self._progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def touch(self) -> None:
+        """The main loop is alive (called once per agent tick)."""
+        self._progress = time.monotonic()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._main, name=f"kcp-heartbeat-{self.agent}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 5)
+            self._thread = None
+
+    def _main(self) -> None:
+        asyncio.run(self._loop())
+
+    async def _loop(self) -> None:
+        client = connect(self.redis_url, max_connections=2)
+        backoff = 0.1
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                stalled = started - self._progress > self.stall_after
+                try:
+                    if stalled:
+                        logger.error(
+                            "agent %s main loop stalled for %.1fs; not renewing the lease",
+                            self.agent,
+                            started - self._progress,
+                        )
+                    else:
+                        await self._beat(client)
+                    backoff = 0.1
+                    pause = self.interval - (time.monotonic() - started)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
+                    logger.warning(
+                        "heartbeat of %s lost Redis (%r); retrying in %.1fs", self.agent, exc, backoff
+                    )
+                    with contextlib.suppress(Exception):
+                        await client.connection_pool.disconnect()  # drop a half-read connection
+                    pause = backoff
+                    backoff = min(backoff * 2, 2.0)
+                except redis.exceptions.RedisError as exc:  # e.g. READONLY during a failover
+                    logger.warning("heartbeat of %s failed: %s", self.agent, exc)
+                    pause = backoff
+                    backoff = min(backoff * 2, 2.0)
+                await asyncio.to_thread(self._stop.wait, max(pause, 0.0))
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _beat(self, client: aioredis.Redis) -> None:
+        now_ms = int(time.time() * 1000)
+        k = self.keys
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set(k.agent_lease(self.agent), now_ms, px=self.ttl_ms)
+            pipe.hset(k.heartbeats(), self.agent, str(now_ms))
+            for cluster, kernel, pid in self.children():
+                if process_alive(pid):
+                    pipe.set(k.kernel_lease(cluster, kernel), pid, px=self.ttl_ms)
+            # one round trip, bounded: a blackholed connection must not hold the beat forever
+            async with asyncio.timeout(max(self.ttl_ms / 1000, 1.0)):
+                await pipe.execute()
+        self.beats += 1

@@ -1,0 +1,77 @@
+"""`kcp agent`, `kcp-agent` and `python -m kernel_agent`: run the agent daemon on this host."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import pydantic
+
+from controlplane.redis.connect import connect
+from controlplane.settings import Settings, explain_settings_error
+from kernel_agent.agent.daemon import Agent, AgentConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
+    """The agent's flags; `common=False` leaves out those `kcp` already has (--redis-url, ...)."""
+    if common:
+        parser.add_argument(
+            "--redis-url", help="Redis URL (default: $KCP_REDIS_URL or redis://127.0.0.1:6379/0)"
+        )
+        parser.add_argument("--prefix", help="key prefix (default: $KCP_PREFIX or kcp:)")
+        parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--name", help="agent name (default: the host name)")
+    parser.add_argument("--slots", type=int, default=4, help="kernels this agent may host (default 4)")
+    parser.add_argument("--capabilities", default="", help="comma-separated, e.g. gpu,infer")
+    parser.add_argument("--labels", default="{}", help='JSON object, e.g. {"zone": "a"}')
+    parser.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        help="module with register(registry) adding user syscalls (repeatable)",
+    )
+    parser.add_argument("--concurrency", type=int, default=1, help="jobs each kernel runs at once")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build settings and config from parsed flags and run until SIGTERM/SIGINT."""
+    overrides = {k: v for k, v in (("redis_url", args.redis_url), ("prefix", args.prefix)) if v}
+    try:
+        settings = Settings(**overrides)
+        config = AgentConfig(
+            slots=args.slots,
+            capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
+            labels=json.loads(args.labels),
+            handlers=args.handlers,
+            concurrency=args.concurrency,
+            **({"name": args.name} if args.name else {}),
+        )
+    except (pydantic.ValidationError, ValueError) as exc:
+        text = explain_settings_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
+        print(f"kcp agent: invalid configuration: {text}", file=sys.stderr)
+        return 2  # bad input, as for every kcp command
+    logging.basicConfig(level=args.log_level, format="%(asctime)s agent %(levelname)s %(message)s")
+    return asyncio.run(_run(settings, config))
+
+
+async def _run(settings: Settings, config: AgentConfig) -> int:
+    redis = connect(settings.redis_url)
+    agent = Agent(redis, settings, config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    try:
+        await agent.run()
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kcp-agent", description="Run a kcp kernel agent on this host.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

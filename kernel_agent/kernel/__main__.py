@@ -1,0 +1,3 @@
+from kernel_agent.kernel.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,468 @@
+"""One kernel: an OS process that executes the jobs routed to its queue.
+
+It wakes on a blocking pop of its wake token, set whenever a job is queued for it (no
+polling: an idle kernel issues one BZPOPMIN and one claim every `IDLE_BLOCK` seconds), claims
+each job under its fencing epoch in the same round trip, runs the syscall and pushes the
+result straight to the waiting client (see `controlplane/lua/`). When its own queue runs dry
+it takes over the oldest job still queued on a sibling that it can run (work stealing, in the
+same claim.lua call), so work waits for the first free kernel rather than for the one it was
+routed to; an idle kernel also looks at its siblings' queues once every `IDLE_BLOCK`.
+SIGTERM drains: no new work is accepted (none is taken from siblings either), queued work
+finishes, then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from controlplane.protocol import stats
+from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_result
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import KernelState
+from controlplane.redis.channel import Channel, Command
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State
+from kernel_agent.syscalls import (
+    KernelMemory,
+    SyscallContext,
+    SyscallError,
+    SyscallRegistry,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Blocking-pop timeout while idle, seconds: that pop and the claim behind it are the only
+#: Redis traffic of an idle kernel.
+IDLE_BLOCK = 5.0
+#: Blocking-pop timeout while draining, seconds.
+DRAIN_BLOCK = 0.2
+#: A finished job's id and the KEYS and ARGV of its finish.lua call.
+Finish = tuple[str, list[str], list[str | int]]
+#: How long the list of siblings to take work from is trusted; refreshed while working, seconds.
+SIBLINGS_TTL = 2.0
+#: Siblings whose queues one claim looks at, at most (a random sample of larger clusters).
+STEAL_CANDIDATES = 16
+#: States of a sibling whose queued jobs may be taken over (a draining one's too: it helps).
+_STEALABLE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
+
+
+class KernelProcess:
+    """The run loop of one kernel incarnation."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        cluster: str,
+        name: str,
+        agent: str,
+        registry: SyscallRegistry,
+        concurrency: int = 1,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = Scripts(redis)
+        self.state = State(redis, keys)
+        self.cluster = cluster
+        self.name = name
+        self.agent = agent
+        self.registry = registry
+        self.ctx = SyscallContext(memory=KernelMemory(), kernel=name, cluster=cluster)
+        self.epoch = ""
+        self.concurrency = concurrency
+        self._busy = 0  # jobs between claim and delivered result, over all workers
+        self._popping: set[Channel] = set()  # workers blocked on their pop (a drain wakes them)
+        self._undelivered: list[Finish] = []  # results an outage kept from finish.lua
+        self._draining = asyncio.Event()
+        self._superseded = False  # a newer incarnation owns our name: stop without touching its work
+        self.queue_key = keys.queue(cluster, name)
+        self.inflight_key = keys.inflight(cluster, name)
+        self.wake_key = keys.kernel_wake(cluster, name)
+        self.record_key = keys.kernel(cluster, name)
+        self._siblings: list[tuple[str, int]] = []  # (name, epoch) of kernels we may take work from
+        self._siblings_at = float("-inf")
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def drain(self) -> None:
+        """Stop taking new work; `run` returns once everything in flight is finished."""
+        self._draining.set()
+        for channel in self._popping:  # end their long blocking pops now (see `_work`)
+            asyncio.get_running_loop().create_task(channel.reset("kernel draining"))
+
+    async def start(self) -> bool:
+        """Take a fresh fencing epoch and take back jobs a previous incarnation left in flight."""
+        epoch, state = await self.scripts.kernel_start(
+            keys=[self.record_key, self.keys.epoch()],
+            args=[
+                self.agent,
+                os.getpid(),
+                socket.gethostname(),
+                f"{time.time():.3f}",
+                " ".join(self.registry.names()),
+                " ".join(sorted(self.registry.capabilities())),
+            ],
+        )
+        if int(epoch) == 0:
+            logger.warning("kernel %s/%s not started: %s", self.cluster, self.name, state)
+            return False
+        self.epoch = str(epoch)
+        if state == "draining":  # restarted after a crash while draining: finish the queue, then stop
+            self.drain()
+        recovered = await self.requeue_own()
+        await self.redis.publish(self.keys.notify(), self.cluster)
+        logger.info(
+            "kernel %s/%s up: epoch %s, state %s, %d jobs recovered",
+            self.cluster,
+            self.name,
+            epoch,
+            state,
+            recovered,
+        )
+        return True
+
+    async def requeue_own(self) -> int:
+        """Put every job still in our in-flight set back on our queue under our epoch."""
+        ids = await self.redis.zrange(self.inflight_key, 0, -1)
+        moved = 0
+        for i in range(0, len(ids), 256):
+            chunk = ids[i : i + 256]
+            res = await self.scripts.rebind(
+                keys=[
+                    self.inflight_key,
+                    self.record_key,
+                    self.queue_key,
+                    self.inflight_key,
+                    self.wake_key,
+                    *(self.keys.job(self.cluster, j) for j in chunk),
+                ],
+                args=[self.name, *chunk],
+            )
+            moved += max(int(res), 0)
+        return moved
+
+    async def run(self) -> None:
+        """Serve until drained (SIGTERM) or unassigned. Reconnects after Redis outages."""
+        backoff = 0.1
+        outage = False
+        while True:
+            try:
+                if not self.epoch and not await self.start():
+                    return
+                if outage:
+                    await self._recover()
+                await self._serve()
+                return
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning(
+                    "kernel %s/%s lost Redis (%s); retrying in %.1fs", self.cluster, self.name, exc, backoff
+                )
+                outage = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _recover(self) -> None:
+        """After an outage, with no worker running: deliver the results the outage held up
+        (finish.lua is fenced, so one that did arrive is not delivered twice), then put back
+        the jobs whose claim was lost with the connection."""
+        while self._undelivered:
+            _, keys, args = self._undelivered[-1]
+            await self.scripts.finish(keys=keys, args=args)
+            self._undelivered.pop()
+        self._busy = 0
+        await self.requeue_own()
+
+    async def _serve(self) -> None:
+        preload = (self.scripts.claim, self.scripts.finish)
+        channels = [Channel(self.redis, preload=preload) for _ in range(self.concurrency)]
+        try:
+            async with asyncio.TaskGroup() as workers:  # one worker failing stops them all
+                for channel in channels:
+                    workers.create_task(self._work(channel))
+        except BaseExceptionGroup as group:  # the outage that stopped them, for `run`
+            raise group.exceptions[0] from None
+        finally:
+            for channel in channels:
+                await channel.aclose()
+            if self._refreshing is not None:
+                self._refreshing.cancel()
+                await asyncio.gather(self._refreshing, return_exceptions=True)
+
+    async def _work(self, channel: Channel) -> None:
+        """One worker: claim, execute, deliver, on a connection of its own.
+
+        Each step is one write: the result of the job just run (if any), then the claim of the
+        next job (claim.lua, which takes a sibling's job when our queue is empty). While
+        claim.lua reports jobs waiting here or on a sibling, that is all; otherwise the claim
+        goes behind a blocking pop of our wake token (set by enqueue.lua). Redis runs a command
+        written behind a blocking one as soon as the block ends, so the job that wakes an idle
+        worker is claimed in the same round trip: one round trip per job, busy or idle. An idle
+        kernel sends one BZPOPMIN and one claim every `IDLE_BLOCK` seconds."""
+        finish: Finish | None = None
+        busy = True  # jobs may be waiting: claim the next at once rather than block
+        try:
+            while not self._superseded:  # a newer incarnation owns our name: stop, touch nothing of it
+                draining = self._draining.is_set()
+                block = DRAIN_BLOCK if draining else IDLE_BLOCK
+                steps: list[Command] = [] if finish is None else [self._finish_command(finish)]
+                if not busy:
+                    steps.append(("BZPOPMIN", self.wake_key, block))
+                steps.append(self._claim_command(after_job=finish is not None))
+                replies = await channel.send(steps)
+                if finish is not None:
+                    await self._delivered(finish, replies[0])
+                    finish = None
+                claimed: list[Any] | None = None
+                if busy or await self._woken(channel, replies[-2], replies[-1], block):
+                    claimed = await self._claimed(channel, replies[-1])
+                if claimed is None or claimed[0] == "empty":
+                    busy = False
+                    if draining and not self._busy and await self._try_stop():
+                        return
+                    continue
+                # work waiting here or on a sibling: claim the next at once, else block first
+                busy = claimed[0] != "ok" or int(claimed[-1]) > 0
+                finish = await self._run(claimed)
+            if finish is not None:  # still deliver it: finish.lua decides whether it may
+                (reply,) = await channel.send([self._finish_command(finish)])
+                await self._delivered(finish, reply)
+        except BaseException:
+            if finish is not None:  # `_recover` delivers it once Redis is back
+                self._undelivered.append(finish)
+            raise
+
+    async def _claimed(self, channel: Channel, reply: asyncio.Future[Any]) -> list[Any]:
+        """claim.lua's reply; the claim runs again when Redis had forgotten the script."""
+        claimed = await reply
+        if isinstance(claimed, redis.exceptions.NoScriptError):  # SCRIPT FLUSH, or a new server
+            claimed = await channel.evalsha(self.scripts.claim, *self._claim_call())
+        elif isinstance(claimed, Exception):
+            raise claimed
+        return list(claimed)
+
+    async def _woken(
+        self, channel: Channel, pop: asyncio.Future[Any], claim: asyncio.Future[Any], block: float
+    ) -> bool:
+        """Wait for the blocking pop of our wake token to end. True when it did (with the token,
+        or at its timeout): the claim written behind it has run, `claim` holds its reply. False
+        when a drain began: it resets the connection of a worker blocked here, and the claim
+        goes with it; a job that claim may have taken is still in our in-flight set, and
+        `_try_stop` puts it back."""
+        self._popping.add(channel)
+        try:
+            async with asyncio.timeout(block + BLOCK_GRACE_SECONDS):
+                popped = await pop
+        except redis.exceptions.ConnectionError:
+            _forget(claim)
+            if not self._draining.is_set():
+                raise
+            return False
+        except TimeoutError:  # the server never answered a bounded pop: the link is dead
+            _forget(claim)
+            await channel.reset("blocking pop overdue")
+            raise redis.exceptions.TimeoutError("BZPOPMIN overdue") from None
+        finally:
+            self._popping.discard(channel)
+        if isinstance(popped, redis.exceptions.ResponseError):
+            # the wake key holds something else (claim.lua replaces it): no tight loop meanwhile
+            logger.warning("kernel %s/%s: blocking pop failed: %s", self.cluster, self.name, popped)
+            await asyncio.sleep(DRAIN_BLOCK)
+        elif isinstance(popped, Exception):
+            _forget(claim)
+            raise popped
+        return True
+
+    def _claim_call(self, *, after_job: bool = False) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of claim.lua; unless draining, with the siblings whose queues it counts
+        and may take from (re-read `after_job` when stale). `now` is left to the Redis clock: a
+        claim written behind a blocking pop runs when the pop returns."""
+        keys = [self.inflight_key, self.queue_key, self.wake_key, self.record_key]
+        args: list[str | int] = [self.name, self.epoch, "", self.keys.job(self.cluster, "")]
+        if self._draining.is_set():
+            return keys, args
+        if after_job:
+            self._keep_siblings_fresh()
+        if not self._siblings:
+            return keys, args
+        siblings = self._siblings
+        if len(siblings) > STEAL_CANDIDATES:
+            siblings = random.sample(siblings, STEAL_CANDIDATES)
+        keys += [self.keys.kernel_health(self.cluster, self.name), self.keys.cluster_stats(self.cluster)]
+        for name, epoch in siblings:
+            keys += [
+                self.keys.kernel(self.cluster, name),
+                self.keys.queue(self.cluster, name),
+                self.keys.inflight(self.cluster, name),
+            ]
+            args += [name, epoch]
+        return keys, args
+
+    def _keep_siblings_fresh(self) -> None:
+        """Re-read the siblings in the background when the list is older than `SIBLINGS_TTL`
+        (called with the claim after a job: only a kernel that works reads them; an idle
+        kernel's periodic claim uses the list it has)."""
+        stale = time.monotonic() - self._siblings_at > SIBLINGS_TTL
+        if stale and (self._refreshing is None or self._refreshing.done()):
+            self._siblings_at = time.monotonic()
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_siblings())
+
+    async def _refresh_siblings(self) -> None:
+        """The cluster's other kernels that take or hold work and whose every syscall and
+        capability we have too (so we can run whatever was routed to them), with the epoch
+        claim.lua checks: a replaced incarnation may run other handlers. None when the
+        cluster's config turns `work_stealing` off."""
+        try:
+            cluster = await self.state.get_cluster(self.cluster)
+            stealing = cluster is not None and cluster.config.work_stealing
+            records = await self.state.kernels(self.cluster) if stealing else []
+        except Exception as exc:  # stealing is an optimisation: never let it stop the kernel
+            logger.warning("kernel %s/%s: could not read its siblings: %s", self.cluster, self.name, exc)
+            return
+        syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
+        siblings = sorted(  # sorted: the kernel set comes in no particular order
+            (k.name, k.epoch)
+            for k in records
+            if k.name != self.name
+            and k.state in _STEALABLE_STATES
+            and set(k.syscalls.split()) <= syscalls
+            and set(k.capabilities.split()) <= capabilities
+        )
+        changed, self._siblings = siblings != self._siblings, siblings
+        if changed:
+            # a blocked worker's claim went out with the old list: wake it, so that the claim
+            # it writes next carries this one (else it could wait up to IDLE_BLOCK to see it)
+            try:
+                await self.redis.zadd(self.wake_key, {"w": 0})
+            except Exception as exc:
+                logger.warning("kernel %s/%s: could not wake itself: %s", self.cluster, self.name, exc)
+
+    def _claim_command(self, *, after_job: bool) -> Command:
+        keys, args = self._claim_call(after_job=after_job)
+        return ("EVALSHA", self.scripts.claim.sha, len(keys), *keys, *args)
+
+    def _finish_command(self, finish: Finish) -> Command:
+        _, keys, args = finish
+        return ("EVALSHA", self.scripts.finish.sha, len(keys), *keys, *args)
+
+    async def _try_stop(self) -> bool:
+        """Mark ourselves draining, and stopped once nothing is in flight."""
+        done = int(
+            await self.scripts.kernel_stop(keys=[self.record_key, self.inflight_key], args=[self.epoch])
+        )
+        if done == 1:
+            await self.redis.publish(self.keys.notify(), self.cluster)
+            logger.info("kernel %s/%s drained and stopped", self.cluster, self.name)
+            return True
+        if done < 0:  # another incarnation owns the record now
+            return True
+        if not await self.redis.zcard(self.queue_key):
+            # in flight but not queued: a job claimed for a pop the drain cut off; take it back
+            await self.requeue_own()
+        return False
+
+    async def _run(self, claimed: list[Any]) -> Finish | None:
+        """Execute a job claim.lua handed us; the KEYS and ARGV of its finish.lua call, or
+        None when it is not ours to run."""
+        status = claimed[0]
+        job_id = str(claimed[4] if status == "ok" else claimed[1])
+        if status == "zombie":
+            logger.warning(
+                "kernel %s/%s epoch %s was replaced by a newer incarnation; exiting",
+                self.cluster,
+                self.name,
+                self.epoch,
+            )
+            self._superseded = True
+            self.drain()
+            return None
+        if status != "ok":
+            logger.debug("job %s not run: %s", job_id, status)
+            return None
+        job_key = self.keys.job(self.cluster, job_id)
+        _, raw_job, reply_key, attempt, _, _ = claimed
+        start_ms = _now_ms()
+        function, value, error, error_type = "?", None, "", ""
+        enqueue_ms = start_ms
+        try:
+            request, enqueue_ms = decode_job(raw_job)
+            function = str(request.get("type", "?"))
+            value = await self.registry.execute(self.ctx, request)
+        except SyscallError as exc:
+            error, error_type = str(exc), exc.error_type
+        except Exception as exc:  # a corrupt job must not kill the kernel
+            logger.warning("job %s could not be decoded: %s", job_id, exc)
+            error, error_type = f"malformed job: {exc}", "MalformedJob"
+        finish_ms = _now_ms()
+        latency_ms = max(time.time() * 1000 - enqueue_ms, 0.0)  # queue wait + execution
+        queue_ms = max(int(start_ms - enqueue_ms), 0)  # enqueue to claim, whole ms (HINCRBY)
+        reply = encode_result(
+            job_id=job_id,
+            function=function,
+            kernel=self.name,
+            queue=self.queue_key,
+            attempt=int(attempt),
+            enqueue_ms=enqueue_ms,
+            start_ms=start_ms,
+            finish_ms=finish_ms,
+            value=value,
+            error=error,
+            error_type=error_type,
+        )
+        keys = [
+            job_key,
+            self.inflight_key,
+            reply_key,
+            self.keys.cluster_stats(self.cluster),
+            self.keys.kernel_stats(self.cluster, self.name),
+        ]
+        args: list[str | int] = [
+            job_id,
+            self.name,
+            self.epoch,
+            reply,
+            0 if error_type else 1,
+            f"{latency_ms:.3f}",
+            REPLY_TTL_MS,
+            queue_ms,
+            stats.bucket_field(stats.LATENCY, latency_ms / 1000),
+            stats.bucket_field(stats.QUEUE, queue_ms / 1000),
+        ]
+        self._busy += 1  # until `_delivered` has finish.lua's reply
+        return job_id, keys, args
+
+    async def _delivered(self, finish: Finish, reply: asyncio.Future[Any]) -> None:
+        """Account for the reply of a finish.lua call sent together with the next pop."""
+        job_id, keys, args = finish
+        try:
+            delivered = await reply
+            if isinstance(delivered, redis.exceptions.NoScriptError):  # forgotten (SCRIPT FLUSH)
+                # not on the worker's channel: the blocking pop sent after it holds that connection
+                delivered = await self.scripts.finish(keys=keys, args=args)
+            elif isinstance(delivered, Exception):
+                raise delivered
+        finally:
+            self._busy -= 1
+        if not delivered:
+            logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", job_id)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _forget(reply: asyncio.Future[Any]) -> None:
+    """Mark a reply nobody will wait for as seen (asyncio would log its error at exit)."""
+    if reply.done() and not reply.cancelled():
+        reply.exception()
+    else:
+        reply.cancel()

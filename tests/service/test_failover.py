@@ -1,0 +1,301 @@
+"""Failure handling: leader fencing, the failure detector, the redelivery budget, a leader
+killed mid-reconcile, and `redis+sentinel://` URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+import time
+
+import pytest
+from conftest import ProcessStack
+from redis.asyncio import Redis as AsyncRedis
+
+from controlplane import KcpClient, KernelError, OrchestrationConfig, Settings
+from controlplane.protocol.keys import ASSIGN_RUN, Keys
+from controlplane.redis.connect import parse_sentinel_url
+from controlplane.redis.scripts import Scripts
+from controlplane.redis.state import State
+from controlplane.service.detector import FailureDetector
+from controlplane.service.leader import LeaderLease, NotLeader, begin_writes
+from kernel_agent.agent.daemon import Agent, AgentConfig, _Child
+from kernel_agent.agent.heartbeat import Heartbeat
+
+KEYS = Keys()
+
+
+async def wait_for(predicate: object, limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not await predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- unit
+
+
+@pytest.mark.unit
+def test_sentinel_urls_parse_and_bad_ones_say_why() -> None:
+    spec = parse_sentinel_url("redis+sentinel://:secret@10.0.0.1:26379,[::1]:26380/kcp-main/2")
+    assert spec.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
+    assert (spec.service, spec.db, spec.password) == ("kcp-main", 2, "secret")
+    for bad, why in [
+        ("redis+sentinel://h/m", "host:port"),
+        ("redis+sentinel://h:1", "service_name"),
+        ("redis+sentinel://h:1/m/zero", "service_name"),
+        ("redis://h:1/m", "not a redis\\+sentinel"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_sentinel_url(bad)
+
+
+@pytest.mark.unit
+def test_settings_refuse_a_lease_shorter_than_two_heartbeats() -> None:
+    with pytest.raises(ValueError, match="twice heartbeat_interval"):
+        Settings(heartbeat_interval=1.0, lease_ttl=1.5)
+    assert Settings().lease_ttl <= 2.0, "the default detects a dead agent within 2 s"
+
+
+# ---------------------------------------------------------------- integration (real Redis)
+
+
+@pytest.mark.integration
+async def test_fenced_write_is_discarded_once_the_lease_moves(redis: AsyncRedis) -> None:
+    lease = LeaderLease(redis, Scripts(redis), KEYS, ttl=3.0, token="a")
+    assert await lease.acquire()
+    async with lease.fenced() as pipe:
+        pipe.set("decision-1", "written")
+        await pipe.execute()
+    assert await redis.get("decision-1") == "written"
+
+    # the lease moves between the check and EXEC (a paused leader, an expired lease)
+    with pytest.raises(NotLeader):
+        async with lease.fenced(multi=False) as pipe:
+            await redis.set(KEYS.leader(), "b", px=3000)
+            begin_writes(pipe)
+            pipe.set("decision-2", "written")
+            await pipe.execute()
+    assert not await redis.exists("decision-2"), "a deposed leader wrote nothing"
+    assert not lease.leading
+    with pytest.raises(NotLeader):  # and it stays out until it takes the lease again
+        async with lease.fenced() as pipe:
+            pipe.set("decision-3", "written")
+    assert await redis.hget(KEYS.reliability(), "leader_fenced_writes_total") == "1"
+
+
+@pytest.mark.integration
+async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(redis: AsyncRedis) -> None:
+    settings = Settings(heartbeat_interval=0.2, lease_ttl=1.0)
+    state = State(redis, KEYS)
+    for name in ("fresh", "late", "gone"):
+        await redis.hset(KEYS.agent(name), mapping={"name": name, "slots": "2"})
+        await redis.sadd(KEYS.agents(), name)
+    now_ms = int(time.time() * 1000)
+    await redis.set(KEYS.agent_lease("fresh"), now_ms, px=1000)
+    await redis.set(KEYS.agent_lease("late"), now_ms, px=500)  # renewals overdue
+    await redis.hset(KEYS.heartbeats(), "gone", str(now_ms - 1200))
+    detector = FailureDetector(state, settings)
+
+    detector.grace()  # e.g. right after Redis came back: nobody could renew
+    fleet = await detector.fleet()
+    assert fleet.alive == {"fresh", "late", "gone"}
+
+    detector._blind_until = 0.0
+    fleet = await detector.fleet()
+    assert fleet.alive == {"fresh", "late"} and fleet.suspect == {"late"}
+    stats = await redis.hgetall(KEYS.reliability())
+    assert stats["agents_dead_total"] == "1" and int(stats["detection_ms_last"]) >= 1200
+    await detector.fleet()
+    assert (await redis.hgetall(KEYS.reliability()))["agents_dead_total"] == "1", "each death counts once"
+
+    # kernel leases: a running kernel on a live agent whose lease lapsed is dead
+    old = f"{time.time() - 10:.3f}"
+    for kernel in ("worker-0", "worker-1"):
+        await redis.hset(
+            KEYS.kernel("c", kernel),
+            mapping={"cluster": "c", "name": kernel, "agent": "fresh", "state": "running", "started_at": old},
+        )
+        await redis.sadd(KEYS.cluster_kernels("c"), kernel)
+    await redis.set(KEYS.kernel_lease("c", "worker-0"), 1, px=1000)
+    dead = await detector.dead_kernels(await state.kernels("c"), fleet)
+    assert [k.name for k in dead] == ["worker-1"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_heartbeat_thread_renews_leases_and_stops_when_the_agent_stalls(
+    redis: AsyncRedis, redis_url: str
+) -> None:
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await dead.wait()
+    beat = Heartbeat(
+        redis_url=redis_url,
+        keys=KEYS,
+        agent="a1",
+        interval=0.1,
+        ttl=0.5,
+        children=lambda: [("c", "alive", os.getpid()), ("c", "gone", dead.pid)],
+        stall_after=1.0,
+    )
+    beat.start()
+    try:
+        await asyncio.sleep(0.6)  # longer than the TTL: only renewals keep the keys
+        assert await redis.exists(KEYS.agent_lease("a1"), KEYS.kernel_lease("c", "alive")) == 2
+        assert not await redis.exists(KEYS.kernel_lease("c", "gone")), "no lease for a dead process"
+        assert int(await redis.hget(KEYS.heartbeats(), "a1")) > time.time() * 1000 - 1000
+        await asyncio.sleep(1.6)  # nobody called touch(): the main loop looks wedged
+        assert not await redis.exists(KEYS.agent_lease("a1")), "a stalled agent lets its lease lapse"
+    finally:
+        await asyncio.to_thread(beat.stop)
+
+
+@pytest.mark.integration
+async def test_agent_starts_a_replaced_kernel_afresh(redis: AsyncRedis, redis_url: str) -> None:
+    """Removed and placed again under the same name between two agent ticks, a kernel must not
+    inherit the old one's state (finished for good, or a long restart back-off)."""
+    agent = Agent(redis, Settings(redis_url=redis_url), AgentConfig(name="a1"))
+    now = time.monotonic()
+    agent.children = {
+        "c/worker-0": _Child("c", "worker-0", done=True, placement="100.0"),  # drained, then re-placed
+        "c/worker-1": _Child("c", "worker-1", restarts=6, next_start=now + 10, placement="100.0"),
+        "c/worker-2": _Child("c", "worker-2", restarts=6, next_start=now + 10, placement="200.0"),
+    }
+    for name, placed in (("worker-0", "300.0"), ("worker-1", "300.0"), ("worker-2", "200.0")):
+        await redis.hset(KEYS.kernel("c", name), mapping={"agent": "a1", "placed_at": placed})
+    assigned = {f"c/worker-{i}": ASSIGN_RUN for i in range(3)}
+    await agent._renew_replaced(assigned, now)
+    fresh = agent.children
+    assert not fresh["c/worker-0"].done and fresh["c/worker-0"].restarts == 0
+    assert fresh["c/worker-1"].restarts == 0 and fresh["c/worker-1"].next_start == 0
+    assert fresh["c/worker-2"].restarts == 6, "the same placement keeps its crash back-off"
+
+
+# ---------------------------------------------------------------- system (processes)
+
+
+@pytest.mark.system
+@pytest.mark.timeout(90)
+async def test_request_that_kills_every_kernel_ends_in_a_clear_error(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
+    stack.serve()
+    for name in ("host-0", "host-1"):
+        stack.agent(name, 2, "--handlers", "tests.chaos.handlers")
+    await wait_for(lambda: _count(redis, KEYS.agents(), 2), 30, "agents")
+    patient = OrchestrationConfig(timeout_ms=60_000, retry_count=0)  # only the budget can stop it
+    async with KcpClient(Settings(redis_url=redis_url), orchestration=patient) as kcp:
+        await kcp.create_cluster("fragile", 2)
+        started = time.monotonic()
+        with pytest.raises(KernelError) as caught:
+            await kcp.dispatch("fragile", {"type": "CRASH"})
+        took = time.monotonic() - started
+        assert caught.value.error_type == "RedeliveryExhausted"
+        assert "3 times" in str(caught.value)
+        print(f"\nCRASH ended with RedeliveryExhausted after {took:.1f}s")
+        # the cluster is whole again and serves the next request
+        await wait_for(lambda: _running(kcp, "fragile", 2), 30, "kernels back")
+        assert (await kcp.dispatch("fragile", {"type": "PING"})).result["pong"] is True
+    assert not [k async for k in redis.scan_iter(match=KEYS.job_pattern("fragile"))], "the job is gone"
+
+
+@pytest.mark.system
+@pytest.mark.timeout(90)
+async def test_kernel_down_longer_than_its_lease_is_replaced_and_its_jobs_move(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
+    """The agent lives but keeps its crash-looping kernel down (restart back-off): the kernel's own
+    lease lapses, the leader declares it dead, and a job queued on it runs elsewhere."""
+    stack.serve()
+    for name in ("host-0", "host-1"):
+        stack.agent(name, 2, "--handlers", "tests.chaos.handlers")
+    await wait_for(lambda: _count(redis, KEYS.agents(), 2), 30, "agents")
+    patient = OrchestrationConfig(timeout_ms=20_000, retry_count=0)  # one attempt: the job must move
+    async with KcpClient(Settings(redis_url=redis_url), orchestration=patient) as kcp:
+        await kcp.create_cluster("flaky", 2)
+        # each crash doubles the agent's restart delay (0.2 s, 0.4 s, ...): once it exceeds the
+        # lease, the leader declares the kernel dead before the agent brings it back
+        for crash in range(8):
+            await asyncio.sleep(1.5)  # past the start-up grace of the kernel lease
+            victim = (await kcp.get_cluster("flaky")).kernels[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            result = await asyncio.wait_for(
+                kcp.dispatch("flaky", {"type": "SLEEP", "ms": 1, "tag": f"c{crash}"}, kernel=victim.name), 25
+            )
+            assert result.result["tag"] == f"c{crash}"
+            # one delivery, or two: a worker killed while blocked on its wake token may still have
+            # claimed the job (the claim is written behind the pop) before its socket closed
+            assert result.attempts in (1, 2)
+            await wait_for(lambda: _running(kcp, "flaky", 2), 30, "a whole cluster again")
+            if int(await redis.hget(KEYS.reliability(), "kernels_dead_total") or 0):
+                break
+        print(f"\nkernel declared dead by its lease after {crash + 1} crashes")
+        assert int(await redis.hget(KEYS.reliability(), "kernels_dead_total") or 0) >= 1
+        assert int(await redis.hget(KEYS.reliability(), "jobs_failed_over_total") or 0) >= 1
+        assert int(await redis.hget(KEYS.reliability(), "agents_dead_total") or 0) == 0
+        await wait_for(lambda: _running(kcp, "flaky", 2), 30, "a whole cluster again")
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+async def test_leader_killed_mid_reconcile_leaves_no_half_placed_kernel(
+    stack: ProcessStack, redis: AsyncRedis, redis_url: str
+) -> None:
+    serves = {p.pid: p for p in (stack.serve(), stack.serve())}
+    for name in ("host-0", "host-1"):
+        stack.agent(name, 6)
+    await wait_for(lambda: _count(redis, KEYS.agents(), 2), 30, "agents")
+    rng = random.Random(7)
+    kills = 0
+    async with KcpClient(Settings(redis_url=redis_url, ready_timeout=40)) as kcp:
+        await kcp.create_cluster("churn", 1, {"max_kernels": 10})
+
+        async def live_leader() -> bool:
+            token = await redis.get(KEYS.leader())
+            return bool(token) and int(token.split(":")[1]) in serves
+
+        for desired in (9, 2, 8, 1, 6):
+            await wait_for(live_leader, 20, "a live leader")
+            await redis.hset(KEYS.cluster("churn"), "desired", desired)
+            await redis.lpush(KEYS.service_wake(), "test")
+            await asyncio.sleep(rng.uniform(0.0, 0.15))  # somewhere inside the pass that acts on it
+            victim = serves.pop(int((await redis.get(KEYS.leader())).split(":")[1]))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            kills += 1
+            new = stack.serve()
+            serves[new.pid] = new
+            await _assert_consistent(redis, "churn")
+        await wait_for(lambda: _running(kcp, "churn", 6), 40, "convergence on 6 kernels")
+        await _assert_consistent(redis, "churn")
+        assert (await kcp.dispatch("churn", {"type": "PING"})).result["pong"] is True
+    print(f"\nkilled the leader {kills} times mid-reconcile")
+    assert kills == 5
+
+
+async def _assert_consistent(redis: AsyncRedis, cluster: str) -> None:
+    """Every kernel is whole: in the cluster set, with a record, and assigned to its agent."""
+    names = await redis.smembers(KEYS.cluster_kernels(cluster))
+    assignments: dict[str, str] = {}
+    for agent in await redis.smembers(KEYS.agents()):
+        for ref in await redis.hkeys(KEYS.agent_kernels(agent)):
+            if ref.startswith(f"{cluster}/"):
+                assignments[ref.partition("/")[2]] = agent
+    for name in names:
+        record = await redis.hgetall(KEYS.kernel(cluster, name))
+        assert record.get("agent"), f"{name} is in the cluster but has no record"
+        assert assignments.get(name) == record["agent"], f"{name} is not assigned to its agent"
+    stray = set(assignments) - names
+    assert not stray, f"assigned but not in the cluster: {stray}"
+
+
+async def _count(redis: AsyncRedis, key: str, n: int) -> bool:
+    return bool(await redis.scard(key) >= n)
+
+
+async def _running(kcp: KcpClient, cluster: str, n: int) -> bool:
+    info = await kcp.get_cluster(cluster)
+    return info.running == n == len(info.kernels)
