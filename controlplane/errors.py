@@ -8,7 +8,14 @@ KcpError
 │   ├── NoKernelAvailable   no running kernel could take the request in time
 │   ├── DispatchTimeout     a kernel took the request but no result came in time
 │   └── KernelError         the kernel ran the request and it failed (bad args, handler raised)
-└── RedisUnavailable        Redis could not be reached or answered with an error
+└── RedisError              Redis did not carry out a command
+    ├── RedisUnavailable    not reachable, timed out, connection lost, still loading its data
+    ├── ReadOnly            the server is a replica (a failover is under way): retry
+    ├── AuthenticationFailed  wrong user name or password: fix the URL or the settings
+    ├── PermissionDenied    the ACL user may not run this command or touch this key
+    └── WrongData           a key holds another type or a value kcp cannot use (WRONGTYPE, ...)
+
+`RedisUnavailable` and `ReadOnly` pass (`transient = True`); the others need a person.
 """
 
 from __future__ import annotations
@@ -55,5 +62,32 @@ class KernelError(DispatchError):
         self.error_type = error_type
 
 
-class RedisUnavailable(KcpError):
-    """Redis could not be reached, timed out, or refused a command."""
+class RedisError(KcpError):
+    """Redis did not carry out a command; the subclass says why."""
+
+    #: True when the same command may succeed later without anyone changing anything.
+    transient: bool = False
+
+
+class RedisUnavailable(RedisError):
+    """Redis could not be reached, timed out, lost the connection or is loading its data."""
+
+    transient = True
+
+
+class ReadOnly(RedisError):
+    """The server answered READONLY: it is a replica, typically during a failover."""
+
+    transient = True
+
+
+class AuthenticationFailed(RedisError):
+    """Redis refused the user name or password (WRONGPASS, NOAUTH)."""
+
+
+class PermissionDenied(RedisError):
+    """The ACL user may not run a command or touch a key (NOPERM)."""
+
+
+class WrongData(RedisError):
+    """A key holds another type, or a value kcp cannot use (WRONGTYPE, a script's data error)."""

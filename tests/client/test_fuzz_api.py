@@ -16,7 +16,7 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fuzz_models import budget, json_value, requests, tricky_text
+from strategies import budget, json_value, requests, tricky_text
 
 from controlplane import OrchestrationConfig, OrchestrationTools, Settings
 from controlplane.client.core import validate_name

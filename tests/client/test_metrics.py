@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 
 import fakeredis
 import pytest
 import redis
+from promtool import promtool_check
 
 from controlplane import (
     ClusterMetrics,
@@ -73,18 +72,6 @@ def spec_example(collector: ClusterMetricsCollector) -> None:
     collector.record("kernel-2", "cpu", 0.4)
     collector.record("kernel-2", "memory", 0.2)
     collector.increment("kernel-2", "dispatches")
-
-
-def promtool_check(text: str) -> str:
-    """`promtool check metrics` output for `text`; asserts it exits 0."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
-    res = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=20
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    return (res.stdout + res.stderr).strip()
 
 
 # ---------------------------------------------------------------- the spec's example

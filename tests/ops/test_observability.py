@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from conftest import ProcessStack
+from promtool import promtool_check
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
-from test_metrics import promtool_check
 
 from controlplane import DispatchTimeout, KcpClient, KernelError, OrchestrationConfig
 from controlplane.ops.cli.top import TopView
