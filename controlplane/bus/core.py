@@ -34,7 +34,7 @@ from controlplane.bus.stats import read_stats
 from controlplane.errors import DispatchTimeout, InvalidRequest
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
-from controlplane.redis.connect import connect
+from controlplane.redis.connect import connect, connect_sync
 from controlplane.redis.errors import map_redis_errors
 from controlplane.settings import Settings
 
@@ -166,12 +166,7 @@ class InterKernelBus:
 
     def _client(self) -> redis.Redis:
         if self._sync is None:
-            self._sync = redis.Redis.from_url(
-                self.settings.redis_url,
-                decode_responses=True,
-                socket_timeout=10.0,
-                socket_connect_timeout=5.0,
-            )
+            self._sync = connect_sync(self.settings.redis_url, timeout=10.0)
         return self._sync
 
     @staticmethod

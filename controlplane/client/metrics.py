@@ -34,6 +34,7 @@ from controlplane.client.core import validate_name
 from controlplane.errors import InvalidRequest
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterMetrics, KernelMetricsSnapshot
+from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import map_redis_errors
 from controlplane.redis.scripts import lua_source
 from controlplane.settings import Settings
@@ -65,9 +66,7 @@ class ClusterMetricsCollector:
         self.cluster_name = validate_name(cluster_name)
         settings = settings or Settings()
         self._own = redis_client is None
-        self.redis: redis.Redis = redis_client or redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=5.0
-        )
+        self.redis: redis.Redis = redis_client or connect_sync(settings.redis_url)
         keys = Keys(settings.prefix)
         self._values = keys.collector_values(self.cluster_name)
         self._kernels = keys.collector_kernels(self.cluster_name)

@@ -38,6 +38,7 @@ import redis
 from controlplane.errors import InvalidRequest
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import NAME_PATTERN
+from controlplane.redis.connect import connect_sync
 from controlplane.settings import Settings
 from controlplane.tls import redact_url
 
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if args.apply:
         try:
-            with redis.Redis.from_url(settings.redis_url) as client:
+            with connect_sync(settings.redis_url, decode_responses=False) as client:
                 apply(client, users, passwords)
                 if args.disable_default:
                     client.execute_command("ACL", "SETUSER", "default", "off")

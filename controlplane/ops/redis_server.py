@@ -15,6 +15,8 @@ from types import TracebackType
 
 import redis
 
+from controlplane.redis.connect import connect_sync
+
 log = logging.getLogger(__name__)
 
 #: The server's stdout and stderr (its log, and any startup error) go here, inside its data dir.
@@ -115,7 +117,7 @@ class RedisServerProcess:
 
     def _wait_for_ping(self, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self._wait
-        with redis.Redis(host=self.host, port=self.port, socket_connect_timeout=1.0, socket_timeout=1.0) as r:
+        with connect_sync(self.url, timeout=1.0, decode_responses=False) as r:
             while proc.poll() is None:
                 try:  # the pid check: PING alone could be answered by another server already on the port
                     if r.ping() and r.info("server")["process_id"] == proc.pid:

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import redis
 
 from controlplane.ops.redis_server import RedisServerProcess, free_port, start_redis_server
+from controlplane.redis.connect import connect_sync
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = connect_sync(url, timeout=timeout)
         try:
             return bool(client.ping())
         finally:

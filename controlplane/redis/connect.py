@@ -1,4 +1,9 @@
-"""Redis connections from a URL, tuned for kcp's blocking reads; Sentinel-aware."""
+"""Redis connections from a URL, tuned for kcp's blocking reads; Sentinel-aware.
+
+The one place kcp makes a redis-py client (asyncio `connect`, blocking `connect_sync`). Both speak
+RESP2 whatever redis-py's default: the bus reads stream replies in their RESP2 shapes, and redis-py
+8 defaults to RESP3 (`tests/redis/test_redis_py_canary.py` pins this).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
@@ -15,6 +21,9 @@ MAX_BLOCK_SECONDS = 5
 #: How much longer than its own timeout a blocking read may take before the link counts as dead, s.
 BLOCK_GRACE_SECONDS = 5.0
 
+
+#: The Redis protocol version every kcp connection speaks.
+RESP = 2
 
 #: `redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]`
 SENTINEL_SCHEME = "redis+sentinel"
@@ -82,6 +91,7 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         if hasattr(socket, name):
             keepalive[getattr(socket, name)] = value
     options: dict[str, Any] = {
+        "protocol": RESP,
         "decode_responses": True,
         "max_connections": max_connections,
         "socket_connect_timeout": 5.0,
@@ -113,4 +123,21 @@ def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> aioredis.Re
     )
     assert isinstance(client, _SentinelRedis)
     client.kcp_sentinel = sentinel
+    return client
+
+
+def connect_sync(url: str, *, timeout: float | None = 5.0, decode_responses: bool = True) -> redis.Redis:
+    """A blocking client for `url` (redis://, rediss://, unix://): for the synchronous API of the
+    spec's collector and bus, the exporter's scrape thread and operator tools. `timeout` bounds
+    connecting and each reply, seconds (None: a reply may take any time). A ValueError for a
+    scheme it cannot serve (redis+sentinel:// has no blocking client here)."""
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        raise ValueError(f"no blocking client for {SENTINEL_SCHEME}:// URLs")
+    client: redis.Redis = redis.Redis.from_url(
+        url,
+        protocol=RESP,
+        decode_responses=decode_responses,
+        socket_timeout=timeout,
+        socket_connect_timeout=5.0 if timeout is None else min(timeout, 5.0),
+    )
     return client

@@ -27,6 +27,7 @@ from controlplane.bus.core import InterKernelBus
 from controlplane.errors import InvalidRequest, KcpError
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage
+from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import map_redis_errors
 
 
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             return _stats(args)
         with (
             map_redis_errors(),
-            redis.Redis.from_url(args.settings.redis_url, decode_responses=True) as client,
+            connect_sync(args.settings.redis_url, timeout=None) as client,
         ):
             return _tail(args, client, keys)
     except KeyboardInterrupt:

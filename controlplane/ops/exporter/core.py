@@ -39,6 +39,7 @@ from controlplane.ops.exporter.bus import bus_families
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterStatus, KernelState, RoutingStrategy
+from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.snapshot import ClusterView, KernelView, Snapshot, read_snapshot
 from controlplane.redis.state import State
@@ -341,12 +342,7 @@ def _sync_client(settings: Settings) -> redis.Redis | None:
     """A blocking client for the bus statistics (read on the scrape thread); None if the URL
     scheme has no blocking client here (e.g. redis+sentinel://): the bus is left out."""
     try:
-        return redis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=SCRAPE_TIMEOUT,
-            socket_connect_timeout=5.0,
-        )
+        return connect_sync(settings.redis_url, timeout=SCRAPE_TIMEOUT)
     except ValueError as exc:
         logger.warning("bus metrics disabled: %s", exc)
         return None
