@@ -27,7 +27,7 @@ from controlplane.bus.core import InterKernelBus
 from controlplane.errors import InvalidRequest, KcpError
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage
-from controlplane.redis.errors import map_redis_errors
+from controlplane.redis.errors import map_redis_errors, where_from_url
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -156,7 +156,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`kcp bus ...`: exit 0, 2 on bad input, 3 when Redis is unavailable (as every kcp command)."""
+    """`kcp bus ...`: the exit codes of every kcp command (`report_error`)."""
     from controlplane.ops.cli.output import report_error
 
     keys = Keys(args.settings.prefix)
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "stats":
             return _stats(args)
         with (
-            map_redis_errors(),
+            map_redis_errors(where_from_url(args.settings.redis_url)),
             redis.Redis.from_url(args.settings.redis_url, decode_responses=True) as client,
         ):
             return _tail(args, client, keys)
