@@ -84,6 +84,8 @@ _BLOCKING_POPS = frozenset({"BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"})
 _CONTAINERS = frozenset(
     {"ACL", "CLIENT", "CONFIG", "FUNCTION", "MEMORY", "OBJECT", "SCRIPT", "XGROUP", "XINFO"}
 )
+#: Commands whose arguments are never shown: they carry passwords (or are not keys).
+_UNSHOWN = frozenset({"AUTH", "HELLO", "MIGRATE", "PING", "ECHO", "MULTI", "EXEC"})
 _ATTRIBUTE = "kcp_where"
 
 
@@ -160,8 +162,10 @@ def _what(command: tuple[str, ...], text: str) -> str:
         keys = command[3 : 3 + int(command[2])]
         script = _script_name(command[1]) if name.startswith("EVAL") else command[1]  # FCALL: a function
         return f"script {script} ({name}){_keys(keys)}"
-    if "run this command" in text or "to run the" in text:
-        return f"{name} {command[1].upper()}" if name in _CONTAINERS and len(command) > 1 else name
+    if name in _CONTAINERS:
+        return f"{name} {command[1].upper()}" if len(command) > 1 else name
+    if name in _UNSHOWN or "run this command" in text or "to run the" in text:
+        return name
     if "channel" in text:
         return f"{name} on channel {command[1]}" if len(command) > 1 else name
     if name in _ALL_KEYS:
