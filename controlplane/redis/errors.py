@@ -69,7 +69,6 @@ _RULES: tuple[tuple[type[Exception], re.Pattern[str] | None, type[RedisError]], 
 )
 
 _LABELS: dict[type[RedisError], str] = {
-    RedisUnavailable: "Redis unavailable",
     ReadOnly: "read-only replica",
     PermissionDenied: "permission denied",
     WrongData: "wrong data",
