@@ -22,6 +22,7 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
     from controlplane.client.engine import OrchestrationEngine as OrchestrationEngine
     from controlplane.client.metrics import ClusterMetricsCollector as ClusterMetricsCollector
     from controlplane.client.tools import OrchestrationTools as OrchestrationTools
+    from controlplane.errors import AuthenticationFailed as AuthenticationFailed
     from controlplane.errors import ClusterExists as ClusterExists
     from controlplane.errors import ClusterNotFound as ClusterNotFound
     from controlplane.errors import DispatchError as DispatchError
@@ -30,7 +31,11 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
     from controlplane.errors import KcpError as KcpError
     from controlplane.errors import KernelError as KernelError
     from controlplane.errors import NoKernelAvailable as NoKernelAvailable
+    from controlplane.errors import PermissionDenied as PermissionDenied
+    from controlplane.errors import ReadOnly as ReadOnly
+    from controlplane.errors import RedisError as RedisError
     from controlplane.errors import RedisUnavailable as RedisUnavailable
+    from controlplane.errors import WrongData as WrongData
     from controlplane.protocol.models import BusMessage as BusMessage
     from controlplane.protocol.models import BusTopic as BusTopic
     from controlplane.protocol.models import ClusterConfig as ClusterConfig
@@ -48,6 +53,7 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
 
 #: Each public name and the module that defines it.
 _EXPORTS: dict[str, str] = {
+    "AuthenticationFailed": "controlplane.errors",
     "BusConfig": "controlplane.bus",
     "BusMessage": "controlplane.protocol.models",
     "BusTopic": "controlplane.protocol.models",
@@ -77,11 +83,15 @@ _EXPORTS: dict[str, str] = {
     "OrchestrationMetrics": "controlplane.protocol.models",
     "OrchestrationTools": "controlplane.client.tools",
     "OutlierConfig": "controlplane.protocol.models",
+    "PermissionDenied": "controlplane.errors",
+    "ReadOnly": "controlplane.errors",
     "ReceivedMessage": "controlplane.bus",
+    "RedisError": "controlplane.errors",
     "RedisUnavailable": "controlplane.errors",
     "RoutingStrategy": "controlplane.protocol.models",
     "Settings": "controlplane.settings",
     "SyscallRequest": "controlplane.protocol.requests",
+    "WrongData": "controlplane.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,11 +15,10 @@ from typing import Any, Self
 
 import pydantic
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from controlplane.client.dispatch import ClusterViews, Dispatcher
 from controlplane.client.engine import OrchestrationEngine
-from controlplane.errors import ClusterNotFound, InvalidRequest
+from controlplane.errors import ClusterNotFound, InvalidRequest, RedisError
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import (
@@ -284,8 +283,8 @@ class KcpClient:
 
     async def _bump(self, cluster: str, counters: Mapping[str, int]) -> None:
         """Add to event counters of the cluster's stats hash (exported as Prometheus counters)."""
-        with contextlib.suppress(redis.exceptions.RedisError):  # a counter never fails the operation
-            async with self.redis.pipeline(transaction=False) as pipe:
+        with contextlib.suppress(RedisError):  # a counter never fails the operation
+            async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
                 for field, amount in counters.items():
                     if amount:
                         pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)

@@ -39,6 +39,7 @@ from controlplane.errors import InvalidRequest
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import NAME_PATTERN
 from controlplane.redis.connect import connect_sync
+from controlplane.redis.errors import map_redis_errors, where_from_url
 from controlplane.settings import Settings
 from controlplane.tls import redact_url
 
@@ -260,7 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """`kcp acl`: print (or apply) the users. Exit 0, 2 on bad input, 3 when Redis refuses."""
+    """`kcp acl`: print (or apply) the users. Exit 0, 2 on bad input; with `--apply` a Redis
+    failure raises its kcp error (`kcp` reports it with its exit code)."""
     try:
         users = build_users(Keys(settings.prefix), args.agent, user_prefix=args.user_prefix)
         if args.format == "aclfile" and args.secrets_dir is None:
@@ -270,14 +272,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"kcp acl: {exc}", file=sys.stderr)
         return 2
     if args.apply:
-        try:
-            with connect_sync(settings.redis_url, decode_responses=False) as client:
-                apply(client, users, passwords)
-                if args.disable_default:
-                    client.execute_command("ACL", "SETUSER", "default", "off")
-        except redis.RedisError as exc:
-            print(f"kcp acl: {redact_url(settings.redis_url)}: {exc}", file=sys.stderr)
-            return 3
+        with (
+            map_redis_errors(where_from_url(settings.redis_url)),
+            connect_sync(settings.redis_url, decode_responses=False) as client,
+        ):
+            apply(client, users, passwords)
+            if args.disable_default:
+                client.execute_command("ACL", "SETUSER", "default", "off")
         print(f"kcp acl: {len(users)} users set on {redact_url(settings.redis_url)}")
         return 0
     # stdout holds only lines Redis accepts (neither an aclfile nor redis-cli takes comments)

@@ -34,6 +34,8 @@ from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 
+from controlplane.redis.errors import annotate, where_of
+
 Command = Sequence[str | int | float | bytes]
 #: Bytes waiting in the socket's write buffer above which `send` waits for the peer to read.
 WRITE_HIGH_WATER = 4 << 20
@@ -45,6 +47,7 @@ class Channel:
 
     def __init__(self, redis: aioredis.Redis, *, preload: Sequence[AsyncScript] = ()) -> None:
         self._pool = redis.connection_pool
+        self._where = where_of(redis)  # for the errors' messages (`annotate`)
         self._preload = preload
         self._link: _Link | None = None
         self._connecting: asyncio.Lock | None = None
@@ -55,6 +58,7 @@ class Channel:
         """Run one command; raise its error reply as redis-py would."""
         (reply,) = await self.execute_many([command])
         if isinstance(reply, Exception):
+            annotate(reply, self._where, command)
             raise reply
         return reply
 
@@ -128,7 +132,11 @@ class Channel:
                 # whole timeout; callers bound their waits, and keepalive finds dead peers
                 kwargs = {**self._pool.connection_kwargs, "socket_timeout": None}
                 conn: AbstractConnection = self._pool.connection_class(**kwargs)
-                await conn.connect()  # type: ignore[no-untyped-call]
+                try:
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                except redis.exceptions.RedisError as exc:  # e.g. a wrong password
+                    annotate(exc, self._where)
+                    raise
                 try:
                     if self._preload:  # so a pipelined EVALSHA never meets NOSCRIPT behind a blocking pop
                         await conn.send_packed_command(

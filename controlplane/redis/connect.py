@@ -14,7 +14,11 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import Sentinel
+
+from controlplane.redis.errors import Where, annotate, where_from_url
 
 #: The longest blocking read (BZPOPMIN/BLPOP timeout) any kcp component issues, seconds.
 MAX_BLOCK_SECONDS = 5
@@ -65,7 +69,40 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     )
 
 
-class _SentinelRedis(aioredis.Redis):
+class _Redis(aioredis.Redis):
+    """redis-py's client, which attaches the URL, the user and the failed command to redis-py's
+    exception (`annotate`) so that the kcp error it maps to says what to fix. The exception's
+    type is redis-py's still: code that catches redis-py types sees no difference."""
+
+    kcp_where: Where = Where()
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except redis.exceptions.RedisError as exc:
+            annotate(exc, self.kcp_where, args)
+            raise
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.kcp_where = self.kcp_where
+        return pipe
+
+
+class _Pipeline(Pipeline):
+    """A pipeline whose errors carry the URL and user (redis-py's text names the command)."""
+
+    kcp_where: Where = Where()
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error)
+        except redis.exceptions.RedisError as exc:
+            annotate(exc, self.kcp_where)
+            raise
+
+
+class _SentinelRedis(_Redis):
     """The master's client; closing it closes the connections to the sentinels too."""
 
     kcp_sentinel: Sentinel | None = None
@@ -101,13 +138,16 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         "health_check_interval": 30,
         "retry_on_timeout": False,
     }
+    client: _Redis
     if url.startswith(f"{SENTINEL_SCHEME}://"):
-        return _connect_sentinel(parse_sentinel_url(url), options)
-    client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        client = _connect_sentinel(parse_sentinel_url(url), options)
+    else:
+        client = _Redis.from_url(url, **options)
+    client.kcp_where = where_from_url(url)
     return client
 
 
-def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> aioredis.Redis:
+def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> _SentinelRedis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(spec.sentinels),
         min_other_sentinels=0,

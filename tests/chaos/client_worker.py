@@ -18,7 +18,7 @@ from pathlib import Path
 
 from controlplane import KcpClient, KcpError, OrchestrationConfig, Settings
 from controlplane.client.core import DispatchResult
-from controlplane.errors import RedisUnavailable
+from controlplane.errors import RedisError
 
 #: How long a dispatch is retried while Redis is unreachable (a restart, a Sentinel failover), s.
 UNAVAILABLE_RETRY = float(os.environ.get("CHAOS_RETRY_UNAVAILABLE", "0"))
@@ -27,14 +27,14 @@ SYSCALL = os.environ.get("CHAOS_SYSCALL", "SLEEP")
 
 
 async def dispatch(kcp: KcpClient, cluster: str, request: dict[str, object]) -> DispatchResult:
-    """What a patient caller does: retry a dispatch that failed because Redis was unreachable
-    (nothing was accepted then) for up to UNAVAILABLE_RETRY seconds."""
+    """What a patient caller does: retry a dispatch that failed because Redis was unreachable or
+    read-only (a transient failure: nothing was accepted then) for up to UNAVAILABLE_RETRY seconds."""
     deadline = time.monotonic() + UNAVAILABLE_RETRY
     while True:
         try:
             return await kcp.dispatch(cluster, request)
-        except RedisUnavailable:
-            if time.monotonic() > deadline:
+        except RedisError as exc:
+            if not exc.transient or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
 

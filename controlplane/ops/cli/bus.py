@@ -28,7 +28,7 @@ from controlplane.errors import InvalidRequest, KcpError
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage
 from controlplane.redis.connect import connect_sync
-from controlplane.redis.errors import map_redis_errors
+from controlplane.redis.errors import map_redis_errors, where_from_url
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -157,7 +157,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`kcp bus ...`: exit 0, 2 on bad input, 3 when Redis is unavailable (as every kcp command)."""
+    """`kcp bus ...`: the exit codes of every kcp command (`report_error`)."""
     from controlplane.ops.cli.output import report_error
 
     keys = Keys(args.settings.prefix)
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "stats":
             return _stats(args)
         with (
-            map_redis_errors(),
+            map_redis_errors(where_from_url(args.settings.redis_url)),
             connect_sync(args.settings.redis_url, timeout=None) as client,
         ):
             return _tail(args, client, keys)

@@ -9,8 +9,15 @@
     kcp bus publish TOPIC JSON [--to KERNEL] | tail TOPIC|inbox:KERNEL|dead | stats
     kcp serve --metrics-port 9464   ... with Prometheus /metrics
 
-Human-readable output by default, `--json` for scripts. Exit codes: 0 ok, 1 the operation
-failed (e.g. the kernel reported an error), 2 bad input, 3 Redis unavailable.
+Human-readable output by default, `--json` for scripts. Exit codes, one per thing to fix:
+
+    0  ok
+    1  the operation failed (e.g. the kernel reported an error; Redis refused a command)
+    2  bad input (arguments, settings, a request)
+    3  Redis unavailable (not running, unreachable, loading) or read-only (a replica, a failover)
+    4  authentication failed: the user name or password (KCP_REDIS_USERNAME/_PASSWORD, the URL)
+    5  permission denied: the ACL user may not run the command or touch the key (`kcp acl`)
+    6  wrong data: a key holds a type or value kcp did not write (another app on the prefix?)
 """
 
 from __future__ import annotations
@@ -264,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kcp: invalid settings: {explain_settings_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.command == "acl":
-        return run_acl(args, args.settings)
+        try:
+            return run_acl(args, args.settings)
+        except KcpError as exc:  # Redis refused `--apply`
+            return report_error(exc, args.settings)
     if args.command == "agent":
         from kernel_agent.agent.main import run as run_agent
 

@@ -34,13 +34,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from controlplane.errors import InvalidRequest, KcpError
+from controlplane.errors import InvalidRequest, KcpError, RedisError
 from controlplane.ops.exporter.bus import bus_families
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterStatus, KernelState, RoutingStrategy
 from controlplane.redis.connect import connect_sync
-from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.errors import amap_redis_errors, map_redis_errors
 from controlplane.redis.snapshot import ClusterView, KernelView, Snapshot, read_snapshot
 from controlplane.redis.state import State
 from controlplane.settings import Settings
@@ -307,8 +307,9 @@ class KcpCollector(Collector):
         yield from self._families.collect(snap, reliability)
         if self._bus is not None:
             try:
-                bus = list(self._bus())
-            except (redis.RedisError, OSError) as exc:
+                with map_redis_errors():
+                    bus = list(self._bus())
+            except (RedisError, OSError) as exc:
                 logger.warning("metrics scrape could not read the bus: %s", exc)
             else:
                 yield from bus
