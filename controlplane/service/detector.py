@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import AgentRecord, KernelRecord, KernelState
+from controlplane.protocol.models import KernelState
+from controlplane.protocol.records import AgentRecord, KernelRecord
 from controlplane.redis.state import State, now_ms
 from controlplane.settings import Settings
 
