@@ -254,7 +254,8 @@ class JobRecord(Record):
     deadline_ms: int = 0
     state: str = "queued"  # queued | running
     strategy: str = ""  # the strategy that routed it, or 'pinned'
-    started_ms: int | None = None
+    started_ms: int | None = None  # set by claim.lua
+    stolen_from: str | None = None  # the sibling a stolen job was queued on (claim.lua)
 
 
 class HealthRecord(Record):
