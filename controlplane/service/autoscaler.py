@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
 from controlplane.protocol.records import ClusterRecord, KernelRecord
@@ -139,7 +140,7 @@ class Autoscaler:
         async with self.lease.fenced() as pipe:
             pipe.hset(key, mapping=fields)
             if desired != cluster.desired:
-                step = "autoscale_up_total" if desired > cluster.desired else "autoscale_down_total"
+                step = stats.AUTOSCALE_UP if desired > cluster.desired else stats.AUTOSCALE_DOWN
                 pipe.hincrby(self.keys.reliability(), step, 1)
             await pipe.execute()
         if desired == cluster.desired:

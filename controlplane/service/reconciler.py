@@ -224,7 +224,7 @@ class Reconciler:
             if int(moved) > 0:
                 await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, int(moved))
                 logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
-                await self.redis.hincrby(self.keys.reliability(), "jobs_failed_over_total", int(moved))
+                await self.redis.hincrby(self.keys.reliability(), stats.JOBS_FAILED_OVER, int(moved))
 
     async def _set_status(self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str) -> None:
         running = sum(k.state is KernelState.RUNNING for k in kernels)
