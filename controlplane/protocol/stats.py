@@ -44,11 +44,11 @@ def by_strategy(field: str, strategy: str) -> str:
 # ---------------------------------------------------------------- the reliability hash (`Keys.reliability`)
 # Global failure-handling counters, written by the service; the exporter publishes every
 # `*_total` field as a counter and the detection fields as a summary (docs/reliability.md).
-AGENTS_SUSPECTED = "agents_suspected_total"  #: agents whose heartbeat went stale (detector)
-AGENTS_DEAD = "agents_dead_total"  #: agents declared dead (detector)
-KERNELS_DEAD = "kernels_dead_total"  #: kernels declared dead with their lease gone (detector)
+AGENTS_SUSPECTED = "agents_suspected_total"  #: agents seen with an overdue lease renewal, not yet dead
+AGENTS_DEAD = "agents_dead_total"  #: agents declared dead (lease expired)
+KERNELS_DEAD = "kernels_dead_total"  #: kernels dead by their own lease while their agent lived
 JOBS_FAILED_OVER = "jobs_failed_over_total"  #: orphaned jobs moved to a live kernel (reconciler)
-LEADER_FENCED_WRITES = "leader_fenced_writes_total"  #: writes refused: the lease was lost (leader)
+LEADER_FENCED_WRITES = "leader_fenced_writes_total"  #: reconcile transactions discarded: the lease moved before EXEC
 AUTOSCALE_UP = "autoscale_up_total"  #: autoscaler steps up
 AUTOSCALE_DOWN = "autoscale_down_total"  #: autoscaler steps down
 DETECTION_MS_SUM = "detection_ms_sum"  #: agent death to detection, ms, summed over detections
