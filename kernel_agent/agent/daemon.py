@@ -312,7 +312,8 @@ class Agent:
                 )
                 cpu, memory = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
                 key = k.load(self.config.name, c.cluster, c.kernel)
-                load = LoadRecord(
+                # as measured, unvalidated: a value out of range is the readers' to skip, as always
+                load = LoadRecord.model_construct(
                     cpu=round(cpu, 4),
                     memory=round(memory, 6),
                     queue_depth=queued or 0,
