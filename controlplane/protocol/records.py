@@ -134,7 +134,6 @@ class ClusterRecord(Record):
 
     NAME: ClassVar[str] = "name"
     STATUS: ClassVar[str] = "status"
-    DESIRED: ClassVar[str] = "desired"
     STOPPED_AT: ClassVar[str] = "stopped_at"
     AUTOSCALE_TREND: ClassVar[tuple[str, str, str]] = ("autoscale_dir", "autoscale_since", "autoscale_at")
 
@@ -172,7 +171,6 @@ class ClusterRecord(Record):
 class KernelRecord(Record):
     """`{prefix}kernel:{cluster}:{name}` (a hash of plain fields)."""
 
-    STATE: ClassVar[str] = "state"
     PLACED_AT: ClassVar[str] = "placed_at"
 
     cluster: Name
@@ -199,8 +197,6 @@ class KernelRecord(Record):
 
 class AgentRecord(Record):
     """`{prefix}agent:{name}` (a hash of plain fields)."""
-
-    DRAINING: ClassVar[str] = "draining"
 
     name: Name
     host: str = ""
