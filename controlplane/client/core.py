@@ -26,14 +26,13 @@ from controlplane.protocol.models import (
     NAME_PATTERN,
     ClusterConfig,
     ClusterMetrics,
-    ClusterRecord,
     ClusterStatus,
     KernelLoad,
-    KernelRecord,
     KernelState,
     OrchestrationConfig,
     RoutingStrategy,
 )
+from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.protocol.requests import parse_args, parse_request
 from controlplane.protocol.stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
 from controlplane.redis.connect import connect

@@ -22,7 +22,8 @@ from controlplane.client import routing
 from controlplane.errors import ClusterNotFound, DispatchTimeout
 from controlplane.protocol.jobs import Outcome, decode_result, encode_job
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import KernelLoad, KernelRecord, KernelState
+from controlplane.protocol.models import KernelLoad, KernelState
+from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis.channel import Channel
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS

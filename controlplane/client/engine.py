@@ -26,12 +26,12 @@ from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, No
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import (
     KernelLoad,
-    KernelRecord,
     KernelState,
     OrchestrationConfig,
     OrchestrationMetrics,
     RoutingStrategy,
 )
+from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 
 __all__ = ["PANIC_THRESHOLD", "KernelBusy", "OrchestrationEngine", "RetryBudget"]

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import KernelRecord, OutlierConfig
+from controlplane.protocol.models import OutlierConfig
+from controlplane.protocol.records import KernelRecord
 from controlplane.redis.scripts import Scripts
 
 __all__ = [

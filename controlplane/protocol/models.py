@@ -1,4 +1,4 @@
-"""The spec's data classes and enums, and the records kcp keeps in Redis.
+"""The spec's data classes and enums (the records kcp keeps in Redis are in `records`).
 
 Everything that crosses a boundary (a config from a user, a record read from Redis)
 is a pydantic model, so bad input becomes a `pydantic.ValidationError` (wrapped in
@@ -195,55 +195,3 @@ class KernelMetricsSnapshot(BaseModel):
     kernel_name: str
     timestamp: float = Field(default_factory=time.time)
     metrics: dict[str, Any] = Field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- records kept in Redis
-
-
-class ClusterRecord(BaseModel):
-    """`{prefix}cluster:{name}` (a hash: config is JSON, the rest plain fields)."""
-
-    name: Name
-    config: ClusterConfig
-    desired: int = Field(ge=0)
-    status: ClusterStatus = ClusterStatus.INITIALIZING
-    reason: str = ""
-    created_at: float = Field(default_factory=time.time)
-
-
-class KernelRecord(BaseModel):
-    """`{prefix}kernel:{cluster}:{name}` (a hash of plain fields)."""
-
-    cluster: Name
-    name: Name
-    agent: Name
-    state: KernelState = KernelState.PENDING
-    epoch: int = 0
-    pid: int = 0
-    host: str = ""
-    syscalls: str = ""  # space-separated names the kernel executes
-    capabilities: str = ""  # space-separated
-    started_at: float = 0.0
-
-    @property
-    def index(self) -> int:
-        """`worker-7` -> 7; names outside that pattern sort last."""
-        head, _, tail = self.name.rpartition("-")
-        return int(tail) if head and tail.isdigit() else 1 << 30
-
-
-class AgentRecord(BaseModel):
-    """`{prefix}agent:{name}` (a hash of plain fields)."""
-
-    name: Name
-    host: str = ""
-    pid: int = 0
-    slots: int = Field(1, ge=0, le=4096)
-    capabilities: str = ""  # space-separated
-    labels: str = ""  # JSON object
-    draining: bool = False
-    started_at: float = 0.0
-
-    @property
-    def capability_set(self) -> frozenset[str]:
-        return frozenset(self.capabilities.split())

@@ -41,6 +41,22 @@ def by_strategy(field: str, strategy: str) -> str:
     return f"{field}:{strategy}"
 
 
+# ---------------------------------------------------------------- the reliability hash (`Keys.reliability`)
+# Global failure-handling counters, written by the service; the exporter publishes every
+# `*_total` field as a counter and the detection fields as a summary (docs/reliability.md).
+AGENTS_SUSPECTED = "agents_suspected_total"  #: agents seen with an overdue lease renewal, not yet dead
+AGENTS_DEAD = "agents_dead_total"  #: agents declared dead (lease expired)
+KERNELS_DEAD = "kernels_dead_total"  #: kernels dead by their own lease while their agent lived
+JOBS_FAILED_OVER = "jobs_failed_over_total"  #: orphaned jobs moved to a live kernel (reconciler)
+LEADER_FENCED_WRITES = "leader_fenced_writes_total"  #: reconcile writes dropped: the lease moved before EXEC
+AUTOSCALE_UP = "autoscale_up_total"  #: autoscaler steps up
+AUTOSCALE_DOWN = "autoscale_down_total"  #: autoscaler steps down
+DETECTION_MS_SUM = "detection_ms_sum"  #: agent death to detection, ms, summed over detections
+DETECTION_COUNT = "detection_count"  #: detections summed in DETECTION_MS_SUM
+DETECTION_MS_LAST = "detection_ms_last"  #: the last detection's delay, ms
+DETECTION_LAST_AT = "detection_last_at"  #: unix ms of the last detection
+
+
 # ---------------------------------------------------------------- histograms
 LATENCY = "latency"  #: enqueue -> finish (queue wait + execution)
 QUEUE = "queue"  #: enqueue -> claim (queue wait)

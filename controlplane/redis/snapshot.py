@@ -10,14 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from controlplane.protocol.models import (
-    AgentRecord,
-    ClusterRecord,
-    ClusterStatus,
-    KernelLoad,
-    KernelRecord,
-    KernelState,
-)
+from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
+from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.state import State
 

@@ -24,8 +24,10 @@ import math
 import time
 from dataclasses import dataclass
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import ClusterRecord, ClusterStatus, KernelLoad, KernelRecord, KernelState
+from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
+from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.redis.state import State
 from controlplane.service.leader import LeaderLease
 from controlplane.settings import Settings
@@ -106,7 +108,7 @@ class Autoscaler:
         running = [k for k in kernels if k.state is KernelState.RUNNING]
         load = cluster_load(running, await self.state.loads(running))
         key = self.keys.cluster(cluster.name)
-        raw = await self.redis.hmget(key, ["autoscale_dir", "autoscale_since", "autoscale_at"])
+        raw = await self.redis.hmget(key, list(ClusterRecord.AUTOSCALE_TREND))
         trend = Trend(raw[0] or "", float(raw[1] or 0), float(raw[2] or 0))
         now = time.time()
         if load is None:
@@ -123,22 +125,22 @@ class Autoscaler:
             cooldown=self.settings.autoscale_cooldown,
             ceiling=self.settings.max_kernels_per_cluster,
         )
-        fields: dict[str, str] = {"load": f"{load:.3f}"}
+        fields = ClusterRecord.fields(load=f"{load:.3f}")
         if new != trend:
-            fields |= {
-                "autoscale_dir": new.direction,
-                "autoscale_since": f"{new.since:.3f}",
-                "autoscale_at": f"{new.last_step:.3f}",
-            }
+            fields |= ClusterRecord.fields(
+                autoscale_dir=new.direction,
+                autoscale_since=f"{new.since:.3f}",
+                autoscale_at=f"{new.last_step:.3f}",
+            )
         if desired != cluster.desired:
-            fields |= {"desired": str(desired), "status": ClusterStatus.SCALING.value}
+            fields |= ClusterRecord.fields(desired=desired, status=ClusterStatus.SCALING)
         if len(fields) == 1:  # only the measured load changed: for operators, no decision to fence
-            await self.redis.hset(key, "load", fields["load"])
+            await self.redis.hset(key, mapping=fields)
             return cluster
         async with self.lease.fenced() as pipe:
             pipe.hset(key, mapping=fields)
             if desired != cluster.desired:
-                step = "autoscale_up_total" if desired > cluster.desired else "autoscale_down_total"
+                step = stats.AUTOSCALE_UP if desired > cluster.desired else stats.AUTOSCALE_DOWN
                 pipe.hincrby(self.keys.reliability(), step, 1)
             await pipe.execute()
         if desired == cluster.desired:

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import AgentRecord, KernelRecord, KernelState
+from controlplane.protocol.models import KernelState
+from controlplane.protocol.records import AgentRecord, KernelRecord
 from controlplane.redis.state import State, now_ms
 from controlplane.settings import Settings
 
@@ -117,7 +119,7 @@ class FailureDetector:
         """Log state changes and count them in the `reliability` hash."""
         for name in suspect - self._suspects:
             logger.warning("agent %s is suspect: a lease renewal is overdue", name)
-            await self.redis.hincrby(self.keys.reliability(), "agents_suspected_total", 1)
+            await self.redis.hincrby(self.keys.reliability(), stats.AGENTS_SUSPECTED, 1)
         self._suspects = suspect
         for name in known - alive - self._declared:
             self._declared.add(name)
@@ -131,11 +133,13 @@ class FailureDetector:
             )
             async with self.redis.pipeline(transaction=False) as pipe:
                 key = self.keys.reliability()
-                pipe.hincrby(key, "agents_dead_total", 1)
+                pipe.hincrby(key, stats.AGENTS_DEAD, 1)
                 if detection is not None:
-                    pipe.hset(key, mapping={"detection_ms_last": detection, "detection_last_at": now_ms()})
-                    pipe.hincrby(key, "detection_ms_sum", detection)
-                    pipe.hincrby(key, "detection_count", 1)
+                    pipe.hset(
+                        key, mapping={stats.DETECTION_MS_LAST: detection, stats.DETECTION_LAST_AT: now_ms()}
+                    )
+                    pipe.hincrby(key, stats.DETECTION_MS_SUM, detection)
+                    pipe.hincrby(key, stats.DETECTION_COUNT, 1)
                 await pipe.execute()
         self._declared &= known - alive  # back alive, or forgotten: report a later death again
 
@@ -159,7 +163,7 @@ class FailureDetector:
         for k in dead:
             logger.warning("kernel %s/%s on agent %s is dead: its lease expired", k.cluster, k.name, k.agent)
         if dead:
-            await self.redis.hincrby(self.keys.reliability(), "kernels_dead_total", len(dead))
+            await self.redis.hincrby(self.keys.reliability(), stats.KERNELS_DEAD, len(dead))
         return dead
 
     async def forget(self, agent: str) -> None:

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.client import Pipeline
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.redis.scripts import Scripts
 
@@ -93,5 +94,5 @@ class LeaderLease:
                 if holder == self.token:  # only a watched record changed: the caller's decision is stale
                     raise
                 self.leading = False
-                await self.redis.hincrby(self.keys.reliability(), "leader_fenced_writes_total", 1)
+                await self.redis.hincrby(self.keys.reliability(), stats.LEADER_FENCED_WRITES, 1)
                 raise NotLeader("lease lost before the write") from None

@@ -18,13 +18,8 @@ import redis.exceptions
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
-from controlplane.protocol.models import (
-    ACTIVE_KERNEL_STATES,
-    ClusterRecord,
-    ClusterStatus,
-    KernelRecord,
-    KernelState,
-)
+from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
+from controlplane.protocol.records import ClusterRecord, JobRecord, KernelRecord
 from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State, now_ms
 from controlplane.service.autoscaler import Autoscaler
@@ -144,22 +139,16 @@ class Reconciler:
             kernel = next(names, None)
             if kernel is None:
                 return placed, "no free kernel name"
-            record = KernelRecord(cluster=cluster.name, name=kernel, agent=agent.name)
+            record = KernelRecord(
+                cluster=cluster.name,
+                name=kernel,
+                agent=agent.name,
+                max_deliveries=self.settings.max_deliveries,
+                placed_at=round(time.time(), 6),
+            )
             async with self.lease.fenced() as pipe:
                 pipe.delete(self.keys.kernel(cluster.name, kernel))
-                pipe.hset(
-                    self.keys.kernel(cluster.name, kernel),
-                    mapping={
-                        "cluster": record.cluster,
-                        "name": record.name,
-                        "agent": record.agent,
-                        "state": record.state.value,
-                        "epoch": "0",
-                        "max_deliveries": str(self.settings.max_deliveries),  # read by rebind.lua
-                        # tells the agent a re-placement under a known name from the old kernel
-                        "placed_at": f"{time.time():.6f}",
-                    },
-                )
+                pipe.hset(self.keys.kernel(cluster.name, kernel), mapping=record.to_fields())
                 pipe.sadd(self.keys.cluster_kernels(cluster.name), kernel)
                 pipe.hset(self.keys.agent_kernels(agent.name), f"{cluster.name}/{kernel}", ASSIGN_RUN)
                 pipe.lpush(self.keys.agent_wake(agent.name), "place")
@@ -177,7 +166,9 @@ class Reconciler:
             await self._remove_kernel(k)
             return
         async with self.lease.fenced() as pipe:
-            pipe.hset(self.keys.kernel(k.cluster, k.name), "state", KernelState.DRAINING.value)
+            pipe.hset(
+                self.keys.kernel(k.cluster, k.name), mapping=KernelRecord.fields(state=KernelState.DRAINING)
+            )
             pipe.hset(self.keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}", ASSIGN_DRAIN)
             pipe.lpush(self.keys.agent_wake(k.agent), "drain")
             pipe.pexpire(self.keys.agent_wake(k.agent), 60_000)
@@ -233,7 +224,7 @@ class Reconciler:
             if int(moved) > 0:
                 await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, int(moved))
                 logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
-                await self.redis.hincrby(self.keys.reliability(), "jobs_failed_over_total", int(moved))
+                await self.redis.hincrby(self.keys.reliability(), stats.JOBS_FAILED_OVER, int(moved))
 
     async def _set_status(self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str) -> None:
         running = sum(k.state is KernelState.RUNNING for k in kernels)
@@ -252,10 +243,10 @@ class Reconciler:
         # WATCHed and re-read: a destroy (status `stopped`) that lands during the pass must win
         with contextlib.suppress(redis.exceptions.WatchError):
             async with self.lease.fenced(key, multi=False) as pipe:
-                if await pipe.hget(key, "status") in (None, ClusterStatus.STOPPED.value):
+                if await pipe.hget(key, ClusterRecord.STATUS) in (None, ClusterStatus.STOPPED.value):
                     return
                 begin_writes(pipe)
-                pipe.hset(key, mapping={"status": status.value, "reason": reason})
+                pipe.hset(key, mapping=ClusterRecord.fields(status=status, reason=reason))
                 pipe.publish(self.keys.notify(), cluster.name)
                 await pipe.execute()
             logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
@@ -265,7 +256,7 @@ class Reconciler:
         """Stop the kernels, fail what was still queued, then delete every key of the cluster."""
         name = cluster.name
         kernels = await self.state.kernels(name)
-        stopped_at = float(await self.redis.hget(self.keys.cluster(name), "stopped_at") or 0)
+        stopped_at = float(await self.redis.hget(self.keys.cluster(name), ClusterRecord.STOPPED_AT) or 0)
         waiting = [
             k
             for k in kernels
@@ -309,7 +300,7 @@ class Reconciler:
         while ids := await self.redis.zrange(source, 0, 255):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.hget(self.keys.job(cluster, job_id), "reply")
+                    pipe.hget(self.keys.job(cluster, job_id), JobRecord.REPLY)
                 replies = await pipe.execute()
             now = now_ms()
             async with self.lease.fenced() as pipe:

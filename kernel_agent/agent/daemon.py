@@ -26,7 +26,14 @@ from pydantic import BaseModel, Field
 
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import Capability, Name
-from controlplane.redis.state import parse_assignment, parse_counters
+from controlplane.protocol.records import (
+    AgentRecord,
+    KernelRecord,
+    LoadRecord,
+    parse_assignment,
+    parse_counters,
+)
+from controlplane.protocol.stats import DISPATCHES, ERRORS, LATENCY_MS_SUM
 from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
@@ -164,18 +171,18 @@ class Agent:
 
     async def _register(self) -> None:
         k, c = self.keys, self.config
-        record = {
-            "name": c.name,
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            "slots": str(c.slots),
-            "capabilities": " ".join(self.capabilities),
-            "labels": json.dumps(c.labels),
-            "draining": "0",
-            "started_at": f"{time.time():.3f}",
-        }
+        record = AgentRecord(
+            name=c.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slots=c.slots,
+            capabilities=" ".join(self.capabilities),
+            labels=json.dumps(c.labels),
+            draining=False,
+            started_at=round(time.time(), 3),
+        )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(k.agent(c.name), mapping=record)
+            pipe.hset(k.agent(c.name), mapping=record.to_fields())
             pipe.sadd(k.agents(), c.name)
             pipe.set(k.agent_lease(c.name), int(time.time() * 1000), px=int(self.settings.lease_ttl * 1000))
             await pipe.execute()
@@ -230,7 +237,7 @@ class Agent:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in waiting:
-                pipe.hget(self.keys.kernel(c.cluster, c.kernel), "placed_at")
+                pipe.hget(self.keys.kernel(c.cluster, c.kernel), KernelRecord.PLACED_AT)
             placements = await pipe.execute()
         for c, placed in zip(waiting, placements, strict=True):
             if placed and placed != c.placement:
@@ -254,7 +261,7 @@ class Agent:
 
     async def _spawn(self, child: _Child) -> None:
         child.placement = (
-            await self.redis.hget(self.keys.kernel(child.cluster, child.kernel), "placed_at") or ""
+            await self.redis.hget(self.keys.kernel(child.cluster, child.kernel), KernelRecord.PLACED_AT) or ""
         )
         cmd = [
             sys.executable,
@@ -291,7 +298,7 @@ class Agent:
                 pipe.hgetall(k.kernel_stats(c.cluster, c.kernel))
             rows = await pipe.execute(raise_on_error=False)  # a key of the wrong type reads as empty
         ttl_ms = int(self.settings.lease_ttl * 1000)
-        now = f"{time.time():.3f}"
+        now = round(time.time(), 3)
         async with self.redis.pipeline(transaction=False) as pipe:
             for i, c in enumerate(live):
                 queued, inflight, raw = (
@@ -299,24 +306,23 @@ class Agent:
                 )
                 stats = parse_counters(raw or {}, k.kernel_stats(c.cluster, c.kernel))
                 c.rates.update(
-                    float(stats.get("dispatches", 0)),
-                    float(stats.get("errors", 0)),
-                    float(stats.get("latency_ms_sum", 0)),
+                    float(stats.get(DISPATCHES, 0)),
+                    float(stats.get(ERRORS, 0)),
+                    float(stats.get(LATENCY_MS_SUM, 0)),
                 )
                 cpu, memory = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
                 key = k.load(self.config.name, c.cluster, c.kernel)
-                pipe.hset(
-                    key,
-                    mapping={
-                        "cpu": f"{cpu:.4f}",
-                        "memory": f"{memory:.6f}",
-                        "queue_depth": str(queued or 0),
-                        "inflight": str(inflight or 0),
-                        "latency_ms": f"{c.rates.latency_ms:.3f}",
-                        "error_rate": f"{c.rates.error_rate:.4f}",
-                        "updated_at": now,
-                    },
+                # as measured, unvalidated: a value out of range is the readers' to skip, as always
+                load = LoadRecord.model_construct(
+                    cpu=round(cpu, 4),
+                    memory=round(memory, 6),
+                    queue_depth=queued or 0,
+                    inflight=inflight or 0,
+                    latency_ms=round(c.rates.latency_ms, 3),
+                    error_rate=round(c.rates.error_rate, 4),
+                    updated_at=now,
                 )
+                pipe.hset(key, mapping=load.to_fields())
                 pipe.pexpire(key, ttl_ms)
             await pipe.execute()
 
@@ -326,7 +332,7 @@ class Agent:
         self._publish_live()
         self.heartbeat.stall_after = float("inf")  # draining may take a while: stay alive meanwhile
         with contextlib.suppress(redis.exceptions.RedisError):
-            await self.redis.hset(self.keys.agent(name), "draining", "1")
+            await self.redis.hset(self.keys.agent(name), mapping=AgentRecord.fields(draining=True))
             await self.redis.lpush(self.keys.service_wake(), f"agent {name}")
         procs = [c.proc for c in self.children.values() if c.running and c.proc is not None]
         for proc in procs:

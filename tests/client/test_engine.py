@@ -24,13 +24,8 @@ from controlplane.client.engine import (
 from controlplane.client.routing import Route
 from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
-from controlplane.protocol.models import (
-    KernelLoad,
-    KernelRecord,
-    KernelState,
-    OrchestrationConfig,
-    RoutingStrategy,
-)
+from controlplane.protocol.models import KernelLoad, KernelState, OrchestrationConfig, RoutingStrategy
+from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest, parse_request
 
 pytestmark = pytest.mark.unit

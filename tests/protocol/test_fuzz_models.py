@@ -21,9 +21,17 @@ from controlplane.bus.codec import check_name, decode
 from controlplane.client.core import validate_name
 from controlplane.errors import InvalidRequest
 from controlplane.protocol.jobs import decode_job, encode_job
-from controlplane.protocol.models import AgentRecord, ClusterConfig, KernelLoad, KernelRecord
+from controlplane.protocol.models import ClusterConfig, KernelLoad
+from controlplane.protocol.records import (
+    MALFORMED,
+    AgentRecord,
+    ClusterRecord,
+    KernelRecord,
+    parse_assignment,
+    parse_counters,
+    parse_record,
+)
 from controlplane.protocol.requests import SYSCALL_NAME_PATTERN, parse_args, parse_request
-from controlplane.redis.state import MALFORMED, _parse, parse_assignment, parse_cluster, parse_counters
 from controlplane.settings import Settings
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120 if settings.default.max_examples <= 100 else 1800)]
@@ -148,7 +156,7 @@ record_fields = st.dictionaries(
 def test_records_from_redis_parse_or_are_skipped_and_counted(fields: dict[str, str]) -> None:
     for model in (KernelRecord, AgentRecord, KernelLoad):
         before = sum(MALFORMED.values())
-        parsed = _parse(
+        parsed = parse_record(
             model, {**fields, "name": fields.get("name", "x")} if model is KernelLoad else fields, "k"
         )
         if parsed is None:
@@ -156,7 +164,7 @@ def test_records_from_redis_parse_or_are_skipped_and_counted(fields: dict[str, s
         elif model is KernelLoad:
             assert isinstance(parsed, KernelLoad)
             assert 0 <= parsed.cpu <= 1 and 0 <= parsed.memory <= 1 and parsed.queue_depth >= 0
-    parse_cluster(fields, "kcp:cluster:x")  # never raises
+    ClusterRecord.from_fields(fields, "kcp:cluster:x")  # never raises
 
 
 @budget(200)

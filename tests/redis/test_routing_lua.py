@@ -14,7 +14,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from controlplane.client.routing import KernelBusy, Route, enqueue, max_ejected, report
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import KernelRecord, OutlierConfig
+from controlplane.protocol.models import OutlierConfig
+from controlplane.protocol.records import KernelRecord
 from controlplane.redis.scripts import Scripts
 
 CLUSTER = "c1"

@@ -14,7 +14,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import ClusterStatus, KcpClient, Settings
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import ClusterConfig, ClusterRecord, KernelLoad, KernelRecord, KernelState
+from controlplane.protocol.models import ClusterConfig, KernelLoad, KernelState
+from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.service.autoscaler import Trend, cluster_load, decide
 
 KEYS = Keys()

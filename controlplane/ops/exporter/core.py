@@ -251,12 +251,12 @@ class Families:
                 family = CounterMetricFamily(name, f"failure handling: {field} (reliability hash)")
                 family.add_metric([], fields[field])
                 yield family
-        if "detection_count" in fields:
+        if stats.DETECTION_COUNT in fields:
             detection = SummaryMetricFamily(
                 "kcp_failure_detection_seconds", "agent death to detection by the control plane"
             )
             detection.add_metric(
-                [], int(fields["detection_count"]), fields.get("detection_ms_sum", 0.0) / 1000
+                [], int(fields[stats.DETECTION_COUNT]), fields.get(stats.DETECTION_MS_SUM, 0.0) / 1000
             )
             yield detection
 

@@ -5,6 +5,9 @@
 -- KEYS[3] inflight  ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
 -- ARGV[1] job id
 -- Returns 1 when the job was still pending (now cancelled), 0 when it had already finished.
+--
+-- Fields read:    none (the job hash is deleted)
+-- Fields written: none
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 return redis.call('DEL', KEYS[1])

@@ -37,6 +37,10 @@
 -- the oldest queued job among the first STEAL_SCAN of each sibling's queue that is still
 -- 'queued', owned by that sibling and not pinned (a request for one kernel by name), moves it
 -- to its own inflight set and claims it as its own (kernel and epoch rewritten).
+--
+-- Fields read:    kernel(state, epoch), health(ejected_until, consecutive),
+--                 job(kernel, epoch, job, reply, deadline_ms, attempt, strategy, state)
+-- Fields written: job(kernel, epoch, stolen_from, attempt, state, started_ms), stats(steals)
 local STEAL_SCAN = 4
 
 -- set the wake token; a wake key of another type (nothing of ours writes one) is replaced

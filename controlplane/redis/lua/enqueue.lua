@@ -37,6 +37,10 @@
 -- Returns {1, inflight count, chosen candidate (1-based), its consecutive failures,
 --          'name=until_ms ...' of candidates seen ejected}; {0, 'name=state ...'} when no
 --          candidate takes work; {-1, 'duplicate'}.
+--
+-- Fields read:    kernel(state, epoch), load(latency_ms, error_rate, cpu, inflight, updated_at),
+--                 health(ejected_until, consecutive)
+-- Fields written: job(job, reply, kernel, epoch, attempt, enqueued_ms, deadline_ms, state, strategy)
 
 local function write_job(kernel_key, queue_key, inflight_key, wake_key, name)
     local epoch = redis.call('HGET', kernel_key, 'epoch')

@@ -21,6 +21,9 @@
 -- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
 -- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
+--
+-- Fields read:    job(kernel, epoch, strategy)
+-- Fields written: stats(dispatches, errors, latency_ms_sum, queue_ms_sum; and the per-strategy and bucket fields)
 local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch', 'strategy')
 if not f[1] then
     redis.call('ZREM', KEYS[2], ARGV[1])

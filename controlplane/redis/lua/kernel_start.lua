@@ -9,6 +9,9 @@
 -- ARGV[5] syscalls (space-separated)
 -- ARGV[6] capabilities (space-separated)
 -- Returns {epoch, state} or {0, reason} when the kernel is not (any more) assigned to this agent.
+--
+-- Fields read:    kernel(agent, state)
+-- Fields written: kernel(epoch, pid, host, started_at, syscalls, capabilities, state)
 local f = redis.call('HMGET', KEYS[1], 'agent', 'state')
 if not f[1] then
     return {0, 'missing'}

@@ -6,6 +6,9 @@
 -- ARGV[1] fencing epoch of the caller
 -- Returns 1 when the kernel is now stopped, 0 while work remains,
 --         -1 when another incarnation owns the record (or it is gone).
+--
+-- Fields read:    kernel(state, epoch)
+-- Fields written: kernel(state)
 local f = redis.call('HMGET', KEYS[1], 'state', 'epoch')
 if not f[1] or f[2] ~= ARGV[1] then
     return -1

@@ -15,6 +15,9 @@
 -- ARGV[7] kernel name
 -- ARGV[8] slow start after readmission, ms (how long the records must outlive an ejection)
 -- Returns {ejected now or still (0/1), ejected-until ms or 0, consecutive failures}.
+--
+-- Fields read:    health(consecutive, ejections, ejected_until)
+-- Fields written: health(consecutive, ejections, ejected_until, last_ejected)
 local now = tonumber(ARGV[1])
 local event = ARGV[2]
 local f = redis.call('HMGET', KEYS[1], 'consecutive', 'ejections', 'ejected_until')

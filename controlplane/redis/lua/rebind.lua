@@ -19,6 +19,9 @@
 -- `RedeliveryExhausted` error and deleted, so a request that kills every kernel it touches
 -- ends in a clear error instead of a crash loop. The error goes to the reply list named in the
 -- job hash (the same list finish.lua pushes to; a key read from data, as in finish.lua's caller).
+--
+-- Fields read:    kernel(state, epoch, max_deliveries), job(attempt, reply, enqueued_ms, job)
+-- Fields written: job(kernel, epoch, state)
 local f = redis.call('HMGET', KEYS[2], 'state', 'epoch', 'max_deliveries')
 if f[1] ~= 'running' and not (f[1] == 'draining' and KEYS[1] == KEYS[4]) then
     return -1
