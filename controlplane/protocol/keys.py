@@ -120,7 +120,8 @@ class Keys:
         return f"{self.prefix}heartbeats"
 
     def load(self, agent: str, cluster: str, kernel: str) -> str:
-        """HASH with a TTL: the load record of one kernel, written by its agent's heartbeat.
+        """HASH with a TTL: the load record of one kernel (`records.LoadRecord`), written by its
+        agent's main loop each tick (the heartbeat thread renews only the leases).
 
         Under the agent's key space so a per-agent ACL can allow writing only its own."""
         return f"{self.prefix}agent:{agent}:load:{cluster}:{kernel}"
