@@ -13,6 +13,7 @@ from conftest import RedisServerFactory
 
 from controlplane.redis.channel import Channel
 from controlplane.redis.connect import connect
+from controlplane.redis.scripts.call import Call, Script
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -71,14 +72,14 @@ async def test_error_replies_are_returned_in_place_and_raised_alone(redis_url: s
         await r.aclose()
 
 
-async def test_evalsha_loads_a_script_the_server_forgot(redis_url: str) -> None:
+async def test_a_script_call_loads_a_script_the_server_forgot(redis_url: str) -> None:
     r = connect(redis_url)
     channel = Channel(r)
-    script = r.register_script("return ARGV[1] .. KEYS[1]")
+    script = Script.of("concat", "return ARGV[1] .. KEYS[1]")
     try:
-        assert await channel.evalsha(script, ["k"], ["a"]) == "ak"
+        assert await Call(script, ["k"], ["a"], str).run(channel) == "ak"
         await r.script_flush()
-        assert await channel.evalsha(script, ["k"], ["b"]) == "bk"
+        assert await Call(script, ["k"], ["b"], str).run(channel) == "bk"
     finally:
         await channel.aclose()
         await r.aclose()
