@@ -3,7 +3,7 @@
 It wakes on a blocking pop of its wake token, set whenever a job is queued for it (no
 polling: an idle kernel issues one BZPOPMIN and one claim every `IDLE_BLOCK` seconds), claims
 each job under its fencing epoch in the same round trip, runs the syscall and pushes the
-result straight to the waiting client (see `controlplane/lua/`). When its own queue runs dry
+result straight to the waiting client (see `controlplane/redis/lua/`). When its own queue runs dry
 it takes over the oldest job still queued on a sibling that it can run (work stealing, in the
 same claim.lua call), so work waits for the first free kernel rather than for the one it was
 routed to; an idle kernel also looks at its siblings' queues once every `IDLE_BLOCK`.

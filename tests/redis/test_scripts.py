@@ -1,4 +1,5 @@
-"""Contract tests of the Lua job lifecycle (`controlplane/lua/*.lua`).
+"""Contract tests of the Lua job lifecycle (`controlplane/redis/lua/*.lua`), through the calls
+that production code makes (`controlplane/redis/scripts/`).
 
 Every test runs twice through the same code: against the private redis-server (`integration`)
 and against fakeredis with Lua (`unit`), so the fake can stand in for Redis in unit tests only
