@@ -90,7 +90,6 @@ class KernelProcess:
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
-        self.record_key = keys.kernel(cluster, name)
         self._siblings: list[tuple[str, int]] = []  # (name, epoch) of kernels we may take work from
         self._siblings_at = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
