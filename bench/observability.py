@@ -26,7 +26,7 @@ from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts import jobs as scripts
 from controlplane.redis.state import State
 from controlplane.settings import Settings
 
@@ -35,8 +35,7 @@ KEYS = Keys()
 
 async def finish_run(r: aioredis.Redis, jobs: int, buckets: bool, tag: str) -> float:
     """Microseconds per finish.lua call, pipelined in batches of 500."""
-    scripts = Scripts(r)
-    await scripts.finish(keys=["x"] * 5, args=["x", "k", "0", "", 1, 0, 1])  # load the script
+    await r.script_load(scripts.FINISH.source)
     async with r.pipeline(transaction=False) as pipe:
         for i in range(jobs):
             pipe.hset(KEYS.job("c", f"{tag}{i}"), mapping={"kernel": "k", "epoch": "1"})
@@ -45,16 +44,25 @@ async def finish_run(r: aioredis.Redis, jobs: int, buckets: bool, tag: str) -> f
     for start in range(0, jobs, 500):
         async with r.pipeline(transaction=False) as pipe:
             for i in range(start, min(start + 500, jobs)):
-                args: list[str | int | float] = [f"{tag}{i}", "k", "1", "{}", 1, 1.234, REPLY_TTL_MS]
-                if buckets:
-                    args += [
-                        1,
-                        stats.bucket_field(stats.LATENCY, 0.0012),
-                        stats.bucket_field(stats.QUEUE, 0.0005),
-                    ]
-                keys = [KEYS.job("c", f"{tag}{i}"), KEYS.inflight("c", "k"), KEYS.reply("b")]
-                keys += [KEYS.cluster_stats("c"), KEYS.kernel_stats("c", "k")]
-                pipe.evalsha(scripts.finish.sha, 5, *keys, *args)
+                call = scripts.finish(
+                    KEYS,
+                    "c",
+                    "k",
+                    job_id=f"{tag}{i}",
+                    epoch="1",
+                    reply_key=KEYS.reply("b"),
+                    message="{}",
+                    success=True,
+                    latency_ms=1.234,
+                    reply_ttl_ms=REPLY_TTL_MS,
+                    queue_ms=1 if buckets else None,
+                    buckets=(
+                        (stats.bucket_field(stats.LATENCY, 0.0012), stats.bucket_field(stats.QUEUE, 0.0005))
+                        if buckets
+                        else ()
+                    ),
+                )
+                pipe.execute_command(*call.command)
             await pipe.execute()
     elapsed = time.perf_counter() - t0
     await r.delete(KEYS.reply("b"))

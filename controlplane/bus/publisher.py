@@ -14,13 +14,12 @@ import logging
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
 from controlplane.bus.codec import BusConfig, Published
 from controlplane.errors import InvalidRequest, KcpError
 from controlplane.protocol.keys import Keys
 from controlplane.redis.errors import amap_redis_errors
-from controlplane.redis.scripts import lua_source
+from controlplane.redis.scripts.bus import Appended, bus_publish, bus_trim
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +33,6 @@ class StreamWriter:
         self.redis = redis
         self.keys = keys
         self.config = config
-        self._publish: AsyncScript = redis.register_script(lua_source("bus_publish"))
-        self._trim: AsyncScript = redis.register_script(lua_source("bus_trim"))
         self._queued: dict[tuple[str, str, str], list[tuple[Argv, asyncio.Future[Published]]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._since_trim: dict[str, int] = {}
@@ -50,17 +47,18 @@ class StreamWriter:
         for start in range(0, len(messages), step):
             chunk = messages[start : start + step]
             batch = b"[" + b",".join(chunk) + b"]"
-            async with amap_redis_errors():
-                reply = await self._publish(
-                    keys=[stream, self.keys.bus_seq(stream), self.keys.bus_kernels()],
-                    args=[target, topic, batch],
-                )
-            first = int(reply[0])
-            if first < 0:
+            appended = await self._publish(stream, topic, batch, target)
+            if appended is None:
                 raise InvalidRequest(f"kernel {target!r} is not registered on the bus")
-            out += [Published(entry_id, first + i) for i, entry_id in enumerate(reply[1:])]
+            out += [Published(entry_id, appended.first_seq + i) for i, entry_id in enumerate(appended.ids)]
         await self._count(stream, "inbox" if target else topic, len(messages))
         return out
+
+    async def _publish(self, stream: str, topic: str, batch: bytes, target: str) -> Appended | None:
+        """One bus_publish.lua call (a seam for tests that slow it down)."""
+        async with amap_redis_errors():
+            call = bus_publish(self.keys, stream, target=target, topic=topic, batch=batch)
+            return await call.run(self.redis)
 
     async def publish(self, stream: str, topic: str, argv: Argv, *, target: str = "") -> Published:
         """Append one message. Alone, it goes at once; while another append is in flight it joins
@@ -132,10 +130,9 @@ class StreamWriter:
     async def trim(self, stream: str, label: str) -> tuple[int, int]:
         """Trim below the slowest group, then to the hard cap. Returns (removed safely, removed by cap)."""
         async with amap_redis_errors():
-            safe, capped = await self._trim(
-                keys=[stream, self.keys.bus_stats()],
-                args=[self.config.keep, self.config.max_len, label],
-            )
-        if capped:
-            logger.warning("bus: %s reached its hard cap; %d unread entries dropped", stream, capped)
-        return int(safe), int(capped)
+            trimmed = await bus_trim(
+                self.keys, stream, keep=self.config.keep, cap=self.config.max_len, label=label
+            ).run(self.redis)
+        if trimmed.by_cap:
+            logger.warning("bus: %s reached its hard cap; %d unread entries dropped", stream, trimmed.by_cap)
+        return trimmed.safely, trimmed.by_cap

@@ -37,7 +37,6 @@ from controlplane.protocol.requests import parse_args, parse_request
 from controlplane.protocol.stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
 from controlplane.redis.connect import connect
 from controlplane.redis.errors import amap_redis_errors
-from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State
 from controlplane.settings import Settings
 
@@ -108,8 +107,7 @@ class KcpClient:
         self._own_redis = redis is None
         self.redis = redis if redis is not None else connect(self.settings.redis_url)
         self.state = State(self.redis, self.keys)
-        self.scripts = Scripts(self.redis)
-        self.dispatcher = Dispatcher(self.redis, self.keys, self.scripts)
+        self.dispatcher = Dispatcher(self.redis, self.keys)
         self.views = ClusterViews(self.state)
         self.engine = OrchestrationEngine(orchestration)
         self._started = False

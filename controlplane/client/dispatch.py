@@ -27,7 +27,8 @@ from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis.channel import Channel
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts import jobs
+from controlplane.redis.scripts.call import preloading
 from controlplane.redis.state import State, now_ms
 
 logger = logging.getLogger(__name__)
@@ -45,15 +46,13 @@ LOAD_TTL = 0.5
 class Dispatcher:
     """Submits jobs and awaits their results. `start()` before use, `stop()` after."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, scripts: Scripts) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.scripts = scripts
         self.client_id = uuid.uuid4().hex
         self.reply_key = keys.reply(self.client_id)
         # enqueue and cancel, pipelined across concurrent dispatches
-        self.channel = Channel(redis, preload=(scripts.enqueue, scripts.cancel))
-        self._enqueue = self.channel.script(scripts.enqueue)
+        self.channel = preloading(redis, jobs.ENQUEUE, jobs.CANCEL)
         self._replies = Channel(redis)  # the reply listener's blocking pops
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -103,19 +102,16 @@ class Dispatcher:
         try:
             # a `Route` lets enqueue.lua choose among candidates; `name` is then its choice
             enqueued = await routing.enqueue(
-                self._enqueue,
+                self.channel,
                 self.keys,
                 kernel,
                 job_id=job_id,
-                args=[
-                    job_id,
-                    payload,
-                    self.reply_key,
-                    now,
-                    now + int(wait_s * 1000),
-                    int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
-                    strategy,
-                ],
+                payload=payload,
+                reply_key=self.reply_key,
+                now_ms=now,
+                deadline_ms=now + int(wait_s * 1000),
+                ttl_ms=int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
+                strategy=strategy,
             )
             name = enqueued.kernel
             # a timer, not asyncio.timeout + shield: the result wakes us one loop step sooner
@@ -124,23 +120,15 @@ class Dispatcher:
                 outcome = await fut
                 ok = outcome.success or outcome.error_type in routing.BAD_REQUEST_ERRORS
                 await routing.report(
-                    self.scripts, self.keys, kernel, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
+                    self.redis, self.keys, kernel, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
                 )
                 return outcome
             except _Overdue:
-                cancelled = await self.channel.evalsha(
-                    self.scripts.cancel,
-                    [
-                        self.keys.job(cluster, job_id),
-                        self.keys.queue(cluster, name),
-                        self.keys.inflight(cluster, name),
-                    ],
-                    [job_id],
-                )
+                cancelled = await jobs.cancel(self.keys, cluster, name, job_id=job_id).run(self.channel)
                 if not cancelled:  # finished just now: the result is on its way, take it
                     with contextlib.suppress(TimeoutError):
                         return await asyncio.wait_for(self._waiting[job_id], 1.0)
-                await routing.report(self.scripts, self.keys, kernel, ok=False, now_ms=now_ms())
+                await routing.report(self.redis, self.keys, kernel, ok=False, now_ms=now_ms())
                 raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
             finally:
                 overdue.cancel()

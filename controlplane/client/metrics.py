@@ -36,7 +36,7 @@ from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterMetrics, KernelMetricsSnapshot
 from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import map_redis_errors
-from controlplane.redis.scripts import lua_source
+from controlplane.redis.scripts.metrics import metric_increment
 from controlplane.settings import Settings
 
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -67,11 +67,10 @@ class ClusterMetricsCollector:
         settings = settings or Settings()
         self._own = redis_client is None
         self.redis: redis.Redis = redis_client or connect_sync(settings.redis_url)
-        keys = Keys(settings.prefix)
+        self._keys = keys = Keys(settings.prefix)
         self._values = keys.collector_values(self.cluster_name)
         self._kernels = keys.collector_kernels(self.cluster_name)
         self._types = keys.collector_types(self.cluster_name)
-        self._increment = self.redis.register_script(lua_source("metric_increment"))
 
     # ------------------------------------------------------------ writing
     def record(self, kernel_name: str, metric_name: str, value: Any) -> None:
@@ -98,10 +97,15 @@ class ClusterMetricsCollector:
             raise InvalidRequest(f"increment amount must be a finite number, got {amount!r}")
         with map_redis_errors():
             try:
-                self._increment(
-                    keys=[self._values, self._kernels, self._types],
-                    args=[field, repr(amount), kernel_name, metric_name, f"{time.time():.6f}"],
-                )
+                metric_increment(
+                    self._keys,
+                    self.cluster_name,
+                    field=field,
+                    kernel=kernel_name,
+                    metric=metric_name,
+                    amount=repr(amount),
+                    now_s=f"{time.time():.6f}",
+                ).run_sync(self.redis)
             except redis.exceptions.ResponseError as exc:
                 if "NOTNUM" not in str(exc):
                     raise

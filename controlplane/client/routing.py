@@ -10,16 +10,18 @@ its load record and its outlier-detection record. `report` tells the shared outl
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+import redis.asyncio as aioredis
 from pydantic import Field
 
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
 from controlplane.protocol.records import KernelRecord
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.channel import Channel
+from controlplane.redis.scripts import jobs
+from controlplane.redis.scripts.kernels import outlier
 
 __all__ = [
     "BAD_REQUEST_ERRORS",
@@ -104,66 +106,60 @@ class EnqueueResult:
     inflight: int
 
 
-def _enqueue_keys(keys: Keys, route: KernelRecord, job_key: str) -> list[str]:
-    c = route.cluster
-    out = [
-        keys.kernel(c, route.name),
-        keys.queue(c, route.name),
-        keys.inflight(c, route.name),
-        job_key,
-        keys.kernel_wake(c, route.name),
-    ]
-    if not isinstance(route, Route) or not route.routed:
-        return out
-    out.append(keys.cluster_rr(c))
-    for k in route.candidates:
-        out += [
-            keys.kernel(c, k.name),
-            keys.queue(c, k.name),
-            keys.inflight(c, k.name),
-            keys.load(k.agent, c, k.name),
-            keys.kernel_health(c, k.name),
-            keys.kernel_wake(c, k.name),
-        ]
-    return out
-
-
 async def enqueue(
-    script: Callable[..., Awaitable[Any]],
+    conn: aioredis.Redis | Channel,
     keys: Keys,
     route: KernelRecord,
     *,
     job_id: str,
-    args: Sequence[str | int],
+    payload: str,
+    reply_key: str,
+    now_ms: int,
+    deadline_ms: int,
+    ttl_ms: int,
+    strategy: str,
 ) -> EnqueueResult:
-    """Run enqueue.lua for `route` (a plain `KernelRecord` is a route of one); `args` are
-    ARGV[1..7] of the script. Raises `KernelBusy` when no candidate took the job."""
-    r = route if isinstance(route, Route) else None
-    job_key = keys.job(route.cluster, job_id)
-    argv: list[str | int | float] = [*args, route.name]
-    if r is None or not r.routed:
-        queued, detail = await script(keys=_enqueue_keys(keys, route, job_key), args=argv)
-        if int(queued) != 1:
-            raise KernelBusy(f"{route.cluster}/{route.name}: {detail}")
-        if r is not None:
-            r.chosen = route.name
-        return EnqueueResult(route.name, int(detail))
-    slow_start = r.outlier.slow_start_ms if r.outlier else 0
-    argv += [r.mode, r.tie, r.load_expiry_ms, slow_start, RR_COUNTER_TTL_MS]
-    for i, k in enumerate(r.candidates):
-        service = r.service_ms[i] if i < len(r.service_ms) else 0.0
-        errors = r.error_rate[i] if i < len(r.error_rate) else -1.0
-        argv += [k.name, f"{service:.3f}", f"{errors:.4f}"]
-    reply = await script(keys=_enqueue_keys(keys, r, job_key), args=argv)
-    if int(reply[0]) != 1:
-        raise KernelBusy(f"{route.cluster}: {reply[1] or 'no candidate takes work'}")
-    _, inflight, index, consecutive, ejected = reply
-    r.chosen = r.candidates[int(index) - 1].name
-    r.consecutive = int(consecutive)
-    for item in str(ejected or "").split():
-        name, _, until = item.partition("=")
-        r.ejected[name] = int(float(until))
-    return EnqueueResult(r.chosen, int(inflight))
+    """Run enqueue.lua on `conn` for `route` (a plain `KernelRecord` is a route of one).
+    Raises `KernelBusy` when no candidate took the job."""
+    r = route if isinstance(route, Route) and route.routed else None
+    choice = None
+    if r is not None:
+        choice = jobs.Routing(
+            mode=r.mode,
+            tie=r.tie,
+            load_expiry_ms=r.load_expiry_ms,
+            slow_start_ms=r.outlier.slow_start_ms if r.outlier else 0,
+            rr_ttl_ms=RR_COUNTER_TTL_MS,
+            kernels=[(k.name, k.agent) for k in r.candidates],
+            service_ms=r.service_ms,
+            error_rate=r.error_rate,
+        )
+    call = jobs.enqueue(
+        keys,
+        route.cluster,
+        route.name,
+        job_id=job_id,
+        payload=payload,
+        reply_key=reply_key,
+        now_ms=now_ms,
+        deadline_ms=deadline_ms,
+        ttl_ms=ttl_ms,
+        strategy=strategy,
+        routing=choice,
+    )
+    result = await call.run(conn)
+    if isinstance(result, jobs.NotEnqueued):
+        if r is None:
+            raise KernelBusy(f"{route.cluster}/{route.name}: {result.detail}")
+        raise KernelBusy(f"{route.cluster}: {result.detail or 'no candidate takes work'}")
+    if r is None:
+        if isinstance(route, Route):
+            route.chosen = route.name
+        return EnqueueResult(route.name, result.inflight)
+    r.chosen = r.candidates[result.chosen].name
+    r.consecutive = result.consecutive
+    r.ejected.update(result.ejected)
+    return EnqueueResult(r.chosen, result.inflight)
 
 
 def max_ejected(cluster_size: int, share: float) -> int:
@@ -175,7 +171,7 @@ def max_ejected(cluster_size: int, share: float) -> int:
 
 
 async def report(
-    scripts: Scripts, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
+    redis: aioredis.Redis, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
 ) -> None:
     """Tell the shared outlier detector how an attempt went on the kernel that ran it: `ran_on`
     when the result named it (an idle sibling may have taken the job over), else
@@ -187,18 +183,17 @@ async def report(
     if ok and (route.consecutive == 0 or name != route.chosen):
         return  # the common case costs no round trip
     event = "ok" if ok else ("rate" if name in route.rate_outliers else "fail")
-    ejected, until, _ = await scripts.outlier(
-        keys=[keys.kernel_health(route.cluster, name), keys.cluster_ejected(route.cluster)],
-        args=[
-            now_ms,
-            event,
-            cfg.consecutive_failures,
-            cfg.base_ejection_ms,
-            cfg.max_ejection_ms,
-            max_ejected(route.cluster_size, cfg.max_ejection_share),
-            name,
-            cfg.slow_start_ms,
-        ],
-    )
-    if int(ejected):
-        route.ejected[name] = int(until)
+    health = await outlier(
+        keys,
+        route.cluster,
+        name,
+        now_ms=now_ms,
+        event=event,
+        consecutive_failures=cfg.consecutive_failures,
+        base_ejection_ms=cfg.base_ejection_ms,
+        max_ejection_ms=cfg.max_ejection_ms,
+        max_ejected=max_ejected(route.cluster_size, cfg.max_ejection_share),
+        slow_start_ms=cfg.slow_start_ms,
+    ).run(redis)
+    if health.ejected:
+        route.ejected[name] = health.until_ms

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -32,20 +32,19 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
-from redis.commands.core import AsyncScript
 
 from controlplane.redis.errors import annotate, where_of
 
 Command = Sequence[str | int | float | bytes]
 #: Bytes waiting in the socket's write buffer above which `send` waits for the peer to read.
 WRITE_HIGH_WATER = 4 << 20
-ScriptCall = Callable[..., Awaitable[Any]]
 
 
 class Channel:
     """Commands pipelined on one connection of `redis`'s pool configuration."""
 
-    def __init__(self, redis: aioredis.Redis, *, preload: Sequence[AsyncScript] = ()) -> None:
+    def __init__(self, redis: aioredis.Redis, *, preload: Sequence[str] = ()) -> None:
+        """`preload`: Lua sources loaded on every connect (see `scripts.call.preloading`)."""
         self._pool = redis.connection_pool
         self._where = where_of(redis)  # for the errors' messages (`annotate`)
         self._preload = preload
@@ -96,28 +95,10 @@ class Channel:
             await asyncio.shield(link.paused)
         return futures
 
-    async def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA `script`, loading it first when the server does not know it (a restarted
-        or failed-over Redis forgets its scripts)."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return await self.execute(*command)
-        except redis.exceptions.NoScriptError:
-            await self.execute("SCRIPT", "LOAD", _source(script))
-            return await self.execute(*command)
-
     async def reset(self, why: str) -> None:
         """Drop the connection: every waiting call fails with ConnectionError(`why`); the next
         call reconnects."""
         self._drop(redis.exceptions.ConnectionError(f"channel reset: {why}"))
-
-    def script(self, script: AsyncScript) -> ScriptCall:
-        """`script` as a callable with redis-py's `AsyncScript` signature, run on this channel."""
-
-        async def call(keys: Sequence[str], args: Sequence[Any]) -> Any:
-            return await self.evalsha(script, keys, args)
-
-        return call
 
     async def aclose(self) -> None:
         await self.reset("closed")
@@ -140,7 +121,7 @@ class Channel:
                 try:
                     if self._preload:  # so a pipelined EVALSHA never meets NOSCRIPT behind a blocking pop
                         await conn.send_packed_command(
-                            _pack([("SCRIPT", "LOAD", _source(s)) for s in self._preload]),
+                            _pack([("SCRIPT", "LOAD", source) for source in self._preload]),
                             check_health=False,
                         )
                         for _ in self._preload:
@@ -274,7 +255,3 @@ _MORE = object()
 def _pack(commands: Sequence[Command]) -> bytes:
     """RESP of `commands`, by hiredis's C packer (about 10x faster than redis-py's)."""
     return b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
-
-
-def _source(script: AsyncScript) -> str | bytes:
-    return bytes(script.script) if isinstance(script.script, memoryview) else script.script

@@ -19,12 +19,9 @@ transient, and every catch site that means "any Redis failure" catches the base.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from typing import Any
 
 import redis.exceptions as rex
@@ -37,6 +34,7 @@ from controlplane.errors import (
     RedisUnavailable,
     WrongData,
 )
+from controlplane.redis.lua import Script, names_by_sha
 from controlplane.tls import redact_url, url_username
 
 
@@ -124,7 +122,7 @@ def annotate(exc: BaseException, where: Where, command: Sequence[object] = ()) -
     if command:
         args = [_text(a) for a in command]
         if args[0].upper() in ("EVAL", "EVAL_RO") and len(command) > 1:  # the script by its SHA1
-            args[1] = _sha1(_text_whole(command[1]))
+            args[1] = Script.of("", _text_whole(command[1])).sha
         where = replace(where, command=tuple(args))
     if known is not None:
         where = Where(known.url or where.url, known.user or where.user, known.command or where.command)
@@ -193,23 +191,8 @@ def _text(arg: object) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _sha1(source: str) -> str:
-    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-
-@functools.cache
-def _script_names() -> dict[str, str]:
-    """SHA1 -> file name of kcp's Lua scripts; computed on the first error that needs it."""
-    lua = resources.files("controlplane.redis").joinpath("lua")
-    return {
-        _sha1(f.read_text(encoding="utf-8")): f.name.removesuffix(".lua")
-        for f in lua.iterdir()
-        if f.name.endswith(".lua")
-    }
-
-
 def _script_name(sha: str) -> str:
-    return _script_names().get(sha, sha[:12])
+    return names_by_sha().get(sha, sha[:12])
 
 
 @contextlib.contextmanager

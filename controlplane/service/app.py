@@ -11,7 +11,6 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from controlplane.protocol.keys import Keys
-from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State
 from controlplane.service.leader import LeaderLease
 from controlplane.service.reconciler import Reconciler
@@ -27,9 +26,8 @@ class ControlPlane:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix)
-        scripts = Scripts(redis)
-        self.lease = LeaderLease(redis, scripts, self.keys, settings.leader_ttl)
-        self.reconciler = Reconciler(State(redis, self.keys), scripts, settings, self.lease)
+        self.lease = LeaderLease(redis, self.keys, settings.leader_ttl)
+        self.reconciler = Reconciler(State(redis, self.keys), settings, self.lease)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:

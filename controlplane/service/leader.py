@@ -22,7 +22,7 @@ from redis.asyncio.client import Pipeline
 
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts.kernels import leader
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,8 @@ def begin_writes(pipe: Pipeline) -> None:
 class LeaderLease:
     """Take, renew and release `{prefix}leader`. Renew well within the TTL."""
 
-    def __init__(
-        self, redis: aioredis.Redis, scripts: Scripts, keys: Keys, ttl: float, *, token: str | None = None
-    ) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl: float, *, token: str | None = None) -> None:
         self.redis = redis
-        self.scripts = scripts
         self.keys = keys
         self.ttl = ttl
         self.ttl_ms = max(int(ttl * 1000), 1)
@@ -54,7 +51,7 @@ class LeaderLease:
 
     async def acquire(self) -> bool:
         """Take or renew the lease; True while we lead."""
-        leading = bool(await self.scripts.leader(keys=[self.keys.leader()], args=[self.token, self.ttl_ms]))
+        leading = await leader(self.keys, token=self.token, ttl_ms=self.ttl_ms).run(self.redis)
         if leading != self.leading:
             logger.info("%s leadership (token %s)", "took" if leading else "lost", self.token)
         self.leading = leading
@@ -63,7 +60,7 @@ class LeaderLease:
         return leading
 
     async def release(self) -> None:
-        await self.scripts.leader(keys=[self.keys.leader()], args=[self.token, 0])
+        await leader(self.keys, token=self.token, ttl_ms=0).run(self.redis)
         self.leading = False
 
     @contextlib.asynccontextmanager

@@ -20,7 +20,7 @@ from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
 from controlplane.protocol.records import ClusterRecord, JobRecord, KernelRecord
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts.kernels import rebind
 from controlplane.redis.state import State, now_ms
 from controlplane.service.autoscaler import Autoscaler
 from controlplane.service.detector import FailureDetector, Fleet
@@ -37,11 +37,10 @@ __all__ = ["Fleet", "Reconciler"]
 
 
 class Reconciler:
-    def __init__(self, state: State, scripts: Scripts, settings: Settings, lease: LeaderLease) -> None:
+    def __init__(self, state: State, settings: Settings, lease: LeaderLease) -> None:
         self.state = state
         self.redis = state.redis
         self.keys: Keys = state.keys
-        self.scripts = scripts
         self.settings = settings
         self.lease = lease
         self.detector = FailureDetector(state, settings)
@@ -210,21 +209,11 @@ class Reconciler:
             chunk = ids[i * share : (i + 1) * share]
             if not chunk:
                 break
-            moved = await self.scripts.rebind(
-                keys=[
-                    orphans,
-                    self.keys.kernel(cluster, k.name),
-                    self.keys.queue(cluster, k.name),
-                    self.keys.inflight(cluster, k.name),
-                    self.keys.kernel_wake(cluster, k.name),
-                    *(self.keys.job(cluster, j) for j in chunk),
-                ],
-                args=[k.name, *chunk],
-            )
-            if int(moved) > 0:
-                await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, int(moved))
+            moved = await rebind(self.keys, cluster, k.name, source=orphans, job_ids=chunk).run(self.redis)
+            if moved > 0:
+                await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, moved)
                 logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
-                await self.redis.hincrby(self.keys.reliability(), stats.JOBS_FAILED_OVER, int(moved))
+                await self.redis.hincrby(self.keys.reliability(), stats.JOBS_FAILED_OVER, moved)
 
     async def _set_status(self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str) -> None:
         running = sum(k.state is KernelState.RUNNING for k in kernels)

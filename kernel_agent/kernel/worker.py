@@ -3,7 +3,7 @@
 It wakes on a blocking pop of its wake token, set whenever a job is queued for it (no
 polling: an idle kernel issues one BZPOPMIN and one claim every `IDLE_BLOCK` seconds), claims
 each job under its fencing epoch in the same round trip, runs the syscall and pushes the
-result straight to the waiting client (see `controlplane/lua/`). When its own queue runs dry
+result straight to the waiting client (see `controlplane/redis/lua/`). When its own queue runs dry
 it takes over the oldest job still queued on a sibling that it can run (work stealing, in the
 same claim.lua call), so work waits for the first free kernel rather than for the one it was
 routed to; an idle kernel also looks at its siblings' queues once every `IDLE_BLOCK`.
@@ -30,7 +30,9 @@ from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.redis.channel import Channel, Command
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts import jobs
+from controlplane.redis.scripts.call import Call, preloading
+from controlplane.redis.scripts.kernels import NotStarted, Stop, kernel_start, kernel_stop, rebind
 from controlplane.redis.state import State
 from kernel_agent.syscalls import (
     KernelMemory,
@@ -46,8 +48,8 @@ logger = logging.getLogger(__name__)
 IDLE_BLOCK = 5.0
 #: Blocking-pop timeout while draining, seconds.
 DRAIN_BLOCK = 0.2
-#: A finished job's id and the KEYS and ARGV of its finish.lua call.
-Finish = tuple[str, list[str], list[str | int]]
+#: A finished job's id and its finish.lua call.
+Finish = tuple[str, Call[bool]]
 #: How long the list of siblings to take work from is trusted; refreshed while working, seconds.
 SIBLINGS_TTL = 2.0
 #: Siblings whose queues one claim looks at, at most (a random sample of larger clusters).
@@ -72,7 +74,6 @@ class KernelProcess:
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.scripts = Scripts(redis)
         self.state = State(redis, keys)
         self.cluster = cluster
         self.name = name
@@ -89,7 +90,6 @@ class KernelProcess:
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
-        self.record_key = keys.kernel(cluster, name)
         self._siblings: list[tuple[str, int]] = []  # (name, epoch) of kernels we may take work from
         self._siblings_at = float("-inf")
         self._refreshing: asyncio.Task[None] | None = None
@@ -102,20 +102,21 @@ class KernelProcess:
 
     async def start(self) -> bool:
         """Take a fresh fencing epoch and take back jobs a previous incarnation left in flight."""
-        epoch, state = await self.scripts.kernel_start(
-            keys=[self.record_key, self.keys.epoch()],
-            args=[
-                self.agent,
-                os.getpid(),
-                socket.gethostname(),
-                f"{time.time():.3f}",
-                " ".join(self.registry.names()),
-                " ".join(sorted(self.registry.capabilities())),
-            ],
-        )
-        if int(epoch) == 0:
-            logger.warning("kernel %s/%s not started: %s", self.cluster, self.name, state)
+        started = await kernel_start(
+            self.keys,
+            self.cluster,
+            self.name,
+            agent=self.agent,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            now_s=f"{time.time():.3f}",
+            syscalls=self.registry.names(),
+            capabilities=sorted(self.registry.capabilities()),
+        ).run(self.redis)
+        if isinstance(started, NotStarted):
+            logger.warning("kernel %s/%s not started: %s", self.cluster, self.name, started.reason)
             return False
+        epoch, state = started.epoch, started.state
         self.epoch = str(epoch)
         if state == "draining":  # restarted after a crash while draining: finish the queue, then stop
             self.drain()
@@ -137,18 +138,8 @@ class KernelProcess:
         moved = 0
         for i in range(0, len(ids), 256):
             chunk = ids[i : i + 256]
-            res = await self.scripts.rebind(
-                keys=[
-                    self.inflight_key,
-                    self.record_key,
-                    self.queue_key,
-                    self.inflight_key,
-                    self.wake_key,
-                    *(self.keys.job(self.cluster, j) for j in chunk),
-                ],
-                args=[self.name, *chunk],
-            )
-            moved += max(int(res), 0)
+            call = rebind(self.keys, self.cluster, self.name, source=self.inflight_key, job_ids=chunk)
+            moved += max(await call.run(self.redis), 0)
         return moved
 
     async def run(self) -> None:
@@ -176,15 +167,14 @@ class KernelProcess:
         (finish.lua is fenced, so one that did arrive is not delivered twice), then put back
         the jobs whose claim was lost with the connection."""
         while self._undelivered:
-            _, keys, args = self._undelivered[-1]
-            await self.scripts.finish(keys=keys, args=args)
+            _, call = self._undelivered[-1]
+            await call.run(self.redis)
             self._undelivered.pop()
         self._busy = 0
         await self.requeue_own()
 
     async def _serve(self) -> None:
-        preload = (self.scripts.claim, self.scripts.finish)
-        channels = [Channel(self.redis, preload=preload) for _ in range(self.concurrency)]
+        channels = [preloading(self.redis, jobs.CLAIM, jobs.FINISH) for _ in range(self.concurrency)]
         try:
             async with asyncio.TaskGroup() as workers:  # one worker failing stops them all
                 for channel in channels:
@@ -214,41 +204,33 @@ class KernelProcess:
             while not self._superseded:  # a newer incarnation owns our name: stop, touch nothing of it
                 draining = self._draining.is_set()
                 block = DRAIN_BLOCK if draining else IDLE_BLOCK
-                steps: list[Command] = [] if finish is None else [self._finish_command(finish)]
+                steps: list[Command] = [] if finish is None else [finish[1].command]
                 if not busy:
                     steps.append(("BZPOPMIN", self.wake_key, block))
-                steps.append(self._claim_command(after_job=finish is not None))
+                claim = self._claim_call(after_job=finish is not None)
+                steps.append(claim.command)
                 replies = await channel.send(steps)
                 if finish is not None:
                     await self._delivered(finish, replies[0])
                     finish = None
-                claimed: list[Any] | None = None
+                claimed: jobs.Claimed | jobs.NotClaimed | None = None
                 if busy or await self._woken(channel, replies[-2], replies[-1], block):
-                    claimed = await self._claimed(channel, replies[-1])
-                if claimed is None or claimed[0] == "empty":
+                    claimed = await claim.settle(await replies[-1], channel)  # NOSCRIPT: again here
+                if claimed is None or claimed is jobs.EMPTY:
                     busy = False
                     if draining and not self._busy and await self._try_stop():
                         return
                     continue
                 # work waiting here or on a sibling: claim the next at once, else block first
-                busy = claimed[0] != "ok" or int(claimed[-1]) > 0
+                busy = not isinstance(claimed, jobs.Claimed) or claimed.queued > 0
                 finish = await self._run(claimed)
             if finish is not None:  # still deliver it: finish.lua decides whether it may
-                (reply,) = await channel.send([self._finish_command(finish)])
+                (reply,) = await channel.send([finish[1].command])
                 await self._delivered(finish, reply)
         except BaseException:
             if finish is not None:  # `_recover` delivers it once Redis is back
                 self._undelivered.append(finish)
             raise
-
-    async def _claimed(self, channel: Channel, reply: asyncio.Future[Any]) -> list[Any]:
-        """claim.lua's reply; the claim runs again when Redis had forgotten the script."""
-        claimed = await reply
-        if isinstance(claimed, redis.exceptions.NoScriptError):  # SCRIPT FLUSH, or a new server
-            claimed = await channel.evalsha(self.scripts.claim, *self._claim_call())
-        elif isinstance(claimed, Exception):
-            raise claimed
-        return list(claimed)
 
     async def _woken(
         self, channel: Channel, pop: asyncio.Future[Any], claim: asyncio.Future[Any], block: float
@@ -282,30 +264,19 @@ class KernelProcess:
             raise popped
         return True
 
-    def _claim_call(self, *, after_job: bool = False) -> tuple[list[str], list[str | int]]:
-        """KEYS and ARGV of claim.lua; unless draining, with the siblings whose queues it counts
-        and may take from (re-read `after_job` when stale). `now` is left to the Redis clock: a
-        claim written behind a blocking pop runs when the pop returns."""
-        keys = [self.inflight_key, self.queue_key, self.wake_key, self.record_key]
-        args: list[str | int] = [self.name, self.epoch, "", self.keys.job(self.cluster, "")]
-        if self._draining.is_set():
-            return keys, args
-        if after_job:
-            self._keep_siblings_fresh()
-        if not self._siblings:
-            return keys, args
-        siblings = self._siblings
-        if len(siblings) > STEAL_CANDIDATES:
-            siblings = random.sample(siblings, STEAL_CANDIDATES)
-        keys += [self.keys.kernel_health(self.cluster, self.name), self.keys.cluster_stats(self.cluster)]
-        for name, epoch in siblings:
-            keys += [
-                self.keys.kernel(self.cluster, name),
-                self.keys.queue(self.cluster, name),
-                self.keys.inflight(self.cluster, name),
-            ]
-            args += [name, epoch]
-        return keys, args
+    def _claim_call(self, *, after_job: bool) -> Call[jobs.Claimed | jobs.NotClaimed]:
+        """claim.lua; unless draining, with the siblings whose queues it counts and may take
+        from (re-read `after_job` when stale). `now` is left to the Redis clock: a claim
+        written behind a blocking pop runs when the pop returns."""
+        siblings: list[tuple[str, int]] | None = None
+        if not self._draining.is_set():
+            if after_job:
+                self._keep_siblings_fresh()
+            if self._siblings:
+                siblings = self._siblings
+                if len(siblings) > STEAL_CANDIDATES:
+                    siblings = random.sample(siblings, STEAL_CANDIDATES)
+        return jobs.claim(self.keys, self.cluster, self.name, epoch=self.epoch, siblings=siblings)
 
     def _keep_siblings_fresh(self) -> None:
         """Re-read the siblings in the background when the list is older than `SIBLINGS_TTL`
@@ -346,36 +317,24 @@ class KernelProcess:
             except Exception as exc:
                 logger.warning("kernel %s/%s: could not wake itself: %s", self.cluster, self.name, exc)
 
-    def _claim_command(self, *, after_job: bool) -> Command:
-        keys, args = self._claim_call(after_job=after_job)
-        return ("EVALSHA", self.scripts.claim.sha, len(keys), *keys, *args)
-
-    def _finish_command(self, finish: Finish) -> Command:
-        _, keys, args = finish
-        return ("EVALSHA", self.scripts.finish.sha, len(keys), *keys, *args)
-
     async def _try_stop(self) -> bool:
         """Mark ourselves draining, and stopped once nothing is in flight."""
-        done = int(
-            await self.scripts.kernel_stop(keys=[self.record_key, self.inflight_key], args=[self.epoch])
-        )
-        if done == 1:
+        done = await kernel_stop(self.keys, self.cluster, self.name, epoch=self.epoch).run(self.redis)
+        if done is Stop.STOPPED:
             await self.redis.publish(self.keys.notify(), self.cluster)
             logger.info("kernel %s/%s drained and stopped", self.cluster, self.name)
             return True
-        if done < 0:  # another incarnation owns the record now
+        if done is Stop.NOT_OURS:
             return True
         if not await self.redis.zcard(self.queue_key):
             # in flight but not queued: a job claimed for a pop the drain cut off; take it back
             await self.requeue_own()
         return False
 
-    async def _run(self, claimed: list[Any]) -> Finish | None:
-        """Execute a job claim.lua handed us; the KEYS and ARGV of its finish.lua call, or
-        None when it is not ours to run."""
-        status = claimed[0]
-        job_id = str(claimed[4] if status == "ok" else claimed[1])
-        if status == "zombie":
+    async def _run(self, claimed: jobs.Claimed | jobs.NotClaimed) -> Finish | None:
+        """Execute a job claim.lua handed us; its finish.lua call, or None when it is not ours
+        to run."""
+        if isinstance(claimed, jobs.NotClaimed) and claimed.status is jobs.Skip.ZOMBIE:
             logger.warning(
                 "kernel %s/%s epoch %s was replaced by a newer incarnation; exiting",
                 self.cluster,
@@ -385,11 +344,10 @@ class KernelProcess:
             self._superseded = True
             self.drain()
             return None
-        if status != "ok":
-            logger.debug("job %s not run: %s", job_id, status)
+        if isinstance(claimed, jobs.NotClaimed):
+            logger.debug("job %s not run: %s", claimed.id, claimed.status)
             return None
-        job_key = self.keys.job(self.cluster, job_id)
-        _, raw_job, reply_key, attempt, _, _ = claimed
+        job_id, raw_job, attempt = claimed.id, claimed.job, claimed.attempt
         start_ms = _now_ms()
         function, value, error, error_type = "?", None, "", ""
         enqueue_ms = start_ms
@@ -418,38 +376,33 @@ class KernelProcess:
             error=error,
             error_type=error_type,
         )
-        keys = [
-            job_key,
-            self.inflight_key,
-            reply_key,
-            self.keys.cluster_stats(self.cluster),
-            self.keys.kernel_stats(self.cluster, self.name),
-        ]
-        args: list[str | int] = [
-            job_id,
+        call = jobs.finish(
+            self.keys,
+            self.cluster,
             self.name,
-            self.epoch,
-            reply,
-            0 if error_type else 1,
-            f"{latency_ms:.3f}",
-            REPLY_TTL_MS,
-            queue_ms,
-            stats.bucket_field(stats.LATENCY, latency_ms / 1000),
-            stats.bucket_field(stats.QUEUE, queue_ms / 1000),
-        ]
+            job_id=job_id,
+            epoch=self.epoch,
+            reply_key=claimed.reply,
+            message=reply,
+            success=not error_type,
+            latency_ms=f"{latency_ms:.3f}",
+            reply_ttl_ms=REPLY_TTL_MS,
+            queue_ms=queue_ms,
+            buckets=(
+                stats.bucket_field(stats.LATENCY, latency_ms / 1000),
+                stats.bucket_field(stats.QUEUE, queue_ms / 1000),
+            ),
+        )
         self._busy += 1  # until `_delivered` has finish.lua's reply
-        return job_id, keys, args
+        return job_id, call
 
     async def _delivered(self, finish: Finish, reply: asyncio.Future[Any]) -> None:
         """Account for the reply of a finish.lua call sent together with the next pop."""
-        job_id, keys, args = finish
+        job_id, call = finish
         try:
-            delivered = await reply
-            if isinstance(delivered, redis.exceptions.NoScriptError):  # forgotten (SCRIPT FLUSH)
-                # not on the worker's channel: the blocking pop sent after it holds that connection
-                delivered = await self.scripts.finish(keys=keys, args=args)
-            elif isinstance(delivered, Exception):
-                raise delivered
+            # NOSCRIPT (SCRIPT FLUSH): again, not on the worker's channel: the blocking pop sent
+            # after it holds that connection
+            delivered = await call.settle(await reply, self.redis)
         finally:
             self._busy -= 1
         if not delivered:

@@ -80,12 +80,12 @@ async def test_overlapping_publishes_reach_the_stream_in_call_order(
     writer = StreamWriter(fake_redis, keys, BusConfig())
     script, calls = writer._publish, 0
 
-    async def slow_first(**kwargs: Any) -> Any:
+    async def slow_first(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             await asyncio.sleep(0.05)
-        return await script(**kwargs)
+        return await script(*args)
 
     writer._publish = slow_first  # type: ignore[assignment]
     stream = keys.bus_topic("events")

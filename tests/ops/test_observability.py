@@ -30,7 +30,7 @@ from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts import jobs
 from controlplane.redis.snapshot import read_snapshot
 from controlplane.redis.state import State
 from controlplane.settings import Settings
@@ -87,27 +87,23 @@ async def finish(
     """A job routed by `strategy` finished through finish.lua, exactly as a kernel does it."""
     await redis.hset(KEYS.job(cluster, job), mapping={"kernel": kernel, "epoch": "1", "strategy": strategy})
     queue_ms = int(latency_ms / 2)
-    delivered = await Scripts(redis).finish(
-        keys=[
-            KEYS.job(cluster, job),
-            KEYS.inflight(cluster, kernel),
-            KEYS.reply("c"),
-            KEYS.cluster_stats(cluster),
-            KEYS.kernel_stats(cluster, kernel),
-        ],
-        args=[
-            job,
-            kernel,
-            "1",
-            "{}",
-            int(ok),
-            latency_ms,
-            REPLY_TTL_MS,
-            queue_ms,
+    delivered = await jobs.finish(
+        KEYS,
+        cluster,
+        kernel,
+        job_id=job,
+        epoch="1",
+        reply_key=KEYS.reply("c"),
+        message="{}",
+        success=ok,
+        latency_ms=latency_ms,
+        reply_ttl_ms=REPLY_TTL_MS,
+        queue_ms=queue_ms,
+        buckets=(
             stats.bucket_field(stats.LATENCY, latency_ms / 1000),
             stats.bucket_field(stats.QUEUE, queue_ms / 1000),
-        ],
-    )
+        ),
+    ).run(redis)
     assert delivered == 1
 
 

@@ -12,7 +12,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import KcpClient, Settings
 from controlplane.protocol.keys import Keys
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts import jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(
@@ -77,15 +77,7 @@ async def _put_job(redis: AsyncRedis, job_id: str, **fields: str) -> None:
 
 async def _claim(redis: AsyncRedis, epoch: str = "5") -> list[str]:
     """claim.lua for kernel k1: it takes the oldest job on k1's queue."""
-    result: list[str] = await Scripts(redis).claim(
-        keys=[
-            KEYS.inflight("c", "k1"),
-            KEYS.queue("c", "k1"),
-            KEYS.kernel_wake("c", "k1"),
-            KEYS.kernel("c", "k1"),
-        ],
-        args=["k1", epoch, NOW, KEYS.job("c", "")],
-    )
+    result: list[str] = await jobs.claim(KEYS, "c", "k1", epoch=epoch, now_ms=NOW).reply(redis)
     return result
 
 

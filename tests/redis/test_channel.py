@@ -13,6 +13,8 @@ from conftest import RedisServerFactory
 
 from controlplane.redis.channel import Channel
 from controlplane.redis.connect import connect
+from controlplane.redis.lua import Script
+from controlplane.redis.scripts.call import Call, preloading
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -71,14 +73,50 @@ async def test_error_replies_are_returned_in_place_and_raised_alone(redis_url: s
         await r.aclose()
 
 
-async def test_evalsha_loads_a_script_the_server_forgot(redis_url: str) -> None:
+async def test_a_script_call_loads_a_script_the_server_forgot(redis_url: str) -> None:
     r = connect(redis_url)
     channel = Channel(r)
-    script = r.register_script("return ARGV[1] .. KEYS[1]")
+    script = Script.of("concat", "return ARGV[1] .. KEYS[1]")
     try:
-        assert await channel.evalsha(script, ["k"], ["a"]) == "ak"
+        assert await Call(script, ["k"], ["a"], str).run(channel) == "ak"
         await r.script_flush()
-        assert await channel.evalsha(script, ["k"], ["b"]) == "bk"
+        assert await Call(script, ["k"], ["b"], str).run(channel) == "bk"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_a_pipelined_script_call_the_server_forgot_is_settled_by_running_it_again(
+    redis_url: str,
+) -> None:
+    """What the kernel does with the reply of a claim or finish it wrote into a pipeline."""
+    r = connect(redis_url)
+    channel = Channel(r)
+    call = Call(Script.of("concat", "return ARGV[1] .. KEYS[1]"), ["k"], ["a"], str)
+    try:
+        await r.script_flush()
+        (reply,) = await channel.execute_many([call.command])
+        assert isinstance(reply, redis.exceptions.NoScriptError)
+        assert await call.settle(reply, channel) == "ak"
+        (reply,) = await channel.execute_many([call.command])
+        assert await call.settle(reply, channel) == "ak"
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+async def test_a_preloading_channel_loads_its_scripts_on_every_connect(redis_url: str) -> None:
+    """So a pipelined call never meets NOSCRIPT behind a blocking pop, even after a flush."""
+    r = connect(redis_url)
+    script = Script.of("echo", "return ARGV[1]")
+    channel = preloading(r, script)
+    try:
+        await r.script_flush()
+        assert await channel.execute("PING") == "PONG"
+        assert await r.script_exists(script.sha) == [True]
+        await r.script_flush()
+        await channel.reset("reconnect")
+        assert await channel.execute_many([Call(script, [], ["x"], str).command]) == ["x"]
     finally:
         await channel.aclose()
         await r.aclose()

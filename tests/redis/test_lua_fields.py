@@ -24,7 +24,7 @@ from controlplane.protocol.records import (
     LoadRecord,
     Record,
 )
-from controlplane.redis.scripts import lua_source
+from controlplane.redis.lua import Script
 
 pytestmark = pytest.mark.unit
 
@@ -54,7 +54,7 @@ NO_RECORDS = {"leader", "metric_increment", "bus_publish", "bus_trim"}
 
 
 def header_and_body(name: str) -> tuple[str, str]:
-    lines = lua_source(name).split("\n")
+    lines = Script.load(name).source.split("\n")
     end = next(i for i, line in enumerate(lines) if not line.startswith("--"))
     return "\n".join(lines[:end]), "\n".join(lines[end:])
 

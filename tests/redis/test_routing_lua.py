@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane.client.routing import KernelBusy, Route, enqueue, max_ejected, report
+from controlplane.client.routing import EnqueueResult, KernelBusy, Route, enqueue, max_ejected, report
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
 from controlplane.protocol.records import KernelRecord
-from controlplane.redis.scripts import Scripts
 
 CLUSTER = "c1"
 NOW = 1_700_000_000_000
@@ -57,13 +56,29 @@ async def report_load(r: AsyncRedis, n: int, *, age_ms: int = 0, **fields: float
 
 
 async def route_once(r: AsyncRedis, route: Route, job_id: str = "j1", now: int = NOW) -> str:
-    args = [job_id, "{}", "reply", now, now + 10_000, 60_000, "adaptive"]
-    result = await enqueue(Scripts(r).enqueue, KEYS, route, job_id=job_id, args=args)
+    result = await enqueue_once(r, route, job_id, now)
     job = await r.hgetall(KEYS.job(CLUSTER, job_id))
     assert job["kernel"] == result.kernel == route.chosen
     assert job["epoch"] == result.kernel[1:]  # the chosen kernel's fencing epoch
     assert await r.zscore(KEYS.queue(CLUSTER, result.kernel), job_id) == now
     return result.kernel
+
+
+async def enqueue_once(
+    r: AsyncRedis, route: Route, job_id: str, now: int, deadline_ms: int = 10_000
+) -> EnqueueResult:
+    return await enqueue(
+        r,
+        KEYS,
+        route,
+        job_id=job_id,
+        payload="{}",
+        reply_key="reply",
+        now_ms=now,
+        deadline_ms=now + deadline_ms,
+        ttl_ms=60_000,
+        strategy="adaptive",
+    )
 
 
 def p2c(*kernels: KernelRecord, service: list[float] | None = None, **fields: Any) -> Route:
@@ -166,9 +181,7 @@ async def test_no_candidate_taking_work_is_kernel_busy_and_writes_nothing(r: Asy
     for mode in ("p2c", "rr", "first"):
         route = Route.of(k1, mode=mode, alternates=[k2])
         with pytest.raises(KernelBusy, match="k1=draining k2=stopped"):
-            await enqueue(
-                Scripts(r).enqueue, KEYS, route, job_id="j1", args=["j1", "{}", "r", NOW, NOW, 1, "adaptive"]
-            )
+            await enqueue_once(r, route, "j1", NOW, deadline_ms=0)
     assert not await r.exists(KEYS.job(CLUSTER, "j1"), KEYS.queue(CLUSTER, "k1"), KEYS.cluster_rr(CLUSTER))
 
 
@@ -211,7 +224,7 @@ async def test_routed_enqueue_refuses_a_duplicate_job_id(r: AsyncRedis) -> None:
 
 async def fail(r: AsyncRedis, kernel: str, now: int, *, size: int = 8, event_ok: bool = False) -> Route:
     route = Route.of(record(int(kernel[1:])), chosen=kernel, outlier=OUTLIER, cluster_size=size)
-    await report(Scripts(r), KEYS, route, ok=event_ok, now_ms=now)
+    await report(r, KEYS, route, ok=event_ok, now_ms=now)
     return route
 
 
@@ -233,14 +246,14 @@ async def test_a_success_ends_the_failure_streak(r: AsyncRedis) -> None:
     await fail(r, "k1", NOW)
     await fail(r, "k1", NOW + 1)
     ok = Route.of(record(1), chosen="k1", outlier=OUTLIER, cluster_size=8, consecutive=2)
-    await report(Scripts(r), KEYS, ok, ok=True, now_ms=NOW + 2)
+    await report(r, KEYS, ok, ok=True, now_ms=NOW + 2)
     assert (await fail(r, "k1", NOW + 3)).ejected == {}
     assert await r.hget(KEYS.kernel_health(CLUSTER, "k1"), "consecutive") == "1"
 
 
 async def test_a_failure_rate_outlier_is_ejected_at_once(r: AsyncRedis) -> None:
     route = Route.of(record(1), chosen="k1", outlier=OUTLIER, cluster_size=8, rate_outliers=frozenset({"k1"}))
-    await report(Scripts(r), KEYS, route, ok=False, now_ms=NOW)
+    await report(r, KEYS, route, ok=False, now_ms=NOW)
     assert route.ejected == {"k1": NOW + 1000}
 
 

@@ -1,4 +1,5 @@
-"""Contract tests of the Lua job lifecycle (`controlplane/lua/*.lua`).
+"""Contract tests of the Lua job lifecycle (`controlplane/redis/lua/*.lua`), through the calls
+that production code makes (`controlplane/redis/scripts/`).
 
 Every test runs twice through the same code: against the private redis-server (`integration`)
 and against fakeredis with Lua (`unit`), so the fake can stand in for Redis in unit tests only
@@ -19,7 +20,8 @@ from redis.asyncio import Redis as AsyncRedis
 from controlplane.protocol.jobs import decode_job, decode_result, encode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.stats import PINNED
-from controlplane.redis.scripts import Scripts
+from controlplane.redis.scripts import jobs, kernels
+from controlplane.redis.scripts.call import Call
 
 CLUSTER = "c1"
 CLIENT = "client-1"
@@ -43,10 +45,9 @@ def client(request: pytest.FixtureRequest) -> AsyncRedis:
 
 @dataclass
 class Lua:
-    """The scripts plus hand-built records, with the KEYS/ARGV plumbing of each script's header."""
+    """The production script calls plus hand-built records."""
 
     r: AsyncRedis
-    s: Scripts
 
     # ------------------------------------------------------------ records
     async def put_kernel(
@@ -81,6 +82,12 @@ class Lua:
         return out
 
     # ------------------------------------------------------------ scripts
+    async def call(self, call: Call[Any]) -> Any:
+        """Run a production call; the script's own reply, which the call's parser must take."""
+        reply = await call.reply(self.r)
+        call.parse(reply)
+        return reply
+
     async def enqueue(
         self,
         job_id: str,
@@ -92,24 +99,19 @@ class Lua:
         ttl_ms: int = JOB_TTL_MS,
         strategy: str = "adaptive",
     ) -> Any:
-        return await self.s.enqueue(
-            keys=[
-                KEYS.kernel(CLUSTER, kernel),
-                KEYS.queue(CLUSTER, kernel),
-                KEYS.inflight(CLUSTER, kernel),
-                KEYS.job(CLUSTER, job_id),
-                KEYS.kernel_wake(CLUSTER, kernel),
-            ],
-            args=[
-                job_id,
-                payload,
-                KEYS.reply(CLIENT),
-                now,
-                deadline_ms,
-                ttl_ms,
-                strategy,
+        return await self.call(
+            jobs.enqueue(
+                KEYS,
+                CLUSTER,
                 kernel,
-            ],
+                job_id=job_id,
+                payload=payload,
+                reply_key=KEYS.reply(CLIENT),
+                now_ms=now,
+                deadline_ms=deadline_ms,
+                ttl_ms=ttl_ms,
+                strategy=strategy,
+            )
         )
 
     async def claim(
@@ -122,19 +124,7 @@ class Lua:
     ) -> Any:
         """claim.lua: the oldest job queued on `kernel`; with `siblings` ((name, epoch) pairs) it
         may take over a queued job of theirs. `now=""` leaves the time to the Redis clock."""
-        keys = [
-            KEYS.inflight(CLUSTER, kernel),
-            KEYS.queue(CLUSTER, kernel),
-            KEYS.kernel_wake(CLUSTER, kernel),
-            KEYS.kernel(CLUSTER, kernel),
-        ]
-        args: list[Any] = [kernel, epoch, now, KEYS.job(CLUSTER, "")]
-        if siblings is not None:
-            keys += [KEYS.kernel_health(CLUSTER, kernel), KEYS.cluster_stats(CLUSTER)]
-            for name, sibling_epoch in siblings:
-                keys += [KEYS.kernel(CLUSTER, name), KEYS.queue(CLUSTER, name), KEYS.inflight(CLUSTER, name)]
-                args += [name, sibling_epoch]
-        return await self.s.claim(keys=keys, args=args)
+        return await self.call(jobs.claim(KEYS, CLUSTER, kernel, epoch=epoch, now_ms=now, siblings=siblings))
 
     async def finish(
         self,
@@ -146,54 +136,52 @@ class Lua:
         success: bool = True,
         latency_ms: float = 12,
     ) -> Any:
-        return await self.s.finish(
-            keys=[
-                KEYS.job(CLUSTER, job_id),
-                KEYS.inflight(CLUSTER, kernel),
-                KEYS.reply(CLIENT),
-                KEYS.cluster_stats(CLUSTER),
-                KEYS.kernel_stats(CLUSTER, kernel),
-            ],
-            args=[job_id, kernel, epoch, message, int(success), latency_ms, REPLY_TTL_MS],
+        return await self.call(
+            jobs.finish(
+                KEYS,
+                CLUSTER,
+                kernel,
+                job_id=job_id,
+                epoch=epoch,
+                reply_key=KEYS.reply(CLIENT),
+                message=message,
+                success=success,
+                latency_ms=latency_ms,
+                reply_ttl_ms=REPLY_TTL_MS,
+            )
         )
 
     async def cancel(self, job_id: str, *, kernel: str = "k1") -> Any:
-        return await self.s.cancel(
-            keys=[KEYS.job(CLUSTER, job_id), KEYS.queue(CLUSTER, kernel), KEYS.inflight(CLUSTER, kernel)],
-            args=[job_id],
-        )
+        return await self.call(jobs.cancel(KEYS, CLUSTER, kernel, job_id=job_id))
 
     async def kernel_start(self, kernel: str = "k1", *, agent: str = "a1") -> Any:
-        return await self.s.kernel_start(
-            keys=[KEYS.kernel(CLUSTER, kernel), KEYS.epoch()],
-            args=[agent, 4242, "host-1", 1_700_000_000, "PING READ", "gpu"],
+        return await self.call(
+            kernels.kernel_start(
+                KEYS,
+                CLUSTER,
+                kernel,
+                agent=agent,
+                pid=4242,
+                host="host-1",
+                now_s=1_700_000_000,
+                syscalls=["PING", "READ"],
+                capabilities=["gpu"],
+            )
         )
 
     async def kernel_stop(self, kernel: str = "k1", *, epoch: int = 1) -> Any:
-        return await self.s.kernel_stop(
-            keys=[KEYS.kernel(CLUSTER, kernel), KEYS.inflight(CLUSTER, kernel)], args=[epoch]
-        )
+        return await self.call(kernels.kernel_stop(KEYS, CLUSTER, kernel, epoch=epoch))
 
     async def rebind(self, source: str, target: str, ids: list[str]) -> Any:
-        return await self.s.rebind(
-            keys=[
-                source,
-                KEYS.kernel(CLUSTER, target),
-                KEYS.queue(CLUSTER, target),
-                KEYS.inflight(CLUSTER, target),
-                KEYS.kernel_wake(CLUSTER, target),
-                *(KEYS.job(CLUSTER, i) for i in ids),
-            ],
-            args=[target, *ids],
-        )
+        return await self.call(kernels.rebind(KEYS, CLUSTER, target, source=source, job_ids=ids))
 
     async def leader(self, token: str, ttl_ms: int) -> Any:
-        return await self.s.leader(keys=[KEYS.leader()], args=[token, ttl_ms])
+        return await self.call(kernels.leader(KEYS, token=token, ttl_ms=ttl_ms))
 
 
 @pytest.fixture
 def lua(client: AsyncRedis) -> Lua:
-    return Lua(client, Scripts(client))
+    return Lua(client)
 
 
 # ---------------------------------------------------------------- enqueue

@@ -17,7 +17,6 @@ from redis.asyncio import Redis as AsyncRedis
 from controlplane import KcpClient, KernelError, OrchestrationConfig, Settings
 from controlplane.protocol.keys import ASSIGN_RUN, Keys
 from controlplane.redis.connect import parse_sentinel_url
-from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State
 from controlplane.service.detector import FailureDetector
 from controlplane.service.leader import LeaderLease, NotLeader, begin_writes
@@ -65,7 +64,7 @@ def test_settings_refuse_a_lease_shorter_than_two_heartbeats() -> None:
 
 @pytest.mark.integration
 async def test_fenced_write_is_discarded_once_the_lease_moves(redis: AsyncRedis) -> None:
-    lease = LeaderLease(redis, Scripts(redis), KEYS, ttl=3.0, token="a")
+    lease = LeaderLease(redis, KEYS, ttl=3.0, token="a")
     assert await lease.acquire()
     async with lease.fenced() as pipe:
         pipe.set("decision-1", "written")

@@ -1,0 +1,225 @@
+"""A job's scripts: enqueue (the client's hot path), claim and finish (the kernel's), cancel."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from controlplane.protocol.keys import Keys
+from controlplane.redis.lua import Script
+from controlplane.redis.scripts.call import Arg, Call
+
+ENQUEUE = Script.load("enqueue")
+CLAIM = Script.load("claim")
+FINISH = Script.load("finish")
+CANCEL = Script.load("cancel")
+
+_NONE_EJECTED: Mapping[str, int] = MappingProxyType({})
+
+
+# ---------------------------------------------------------------- enqueue
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """ARGV of enqueue.lua's routed form: the script chooses among `kernels`."""
+
+    mode: str  # 'first' | 'rr' | 'p2c'
+    tie: int
+    load_expiry_ms: int
+    slow_start_ms: int
+    rr_ttl_ms: int
+    #: (name, agent) of each candidate; the first is the `kernel` passed to `enqueue`
+    kernels: Sequence[tuple[str, str]]
+    #: per candidate, the client's service-time estimate, ms (missing or 0: none)
+    service_ms: Sequence[float] = ()
+    #: per candidate, the client's failure-rate estimate (missing or -1: none)
+    error_rate: Sequence[float] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    inflight: int
+    #: index of the candidate that took the job (0: the kernel itself, in the plain form)
+    chosen: int
+    #: consecutive failures of the chosen kernel (routed form; else 0)
+    consecutive: int
+    #: candidates seen ejected: name -> ejected-until ms (routed form; else empty)
+    ejected: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class NotEnqueued:
+    """Nothing was written: the kernel's state, 'name=state ...' of the candidates, or
+    'duplicate' when the job id exists."""
+
+    duplicate: bool
+    detail: str
+
+
+def enqueue(
+    keys: Keys,
+    cluster: str,
+    kernel: str,
+    *,
+    job_id: str,
+    payload: str,
+    reply_key: str,
+    now_ms: int,
+    deadline_ms: int,
+    ttl_ms: int,
+    strategy: str,
+    routing: Routing | None = None,
+) -> Call[Enqueued | NotEnqueued]:
+    """enqueue.lua: queue job `job_id` on `kernel`, or with `routing` on the candidate the
+    script chooses."""
+    klist = [
+        keys.kernel(cluster, kernel),
+        keys.queue(cluster, kernel),
+        keys.inflight(cluster, kernel),
+        keys.job(cluster, job_id),
+        keys.kernel_wake(cluster, kernel),
+    ]
+    argv: list[Arg] = [job_id, payload, reply_key, now_ms, deadline_ms, ttl_ms, strategy, kernel]
+    if routing is not None:
+        r = routing
+        klist.append(keys.cluster_rr(cluster))
+        argv += [r.mode, r.tie, r.load_expiry_ms, r.slow_start_ms, r.rr_ttl_ms]
+        for i, (name, agent) in enumerate(r.kernels):
+            klist += [
+                keys.kernel(cluster, name),
+                keys.queue(cluster, name),
+                keys.inflight(cluster, name),
+                keys.load(agent, cluster, name),
+                keys.kernel_health(cluster, name),
+                keys.kernel_wake(cluster, name),
+            ]
+            service = r.service_ms[i] if i < len(r.service_ms) else 0.0
+            errors = r.error_rate[i] if i < len(r.error_rate) else -1.0
+            argv += [name, f"{service:.3f}", f"{errors:.4f}"]
+    return Call(ENQUEUE, klist, argv, _enqueued)
+
+
+def _enqueued(reply: Any) -> Enqueued | NotEnqueued:
+    code = int(reply[0])
+    if code != 1:
+        return NotEnqueued(code < 0, str(reply[1] or ""))
+    if len(reply) == 2:
+        return Enqueued(int(reply[1]), 0, 0, _NONE_EJECTED)
+    _, inflight, index, consecutive, seen = reply
+    ejected = {}
+    for item in str(seen or "").split():
+        name, _, until = item.partition("=")
+        ejected[name] = int(float(until))
+    return Enqueued(int(inflight), int(index) - 1, int(consecutive), ejected)
+
+
+# ---------------------------------------------------------------- claim
+class Skip(enum.StrEnum):
+    """Why claim.lua handed out no job (see its header)."""
+
+    EMPTY = "empty"
+    GONE = "gone"
+    FENCED = "fenced"
+    ZOMBIE = "zombie"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    job: str  # the arq-serialized job
+    reply: str  # the waiting client's reply list key
+    attempt: int
+    id: str
+    #: jobs still queued on the caller's queue and its siblings'
+    queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotClaimed:
+    status: Skip
+    id: str = ""  # the job concerned; "" for EMPTY
+
+
+#: claim.lua found nothing to take (one value: an idle kernel's claims allocate nothing).
+EMPTY = NotClaimed(Skip.EMPTY)
+
+
+def claim(
+    keys: Keys,
+    cluster: str,
+    kernel: str,
+    *,
+    epoch: int | str,
+    now_ms: int | str = "",
+    siblings: Sequence[tuple[str, int | str]] | None = None,
+) -> Call[Claimed | NotClaimed]:
+    """claim.lua: the oldest job queued on `kernel`; with `siblings` ((name, epoch last seen)
+    pairs, possibly none) it may take over the oldest queued job of one. `now_ms=""` leaves
+    the time to the Redis clock (a claim written behind a blocking pop runs when it returns)."""
+    klist = [
+        keys.inflight(cluster, kernel),
+        keys.queue(cluster, kernel),
+        keys.kernel_wake(cluster, kernel),
+        keys.kernel(cluster, kernel),
+    ]
+    argv: list[Arg] = [kernel, epoch, now_ms, keys.job(cluster, "")]
+    if siblings is not None:
+        klist += [keys.kernel_health(cluster, kernel), keys.cluster_stats(cluster)]
+        for name, sibling_epoch in siblings:
+            klist += [keys.kernel(cluster, name), keys.queue(cluster, name), keys.inflight(cluster, name)]
+            argv += [name, sibling_epoch]
+    return Call(CLAIM, klist, argv, _claimed)
+
+
+def _claimed(reply: Any) -> Claimed | NotClaimed:
+    if reply[0] == "ok":
+        _, job, reply_key, attempt, job_id, queued = reply
+        return Claimed(str(job), str(reply_key), int(attempt), str(job_id), int(queued))
+    if len(reply) == 1:
+        return EMPTY
+    return NotClaimed(Skip(reply[0]), str(reply[1]))
+
+
+# ---------------------------------------------------------------- finish, cancel
+def finish(
+    keys: Keys,
+    cluster: str,
+    kernel: str,
+    *,
+    job_id: str,
+    epoch: int | str,
+    reply_key: str,
+    message: str,
+    success: bool,
+    latency_ms: float | str,
+    reply_ttl_ms: int,
+    queue_ms: int | None = None,
+    buckets: Sequence[str] = (),
+) -> Call[bool]:
+    """finish.lua: deliver `message` to `reply_key`; True when delivered, False when rejected
+    (the job is gone or belongs to someone else). `buckets`: histogram fields to count, which
+    need `queue_ms`."""
+    klist = [
+        keys.job(cluster, job_id),
+        keys.inflight(cluster, kernel),
+        reply_key,
+        keys.cluster_stats(cluster),
+        keys.kernel_stats(cluster, kernel),
+    ]
+    argv: list[Arg] = [job_id, kernel, epoch, message, 1 if success else 0, latency_ms, reply_ttl_ms]
+    if queue_ms is not None:
+        argv += [queue_ms, *buckets]
+    return Call(FINISH, klist, argv, _flag)
+
+
+def cancel(keys: Keys, cluster: str, kernel: str, *, job_id: str) -> Call[bool]:
+    """cancel.lua: True when the job was still pending (now cancelled), False when it had
+    already finished."""
+    klist = [keys.job(cluster, job_id), keys.queue(cluster, kernel), keys.inflight(cluster, kernel)]
+    return Call(CANCEL, klist, [job_id], _flag)
+
+
+def _flag(reply: Any) -> bool:
+    return bool(int(reply))
