@@ -24,12 +24,15 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from controlplane.errors import RedisError
+from controlplane.lifecycle import Service
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.redis.channel import Channel, Command
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS
+from controlplane.redis.retry import retry
 from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State
 from kernel_agent.syscalls import (
@@ -56,8 +59,8 @@ STEAL_CANDIDATES = 16
 _STEALABLE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
 
 
-class KernelProcess:
-    """The run loop of one kernel incarnation."""
+class KernelProcess(Service):
+    """The run loop of one kernel incarnation. `run()`; `drain()` (SIGTERM) ends it cleanly."""
 
     def __init__(
         self,
@@ -70,6 +73,8 @@ class KernelProcess:
         registry: SyscallRegistry,
         concurrency: int = 1,
     ) -> None:
+        super().__init__()
+        self.what = f"kernel {cluster}/{name}"
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(redis)
@@ -96,6 +101,9 @@ class KernelProcess:
 
     def drain(self) -> None:
         """Stop taking new work; `run` returns once everything in flight is finished."""
+        self.request_stop()
+
+    def _on_stop(self) -> None:
         self._draining.set()
         for channel in self._popping:  # end their long blocking pops now (see `_work`)
             asyncio.get_running_loop().create_task(channel.reset("kernel draining"))
@@ -151,25 +159,23 @@ class KernelProcess:
             moved += max(int(res), 0)
         return moved
 
-    async def run(self) -> None:
+    async def _loop(self) -> None:
         """Serve until drained (SIGTERM) or unassigned. Reconnects after Redis outages."""
-        backoff = 0.1
         outage = False
-        while True:
-            try:
-                if not self.epoch and not await self.start():
-                    return
-                if outage:
-                    await self._recover()
-                await self._serve()
+
+        def lost(exc: RedisError) -> None:
+            nonlocal outage
+            outage = True
+
+        async def serve() -> None:
+            if not self.epoch and not await self.start():
                 return
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                logger.warning(
-                    "kernel %s/%s lost Redis (%s); retrying in %.1fs", self.cluster, self.name, exc, backoff
-                )
-                outage = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+            if outage:
+                await self._recover()
+            await self._serve()
+
+        # an error that needs a person ends the process: its agent restarts it with a back-off
+        await retry(serve, what=self.what, log=logger, on_error=lost, transient_only=True)
 
     async def _recover(self) -> None:
         """After an outage, with no worker running: deliver the results the outage held up
