@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from controlplane.client import routing
 from controlplane.errors import ClusterNotFound, DispatchTimeout, RedisError, RedisUnavailable
+from controlplane.lifecycle import finish
 from controlplane.protocol.jobs import Outcome, decode_result, encode_job
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelLoad, KernelRecord, KernelState
@@ -65,9 +66,8 @@ class Dispatcher:
 
     async def stop(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()  # safe: its blocking pop runs on a connection of its own
-            # gather(return_exceptions) waits for it without swallowing a cancellation of our own
-            await asyncio.gather(self._listener, return_exceptions=True)
+            # at once: safe, as its blocking pop runs on a connection of its own
+            await finish(self._listener, grace=0.0)
             self._listener = None
         for fut in self._waiting.values():
             if not fut.done():
@@ -234,10 +234,8 @@ class ClusterViews:
         if self._watcher is not None:
             self._stopping = True
             # redis-py can swallow a cancellation that lands while its pub/sub connection is
-            # being set up; the watcher checks `_stopping`, and we cancel until it is done
-            while not self._watcher.done():
-                self._watcher.cancel()
-                await asyncio.wait({self._watcher}, timeout=0.1)
+            # being set up; the watcher checks `_stopping`, and `finish` cancels until it is done
+            await finish(self._watcher, grace=0.0)
             self._watcher = None
 
     async def wait_change(self, seconds: float) -> None:
