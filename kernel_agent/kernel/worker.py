@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from controlplane.errors import RedisError
+from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.lifecycle import Service
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_result
@@ -32,6 +32,7 @@ from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.redis.channel import Channel, Command
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS
+from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import retry
 from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State
@@ -266,9 +267,9 @@ class KernelProcess(Service):
         `_try_stop` puts it back."""
         self._popping.add(channel)
         try:
-            async with asyncio.timeout(block + BLOCK_GRACE_SECONDS):
+            async with asyncio.timeout(block + BLOCK_GRACE_SECONDS), amap_redis_errors():
                 popped = await pop
-        except redis.exceptions.ConnectionError:
+        except RedisUnavailable:  # the connection dropped (a drain resets it, see `drain`)
             _forget(claim)
             if not self._draining.is_set():
                 raise
@@ -276,7 +277,7 @@ class KernelProcess(Service):
         except TimeoutError:  # the server never answered a bounded pop: the link is dead
             _forget(claim)
             await channel.reset("blocking pop overdue")
-            raise redis.exceptions.TimeoutError("BZPOPMIN overdue") from None
+            raise RedisUnavailable("BZPOPMIN overdue") from None
         finally:
             self._popping.discard(channel)
         if isinstance(popped, redis.exceptions.ResponseError):
