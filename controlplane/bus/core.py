@@ -31,11 +31,12 @@ from controlplane.bus.codec import BusConfig, Published, ReceivedMessage, check_
 from controlplane.bus.consumer import KernelConsumer, MessageHandler
 from controlplane.bus.publisher import StreamWriter
 from controlplane.bus.stats import read_stats
-from controlplane.errors import DispatchTimeout, InvalidRequest
+from controlplane.errors import DispatchTimeout, InvalidRequest, RedisUnavailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
 from controlplane.redis.connect import connect
 from controlplane.redis.errors import map_redis_errors
+from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,10 @@ class InterKernelBus:
                 await self._writer.close()
             if self._redis is not None:
                 leases = [self.keys.bus_lease(k) for k in self._registered_here()]
-                with contextlib.suppress(redis.RedisError, OSError):
-                    if leases:
-                        await self._redis.delete(*leases)
+                with contextlib.suppress(OSError):
+                    async with best_effort():
+                        if leases:
+                            await self._redis.delete(*leases)
                 await self._redis.aclose()
         self._redis, self._writer, self._loop, self._lease_task = None, None, None, None
         if self._sync is not None:
@@ -148,21 +150,30 @@ class InterKernelBus:
         return [name for name, c in self._consumers.items() if c.direct is not None]
 
     async def _keep_leases(self) -> None:
-        while True:
-            kernels = self._registered_here()
-            if kernels and self._redis is not None:
-                try:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for kernel in kernels:
-                        pipe.set(
-                            self.keys.bus_lease(kernel),
-                            f"{socket.gethostname()}:{os.getpid()}",
-                            px=int(self.config.lease_ttl * 1000),
-                        )
-                    await pipe.execute()
-                except (redis.RedisError, OSError) as exc:
-                    logger.warning("bus: renewing kernel leases failed: %s", exc)
-            await asyncio.sleep(self.config.lease_ttl / 3)
+        every = self.config.lease_ttl / 3
+        await periodically(
+            self._renew_leases,
+            what="bus kernel-lease keeper",
+            log=logger,
+            running=lambda: True,  # until `aclose` cancels it
+            every=every,
+            backoff=Backoff(every, every),  # a failed renewal waits one period too
+        )
+
+    async def _renew_leases(self) -> None:
+        kernels = self._registered_here()
+        if kernels and self._redis is not None:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for kernel in kernels:
+                    pipe.set(
+                        self.keys.bus_lease(kernel),
+                        f"{socket.gethostname()}:{os.getpid()}",
+                        px=int(self.config.lease_ttl * 1000),
+                    )
+                await pipe.execute()
+            except OSError as exc:
+                raise RedisUnavailable(f"renewing kernel leases failed: {exc}") from exc
 
     def _client(self) -> redis.Redis:
         if self._sync is None:

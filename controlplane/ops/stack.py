@@ -14,7 +14,9 @@ from urllib.parse import urlparse
 
 import redis
 
+from controlplane.errors import RedisError
 from controlplane.ops.redis_server import RedisServerProcess, free_port, start_redis_server
+from controlplane.redis.errors import map_redis_errors
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -22,12 +24,13 @@ logger = logging.getLogger(__name__)
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.exceptions.RedisError, OSError, ValueError):
+        with map_redis_errors():
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+    except (RedisError, OSError, ValueError):
         return False
 
 

@@ -17,11 +17,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from redis.asyncio.client import Pipeline
 
 from controlplane.protocol.keys import Keys
 from controlplane.redis.scripts import Scripts
+from controlplane.redis.transaction import Conflict, watch_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LeaderLease:
         queues its writes and awaits `pipe.execute()`. With `multi=False` the pipeline is still in
         immediate mode, so the caller can read the watched keys first, then `begin_writes(pipe)`.
         Raises `NotLeader` when the lease is not ours, or stopped being ours before EXEC (nothing
-        is written then); `WatchError` when only a watched key changed."""
+        is written then); `Conflict` when only a watched key changed."""
         if not self.leading:
             raise NotLeader("not leading")
         if time.monotonic() - self._renewed_at > self.ttl / 3 and not await self.acquire():
@@ -87,8 +87,9 @@ class LeaderLease:
             if multi:
                 begin_writes(pipe)
             try:
-                yield pipe
-            except redis.exceptions.WatchError:
+                async with watch_conflicts():
+                    yield pipe
+            except Conflict:
                 holder = await self.redis.get(key)
                 if holder == self.token:  # only a watched record changed: the caller's decision is stale
                     raise
