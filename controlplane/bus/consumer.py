@@ -37,7 +37,7 @@ from controlplane.lifecycle import finish
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
 from controlplane.redis.errors import amap_redis_errors
-from controlplane.redis.retry import Backoff, best_effort
+from controlplane.redis.retry import Backoff, best_effort, redis_said
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class KernelConsumer:
                 drain = True
             except Exception as exc:  # Redis down, lost groups (NOGROUP), or a bug: never end the loop
                 delay = backoff.next()
-                if isinstance(exc, RedisError) and "NOGROUP" in str(exc):
+                if isinstance(exc, RedisError) and redis_said(exc, "NOGROUP"):
                     logger.warning(
                         "bus: %s lost a consumer group (Redis lost data?); re-creating", self.kernel
                     )
@@ -207,7 +207,7 @@ class KernelConsumer:
                         stream, self.kernel, "0" if kind == INBOX else "$", mkstream=True
                     )
             except RedisError as exc:
-                if "BUSYGROUP" not in str(exc):
+                if not redis_said(exc, "BUSYGROUP"):
                     raise
 
     async def _drain(self, streams: dict[str, str | BusTopic]) -> None:

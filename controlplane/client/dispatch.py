@@ -27,7 +27,7 @@ from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis.channel import Channel
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS
 from controlplane.redis.errors import amap_redis_errors
-from controlplane.redis.retry import Backoff, best_effort, periodically
+from controlplane.redis.retry import Backoff, best_effort, periodically, redis_said
 from controlplane.redis.scripts import Scripts
 from controlplane.redis.state import State, now_ms
 
@@ -180,7 +180,7 @@ class Dispatcher:
         except TimeoutError:
             raise RedisUnavailable("reply pop overdue") from None
         except RedisError as exc:
-            if self._batched and "unknown command" in str(exc).lower():
+            if self._batched and redis_said(exc, "unknown command"):
                 self._batched = False  # BLMPOP is Redis 7's; BLPOP takes one reply at a time
                 return
             raise

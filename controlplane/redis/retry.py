@@ -30,6 +30,12 @@ Pause = Callable[[float], Awaitable[object]]
 OnError = Callable[[RedisError], Awaitable[None] | None]
 
 
+def redis_said(exc: RedisError, text: str) -> bool:
+    """Whether Redis's own error reply (kept as the cause of the kcp error) contains `text`,
+    e.g. NOGROUP: for the few replies a loop answers by itself rather than by retrying."""
+    return text.lower() in f"{exc.__cause__ or ''} {exc}".lower()
+
+
 class Backoff:
     """Capped exponential delays: `first`, twice that, ... up to `cap`, each shortened by up to
     `jitter` (a fraction) so that processes cut off together do not return in lock-step. The

@@ -12,7 +12,8 @@ import pytest
 import redis.exceptions
 
 from controlplane.errors import AuthenticationFailed, RedisError, RedisUnavailable
-from controlplane.redis.retry import Backoff, best_effort, periodically, retry
+from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.retry import Backoff, best_effort, periodically, redis_said, retry
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -197,3 +198,10 @@ async def test_best_effort_swallows_redis_errors_only() -> None:
     with pytest.raises(ValueError):
         async with best_effort():
             raise ValueError("a bug")
+
+
+async def test_redis_said_reads_the_reply_redis_gave() -> None:
+    with pytest.raises(RedisError) as caught:
+        async with amap_redis_errors():
+            raise redis.exceptions.ResponseError("NOGROUP No such key 's' or consumer group 'k'")
+    assert redis_said(caught.value, "nogroup") and not redis_said(caught.value, "BUSYGROUP")
