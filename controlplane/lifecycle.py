@@ -112,5 +112,9 @@ class Service:
         self._task = asyncio.create_task(self._lifetime(), name=f"kcp-{self.what}")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         await self.stop()
+        task = self._task
+        crashed = None if task is None or task.cancelled() else task.exception()
+        if exc_type is None and crashed is not None:  # the loop died of a bug: say so, here
+            raise crashed

@@ -148,6 +148,16 @@ async def test_finish_does_not_raise_what_the_task_raised() -> None:
     assert task.done() and isinstance(task.exception(), ValueError)
 
 
+async def test_leaving_the_block_raises_what_crashed_the_loop() -> None:
+    class Crashes(Loop):
+        async def _loop(self) -> None:
+            raise ValueError("a bug in the loop")
+
+    with pytest.raises(ValueError, match="a bug in the loop"):
+        async with Crashes():
+            await asyncio.sleep(0.01)
+
+
 # ---------------------------------------------------------------- KcpClient
 
 
