@@ -13,6 +13,7 @@ owner of a task shares.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
@@ -49,7 +50,7 @@ async def finish(task: asyncio.Task[Any], grace: float) -> None:
         task.exception()  # retrieved: asyncio would otherwise log it again at garbage collection
 
 
-class Service:
+class Service(abc.ABC):
     """A main loop with a lifecycle. Subclasses implement `_loop` (the loop, ending on its own
     once `_on_stop` was called) and `_on_stop` (a synchronous request, safe in a signal
     handler); `stop_grace` is how long `stop()` waits for them before it cancels.
@@ -67,11 +68,11 @@ class Service:
         self._task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
-    async def _loop(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _loop(self) -> None: ...
 
-    def _on_stop(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _on_stop(self) -> None: ...
 
     def _begin(self) -> None:
         if self.phase is not Phase.NEW:
