@@ -28,14 +28,15 @@ from collections.abc import Awaitable, Callable
 from types import CoroutineType
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
 from controlplane.bus.codec import BusConfig, Fields, ReceivedMessage, decode
 from controlplane.bus.recovery import StreamBatch, dead_letter, delivery_counts, unseen_gaps
-from controlplane.errors import KcpError
+from controlplane.errors import KcpError, RedisError
+from controlplane.lifecycle import finish
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
+from controlplane.redis.connect import AsyncRedis
+from controlplane.redis.errors import amap_redis_errors, redis_said
+from controlplane.redis.retry import Backoff, best_effort
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class KernelConsumer:
         self.topics: dict[BusTopic, MessageHandler] = {}
         self.counters: Counter[str] = Counter()
         self.task: asyncio.Task[None] | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: AsyncRedis | None = None
         self._read: asyncio.Future[Any] | None = None
         self._errors: dict[str, str] = {}
         self._last_seq: dict[str, int] = {}
@@ -78,7 +79,7 @@ class KernelConsumer:
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
-    def start(self, redis: aioredis.Redis) -> None:
+    def start(self, redis: AsyncRedis) -> None:
         self._redis = redis
         self._stopping = False
         self._changed = asyncio.Event()
@@ -102,11 +103,7 @@ class KernelConsumer:
         if task is None or task.done():
             return
         self.changed()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), grace)
-        except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await finish(task, grace)
 
     # ------------------------------------------------------------ the loop
     def _streams(self) -> dict[str, str | BusTopic]:
@@ -119,7 +116,7 @@ class KernelConsumer:
     async def _run(self) -> None:
         current = asyncio.current_task()
         assert current is not None
-        drain, next_claim, backoff = True, 0.0, 0.05
+        drain, next_claim, backoff = True, 0.0, Backoff(0.05, 1.0)
         claim_every = self.host.config.claim_idle / 2
         acks: dict[str, list[str]] = {}  # handled, acknowledged together with the next read
         while not self._stopping:
@@ -128,32 +125,33 @@ class KernelConsumer:
             streams = self._streams()
             sent, acks = acks, {}
             try:
-                if not streams:
-                    await self._ack(sent)
+                async with amap_redis_errors():  # Redis errors as kcp's, for the handler below
+                    if not streams:
+                        await self._ack(sent)
+                        self._changed.clear()
+                        await self._changed.wait()
+                        continue
+                    if drain:
+                        await self._ack(sent)
+                        sent = {}
+                        await self._drain(streams)
+                        drain = False
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        await self._ack(sent)
+                        sent = {}
+                        await self._claim(streams)
+                        next_claim = now + claim_every
+                    block = max(0.001, min(self.host.config.block, next_claim - time.monotonic()))
                     self._changed.clear()
-                    await self._changed.wait()
-                    continue
-                if drain:
-                    await self._ack(sent)
-                    sent = {}
-                    await self._drain(streams)
-                    drain = False
-                now = time.monotonic()
-                if now >= next_claim:
-                    await self._ack(sent)
-                    sent = {}
-                    await self._claim(streams)
-                    next_claim = now + claim_every
-                block = max(0.001, min(self.host.config.block, next_claim - time.monotonic()))
-                self._changed.clear()
-                self._read = asyncio.ensure_future(self._ack_and_read(streams, sent, block))
-                try:
-                    response = await self._read
-                finally:
-                    self._read = None
-                if response:
-                    acks = await self._handle(streams, response, None, defer=True)
-                backoff = 0.05
+                    self._read = asyncio.ensure_future(self._ack_and_read(streams, sent, block))
+                    try:
+                        response = await self._read
+                    finally:
+                        self._read = None
+                    if response:
+                        acks = await self._handle(streams, response, None, defer=True)
+                    backoff.reset()
             except asyncio.CancelledError:
                 if current.cancelling():
                     raise
@@ -162,22 +160,24 @@ class KernelConsumer:
                 await self._ack(sent)
                 drain = True
             except Exception as exc:  # Redis down, lost groups (NOGROUP), or a bug: never end the loop
-                if isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc):
+                delay = backoff.next()
+                if isinstance(exc, RedisError) and redis_said(exc, "NOGROUP"):
                     logger.warning(
                         "bus: %s lost a consumer group (Redis lost data?); re-creating", self.kernel
                     )
-                    with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                        await self._recreate_groups(streams)
-                elif isinstance(exc, redis.exceptions.RedisError | KcpError | OSError):
-                    logger.warning("bus: %s: Redis error (%s); retrying in %.2fs", self.kernel, exc, backoff)
+                    with contextlib.suppress(OSError):
+                        async with best_effort():
+                            await self._recreate_groups(streams)
+                elif isinstance(exc, KcpError | OSError):
+                    logger.warning("bus: %s: Redis error (%s); retrying in %.2fs", self.kernel, exc, delay)
                 else:
                     logger.exception("bus: %s: unexpected error in the consumer loop", self.kernel)
                 self.counters["reconnects"] += 1
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                await asyncio.sleep(delay)
                 drain = True
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await self._ack(acks)
+        with contextlib.suppress(OSError):
+            async with best_effort():
+                await self._ack(acks)
 
     async def _ack_and_read(
         self, streams: dict[str, str | BusTopic], acks: dict[str, list[str]], block: float
@@ -201,11 +201,12 @@ class KernelConsumer:
         assert self._redis is not None
         for stream, kind in streams.items():
             try:  # an inbox group starts at 0 (direct messages wait for their kernel), a topic group at $
-                await self._redis.xgroup_create(
-                    stream, self.kernel, "0" if kind == INBOX else "$", mkstream=True
-                )
-            except redis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
+                async with amap_redis_errors():
+                    await self._redis.xgroup_create(
+                        stream, self.kernel, "0" if kind == INBOX else "$", mkstream=True
+                    )
+            except RedisError as exc:
+                if not redis_said(exc, "BUSYGROUP"):
                     raise
 
     async def _drain(self, streams: dict[str, str | BusTopic]) -> None:

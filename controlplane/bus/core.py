@@ -24,18 +24,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import pydantic
-import redis
-import redis.asyncio as aioredis
 
 from controlplane.bus.codec import BusConfig, Published, ReceivedMessage, check_name, check_topic, encode
 from controlplane.bus.consumer import KernelConsumer, MessageHandler
 from controlplane.bus.publisher import StreamWriter
 from controlplane.bus.stats import read_stats
-from controlplane.errors import DispatchTimeout, InvalidRequest
+from controlplane.errors import DispatchTimeout, InvalidRequest, RedisUnavailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
-from controlplane.redis.connect import connect, connect_sync
-from controlplane.redis.errors import map_redis_errors
+from controlplane.redis.connect import AsyncRedis, SyncRedis, connect, connect_sync
+from controlplane.redis.errors import error_reply, map_redis_errors
+from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -77,8 +76,8 @@ class InterKernelBus:
         self.keys = Keys(settings.prefix)
         self._consumers: dict[str, KernelConsumer] = {}
         self._waiters: dict[str, asyncio.Future[ReceivedMessage]] = {}
-        self._sync: redis.Redis | None = None
-        self._redis: aioredis.Redis | None = None
+        self._sync: SyncRedis | None = None
+        self._redis: AsyncRedis | None = None
         self._writer: StreamWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -110,16 +109,17 @@ class InterKernelBus:
                 await self._writer.close()
             if self._redis is not None:
                 leases = [self.keys.bus_lease(k) for k in self._registered_here()]
-                with contextlib.suppress(redis.RedisError, OSError):
-                    if leases:
-                        await self._redis.delete(*leases)
+                with contextlib.suppress(OSError):
+                    async with best_effort():
+                        if leases:
+                            await self._redis.delete(*leases)
                 await self._redis.aclose()
         self._redis, self._writer, self._loop, self._lease_task = None, None, None, None
         if self._sync is not None:
             self._sync.close()
             self._sync = None
 
-    def _ensure_started(self) -> aioredis.Redis:
+    def _ensure_started(self) -> AsyncRedis:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._redis is None:
             self._redis = connect(self.settings.redis_url, max_connections=1024)
@@ -148,23 +148,32 @@ class InterKernelBus:
         return [name for name, c in self._consumers.items() if c.direct is not None]
 
     async def _keep_leases(self) -> None:
-        while True:
-            kernels = self._registered_here()
-            if kernels and self._redis is not None:
-                try:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for kernel in kernels:
-                        pipe.set(
-                            self.keys.bus_lease(kernel),
-                            f"{socket.gethostname()}:{os.getpid()}",
-                            px=int(self.config.lease_ttl * 1000),
-                        )
-                    await pipe.execute()
-                except (redis.RedisError, OSError) as exc:
-                    logger.warning("bus: renewing kernel leases failed: %s", exc)
-            await asyncio.sleep(self.config.lease_ttl / 3)
+        every = self.config.lease_ttl / 3
+        await periodically(
+            self._renew_leases,
+            what="bus kernel-lease keeper",
+            log=logger,
+            running=lambda: True,  # until `aclose` cancels it
+            every=every,
+            backoff=Backoff(every, every),  # a failed renewal waits one period too
+        )
 
-    def _client(self) -> redis.Redis:
+    async def _renew_leases(self) -> None:
+        kernels = self._registered_here()
+        if kernels and self._redis is not None:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for kernel in kernels:
+                    pipe.set(
+                        self.keys.bus_lease(kernel),
+                        f"{socket.gethostname()}:{os.getpid()}",
+                        px=int(self.config.lease_ttl * 1000),
+                    )
+                await pipe.execute()
+            except OSError as exc:
+                raise RedisUnavailable(f"renewing kernel leases failed: {exc}") from exc
+
+    def _client(self) -> SyncRedis:
         if self._sync is None:
             self._sync = connect_sync(self.settings.redis_url, timeout=10.0)
         return self._sync
@@ -174,7 +183,7 @@ class InterKernelBus:
         """Pipelines run with raise_on_error=False: an existing group, or a stream not there, is fine."""
         for result in results:
             if isinstance(result, Exception):
-                if isinstance(result, redis.ResponseError) and any(s in str(result) for s in _TOLERATED):
+                if error_reply(result) and any(s in str(result) for s in _TOLERATED):
                     continue
                 raise result
 

@@ -13,11 +13,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-
 from controlplane.bus.codec import BusConfig, Published
 from controlplane.errors import InvalidRequest, KcpError
 from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.scripts.bus import Appended, bus_publish, bus_trim
 
@@ -29,7 +28,7 @@ Argv = bytes  # one encoded message (`codec.encode`)
 class StreamWriter:
     """Appends encoded messages (`codec.encode`) to bus streams and trims them as they grow."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, config: BusConfig) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys, config: BusConfig) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config

@@ -9,10 +9,9 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from controlplane.bus.codec import BusConfig, Fields, as_dict
 from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import AsyncRedis
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +19,7 @@ logger = logging.getLogger(__name__)
 StreamBatch = list[tuple[str, list[Any]]]
 
 
-async def delivery_counts(redis: aioredis.Redis, group: str, response: StreamBatch) -> dict[str, int]:
+async def delivery_counts(redis: AsyncRedis, group: str, response: StreamBatch) -> dict[str, int]:
     """How often each entry in `response` was delivered (XPENDING), by entry id."""
     pipe = redis.pipeline(transaction=False)
     for stream, entries in response:
@@ -34,7 +33,7 @@ async def delivery_counts(redis: aioredis.Redis, group: str, response: StreamBat
 
 
 async def dead_letter(
-    redis: aioredis.Redis,
+    redis: AsyncRedis,
     keys: Keys,
     config: BusConfig,
     *,
@@ -66,7 +65,7 @@ async def dead_letter(
     )
 
 
-async def unseen_gaps(redis: aioredis.Redis, keys: Keys, group: str, labels: list[str]) -> int:
+async def unseen_gaps(redis: AsyncRedis, keys: Keys, group: str, labels: list[str]) -> int:
     """Entries the hard cap removed before `group` read them and that it was not told about yet.
 
     `bus_trim.lua` counts them in `gaps:{label}:{group}` (also while the kernel is down); this

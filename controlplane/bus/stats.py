@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-
 from controlplane.bus.consumer import INBOX
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusTopic
+from controlplane.redis.connect import SyncRedis
 
 
 def _int(value: Any) -> int:
@@ -18,7 +17,7 @@ def _int(value: Any) -> int:
         return 0
 
 
-def read_stats(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+def read_stats(client: SyncRedis, keys: Keys) -> dict[str, Any]:
     """The spec's ``registered_kernels`` and ``subscriptions``, plus live kernels, pending entries,
     dead letters, gaps (entries the hard cap removed before a subscriber read them) and stream lengths."""
     topics = [t.value for t in BusTopic]

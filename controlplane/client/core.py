@@ -7,18 +7,17 @@ async with KcpClient() as kcp:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Self
 
 import pydantic
-import redis.asyncio as aioredis
 
 from controlplane.client.dispatch import ClusterViews, Dispatcher
 from controlplane.client.engine import OrchestrationEngine
-from controlplane.errors import ClusterNotFound, InvalidRequest, RedisError
+from controlplane.errors import ClusterNotFound, InvalidRequest
+from controlplane.lifecycle import LifecycleError, Phase
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import (
@@ -35,8 +34,9 @@ from controlplane.protocol.models import (
 from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.protocol.requests import parse_args, parse_request
 from controlplane.protocol.stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
-from controlplane.redis.connect import connect
+from controlplane.redis.connect import AsyncRedis, connect
 from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.retry import best_effort
 from controlplane.redis.state import State
 from controlplane.settings import Settings
 
@@ -99,7 +99,7 @@ class KcpClient:
         self,
         settings: Settings | None = None,
         *,
-        redis: aioredis.Redis | None = None,
+        redis: AsyncRedis | None = None,
         orchestration: OrchestrationConfig | None = None,
     ) -> None:
         self.settings = settings or Settings()
@@ -110,24 +110,40 @@ class KcpClient:
         self.dispatcher = Dispatcher(self.redis, self.keys)
         self.views = ClusterViews(self.state)
         self.engine = OrchestrationEngine(orchestration)
-        self._started = False
+        self.phase = Phase.NEW
+
+    def _require_open(self) -> None:
+        """Refuse to work after `aclose`: redis-py's pool would quietly reconnect."""
+        if self.phase in (Phase.STOPPING, Phase.STOPPED):
+            raise LifecycleError("this KcpClient is closed: create a new one")
 
     async def start(self) -> None:
-        if not self._started:
+        """Start the reply listener and the notify watcher; `dispatch` calls it if need be."""
+        self._require_open()
+        if self.phase is Phase.NEW:
+            self.phase = Phase.RUNNING
             await self.dispatcher.start()
             await self.views.start()
-            self._started = True
 
     async def aclose(self) -> None:
-        """Stop the background tasks and close the pool (if this client created it). Idempotent."""
-        if self._started:
-            await self.views.stop()
-            await self.dispatcher.stop()
-            self._started = False
-        if self._own_redis:
-            await self.redis.aclose()
+        """Stop the background tasks and close the pool (if this client created it). Idempotent;
+        the client cannot be used afterwards."""
+        if self.phase in (Phase.STOPPING, Phase.STOPPED):
+            return
+        started, self.phase = self.phase is Phase.RUNNING, Phase.STOPPING
+        try:
+            if started:
+                await self.views.stop()
+                await self.dispatcher.stop()
+        finally:
+            self.phase = Phase.STOPPED
+            if self._own_redis:
+                await self.redis.aclose()
 
     async def __aenter__(self) -> Self:
+        if self.phase is not Phase.NEW:
+            done = "started" if self.phase is Phase.RUNNING else "closed"
+            raise LifecycleError(f"this KcpClient was already {done}: `async with` needs a new one")
         await self.start()
         return self
 
@@ -145,6 +161,7 @@ class KcpClient:
     ) -> ClusterInfo:
         """Create a cluster of `kernel_count` kernels; wait up to `wait` seconds (default
         `ready_timeout`) for them to run. Raises `ClusterExists`, `InvalidRequest`."""
+        self._require_open()
         name = validate_name(name)
         cfg = self._config(config)
         count = self._count(kernel_count, cfg, "kernel_count")
@@ -156,6 +173,7 @@ class KcpClient:
         """Stop the cluster's kernels and delete its keys (queued jobs get an error).
 
         Waits up to `wait` seconds (default `ready_timeout`) for the control plane to finish."""
+        self._require_open()
         name = validate_name(name)
         await self.state.require_cluster(name)
         await self.state.update_cluster(
@@ -167,10 +185,12 @@ class KcpClient:
             await self.views.wait_change(min(deadline - time.monotonic(), 0.25))
 
     async def list_clusters(self) -> list[ClusterInfo]:
+        self._require_open()
         clusters = [c for c in await self.state.list_clusters() if c.status is not ClusterStatus.STOPPED]
         return [ClusterInfo.of(c, await self.state.kernels(c.name)) for c in clusters]
 
     async def get_cluster(self, name: str) -> ClusterInfo:
+        self._require_open()
         record = await self.state.require_cluster(validate_name(name))
         return ClusterInfo.of(record, await self.state.kernels(name))
 
@@ -179,6 +199,7 @@ class KcpClient:
     ) -> tuple[int, int]:
         """Set the cluster's kernel count; returns (previous, new). Scale-down drains kernels:
         they take no new work and finish what they hold."""
+        self._require_open()
         record = await self.state.require_cluster(validate_name(name))
         target = self._count(target_count, record.config, "target_count")
         await self.state.update_cluster(name, desired=target, status=ClusterStatus.SCALING.value)
@@ -199,6 +220,7 @@ class KcpClient:
     ) -> DispatchResult:
         """Run one syscall on a kernel of `cluster` picked by the engine's strategy, or on
         `kernel` when given (e.g. a READ of memory an earlier WRITE filled)."""
+        self._require_open()
         cluster = validate_name(cluster)
         if kernel is not None:
             kernel = validate_name(kernel, "kernel name")
@@ -241,6 +263,7 @@ class KcpClient:
 
     async def get_metrics(self, cluster: str) -> ClusterMetrics:
         """Counters the kernels keep in Redis (every client's dispatches count) and their latest load."""
+        self._require_open()
         record = await self.state.require_cluster(validate_name(cluster))
         kernels = [k for k in await self.state.kernels(cluster) if k.state in ACTIVE_KERNEL_STATES]
         stats = await self.state.cluster_stats(cluster)
@@ -280,12 +303,11 @@ class KcpClient:
 
     async def _bump(self, cluster: str, counters: Mapping[str, int]) -> None:
         """Add to event counters of the cluster's stats hash (exported as Prometheus counters)."""
-        with contextlib.suppress(RedisError):  # a counter never fails the operation
-            async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-                for field, amount in counters.items():
-                    if amount:
-                        pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)
-                await pipe.execute()
+        async with best_effort(), self.redis.pipeline(transaction=False) as pipe:  # never fails the call
+            for field, amount in counters.items():
+                if amount:
+                    pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)
+            await pipe.execute()
 
     async def _wake_service(self) -> None:
         async with amap_redis_errors():

@@ -15,18 +15,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
 from controlplane.client import routing
-from controlplane.errors import ClusterNotFound, DispatchTimeout
+from controlplane.errors import ClusterNotFound, DispatchTimeout, RedisError, RedisUnavailable
+from controlplane.lifecycle import finish
 from controlplane.protocol.jobs import Outcome, decode_result, encode_job
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelLoad, KernelState
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis.channel import Channel
-from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis
+from controlplane.redis.errors import amap_redis_errors, redis_said
+from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.call import preloading
 from controlplane.redis.state import State, now_ms
@@ -46,7 +46,7 @@ LOAD_TTL = 0.5
 class Dispatcher:
     """Submits jobs and awaits their results. `start()` before use, `stop()` after."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self.client_id = uuid.uuid4().hex
@@ -56,6 +56,7 @@ class Dispatcher:
         self._replies = Channel(redis)  # the reply listener's blocking pops
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._batched = True  # BLMPOP (Redis 7) takes every waiting reply in one trip; BLPOP before 7
 
     async def start(self) -> None:
         if self._listener is None:
@@ -63,15 +64,14 @@ class Dispatcher:
 
     async def stop(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()  # safe: its blocking pop runs on a connection of its own
-            # gather(return_exceptions) waits for it without swallowing a cancellation of our own
-            await asyncio.gather(self._listener, return_exceptions=True)
+            # at once: safe, as its blocking pop runs on a connection of its own
+            await finish(self._listener, grace=0.0)
             self._listener = None
         for fut in self._waiting.values():
             if not fut.done():
                 fut.cancel()
         await self._replies.aclose()
-        with contextlib.suppress(redis.exceptions.RedisError):
+        async with best_effort():
             await self.channel.execute("DEL", self.reply_key)
         await self.channel.aclose()
 
@@ -144,35 +144,40 @@ class Dispatcher:
             fut.set_exception(_Overdue())
 
     async def _listen(self) -> None:
-        backoff = 0.1
-        batched = True  # BLMPOP (Redis 7) takes every waiting reply in one trip; BLPOP before 7
-        while True:
-            try:
-                async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS):
-                    if batched:
-                        item = await self._replies.execute(
-                            "BLMPOP", MAX_BLOCK_SECONDS, 1, self.reply_key, "LEFT", "COUNT", REPLY_BATCH
-                        )
-                        replies = item[1] if item else []
-                    else:
-                        item = await self._replies.execute("BLPOP", self.reply_key, MAX_BLOCK_SECONDS)
-                        replies = [item[1]] if item else []
-                backoff = 0.1
-            except redis.exceptions.ResponseError as exc:
-                if batched and "unknown command" in str(exc).lower():
-                    batched = False
-                    continue
-                raise
-            except (redis.exceptions.ConnectionError, TimeoutError) as exc:
-                logger.warning("reply listener lost Redis (%r); retrying in %.1fs", exc, backoff)
-                await self._replies.reset("reply listener reconnects")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            for raw in replies:
-                self._deliver(raw)
-            if replies:  # let the callers woken run before the next pop is written
-                await asyncio.sleep(0)
+        await periodically(
+            self._take_replies,
+            what="reply listener",
+            log=logger,
+            running=lambda: True,  # until `stop` cancels it
+            on_error=self._lost,
+        )
+
+    async def _take_replies(self) -> None:
+        """One blocking pop of the reply list; resolve the future of each reply it took."""
+        try:
+            async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS), amap_redis_errors():
+                if self._batched:
+                    item = await self._replies.execute(
+                        "BLMPOP", MAX_BLOCK_SECONDS, 1, self.reply_key, "LEFT", "COUNT", REPLY_BATCH
+                    )
+                    replies = item[1] if item else []
+                else:
+                    item = await self._replies.execute("BLPOP", self.reply_key, MAX_BLOCK_SECONDS)
+                    replies = [item[1]] if item else []
+        except TimeoutError:
+            raise RedisUnavailable("reply pop overdue") from None
+        except RedisError as exc:
+            if self._batched and redis_said(exc, "unknown command"):
+                self._batched = False  # BLMPOP is Redis 7's; BLPOP takes one reply at a time
+                return
+            raise
+        for raw in replies:
+            self._deliver(raw)
+        if replies:  # let the callers woken run before the next pop is written
+            await asyncio.sleep(0)
+
+    async def _lost(self, exc: RedisError) -> None:
+        await self._replies.reset("reply listener reconnects")
 
     def _deliver(self, raw: str) -> None:
         try:
@@ -216,10 +221,8 @@ class ClusterViews:
         if self._watcher is not None:
             self._stopping = True
             # redis-py can swallow a cancellation that lands while its pub/sub connection is
-            # being set up; the watcher checks `_stopping`, and we cancel until it is done
-            while not self._watcher.done():
-                self._watcher.cancel()
-                await asyncio.wait({self._watcher}, timeout=0.1)
+            # being set up; the watcher checks `_stopping`, and `finish` cancels until it is done
+            await finish(self._watcher, grace=0.0)
             self._watcher = None
 
     async def wait_change(self, seconds: float) -> None:
@@ -257,26 +260,29 @@ class ClusterViews:
             view.kernels_at = 0.0
 
     async def _watch(self) -> None:
-        backoff = 0.1
-        while not self._stopping:
-            pubsub = self.state.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.state.keys.notify())
-                backoff = 0.1
-                while not self._stopping:
-                    # a bounded wait, so an idle subscription never hits the socket timeout
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS
-                    )
-                    cluster = message.get("data") if message else None
-                    if isinstance(cluster, str):
-                        self.invalidate(cluster)
-                        self._changed.set()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                logger.warning("notify watcher lost Redis (%s); retrying in %.1fs", exc, backoff)
-                self._views.clear()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        backoff = Backoff()
+        await periodically(
+            lambda: self._subscribed(backoff),
+            what="notify watcher",
+            log=logger,
+            running=lambda: not self._stopping,
+            backoff=backoff,
+            on_error=lambda exc: self._views.clear(),
+        )
+
+    async def _subscribed(self, backoff: Backoff) -> None:
+        """One subscription to `notify`, until it fails or the watcher stops."""
+        pubsub = self.state.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.state.keys.notify())
+            backoff.reset()  # subscribed: the next outage starts from the shortest pause again
+            while not self._stopping:
+                # a bounded wait, so an idle subscription never hits the socket timeout
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS)
+                cluster = message.get("data") if message else None
+                if isinstance(cluster, str):
+                    self.invalidate(cluster)
+                    self._changed.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

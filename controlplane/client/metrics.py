@@ -24,18 +24,16 @@ import re
 import time
 from typing import Any, Self, cast
 
-import redis
-import redis.exceptions
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controlplane.client.core import validate_name
-from controlplane.errors import InvalidRequest
+from controlplane.errors import InvalidRequest, RedisError
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterMetrics, KernelMetricsSnapshot
-from controlplane.redis.connect import connect_sync
-from controlplane.redis.errors import map_redis_errors
+from controlplane.redis.connect import SyncRedis, connect_sync
+from controlplane.redis.errors import map_redis_errors, redis_said
 from controlplane.redis.scripts.metrics import metric_increment
 from controlplane.settings import Settings
 
@@ -58,7 +56,7 @@ class ClusterMetricsCollector:
         self,
         cluster_name: str = "default",
         *,
-        redis_client: redis.Redis | None = None,
+        redis_client: SyncRedis | None = None,
         settings: Settings | None = None,
     ) -> None:
         """`redis_client` (decode_responses=True) overrides the one built from `settings`
@@ -66,7 +64,7 @@ class ClusterMetricsCollector:
         self.cluster_name = validate_name(cluster_name)
         settings = settings or Settings()
         self._own = redis_client is None
-        self.redis: redis.Redis = redis_client or connect_sync(settings.redis_url)
+        self.redis: SyncRedis = redis_client or connect_sync(settings.redis_url)
         self._keys = keys = Keys(settings.prefix)
         self._values = keys.collector_values(self.cluster_name)
         self._kernels = keys.collector_kernels(self.cluster_name)
@@ -95,8 +93,8 @@ class ClusterMetricsCollector:
         field = self._field(kernel_name, metric_name)
         if not _is_number(amount):
             raise InvalidRequest(f"increment amount must be a finite number, got {amount!r}")
-        with map_redis_errors():
-            try:
+        try:
+            with map_redis_errors():
                 metric_increment(
                     self._keys,
                     self.cluster_name,
@@ -106,12 +104,12 @@ class ClusterMetricsCollector:
                     amount=repr(amount),
                     now_s=f"{time.time():.6f}",
                 ).run_sync(self.redis)
-            except redis.exceptions.ResponseError as exc:
-                if "NOTNUM" not in str(exc):
-                    raise
-                raise InvalidRequest(
-                    f"metric {metric_name!r} of {kernel_name!r} holds a non-numeric value"
-                ) from None
+        except RedisError as exc:
+            if not redis_said(exc, "NOTNUM"):
+                raise
+            raise InvalidRequest(
+                f"metric {metric_name!r} of {kernel_name!r} holds a non-numeric value"
+            ) from None
 
     def reset(self) -> None:
         """Forget every metric of this cluster (for every process sharing it)."""

@@ -13,13 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
 from pydantic import Field
 
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
 from controlplane.protocol.records import KernelRecord
 from controlplane.redis.channel import Channel
+from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.kernels import outlier
 
@@ -107,7 +107,7 @@ class EnqueueResult:
 
 
 async def enqueue(
-    conn: aioredis.Redis | Channel,
+    conn: AsyncRedis | Channel,
     keys: Keys,
     route: KernelRecord,
     *,
@@ -171,7 +171,7 @@ def max_ejected(cluster_size: int, share: float) -> int:
 
 
 async def report(
-    redis: aioredis.Redis, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
+    redis: AsyncRedis, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
 ) -> None:
     """Tell the shared outlier detector how an attempt went on the kernel that ran it: `ran_on`
     when the result named it (an idle sibling may have taken the job over), else

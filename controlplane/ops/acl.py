@@ -33,12 +33,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
-
 from controlplane.errors import InvalidRequest
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import NAME_PATTERN
-from controlplane.redis.connect import connect_sync
+from controlplane.redis.connect import SyncRedis, connect_sync
 from controlplane.redis.errors import map_redis_errors, where_from_url
 from controlplane.settings import Settings
 from controlplane.tls import redact_url
@@ -227,7 +225,7 @@ def command_line(user: AclUser, password: str) -> str:
     return " ".join(["ACL", "SETUSER", *args])
 
 
-def apply(client: redis.Redis, users: Sequence[AclUser], passwords: dict[str, str]) -> None:
+def apply(client: SyncRedis, users: Sequence[AclUser], passwords: dict[str, str]) -> None:
     """Create or replace the users on a live server (needs an admin connection)."""
     for user in users:
         client.execute_command("ACL", "SETUSER", *setuser_args(user, passwords[user.name]))  # type: ignore[no-untyped-call]

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-import redis
-
+from controlplane.errors import RedisUnavailable
 from controlplane.redis.connect import connect_sync
+from controlplane.redis.errors import map_redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,10 @@ class RedisServerProcess:
         with connect_sync(self.url, timeout=1.0, decode_responses=False) as r:
             while proc.poll() is None:
                 try:  # the pid check: PING alone could be answered by another server already on the port
-                    if r.ping() and r.info("server")["process_id"] == proc.pid:
-                        return
-                except (redis.ConnectionError, redis.TimeoutError):  # BusyLoadingError (AOF load) is one too
+                    with map_redis_errors():
+                        if r.ping() and r.info("server")["process_id"] == proc.pid:
+                            return
+                except RedisUnavailable:  # not listening yet, or loading its AOF
                     pass
                 if time.monotonic() >= deadline:
                     self.kill()

@@ -26,6 +26,12 @@ MAX_BLOCK_SECONDS = 5
 BLOCK_GRACE_SECONDS = 5.0
 
 
+#: The client types the rest of kcp names (from here, never from redis-py: only this layer
+#: imports it, so an upgrade of redis-py is this layer's business).
+AsyncRedis = aioredis.Redis
+SyncRedis = redis.Redis
+AsyncPipeline = Pipeline
+
 #: The Redis protocol version every kcp connection speaks.
 RESP = 2
 

@@ -195,6 +195,19 @@ def _script_name(sha: str) -> str:
     return names_by_sha().get(sha, sha[:12])
 
 
+def redis_said(exc: RedisError, text: str) -> bool:
+    """Whether Redis's own error reply (kept as the cause of the kcp error) contains `text`,
+    e.g. NOGROUP: for the few replies a loop answers by itself rather than by retrying."""
+    return text.lower() in f"{exc.__cause__ or ''} {exc}".lower()
+
+
+def error_reply(reply: object) -> bool:
+    """Whether a reply handed back as a value (`Channel.execute_many`, a pipeline run with
+    `raise_on_error=False`) is the server's error answer (an ACL denial, a key of
+    another type, ...) rather than a value or a failed link."""
+    return isinstance(reply, rex.ResponseError)
+
+
 @contextlib.contextmanager
 def map_redis_errors(where: Where | None = None) -> Iterator[None]:
     """Raise redis-py exceptions from inside the block as kcp's (`translate`); `where` says

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from controlplane.errors import RedisError, RedisUnavailable
+from controlplane.lifecycle import Service
 from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import AsyncRedis
+from controlplane.redis.retry import best_effort, periodically
 from controlplane.redis.state import State
 from controlplane.service.leader import LeaderLease
 from controlplane.service.reconciler import Reconciler
@@ -19,10 +19,13 @@ from controlplane.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-class ControlPlane:
+class ControlPlane(Service):
     """`kcp serve`. Several may run; the one holding the lease reconciles, the others wait."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    what = "control plane"
+
+    def __init__(self, redis: AsyncRedis, settings: Settings) -> None:
+        super().__init__()
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix)
@@ -30,35 +33,36 @@ class ControlPlane:
         self.reconciler = Reconciler(State(redis, self.keys), settings, self.lease)
         self._stop = asyncio.Event()
 
-    def stop(self) -> None:
+    def _on_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                if await self.lease.acquire():
-                    await self.reconciler.reconcile_all()
-                    # wake when the next agent lease would lapse, so a death is seen at once
-                    pause = min(self.settings.reconcile_interval, self.reconciler.detector.next_check_in())
-                    await self._wait(pause, wake=True)
-                else:
-                    await self._wait(self.settings.leader_ttl / 3, wake=False)
-                backoff = 0.1
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                logger.warning("control plane lost Redis (%s); retrying in %.1fs", exc, backoff)
-                self.reconciler.detector.grace()  # leases could not be renewed meanwhile either
-                await self._wait(backoff, wake=False)
-                backoff = min(backoff * 2, 2.0)
-            except redis.exceptions.ResponseError as exc:
-                # a key of the wrong type, or a command the ACL refuses: say so, never exit
-                logger.error("control plane: Redis refused a command (%s); retrying in %.1fs", exc, backoff)
-                await self._wait(backoff, wake=False)
-                backoff = min(backoff * 2, 2.0)
-        with contextlib.suppress(redis.exceptions.RedisError):
+    async def _loop(self) -> None:
+        await periodically(
+            self._pass,
+            what=self.what,
+            log=logger,
+            running=lambda: not self._stop.is_set(),
+            pause=lambda seconds: self._wait(seconds, wake=False),
+            on_error=self._lost,
+        )
+        async with best_effort():
             if self.lease.leading:
                 await self.lease.release()
         logger.info("control plane stopped")
+
+    async def _pass(self) -> None:
+        """Lead and reconcile, or stand by; then wait for the next pass."""
+        if await self.lease.acquire():
+            await self.reconciler.reconcile_all()
+            # wake when the next agent lease would lapse, so a death is seen at once
+            pause = min(self.settings.reconcile_interval, self.reconciler.detector.next_check_in())
+            await self._wait(pause, wake=True)
+        else:
+            await self._wait(self.settings.leader_ttl / 3, wake=False)
+
+    def _lost(self, exc: RedisError) -> None:
+        if isinstance(exc, RedisUnavailable):  # leases could not be renewed meanwhile either
+            self.reconciler.detector.grace()
 
     async def _wait(self, seconds: float, *, wake: bool) -> None:
         """Sleep up to `seconds`; a leader also wakes on `service:wake` pushes, or on stop."""
@@ -77,5 +81,5 @@ class ControlPlane:
         if wake and any(isinstance(r, list | tuple) for r in results):
             await self.redis.delete(self.keys.service_wake())  # coalesce a burst of wake-ups
         for r in results:
-            if isinstance(r, redis.exceptions.RedisError):
+            if isinstance(r, Exception):  # the pop's Redis error, for the caller's error mapping
                 raise r

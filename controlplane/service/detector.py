@@ -21,12 +21,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
-
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.protocol.records import AgentRecord, KernelRecord
+from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.state import State, now_ms
 from controlplane.settings import Settings
 
@@ -50,7 +49,7 @@ class FailureDetector:
     """Reads the leases; remembers which agents it already reported, so each death counts once."""
 
     def __init__(self, state: State, settings: Settings) -> None:
-        self.redis: aioredis.Redis = state.redis
+        self.redis: AsyncRedis = state.redis
         self.keys: Keys = state.keys
         self.state = state
         self.ttl_ms = int(settings.lease_ttl * 1000)

@@ -16,13 +16,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.client import Pipeline
-
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import AsyncPipeline, AsyncRedis
 from controlplane.redis.scripts.kernels import leader
+from controlplane.redis.transaction import Conflict, watch_conflicts
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +29,7 @@ class NotLeader(Exception):
     """Internal: this instance no longer holds the leader lease; the pass stops here."""
 
 
-def begin_writes(pipe: Pipeline) -> None:
+def begin_writes(pipe: AsyncPipeline) -> None:
     """Switch a `fenced(..., multi=False)` pipeline from reading to queueing writes (MULTI)."""
     pipe.multi()  # type: ignore[no-untyped-call]
 
@@ -39,7 +37,7 @@ def begin_writes(pipe: Pipeline) -> None:
 class LeaderLease:
     """Take, renew and release `{prefix}leader`. Renew well within the TTL."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl: float, *, token: str | None = None) -> None:
+    def __init__(self, redis: AsyncRedis, keys: Keys, ttl: float, *, token: str | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl = ttl
@@ -64,14 +62,14 @@ class LeaderLease:
         self.leading = False
 
     @contextlib.asynccontextmanager
-    async def fenced(self, *watch: str, multi: bool = True) -> AsyncIterator[Pipeline]:
+    async def fenced(self, *watch: str, multi: bool = True) -> AsyncIterator[AsyncPipeline]:
         """A transaction that commits only while we still lead.
 
         Yields a pipeline that WATCHes the lease (and the `watch` keys) in MULTI mode: the caller
         queues its writes and awaits `pipe.execute()`. With `multi=False` the pipeline is still in
         immediate mode, so the caller can read the watched keys first, then `begin_writes(pipe)`.
         Raises `NotLeader` when the lease is not ours, or stopped being ours before EXEC (nothing
-        is written then); `WatchError` when only a watched key changed."""
+        is written then); `Conflict` when only a watched key changed."""
         if not self.leading:
             raise NotLeader("not leading")
         if time.monotonic() - self._renewed_at > self.ttl / 3 and not await self.acquire():
@@ -85,8 +83,9 @@ class LeaderLease:
             if multi:
                 begin_writes(pipe)
             try:
-                yield pipe
-            except redis.exceptions.WatchError:
+                async with watch_conflicts():
+                    yield pipe
+            except Conflict:
                 holder = await self.redis.get(key)
                 if holder == self.token:  # only a watched record changed: the caller's decision is stale
                     raise

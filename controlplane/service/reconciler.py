@@ -13,8 +13,6 @@ import logging
 import time
 from collections import Counter
 
-import redis.exceptions
-
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
@@ -22,6 +20,7 @@ from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, Ke
 from controlplane.protocol.records import ClusterRecord, JobRecord, KernelRecord
 from controlplane.redis.scripts.kernels import rebind
 from controlplane.redis.state import State, now_ms
+from controlplane.redis.transaction import Conflict
 from controlplane.service.autoscaler import Autoscaler
 from controlplane.service.detector import FailureDetector, Fleet
 from controlplane.service.leader import LeaderLease, NotLeader, begin_writes
@@ -230,7 +229,7 @@ class Reconciler:
             return
         key = self.keys.cluster(cluster.name)
         # WATCHed and re-read: a destroy (status `stopped`) that lands during the pass must win
-        with contextlib.suppress(redis.exceptions.WatchError):
+        with contextlib.suppress(Conflict):
             async with self.lease.fenced(key, multi=False) as pipe:
                 if await pipe.hget(key, ClusterRecord.STATUS) in (None, ClusterStatus.STOPPED.value):
                     return
@@ -322,7 +321,7 @@ class Reconciler:
             if agent.name in fleet.alive or fleet.assigned[agent.name] > 0:
                 continue
             # WATCH the lease: an agent that came back meanwhile is not forgotten
-            with contextlib.suppress(redis.exceptions.WatchError):
+            with contextlib.suppress(Conflict):
                 await self._forget(agent.name)
 
     async def _forget(self, agent: str) -> None:

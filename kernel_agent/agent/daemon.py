@@ -20,10 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
-import redis.exceptions
 from pydantic import BaseModel, Field
 
+from controlplane.errors import PermissionDenied, RedisError, RedisUnavailable
+from controlplane.lifecycle import Service
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import Capability, Name
 from controlplane.protocol.records import (
@@ -34,6 +34,9 @@ from controlplane.protocol.records import (
     parse_counters,
 )
 from controlplane.protocol.stats import DISPATCHES, ERRORS, LATENCY_MS_SUM
+from controlplane.redis.connect import AsyncRedis
+from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.retry import best_effort, periodically
 from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
@@ -83,8 +86,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class Agent:
-    def __init__(self, redis: aioredis.Redis, settings: Settings, config: AgentConfig) -> None:
+class Agent(Service):
+    """The daemon's main loop. `run()` until `request_stop()`, which drains and deregisters."""
+
+    def __init__(self, redis: AsyncRedis, settings: Settings, config: AgentConfig) -> None:
+        super().__init__()
+        self.what = f"agent {config.name}"
+        self.stop_grace = config.drain_timeout + 5  # its kernels' drain, then the deregistration
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix)
@@ -95,6 +103,7 @@ class Agent:
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()
         self._stop = asyncio.Event()
+        self._registered = False  # in Redis, as far as we know: False again after an outage
         self._live: list[tuple[str, str, int]] = []  # read by the heartbeat thread; replaced, never mutated
         self.heartbeat = Heartbeat(
             redis_url=settings.redis_url,
@@ -106,46 +115,47 @@ class Agent:
             stall_after=max(10.0, 4 * settings.lease_ttl),
         )
 
-    def stop(self) -> None:
+    def _on_stop(self) -> None:
         """Begin a clean shutdown: drain every kernel, then deregister."""
         self._stop.set()
 
     # ------------------------------------------------------------ lifecycle
-    async def run(self) -> None:
-        name = self.config.name
-        backoff = 0.1
-        registered = False
-        while not self._stop.is_set():
-            try:
-                if not registered:
-                    await self._register()
-                    registered = True
-                    self.heartbeat.start()
-                    logger.info(
-                        "agent %s registered: %d slots, capabilities %s",
-                        name,
-                        self.config.slots,
-                        self.capabilities or "-",
-                    )
-                await self._tick()
-                self.heartbeat.touch()
-                backoff = 0.1
-                popped = await self._wait_wake()
-                if popped:
-                    logger.debug("agent %s woken", name)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                logger.warning("agent %s lost Redis (%s); retrying in %.1fs", name, exc, backoff)
-                registered = False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                backoff = min(backoff * 2, 2.0)
-            except redis.exceptions.ResponseError as exc:
-                # a key of the wrong type, or a command the ACL refuses: say so, never crash
-                logger.error("agent %s: Redis refused a command (%s); retrying in %.1fs", name, exc, backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                backoff = min(backoff * 2, 2.0)
+    async def _loop(self) -> None:
+        await periodically(
+            self._step,
+            what=self.what,
+            log=logger,
+            running=lambda: not self._stop.is_set(),
+            pause=self._pause,
+            on_error=self._lost,
+        )
         await self._shutdown()
+
+    async def _step(self) -> None:
+        """Register (again, after an outage), converge, then wait for a wake-up or a heartbeat."""
+        name = self.config.name
+        if not self._registered:
+            await self._register()
+            self._registered = True
+            self.heartbeat.start()
+            logger.info(
+                "agent %s registered: %d slots, capabilities %s",
+                name,
+                self.config.slots,
+                self.capabilities or "-",
+            )
+        await self._tick()
+        self.heartbeat.touch()
+        if await self._wait_wake():
+            logger.debug("agent %s woken", name)
+
+    def _lost(self, exc: RedisError) -> None:
+        if isinstance(exc, RedisUnavailable):  # our record may be gone when Redis is back
+            self._registered = False
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     def _publish_live(self) -> None:
         self._live = [
@@ -331,7 +341,7 @@ class Agent:
         name = self.config.name
         self._publish_live()
         self.heartbeat.stall_after = float("inf")  # draining may take a while: stay alive meanwhile
-        with contextlib.suppress(redis.exceptions.RedisError):
+        async with best_effort():
             await self.redis.hset(self.keys.agent(name), mapping=AgentRecord.fields(draining=True))
             await self.redis.lpush(self.keys.service_wake(), f"agent {name}")
         procs = [c.proc for c in self.children.values() if c.running and c.proc is not None]
@@ -350,18 +360,18 @@ class Agent:
                 await task
         await asyncio.to_thread(self.heartbeat.stop)
         k = self.keys
-        with contextlib.suppress(redis.exceptions.RedisError):
+        async with best_effort():
             async with self.redis.pipeline(transaction=True) as pipe:
                 # the assignment hash stays: the control plane owns it and clears it
                 pipe.delete(k.agent_lease(name), k.agent_wake(name))
                 pipe.hdel(k.heartbeats(), name)
                 await pipe.execute()
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
+                async with amap_redis_errors(), self.redis.pipeline(transaction=True) as pipe:
                     pipe.srem(k.agents(), name)
                     pipe.delete(k.agent(name))
                     await pipe.execute()
-            except redis.exceptions.ResponseError:
+            except PermissionDenied:
                 # The per-agent ACL (docs/security.md) lets an agent join the agent set but not
                 # remove names from it (it could evict another agent): the record stays, and the
                 # leader forgets us now that the lease is gone.

@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable
 
 import psutil
-import redis.asyncio as aioredis
-import redis.exceptions
 
+from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.protocol.keys import Keys
-from controlplane.redis.connect import connect
+from controlplane.redis.connect import AsyncRedis, connect
+from controlplane.redis.retry import periodically
 
 logger = logging.getLogger(__name__)
 
@@ -91,40 +91,37 @@ class Heartbeat:
 
     async def _loop(self) -> None:
         client = connect(self.redis_url, max_connections=2)
-        backoff = 0.1
+
+        async def lost(exc: RedisError) -> None:
+            if isinstance(exc, RedisUnavailable):
+                with contextlib.suppress(Exception):
+                    await client.connection_pool.disconnect()  # drop a half-read connection
+
         try:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                stalled = started - self._progress > self.stall_after
-                try:
-                    if stalled:
-                        logger.error(
-                            "agent %s main loop stalled for %.1fs; not renewing the lease",
-                            self.agent,
-                            started - self._progress,
-                        )
-                    else:
-                        await self._beat(client)
-                    backoff = 0.1
-                    pause = self.interval - (time.monotonic() - started)
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
-                    logger.warning(
-                        "heartbeat of %s lost Redis (%r); retrying in %.1fs", self.agent, exc, backoff
-                    )
-                    with contextlib.suppress(Exception):
-                        await client.connection_pool.disconnect()  # drop a half-read connection
-                    pause = backoff
-                    backoff = min(backoff * 2, 2.0)
-                except redis.exceptions.RedisError as exc:  # e.g. READONLY during a failover
-                    logger.warning("heartbeat of %s failed: %s", self.agent, exc)
-                    pause = backoff
-                    backoff = min(backoff * 2, 2.0)
-                await asyncio.to_thread(self._stop.wait, max(pause, 0.0))
+            await periodically(
+                lambda: self._renew(client),
+                what=f"heartbeat of {self.agent}",
+                log=logger,
+                running=lambda: not self._stop.is_set(),
+                every=self.interval,
+                pause=lambda seconds: asyncio.to_thread(self._stop.wait, seconds),
+                on_error=lost,
+            )
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
 
-    async def _beat(self, client: aioredis.Redis) -> None:
+    async def _renew(self, client: AsyncRedis) -> None:
+        stalled = time.monotonic() - self._progress
+        if stalled > self.stall_after:
+            logger.error("agent %s main loop stalled for %.1fs; not renewing the lease", self.agent, stalled)
+            return
+        try:
+            await self._beat(client)
+        except TimeoutError:
+            raise RedisUnavailable("heartbeat round trip overdue") from None
+
+    async def _beat(self, client: AsyncRedis) -> None:
         now_ms = int(time.time() * 1000)
         k = self.keys
         async with client.pipeline(transaction=False) as pipe:

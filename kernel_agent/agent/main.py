@@ -63,7 +63,7 @@ async def _run(settings: Settings, config: AgentConfig) -> int:
     agent = Agent(redis, settings, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
+        loop.add_signal_handler(sig, agent.request_stop)
     try:
         await agent.run()
     finally:

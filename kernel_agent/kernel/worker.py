@@ -21,15 +21,16 @@ import socket
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from controlplane.errors import RedisError, RedisUnavailable
+from controlplane.lifecycle import Service
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.redis.channel import Channel, Command
-from controlplane.redis.connect import BLOCK_GRACE_SECONDS
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, AsyncRedis
+from controlplane.redis.errors import amap_redis_errors, error_reply
+from controlplane.redis.retry import retry
 from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.call import Call, preloading
 from controlplane.redis.scripts.kernels import NotStarted, Stop, kernel_start, kernel_stop, rebind
@@ -58,12 +59,12 @@ STEAL_CANDIDATES = 16
 _STEALABLE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
 
 
-class KernelProcess:
-    """The run loop of one kernel incarnation."""
+class KernelProcess(Service):
+    """The run loop of one kernel incarnation. `run()`; `drain()` (SIGTERM) ends it cleanly."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AsyncRedis,
         keys: Keys,
         *,
         cluster: str,
@@ -72,6 +73,8 @@ class KernelProcess:
         registry: SyscallRegistry,
         concurrency: int = 1,
     ) -> None:
+        super().__init__()
+        self.what = f"kernel {cluster}/{name}"
         self.redis = redis
         self.keys = keys
         self.state = State(redis, keys)
@@ -96,6 +99,9 @@ class KernelProcess:
 
     def drain(self) -> None:
         """Stop taking new work; `run` returns once everything in flight is finished."""
+        self.request_stop()
+
+    def _on_stop(self) -> None:
         self._draining.set()
         for channel in self._popping:  # end their long blocking pops now (see `_work`)
             asyncio.get_running_loop().create_task(channel.reset("kernel draining"))
@@ -142,25 +148,23 @@ class KernelProcess:
             moved += max(await call.run(self.redis), 0)
         return moved
 
-    async def run(self) -> None:
+    async def _loop(self) -> None:
         """Serve until drained (SIGTERM) or unassigned. Reconnects after Redis outages."""
-        backoff = 0.1
         outage = False
-        while True:
-            try:
-                if not self.epoch and not await self.start():
-                    return
-                if outage:
-                    await self._recover()
-                await self._serve()
+
+        def lost(exc: RedisError) -> None:
+            nonlocal outage
+            outage = True
+
+        async def serve() -> None:
+            if not self.epoch and not await self.start():
                 return
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                logger.warning(
-                    "kernel %s/%s lost Redis (%s); retrying in %.1fs", self.cluster, self.name, exc, backoff
-                )
-                outage = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+            if outage:
+                await self._recover()
+            await self._serve()
+
+        # an error that needs a person ends the process: its agent restarts it with a back-off
+        await retry(serve, what=self.what, log=logger, on_error=lost, transient_only=True)
 
     async def _recover(self) -> None:
         """After an outage, with no worker running: deliver the results the outage held up
@@ -242,9 +246,9 @@ class KernelProcess:
         `_try_stop` puts it back."""
         self._popping.add(channel)
         try:
-            async with asyncio.timeout(block + BLOCK_GRACE_SECONDS):
+            async with asyncio.timeout(block + BLOCK_GRACE_SECONDS), amap_redis_errors():
                 popped = await pop
-        except redis.exceptions.ConnectionError:
+        except RedisUnavailable:  # the connection dropped (a drain resets it, see `drain`)
             _forget(claim)
             if not self._draining.is_set():
                 raise
@@ -252,10 +256,10 @@ class KernelProcess:
         except TimeoutError:  # the server never answered a bounded pop: the link is dead
             _forget(claim)
             await channel.reset("blocking pop overdue")
-            raise redis.exceptions.TimeoutError("BZPOPMIN overdue") from None
+            raise RedisUnavailable("BZPOPMIN overdue") from None
         finally:
             self._popping.discard(channel)
-        if isinstance(popped, redis.exceptions.ResponseError):
+        if error_reply(popped):
             # the wake key holds something else (claim.lua replaces it): no tight loop meanwhile
             logger.warning("kernel %s/%s: blocking pop failed: %s", self.cluster, self.name, popped)
             await asyncio.sleep(DRAIN_BLOCK)

@@ -20,14 +20,13 @@ import json
 from typing import Any
 
 import pydantic
-import redis
 
 from controlplane.bus.codec import check_name, check_topic
 from controlplane.bus.core import InterKernelBus
 from controlplane.errors import InvalidRequest, KcpError
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage
-from controlplane.redis.connect import connect_sync
+from controlplane.redis.connect import SyncRedis, connect_sync
 from controlplane.redis.errors import map_redis_errors, where_from_url
 
 
@@ -66,7 +65,7 @@ def _line(entry_id: str, fields: dict[str, str], as_json: bool) -> str:
     return f"{head}  {fields.get('payload', '')}"
 
 
-def _tail(args: argparse.Namespace, client: redis.Redis, keys: Keys) -> int:
+def _tail(args: argparse.Namespace, client: SyncRedis, keys: Keys) -> int:
     stream = _stream_key(keys, args.stream)
     last_id = "$"
     if args.last > 0:

@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
         plane = ControlPlane(redis, args.settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, plane.stop)
+            loop.add_signal_handler(sig, plane.request_stop)
         try:
             async with serve_metrics(
                 redis,

@@ -13,12 +13,12 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controlplane.bus.stats import read_stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusTopic
+from controlplane.redis.connect import SyncRedis
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ def _int(value: Any) -> int:
         return 0
 
 
-def _published_and_delivered(
-    client: redis.Redis, keys: Keys, kernels: list[str]
-) -> tuple[dict[str, int], ...]:
+def _published_and_delivered(client: SyncRedis, keys: Keys, kernels: list[str]) -> tuple[dict[str, int], ...]:
     topics = [t.value for t in BusTopic]
     streams = [(t, keys.bus_topic(t)) for t in topics] + [(INBOX, keys.bus_inbox(k)) for k in kernels]
     pipe = client.pipeline(transaction=False)
@@ -52,7 +50,7 @@ def _published_and_delivered(
     return published, delivered
 
 
-def bus_families(client: redis.Redis, keys: Keys) -> Iterable[Metric]:
+def bus_families(client: SyncRedis, keys: Keys) -> Iterable[Metric]:
     """Every bus family; raises redis errors (the caller logs them and leaves the bus out)."""
     stats = read_stats(client, keys)
     published, delivered = _published_and_delivered(client, keys, list(stats.get("kernels", [])))

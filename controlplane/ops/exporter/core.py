@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from importlib import metadata
 from wsgiref.simple_server import WSGIServer
 
-import redis
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,7 +37,7 @@ from controlplane.ops.exporter.bus import bus_families
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterStatus, KernelState, RoutingStrategy
-from controlplane.redis.connect import connect_sync
+from controlplane.redis.connect import AsyncRedis, SyncRedis, connect_sync
 from controlplane.redis.errors import amap_redis_errors, map_redis_errors
 from controlplane.redis.snapshot import ClusterView, KernelView, Snapshot, read_snapshot
 from controlplane.redis.state import State
@@ -333,13 +331,13 @@ def registry_for(collector: KcpCollector) -> CollectorRegistry:
     return registry
 
 
-def _bus_reader(client: redis.Redis | None, keys: Keys) -> Callable[[], Iterable[Metric]] | None:
+def _bus_reader(client: SyncRedis | None, keys: Keys) -> Callable[[], Iterable[Metric]] | None:
     if client is None:
         return None
     return lambda: bus_families(client, keys)
 
 
-def _sync_client(settings: Settings) -> redis.Redis | None:
+def _sync_client(settings: Settings) -> SyncRedis | None:
     """A blocking client for the bus statistics (read on the scrape thread); None if the URL
     scheme has no blocking client here (e.g. redis+sentinel://): the bus is left out."""
     try:
@@ -350,7 +348,7 @@ def _sync_client(settings: Settings) -> redis.Redis | None:
 
 
 async def exposition(
-    redis_client: aioredis.Redis, settings: Settings, *, bus_client: redis.Redis | None = None
+    redis_client: AsyncRedis, settings: Settings, *, bus_client: SyncRedis | None = None
 ) -> str:
     """The text `/metrics` would serve right now (for tests and one-off checks); the bus
     families only with `bus_client` (a blocking client on the same Redis)."""
@@ -373,7 +371,7 @@ async def exposition(
 
 @contextlib.asynccontextmanager
 async def serve_metrics(
-    redis_client: aioredis.Redis,
+    redis_client: AsyncRedis,
     settings: Settings,
     *,
     port: int | None,
