@@ -52,7 +52,7 @@ from controlplane import ClusterConfig, KcpClient, OrchestrationConfig, Orchestr
 from controlplane.errors import DispatchError
 from controlplane.ops.redis_server import start_redis_server
 from controlplane.protocol.keys import Keys
-from kernel_agent.kernel.worker import SIBLINGS_TTL
+from kernel_agent.kernel.siblings import SIBLINGS_TTL
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = 8

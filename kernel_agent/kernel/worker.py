@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 from typing import Any
@@ -26,7 +25,6 @@ from controlplane.lifecycle import Service
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_result
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import KernelState
 from controlplane.redis.channel import Channel, Command
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors, error_reply
@@ -35,6 +33,7 @@ from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.call import Call, preloading
 from controlplane.redis.scripts.kernels import NotStarted, Stop, kernel_start, kernel_stop, rebind
 from controlplane.redis.state import State
+from kernel_agent.kernel.siblings import Siblings
 from kernel_agent.syscalls import (
     KernelMemory,
     SyscallContext,
@@ -51,12 +50,6 @@ IDLE_BLOCK = 5.0
 DRAIN_BLOCK = 0.2
 #: A finished job's id and its finish.lua call.
 Finish = tuple[str, Call[bool]]
-#: How long the list of siblings to take work from is trusted; refreshed while working, seconds.
-SIBLINGS_TTL = 2.0
-#: Siblings whose queues one claim looks at, at most (a random sample of larger clusters).
-STEAL_CANDIDATES = 16
-#: States of a sibling whose queued jobs may be taken over (a draining one's too: it helps).
-_STEALABLE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
 
 
 class KernelProcess(Service):
@@ -93,9 +86,9 @@ class KernelProcess(Service):
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
-        self._siblings: list[tuple[str, int]] = []  # (name, epoch) of kernels we may take work from
-        self._siblings_at = float("-inf")
-        self._refreshing: asyncio.Task[None] | None = None
+        self.siblings = Siblings(
+            self.state, cluster=cluster, name=name, registry=registry, wake_key=self.wake_key
+        )
 
     def drain(self) -> None:
         """Stop taking new work; `run` returns once everything in flight is finished."""
@@ -188,9 +181,7 @@ class KernelProcess(Service):
         finally:
             for channel in channels:
                 await channel.aclose()
-            if self._refreshing is not None:
-                self._refreshing.cancel()
-                await asyncio.gather(self._refreshing, return_exceptions=True)
+            await self.siblings.aclose()
 
     async def _work(self, channel: Channel) -> None:
         """One worker: claim, execute, deliver, on a connection of its own.
@@ -272,54 +263,8 @@ class KernelProcess(Service):
         """claim.lua; unless draining, with the siblings whose queues it counts and may take
         from (re-read `after_job` when stale). `now` is left to the Redis clock: a claim
         written behind a blocking pop runs when the pop returns."""
-        siblings: list[tuple[str, int]] | None = None
-        if not self._draining.is_set():
-            if after_job:
-                self._keep_siblings_fresh()
-            if self._siblings:
-                siblings = self._siblings
-                if len(siblings) > STEAL_CANDIDATES:
-                    siblings = random.sample(siblings, STEAL_CANDIDATES)
+        siblings = None if self._draining.is_set() else self.siblings.for_claim(refresh=after_job)
         return jobs.claim(self.keys, self.cluster, self.name, epoch=self.epoch, siblings=siblings)
-
-    def _keep_siblings_fresh(self) -> None:
-        """Re-read the siblings in the background when the list is older than `SIBLINGS_TTL`
-        (called with the claim after a job: only a kernel that works reads them; an idle
-        kernel's periodic claim uses the list it has)."""
-        stale = time.monotonic() - self._siblings_at > SIBLINGS_TTL
-        if stale and (self._refreshing is None or self._refreshing.done()):
-            self._siblings_at = time.monotonic()
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_siblings())
-
-    async def _refresh_siblings(self) -> None:
-        """The cluster's other kernels that take or hold work and whose every syscall and
-        capability we have too (so we can run whatever was routed to them), with the epoch
-        claim.lua checks: a replaced incarnation may run other handlers. None when the
-        cluster's config turns `work_stealing` off."""
-        try:
-            cluster = await self.state.get_cluster(self.cluster)
-            stealing = cluster is not None and cluster.config.work_stealing
-            records = await self.state.kernels(self.cluster) if stealing else []
-        except Exception as exc:  # stealing is an optimisation: never let it stop the kernel
-            logger.warning("kernel %s/%s: could not read its siblings: %s", self.cluster, self.name, exc)
-            return
-        syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
-        siblings = sorted(  # sorted: the kernel set comes in no particular order
-            (k.name, k.epoch)
-            for k in records
-            if k.name != self.name
-            and k.state in _STEALABLE_STATES
-            and set(k.syscalls.split()) <= syscalls
-            and set(k.capabilities.split()) <= capabilities
-        )
-        changed, self._siblings = siblings != self._siblings, siblings
-        if changed:
-            # a blocked worker's claim went out with the old list: wake it, so that the claim
-            # it writes next carries this one (else it could wait up to IDLE_BLOCK to see it)
-            try:
-                await self.redis.zadd(self.wake_key, {"w": 0})
-            except Exception as exc:
-                logger.warning("kernel %s/%s: could not wake itself: %s", self.cluster, self.name, exc)
 
     async def _try_stop(self) -> bool:
         """Mark ourselves draining, and stopped once nothing is in flight."""

@@ -18,7 +18,8 @@ from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, Ro
 from controlplane.errors import DispatchTimeout, KernelError, NoKernelAvailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
-from kernel_agent.kernel.worker import IDLE_BLOCK, SIBLINGS_TTL
+from kernel_agent.kernel.siblings import SIBLINGS_TTL
+from kernel_agent.kernel.worker import IDLE_BLOCK
 from tests.conftest import ProcessStack
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
