@@ -77,6 +77,8 @@ _SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL
 #: Commands whose every argument is a key; the blocking pops end with a timeout.
 _ALL_KEYS = frozenset({"DEL", "UNLINK", "EXISTS", "MGET", "TOUCH", "WATCH", "SINTER", "SUNION", "SDIFF"})
 _BLOCKING_POPS = frozenset({"BLPOP", "BRPOP", "BZPOPMIN", "BZPOPMAX"})
+#: Commands whose keys follow a count: (position of the count, e.g. BLMPOP timeout numkeys key ...).
+_COUNTED_KEYS = {"LMPOP": 1, "ZMPOP": 1, "BLMPOP": 2, "BZMPOP": 2, "SINTERCARD": 1, "ZUNION": 1, "ZINTER": 1}
 #: Commands named with their subcommand, as ACL rules name them (`+config|get`).
 _CONTAINERS = frozenset(
     {"ACL", "CLIENT", "CONFIG", "FUNCTION", "MEMORY", "OBJECT", "SCRIPT", "XGROUP", "XINFO"}
@@ -169,6 +171,13 @@ def _what(command: tuple[str, ...], text: str) -> str:
         keys = command[1:]
     elif name in _BLOCKING_POPS:
         keys = command[1:-1]
+    elif (
+        name in _COUNTED_KEYS
+        and len(command) > _COUNTED_KEYS[name]
+        and command[_COUNTED_KEYS[name]].isdigit()
+    ):
+        at = _COUNTED_KEYS[name]
+        keys = command[at + 1 : at + 1 + int(command[at])]
     else:
         keys = command[1:2]
     return f"{name}{_keys(keys)}"

@@ -117,6 +117,9 @@ def test_the_message_names_the_command_its_keys_and_the_script() -> None:
         "permission denied for user u at redis://u:***@h:1/0: HSET on key kcp:agent:a2: "
         "this user has no permissions to access one of the keys used as arguments"
     )
+    pop = rex.NoPermissionError("this user has no permissions to access one of the keys used as arguments")
+    annotate(pop, where, ("BLMPOP", 5, 1, "kcp:reply:c1", "LEFT", "COUNT", 100))  # the client's reply pop
+    assert ": BLMPOP on key kcp:reply:c1: " in str(translate(pop))
     script = rex.NoPermissionError("this user has no permissions to access one of the keys used as arguments")
     annotate(script, where, ("EVALSHA", CLAIM_SHA, 2, "k1", "k2", "arg"))
     assert ": script claim (EVALSHA) on keys k1, k2: " in str(translate(script))
