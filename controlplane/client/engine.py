@@ -146,13 +146,13 @@ class OrchestrationEngine:
             return (self._inflight.get(picks[i].name, 0) + 1) * est / max(1 - errors, 0.05) ** 2
 
         order = sorted(range(len(picks)), key=local_score)
-        seen = [s if s is not None and s.outcomes else None for s in stats]
+        rates = [s.error_rate if s is not None and s.outcomes else -1.0 for s in stats]  # -1: none yet
         return Plan(
             pool[0].cluster,
             tuple(picks[i] for i in order),
             "p2c",
             service_ms=tuple(service[i] for i in order),
-            error_rate=tuple(-1.0 if (s := seen[i]) is None else s.error_rate for i in order),
+            error_rate=tuple(rates[i] for i in order),
             tie=self._rng.randrange(2),
             load_expiry_ms=round(self.config.load_expiry_s * 1000),
             outlier=outlier,
