@@ -14,11 +14,10 @@ from typing import Any, Self
 
 import pydantic
 
-from controlplane.client.dispatch import ClusterViews, Dispatcher
+from controlplane.client.dispatch import ClusterViews, Dispatcher, DispatchTarget
 from controlplane.client.engine import OrchestrationEngine
 from controlplane.errors import ClusterNotFound, InvalidRequest
 from controlplane.lifecycle import LifecycleError, Phase
-from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import (
     ACTIVE_KERNEL_STATES,
@@ -26,7 +25,6 @@ from controlplane.protocol.models import (
     ClusterConfig,
     ClusterMetrics,
     ClusterStatus,
-    KernelLoad,
     KernelState,
     OrchestrationConfig,
     RoutingStrategy,
@@ -232,23 +230,18 @@ class KcpClient:
             RoutingStrategy.LEAST_LOADED,
             RoutingStrategy.CAPABILITY_BASED,
         )
-
-        async def candidates(wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
-            return await self.views.get(cluster, wait=wait, with_loads=with_loads)
-
         tried: list[str] = []  # the kernel of every attempt, for the retries/failovers counters
-        strategy = PINNED if kernel is not None else engine.config.strategy.value
-
-        async def submit(record: KernelRecord, wait_s: float) -> Outcome:
-            try:
-                return await self.dispatcher.submit(record, req, wait_s, strategy=strategy)
-            except Exception:
-                self.views.invalidate(cluster)
-                raise
-
+        target = DispatchTarget(
+            cluster,
+            req,
+            views=self.views,
+            dispatcher=self.dispatcher,
+            strategy=PINNED if kernel is not None else engine.config.strategy.value,
+            with_loads=with_loads,
+        )
         try:
             async with amap_redis_errors():
-                outcome = await engine.execute(candidates, submit, req, kernel=kernel, attempts=tried)
+                outcome = await engine.execute(target, req, kernel=kernel, attempts=tried)
         finally:
             if len(tried) > 1:
                 retries, failovers = len(tried) - 1, len(set(tried)) - 1

@@ -76,20 +76,19 @@ class Dispatcher:
         await self.channel.aclose()
 
     async def submit(
-        self, kernel: KernelRecord, request: SyscallRequest, wait_s: float, *, strategy: str
-    ) -> Outcome:
-        """Enqueue `request` on `kernel` and wait up to `wait_s` seconds for its result.
+        self, plan: routing.Plan, request: SyscallRequest, wait_s: float, *, strategy: str
+    ) -> routing.Attempt:
+        """Enqueue `request` by `plan` and wait up to `wait_s` seconds for its result.
 
-        `strategy` is the routing strategy that picked `kernel` (the cluster counts dispatches
+        `strategy` is the routing strategy that made `plan` (the cluster counts dispatches
         by it), or `stats.PINNED` for a request that named its kernel: that job runs there, no
         idle sibling takes it over (claim.lua).
 
-        Raises `KernelBusy` when the kernel takes no work (nothing was enqueued) and
-        `DispatchTimeout` when no result came in time (the job is then cancelled, so a late
-        result is dropped by the kernel instead of delivered twice).
+        Raises `KernelBusy` when no candidate takes work (nothing was enqueued). When no result
+        came in time the attempt carries a `DispatchTimeout` (the job is then cancelled, so a
+        late result is dropped by the kernel instead of delivered twice).
         """
         job_id = uuid.uuid4().hex
-        cluster, name = kernel.cluster, kernel.name
         now = now_ms()
         payload = encode_job(
             request.model_dump(mode="json", exclude_defaults=True) | {"type": request.type},
@@ -100,11 +99,10 @@ class Dispatcher:
         fut: asyncio.Future[Outcome] = loop.create_future()
         self._waiting[job_id] = fut
         try:
-            # a `Route` lets enqueue.lua choose among candidates; `name` is then its choice
-            enqueued = await routing.enqueue(
+            placed = await routing.enqueue(
                 self.channel,
                 self.keys,
-                kernel,
+                plan,
                 job_id=job_id,
                 payload=payload,
                 reply_key=self.reply_key,
@@ -113,23 +111,24 @@ class Dispatcher:
                 ttl_ms=int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
                 strategy=strategy,
             )
-            name = enqueued.kernel
+            cluster, name = plan.cluster, placed.kernel
             # a timer, not asyncio.timeout + shield: the result wakes us one loop step sooner
             overdue = loop.call_later(wait_s, self._overdue, job_id, fut)
             try:
                 outcome = await fut
                 ok = outcome.success or outcome.error_type in routing.BAD_REQUEST_ERRORS
-                await routing.report(
-                    self.redis, self.keys, kernel, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
+                placed = await routing.report(
+                    self.redis, self.keys, plan, placed, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
                 )
-                return outcome
+                return routing.Attempt(placed, outcome)
             except _Overdue:
                 cancelled = await jobs.cancel(self.keys, cluster, name, job_id=job_id).run(self.channel)
                 if not cancelled:  # finished just now: the result is on its way, take it
                     with contextlib.suppress(TimeoutError):
-                        return await asyncio.wait_for(self._waiting[job_id], 1.0)
-                await routing.report(self.redis, self.keys, kernel, ok=False, now_ms=now_ms())
-                raise DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s") from None
+                        return routing.Attempt(placed, await asyncio.wait_for(self._waiting[job_id], 1.0))
+                placed = await routing.report(self.redis, self.keys, plan, placed, ok=False, now_ms=now_ms())
+                timeout = DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s")
+                return routing.Attempt(placed, None, timeout)
             finally:
                 overdue.cancel()
         finally:
@@ -286,3 +285,39 @@ class ClusterViews:
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class DispatchTarget:
+    """The engine's `ClusterTarget` for one `KcpClient.dispatch` call: the cluster's kernels
+    from the cached views, attempts through the dispatcher, counted under `strategy`."""
+
+    __slots__ = ("cluster", "dispatcher", "request", "strategy", "views", "with_loads")
+
+    def __init__(
+        self,
+        cluster: str,
+        request: SyscallRequest,
+        *,
+        views: ClusterViews,
+        dispatcher: Dispatcher,
+        strategy: str,
+        with_loads: bool,
+    ) -> None:
+        self.cluster, self.request = cluster, request
+        self.views, self.dispatcher = views, dispatcher
+        self.strategy, self.with_loads = strategy, with_loads
+
+    async def candidates(self, wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
+        return await self.views.get(self.cluster, wait=wait, with_loads=self.with_loads)
+
+    async def submit(self, plan: routing.Plan, wait_s: float) -> routing.Attempt:
+        """An attempt through the dispatcher; one that failed leaves the kernel list to be
+        re-read (a kernel may have stopped)."""
+        try:
+            attempt = await self.dispatcher.submit(plan, self.request, wait_s, strategy=self.strategy)
+        except Exception:
+            self.views.invalidate(self.cluster)
+            raise
+        if attempt.error is not None:
+            self.views.invalidate(self.cluster)
+        return attempt

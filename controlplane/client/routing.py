@@ -1,20 +1,22 @@
-"""The Redis side of a routing decision: `Route`, the routed enqueue, and outcome reports.
+"""The Redis side of a routing decision: the `Plan`, the routed enqueue, and outcome reports.
 
-The engine decides *which kernels are candidates*; `lua/enqueue.lua` decides *which one takes
-the job*, in the same round trip that enqueues it, from state every client shares: the
-round-robin counter, each candidate's in-flight set (queued + running jobs of every client),
-its load record and its outlier-detection record. `report` tells the shared outlier detector
-(`lua/outlier.lua`) what a client saw. See docs/routing.md.
+The engine decides *which kernels are candidates* and hands the dispatcher an immutable `Plan`;
+`lua/enqueue.lua` decides *which one takes the job*, in the same round trip that enqueues it,
+from state every client shares: the round-robin counter, each candidate's in-flight set
+(queued + running jobs of every client), its load record and its outlier-detection record.
+`enqueue` says where the job went (`Placed`); `report` tells the shared outlier detector
+(`lua/outlier.lua`) what a client saw and returns the ejection it learned. See docs/routing.md.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field
-
+from controlplane.errors import DispatchTimeout
+from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
 from controlplane.protocol.records import KernelRecord
@@ -25,13 +27,12 @@ from controlplane.redis.scripts.kernels import outlier
 
 __all__ = [
     "BAD_REQUEST_ERRORS",
-    "EnqueueResult",
+    "Attempt",
     "KernelBusy",
-    "Route",
-    "candidates_of",
+    "Placed",
+    "Plan",
     "enqueue",
     "max_ejected",
-    "ran_on",
     "report",
 ]
 
@@ -47,19 +48,20 @@ class KernelBusy(Exception):
     """Internal: no candidate took the job (draining, stopped, gone). Nothing was enqueued."""
 
 
-class Route(KernelRecord):
-    """A routing decision left to Redis: the first candidate's record plus the others.
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where one attempt may go: the candidates in the client's order of preference, and what
+    `enqueue.lua` needs to choose among them. A plan of one candidate, without outlier
+    detection, is a plain enqueue on that kernel (random, least loaded, pinned)."""
 
-    It *is* a `KernelRecord` (the first candidate), so code that passes a kernel through to
-    `Dispatcher.submit` passes a route unchanged. `enqueue` fills in the result fields.
-    """
-
+    cluster: str
+    #: never empty; the first is the client's own choice
+    candidates: tuple[KernelRecord, ...]
     mode: Mode = "first"
-    alternates: list[KernelRecord] = Field(default_factory=list)
     #: per candidate: the client's service-time estimate, ms (0: none yet)
-    service_ms: list[float] = Field(default_factory=list)
+    service_ms: tuple[float, ...] = ()
     #: per candidate: the client's failure-rate estimate (-1: none yet)
-    error_rate: list[float] = Field(default_factory=list)
+    error_rate: tuple[float, ...] = ()
     #: 0 or 1: which candidate wins a tie in `p2c`
     tie: int = 0
     load_expiry_ms: int = 3000
@@ -69,47 +71,44 @@ class Route(KernelRecord):
     cluster_size: int = 0
     #: kernels whose failure rate this client found well above their peers'
     rate_outliers: frozenset[str] = frozenset()
-    # ---- filled in by `enqueue` / `report`
-    chosen: str = ""
-    consecutive: int = 0
-    ejected: dict[str, int] = Field(default_factory=dict)
-
-    @classmethod
-    def of(cls, first: KernelRecord, **fields: object) -> Route:
-        """A route whose first candidate is `first`."""
-        # validating the fields as they are is cheaper than model_dump() or model_construct()
-        return cls.model_validate(first.__dict__ | fields)
 
     @property
-    def candidates(self) -> list[KernelRecord]:
-        return [self, *self.alternates]
+    def first(self) -> KernelRecord:
+        return self.candidates[0]
 
     @property
     def routed(self) -> bool:
         """Whether enqueue.lua chooses (several candidates, or outcomes to report)."""
-        return bool(self.alternates) or self.mode != "first" or self.outlier is not None
-
-
-def ran_on(picked: KernelRecord) -> str:
-    """The kernel an attempt went to: Redis's choice for a route, else the record itself."""
-    return picked.chosen or picked.name if isinstance(picked, Route) else picked.name
-
-
-def candidates_of(picked: KernelRecord) -> list[KernelRecord]:
-    """The kernels an attempt could have gone to."""
-    return picked.candidates if isinstance(picked, Route) else [picked]
+        return len(self.candidates) > 1 or self.mode != "first" or self.outlier is not None
 
 
 @dataclass(frozen=True, slots=True)
-class EnqueueResult:
+class Placed:
+    """Where `enqueue` put a job, and what Redis said of the candidates on the way."""
+
     kernel: str
+    #: jobs in flight on `kernel`, this one included
     inflight: int
+    #: consecutive failures of `kernel` (routed plans; else 0)
+    consecutive: int = 0
+    #: candidates (or, after `report`, the kernel itself) seen ejected: name -> until, unix ms
+    ejected: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt that enqueued a job: where, and its outcome, or the timeout that ended the
+    wait for it (`KernelBusy` is raised instead when nothing was enqueued)."""
+
+    placed: Placed
+    outcome: Outcome | None
+    error: DispatchTimeout | None = None
 
 
 async def enqueue(
     conn: AsyncRedis | Channel,
     keys: Keys,
-    route: KernelRecord,
+    plan: Plan,
     *,
     job_id: str,
     payload: str,
@@ -118,26 +117,25 @@ async def enqueue(
     deadline_ms: int,
     ttl_ms: int,
     strategy: str,
-) -> EnqueueResult:
-    """Run enqueue.lua on `conn` for `route` (a plain `KernelRecord` is a route of one).
-    Raises `KernelBusy` when no candidate took the job."""
-    r = route if isinstance(route, Route) and route.routed else None
+) -> Placed:
+    """Run enqueue.lua on `conn` for `plan`. Raises `KernelBusy` when no candidate took the job."""
+    first = plan.candidates[0]
     choice = None
-    if r is not None:
+    if plan.routed:
         choice = jobs.Routing(
-            mode=r.mode,
-            tie=r.tie,
-            load_expiry_ms=r.load_expiry_ms,
-            slow_start_ms=r.outlier.slow_start_ms if r.outlier else 0,
+            mode=plan.mode,
+            tie=plan.tie,
+            load_expiry_ms=plan.load_expiry_ms,
+            slow_start_ms=plan.outlier.slow_start_ms if plan.outlier else 0,
             rr_ttl_ms=RR_COUNTER_TTL_MS,
-            kernels=[(k.name, k.agent) for k in r.candidates],
-            service_ms=r.service_ms,
-            error_rate=r.error_rate,
+            kernels=[(k.name, k.agent) for k in plan.candidates],
+            service_ms=plan.service_ms,
+            error_rate=plan.error_rate,
         )
     call = jobs.enqueue(
         keys,
-        route.cluster,
-        route.name,
+        plan.cluster,
+        first.name,
         job_id=job_id,
         payload=payload,
         reply_key=reply_key,
@@ -149,17 +147,11 @@ async def enqueue(
     )
     result = await call.run(conn)
     if isinstance(result, jobs.NotEnqueued):
-        if r is None:
-            raise KernelBusy(f"{route.cluster}/{route.name}: {result.detail}")
-        raise KernelBusy(f"{route.cluster}: {result.detail or 'no candidate takes work'}")
-    if r is None:
-        if isinstance(route, Route):
-            route.chosen = route.name
-        return EnqueueResult(route.name, result.inflight)
-    r.chosen = r.candidates[result.chosen].name
-    r.consecutive = result.consecutive
-    r.ejected.update(result.ejected)
-    return EnqueueResult(r.chosen, result.inflight)
+        if choice is None:
+            raise KernelBusy(f"{plan.cluster}/{first.name}: {result.detail}")
+        raise KernelBusy(f"{plan.cluster}: {result.detail or 'no candidate takes work'}")
+    chosen = plan.candidates[result.chosen]  # the plain form: 0, the kernel itself
+    return Placed(chosen.name, result.inflight, result.consecutive, result.ejected)
 
 
 def max_ejected(cluster_size: int, share: float) -> int:
@@ -171,29 +163,37 @@ def max_ejected(cluster_size: int, share: float) -> int:
 
 
 async def report(
-    redis: AsyncRedis, keys: Keys, route: KernelRecord, *, ok: bool, now_ms: int, ran_on: str = ""
-) -> None:
+    redis: AsyncRedis,
+    keys: Keys,
+    plan: Plan,
+    placed: Placed,
+    *,
+    ok: bool,
+    now_ms: int,
+    ran_on: str = "",
+) -> Placed:
     """Tell the shared outlier detector how an attempt went on the kernel that ran it: `ran_on`
     when the result named it (an idle sibling may have taken the job over), else
-    `route.chosen`. A no-op for plain records, routes without outlier detection, and successes
-    after a clean streak (a sibling takes jobs over only without a failure streak)."""
-    if not isinstance(route, Route) or route.outlier is None or not route.chosen:
-        return
-    cfg, name = route.outlier, ran_on or route.chosen
-    if ok and (route.consecutive == 0 or name != route.chosen):
-        return  # the common case costs no round trip
-    event = "ok" if ok else ("rate" if name in route.rate_outliers else "fail")
+    `placed.kernel`. Returns `placed`, with that kernel's ejection added when the detector
+    ejected it. A no-op for plans without outlier detection, and for successes after a clean
+    streak (a sibling takes jobs over only without a failure streak)."""
+    cfg, name = plan.outlier, ran_on or placed.kernel
+    if cfg is None or (ok and (placed.consecutive == 0 or name != placed.kernel)):
+        return placed  # the common case costs no round trip
+    event = "ok" if ok else ("rate" if name in plan.rate_outliers else "fail")
     health = await outlier(
         keys,
-        route.cluster,
+        plan.cluster,
         name,
         now_ms=now_ms,
         event=event,
         consecutive_failures=cfg.consecutive_failures,
         base_ejection_ms=cfg.base_ejection_ms,
         max_ejection_ms=cfg.max_ejection_ms,
-        max_ejected=max_ejected(route.cluster_size, cfg.max_ejection_share),
+        max_ejected=max_ejected(plan.cluster_size, cfg.max_ejection_share),
         slow_start_ms=cfg.slow_start_ms,
     ).run(redis)
-    if health.ejected:
-        route.ejected[name] = health.until_ms
+    if not health.ejected:
+        return placed
+    ejected = {**placed.ejected, name: health.until_ms}
+    return Placed(placed.kernel, placed.inflight, placed.consecutive, ejected)

@@ -1,6 +1,6 @@
 """OrchestrationEngine: eligibility, the routing strategies, retries, failover and the concurrency bound.
 
-Pure in-memory: kernels are `KernelRecord`s, `candidates` and `submit` are fake coroutines.
+Pure in-memory: kernels are `KernelRecord`s, the engine's `ClusterTarget` is a fake.
 """
 
 from __future__ import annotations
@@ -9,19 +9,14 @@ import asyncio
 import itertools
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
 
-from controlplane.client.engine import (
-    ESTIMATE_DECAY_S,
-    KernelBusy,
-    OrchestrationEngine,
-    RetryBudget,
-    _KernelStats,
-)
-from controlplane.client.routing import Route
+from controlplane.client.engine import KernelBusy, OrchestrationEngine
+from controlplane.client.estimates import ESTIMATE_DECAY_S, KernelStats, RetryBudget
+from controlplane.client.routing import Attempt, Placed, Plan
 from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import KernelLoad, KernelState, OrchestrationConfig, RoutingStrategy
@@ -78,8 +73,18 @@ def engine(**config: Any) -> OrchestrationEngine:
 Reaction = Callable[[KernelRecord], Outcome]
 
 
+def attempt(record: KernelRecord, react: Reaction) -> Attempt:
+    """The attempt of a plan whose first candidate `record` took the job, as `react` went: a
+    `DispatchTimeout` it raises ends the wait, a `KernelBusy` means nothing was enqueued."""
+    try:
+        return Attempt(Placed(record.name, 1), react(record))
+    except DispatchTimeout as exc:
+        return Attempt(Placed(record.name, 1), None, exc)
+
+
 class FakeCluster:
-    """`candidates` returns fixed kernels and loads; `submit` records the kernel and runs a reaction.
+    """`candidates` returns fixed kernels and loads; `submit` records the plan's first kernel
+    and runs a reaction.
 
     `reactions` are consumed one per submit; when they run out every submit succeeds."""
 
@@ -98,16 +103,23 @@ class FakeCluster:
         assert time_left > 0
         return self.records, self.loads
 
-    async def submit(self, record: KernelRecord, time_left: float) -> Outcome:
+    async def submit(self, plan: Plan, time_left: float) -> Attempt:
         assert time_left > 0
-        self.calls.append(record.name)
+        self.calls.append(plan.first.name)
         react = self.reactions.pop(0) if self.reactions else succeed
-        return react(record)
+        return attempt(plan.first, react)
 
     async def run(
         self, eng: OrchestrationEngine, request: SyscallRequest = PING, *, kernel: str | None = None
     ) -> Outcome:
-        return await eng.execute(self.candidates, self.submit, request, kernel=kernel)
+        return await eng.execute(self, request, kernel=kernel)
+
+
+class Submitting:
+    """A target with `cluster`'s candidates and a test's own `submit`."""
+
+    def __init__(self, cluster: FakeCluster, submit: Callable[[Plan, float], Awaitable[Attempt]]) -> None:
+        self.candidates, self.submit = cluster.candidates, submit
 
 
 def succeed(record: KernelRecord) -> Outcome:
@@ -183,7 +195,7 @@ def picks(
     for _ in range(times):
         picked = eng.select(pool, loads or {}, set(exclude))
         assert picked is not None
-        names.append(picked.name)
+        names.append(picked.first.name)
     return names
 
 
@@ -301,16 +313,16 @@ async def test_retries_and_failovers_count_the_kernel_redis_chose() -> None:
     eng = engine(strategy=RoutingStrategy.ADAPTIVE, timeout_ms=100, retry_count=1)
     ran: list[str] = []
 
-    async def submit(record: KernelRecord, time_left: float) -> Outcome:
-        assert isinstance(record, Route)
-        others = [k.name for k in record.candidates if k.name != record.name]
-        record.chosen = others[0] if others else record.name  # Redis disagrees with the local order
-        ran.append(record.chosen)
+    async def submit(plan: Plan, time_left: float) -> Attempt:
+        assert plan.routed
+        others = [k.name for k in plan.candidates if k.name != plan.first.name]
+        chosen = others[0] if others else plan.first.name  # Redis disagrees with the local order
+        ran.append(chosen)
         if len(ran) == 1:
-            raise DispatchTimeout("no result")
-        return outcome(record.chosen)
+            return Attempt(Placed(chosen, 1), None, DispatchTimeout("no result"))
+        return Attempt(Placed(chosen, 1), outcome(chosen))
 
-    result = await eng.execute(FakeCluster(kernels(2)).candidates, submit, PING)
+    result = await eng.execute(Submitting(FakeCluster(kernels(2)), submit), PING)
     assert ran[0] != ran[1] and result.kernel == ran[1]  # the retry avoided where attempt 1 ran
     assert (eng.metrics.retries, eng.metrics.failovers) == (1, 1)
 
@@ -381,7 +393,7 @@ async def test_max_concurrent_bounds_the_submits_in_flight() -> None:
     gate = asyncio.Event()
     running = peak = 0
 
-    async def gated_submit(record: KernelRecord, time_left: float) -> Outcome:
+    async def gated_submit(plan: Plan, time_left: float) -> Attempt:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -389,9 +401,9 @@ async def test_max_concurrent_bounds_the_submits_in_flight() -> None:
             await gate.wait()
         finally:
             running -= 1
-        return outcome(record.name)
+        return attempt(plan.first, succeed)
 
-    tasks = [asyncio.create_task(eng.execute(cluster.candidates, gated_submit, PING)) for _ in range(6)]
+    tasks = [asyncio.create_task(eng.execute(Submitting(cluster, gated_submit), PING)) for _ in range(6)]
     for _ in range(20):  # let every task get as far as it can
         await asyncio.sleep(0)
     assert (running, peak) == (2, 2)
@@ -431,12 +443,12 @@ async def spread_of_concurrent_dispatches(
     gate = asyncio.Event()
     placed: Counter[str] = Counter()
 
-    async def gated_submit(record: KernelRecord, time_left: float) -> Outcome:
-        placed[record.name] += 1
+    async def gated_submit(plan: Plan, time_left: float) -> Attempt:
+        placed[plan.first.name] += 1
         await gate.wait()
-        return outcome(record.name)
+        return attempt(plan.first, succeed)
 
-    tasks = [asyncio.create_task(eng.execute(cluster.candidates, gated_submit, PING)) for _ in range(count)]
+    tasks = [asyncio.create_task(eng.execute(Submitting(cluster, gated_submit), PING)) for _ in range(count)]
     for _ in range(3 * count):
         await asyncio.sleep(0)
     gate.set()
@@ -462,7 +474,7 @@ async def test_least_loaded_counts_its_own_inflight_work_without_load_reports() 
 def test_round_robin_hands_redis_the_whole_rotation() -> None:
     pool = kernels(4)
     route = engine().select(pool, {}, set())
-    assert isinstance(route, Route) and route.mode == "rr"
+    assert route is not None and route.mode == "rr"
     names = [k.name for k in route.candidates]
     offset = route.tie  # the list is the canonical order rotated by `tie`
     assert names == [k.name for k in pool[offset:] + pool[:offset]]
@@ -472,7 +484,7 @@ def test_primary_fallback_lists_the_primary_then_the_rest_in_order() -> None:
     route = engine(strategy=RoutingStrategy.PRIMARY_FALLBACK, primary="kernel-3").select(
         kernels(4), {}, set()
     )
-    assert isinstance(route, Route) and route.mode == "first"
+    assert route is not None and route.mode == "first"
     assert [k.name for k in route.candidates] == ["kernel-3", "kernel-1", "kernel-2", "kernel-4"]
 
 
@@ -480,11 +492,11 @@ def test_outlier_detection_is_on_for_adaptive_only_unless_configured() -> None:
     assert engine(strategy=RoutingStrategy.ADAPTIVE).outlier_detection
     assert not engine().outlier_detection
     rr = engine(outlier_detection=True).select(kernels(3), {}, set())
-    assert isinstance(rr, Route) and rr.outlier is not None and rr.cluster_size == 3
+    assert rr is not None and rr.routed and rr.outlier is not None and rr.cluster_size == 3
     random_pick = engine(strategy=RoutingStrategy.RANDOM, outlier_detection=True).select(
         kernels(3), {}, set()
     )
-    assert isinstance(random_pick, Route) and random_pick.outlier is not None
+    assert random_pick is not None and random_pick.routed and random_pick.outlier is not None
 
 
 async def test_adaptive_compares_distinct_candidates_with_what_it_learned() -> None:
@@ -493,10 +505,10 @@ async def test_adaptive_compares_distinct_candidates_with_what_it_learned() -> N
     for _ in range(40):
         await cluster.run(eng)  # every outcome: 8 ms of service (start 1002, finish 1010)
     route = eng.select(kernels(5), {}, set())
-    assert isinstance(route, Route) and route.mode == "p2c"
+    assert route is not None and route.mode == "p2c"
     assert len({k.name for k in route.candidates}) == 3
     assert all(s == pytest.approx(8.0) for s in route.service_ms)
-    assert route.error_rate == [0.0, 0.0, 0.0]
+    assert route.error_rate == (0.0, 0.0, 0.0)
     assert route.load_expiry_ms == 3000 and route.outlier is not None
 
 
@@ -509,12 +521,12 @@ async def test_adaptive_spreads_concurrent_work_without_redis() -> None:
 def test_adaptive_relaxes_a_pessimistic_estimate_of_a_kernel_it_no_longer_sees() -> None:
     eng = engine(strategy=RoutingStrategy.ADAPTIVE, adaptive_choices=2)
     pool = kernels(2)
-    slow, fast = (eng._stats.setdefault(("c1", k.name), _KernelStats()) for k in pool)
+    slow, fast = (eng.estimates.stats.setdefault(("c1", k.name), KernelStats()) for k in pool)
     slow.observe(True, 400.0)
     fast.observe(True, 50.0)
-    assert eng._service_estimates(pool, pool) == [pytest.approx(400.0, rel=1e-3), 50.0]
+    assert eng.estimates.service(pool, pool) == [pytest.approx(400.0, rel=1e-3), 50.0]
     slow.at -= 3 * ESTIMATE_DECAY_S  # unobserved for a while: most of the way back to the median
-    relaxed = eng._service_estimates(pool, pool)[0]
+    relaxed = eng.estimates.service(pool, pool)[0]
     assert 225.0 < relaxed < 240.0  # median 225 + 175 * e^-3
 
 
@@ -524,19 +536,19 @@ def test_an_ejected_kernel_is_skipped_until_readmitted_and_panic_routes_to_all()
         OrchestrationConfig(strategy=RoutingStrategy.ADAPTIVE), rng=random.Random(1), clock=lambda: now
     )
     pool = kernels(4)
-    eng._ejected[("c1", "kernel-2")] = int(now * 1000) + 5000
+    eng.estimates.ejected[("c1", "kernel-2")] = int(now * 1000) + 5000
     for _ in range(20):
         route = eng.select(pool, {}, set())
-        assert isinstance(route, Route) and "kernel-2" not in {k.name for k in route.candidates}
+        assert route is not None and "kernel-2" not in {k.name for k in route.candidates}
     for n in (1, 3):  # three of four out: fewer than half admitted, so nobody is skipped
-        eng._ejected[("c1", f"kernel-{n}")] = int(now * 1000) + 5000
+        eng.estimates.ejected[("c1", f"kernel-{n}")] = int(now * 1000) + 5000
     route = eng.select(pool, {}, set())
-    assert isinstance(route, Route) and len(route.candidates) == 4
+    assert route is not None and len(route.candidates) == 4
     now += 6  # every ejection over
-    eng._ejected.pop(("c1", "kernel-1"))
-    eng._ejected.pop(("c1", "kernel-3"))
+    eng.estimates.ejected.pop(("c1", "kernel-1"))
+    eng.estimates.ejected.pop(("c1", "kernel-3"))
     route = eng.select(pool, {}, set())
-    assert isinstance(route, Route) and len(route.candidates) == 4
+    assert route is not None and len(route.candidates) == 4
 
 
 async def test_a_kernel_failing_far_more_than_its_peers_is_a_rate_outlier() -> None:
@@ -544,32 +556,33 @@ async def test_a_kernel_failing_far_more_than_its_peers_is_a_rate_outlier() -> N
     flaky = kernel(1)
     healthy = [kernel(2), kernel(3)]
     for _ in range(12):
-        eng._observe(flaky, "kernel-1", outcome("kernel-1", error_type="HandlerError", error="boom"))
+        eng.estimates.observe("c1", "kernel-1", outcome("kernel-1", error_type="HandlerError", error="boom"))
         for k in healthy:
-            eng._observe(k, k.name, outcome(k.name))
+            eng.estimates.observe("c1", k.name, outcome(k.name))
     route = eng.select([flaky, *healthy], {}, set())
-    assert isinstance(route, Route) and route.rate_outliers == frozenset({"kernel-1"})
+    assert route is not None and route.rate_outliers == frozenset({"kernel-1"})
 
 
 def test_bad_requests_are_not_held_against_a_kernel() -> None:
     eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+    bad = outcome("kernel-1", error_type="InvalidArguments", error="bad")
     for _ in range(20):
-        eng._observe(kernel(1), "kernel-1", outcome("kernel-1", error_type="InvalidArguments", error="bad"))
-    assert eng._stats[("c1", "kernel-1")].error_rate == 0.0
+        eng.estimates.observe("c1", "kernel-1", bad)
+    assert eng.estimates.stats[("c1", "kernel-1")].error_rate == 0.0
 
 
 async def test_ejections_reported_by_redis_are_learned() -> None:
     eng = engine(strategy=RoutingStrategy.ADAPTIVE)
 
-    async def submit(record: KernelRecord, time_left: float) -> Outcome:
-        assert isinstance(record, Route)
-        record.ejected["kernel-3"] = 2**42  # enqueue.lua saw kernel-3 ejected
-        return outcome(record.name)
+    async def submit(plan: Plan, time_left: float) -> Attempt:
+        assert plan.routed
+        placed = Placed(plan.first.name, 1, ejected={"kernel-3": 2**42})  # enqueue.lua saw kernel-3 ejected
+        return Attempt(placed, outcome(plan.first.name))
 
-    await eng.execute(FakeCluster(kernels(4)).candidates, submit, PING)
+    await eng.execute(Submitting(FakeCluster(kernels(4)), submit), PING)
     for _ in range(20):
         route = eng.select(kernels(4), {}, set())
-        assert isinstance(route, Route) and "kernel-3" not in {k.name for k in route.candidates}
+        assert route is not None and "kernel-3" not in {k.name for k in route.candidates}
 
 
 # ---------------------------------------------------------------- retry budget

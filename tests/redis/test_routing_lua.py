@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane.client.routing import EnqueueResult, KernelBusy, Route, enqueue, max_ejected, report
+from controlplane.client.routing import KernelBusy, Placed, Plan, enqueue, max_ejected, report
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
 from controlplane.protocol.records import KernelRecord
@@ -55,18 +55,22 @@ async def report_load(r: AsyncRedis, n: int, *, age_ms: int = 0, **fields: float
     await r.hset(KEYS.load(f"a{n}", CLUSTER, f"k{n}"), mapping={**fields, "updated_at": f"{updated:.3f}"})
 
 
-async def route_once(r: AsyncRedis, route: Route, job_id: str = "j1", now: int = NOW) -> str:
+async def route_once(r: AsyncRedis, route: Plan, job_id: str = "j1", now: int = NOW) -> str:
+    return (await place_once(r, route, job_id, now)).kernel
+
+
+async def place_once(r: AsyncRedis, route: Plan, job_id: str = "j1", now: int = NOW) -> Placed:
     result = await enqueue_once(r, route, job_id, now)
     job = await r.hgetall(KEYS.job(CLUSTER, job_id))
-    assert job["kernel"] == result.kernel == route.chosen
+    assert job["kernel"] == result.kernel
     assert job["epoch"] == result.kernel[1:]  # the chosen kernel's fencing epoch
     assert await r.zscore(KEYS.queue(CLUSTER, result.kernel), job_id) == now
-    return result.kernel
+    return result
 
 
 async def enqueue_once(
-    r: AsyncRedis, route: Route, job_id: str, now: int, deadline_ms: int = 10_000
-) -> EnqueueResult:
+    r: AsyncRedis, route: Plan, job_id: str, now: int, deadline_ms: int = 10_000
+) -> Placed:
     return await enqueue(
         r,
         KEYS,
@@ -81,14 +85,8 @@ async def enqueue_once(
     )
 
 
-def p2c(*kernels: KernelRecord, service: list[float] | None = None, **fields: Any) -> Route:
-    return Route.of(
-        kernels[0],
-        mode="p2c",
-        alternates=list(kernels[1:]),
-        service_ms=service or [10.0] * len(kernels),
-        **fields,
-    )
+def p2c(*kernels: KernelRecord, service: list[float] | None = None, **fields: Any) -> Plan:
+    return Plan(CLUSTER, kernels, "p2c", service_ms=tuple(service or [10.0] * len(kernels)), **fields)
 
 
 # ---------------------------------------------------------------- p2c
@@ -158,16 +156,16 @@ async def test_p2c_penalises_reported_and_observed_failures(r: AsyncRedis) -> No
     await r.delete(KEYS.load("a1", CLUSTER, "k1"))
     await r.delete(KEYS.inflight(CLUSTER, "k2"))
     await busy(r, 2, 1)
-    assert await route_once(r, p2c(k1, k2, error_rate=[0.5, 0.0]), "j2") == "k2"
+    assert await route_once(r, p2c(k1, k2, error_rate=(0.5, 0.0)), "j2") == "k2"
 
 
 async def test_p2c_skips_an_ejected_kernel_and_says_so(r: AsyncRedis) -> None:
     k1, k2 = await put_kernels(r, "running", "running")
     await r.hset(KEYS.kernel_health(CLUSTER, "k1"), "ejected_until", NOW + 5000)
     await busy(r, 2, 4)
-    route = p2c(k1, k2)
-    assert await route_once(r, route) == "k2"
-    assert route.ejected == {"k1": NOW + 5000}
+    placed = await place_once(r, p2c(k1, k2))
+    assert placed.kernel == "k2"
+    assert placed.ejected == {"k1": NOW + 5000}
 
 
 async def test_p2c_skips_a_kernel_that_takes_no_work(r: AsyncRedis) -> None:
@@ -179,7 +177,7 @@ async def test_p2c_skips_a_kernel_that_takes_no_work(r: AsyncRedis) -> None:
 async def test_no_candidate_taking_work_is_kernel_busy_and_writes_nothing(r: AsyncRedis) -> None:
     k1, k2 = await put_kernels(r, "draining", "stopped")
     for mode in ("p2c", "rr", "first"):
-        route = Route.of(k1, mode=mode, alternates=[k2])
+        route = Plan(CLUSTER, (k1, k2), mode)
         with pytest.raises(KernelBusy, match="k1=draining k2=stopped"):
             await enqueue_once(r, route, "j1", NOW, deadline_ms=0)
     assert not await r.exists(KEYS.job(CLUSTER, "j1"), KEYS.queue(CLUSTER, "k1"), KEYS.cluster_rr(CLUSTER))
@@ -194,22 +192,20 @@ async def test_round_robin_rotates_one_shared_counter_whatever_each_client_passe
     for i in range(12):
         offset = (i * 7) % 4  # each "client" rotates its list differently
         ordered = pool[offset:] + pool[:offset]
-        route = Route.of(ordered[0], mode="rr", alternates=ordered[1:], tie=offset)
+        route = Plan(CLUSTER, tuple(ordered), "rr", tie=offset)
         picks.append(await route_once(r, route, f"j{i}"))
     assert picks == ["k1", "k2", "k3", "k4"] * 3
 
 
 async def test_round_robin_skips_a_kernel_that_takes_no_work(r: AsyncRedis) -> None:
     pool = await put_kernels(r, "running", "draining", "running")
-    picks = [
-        await route_once(r, Route.of(pool[0], mode="rr", alternates=pool[1:]), f"j{i}") for i in range(6)
-    ]
+    picks = [await route_once(r, Plan(CLUSTER, tuple(pool), "rr"), f"j{i}") for i in range(6)]
     assert Counter(picks) == {"k1": 3, "k3": 3}
 
 
 async def test_first_mode_takes_the_first_running_candidate(r: AsyncRedis) -> None:
     k1, k2, k3 = await put_kernels(r, "stopped", "running", "running")
-    assert await route_once(r, Route.of(k1, mode="first", alternates=[k2, k3])) == "k2"
+    assert await route_once(r, Plan(CLUSTER, (k1, k2, k3), "first")) == "k2"
 
 
 async def test_routed_enqueue_refuses_a_duplicate_job_id(r: AsyncRedis) -> None:
@@ -222,10 +218,15 @@ async def test_routed_enqueue_refuses_a_duplicate_job_id(r: AsyncRedis) -> None:
 # ---------------------------------------------------------------- outlier ejection
 
 
-async def fail(r: AsyncRedis, kernel: str, now: int, *, size: int = 8, event_ok: bool = False) -> Route:
-    route = Route.of(record(int(kernel[1:])), chosen=kernel, outlier=OUTLIER, cluster_size=size)
-    await report(r, KEYS, route, ok=event_ok, now_ms=now)
-    return route
+def one(kernel: str, *, size: int = 8, **fields: Any) -> Plan:
+    """The plan of one candidate `kernel`, its outcomes reported to the outlier detector."""
+    return Plan(CLUSTER, (record(int(kernel[1:])),), outlier=OUTLIER, cluster_size=size, **fields)
+
+
+async def fail(r: AsyncRedis, kernel: str, now: int, *, size: int = 8, event_ok: bool = False) -> Placed:
+    """Report a failure (or a success) of an attempt placed on `kernel`; what `report` learned."""
+    route = one(kernel, size=size)
+    return await report(r, KEYS, route, Placed(kernel, 1), ok=event_ok, now_ms=now)
 
 
 async def test_consecutive_failures_eject_with_a_growing_back_off(r: AsyncRedis) -> None:
@@ -245,16 +246,15 @@ async def test_a_success_ends_the_failure_streak(r: AsyncRedis) -> None:
     await put_kernels(r, "running")
     await fail(r, "k1", NOW)
     await fail(r, "k1", NOW + 1)
-    ok = Route.of(record(1), chosen="k1", outlier=OUTLIER, cluster_size=8, consecutive=2)
-    await report(r, KEYS, ok, ok=True, now_ms=NOW + 2)
+    await report(r, KEYS, one("k1"), Placed("k1", 1, consecutive=2), ok=True, now_ms=NOW + 2)
     assert (await fail(r, "k1", NOW + 3)).ejected == {}
     assert await r.hget(KEYS.kernel_health(CLUSTER, "k1"), "consecutive") == "1"
 
 
 async def test_a_failure_rate_outlier_is_ejected_at_once(r: AsyncRedis) -> None:
-    route = Route.of(record(1), chosen="k1", outlier=OUTLIER, cluster_size=8, rate_outliers=frozenset({"k1"}))
-    await report(r, KEYS, route, ok=False, now_ms=NOW)
-    assert route.ejected == {"k1": NOW + 1000}
+    route = one("k1", rate_outliers=frozenset({"k1"}))
+    placed = await report(r, KEYS, route, Placed("k1", 1), ok=False, now_ms=NOW)
+    assert placed.ejected == {"k1": NOW + 1000}
 
 
 async def test_at_most_the_configured_share_is_ejected(r: AsyncRedis) -> None:
