@@ -217,6 +217,12 @@ def error_reply(reply: object) -> bool:
     return isinstance(reply, rex.ResponseError)
 
 
+def _mapped(exc: rex.RedisError, where: Where | None) -> RedisError:
+    if where is not None:
+        annotate(exc, where)
+    return translate(exc)
+
+
 @contextlib.contextmanager
 def map_redis_errors(where: Where | None = None) -> Iterator[None]:
     """Raise redis-py exceptions from inside the block as kcp's (`translate`); `where` says
@@ -224,9 +230,7 @@ def map_redis_errors(where: Where | None = None) -> Iterator[None]:
     try:
         yield
     except rex.RedisError as exc:
-        if where is not None:
-            annotate(exc, where)
-        raise translate(exc) from exc
+        raise _mapped(exc, where) from exc
 
 
 @contextlib.asynccontextmanager
@@ -235,6 +239,4 @@ async def amap_redis_errors(where: Where | None = None) -> AsyncIterator[None]:
     try:
         yield
     except rex.RedisError as exc:
-        if where is not None:
-            annotate(exc, where)
-        raise translate(exc) from exc
+        raise _mapped(exc, where) from exc
