@@ -36,6 +36,7 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
     from controlplane.errors import RedisError as RedisError
     from controlplane.errors import RedisUnavailable as RedisUnavailable
     from controlplane.errors import WrongData as WrongData
+    from controlplane.lifecycle import LifecycleError as LifecycleError
     from controlplane.protocol.models import BusMessage as BusMessage
     from controlplane.protocol.models import BusTopic as BusTopic
     from controlplane.protocol.models import ClusterConfig as ClusterConfig
@@ -75,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "KernelError": "controlplane.errors",
     "KernelLoad": "controlplane.protocol.models",
     "KernelMetricsSnapshot": "controlplane.protocol.models",
+    "LifecycleError": "controlplane.lifecycle",
     "LoadBalancer": "controlplane.client.balancer",
     "LoadBalancerConfig": "controlplane.protocol.models",
     "NoKernelAvailable": "controlplane.errors",
