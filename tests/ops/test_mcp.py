@@ -3,8 +3,10 @@ over stdio (the client spawns `kcp mcp`) and over streamable HTTP behind a beare
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -184,6 +186,17 @@ async def test_stdio_session_runs_a_cluster_and_survives_bad_input(
         assert (await mcp.call("list_clusters"))["count"] == 0
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, "kcp mcp exited"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, "kcp mcp --transport http did not listen"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def http_server(redis_server_factory: RedisServerFactory) -> Iterator[tuple[str, Any]]:
     """`kcp mcp --transport http` with a token, on a Redis of its own (restartable, AOF)."""
@@ -193,14 +206,7 @@ def http_server(redis_server_factory: RedisServerFactory) -> Iterator[tuple[str,
         kcp_mcp(server.url, "--transport", "http", "--port", str(port)),
         env={**os.environ, "PYTHONPATH": ROOT, "KCP_MCP_TOKEN": TOKEN},
     )
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, "kcp mcp exited"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert time.monotonic() < deadline, "kcp mcp --transport http did not listen"
-        time.sleep(0.1)
+    wait_listening(proc, port)
     try:
         yield f"http://127.0.0.1:{port}/mcp", server
     finally:
@@ -242,27 +248,102 @@ async def test_http_needs_the_token_and_outlives_a_redis_restart(http_server: tu
         assert published["seq"] == 2  # the stream came back with Redis's AOF
 
 
-@pytest.mark.parametrize(
-    ("env", "args", "message"),
-    [
-        (
-            {},
-            ("--transport", "http", "--host", "0.0.0.0"),
-            "refusing to serve MCP on 0.0.0.0 without a token",
-        ),
-        ({"KCP_MCP_TOKEN": "short"}, ("--transport", "http"), "must be at least 16 characters"),
-    ],
-)
-def test_http_refuses_an_open_or_weak_setup(
-    redis_url: str, env: dict[str, str], args: tuple[str, ...], message: str
-) -> None:
+def test_http_refuses_a_weak_token(redis_url: str) -> None:
+    # (an address beyond loopback without a token: test_docs_examples_run_as_written)
     run = subprocess.run(
-        kcp_mcp(redis_url, *args),
-        env={k: v for k, v in os.environ.items() if k != "KCP_MCP_TOKEN"} | {"PYTHONPATH": ROOT, **env},
+        kcp_mcp(redis_url, "--transport", "http"),
+        env=os.environ | {"PYTHONPATH": ROOT, "KCP_MCP_TOKEN": "short"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert run.returncode == 2, run.stderr
-    assert message in run.stderr and "Traceback" not in run.stderr
+    assert "must be at least 16 characters" in run.stderr and "Traceback" not in run.stderr
+
+
+def doc_blocks(language: str) -> list[str]:
+    text = (Path(ROOT) / "docs" / "mcp.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.fixture
+def kcp_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`kcp` and `python` on PATH as a user has them, running this checkout; the environment."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kcp = bin_dir / "kcp"
+    kcp.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m controlplane.ops.cli "$@"\n')
+    kcp.chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return {**os.environ, "PYTHONPATH": ROOT}
+
+
+def run_python(code: str, env: dict[str, str]) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+async def tool_names(params: StdioServerParameters) -> set[str]:
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        return {t.name for t in (await session.list_tools()).tools}
+
+
+def test_docs_examples_run_as_written(
+    stack: ProcessStack, redis_url: str, kcp_on_path: dict[str, str]
+) -> None:
+    """docs/mcp.md's snippets, as written but for the Redis URL (never the machine's Redis) and
+    the HTTP port (a free one)."""
+    stack.serve()
+    stack.agent("docs-agent", slots=4)
+    wait_for_agents(redis_url, 1)
+    env = kcp_on_path | {"KCP_REDIS_URL": redis_url}
+
+    # the assistant's configuration, launched as an assistant does
+    entry = json.loads(doc_blocks("json")[0])["mcpServers"]["kcp"]
+    params = StdioServerParameters(
+        command=entry["command"], args=entry["args"], env=entry["env"] | {"KCP_REDIS_URL": redis_url}
+    )
+    assert asyncio.run(tool_names(params)) == TOOLS
+
+    stdio_example, http_example = doc_blocks("python")
+    out = run_python(stdio_example, env).splitlines()
+    assert out[0] == str(sorted(TOOLS))
+    assert out[1].startswith("{'success': True, 'cluster_name': 'compute', 'kernel_count': 2")
+    assert out[2] == "{'address': 4096, 'size': 2, 'data': '6869'}"
+    assert out[3].startswith("True Error executing tool scale_cluster: target_count -1 is outside")
+
+    export, serve = doc_blocks("sh")[1].strip().splitlines()
+    env["KCP_MCP_TOKEN"] = subprocess.run(
+        ["sh", "-c", f'{export} && echo "$KCP_MCP_TOKEN"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert len(env["KCP_MCP_TOKEN"]) >= 32
+    port = free_port()
+    proc = subprocess.Popen(["sh", "-c", f"exec {serve.replace('8765', str(port))}"], env=env)
+    try:
+        wait_listening(proc, port)
+        assert (
+            run_python(http_example.replace("8765", str(port)), env).strip() == "{'clusters': [], 'count': 0}"
+        )
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+
+    refusal = subprocess.run(
+        [*kcp_mcp(redis_url, "--transport", "http", "--host", "0.0.0.0")],
+        env={k: v for k, v in env.items() if k != "KCP_MCP_TOKEN"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (refusal.returncode, refusal.stderr.strip()) == (2, doc_blocks("text")[0].strip())
