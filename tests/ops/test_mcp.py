@@ -199,8 +199,11 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
 
 @pytest.fixture
 def http_server(redis_server_factory: RedisServerFactory) -> Iterator[tuple[str, Any]]:
-    """`kcp mcp --transport http` with a token, on a Redis of its own (restartable, AOF)."""
+    """`kcp mcp --transport http` with a token, and a stack, on a Redis of its own (restartable, AOF)."""
     server = redis_server_factory(appendonly=True)
+    stack = ProcessStack(server.url)
+    stack.serve()
+    stack.agent("http-agent", slots=2)
     port = free_port()
     proc = subprocess.Popen(
         kcp_mcp(server.url, "--transport", "http", "--port", str(port)),
@@ -208,9 +211,11 @@ def http_server(redis_server_factory: RedisServerFactory) -> Iterator[tuple[str,
     )
     wait_listening(proc, port)
     try:
+        wait_for_agents(server.url, 1)
         yield f"http://127.0.0.1:{port}/mcp", server
     finally:
         proc.terminate()
+        stack.stop()
         assert proc.wait(15) == 0
 
 
@@ -234,7 +239,9 @@ async def test_http_needs_the_token_and_outlives_a_redis_restart(http_server: tu
             assert response.headers["www-authenticate"].startswith("Bearer")
 
     async with over_http(url) as mcp:
-        assert (await mcp.call("list_clusters")) == {"clusters": [], "count": 0}
+        assert (await mcp.call("create_cluster", name="web"))["running"] == 1
+        ping = await mcp.call("dispatch", cluster="web", request={"type": "PING", "payload": {"n": 1}})
+        assert (ping["kernel"], ping["result"]["payload"]) == ("worker-0", {"n": 1})
         published = await mcp.call("bus_publish", topic="events", payload={"event": "ready"})
         assert (published["success"], published["stream"], published["seq"]) == (True, "events", 1)
         assert "unknown topic 'nope'" in await mcp.error("bus_publish", topic="nope", payload={})
@@ -243,9 +250,10 @@ async def test_http_needs_the_token_and_outlives_a_redis_restart(http_server: tu
         server.kill()
         assert "is Redis running at" in await mcp.error("list_clusters")
         server.restart()
-        assert (await mcp.call("list_clusters"))["count"] == 0  # the first call after the restart
+        listed = await mcp.call("list_clusters")  # the first call after the restart
+        assert [c["name"] for c in listed["clusters"]] == ["web"]  # Redis's AOF kept it
         published = await mcp.call("bus_publish", topic="events", payload={"event": "back"})
-        assert published["seq"] == 2  # the stream came back with Redis's AOF
+        assert published["seq"] == 2
 
 
 def test_http_refuses_a_weak_token(redis_url: str) -> None:
