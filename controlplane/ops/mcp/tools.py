@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any
@@ -73,7 +74,12 @@ def request_schema() -> dict[str, Any]:
             "them); its other fields are its arguments",
             "type": "object",
             "properties": {
-                "type": {"type": "string", "pattern": SYSCALL_NAME_PATTERN, "not": {"enum": list(ARG_MODELS)}}
+                "type": {
+                    "type": "string",
+                    "pattern": SYSCALL_NAME_PATTERN,
+                    "not": {"enum": list(ARG_MODELS)},
+                },
+                **common,
             },
             "required": ["type"],
         }
@@ -156,9 +162,7 @@ class KcpTools:
 
     async def dispatch(self, cluster: ClusterName, request: Request) -> Result:
         """Run one syscall on a kernel of the cluster and return its result, the kernel that ran
-        it and the latency. Builtins: READ {address, size}, WRITE {address, data, encoding},
-        ALLOC {size}, FREE {address}, OPEN {path, mode}, CLOSE {fd}, PING {payload},
-        COMPUTE {data, op, other}; cluster_syscalls lists what a cluster's kernels run."""
+        it and the latency. cluster_syscalls lists what a cluster's kernels run."""
         with self._errors():
             return await self.tools.dispatch(cluster, request)
 
@@ -276,8 +280,10 @@ class KcpTools:
             (self.send_direct, "Message one kernel", hints()),
             (self.bus_stats, "Bus statistics", read_only),
         ]
+        builtins = "; ".join(f"{name} {{{', '.join(m.model_fields)}}}" for name, m in ARG_MODELS.items())
+        described = {self.dispatch: f"{inspect.getdoc(self.dispatch)} Builtins and their fields: {builtins}."}
         for fn, title, hinted in tools:
-            server.add_tool(fn, title=title, annotations=hinted)
+            server.add_tool(fn, title=title, description=described.get(fn), annotations=hinted)
         server.resource(
             "kcp://clusters/{name}",
             name="cluster",
