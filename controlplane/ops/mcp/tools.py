@@ -281,7 +281,9 @@ class KcpTools:
             (self.bus_stats, "Bus statistics", read_only),
         ]
         builtins = "; ".join(f"{name} {{{', '.join(m.model_fields)}}}" for name, m in ARG_MODELS.items())
-        described = {self.dispatch: f"{inspect.getdoc(self.dispatch)} Builtins and their fields: {builtins}."}
+        described: dict[Callable[..., Awaitable[Result]], str] = {
+            self.dispatch: f"{inspect.getdoc(self.dispatch)} Builtins and their fields: {builtins}."
+        }
         for fn, title, hinted in tools:
             server.add_tool(fn, title=title, description=described.get(fn), annotations=hinted)
         server.resource(
