@@ -269,7 +269,7 @@ async def test_exporter_reads_bus_counters(redis: AsyncRedis, redis_url: str) ->
     assert s['kcp_bus_stream_length{topic="events"}'] == 3
     assert s['kcp_bus_subscriptions{topic="events"}'] == 1
     assert s['kcp_bus_published_total{topic="data"}'] == 0
-    assert s['kcp_bus_kernels{state="registered"}'] == 0
+    assert s['kcp_bus_kernels{state="live"}'] == 0 and s['kcp_bus_kernels{state="stale"}'] == 0
     assert promtool_check(text) == ""
 
 
