@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from promtool import promtool_check
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane import DispatchTimeout, KcpClient, KernelError, OrchestrationConfig
+from controlplane import DispatchTimeout, InvalidRequest, KcpClient, KernelError, OrchestrationConfig
 from controlplane.ops.cli.top import TopView
 from controlplane.ops.exporter.core import exposition
 from controlplane.ops.redis_server import free_port
@@ -39,6 +41,7 @@ from controlplane.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 DASHBOARD = COMPOSE / "grafana" / "dashboards" / "kcp.json"
+RULES = COMPOSE / "prometheus" / "rules" / "kcp.yml"
 KEYS = Keys()
 SETTINGS = Settings(redis_url="redis://unused", prefix=KEYS.prefix)
 
@@ -506,21 +509,24 @@ async def _until(check: Callable[[], Any], limit: float, what: str) -> Any:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[int], int]]:
-    """`start(metrics_port)` runs a real Prometheus (loopback, 1 s scrapes) against that port and
-    returns its HTTP port; stopped at teardown."""
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """`start(*metrics_ports)` runs a real Prometheus (loopback, 1 s scrapes and rule evaluations,
+    the shipped rules loaded) against those ports and returns its HTTP port; stopped at teardown."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus not installed (Debian package `prometheus`; .ci/run installs it)")
     procs: list[subprocess.Popen[bytes]] = []
     log = (tmp_path / "prometheus.log").open("wb")
 
-    def start(metrics_port: int) -> int:
+    def start(*metrics_ports: int) -> int:
         port = free_port()
         config = tmp_path / "prometheus.yml"
+        targets = ", ".join(f"'127.0.0.1:{p}'" for p in metrics_ports)
         config.write_text(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kcp\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{RULES}']\n"
+            "scrape_configs:\n  - job_name: kcp\n    static_configs:\n"
+            f"      - targets: [{targets}]\n"
         )
         args = [f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"]
         args += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
@@ -538,26 +544,55 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], int]]:
     log.close()
 
 
+def _value(rows: list[dict[str, Any]]) -> float | None:
+    return float(rows[0]["value"][1]) if len(rows) == 1 else None
+
+
+def _leading(ports: tuple[int, int]) -> int | None:
+    """The metrics port of the `kcp serve` that leads (exports the fleet), once one does."""
+    for port in ports:
+        if re.search(r"^kcp_control_plane_leader 1\.0$", _scrape(port), re.M):
+            return port
+    return None
+
+
+async def _kernel(redis: AsyncRedis, cluster: str, kernel: str) -> dict[str, str]:
+    return dict(await redis.hgetall(KEYS.kernel(cluster, kernel)))
+
+
 @pytest.mark.system
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(180)
 async def test_prometheus_scrapes_a_live_stack(
-    stack: ProcessStack, redis_url: str, prometheus: Callable[[int], int]
+    stack: ProcessStack, redis_url: str, redis: AsyncRedis, prometheus: Callable[..., int]
 ) -> None:
-    """A real Prometheus scrapes `kcp serve --metrics-port`; its counts match what was sent. The
-    dashboard's queries use names the live exporter emits; `kcp top --once` shows the kernels;
-    a destroyed cluster's series go away (and go stale in Prometheus)."""
-    metrics_port = free_port()
-    stack.serve("--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
+    """A real Prometheus scrapes two `kcp serve --metrics-port` at once, with the shipped rules.
+
+    Fleet sums over both instances equal what was done (only the leader exports the fleet); every
+    dashboard query returns series; a kernel SIGKILLed three times is counted in
+    `kcp_kernel_restarts_total` and makes KcpKernelCrashLooping pending; a SIGKILLed agent stays
+    at `kcp_agent_up 0` with a growing lag and makes KcpAgentDown pending; a destroyed cluster's
+    series go away."""
+    ports = (free_port(), free_port())
+    for port in ports:
+        stack.serve("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
     stack.agent("obs-a", slots=4)
-    prom_port = prometheus(metrics_port)
+    doomed = stack.agent("obs-b", slots=4)
+    prom_port = prometheus(*ports)
     ok, failed = 12, 2
     async with KcpClient(Settings(redis_url=redis_url)) as kcp:
+
+        async def both_agents() -> bool:
+            return bool(await redis.scard(KEYS.agents()) == 2)
+
+        await _until_async(both_agents, 20, "both agents to register")  # a kernel on each
         await kcp.create_cluster("obs", 2)
         for i in range(ok):
             await kcp.dispatch("obs", {"type": "PING", "payload": i})
         for _ in range(failed):  # on a kernel named by the request: strategy "pinned"
             with pytest.raises(KernelError):
                 await kcp.dispatch("obs", {"type": "READ", "address": 0x10, "size": 4}, kernel="worker-0")
+        with pytest.raises(InvalidRequest):  # refused in the client, counted by reason
+            await kcp.dispatch("obs", {"type": "READ", "address": -1, "size": 4})
 
         def counted() -> dict[tuple[str, str], float] | None:
             query = 'sum by (strategy, outcome) (kcp_cluster_dispatches_total{cluster="obs"})'
@@ -569,15 +604,28 @@ async def test_prometheus_scrapes_a_live_stack(
         t0 = time.monotonic()
         print("prometheus:", await _until(counted, 60, "Prometheus to see the dispatches"))
         print(f"prometheus had the counts {time.monotonic() - t0:.1f}s after the last dispatch")
-        assert _query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')[0]["value"][1] == "2"
-        latency = _query(prom_port, 'kcp_cluster_dispatch_latency_seconds_count{cluster="obs"}')
-        assert float(latency[0]["value"][1]) == ok + failed
-        assert _query(prom_port, 'kcp_agent_up{agent="obs-a"}')[0]["value"][1] == "1"
+        # both instances are scraped; summed over them, every fleet number is the truth
+        assert _value(_query(prom_port, 'count(up{job="kcp"} == 1)')) == 2
+        assert _value(_query(prom_port, "sum(kcp_control_plane_leader)")) == 1
+        assert _value(_query(prom_port, "count(kcp_redis_up == 1)")) == 2
+        assert _value(_query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')) == 2
+        assert _value(_query(prom_port, "sum(kcp_agent_up)")) == 2
+        assert _value(
+            _query(prom_port, 'sum(kcp_cluster_dispatch_latency_seconds_count{cluster="obs"})')
+        ) == (ok + failed)
+        assert _value(_query(prom_port, 'sum(kcp_kernel_dispatches_total{cluster="obs"})')) == ok + failed
+        assert _value(_query(prom_port, 'sum(kcp_dispatch_rejected_total{reason="invalid_request"})')) == 1
+        assert _value(_query(prom_port, "count(process_resident_memory_bytes)")) == 2
 
-        text = await asyncio.to_thread(_scrape, metrics_port)
+        leader = await _until(lambda: _leading(ports), 10, "a leader")
+        follower = next(p for p in ports if p != leader)
+        text = await asyncio.to_thread(_scrape, leader)
         missing = dashboard_metric_names() - names(text)
         assert not missing, f"dashboard queries metrics the exporter does not emit: {sorted(missing)}"
         assert promtool_check(text) == ""
+        quiet = await asyncio.to_thread(_scrape, follower)
+        assert "kcp_cluster_" not in quiet and "kcp_agent_up" not in quiet and "kcp_redis_up 1.0" in quiet
+        assert promtool_check(quiet) == ""
 
         top = await asyncio.to_thread(_cli, redis_url, "top", "--once")
         print(top.stdout)
@@ -585,7 +633,7 @@ async def test_prometheus_scrapes_a_live_stack(
         assert "obs/worker-0" in top.stdout and "obs/worker-1" in top.stdout and "\x1b[" not in top.stdout
         human = await asyncio.to_thread(_cli, redis_url, "status")
         assert human.returncode == 0, human.stderr
-        assert re.search(r"obs-a\s+\S+\s+up\s+2/4", human.stdout) and "obs      worker-1" in human.stdout
+        assert re.search(r"obs-b\s+\S+\s+up\s+1/4", human.stdout) and "obs      worker-1" in human.stdout
         status = await asyncio.to_thread(_cli, redis_url, "--json", "status")
         assert status.returncode == 0, status.stderr
         assert {k["name"] for k in json.loads(status.stdout)["clusters"][0]["kernels"]} == {
@@ -593,13 +641,83 @@ async def test_prometheus_scrapes_a_live_stack(
             "worker-1",
         }
 
+        # a kernel of obs-a crashes three times; its agent restarts it each time
+        placed = {k: (await _kernel(redis, "obs", k))["agent"] for k in ("worker-0", "worker-1")}
+        crashing = next(k for k, agent in placed.items() if agent == "obs-a")
+        for n in range(1, 4):
+            pid = int((await _kernel(redis, "obs", crashing))["pid"])
+            os.kill(pid, signal.SIGKILL)
+
+            async def restarted(pid: int = pid) -> dict[str, str] | None:
+                record = await _kernel(redis, "obs", crashing)
+                return record if record.get("pid") not in (None, "0", str(pid)) else None
+
+            record = await _until_async(restarted, 20, f"restart {n} of obs/{crashing}")
+            assert record["restarts"] == str(n) and record["agent"] == "obs-a"
+        ref = f'cluster="obs",kernel="{crashing}"'
+        await _until(
+            lambda: _value(_query(prom_port, f"sum(kcp_kernel_restarts_total{{{ref}}})")) == 3,
+            20,
+            "Prometheus to count the restarts",
+        )
+
+        # agent obs-b dies with its kernel: the leader removes both, they stay exported as down
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        killed_at = time.monotonic()
+        await _until(
+            lambda: (
+                _value(_query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')) == 2
+                and _value(_query(prom_port, 'count(kcp_kernel_info{agent="obs-a",cluster="obs"})')) == 2
+            ),
+            30,
+            "the lost kernel to be placed again on obs-a",
+        )
+        assert not await redis.sismember(KEYS.agents(), "obs-b")  # forgotten by the leader
+        lag = 'kcp_agent_heartbeat_lag_seconds{agent="obs-b"}'
+        first = await _until(lambda: _value(_query(prom_port, lag)), 10, "the dead agent's lag")
+        await asyncio.sleep(2)
+        assert _value(_query(prom_port, 'kcp_agent_up{agent="obs-b"}')) == 0  # down means 0, not gone
+        assert (_value(_query(prom_port, lag)) or 0) > first  # and its heartbeat lag keeps growing
+
+        def alerting() -> set[tuple[str, str]] | None:
+            rows = _query(prom_port, 'ALERTS{alertname=~"KcpAgentDown|KcpKernelCrashLooping"}')
+            got = {
+                (r["metric"]["alertname"], r["metric"].get("agent") or r["metric"]["kernel"]) for r in rows
+            }
+            want = {("KcpAgentDown", "obs-b"), ("KcpKernelCrashLooping", crashing)}
+            return got if got == want else None
+
+        print("alerts:", await _until(alerting, 20, "the agent-down and crash-loop alerts to be pending"))
+        print(f"agent obs-b down and alerting {time.monotonic() - killed_at:.1f}s after its SIGKILL")
+
+        # every dashboard query returns series for this scenario (its windows: 5 scrapes)
+        for expr in dashboard_queries():
+            promql = expr.replace("$__rate_interval", "5s").replace("$cluster", ".*")
+            assert _query(prom_port, promql), f"dashboard query returns no series: {expr}"
+
+        lapsed = await asyncio.to_thread(_cli, redis_url, "top", "--once")
+        assert re.search(r"obs-b\s+\S+\s+LAPSED \d+s ago", lapsed.stdout), lapsed.stdout
+
         await kcp.destroy_cluster("obs")
-    await _until(lambda: 'cluster="obs"' not in _scrape(metrics_port), 30, "the cluster's series to go")
+    await _until(lambda: 'cluster="obs"' not in _scrape(leader), 30, "the cluster's series to go")
     await _until(
         lambda: not _query(prom_port, 'kcp_cluster_desired_kernels{cluster="obs"}'),
         30,
         "Prometheus to mark the destroyed cluster's series stale",
     )
+
+
+async def _until_async(check: Callable[[], Awaitable[Any]], limit: float, what: str) -> Any:
+    """Poll the coroutine function `check` until it returns something truthy."""
+    deadline = time.monotonic() + limit
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {limit}s waiting for {what} (last: {last!r})")
 
 
 @pytest.mark.integration
