@@ -19,20 +19,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ProcessStack
+from conftest import ProcessStack, RedisServerFactory
 from promtool import promtool_check
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane import DispatchTimeout, InvalidRequest, KcpClient, KernelError, OrchestrationConfig
+from controlplane import (
+    ClusterNotFound,
+    DispatchTimeout,
+    InvalidRequest,
+    KcpClient,
+    KernelError,
+    OrchestrationConfig,
+)
 from controlplane.ops.cli.top import TopView
-from controlplane.ops.exporter.core import exposition
+from controlplane.ops.exporter.core import exposition, serve_metrics
 from controlplane.ops.redis_server import free_port
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig
 from controlplane.protocol.records import LapsedRecord
+from controlplane.redis.connect import connect
 from controlplane.redis.scripts import jobs
 from controlplane.redis.snapshot import read_snapshot
 from controlplane.redis.state import State
@@ -277,12 +285,23 @@ async def test_clients_count_retries_failovers_and_scale_requests(redis: AsyncRe
             await kcp.dispatch("stuck", {"type": "PING"})
         await kcp.scale_cluster("stuck", 3, wait=0)
         await kcp.scale_cluster("stuck", 3, wait=0)  # no change: not an event
+        # refused in the client before anything is enqueued: counted by reason
+        for bad in ({"type": "READ", "address": -1, "size": 4}, {"type": 7}, ["not", "a", "dict"]):
+            with pytest.raises(InvalidRequest):
+                await kcp.dispatch("stuck", bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest):
+            await kcp.dispatch("no/such", {"type": "PING"})
+        with pytest.raises(ClusterNotFound):
+            await kcp.dispatch("nosuch", {"type": "PING"})
+    assert await redis.hgetall(KEYS.rejections()) == {"invalid_request": "4", "unknown_cluster": "1"}
     counters = await redis.hgetall(KEYS.cluster_stats("stuck"))
     assert counters == {stats.RETRIES: "1", stats.FAILOVERS: "1", stats.SCALE_UP: "1"}
     s = samples(await exposition(redis, SETTINGS))
     assert s['kcp_dispatch_retries_total{cluster="stuck"}'] == 1
     assert s['kcp_dispatch_failovers_total{cluster="stuck"}'] == 1
     assert s['kcp_scaling_events_total{cluster="stuck",direction="up"}'] == 1
+    assert s['kcp_dispatch_rejected_total{reason="invalid_request"}'] == 4
+    assert s['kcp_dispatch_rejected_total{reason="no_kernel"}'] == 0
 
 
 @pytest.mark.integration
@@ -325,6 +344,43 @@ async def test_exporter_reports_redis_down_instead_of_failing() -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(30)
+async def test_a_hung_redis_reads_as_redis_up_0_within_the_scrape_timeout(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    """SIGSTOP Redis: the scrape answers `kcp_redis_up 0` after `scrape_timeout` instead of
+    hanging past Prometheus's deadline; it answers 1 again once Redis resumes. A follower (not
+    leading) only pings Redis and exports no fleet series."""
+    server = redis_server_factory()
+    settings = Settings(redis_url=server.url, scrape_timeout=0.5)
+    client = connect(server.url)
+    leading = True
+    try:
+        async with serve_metrics(client, settings, port=0, host="127.0.0.1", leader=lambda: leading) as port:
+            assert port is not None
+            up = samples(await asyncio.to_thread(_scrape, port))
+            assert up["kcp_redis_up"] == 1 and up["kcp_control_plane_leader"] == 1
+            assert up["kcp_agents_dead_total"] == 0 and "process_resident_memory_bytes" in up
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                hung = samples(await asyncio.to_thread(_scrape, port))
+                took = time.monotonic() - t0
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            print(f"scrape of a hung Redis answered in {took:.2f}s")
+            assert hung["kcp_redis_up"] == 0 and "kcp_agents_dead_total" not in hung
+            assert took < 5
+            leading = False
+            follower = await _until(
+                lambda: samples(_scrape(port)).get("kcp_redis_up") == 1 and _scrape(port), 10, "Redis back"
+            )
+            assert "kcp_control_plane_leader 0.0" in follower and "kcp_agents_dead_total" not in follower
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
 async def test_top_frames_show_rates_p99_and_events(redis: AsyncRedis) -> None:
     await seed(redis)
     state = State(redis, KEYS)
@@ -345,6 +401,24 @@ async def test_top_frames_show_rates_p99_and_events(redis: AsyncRedis) -> None:
     assert 5.0 <= float(row.split()[-1]) <= 10.0
     assert "1 kernel(s) lost with their agent" in second
     assert "kernel compute/worker-2 placed on a1" in second
+
+    # a1 dies and the leader forgets it (listed as lapsed); then work stealing goes on for many
+    # frames: the steals collapse into one line with a count, so the death stays on screen
+    now = time.time()
+    await redis.srem(KEYS.agents(), "a1")
+    gone = LapsedRecord(last_seen=now - 5, until=now + 60, host="h1", slots=4)
+    await redis.hset(KEYS.lapsed_agents(), "a1", gone.encode())
+    frame = view.frame(await read_snapshot(state))
+    assert re.search(r"a1\s+h1\s+LAPSED \d+s ago\s+0/4", frame), frame
+    for _ in range(12):
+        await redis.hincrby(KEYS.cluster_stats("compute"), stats.STEALS, 2)
+        frame = view.frame(await read_snapshot(state))
+    print(frame)
+    events = frame.split("EVENTS\n", 1)[1].splitlines()
+    assert len(events) <= 8
+    assert any("agent a1 lease EXPIRED" in line for line in events), events
+    steals = [line for line in events if "taken over by an idle kernel" in line]
+    assert len(steals) == 1 and "24 job(s)" in steals[0] and "(x12 since " in steals[0], steals
 
 
 # ---------------------------------------------------------------- compose and dashboard
