@@ -7,6 +7,8 @@ async with KcpClient() as kcp:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ import pydantic
 
 from controlplane.client.dispatch import ClusterViews, Dispatcher, DispatchTarget
 from controlplane.client.engine import OrchestrationEngine
-from controlplane.errors import ClusterNotFound, InvalidRequest
+from controlplane.errors import ClusterNotFound, InvalidRequest, NoKernelAvailable
 from controlplane.lifecycle import LifecycleError, Phase
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import (
@@ -31,7 +33,16 @@ from controlplane.protocol.models import (
 )
 from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.protocol.requests import parse_args, parse_request
-from controlplane.protocol.stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
+from controlplane.protocol.stats import (
+    FAILOVERS,
+    PINNED,
+    REJECT_INVALID,
+    REJECT_NO_CLUSTER,
+    REJECT_NO_KERNEL,
+    RETRIES,
+    SCALE_DOWN,
+    SCALE_UP,
+)
 from controlplane.redis.connect import AsyncRedis, connect
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import best_effort
@@ -39,6 +50,9 @@ from controlplane.redis.state import State
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+#: Longest a refused dispatch waits to be counted before its error is raised anyway, seconds.
+REJECT_COUNT_TIMEOUT = 0.5
 
 _NAME = pydantic.TypeAdapter(pydantic.constr(pattern=NAME_PATTERN))
 
@@ -217,8 +231,31 @@ class KcpClient:
         engine: OrchestrationEngine | None = None,
     ) -> DispatchResult:
         """Run one syscall on a kernel of `cluster` picked by the engine's strategy, or on
-        `kernel` when given (e.g. a READ of memory an earlier WRITE filled)."""
+        `kernel` when given (e.g. a READ of memory an earlier WRITE filled).
+
+        A request refused here (bad input, no such cluster, no kernel to take it) is counted by
+        reason in the rejections hash (`kcp_dispatch_rejected_total`) before the error is raised."""
         self._require_open()
+        try:
+            return await self._dispatch(cluster, request, kernel=kernel, engine=engine)
+        except InvalidRequest:
+            await self._rejected(REJECT_INVALID)
+            raise
+        except ClusterNotFound:
+            await self._rejected(REJECT_NO_CLUSTER)
+            raise
+        except NoKernelAvailable:
+            await self._rejected(REJECT_NO_KERNEL)
+            raise
+
+    async def _dispatch(
+        self,
+        cluster: str,
+        request: Mapping[str, Any],
+        *,
+        kernel: str | None,
+        engine: OrchestrationEngine | None,
+    ) -> DispatchResult:
         cluster = validate_name(cluster)
         if kernel is not None:
             kernel = validate_name(kernel, "kernel name")
@@ -301,6 +338,12 @@ class KcpClient:
                 if amount:
                     pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)
             await pipe.execute()
+
+    async def _rejected(self, reason: str) -> None:
+        """Count a refused dispatch; bounded and best effort, so the caller gets its error promptly."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REJECT_COUNT_TIMEOUT), best_effort():
+                await self.redis.hincrby(self.keys.rejections(), reason, 1)
 
     async def _wake_service(self) -> None:
         async with amap_redis_errors():

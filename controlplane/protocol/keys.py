@@ -119,6 +119,16 @@ class Keys:
         """HASH agent -> unix ms of its last heartbeat (how long ago a dead agent was last seen)."""
         return f"{self.prefix}heartbeats"
 
+    def lapsed_agents(self) -> str:
+        """HASH with a TTL: agent -> `records.LapsedRecord` JSON of an agent the leader forgot
+        because its lease lapsed (not on purpose), so it stays visible as down for a while."""
+        return f"{self.prefix}lapsed:agents"
+
+    def lapsed_kernels(self) -> str:
+        """HASH with a TTL: ``cluster/kernel`` -> `records.LapsedRecord` JSON of a kernel removed
+        because its lease or its agent's lapsed, so it stays visible as down for a while."""
+        return f"{self.prefix}lapsed:kernels"
+
     def load(self, agent: str, cluster: str, kernel: str) -> str:
         """HASH with a TTL: the load record of one kernel (`records.LoadRecord`), written by its
         agent's main loop each tick (the heartbeat thread renews only the leases).
@@ -151,6 +161,10 @@ class Keys:
     def reliability(self) -> str:
         """HASH of failure-handling counters and the last detection time (see docs/reliability.md)."""
         return f"{self.prefix}reliability"
+
+    def rejections(self) -> str:
+        """HASH reason -> count of dispatches a client refused before enqueueing (`stats.REJECTIONS`)."""
+        return f"{self.prefix}rejections"
 
     def epoch(self) -> str:
         """STRING counter: fencing epochs handed to kernel incarnations."""

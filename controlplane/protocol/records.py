@@ -187,6 +187,9 @@ class KernelRecord(Record):
     placed_at: float | None = None
     #: claims of one job before rebind.lua gives it up (read by rebind.lua; default 3 there)
     max_deliveries: int | None = None
+    #: incarnations after the first under this placement (kernel_start.lua counts a start of a
+    #: record that already had a process); a new placement starts from 0
+    restarts: int = 0
 
     @property
     def index(self) -> int:
@@ -225,6 +228,8 @@ class LoadRecord(Record):
     latency_ms: float = Field(0.0, ge=0)
     error_rate: float = Field(0.0, ge=0, le=1)
     updated_at: float = Field(default_factory=time.time, description="unix time of the report, seconds")
+    #: resident memory of the kernel process, bytes (absent in records of older agents)
+    memory_bytes: int | None = Field(None, ge=0)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any], key: str) -> Self | None:
@@ -232,7 +237,37 @@ class LoadRecord(Record):
 
     def to_load(self, name: str) -> KernelLoad:
         """The spec's load report of kernel `name`."""
-        return KernelLoad.model_construct(name=name, **self.model_dump(exclude={"inflight"}))
+        return KernelLoad.model_construct(name=name, **self.model_dump(exclude={"inflight", "memory_bytes"}))
+
+
+class LapsedRecord(BaseModel):
+    """A field of `{prefix}lapsed:agents` or `{prefix}lapsed:kernels` (JSON): an agent or kernel
+    the leader removed because a lease lapsed, kept so readers still show it down until `until`.
+
+    Written by the leader when it removes the entry for that reason; deleted when the name is
+    registered or placed again, or removed on purpose; readers ignore it after `until`."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    #: unix seconds the agent or kernel was last known alive (its last heartbeat)
+    last_seen: float = Field(ge=0)
+    #: unix seconds after which it is no longer shown
+    until: float = Field(ge=0)
+    agent: str = ""
+    host: str = ""
+    slots: int = Field(0, ge=0)
+
+    def encode(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def decode(cls, raw: str, key: str) -> LapsedRecord | None:
+        """One field's value; None (logged and counted) when it does not parse."""
+        try:
+            return cls.model_validate_json(raw[:4096])
+        except pydantic.ValidationError as exc:
+            skip_malformed(cls.__name__, key, exc.errors(include_url=False, include_input=False)[:3])
+            return None
 
 
 class JobRecord(Record):

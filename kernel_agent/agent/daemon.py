@@ -194,6 +194,7 @@ class Agent(Service):
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(k.agent(c.name), mapping=record.to_fields())
             pipe.sadd(k.agents(), c.name)
+            pipe.hdel(k.lapsed_agents(), c.name)  # back: no longer shown as a lapsed agent
             pipe.set(k.agent_lease(c.name), int(time.time() * 1000), px=int(self.settings.lease_ttl * 1000))
             await pipe.execute()
         await self.redis.lpush(k.service_wake(), f"agent {c.name}")
@@ -320,7 +321,7 @@ class Agent(Service):
                     float(stats.get(ERRORS, 0)),
                     float(stats.get(LATENCY_MS_SUM, 0)),
                 )
-                cpu, memory = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
+                cpu, memory, rss = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
                 key = k.load(self.config.name, c.cluster, c.kernel)
                 # as measured, unvalidated: a value out of range is the readers' to skip, as always
                 load = LoadRecord.model_construct(
@@ -331,6 +332,7 @@ class Agent(Service):
                     latency_ms=round(c.rates.latency_ms, 3),
                     error_rate=round(c.rates.error_rate, 4),
                     updated_at=now,
+                    memory_bytes=rss,
                 )
                 pipe.hset(key, mapping=load.to_fields())
                 pipe.pexpire(key, ttl_ms)
