@@ -56,6 +56,7 @@ class AgentConfig(BaseModel):
     capabilities: list[Capability] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     handlers: list[str] = Field(default_factory=list, description="modules with register(registry)")
+    arq_settings: list[str] = Field(default_factory=list, description="arq WorkerSettings paths")
     concurrency: int = Field(1, ge=1, le=1024, description="jobs each kernel runs at once")
     drain_timeout: float = Field(30.0, gt=0, description="SIGTERM grace for kernels, seconds")
 
@@ -99,6 +100,10 @@ class Agent(Service):
         self.config = config
         registry = builtin_registry()
         load_handlers(registry, config.handlers)
+        if config.arq_settings:  # checked here, so a bad path stops the agent, not each kernel
+            from kernel_agent.syscalls.arq_bridge import load_arq_settings
+
+            load_arq_settings(registry, config.arq_settings)
         self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()
@@ -290,6 +295,8 @@ class Agent(Service):
         ]
         for module in self.config.handlers:
             cmd += ["--handlers", module]
+        for path in self.config.arq_settings:
+            cmd += ["--arq-settings", path]
         env = {**os.environ, "KCP_REDIS_URL": self.settings.redis_url, "KCP_PREFIX": self.settings.prefix}
         child.proc = await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
         child.stopping = False

@@ -10,13 +10,15 @@ User syscalls live in modules with a ``register(registry)`` function, loaded wit
 """
 
 from kernel_agent.syscalls.builtins import builtin_registry, compute
-from kernel_agent.syscalls.memory import BASE_ADDRESS, ErrorType, KernelMemory, SyscallError
-from kernel_agent.syscalls.registry import Handler, SyscallContext, SyscallRegistry, load_handlers
+from kernel_agent.syscalls.memory import BASE_ADDRESS, Deferral, ErrorType, KernelMemory, SyscallError
+from kernel_agent.syscalls.registry import Handler, JobInfo, SyscallContext, SyscallRegistry, load_handlers
 
 __all__ = [
     "BASE_ADDRESS",
+    "Deferral",
     "ErrorType",
     "Handler",
+    "JobInfo",
     "KernelMemory",
     "SyscallContext",
     "SyscallError",

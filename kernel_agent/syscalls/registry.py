@@ -27,13 +27,24 @@ from kernel_agent.syscalls.memory import ErrorType, KernelMemory, SyscallError
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """The job a handler runs for (arq's per-job ``ctx``)."""
+
+    id: str
+    #: 1 for the first run; one more for each `Retry` and each run a dead kernel cut off
+    job_try: int
+    enqueue_ms: int
+
+
 @dataclass(slots=True)
 class SyscallContext:
-    """What a handler may use: the kernel's memory and its identity."""
+    """What a handler may use: the kernel's memory and its identity, and the job being run."""
 
     memory: KernelMemory = field(default_factory=KernelMemory)
     kernel: str = ""
     cluster: str = ""
+    job: JobInfo | None = None
 
 
 Handler = Callable[[SyscallContext, dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
