@@ -58,6 +58,6 @@ async def whoami(ctx: dict[str, Any], note: str = "") -> dict[str, Any]:
 
 
 class WorkerSettings:
-    functions = [add, func(flaky, max_tries=3), func(slow, timeout=0.5, max_tries=1), whoami]
+    functions = [add, func(flaky, max_tries=3), func(slow, timeout=0.5, max_tries=1), whoami]  # noqa: RUF012
     on_startup = startup
     on_shutdown = shutdown
