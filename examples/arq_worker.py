@@ -4,7 +4,7 @@ Under arq (a worker polling Redis)::
 
     arq examples.arq_worker.WorkerSettings
 
-On kcp (each kernel of the agent runs the functions as syscalls ADD, FLAKY, SLOW, WHOAMI; the
+On kcp (each kernel of the agent runs the functions as syscalls ADD, FLAKY, SLOW, ECHO_AFTER, WHOAMI; the
 repository root must be importable, e.g. ``PYTHONPATH=.``)::
 
     kcp agent --arq-settings examples.arq_worker.WorkerSettings
@@ -52,12 +52,18 @@ async def slow(ctx: dict[str, Any], seconds: float) -> str:
     return "woke"
 
 
+async def echo_after(ctx: dict[str, Any], value: Any, seconds: float) -> Any:
+    """`value`, after `seconds`: work that takes a while (the default 5 tries if cut off)."""
+    await asyncio.sleep(seconds)
+    return value
+
+
 async def whoami(ctx: dict[str, Any], note: str = "") -> dict[str, Any]:
     """What the job's ctx holds: what on_startup put there, and arq's per-job fields."""
     return {"greeting": ctx.get("greeting"), "job_id": ctx["job_id"], "job_try": ctx["job_try"], "note": note}
 
 
 class WorkerSettings:
-    functions = [add, func(flaky, max_tries=3), func(slow, timeout=0.5, max_tries=1), whoami]  # noqa: RUF012
+    functions = [add, func(flaky, max_tries=3), func(slow, timeout=0.5, max_tries=1), echo_after, whoami]  # noqa: RUF012
     on_startup = startup
     on_shutdown = shutdown

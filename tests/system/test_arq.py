@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +153,68 @@ async def test_bad_input_is_refused_and_nothing_is_queued(
         assert done is not None and await done.result(timeout=10) == 3
         assert await kcp.enqueue_job("jobs", "add", 1, 2, _job_id="done") is None  # result kept
         await asyncio.sleep(0)
+
+
+CLIENT = Path(__file__).with_name("arq_client.py")
+
+
+async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
+    redis_url: str, redis: AsyncRedis, stack: ProcessStack
+) -> None:
+    stack.serve()
+    doomed = stack.agent("arq-doomed", 1, "--arq-settings", SETTINGS)
+    stack.agent("arq-spare", 3, "--arq-settings", SETTINGS)
+    root = str(Path(__file__).resolve().parents[2])
+    async with KcpClient(Settings(redis_url=redis_url)) as kcp:
+        info = await kcp.create_cluster("jobs", kernel_count=2, wait=30)
+        assert sorted(k.agent for k in info.kernels) == ["arq-doomed", "arq-spare"]
+        clients = [
+            subprocess.Popen(
+                [sys.executable, str(CLIENT), redis_url, "jobs", tag, "8", "0.25"],
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": root},
+            )
+            for tag in ("a", "b")
+        ]
+        inflight = [KEYS.inflight("jobs", k.name) for k in info.kernels]
+
+        async def queued_jobs() -> int:
+            return sum([await redis.zcard(key) for key in inflight])
+
+        deadline = time.monotonic() + 30
+        while await queued_jobs() < 10 and time.monotonic() < deadline:  # the clients' jobs arrive
+            await asyncio.sleep(0.02)
+        # behind the clients' jobs: seen queued, then running, then done
+        watched = await kcp.enqueue_job("jobs", "echo_after", "watched", 0.3)
+        assert watched is not None
+        parked = await kcp.enqueue_job("jobs", "echo_after", "never", 0.0, _defer_by=3)
+        assert parked is not None and await parked.status() is JobStatus.deferred
+        seen: list[JobStatus] = []
+        killed = False
+        deadline = time.monotonic() + 60
+        while (not seen or seen[-1] is not JobStatus.complete) and time.monotonic() < deadline:
+            status = await watched.status()
+            if not seen or seen[-1] is not status:
+                seen.append(status)
+            stats = await redis.hgetall(KEYS.cluster_stats("jobs"))
+            if not killed and int(stats.get("dispatches", 0)) >= 3:  # mid-run: jobs queued and running
+                doomed.kill()  # SIGKILL: its kernel dies with it (PDEATHSIG)
+                killed = True
+            await asyncio.sleep(0.02)
+        assert killed
+        assert seen == [JobStatus.queued, JobStatus.in_progress, JobStatus.complete]
+        assert await watched.result(timeout=1) == "watched"
+        assert await parked.abort() is True  # a deferred job, stopped before its time
+        outputs = [json.loads(c.communicate(timeout=90)[0]) for c in clients]
+        assert all(c.returncode == 0 for c in clients)
+        for tag, out in zip(("a", "b"), outputs, strict=True):
+            assert out == {f"{tag}-{i}": f"{tag}-{i}" for i in range(8)}  # each once, from its caller's view
+        done = [await kcp.job("jobs", job_id).result_info() for out in outputs for job_id in out]
+        # the job the SIGKILL cut off ran again, elsewhere, as its next try
+        assert max(d.job_try for d in done if d is not None) >= 2
+        await asyncio.sleep(3.5)  # past the parked job's time: it did not run
+        with pytest.raises(KernelError) as aborted:
+            await parked.result(timeout=1)
+        assert aborted.value.error_type == "JobAborted"
+        assert await redis.zcard(KEYS.cluster_deferred("jobs")) == 0
+        assert [k async for k in redis.scan_iter(match="kcp:job:jobs:*") if not k.endswith(":result")] == []
