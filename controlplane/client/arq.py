@@ -211,7 +211,7 @@ class Job:
 
     async def status(self) -> JobStatus:
         """arq's `JobStatus`: deferred (waiting for its time), queued, in_progress, complete, not_found."""
-        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=False) as pipe:
+        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=True) as pipe:  # one view
             pipe.exists(self._result)
             pipe.hget(self._job, "state")
             pipe.zscore(self._deferred_set, self.job_id)
@@ -237,7 +237,7 @@ class Job:
         done = await self.result_info()
         if done is not None:
             return done
-        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=False) as pipe:
+        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=True) as pipe:
             pipe.hget(self._job, "job")
             pipe.hget(self._deferred, "job")
             pipe.zscore(self._deferred_set, self.job_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,7 +154,16 @@ async def test_bad_input_is_refused_and_nothing_is_queued(
         await asyncio.sleep(0)
 
 
-CLIENT = Path(__file__).with_name("arq_client.py")
+CLIENT = str(Path(__file__).with_name("arq_client.py"))
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+async def until(predicate: Any, limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
@@ -164,30 +172,33 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
     stack.serve()
     doomed = stack.agent("arq-doomed", 1, "--arq-settings", SETTINGS)
     stack.agent("arq-spare", 3, "--arq-settings", SETTINGS)
-    root = str(Path(__file__).resolve().parents[2])
     async with KcpClient(Settings(redis_url=redis_url)) as kcp:
         info = await kcp.create_cluster("jobs", kernel_count=2, wait=30)
         assert sorted(k.agent for k in info.kernels) == ["arq-doomed", "arq-spare"]
         clients = [
-            subprocess.Popen(
-                [sys.executable, str(CLIENT), redis_url, "jobs", tag, "8", "0.25"],
-                stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONPATH": root},
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                CLIENT,
+                redis_url,
+                "jobs",
+                tag,
+                "8",
+                "0.25",
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": ROOT},
             )
             for tag in ("a", "b")
         ]
         inflight = [KEYS.inflight("jobs", k.name) for k in info.kernels]
 
-        async def queued_jobs() -> int:
-            return sum([await redis.zcard(key) for key in inflight])
+        async def clients_enqueued() -> bool:
+            return sum([await redis.zcard(key) for key in inflight]) >= 10
 
-        deadline = time.monotonic() + 30
-        while await queued_jobs() < 10 and time.monotonic() < deadline:  # the clients' jobs arrive
-            await asyncio.sleep(0.02)
+        await until(clients_enqueued, 30, "the clients' jobs")
         # behind the clients' jobs: seen queued, then running, then done
         watched = await kcp.enqueue_job("jobs", "echo_after", "watched", 0.3)
         assert watched is not None
-        parked = await kcp.enqueue_job("jobs", "echo_after", "never", 0.0, _defer_by=3)
+        parked = await kcp.enqueue_job("jobs", "echo_after", "never", 0.0, _defer_by=60)
         assert parked is not None and await parked.status() is JobStatus.deferred
         seen: list[JobStatus] = []
         killed = False
@@ -200,19 +211,18 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
             if not killed and int(stats.get("dispatches", 0)) >= 3:  # mid-run: jobs queued and running
                 doomed.kill()  # SIGKILL: its kernel dies with it (PDEATHSIG)
                 killed = True
+                assert await parked.abort() is True  # a deferred job, stopped before its time
             await asyncio.sleep(0.02)
         assert killed
         assert seen == [JobStatus.queued, JobStatus.in_progress, JobStatus.complete]
         assert await watched.result(timeout=1) == "watched"
-        assert await parked.abort() is True  # a deferred job, stopped before its time
-        outputs = [json.loads(c.communicate(timeout=90)[0]) for c in clients]
+        outputs = [json.loads((await asyncio.wait_for(c.communicate(), 90))[0]) for c in clients]
         assert all(c.returncode == 0 for c in clients)
         for tag, out in zip(("a", "b"), outputs, strict=True):
             assert out == {f"{tag}-{i}": f"{tag}-{i}" for i in range(8)}  # each once, from its caller's view
         done = [await kcp.job("jobs", job_id).result_info() for out in outputs for job_id in out]
         # the job the SIGKILL cut off ran again, elsewhere, as its next try
         assert max(d.job_try for d in done if d is not None) >= 2
-        await asyncio.sleep(3.5)  # past the parked job's time: it did not run
         with pytest.raises(KernelError) as aborted:
             await parked.result(timeout=1)
         assert aborted.value.error_type == "JobAborted"
