@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,8 @@ RESCAN_S = 0.5
 LEASE_MS = 5_000
 #: Due jobs moved per cluster per look.
 MOVE_BATCH = 64
+#: A job id a key can carry: no separator, glob or hash-tag character.
+_JOB_ID = re.compile(r"[^\s:*?\[\]{}]{1,128}")
 
 
 class ArqContext:
@@ -274,8 +277,7 @@ class Job:
                     raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s")
                 with contextlib.suppress(TimeoutError):
                     outcome: Outcome = await asyncio.wait_for(asyncio.shield(fut), wait)
-                    if outcome.error_type != arq_protocol.RETRY:
-                        return _value(outcome.success, _pushed(outcome), outcome.kernel)
+                    return _value(outcome.success, _pushed(outcome), outcome.kernel)
             finally:
                 self._arq.dispatcher.unwatch(self.job_id, fut)
 

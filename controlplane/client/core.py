@@ -283,6 +283,7 @@ class KcpClient:
         from controlplane.client.arq import enqueue_job
 
         self._require_open()
+        await self.start()
         return await enqueue_job(
             self._arq_context(),
             validate_name(cluster),
@@ -305,6 +306,12 @@ class KcpClient:
         cluster = validate_name(cluster)
         arq.mover.watch(cluster)
         return Job(arq, cluster, job_id)
+
+    def watch_deferred(self, cluster: str) -> None:
+        """Route `cluster`'s deferred arq jobs when they are due, from this client, until it
+        closes (a client that enqueues or watches arq jobs of a cluster does so already)."""
+        self._require_open()
+        self._arq_context().mover.watch(validate_name(cluster))
 
     def _arq_context(self) -> ArqContext:
         from controlplane.client.arq import ArqContext
