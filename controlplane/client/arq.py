@@ -117,7 +117,7 @@ async def enqueue_job(
     expires_ms = _ms(expires, "_expires", relative=True)
     deadline = now + expires_ms if expires_ms is not None else max(due, now) + arq_protocol.EXPIRES_EXTRA_MS
     request = parse_request(arq_protocol.arq_request(function, args, kwargs, score=due))
-    job_id = job_id or uuid.uuid4().hex
+    explicit_id, job_id = job_id is not None, job_id or uuid.uuid4().hex
     await arq.dispatcher.start()
     kernels, _ = await arq.views.get(cluster, wait=arq.wait_s)
     arq.engine.eligible(kernels, request)  # an unknown function fails here, before anything is written
@@ -141,7 +141,7 @@ async def enqueue_job(
                 return None
         arq.mover.watch(cluster, due)
         return job
-    if await job.exists():
+    if explicit_id and await job.exists():
         return None
     try:
         await route(arq, cluster, request, job_id=job_id, payload=payload, deadline_ms=deadline)
@@ -214,12 +214,20 @@ class Job:
 
     async def status(self) -> JobStatus:
         """arq's `JobStatus`: deferred (waiting for its time), queued, in_progress, complete, not_found."""
-        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=True) as pipe:  # one view
-            pipe.exists(self._result)
+        return self._status(*await self._read())
+
+    async def _read(self) -> tuple[str | None, str | None, float | None]:
+        """(kept result, job state, deferred score) in one consistent read."""
+        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._result)
             pipe.hget(self._job, "state")
             pipe.zscore(self._deferred_set, self.job_id)
-            complete, state, score = await pipe.execute()
-        if complete:
+            result, state, score = await pipe.execute()
+        return result, state, score
+
+    @staticmethod
+    def _status(result: str | None, state: str | None, score: float | None) -> JobStatus:
+        if result is not None:
             return JobStatus.complete
         if state == "running":
             return JobStatus.in_progress
@@ -264,10 +272,11 @@ class Job:
         while True:
             fut = self._arq.dispatcher.watch(self.job_id)
             try:
-                done = await self.result_info()
-                if done is not None:
+                raw, state, score = await self._read()
+                if raw is not None:
+                    done = arq_protocol.job_result(raw)
                     return _value(done.success, done.result, done.function)
-                if await self.status() is JobStatus.not_found:
+                if self._status(raw, state, score) is JobStatus.not_found:
                     raise arq_protocol.ResultNotFound(
                         f"job {self.job_id} is not queued, deferred or running on {self.cluster}, "
                         "and no result is kept for it"
@@ -342,13 +351,12 @@ class DeferredMover:
         self._task: asyncio.Task[None] | None = None
 
     def watch(self, cluster: str, due_ms: float = 0.0) -> None:
-        """Look after `cluster`'s deferred jobs from now on; `due_ms`: a job due then."""
+        """Look after `cluster`'s deferred jobs from now on; `due_ms`: a job due then (the mover
+        is woken only for a cluster it did not know or a job earlier than it sleeps for)."""
         seen = self._clusters.get(cluster)
-        if due_ms and (seen is None or not seen or due_ms < seen):
+        if seen is None or (due_ms and (not seen or due_ms < seen)):
             self._clusters[cluster] = due_ms
-        else:
-            self._clusters.setdefault(cluster, 0.0)
-        self._wake.set()
+            self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="kcp-arq-deferred")
 

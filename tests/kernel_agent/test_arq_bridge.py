@@ -102,7 +102,10 @@ def _sync(ctx: dict[str, Any]) -> None:
         ({"functions": [_sync]}, "is not a coroutine function"),
         ({"functions": [func(_noop, name="has space")]}, "cannot be a kcp syscall"),
         ({"functions": [func(_noop, name="a"), func(_noop, name="A")]}, "two functions are named A"),
-        ({"functions": [func(_noop, name="noop", max_tries=0)]}, "max_tries must be an integer of at least 1"),
+        (
+            {"functions": [func(_noop, name="noop", max_tries=0)]},
+            "max_tries must be an integer of at least 1",
+        ),
         ({"functions": [func(_noop, name="noop")], "job_timeout": -1}, "job_timeout must be a non-negative"),
     ],
 )
