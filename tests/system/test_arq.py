@@ -172,6 +172,11 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
     stack.serve()
     doomed = stack.agent("arq-doomed", 1, "--arq-settings", SETTINGS)
     stack.agent("arq-spare", 3, "--arq-settings", SETTINGS)
+
+    async def agents_up() -> bool:
+        return await redis.scard(KEYS.agents()) >= 2
+
+    await until(agents_up, 30, "both agents")
     async with KcpClient(Settings(redis_url=redis_url)) as kcp:
         info = await kcp.create_cluster("jobs", kernel_count=2, wait=30)
         assert sorted(k.agent for k in info.kernels) == ["arq-doomed", "arq-spare"]
