@@ -27,7 +27,7 @@ from controlplane.client import routing
 from controlplane.client.dispatch import JOB_TTL_EXTRA_MS, ClusterViews, Dispatcher
 from controlplane.client.engine import OrchestrationEngine
 from controlplane.client.routing import KernelBusy, Placed
-from controlplane.errors import InvalidRequest, KernelError, NoKernelAvailable
+from controlplane.errors import InvalidRequest, KcpError, KernelError, NoKernelAvailable, RedisError
 from controlplane.protocol import arq as arq_protocol
 from controlplane.protocol.arq import JobDef, JobResult, JobStatus
 from controlplane.protocol.jobs import Outcome, decode_job, encode_job, encode_result
@@ -66,10 +66,12 @@ class ArqContext:
         views: ClusterViews,
         engine: OrchestrationEngine,
         wait_s: float,
+        max_request_bytes: int,
     ) -> None:
         self.redis, self.keys = redis, keys
         self.dispatcher, self.views, self.engine = dispatcher, views, engine
         self.wait_s = wait_s  # how long an enqueue waits for a running kernel
+        self.max_request_bytes = max_request_bytes
         self.mover = DeferredMover(self)
 
 
@@ -116,41 +118,49 @@ async def enqueue_job(
     due = now + by if by is not None else due if due is not None else now
     expires_ms = _ms(expires, "_expires", relative=True)
     deadline = now + expires_ms if expires_ms is not None else max(due, now) + arq_protocol.EXPIRES_EXTRA_MS
-    request = parse_request(arq_protocol.arq_request(function, args, kwargs, score=due))
+    request = parse_request(
+        arq_protocol.arq_request(function, args, kwargs, score=due), max_bytes=arq.max_request_bytes
+    )
     explicit_id, job_id = job_id is not None, job_id or uuid.uuid4().hex
     await arq.dispatcher.start()
     kernels, _ = await arq.views.get(cluster, wait=arq.wait_s)
     arq.engine.eligible(kernels, request)  # an unknown function fails here, before anything is written
     payload = encode_job(request.model_dump(mode="json", exclude_defaults=True), job_try=1, enqueue_ms=now)
-    job = Job(arq, cluster, job_id)
-    if due > now:
-        call = deferred.defer(
-            arq.keys,
-            cluster,
-            job_id,
-            payload=payload,
-            now_ms=now,
-            due_ms=due,
-            ttl_extra_ms=JOB_TTL_EXTRA_MS,
-            reply_key=arq.dispatcher.reply_key,
-            deadline_ms=deadline,
-            strategy=arq.engine.config.strategy.value,
-        )
-        async with amap_redis_errors():
-            if await call.run(arq.redis) == deferred.DUPLICATE:
-                return None
-        arq.mover.watch(cluster, due)
-        return job
-    if explicit_id and await job.exists():
+    if explicit_id and await Job(arq, cluster, job_id).exists():
         return None
+    pushed = arq.dispatcher.watch(job_id)  # before it can finish: its pushed result is not missed
     try:
-        await route(arq, cluster, request, job_id=job_id, payload=payload, deadline_ms=deadline)
-    except NoKernelAvailable:
-        if await job.exists():  # enqueue.lua found the id in use: arq's duplicate
-            return None
+        if due > now:
+            call = deferred.defer(
+                arq.keys,
+                cluster,
+                job_id,
+                payload=payload,
+                now_ms=now,
+                due_ms=due,
+                ttl_extra_ms=JOB_TTL_EXTRA_MS,
+                reply_key=arq.dispatcher.reply_key,
+                deadline_ms=deadline,
+                strategy=arq.engine.config.strategy.value,
+            )
+            async with amap_redis_errors():
+                if await call.run(arq.redis) == deferred.DUPLICATE:
+                    arq.dispatcher.unwatch(job_id, pushed)
+                    return None
+            arq.mover.watch(cluster, due)
+        else:
+            try:
+                await route(arq, cluster, request, job_id=job_id, payload=payload, deadline_ms=deadline)
+            except NoKernelAvailable:
+                if await Job(arq, cluster, job_id).exists():  # enqueue.lua found the id in use
+                    arq.dispatcher.unwatch(job_id, pushed)
+                    return None
+                raise
+            arq.mover.watch(cluster)  # its `Retry` may defer it
+    except BaseException:
+        arq.dispatcher.unwatch(job_id, pushed)
         raise
-    arq.mover.watch(cluster)  # its `Retry` may defer it
-    return job
+    return Job(arq, cluster, job_id, pushed)
 
 
 async def route(
@@ -197,8 +207,12 @@ async def route(
 class Job:
     """arq's job handle for a kcp arq job: `status`, `result`, `info`, `result_info`, `abort`."""
 
-    def __init__(self, arq: ArqContext, cluster: str, job_id: str) -> None:
+    def __init__(
+        self, arq: ArqContext, cluster: str, job_id: str, pushed: asyncio.Future[Outcome] | None = None
+    ) -> None:
+        """`pushed`: the future of the result pushed to this client (a job it enqueued)."""
         self._arq = arq
+        self._pushed = pushed
         self.cluster = cluster
         self.job_id = job_id
         k = arq.keys
@@ -269,25 +283,35 @@ class Job:
         not kept). This client's own jobs wake it when their result is pushed; others are read
         every `poll_delay` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            fut = self._arq.dispatcher.watch(self.job_id)
-            try:
-                raw, state, score = await self._read()
-                if raw is not None:
-                    done = arq_protocol.job_result(raw)
-                    return _value(done.success, done.result, done.function)
-                if self._status(raw, state, score) is JobStatus.not_found:
-                    raise arq_protocol.ResultNotFound(
-                        f"job {self.job_id} is not queued, deferred or running on {self.cluster}, "
-                        "and no result is kept for it"
-                    )
+        own = self._pushed is not None and not self._pushed.cancelled()
+        fut = self._pushed if own and self._pushed is not None else self._arq.dispatcher.watch(self.job_id)
+        read = not own  # our own job's result is pushed to us: wait for it before reading
+        try:
+            while True:
+                if fut.done() and not fut.cancelled():
+                    outcome = fut.result()
+                    return _value(outcome.success, _pushed(outcome), outcome.kernel)
+                if read:
+                    raw, state, score = await self._read()
+                    if raw is not None:
+                        done = arq_protocol.job_result(raw)
+                        return _value(done.success, done.result, done.function)
+                    if self._status(raw, state, score) is JobStatus.not_found:
+                        raise arq_protocol.ResultNotFound(
+                            f"job {self.job_id} is not queued, deferred or running on {self.cluster}, "
+                            "and no result is kept for it"
+                        )
+                read = True
                 wait = poll_delay if deadline is None else min(poll_delay, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"job {self.job_id} did not finish within {timeout}s")
+                if fut.cancelled():  # the client stopped listening: read until the deadline
+                    await asyncio.sleep(wait)
+                    continue
                 with contextlib.suppress(TimeoutError):
-                    outcome: Outcome = await asyncio.wait_for(asyncio.shield(fut), wait)
-                    return _value(outcome.success, _pushed(outcome), outcome.kernel)
-            finally:
+                    await asyncio.wait_for(asyncio.shield(fut), wait)
+        finally:
+            if not own:
                 self._arq.dispatcher.unwatch(self.job_id, fut)
 
     async def abort(self, *, timeout: float | None = None, poll_delay: float = 0.5) -> bool:  # noqa: ASYNC109 (arq's signature)
@@ -392,7 +416,9 @@ class DeferredMover:
         for job_id in due:
             try:
                 await self._move(cluster, job_id)
-            except (NoKernelAvailable, InvalidRequest) as exc:  # it waits for the lease, then again
+            except RedisError:
+                raise
+            except KcpError as exc:  # no kernel takes it now: it waits for the lease, then again
                 logger.info("deferred job %s/%s not routed yet: %s", cluster, job_id, exc)
         async with amap_redis_errors():
             head = await redis.zrange(keys.cluster_deferred(cluster), 0, 0, withscores=True)
@@ -406,7 +432,15 @@ class DeferredMover:
             )
         if not isinstance(taken, deferred.Due):
             return
-        request = parse_request(decode_job(taken.job)[0])
+        try:
+            request = parse_request(decode_job(taken.job)[0], max_bytes=arq.max_request_bytes)
+        except ValueError as exc:  # InvalidRequest too: it can never run, so it goes
+            logger.warning("dropping deferred job %s/%s: it is not a job (%s)", cluster, job_id, exc)
+            async with amap_redis_errors():
+                await deferred.undefer(arq.keys, cluster, job_id, now_ms=now_ms(), done=taken.lease).run(
+                    arq.redis
+                )
+            return
         await route(
             arq,
             cluster,

@@ -318,7 +318,15 @@ class KcpClient:
 
         if self._arq is None:
             wait = self.engine.config.timeout_ms / 1000
-            self._arq = ArqContext(self.redis, self.keys, self.dispatcher, self.views, self.engine, wait)
+            self._arq = ArqContext(
+                self.redis,
+                self.keys,
+                self.dispatcher,
+                self.views,
+                self.engine,
+                wait,
+                self.settings.max_request_bytes,
+            )
         return self._arq
 
     async def get_metrics(self, cluster: str) -> ClusterMetrics:

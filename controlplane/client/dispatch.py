@@ -136,10 +136,12 @@ class Dispatcher:
 
     def watch(self, job_id: str) -> asyncio.Future[Outcome]:
         """A future for the result of `job_id` pushed to this client's reply list (a job queued
-        without `submit`, e.g. an arq job); `unwatch` it when done waiting."""
+        without `submit`, e.g. an arq job). It is forgotten once resolved; `unwatch` it to stop
+        waiting before."""
         fut = self._waiting.get(job_id)
         if fut is None or fut.done():
             fut = self._waiting[job_id] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda done: self.unwatch(job_id, done))
         return fut
 
     def unwatch(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
