@@ -41,7 +41,7 @@ from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
 from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE
-from kernel_agent.syscalls import builtin_registry, load_handlers
+from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,11 @@ class Agent(Service):
         self.config = config
         registry = builtin_registry()
         load_handlers(registry, config.handlers)
-        if config.arq_settings:  # checked here, so a bad path stops the agent, not each kernel
+        arq_paths = [*config.arq_settings, *arq_settings_in(config.handlers)]
+        if arq_paths:  # loaded here too, so a bad path stops the agent, not each kernel
             from kernel_agent.syscalls.arq_bridge import load_arq_settings
 
-            load_arq_settings(registry, config.arq_settings)
+            load_arq_settings(registry, arq_paths)
         self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()

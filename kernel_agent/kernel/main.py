@@ -18,7 +18,7 @@ from controlplane.redis.connect import connect
 from controlplane.settings import Settings
 from kernel_agent.contract import EXIT_UNASSIGNED
 from kernel_agent.kernel.worker import KernelProcess
-from kernel_agent.syscalls import builtin_registry, load_handlers
+from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
 
 if TYPE_CHECKING:
     from kernel_agent.syscalls.arq_bridge import ArqFunctions
@@ -29,10 +29,11 @@ async def _amain(args: argparse.Namespace) -> int:
     registry = builtin_registry(max_request_bytes=settings.max_request_bytes)
     load_handlers(registry, args.handlers)
     arq: list[ArqFunctions] = []
-    if args.arq_settings:  # arq (and its worker module) is loaded only by kernels that run it
+    arq_paths = [*args.arq_settings, *arq_settings_in(args.handlers)]
+    if arq_paths:  # arq (and its worker module) is loaded only by kernels that run it
         from kernel_agent.syscalls.arq_bridge import load_arq_settings
 
-        arq = load_arq_settings(registry, args.arq_settings)
+        arq = load_arq_settings(registry, arq_paths)
     redis = connect(settings.redis_url)
     kernel = KernelProcess(
         redis,

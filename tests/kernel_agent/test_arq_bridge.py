@@ -15,8 +15,16 @@ from controlplane.errors import InvalidRequest
 from controlplane.protocol import arq as arq_protocol
 from controlplane.protocol.jobs import encode_job, encode_result
 from kernel_agent.agent.main import main as agent_main
-from kernel_agent.syscalls import Deferral, JobInfo, SyscallContext, SyscallError, builtin_registry
-from kernel_agent.syscalls.arq_bridge import ArqFunctions
+from kernel_agent.syscalls import (
+    Deferral,
+    JobInfo,
+    SyscallContext,
+    SyscallError,
+    arq_settings_in,
+    builtin_registry,
+    load_handlers,
+)
+from kernel_agent.syscalls.arq_bridge import ArqFunctions, load_arq_settings
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
 
@@ -175,3 +183,16 @@ def test_job_def_and_result_are_arqs_own_shapes() -> None:
         error_type="ValueError",
     )
     assert arq_protocol.job_result(failed).result == {"error": "boom", "error_type": "ValueError"}
+
+
+def test_a_handler_module_may_name_arq_settings(settings_module: types.ModuleType) -> None:
+    settings_module.arq_settings = {"functions": [func(_noop, name="noop")]}  # type: ignore[attr-defined]
+    reg = builtin_registry()
+    load_handlers(reg, [settings_module.__name__])  # no register(registry) needed
+    paths = arq_settings_in([settings_module.__name__, "examples.infer_handlers"])
+    assert paths == [f"{settings_module.__name__}:arq_settings"]
+    load_arq_settings(reg, paths)
+    assert "NOOP" in reg.names()
+    del settings_module.arq_settings  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="has no register\\(registry\\) function nor arq_settings"):
+        load_handlers(reg, [settings_module.__name__])
