@@ -32,6 +32,7 @@ from controlplane.protocol import arq as arq_protocol
 from controlplane.protocol.arq import JobDef, JobResult, JobStatus
 from controlplane.protocol.jobs import Outcome, decode_job, encode_job, encode_result
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import RoutingStrategy
 from controlplane.protocol.requests import SyscallRequest, parse_request
 from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
@@ -39,7 +40,17 @@ from controlplane.redis.retry import periodically
 from controlplane.redis.scripts import deferred
 from controlplane.redis.state import now_ms
 
-__all__ = ["ArqContext", "DeferredMover", "Job", "JobDef", "JobResult", "JobStatus", "enqueue_job", "route"]
+__all__ = [
+    "ArqContext",
+    "DeferredMover",
+    "Job",
+    "JobDef",
+    "JobResult",
+    "JobStatus",
+    "enqueue_job",
+    "route",
+    "validate_job_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +86,15 @@ class ArqContext:
         self.mover = DeferredMover(self)
 
 
+def validate_job_id(job_id: object, what: str = "job id") -> str:
+    """`job_id` if a key can carry it, else `InvalidRequest`."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise InvalidRequest(
+            f"{what} must be 1-128 characters, none of them blank or one of :*?[]{{}} (got {job_id!r})"
+        )
+    return job_id
+
+
 def _ms(when: datetime | float | timedelta | None, what: str, *, relative: bool) -> int | None:
     """`when` in ms: a datetime as unix ms; seconds or a timedelta as a duration (never negative)."""
     if when is None:
@@ -106,10 +126,8 @@ async def enqueue_job(
     """See `KcpClient.enqueue_job`."""
     if defer_until is not None and defer_by is not None:
         raise InvalidRequest("use either _defer_until or _defer_by, not both")
-    if job_id is not None and (
-        not isinstance(job_id, str) or not job_id or len(job_id) > 128 or ":" in job_id
-    ):
-        raise InvalidRequest(f"_job_id must be a string of 1-128 characters without ':' (got {job_id!r})")
+    if job_id is not None:
+        validate_job_id(job_id, "_job_id")
     now = now_ms()
     if defer_until is not None and not isinstance(defer_until, datetime):
         raise InvalidRequest(f"_defer_until must be a datetime (got {defer_until!r})")
@@ -177,7 +195,7 @@ async def route(
     """Enqueue an arq job on a kernel of `cluster` picked by the engine's strategy, without waiting
     for its outcome: candidates that refuse are left out (NoKernelAvailable when none takes it)."""
     engine = arq.engine
-    with_loads = engine.config.strategy.value in ("least_loaded", "capability_based")
+    with_loads = engine.config.strategy in (RoutingStrategy.LEAST_LOADED, RoutingStrategy.CAPABILITY_BASED)
     refused: set[str] = set()
     async with amap_redis_errors():
         while True:

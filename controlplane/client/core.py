@@ -299,11 +299,11 @@ class KcpClient:
     def job(self, cluster: str, job_id: str) -> Job:
         """The handle of arq job `job_id` of `cluster` (enqueued by any client); this client then
         also routes the cluster's deferred jobs when they are due."""
-        from controlplane.client.arq import Job
+        from controlplane.client.arq import Job, validate_job_id
 
         self._require_open()
         arq = self._arq_context()
-        cluster = validate_name(cluster)
+        cluster, job_id = validate_name(cluster), validate_job_id(job_id)
         arq.mover.watch(cluster)
         return Job(arq, cluster, job_id)
 

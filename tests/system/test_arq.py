@@ -137,6 +137,10 @@ async def test_bad_input_is_refused_and_nothing_is_queued(
             await kcp.enqueue_job("jobs", "add", 1, b={1, 2})
         with pytest.raises(InvalidRequest, match="_defer_by must not be negative"):
             await kcp.enqueue_job("jobs", "add", 1, 2, _defer_by=-1)
+        with pytest.raises(InvalidRequest, match="_expires must not be negative"):
+            await kcp.enqueue_job("jobs", "add", 1, 2, _expires=-5)
+        with pytest.raises(InvalidRequest, match="_job_id must be 1-128 characters"):
+            await kcp.enqueue_job("jobs", "add", 1, 2, _job_id="a:result")
         assert sorted(await redis.keys("kcp:job:*")) == before
         assert await redis.zcard(KEYS.cluster_deferred("jobs")) == 0
         # a duplicate _job_id returns None, as arq does; the first job is untouched
