@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kcp agent: invalid configuration: {text}", file=sys.stderr)
         return 2  # bad input, as for every kcp command
     if config.arq_settings:  # a bad path or settings object: a clear message, no traceback
-        from kernel_agent.syscalls.arq_bridge import ArqFunctions
+        from kernel_agent.syscalls import builtin_registry
+        from kernel_agent.syscalls.arq_bridge import load_arq_settings
 
-        try:
-            for path in config.arq_settings:
-                ArqFunctions.load(path)
+        try:  # into a scratch registry: the names and capabilities are checked too
+            load_arq_settings(builtin_registry(), config.arq_settings)
         except (ImportError, ValueError) as exc:
             print(f"kcp agent: invalid --arq-settings: {exc}", file=sys.stderr)
             return 2

@@ -37,7 +37,8 @@ from kernel_agent.syscalls.registry import SyscallContext, SyscallRegistry
 
 logger = logging.getLogger(__name__)
 
-#: The capability arq functions declare unless their settings name others (`kcp_capabilities`).
+#: The capability arq functions declare unless their settings name others (`kcp_capabilities`),
+#: or the coroutine itself does (a `kcp_capabilities` attribute on it).
 DEFAULT_CAPABILITY = "arq"
 #: arq's default `job_timeout`, seconds.
 JOB_TIMEOUT_S = 300.0
@@ -55,6 +56,7 @@ class ArqFunction:
     timeout_s: float | None
     keep_result_ms: int
     max_tries: int
+    capabilities: tuple[str, ...]
 
 
 def _seconds(value: object, what: str) -> float | None:
@@ -64,6 +66,15 @@ def _seconds(value: object, what: str) -> float | None:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
         raise ValueError(f"{what} must be a non-negative number of seconds (got {value!r})")
     return float(seconds)
+
+
+def _names(value: object) -> tuple[str, ...]:
+    """Capability names: one string or an iterable of them."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Iterable):
+        raise ValueError(f"kcp_capabilities must be a name or a list of names (got {value!r})")
+    return tuple(str(v) for v in value)
 
 
 class ArqFunctions:
@@ -78,7 +89,7 @@ class ArqFunctions:
         keep = _seconds(get("keep_result", arq_protocol.KEEP_RESULT_S), f"{where}: keep_result")
         max_tries = get("max_tries", arq_protocol.MAX_TRIES)
         self.retry_jobs = bool(get("retry_jobs", True))
-        self.capabilities: tuple[str, ...] = tuple(get("kcp_capabilities", (DEFAULT_CAPABILITY,)))
+        self.capabilities = _names(get("kcp_capabilities", (DEFAULT_CAPABILITY,)))
         self.on_startup: Hook | None = get("on_startup")
         self.on_shutdown: Hook | None = get("on_shutdown")
         self.ctx: dict[str, Any] = dict(get("ctx") or {})
@@ -109,8 +120,9 @@ class ArqFunctions:
                 raise ValueError(
                     f"{where}: {name}: max_tries must be an integer of at least 1 (got {tries!r})"
                 )
+            capabilities = _names(getattr(coroutine, "kcp_capabilities", self.capabilities))
             self.functions[syscall] = ArqFunction(
-                syscall, name, coroutine, timeout, round((fn_keep or 0) * 1000), tries
+                syscall, name, coroutine, timeout, round((fn_keep or 0) * 1000), tries, capabilities
             )
 
     @classmethod
@@ -135,7 +147,7 @@ class ArqFunctions:
             registry.register(
                 fn.syscall,
                 self._handler(fn),
-                capabilities=self.capabilities,
+                capabilities=fn.capabilities,
                 description=f"arq function {fn.name}",
             )
 

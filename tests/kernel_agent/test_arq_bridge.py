@@ -196,3 +196,18 @@ def test_a_handler_module_may_name_arq_settings(settings_module: types.ModuleTyp
     del settings_module.arq_settings  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="has no register\\(registry\\) function nor arq_settings"):
         load_handlers(reg, [settings_module.__name__])
+
+
+def test_a_function_may_declare_its_own_capabilities(settings_module: types.ModuleType) -> None:
+    async def infer(ctx: dict[str, Any]) -> int:
+        return 1
+
+    infer.kcp_capabilities = ["gpu"]  # type: ignore[attr-defined]
+    settings_module.Settings = {
+        "functions": [func(infer, name="infer"), func(_noop, name="noop")],
+        "kcp_capabilities": "jobs",
+    }  # type: ignore[attr-defined]
+    reg = builtin_registry()
+    ArqFunctions.load(f"{settings_module.__name__}.Settings").register(reg)
+    declared = {d["name"]: d["capabilities"] for d in reg.describe()}
+    assert (declared["INFER"], declared["NOOP"]) == (["gpu"], ["jobs"])
