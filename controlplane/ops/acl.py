@@ -89,6 +89,7 @@ def _shared_kernel_side(k: Keys) -> list[str]:
         k.job_pattern("*"),
         k.reply("*"),
         k.cluster_stats("*"),
+        k.cluster_deferred("*"),  # an arq function's Retry puts its job back there (defer.lua)
         k.epoch(),
         f"{k.prefix}bus:*",
     )

@@ -46,6 +46,12 @@ class Keys:
         """ZSET job id -> enqueue ms: jobs taken from a dead kernel, waiting for a live one."""
         return f"{self.prefix}cluster:{cluster}:orphans"
 
+    def cluster_deferred(self, cluster: str) -> str:
+        """ZSET job id -> due unix ms: arq jobs waiting for their time (`_defer_by`, `Retry`). A
+        client moving a due job pushes its score on by a lease, so a mover that dies mid-move
+        leaves it to the next (`lua/undefer.lua`)."""
+        return f"{self.prefix}cluster:{cluster}:deferred"
+
     # ------------------------------------------------------------ kernels
     def kernel(self, cluster: str, kernel: str) -> str:
         """HASH: the kernel record (agent, state, epoch, pid, ...)."""
@@ -86,6 +92,14 @@ class Keys:
     def job(self, cluster: str, job_id: str) -> str:
         """HASH: one job (arq-serialized JSON under ``job``, routing fields, fencing epoch)."""
         return f"{self.prefix}job:{cluster}:{job_id}"
+
+    def job_deferred(self, cluster: str, job_id: str) -> str:
+        """HASH (`records.DeferredRecord`): a deferred arq job, until a client routes it when due."""
+        return f"{self.prefix}job:{cluster}:{job_id}:deferred"
+
+    def job_result(self, cluster: str, job_id: str) -> str:
+        """STRING with a TTL (arq's `keep_result`): the arq-format result of an arq job."""
+        return f"{self.prefix}job:{cluster}:{job_id}:result"
 
     def job_pattern(self, cluster: str) -> str:
         return f"{self.prefix}job:{cluster}:*"

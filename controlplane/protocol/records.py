@@ -289,6 +289,20 @@ class JobRecord(Record):
     stolen_from: str | None = None  # the sibling a stolen job was queued on (claim.lua)
 
 
+class DeferredRecord(Record):
+    """`{prefix}job:{cluster}:{id}:deferred` (with a TTL): an arq job waiting for its time in
+    `cluster:{cluster}:deferred`, written by defer.lua, taken by undefer.lua, routed then by
+    the client that moves it (as enqueue.lua would have had it, with the job's own strategy)."""
+
+    job: str  # arq-serialized JSON; its `t` is the try the job runs as next
+    reply: str  # the reply list of the client that enqueued it (or whose job was retried)
+    enqueued_ms: int
+    due_ms: int
+    deadline_ms: int  # after it the job is dropped (arq's `_expires`)
+    strategy: str = ""
+    taken_until: int | None = None  # unix ms: a client routes it now (undefer.lua)
+
+
 class HealthRecord(Record):
     """`{prefix}kernel:{cluster}:{kernel}:health` (with a TTL): outlier detection of one kernel
     as every client sees it, written by outlier.lua, read by enqueue.lua and claim.lua."""

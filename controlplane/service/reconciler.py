@@ -295,6 +295,7 @@ class Reconciler:
                 self.keys.cluster_kernels(name),
                 self.keys.cluster_stats(name),
                 self.keys.cluster_orphans(name),
+                self.keys.cluster_deferred(name),
                 self.keys.cluster_rr(name),
                 self.keys.cluster_ejected(name),
                 self.keys.collector_values(name),

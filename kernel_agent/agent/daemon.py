@@ -41,7 +41,7 @@ from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
 from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE
-from kernel_agent.syscalls import builtin_registry, load_handlers
+from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class AgentConfig(BaseModel):
     capabilities: list[Capability] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     handlers: list[str] = Field(default_factory=list, description="modules with register(registry)")
+    arq_settings: list[str] = Field(default_factory=list, description="arq WorkerSettings paths")
     concurrency: int = Field(1, ge=1, le=1024, description="jobs each kernel runs at once")
     drain_timeout: float = Field(30.0, gt=0, description="SIGTERM grace for kernels, seconds")
 
@@ -99,6 +100,11 @@ class Agent(Service):
         self.config = config
         registry = builtin_registry()
         load_handlers(registry, config.handlers)
+        arq_paths = [*config.arq_settings, *arq_settings_in(config.handlers)]
+        if arq_paths:  # loaded here too, so a bad path stops the agent, not each kernel
+            from kernel_agent.syscalls.arq_bridge import load_arq_settings
+
+            load_arq_settings(registry, arq_paths)
         self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()
@@ -291,6 +297,8 @@ class Agent(Service):
         ]
         for module in self.config.handlers:
             cmd += ["--handlers", module]
+        for path in self.config.arq_settings:
+            cmd += ["--arq-settings", path]
         env = {**os.environ, "KCP_REDIS_URL": self.settings.redis_url, "KCP_PREFIX": self.settings.prefix}
         child.proc = await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
         child.stopping = False

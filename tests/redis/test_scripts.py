@@ -675,7 +675,7 @@ async def test_round_trip(lua: Lua) -> None:
     status, job, reply, attempt, job_id, _queued = await lua.claim(epoch=3)
     assert (status, job_id) == ("ok", "j1")
     assert reply == KEYS.reply(CLIENT)
-    kwargs, enqueue_ms = decode_job(job)
+    kwargs, enqueue_ms, _try = decode_job(job)
     assert (kwargs, enqueue_ms) == (request, NOW)
 
     result = encode_result(
