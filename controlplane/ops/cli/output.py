@@ -4,24 +4,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from controlplane.errors import (
     AuthenticationFailed,
-    InvalidRequest,
     KcpError,
     PermissionDenied,
     ReadOnly,
     RedisUnavailable,
     WrongData,
+    exit_code,
 )
 from controlplane.settings import Settings
 from controlplane.tls import redact_url
 
-#: The exit codes, one per thing the user fixes (listed in the `kcp` docstring and the docs).
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_AUTH, EXIT_PERMISSION, EXIT_WRONG_DATA = 1, 2, 3, 4, 5, 6
+
+def _seconds(text: str, *, zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value >= 0 if zero else value > 0) or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected seconds {'>= 0' if zero else '> 0'}, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    return _seconds(text, zero=False)
+
+
+def non_negative_seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0 or more."""
+    return _seconds(text, zero=True)
+
+
+def _count(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a count, 0 or more."""
+    return _count(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count, 1 or more."""
+    return _count(text, 1)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -31,31 +69,44 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 
 def emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else human(data))
+    print(json.dumps(data, indent=2, default=str) if args.json else human(data), flush=True)
 
 
-def report_error(exc: KcpError, settings: Settings) -> int:
-    """Tell the user what went wrong, the same way for every command; the exit code for it."""
-    url = redact_url(settings.redis_url)
-    hint, code = "", EXIT_FAILED
-    if isinstance(exc, RedisUnavailable):
-        hint, code = f"is Redis running at {url}?", EXIT_REDIS
-    elif isinstance(exc, ReadOnly):
-        hint, code = "a replica, or a failover under way: point the URL at the primary, or retry", EXIT_REDIS
-    elif isinstance(exc, AuthenticationFailed):
-        hint = "check the user name and password: KCP_REDIS_USERNAME, KCP_REDIS_PASSWORD or the URL"
-        code = EXIT_AUTH
-    elif isinstance(exc, PermissionDenied):
-        hint, code = (
-            "the ACL user lacks this right: `kcp acl` writes the rules each role needs",
-            EXIT_PERMISSION,
+def ms(value: float) -> str:
+    """A duration in milliseconds as a person reads it: fractions below 10 ms (0.53 ms, 4.2 ms)."""
+    if value < 1:
+        return f"{value:.2f} ms"
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def fail(args: argparse.Namespace, message: str, error_type: str, code: int, **extra: Any) -> int:
+    """Report a failure: one line on stderr, or with `--json` one object on stdout (`error`,
+    `error_type`, `exit_code` and `extra`); returns the exit code."""
+    if getattr(args, "json", False):
+        print(
+            json.dumps({"error": message, "error_type": error_type, "exit_code": code, **extra}), flush=True
         )
-    elif isinstance(exc, WrongData):
-        hint, code = (
-            f"a key holds data kcp did not write: does something else use prefix {settings.prefix!r}?",
-            EXIT_WRONG_DATA,
-        )
-    elif isinstance(exc, InvalidRequest):
-        code = EXIT_BAD_INPUT
-    print(f"kcp: {exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    else:
+        print(f"kcp: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def hint(exc: KcpError, settings: Settings) -> str:
+    """What to fix, when the message does not say it ("" then)."""
+    if isinstance(exc, RedisUnavailable):
+        return f"is Redis running at {redact_url(settings.redis_url)}?"
+    if isinstance(exc, ReadOnly):
+        return "a replica, or a failover under way: point the URL at the primary, or retry"
+    if isinstance(exc, AuthenticationFailed):
+        return "check the user name and password: KCP_REDIS_USERNAME, KCP_REDIS_PASSWORD or the URL"
+    if isinstance(exc, PermissionDenied):
+        return "the ACL user lacks this right: `kcp acl` writes the rules each role needs"
+    if isinstance(exc, WrongData):
+        return f"a key holds data kcp did not write: does something else use prefix {settings.prefix!r}?"
+    return ""
+
+
+def report_error(exc: KcpError, args: argparse.Namespace) -> int:
+    """Tell the user what went wrong, the same way for every command; the exit code for it."""
+    fix = hint(exc, args.settings)
+    return fail(args, f"{exc}" + (f" ({fix})" if fix else ""), type(exc).__name__, exit_code(exc))
