@@ -256,6 +256,7 @@ async def test_exporter_reads_bus_counters(redis: AsyncRedis, redis_url: str) ->
         await redis.xadd(events, {"seq": i + 1, "m": "{}"})
     await redis.set(KEYS.bus_seq(events), 3)
     await redis.sadd(KEYS.bus_subscribers("events"), "k1")
+    await redis.set(KEYS.bus_lease("k1"), "host:1", px=30_000)  # a live process serves k1
     await redis.xgroup_create(events, "k1", id="0")
     await redis.xreadgroup("k1", "c", {events: ">"}, count=2)  # delivered 2, not acknowledged
     await redis.hincrby(KEYS.bus_stats(), "dead:events", 1)

@@ -104,7 +104,11 @@ def bus_families(client: SyncRedis, keys: Keys) -> Iterable[Metric]:
         for topic, value in sorted(values.items()):
             family.add_metric([topic], float(_int(value)))
         yield family
-    kernels = GaugeMetricFamily("kcp_bus_kernels", "kernels registered on the bus", labels=("state",))
+    kernels = GaugeMetricFamily(
+        "kcp_bus_kernels",
+        "kernels registered on the bus: served by a live process, or offline",
+        labels=("state",),
+    )
     kernels.add_metric(["registered"], float(_int(stats.get("registered_kernels"))))
-    kernels.add_metric(["live"], float(_int(stats.get("live_kernels"))))
+    kernels.add_metric(["offline"], float(len(stats.get("offline_kernels", []))))
     yield kernels
