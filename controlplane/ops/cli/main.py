@@ -43,7 +43,7 @@ from controlplane.client.core import KcpClient
 from controlplane.errors import EXIT_BAD_INPUT, KcpError
 from controlplane.ops.acl import add_arguments as add_acl_arguments
 from controlplane.ops.acl import run as run_acl
-from controlplane.ops.cli.output import fail, report_error
+from controlplane.ops.cli.output import fail, non_negative_int, port, report_error
 from controlplane.redis.connect import connect, wait_for_redis
 from controlplane.settings import Settings, explain_settings_error
 
@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, parents=[common])
 
     up = add("up", help="run a local stack: Redis if none answers, the service, agents")
-    up.add_argument("--agents", type=int, default=3, help="agents to start (default 3)")
-    up.add_argument("--slots", type=int, default=4, help="kernel slots of each agent (default 4)")
+    up.add_argument("--agents", type=non_negative_int, default=3, help="agents to start (default 3)")
+    up.add_argument(
+        "--slots", type=non_negative_int, default=4, help="kernel slots of each agent (default 4)"
+    )
     up.add_argument(
         "--handlers",
         action="append",
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="module with register(registry) adding syscalls, given to every agent (repeatable)",
     )
     serve = add("serve", help="run the control-plane service (several may run: one leads)")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics on this port")
     serve.add_argument("--metrics-host", default="0.0.0.0", help="address for /metrics (default 0.0.0.0)")
     agent = add("agent", help="run a kernel agent on this host")
     add_agent_arguments(agent, common=False)
