@@ -206,6 +206,8 @@ class AgentRecord(Record):
     labels: str = ""  # JSON object
     draining: bool = False
     started_at: float = 0.0
+    #: the host's RAM, bytes: a load report's `memory` is a fraction of it (0: not told)
+    memory_bytes: int = Field(0, ge=0)
 
     @property
     def capability_set(self) -> frozenset[str]:

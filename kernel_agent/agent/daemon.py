@@ -190,6 +190,7 @@ class Agent(Service):
             labels=json.dumps(c.labels),
             draining=False,
             started_at=round(time.time(), 3),
+            memory_bytes=self.sampler.total_memory,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(k.agent(c.name), mapping=record.to_fields())

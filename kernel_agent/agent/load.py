@@ -17,6 +17,11 @@ class ProcessSampler:
         self._procs: dict[int, psutil.Process] = {}
         self._total = psutil.virtual_memory().total
 
+    @property
+    def total_memory(self) -> int:
+        """The host's RAM, bytes: what the memory fractions are fractions of."""
+        return int(self._total)
+
     def sample(self, pid: int) -> tuple[float, float]:
         try:
             proc = self._procs.get(pid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from controlplane.errors import EXIT_NOT_PLACED, InvalidRequest
 from controlplane.ops.cli.output import emit, fail, ms, non_negative_seconds, table
 from controlplane.protocol.models import ClusterStatus
 from controlplane.protocol.requests import ARG_MODELS
+from controlplane.redis.snapshot import read_snapshot
 
 #: READ data as the CLI prints it; "auto" is UTF-8 text when the bytes are printable, else hex.
 ENCODINGS = ("auto", "utf-8", "hex", "base64")
@@ -276,11 +278,20 @@ async def dispatch_command(args: argparse.Namespace, kcp: KcpClient) -> int:
 
 async def metrics_command(args: argparse.Namespace, kcp: KcpClient) -> int:
     m = (await kcp.get_metrics(args.cluster)).to_dict()
+    snap = await read_snapshot(kcp.state)  # the hosts' RAM, for the memory in MiB
+    ram = {a.record.name: a.record.memory_bytes for a in snap.agents}
+    kernels = [k for c in snap.clusters if c.record.name == m["cluster_name"] for k in c.kernels]
+    mib = [k.load.memory * ram[k.record.agent] / 2**20 for k in kernels if k.load and ram.get(k.record.agent)]
+    memory_text = f"{m['avg_memory']:.2%} of the host's memory"
+    if mib:
+        m["avg_memory_mib"] = round(statistics.fmean(mib), 1)
+        memory_text = f"{m['avg_memory_mib']} MiB ({memory_text})"
     shown = {
         **m,
         "avg_latency_ms": ms(m["avg_latency_ms"]),
         "avg_cpu": f"{m['avg_cpu']:.1%} of a core",
-        "avg_memory": f"{m['avg_memory']:.2%} of the host's memory",
+        "avg_memory": memory_text,
     }
+    shown.pop("avg_memory_mib", None)
     emit(args, m, lambda d: "\n".join(f"{k:<18}{v}" for k, v in shown.items()))
     return 0

@@ -87,6 +87,13 @@ def ms(value: float) -> str:
     return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
 
 
+def memory(fraction: float, total_bytes: int) -> str:
+    """A kernel's memory: MiB and the share of its host's RAM, or the share alone when the
+    host's size is not known (`AgentRecord.memory_bytes` 0)."""
+    share = f"{fraction:.2%}"
+    return f"{fraction * total_bytes / 2**20:.1f} MiB ({share})" if total_bytes else share
+
+
 def fail(args: argparse.Namespace, message: str, error_type: str, code: int, **extra: Any) -> int:
     """Report a failure: one line on stderr, or with `--json` one object on stdout (`error`,
     `error_type`, `exit_code` and `extra`); returns the exit code."""

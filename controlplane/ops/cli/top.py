@@ -21,7 +21,7 @@ from collections import deque
 from typing import TextIO
 
 from controlplane.client.core import ClusterInfo, KcpClient
-from controlplane.ops.cli.output import ms, non_negative_int, positive_seconds, table
+from controlplane.ops.cli.output import memory, ms, non_negative_int, positive_seconds, table
 from controlplane.protocol import stats
 from controlplane.protocol.models import KernelState
 from controlplane.redis.snapshot import ClusterView, KernelView, Snapshot, read_snapshot
@@ -46,6 +46,11 @@ def _pct(x: float, digits: int = 0) -> str:
 
 def cluster_info(view: ClusterView) -> ClusterInfo:
     return ClusterInfo.of(view.record, [k.record for k in view.kernels])
+
+
+def _ram(snap: Snapshot) -> dict[str, int]:
+    """Each agent's host RAM, bytes (what its kernels' memory fractions are of)."""
+    return {a.record.name: a.record.memory_bytes for a in snap.agents}
 
 
 def _agentstable(snap: Snapshot) -> str:
@@ -82,7 +87,7 @@ def render_status(snap: Snapshot) -> str:
         if snap.clusters
         else "no clusters"
     )
-    rows = []
+    rows, ram = [], _ram(snap)
     for c, k in snap.kernels():
         load = k.load
         rows.append(
@@ -93,7 +98,7 @@ def render_status(snap: Snapshot) -> str:
                 k.record.state.value,
                 k.record.pid or "-",
                 _pct(load.cpu) if load else "-",
-                _pct(load.memory, 2) if load else "-",
+                memory(load.memory, ram.get(k.record.agent, 0)) if load else "-",
                 load.queue_depth if load else "-",
                 ms(load.latency_ms) if load else "-",
             )
@@ -187,7 +192,7 @@ class TopView:
 
     def _kernels(self, snap: Snapshot, prev: Snapshot | None) -> str:
         before = {(c.record.name, k.record.name): k for c, k in prev.kernels()} if prev else {}
-        rows = []
+        rows, ram = [], _ram(snap)
         for c, k in snap.kernels():
             old = before.get((c.record.name, k.record.name))
             if old is not None and old.record.epoch != k.record.epoch:
@@ -202,7 +207,7 @@ class TopView:
                     if k.up or k.record.state is KernelState.PENDING
                     else f"{k.record.state.value}?",
                     _pct(load.cpu) if load else "-",
-                    _pct(load.memory, 2) if load else "-",
+                    memory(load.memory, ram.get(k.record.agent, 0)) if load else "-",
                     k.queued,
                     k.inflight,
                     _p99(k.stats, old.stats if old else None),
