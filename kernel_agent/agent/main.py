@@ -65,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run(settings: Settings, config: AgentConfig) -> int:
     redis = connect(settings.redis_url)
-    agent = Agent(redis, settings, config)
+    try:
+        agent = Agent(redis, settings, config)
+    except (ImportError, ValueError) as exc:  # --handlers: a module not found, or without register()
+        await redis.aclose()
+        raise InvalidRequest(f"invalid agent configuration: {exc}") from None
     stop = asyncio.Event()
 
     def on_signal() -> None:

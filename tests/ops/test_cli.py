@@ -267,6 +267,8 @@ CASES = [
     case("acl", "--format", "aclfile", code=EXIT_BAD_INPUT, says="needs --secrets-dir"),
     case("agent", "--slots", "-1", code=EXIT_BAD_INPUT, says="slots"),
     case("agent", "--labels", "{bad", code=EXIT_BAD_INPUT, says="invalid agent configuration"),
+    case("agent", "--handlers", "nosuch.module", code=EXIT_BAD_INPUT, says="cannot import handler module"),
+    case("agent", "--handlers", "json", code=EXIT_BAD_INPUT, says="has no register(registry)"),
     case("serve", "--metrics-port", "70000", code=EXIT_BAD_INPUT, says="TCP port"),
     case("up", "--agents", "x", code=EXIT_BAD_INPUT, says="expected a whole number"),
     case("up", "--slots", "-2", code=EXIT_BAD_INPUT, says=">= 0"),
