@@ -99,6 +99,7 @@ CASES = [
         code=EXIT_NOT_PLACED,
         says="0 of 1 placed: no agent offers capability gpu",
         cleanup=("cluster", "destroy", "gpu"),
+        json=False,  # the --json error of a placement is the case above's
     ),
     case(
         "cluster",
