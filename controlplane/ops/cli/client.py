@@ -150,7 +150,8 @@ async def _await_placement(
     plane has reported a placement shortfall for a reconcile pass or more (a fresh pass may
     still clear one left from before), or at `--timeout`."""
     timeout = kcp.settings.ready_timeout if args.timeout is None else args.timeout
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
     grace = kcp.settings.reconcile_interval + 0.5
     shown, reason_since = "", None
     while True:
@@ -168,10 +169,14 @@ async def _await_placement(
             why = f"cluster {name}: {info.reason}"
             hint = " (the cluster stays and is placed when capacity appears; `kcp cluster destroy` drops it)"
             return fail(args, why + hint, "NotPlaced", EXIT_NOT_PLACED, cluster=_summary(info))
-        if now >= deadline:
-            why = f"cluster {name}: {info.running} of {info.desired} kernels running after {timeout:g}s"
-            if not info.kernels and info.desired:
-                why += " and none placed: is `kcp serve` running on this Redis and prefix?"
+        leaderless = (
+            not info.kernels and now - began >= kcp.settings.leader_ttl and not await kcp.state.has_leader()
+        )
+        if leaderless or now >= deadline:
+            after = f"{now - began:.1f}s" if leaderless else f"{timeout:g}s"
+            why = f"cluster {name}: {info.running} of {info.desired} kernels running after {after}"
+            if leaderless:
+                why += " and none placed: no `kcp serve` leads on this Redis and prefix"
             else:
                 why += ": see `kcp status` (kernels starting or restarting?)"
             return fail(args, why, "NotPlaced", EXIT_NOT_PLACED, cluster=_summary(info))

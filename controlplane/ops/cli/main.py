@@ -47,7 +47,7 @@ from controlplane.ops.cli.output import emit, fail, non_negative_int, port, repo
 from controlplane.redis.connect import connect, wait_for_redis
 from controlplane.settings import Settings, explain_settings_error
 
-logger = logging.getLogger("controlplane.ops.cli")
+logger = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
