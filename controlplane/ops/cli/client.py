@@ -3,7 +3,8 @@
 `cluster create` and `cluster scale` wait for the placement they asked for (`--no-wait` returns
 at once): progress goes to stderr while the kernels start; the command fails with exit 7 and
 the control plane's reason as soon as it reports that the kernels cannot be placed ("6 of 12
-placed: no agent has a free slot; free slots: 0 on 2 agents"), or when `--timeout` passes.
+placed: no agent has a free slot; free slots: 0 on 2 agents"), when no `kcp serve` leads, or
+when `--timeout` passes.
 """
 
 from __future__ import annotations
