@@ -281,6 +281,7 @@ CASES = [
     case("agent", "--handlers", "nosuch.module", code=EXIT_BAD_INPUT, says="cannot import handler module"),
     case("agent", "--handlers", "json", code=EXIT_BAD_INPUT, says="has no register(registry)"),
     case("serve", "--metrics-port", "70000", code=EXIT_BAD_INPUT, says="TCP port"),
+    case("demo", "--redis-url", "http://x", code=EXIT_BAD_INPUT, says="redis_url must be a URL"),
     case("up", "--agents", "x", code=EXIT_BAD_INPUT, says="expected a whole number"),
     case("up", "--slots", "-2", code=EXIT_BAD_INPUT, says=">= 0"),
     case("nosuch", code=EXIT_BAD_INPUT, says="invalid choice"),
@@ -426,3 +427,21 @@ def test_serve_waits_for_an_unreachable_redis_and_says_so_once() -> None:
             proc.communicate()
     assert proc.returncode == 0, err
     assert err.count("waiting for Redis") == 1 and "Traceback" not in err, err
+
+
+def test_up_starts_a_stack_tells_where_in_json_and_stops_on_sigterm(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers: `kcp up` starts its own redis-server
+    proc = _kcp("--redis-url", url, "--json", "up", "--agents", "1", "--slots", "1")
+    try:
+        assert proc.stdout is not None
+        banner = json.loads(proc.stdout.readline())
+        assert banner == {"redis_url": url, "agents": 1, "slots": 1}
+        with redis.Redis.from_url(url) as r:
+            assert r.ping()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # SIGTERM: a SIGKILL would leave its children running
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 import signal
 import sys
@@ -43,7 +44,7 @@ from controlplane.client.core import KcpClient
 from controlplane.errors import EXIT_BAD_INPUT, KcpError
 from controlplane.ops.acl import add_arguments as add_acl_arguments
 from controlplane.ops.acl import run as run_acl
-from controlplane.ops.cli.output import emit, fail, non_negative_int, port, report_error
+from controlplane.ops.cli.output import fail, non_negative_int, port, report_error
 from controlplane.redis.connect import connect, wait_for_redis
 from controlplane.settings import Settings, explain_settings_error
 
@@ -129,13 +130,13 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with stack:
-        emit(
-            args,
-            {"redis_url": stack.redis_url, "agents": args.agents, "slots": args.slots},
-            lambda d: (
-                f"kcp up: Redis {d['redis_url']}, control plane, {d['agents']} agents x {d['slots']} "
-                f"slots. Ctrl-C stops everything.\n  export KCP_REDIS_URL={d['redis_url']}"
-            ),
+        where = {"redis_url": stack.redis_url, "agents": args.agents, "slots": args.slots}
+        print(  # one line with --json, for a script that reads it and goes on
+            json.dumps(where)
+            if args.json
+            else f"kcp up: Redis {stack.redis_url}, control plane, {args.agents} agents x {args.slots} "
+            f"slots. Ctrl-C stops everything.\n  export KCP_REDIS_URL={stack.redis_url}",
+            flush=True,
         )
         while not stop and all(p.poll() is None for p in stack.procs):
             time.sleep(0.2)
