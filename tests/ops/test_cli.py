@@ -445,3 +445,14 @@ def test_up_starts_a_stack_tells_where_in_json_and_stops_on_sigterm(tmp_path: Pa
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(locked_server: RedisServerProcess) -> None:
+    url = f"redis://:right@{locked_server.host}:{locked_server.port}/0"
+    proc = _kcp("--redis-url", url, "--json", "top", "--iterations", "500", "--interval", "0.01")
+    assert proc.stdout is not None and proc.stderr is not None
+    json.loads(proc.stdout.readline())
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=30) == 141 and "Traceback" not in err, err

@@ -32,6 +32,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(exc, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kcp bus tail events | head`: the reader is gone, and so is stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports SIGPIPE
 
 
 def _command(args: argparse.Namespace) -> int:
