@@ -149,7 +149,8 @@ async def _await_placement(
     """Wait until cluster `name` runs its desired kernels, then print `done(info)` (`--json`)
     or `human(info)`; progress goes to stderr as it changes. Fails (exit 7) once the control
     plane has reported a placement shortfall for a reconcile pass or more (a fresh pass may
-    still clear one left from before), or at `--timeout`."""
+    still clear one left from before), when none is placed and no `kcp serve` leads, or at
+    `--timeout`."""
     timeout = kcp.settings.ready_timeout if args.timeout is None else args.timeout
     began = time.monotonic()
     deadline = began + timeout
