@@ -117,6 +117,8 @@ CASES = [
         "cluster",
         "create",
         "lonely",
+        "--timeout",
+        "3.5",
         code=EXIT_NOT_PLACED,
         says="none placed: no `kcp serve` leads on this Redis and prefix",
         json=False,

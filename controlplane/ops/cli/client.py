@@ -3,8 +3,8 @@
 `cluster create` and `cluster scale` wait for the placement they asked for (`--no-wait` returns
 at once): progress goes to stderr while the kernels start; the command fails with exit 7 and
 the control plane's reason as soon as it reports that the kernels cannot be placed ("6 of 12
-placed: no agent has a free slot; free slots: 0 on 2 agents"), when no `kcp serve` leads, or
-when `--timeout` passes.
+placed: no agent has a free slot; free slots: 0 on 2 agents"), or when `--timeout` passes
+(saying so when no `kcp serve` leads).
 """
 
 from __future__ import annotations
@@ -149,8 +149,7 @@ async def _await_placement(
     """Wait until cluster `name` runs its desired kernels, then print `done(info)` (`--json`)
     or `human(info)`; progress goes to stderr as it changes. Fails (exit 7) once the control
     plane has reported a placement shortfall for a reconcile pass or more (a fresh pass may
-    still clear one left from before), when none is placed and no `kcp serve` leads, or at
-    `--timeout`."""
+    still clear one left from before), or at `--timeout` (saying so when no `kcp serve` leads)."""
     timeout = kcp.settings.ready_timeout if args.timeout is None else args.timeout
     began = time.monotonic()
     deadline = began + timeout
@@ -161,22 +160,23 @@ async def _await_placement(
         if _settled(info):
             print(json.dumps(done(info), indent=2) if args.json else human(info), flush=True)
             return 0
-        line = _line(info)
+        now = time.monotonic()
+        # nothing placed for a while: say whether anything will place it (a starting `kcp
+        # serve` takes a moment to lead, so this is a hint, not a failure)
+        leaderless = (
+            not info.kernels and now - began >= kcp.settings.leader_ttl and not await kcp.state.has_leader()
+        )
+        line = _line(info) + ("; no `kcp serve` leads on this Redis and prefix (yet?)" if leaderless else "")
         if line != shown and not args.json:
             print(line, file=sys.stderr, flush=True)
             shown = line
-        now = time.monotonic()
         reason_since = (reason_since or now) if info.reason else None
         if reason_since is not None and now - reason_since >= grace:
             why = f"cluster {name}: {info.reason}"
             hint = " (the cluster stays and is placed when capacity appears; `kcp cluster destroy` drops it)"
             return fail(args, why + hint, "NotPlaced", EXIT_NOT_PLACED, cluster=_summary(info))
-        leaderless = (
-            not info.kernels and now - began >= kcp.settings.leader_ttl and not await kcp.state.has_leader()
-        )
-        if leaderless or now >= deadline:
-            after = f"{now - began:.1f}s" if leaderless else f"{timeout:g}s"
-            why = f"cluster {name}: {info.running} of {info.desired} kernels running after {after}"
+        if now >= deadline:
+            why = f"cluster {name}: {info.running} of {info.desired} kernels running after {timeout:g}s"
             if leaderless:
                 why += " and none placed: no `kcp serve` leads on this Redis and prefix"
             else:
