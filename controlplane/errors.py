@@ -91,3 +91,25 @@ class PermissionDenied(RedisError):
 
 class WrongData(RedisError):
     """A key holds another type, or a value kcp cannot use (WRONGTYPE, a script's data error)."""
+
+
+#: The exit status of every kcp command, one per thing the user fixes (`kcp --help`, README):
+#: 1 the operation failed, 2 bad input, 3 Redis unavailable or read-only, 4 authentication failed,
+#: 5 permission denied, 6 wrong data in Redis, 7 a cluster's kernels were not all placed in time.
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_AUTH, EXIT_PERMISSION, EXIT_WRONG_DATA, EXIT_NOT_PLACED = range(
+    1, 8
+)
+
+_EXIT_CODES: tuple[tuple[type[KcpError], int], ...] = (
+    (RedisUnavailable, EXIT_REDIS),
+    (ReadOnly, EXIT_REDIS),
+    (AuthenticationFailed, EXIT_AUTH),
+    (PermissionDenied, EXIT_PERMISSION),
+    (WrongData, EXIT_WRONG_DATA),
+    (InvalidRequest, EXIT_BAD_INPUT),
+)
+
+
+def exit_code(exc: KcpError) -> int:
+    """The exit status a kcp command ends with when it fails with `exc`."""
+    return next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), EXIT_FAILED)

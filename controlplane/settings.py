@@ -104,5 +104,6 @@ class Settings(BaseSettings):
 def explain_settings_error(exc: ValidationError) -> str:
     """A settings error without the input values (they may hold a password or a URL with one)."""
     return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
+        f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors(include_input=False)
     )

@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 #: URL query parameters (redis-py's names) for the TLS files.
 CA_PARAM, CERT_PARAM, KEY_PARAM = "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"
 CHECK_HOSTNAME_PARAM = "ssl_check_hostname"
+#: The URL schemes kcp connects with (redis-py's, and Sentinel's in `controlplane.redis.connect`).
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +51,18 @@ def effective_url(url: str, options: ConnectionOptions) -> str:
     that inherits both ``KCP_REDIS_URL`` and ``KCP_REDIS_PASSWORD`` from its agent gets the same URL.
     """
     parts = urlsplit(url)
-    if not parts.scheme:
-        raise ValueError(f"redis_url must be a URL such as redis://host:6379/0 (got {redact_url(url)!r})")
+    if parts.scheme not in URL_SCHEMES:
+        raise ValueError(
+            f"redis_url must be a URL such as redis://host:6379/0, with a scheme among "
+            f"{', '.join(s + '://' for s in URL_SCHEMES)} (got {redact_url(url)!r})"
+        )
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port  # noqa: B018 -- urlsplit checks the port only when asked
+        except ValueError:
+            raise ValueError(
+                f"redis_url has a port that is not a number 0-65535 ({redact_url(url)!r})"
+            ) from None
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     tls = parts.scheme == "rediss"
     files = {CA_PARAM: options.ca_file, CERT_PARAM: options.cert_file, KEY_PARAM: options.key_file}

@@ -55,7 +55,9 @@ class BusConfig(BaseModel):
     )
     trim_every: int = Field(1000, ge=1, description="entries appended to a stream between two trims")
     publish_batch: int = Field(1000, ge=1, le=100_000, description="messages per publish round trip")
-    lease_ttl: float = Field(10.0, gt=0, le=600, description="lease of a kernel served by a bus process")
+    lease_ttl: float = Field(
+        5.0, gt=0, le=600, description="lease of a kernel served by a bus process (renewed every third), s"
+    )
     max_message_bytes: int = Field(1 << 20, ge=64, description="largest accepted payload (JSON bytes)")
     dead_max_len: int = Field(10_000, ge=1, description="approximate cap of the dead-letter stream")
     stop_grace: float = Field(5.0, ge=0, le=600, description="time a closing bus lets handlers finish")

@@ -32,6 +32,7 @@ from controlplane.bus.stats import read_stats
 from controlplane.errors import DispatchTimeout, InvalidRequest, RedisUnavailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
+from controlplane.protocol.requests import explain
 from controlplane.redis.connect import AsyncRedis, SyncRedis, connect, connect_sync
 from controlplane.redis.errors import error_reply, map_redis_errors
 from controlplane.redis.retry import Backoff, best_effort, periodically
@@ -51,7 +52,7 @@ def _message(sender: str, target: str, topic: BusTopic, payload: dict[str, Any])
     try:
         return BusMessage(from_kernel=sender, to_kernel=target, topic=topic, payload=payload)
     except pydantic.ValidationError as exc:
-        raise InvalidRequest(f"invalid message: {exc.errors(include_url=False)[0]['msg']}") from None
+        raise InvalidRequest(explain("invalid message", exc)) from None
 
 
 class InterKernelBus:
@@ -98,7 +99,8 @@ class InterKernelBus:
     async def aclose(self) -> None:
         """Stop delivering (handlers in progress get `stop_grace` seconds), flush publishes, disconnect.
 
-        Registrations and subscriptions stay in Redis: a restarted process that registers the same
+        This process's kernels leave `get_stats()` at once (their leases are dropped); their
+        consumer groups and inboxes stay in Redis, so a restarted process that registers the same
         kernels gets what was published meanwhile. `unregister` is how a kernel leaves for good."""
         if self._loop is asyncio.get_running_loop():
             await asyncio.gather(*(c.stop(self.config.stop_grace) for c in self._consumers.values()))
@@ -108,7 +110,7 @@ class InterKernelBus:
             if self._writer is not None:
                 await self._writer.close()
             if self._redis is not None:
-                leases = [self.keys.bus_lease(k) for k in self._registered_here()]
+                leases = [self.keys.bus_lease(k) for k in self._consumers]
                 with contextlib.suppress(OSError):
                     async with best_effort():
                         if leases:
@@ -144,9 +146,6 @@ class InterKernelBus:
         else:
             consumer.changed()
 
-    def _registered_here(self) -> list[str]:
-        return [name for name, c in self._consumers.items() if c.direct is not None]
-
     async def _keep_leases(self) -> None:
         every = self.config.lease_ttl / 3
         await periodically(
@@ -159,7 +158,7 @@ class InterKernelBus:
         )
 
     async def _renew_leases(self) -> None:
-        kernels = self._registered_here()
+        kernels = list(self._consumers)  # registered or subscribed here
         if kernels and self._redis is not None:
             try:
                 pipe = self._redis.pipeline(transaction=False)
@@ -177,6 +176,15 @@ class InterKernelBus:
         if self._sync is None:
             self._sync = connect_sync(self.settings.redis_url, timeout=10.0)
         return self._sync
+
+    def _lease(self, pipe: Any, kernel: str) -> None:
+        """Take `kernel`'s lease in `pipe`: it counts in `get_stats()` while this process renews it
+        (with its event loop: `_keep_leases`), and for `lease_ttl` seconds after."""
+        pipe.set(
+            self.keys.bus_lease(kernel),
+            f"{socket.gethostname()}:{os.getpid()}",
+            px=int(self.config.lease_ttl * 1000),
+        )
 
     @staticmethod
     def _check_results(results: Iterable[Any]) -> None:
@@ -200,11 +208,7 @@ class InterKernelBus:
             pipe = self._client().pipeline(transaction=False)
             pipe.xgroup_create(self.keys.bus_inbox(kernel), kernel, "0", mkstream=True)
             pipe.hset(self.keys.bus_kernels(), kernel, record)
-            pipe.set(
-                self.keys.bus_lease(kernel),
-                f"{socket.gethostname()}:{os.getpid()}",
-                px=int(self.config.lease_ttl * 1000),
-            )
+            self._lease(pipe, kernel)
             self._check_results(pipe.execute(raise_on_error=False))
         consumer = self._consumers.setdefault(kernel, KernelConsumer(self, kernel))
         consumer.direct = handler
@@ -237,6 +241,7 @@ class InterKernelBus:
             pipe = self._client().pipeline(transaction=False)
             pipe.xgroup_create(self.keys.bus_topic(topic.value), kernel, "$", mkstream=True)
             pipe.sadd(self.keys.bus_subscribers(topic.value), kernel)
+            self._lease(pipe, kernel)
             self._check_results(pipe.execute(raise_on_error=False))
         consumer = self._consumers.setdefault(kernel, KernelConsumer(self, kernel))
         consumer.topics[topic] = handler
@@ -363,8 +368,10 @@ class InterKernelBus:
     def get_stats(self) -> dict[str, Any]:
         """Bus statistics read from Redis, so they cover every process:
 
-        ``registered_kernels`` and ``subscriptions`` per topic (as in the spec), plus
-        ``live_kernels`` (served by a running bus), ``pending`` and ``dead_letters`` per topic
+        ``registered_kernels`` and ``subscriptions`` per topic (as in the spec) count the kernels
+        a live process serves (its lease: gone within `lease_ttl` of the process's end), with
+        ``kernels`` their names and ``offline_kernels`` those registered before whose process is
+        gone (their messages wait for them), plus ``pending`` and ``dead_letters`` per topic
         and for inboxes, ``gaps`` per topic (entries dropped by the hard cap before a subscriber
         read them), ``stream_length`` per topic, and this process's delivery counters (``local``)."""
         with map_redis_errors():

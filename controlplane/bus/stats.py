@@ -18,7 +18,8 @@ def _int(value: Any) -> int:
 
 
 def read_stats(client: SyncRedis, keys: Keys) -> dict[str, Any]:
-    """The spec's ``registered_kernels`` and ``subscriptions``, plus live kernels, pending entries,
+    """The spec's ``registered_kernels`` and ``subscriptions``, counting the kernels whose
+    process holds their lease, plus the names of those and of the offline ones, pending entries,
     dead letters, gaps (entries the hard cap removed before a subscriber read them) and stream lengths."""
     topics = [t.value for t in BusTopic]
     pipe = client.pipeline(transaction=False)
@@ -26,29 +27,32 @@ def read_stats(client: SyncRedis, keys: Keys) -> dict[str, Any]:
     pipe.hgetall(keys.bus_stats())
     pipe.xlen(keys.bus_dead())
     for topic in topics:
-        pipe.scard(keys.bus_subscribers(topic))
+        pipe.smembers(keys.bus_subscribers(topic))
         pipe.xlen(keys.bus_topic(topic))
         pipe.xinfo_groups(keys.bus_topic(topic))
     first = pipe.execute(raise_on_error=False)
     for result in first[:3]:
         if isinstance(result, Exception):
             raise result
-    kernels: list[str] = sorted(first[0])
+    registered: list[str] = sorted(first[0])
     counters: dict[str, str] = first[1]
-    subscriptions, lengths, pending = {}, {}, {}
+    members, lengths, pending = {}, {}, {}
     for i, topic in enumerate(topics):
-        scard, xlen, groups = first[3 + 3 * i : 6 + 3 * i]
-        subscriptions[topic] = _int(scard)
+        subscribers, xlen, groups = first[3 + 3 * i : 6 + 3 * i]
+        members[topic] = set(subscribers) if isinstance(subscribers, set) else set()
         lengths[topic] = _int(xlen)
         pending[topic] = sum(_int(g.get("pending")) for g in groups) if isinstance(groups, list) else 0
 
+    names = sorted(set(registered).union(*members.values()))
     pipe = client.pipeline(transaction=False)
-    for kernel in kernels:
-        pipe.exists(keys.bus_lease(kernel))
+    for name in names:
+        pipe.exists(keys.bus_lease(name))
+    for kernel in registered:
         pipe.xpending(keys.bus_inbox(kernel), kernel)
-    second = pipe.execute(raise_on_error=False) if kernels else []
-    live = sum(1 for r in second[0::2] if r == 1)
-    pending[INBOX] = sum(_int(r.get("pending")) for r in second[1::2] if isinstance(r, dict))
+    second = pipe.execute(raise_on_error=False) if names else []
+    live = {name for name, held in zip(names, second[: len(names)], strict=True) if held == 1}
+    inboxes = second[len(names) :]
+    pending[INBOX] = sum(_int(r.get("pending")) for r in inboxes if isinstance(r, dict))
 
     dead = {label: _int(counters.get(f"dead:{label}")) for label in [*topics, INBOX]}
     gaps = dict.fromkeys([*topics, INBOX], 0)
@@ -58,10 +62,10 @@ def read_stats(client: SyncRedis, keys: Keys) -> dict[str, Any]:
         if kind == "gaps" and label in gaps and not field.endswith(":seen"):
             gaps[label] += _int(value)
     return {
-        "registered_kernels": len(kernels),
-        "subscriptions": subscriptions,
-        "live_kernels": live,
-        "kernels": kernels,
+        "registered_kernels": sum(k in live for k in registered),
+        "subscriptions": {topic: len(members[topic] & live) for topic in topics},
+        "kernels": [k for k in registered if k in live],
+        "offline_kernels": [k for k in registered if k not in live],
         "pending": pending,
         "dead_letters": dead,
         "dead_letter_stream_length": _int(first[2]),

@@ -140,7 +140,6 @@ async def enqueue_job(
         arq_protocol.arq_request(function, args, kwargs, score=due), max_bytes=arq.max_request_bytes
     )
     explicit_id, job_id = job_id is not None, job_id or uuid.uuid4().hex
-    await arq.dispatcher.start()
     kernels, _ = await arq.views.get(cluster, wait=arq.wait_s)
     arq.engine.eligible(kernels, request)  # an unknown function fails here, before anything is written
     payload = encode_job(request.model_dump(mode="json", exclude_defaults=True), job_try=1, enqueue_ms=now)

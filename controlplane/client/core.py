@@ -103,6 +103,7 @@ class ClusterInfo(pydantic.BaseModel):
 class DispatchResult(pydantic.BaseModel):
     kernel: str
     result: dict[str, Any]
+    #: what the caller waited, routing and retries included, milliseconds (fractions too)
     latency_ms: float
     attempts: int
     job_id: str
@@ -135,12 +136,11 @@ class KcpClient:
             raise LifecycleError("this KcpClient is closed: create a new one")
 
     async def start(self) -> None:
-        """Start the reply listener and the notify watcher; `dispatch` calls it if need be."""
+        """Open the client; `dispatch` calls it if need be. The reply listener and the notify
+        watcher start with the first dispatch and the first wait for a change."""
         self._require_open()
         if self.phase is Phase.NEW:
             self.phase = Phase.RUNNING
-            await self.dispatcher.start()
-            await self.views.start()
 
     async def aclose(self) -> None:
         """Stop the background tasks and close the pool (if this client created it). Idempotent;
@@ -221,7 +221,8 @@ class KcpClient:
         self._require_open()
         record = await self.state.require_cluster(validate_name(name))
         target = self._count(target_count, record.config, "target_count")
-        await self.state.update_cluster(name, desired=target, status=ClusterStatus.SCALING.value)
+        # the old `reason` was about the old count: the control plane tells anew
+        await self.state.update_cluster(name, desired=target, status=ClusterStatus.SCALING.value, reason="")
         if target != record.desired:
             await self._bump(name, {SCALE_UP if target > record.desired else SCALE_DOWN: 1})
         await self._wake_service()
@@ -283,6 +284,7 @@ class KcpClient:
             strategy=PINNED if kernel is not None else engine.config.strategy.value,
             with_loads=with_loads,
         )
+        began = time.perf_counter()
         try:
             async with amap_redis_errors():
                 outcome = await engine.execute(target, req, kernel=kernel, attempts=tried)
@@ -295,7 +297,7 @@ class KcpClient:
             result=outcome.value or {},
             attempts=outcome.attempt,
             job_id=outcome.job_id,
-            latency_ms=max(outcome.finish_ms - outcome.enqueue_ms, 0),
+            latency_ms=round((time.perf_counter() - began) * 1000, 3),
         )
 
     async def enqueue_job(

@@ -44,7 +44,7 @@ LOAD_TTL = 0.5
 
 
 class Dispatcher:
-    """Submits jobs and awaits their results. `start()` before use, `stop()` after."""
+    """Submits jobs and awaits their results; `stop()` after use."""
 
     def __init__(self, redis: AsyncRedis, keys: Keys) -> None:
         self.redis = redis
@@ -58,7 +58,9 @@ class Dispatcher:
         self._listener: asyncio.Task[None] | None = None
         self._batched = True  # BLMPOP (Redis 7) takes every waiting reply in one trip; BLPOP before 7
 
-    async def start(self) -> None:
+    def _listen_for_replies(self) -> None:
+        """Start the reply listener with the first job: a client that never dispatches (`kcp
+        cluster list`, ...) needs none, nor a warning from it when Redis is down."""
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name=f"kcp-replies-{self.client_id[:8]}")
 
@@ -88,6 +90,7 @@ class Dispatcher:
         came in time the attempt carries a `DispatchTimeout` (the job is then cancelled, so a
         late result is dropped by the kernel instead of delivered twice).
         """
+        self._listen_for_replies()
         job_id = uuid.uuid4().hex
         now = now_ms()
         payload = encode_job(
@@ -138,6 +141,7 @@ class Dispatcher:
         """A future for the result of `job_id` pushed to this client's reply list (a job queued
         without `submit`, e.g. an arq job). It is forgotten once resolved; `unwatch` it to stop
         waiting before."""
+        self._listen_for_replies()
         fut = self._waiting.get(job_id)
         if fut is None or fut.done():
             fut = self._waiting[job_id] = asyncio.get_running_loop().create_future()
@@ -225,7 +229,8 @@ class ClusterViews:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
 
-    async def start(self) -> None:
+    def _watch_notifications(self) -> None:
+        """Subscribe to `notify` with the first read of a view or wait for a change."""
         if self._watcher is None:
             self._stopping = False
             self._watcher = asyncio.create_task(self._watch(), name="kcp-notify")
@@ -240,6 +245,7 @@ class ClusterViews:
 
     async def wait_change(self, seconds: float) -> None:
         """Return after the next change notification (any cluster), or after `seconds`."""
+        self._watch_notifications()
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), max(seconds, 0.0))
@@ -253,6 +259,7 @@ class ClusterViews:
         self, cluster: str, *, wait: float = 0.0, with_loads: bool = False
     ) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
         """The cluster's kernels (and loads); waits up to `wait` seconds for a running one."""
+        self._watch_notifications()
         deadline = time.monotonic() + wait
         while True:
             view = self._views.setdefault(cluster, _View())

@@ -237,8 +237,12 @@ class OrchestrationEngine:
             if plan is None and exclude:
                 plan = self.select(pool, loads, set())  # every kernel tried once: go round again
             if plan is None:
-                where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
-                last_error = NoKernelAvailable(f"{where} in the cluster")
+                if kernel:
+                    running = ", ".join(sorted(k.name for k in self.eligible(kernels, request))) or "none"
+                    where = f"kernel {kernel!r} is not running in the cluster (running: {running})"
+                else:
+                    where = "no running kernel in the cluster"
+                last_error = NoKernelAvailable(where)
                 break
             first = plan.candidates[0].name
             self._inflight[first] = self._inflight.get(first, 0) + 1

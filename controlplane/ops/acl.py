@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -248,7 +249,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="an agent to make a user for (repeatable)",
     )
-    parser.add_argument("--format", choices=("commands", "aclfile"), default="commands")
+    parser.add_argument(
+        "--format",
+        choices=("commands", "aclfile"),
+        default="commands",
+        help="ACL SETUSER commands for redis-cli (default), or lines for a Redis aclfile",
+    )
     parser.add_argument(
         "--secrets-dir",
         type=Path,
@@ -272,9 +278,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.format == "aclfile" and args.secrets_dir is None:
             raise InvalidRequest("--format aclfile needs --secrets-dir (the file holds only password hashes)")
         passwords = passwords_for(users, args.secrets_dir)
-    except (InvalidRequest, OSError) as exc:
-        print(f"kcp acl: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:  # the secrets dir
+        raise InvalidRequest(f"kcp acl: {exc}") from None
     if args.apply:
         with (
             map_redis_errors(where_from_url(settings.redis_url)),
@@ -283,14 +288,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             apply(client, users, passwords)
             if args.disable_default:
                 client.execute_command("ACL", "SETUSER", "default", "off")
-        print(f"kcp acl: {len(users)} users set on {redact_url(settings.redis_url)}")
+        if args.json:
+            print(json.dumps({"applied": [u.name for u in users], "url": redact_url(settings.redis_url)}))
+        else:
+            print(f"kcp acl: {len(users)} users set on {redact_url(settings.redis_url)}")
         return 0
     # stdout holds only lines Redis accepts (neither an aclfile nor redis-cli takes comments)
     line = aclfile_line if args.format == "aclfile" else command_line
-    for user in users:
-        print(line(user, passwords[user.name]))
+    lines = [line(user, passwords[user.name]) for user in users]
     if args.disable_default:
-        print("user default off" if args.format == "aclfile" else "ACL SETUSER default off")
+        lines.append("user default off" if args.format == "aclfile" else "ACL SETUSER default off")
+    if args.json:
+        print(json.dumps({"format": args.format, "users": [u.name for u in users], "lines": lines}, indent=2))
+    else:
+        print("\n".join(lines))
     where = f"; credentials in {args.secrets_dir}" if args.secrets_dir else ""
     print(f"kcp acl: {len(users)} users for prefix {settings.prefix!r}{where}", file=sys.stderr)
     return 0

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether a Redis answers at `url`; a server that refuses the credentials raises
+    (`AuthenticationFailed`, `PermissionDenied`): starting another one would not help."""
     try:
         with map_redis_errors():
             client = connect_sync(url, timeout=timeout)
@@ -29,7 +31,11 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
                 return bool(client.ping())
             finally:
                 client.close()
-    except (RedisError, OSError, ValueError):
+    except RedisError as exc:
+        if exc.transient:
+            return False
+        raise
+    except (OSError, ValueError):
         return False
 
 

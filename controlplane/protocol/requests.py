@@ -201,12 +201,10 @@ def _one(err: ErrorDetails, model: type[BaseModel] | None) -> str:
 
 
 def explain(prefix: str, exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """One readable line for a pydantic error: ``PREFIX: field must ... (got ...)``."""
-    errors = exc.errors(include_url=False)
-    text = f"{prefix}: {_one(errors[0], model)}" if errors else f"{prefix}: invalid"
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return text
+    """One readable line for a pydantic error, every problem in it:
+    ``PREFIX: field must ... (got ...); other is required``."""
+    problems = list(dict.fromkeys(_one(e, model) for e in exc.errors(include_url=False)))
+    return f"{prefix}: {'; '.join(problems) or 'invalid'}"
 
 
 # ------------------------------------------------------------------ the request envelope

@@ -7,7 +7,11 @@ RESP2 whatever redis-py's default: the bus reads stream replies in their RESP2 s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -18,7 +22,10 @@ import redis.exceptions
 from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import Sentinel
 
-from controlplane.redis.errors import Where, annotate, where_from_url
+from controlplane.errors import InvalidRequest, RedisError
+from controlplane.redis.errors import Where, amap_redis_errors, annotate, where_from_url, where_of
+from controlplane.redis.retry import Backoff
+from controlplane.tls import redact_url
 
 #: The longest blocking read (BZPOPMIN/BLPOP timeout) any kcp component issues, seconds.
 MAX_BLOCK_SECONDS = 5
@@ -145,12 +152,22 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         "retry_on_timeout": False,
     }
     client: _Redis
-    if url.startswith(f"{SENTINEL_SCHEME}://"):
-        client = _connect_sentinel(parse_sentinel_url(url), options)
-    else:
-        client = _Redis.from_url(url, **options)
+    with _url_checked(url):
+        if url.startswith(f"{SENTINEL_SCHEME}://"):
+            client = _connect_sentinel(parse_sentinel_url(url), options)
+        else:
+            client = _Redis.from_url(url, **options)
     client.kcp_where = where_from_url(url)
     return client
+
+
+@contextlib.contextmanager
+def _url_checked(url: str) -> Iterator[None]:
+    """redis-py's ValueError for a URL it cannot parse, as kcp's bad-input error."""
+    try:
+        yield
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
 
 
 def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> _SentinelRedis:
@@ -178,12 +195,43 @@ def connect_sync(url: str, *, timeout: float | None = 5.0, decode_responses: boo
     connecting and each reply, seconds (None: a reply may take any time). A ValueError for a
     scheme it cannot serve (redis+sentinel:// has no blocking client here)."""
     if url.startswith(f"{SENTINEL_SCHEME}://"):
-        raise ValueError(f"no blocking client for {SENTINEL_SCHEME}:// URLs")
-    client: redis.Redis = redis.Redis.from_url(
-        url,
-        protocol=RESP,
-        decode_responses=decode_responses,
-        socket_timeout=timeout,
-        socket_connect_timeout=5.0 if timeout is None else min(timeout, 5.0),
-    )
+        raise InvalidRequest(f"no blocking client for {SENTINEL_SCHEME}:// URLs")
+    with _url_checked(url):
+        client: redis.Redis = redis.Redis.from_url(
+            url,
+            protocol=RESP,
+            decode_responses=decode_responses,
+            socket_timeout=timeout,
+            socket_connect_timeout=5.0 if timeout is None else min(timeout, 5.0),
+        )
     return client
+
+
+async def wait_for_redis(
+    redis: aioredis.Redis, *, log: logging.Logger, what: str, stop: asyncio.Event | None = None
+) -> bool:
+    """A process's first contact with Redis: PING until it answers; True once it did, False
+    if `stop` was set first.
+
+    A failure that needs a person (a wrong password, an ACL denial) is raised at once, so the
+    process exits at start-up saying what to fix; an unreachable or loading server is waited
+    for, with its reason logged once per change rather than once per attempt."""
+    backoff, told, url = Backoff(0.1, 2.0), "", where_of(redis).url
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        try:
+            async with amap_redis_errors():
+                await redis.ping()
+        except RedisError as exc:
+            if not exc.transient:
+                raise
+            if str(exc) != told:
+                told = str(exc)
+                log.warning("%s: waiting for Redis at %s: %s", what, url, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff.next())
+            continue
+        if told:
+            log.info("%s: Redis answers at %s", what, url)
+        return True
+    return False

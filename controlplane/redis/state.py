@@ -45,6 +45,11 @@ class State:
             fields = await self.redis.hgetall(key)
         return ClusterRecord.from_fields(fields, key)
 
+    async def has_leader(self) -> bool:
+        """Whether a `kcp serve` holds the leader lease (something will act on the clusters)."""
+        async with amap_redis_errors():
+            return bool(await self.redis.exists(self.keys.leader()))
+
     async def require_cluster(self, name: str) -> ClusterRecord:
         record = await self.get_cluster(name)
         if record is None or record.status is ClusterStatus.STOPPED:

@@ -131,9 +131,7 @@ class Reconciler:
             ]
             candidates = [a for a in candidates if a.name not in avoid] or candidates
             if not candidates:
-                need = count - placed
-                what = f" with capabilities {sorted(required)}" if required else ""
-                return placed, f"waiting for {need} free agent slot(s){what}"
+                return placed, shortfall(cluster.desired, count - placed, required, fleet)
             agent = min(
                 candidates, key=lambda a: (here[a.name], fleet.assigned[a.name] / max(a.slots, 1), a.name)
             )
@@ -369,3 +367,23 @@ class Reconciler:
             await pipe.execute()
         await self.detector.forget(agent)
         logger.info("forgot agent %s (lease expired)", agent)
+
+
+def shortfall(desired: int, missing: int, required: set[str], fleet: Fleet) -> str:
+    """Why `missing` of a cluster's `desired` kernels have no agent: the cluster's `reason`,
+    e.g. "6 of 12 placed: no agent has a free slot; free slots: 0 on 2 agents"."""
+    placed = f"{desired - missing} of {desired} placed"
+    live = [a for a in fleet.agents.values() if a.name in fleet.alive and not a.draining]
+    if not live:
+        return f"{placed}: no live agent (start one with `kcp agent`)"
+    capable = [a for a in live if required <= a.capability_set]
+    if not capable:
+        offered = frozenset().union(*(a.capability_set for a in live))
+        absent = sorted(required - offered)
+        if absent:
+            return f"{placed}: no agent offers capability {', '.join(absent)}"
+        return f"{placed}: no agent offers capabilities {', '.join(sorted(required))} together"
+    free = sum(max(a.slots - fleet.assigned[a.name], 0) for a in capable)
+    which = f" with capabilities {', '.join(sorted(required))}" if required else ""
+    agents = f"{len(capable)} agent{'s' if len(capable) != 1 else ''}"
+    return f"{placed}: no agent{which} has a free slot; free slots: {free} on {agents}"

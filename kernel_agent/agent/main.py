@@ -11,9 +11,12 @@ import sys
 
 import pydantic
 
-from controlplane.redis.connect import connect
+from controlplane.errors import InvalidRequest, KcpError, exit_code
+from controlplane.redis.connect import connect, wait_for_redis
 from controlplane.settings import Settings, explain_settings_error
 from kernel_agent.agent.daemon import Agent, AgentConfig
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
@@ -45,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build settings and config from parsed flags and run until SIGTERM/SIGINT."""
+    """Build settings and config from parsed flags and run until SIGTERM/SIGINT.
+
+    Raises `InvalidRequest` for a bad flag or setting, `AuthenticationFailed` or
+    `PermissionDenied` when Redis refuses the agent at start-up: `kcp` reports them."""
     overrides = {k: v for k, v in (("redis_url", args.redis_url), ("prefix", args.prefix)) if v}
     try:
         settings = Settings(**overrides)
@@ -60,29 +66,30 @@ def run(args: argparse.Namespace) -> int:
         )
     except (pydantic.ValidationError, ValueError) as exc:
         text = explain_settings_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
-        print(f"kcp agent: invalid configuration: {text}", file=sys.stderr)
-        return 2  # bad input, as for every kcp command
-    if config.arq_settings:  # a bad path or settings object: a clear message, no traceback
-        from kernel_agent.syscalls import builtin_registry
-        from kernel_agent.syscalls.arq_bridge import load_arq_settings
-
-        try:  # into a scratch registry: the names and capabilities are checked too
-            load_arq_settings(builtin_registry(), config.arq_settings)
-        except (ImportError, ValueError) as exc:
-            print(f"kcp agent: invalid --arq-settings: {exc}", file=sys.stderr)
-            return 2
+        raise InvalidRequest(f"invalid agent configuration: {text}") from None
     logging.basicConfig(level=args.log_level, format="%(asctime)s agent %(levelname)s %(message)s")
     return asyncio.run(_run(settings, config))
 
 
 async def _run(settings: Settings, config: AgentConfig) -> int:
     redis = connect(settings.redis_url)
-    agent = Agent(redis, settings, config)
+    try:
+        agent = Agent(redis, settings, config)
+    except (ImportError, ValueError) as exc:  # --handlers: a module not found, or without register()
+        await redis.aclose()
+        raise InvalidRequest(f"invalid agent configuration: {exc}") from None
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        agent.request_stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.request_stop)
+        loop.add_signal_handler(sig, on_signal)
     try:
-        await agent.run()
+        if await wait_for_redis(redis, log=logger, what=f"agent {config.name}", stop=stop):
+            await agent.run()
     finally:
         await redis.aclose()
     return 0
@@ -91,4 +98,8 @@ async def _run(settings: Settings, config: AgentConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kcp-agent", description="Run a kcp kernel agent on this host.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except KcpError as exc:
+        print(f"kcp-agent: {exc}", file=sys.stderr)
+        return exit_code(exc)

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,7 +103,7 @@ async def test_fan_out_to_three_subscriber_processes_and_direct_delivery(
         for i in range(5):
             await bus.send_direct(from_kernel="publisher", to_kernel="k1", payload={"i": i})
         stats = bus.get_stats()
-        assert stats["registered_kernels"] == 3 and stats["live_kernels"] == 3
+        assert stats["registered_kernels"] == 3 and stats["offline_kernels"] == []
         assert stats["subscriptions"]["events"] == 3
     for sub in subs:
         wait_for(lambda sub=sub: len(sub.handled()) >= 500, what="fan-out")  # type: ignore[misc]
@@ -186,32 +186,75 @@ async def test_redis_restart_with_aof_mid_stream(
 
 
 # ---------------------------------------------------------------- the subscriber program
+async def test_a_sigkilled_process_s_kernels_leave_the_stats_and_come_back_to_their_messages(
+    redis_url: str, subscribers: Callable[..., Subscriber]
+) -> None:
+    kernels = ["w0", "w1", "w2"]
+    sub = subscribers(redis_url, ",".join(kernels), "data")
+    async with InterKernelBus(redis_url=redis_url) as bus:
+        stats = bus.get_stats()
+        assert stats["kernels"] == kernels and stats["subscriptions"]["data"] == 3
+        assert sub.proc is not None
+        sub.proc.kill()  # SIGKILL: no goodbye, the leases just stop being renewed
+        sub.proc.wait()
+        killed = time.monotonic()
+        wait_for(
+            lambda: bus.get_stats()["registered_kernels"] == 0,
+            timeout=SUBSCRIBER_CONFIG.lease_ttl + 2,
+            what="the killed process's kernels to leave the stats",
+        )
+        gone_after = time.monotonic() - killed
+        stats = bus.get_stats()
+        assert stats["subscriptions"]["data"] == 0 and stats["offline_kernels"] == kernels
+        await bus.publish_many(messages(BusTopic.DATA, 0, 5))  # while they are down
+        await bus.send_direct("publisher", "w1", {"i": 99})
+        lease = SUBSCRIBER_CONFIG.lease_ttl
+        print(f"kernels gone from get_stats() {gone_after:.2f}s after SIGKILL (lease {lease}s)")
+        sub.start()  # the same names again
+
+        def got(kernel: str) -> list[int]:
+            return sorted(
+                int(str(r["i"])) for r in sub.records() if r.get("kernel") == kernel and r["kind"] == "topic"
+            )
+
+        for kernel in kernels:
+            wait_for(lambda k=kernel: got(k) == [0, 1, 2, 3, 4], what=f"{kernel}'s messages of its downtime")  # type: ignore[misc]
+        wait_for(lambda: sub.handled("direct") == [99], what="the direct message")
+        assert bus.get_stats()["kernels"] == kernels
+
+
 SUBSCRIBER_CONFIG = BusConfig(claim_idle=0.3, max_deliveries=3, block=1.0, lease_ttl=2.0)
 
 
-async def _subscriber(url: str, kernel: str, topic: str, out_path: str, slow: float) -> None:
+async def _subscriber(url: str, kernels: str, topic: str, out_path: str, slow: float) -> None:
+    """Registers and subscribes each of the comma-separated `kernels`."""
     out = open(out_path, "a")  # noqa: SIM115, ASYNC230 (test helper: one line per handled message)
 
     def record(**fields: object) -> None:
         out.write(json.dumps(fields) + "\n")
         out.flush()
 
-    async def on_topic(message: BusMessage) -> None:
-        if message.payload.get("poison"):
-            record(kind="poison")
-            raise RuntimeError("poison message")
-        if slow:
-            await asyncio.sleep(slow)
-        record(kind="topic", i=message.payload["i"])
+    def handlers(kernel: str) -> tuple[Callable[[BusMessage], Awaitable[None]], Callable[[BusMessage], None]]:
+        async def on_topic(message: BusMessage) -> None:
+            if message.payload.get("poison"):
+                record(kind="poison")
+                raise RuntimeError("poison message")
+            if slow:
+                await asyncio.sleep(slow)
+            record(kind="topic", i=message.payload["i"], kernel=kernel)
 
-    def on_direct(message: BusMessage) -> None:  # a sync handler
-        record(kind="direct", i=message.payload["i"])
+        def on_direct(message: BusMessage) -> None:  # a sync handler
+            record(kind="direct", i=message.payload["i"], kernel=kernel)
+
+        return on_topic, on_direct
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with InterKernelBus(redis_url=url, config=SUBSCRIBER_CONFIG) as bus:
-        bus.register(kernel, on_direct)
-        bus.subscribe(kernel, BusTopic(topic), on_topic)
+        for kernel in kernels.split(","):
+            on_topic, on_direct = handlers(kernel)
+            bus.register(kernel, on_direct)
+            bus.subscribe(kernel, BusTopic(topic), on_topic)
         Path(f"{out_path}.ready").touch()  # noqa: ASYNC240
         await stop.wait()
 

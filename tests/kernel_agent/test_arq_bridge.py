@@ -137,7 +137,7 @@ def test_bad_paths_are_refused() -> None:
 def test_the_agent_refuses_bad_arq_settings_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert agent_main(["--redis-url", "redis://127.0.0.1:1/0", "--arq-settings", "no_such_module.X"]) == 2
     err = capsys.readouterr().err
-    assert "invalid --arq-settings: cannot import 'no_such_module'" in err and "Traceback" not in err
+    assert "invalid agent configuration: cannot import 'no_such_module'" in err and "Traceback" not in err
 
 
 def test_arq_requests_refuse_what_json_cannot_carry() -> None:

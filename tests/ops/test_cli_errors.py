@@ -11,7 +11,7 @@ import pytest
 import redis
 from conftest import RedisServerFactory
 
-from controlplane.ops.cli.output import EXIT_AUTH, EXIT_PERMISSION
+from controlplane.errors import EXIT_AUTH, EXIT_PERMISSION
 from controlplane.ops.redis_server import RedisServerProcess
 from controlplane.protocol.keys import Keys
 

@@ -177,7 +177,7 @@ def test_write_data_encodings(data: Any, encoding: str | None, expected: bytes) 
         ({"type": "READ", "address": True, "size": 1}, "READ: address must be an integer (got bool)"),
         ({"type": "READ", "size": 1}, "READ: address is required"),
         ({"type": "READ", "address": 1, "size": 1, "sise": 2}, "READ: unknown field 'sise'"),
-        ({"type": "READ"}, "READ: address is required (and 1 more problem)"),
+        ({"type": "READ"}, "READ: address is required; size is required"),
         ({"type": "WRITE", "address": 1}, "WRITE: data is required"),
         ({"type": "WRITE", "address": 1, "data": 5}, "WRITE: data must be a string or a list of byte values"),
         ({"type": "WRITE", "address": 1, "data": [1, 256]}, "WRITE: data[1] must be a byte value 0..255"),

@@ -23,9 +23,12 @@ import pydantic
 
 from controlplane.bus.codec import check_name, check_topic
 from controlplane.bus.core import InterKernelBus
-from controlplane.errors import InvalidRequest, KcpError
+from controlplane.client.core import KcpClient
+from controlplane.errors import InvalidRequest
+from controlplane.ops.cli.output import non_negative_int, positive_int, table
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage
+from controlplane.protocol.requests import explain
 from controlplane.redis.connect import SyncRedis, connect_sync
 from controlplane.redis.errors import map_redis_errors, where_from_url
 
@@ -37,13 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     publish.add_argument("topic", help="events, metrics, control or data")
     publish.add_argument("payload", help='a JSON object, e.g. {"event": "ready"}')
     publish.add_argument("--from", dest="sender", default="cli", help="from_kernel (default: cli)")
-    publish.add_argument("--to", help="a registered kernel: send to its inbox instead of the topic")
-    publish.add_argument("--count", type=int, default=1, help="publish the message N times (one batch)")
+    publish.add_argument(
+        "--to",
+        help="a kernel registered on the bus: send to its inbox, not the topic (`kcp bus stats` lists them)",
+    )
+    publish.add_argument(
+        "--count", type=positive_int, default=1, help="publish the message N times (one batch)"
+    )
     tail = add("tail", help="print a stream's recent entries, then follow it")
     tail.add_argument("stream", help="a topic, inbox:KERNEL, or dead (the dead-letter stream)")
-    tail.add_argument("--last", type=int, default=10, help="entries of history to print first (default 10)")
+    tail.add_argument(
+        "--last", type=non_negative_int, default=10, help="entries of history to print first (default 10)"
+    )
     tail.add_argument("--no-follow", action="store_true", help="exit after the history")
-    tail.add_argument("--limit", type=int, default=0, help="exit after this many followed entries")
+    tail.add_argument(
+        "--limit", type=non_negative_int, default=0, help="exit after this many followed entries"
+    )
     add("stats", help="registered kernels, subscriptions, pending, dead letters, gaps (from Redis)")
 
 
@@ -98,15 +110,24 @@ async def _publish(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"payload is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("payload must be a JSON object")
-    if args.count < 1:
-        raise InvalidRequest("--count must be at least 1")
     topic = check_topic(args.topic)
+    if args.to is not None and "/" in args.to:
+        cluster, _, kernel = args.to.partition("/")
+        raise InvalidRequest(
+            f"{args.to!r} names a kernel of cluster {cluster!r}: cluster kernels run syscalls and do "
+            f"not listen on the bus; `kcp dispatch {cluster} --kernel {kernel} JSON` runs one there"
+        )
     try:
         message = BusMessage(from_kernel=args.sender, topic=topic, payload=payload, to_kernel=args.to)
     except pydantic.ValidationError as exc:
-        raise InvalidRequest(f"invalid message: {exc.errors(include_url=False)[0]['msg']}") from None
+        raise InvalidRequest(explain("invalid message", exc)) from None
     async with InterKernelBus(args.settings) as bus:
-        published = await bus.publish_many([message] * args.count)
+        try:
+            published = await bus.publish_many([message] * args.count)
+        except InvalidRequest:
+            if args.to is None:
+                raise
+            raise InvalidRequest(await _unknown_target(args, bus, args.to)) from None
     data: dict[str, Any] = {
         "stream": f"inbox:{args.to}" if args.to else topic.value,
         "count": len(published),
@@ -120,9 +141,28 @@ async def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
-    from controlplane.ops.cli.output import table
+async def _unknown_target(args: argparse.Namespace, bus: InterKernelBus, target: str) -> str:
+    """Why `--to target` found no inbox, with the names that exist: bus kernels, and the
+    clusters' kernels a person may have meant."""
+    stats = bus.get_stats()
+    known = ", ".join(stats["kernels"]) or "none"
+    offline = (
+        f"; offline (messages wait for them): {', '.join(stats['offline_kernels'])}"
+        if stats["offline_kernels"]
+        else ""
+    )
+    text = f"kernel {target!r} is not registered on the bus (bus kernels: {known}{offline})"
+    async with KcpClient(args.settings) as kcp:
+        holders = [c.name for c in await kcp.list_clusters() if any(k.name == target for k in c.kernels)]
+    if holders:
+        text += (
+            f"; {target!r} is a kernel of cluster {', '.join(holders)}: cluster kernels run syscalls and "
+            f"do not listen on the bus; `kcp dispatch {holders[0]} --kernel {target} JSON` runs one there"
+        )
+    return text
 
+
+def _stats(args: argparse.Namespace) -> int:
     bus = InterKernelBus(args.settings)
     try:
         stats = bus.get_stats()
@@ -147,18 +187,22 @@ def _stats(args: argparse.Namespace) -> int:
     rows.append(
         ("inbox", "-", "-", stats["pending"]["inbox"], stats["dead_letters"]["inbox"], stats["gaps"]["inbox"])
     )
+    offline = stats["offline_kernels"]
     print(
-        f"kernels: {stats['registered_kernels']} registered, {stats['live_kernels']} live"
-        f" ({', '.join(stats['kernels']) or '-'})\n"
+        f"kernels: {stats['registered_kernels']} registered ({', '.join(stats['kernels']) or '-'})"
+        + (
+            f", {len(offline)} offline: their process is gone, messages wait ({', '.join(offline)})"
+            if offline
+            else ""
+        )
+        + "\n"
     )
     print(table(rows, ("TOPIC", "SUBSCRIBERS", "LENGTH", "PENDING", "DEAD", "GAPS")))
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """`kcp bus ...`: the exit codes of every kcp command (`report_error`)."""
-    from controlplane.ops.cli.output import report_error
-
+    """`kcp bus ...`; its errors reach `kcp`'s one report (`report_error`)."""
     keys = Keys(args.settings.prefix)
     try:
         if args.action == "publish":
@@ -172,5 +216,3 @@ def run(args: argparse.Namespace) -> int:
             return _tail(args, client, keys)
     except KeyboardInterrupt:
         return 0
-    except KcpError as exc:
-        return report_error(exc, args.settings)

@@ -4,21 +4,26 @@
     kcp serve                   the control-plane service
     kcp agent --slots 4         a kernel agent on this host
     kcp cluster create NAME --kernels 3 | list | scale NAME N | destroy NAME
-    kcp dispatch CLUSTER '{"type": "PING"}'
+    kcp dispatch CLUSTER '{"type": "PING"}' [--kernel worker-1]
     kcp metrics CLUSTER | status | top | demo
     kcp bus publish TOPIC JSON [--to KERNEL] | tail TOPIC|inbox:KERNEL|dead | stats
     kcp serve --metrics-port 9464   ... with Prometheus /metrics
     kcp mcp [--transport http]      the cluster tools for AI assistants (Model Context Protocol)
 
-Human-readable output by default, `--json` for scripts. Exit codes, one per thing to fix:
+Human-readable output by default; `--json` for scripts, errors included: an object with
+`error`, `error_type` and `exit_code` on stdout. Exit codes, one per thing to fix:
 
     0  ok
     1  the operation failed (e.g. the kernel reported an error; Redis refused a command)
-    2  bad input (arguments, settings, a request)
+    2  bad input (arguments, settings, a request, a Redis URL)
     3  Redis unavailable (not running, unreachable, loading) or read-only (a replica, a failover)
     4  authentication failed: the user name or password (KCP_REDIS_USERNAME/_PASSWORD, the URL)
     5  permission denied: the ACL user may not run the command or touch the key (`kcp acl`)
     6  wrong data: a key holds a type or value kcp did not write (another app on the prefix?)
+    7  cluster create/scale: the kernels were not all placed and running in time (reason given)
+
+`kcp serve` and `kcp agent` exit at start-up with 2 for a URL they cannot parse and 4/5 when
+Redis refuses their credentials; an unreachable Redis they wait for (logged once per change).
 """
 
 from __future__ import annotations
@@ -28,81 +33,40 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import pydantic
 
 from controlplane.client.core import KcpClient
-from controlplane.errors import InvalidRequest, KcpError
+from controlplane.errors import EXIT_BAD_INPUT, KcpError
 from controlplane.ops.acl import add_arguments as add_acl_arguments
 from controlplane.ops.acl import run as run_acl
-from controlplane.ops.cli.output import EXIT_BAD_INPUT, emit, report_error, table
-from controlplane.redis.connect import connect
+from controlplane.ops.cli.output import fail, non_negative_int, port, report_error
+from controlplane.redis.connect import connect, wait_for_redis
 from controlplane.settings import Settings, explain_settings_error
 
-
-# ------------------------------------------------------------------ client commands
-async def _cluster(args: argparse.Namespace, kcp: KcpClient) -> int:
-    if args.action == "create":
-        config = json.loads(args.config) if args.config else None
-        info = await kcp.create_cluster(args.name, args.kernels, config)
-        emit(
-            args,
-            info.model_dump(mode="json", exclude={"kernels"}),
-            lambda d: f"cluster {d['name']}: {d['running']}/{d['desired']} kernels running ({d['status']})",
-        )
-    elif args.action == "list":
-        clusters = [i.model_dump(mode="json", exclude={"kernels"}) for i in await kcp.list_clusters()]
-        emit(
-            args,
-            clusters,
-            lambda cs: (
-                table(
-                    [(c["name"], c["status"], f"{c['running']}/{c['desired']}", c["reason"]) for c in cs],
-                    ("CLUSTER", "STATUS", "KERNELS", "REASON"),
-                )
-                if cs
-                else "no clusters"
-            ),
-        )
-    elif args.action == "scale":
-        before, after = await kcp.scale_cluster(args.name, args.count)
-        emit(
-            args,
-            {"cluster": args.name, "previous_count": before, "new_count": after},
-            lambda d: f"cluster {d['cluster']}: {d['previous_count']} -> {d['new_count']} kernels",
-        )
-    else:
-        await kcp.destroy_cluster(args.name)
-        emit(
-            args,
-            {"cluster_name": args.name, "destroyed": True},
-            lambda d: f"cluster {d['cluster_name']} destroyed",
-        )
-    return 0
+logger = logging.getLogger(__name__)
 
 
-async def _dispatch(args: argparse.Namespace, kcp: KcpClient) -> int:
-    try:
-        request = json.loads(args.request)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"request is not valid JSON: {exc}") from None
-    res = await kcp.dispatch(args.cluster, request)
-    emit(
-        args,
-        res.model_dump(),
-        lambda d: f"{d['kernel']} ({d['latency_ms']:.1f} ms): {json.dumps(d['result'])}",
-    )
-    return 0
+class UsageError(Exception):
+    """A flag or argument argparse refused; reported like every other bad input."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
-async def _metrics(args: argparse.Namespace, kcp: KcpClient) -> int:
-    m = (await kcp.get_metrics(args.cluster)).to_dict()
-    emit(args, m, lambda d: "\n".join(f"{k:<18}{v}" for k, v in d.items()))
-    return 0
+class Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument raises `UsageError` instead of exiting, so that
+    `--json` gets its error object too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
 
 
 def _run_client(
@@ -112,10 +76,7 @@ def _run_client(
         async with KcpClient(args.settings) as kcp:
             return await fn(args, kcp)
 
-    try:
-        return asyncio.run(go())
-    except KcpError as exc:
-        return report_error(exc, args.settings)
+    return asyncio.run(go())
 
 
 # ------------------------------------------------------------------ daemons
@@ -126,27 +87,30 @@ def _serve(args: argparse.Namespace) -> int:
     async def go() -> int:
         redis = connect(args.settings.redis_url)
         plane = ControlPlane(redis, args.settings)
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            stop.set()
+            plane.request_stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, plane.request_stop)
+            loop.add_signal_handler(sig, on_signal)
         try:
-            async with serve_metrics(
+            async with serve_metrics(  # a port taken is bad input, found at once
                 redis,
                 args.settings,
                 port=args.metrics_port,
                 host=args.metrics_host,
                 leader=lambda: plane.lease.leading,
             ):
-                await plane.run()
+                if await wait_for_redis(redis, log=logger, what="kcp serve", stop=stop):
+                    await plane.run()
         finally:
             await redis.aclose()
         return 0
 
-    try:
-        return asyncio.run(go())
-    except InvalidRequest as exc:  # e.g. the metrics port is taken
-        print(f"kcp serve: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return asyncio.run(go())
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -168,9 +132,12 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with stack:
-        print(
-            f"kcp up: Redis {stack.redis_url}, control plane, {args.agents} agents x {args.slots} slots. "
-            f"Ctrl-C stops everything.\n  export KCP_REDIS_URL={stack.redis_url}",
+        where = {"redis_url": stack.redis_url, "agents": args.agents, "slots": args.slots}
+        print(  # one line with --json, for a script that reads it and goes on
+            json.dumps(where)
+            if args.json
+            else f"kcp up: Redis {stack.redis_url}, control plane, {args.agents} agents x {args.slots} "
+            f"slots. Ctrl-C stops everything.\n  export KCP_REDIS_URL={stack.redis_url}",
             flush=True,
         )
         while not stop and all(p.poll() is None for p in stack.procs):
@@ -186,12 +153,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
+    from controlplane.ops.cli.bus import add_arguments as add_bus_arguments
+    from controlplane.ops.cli.client import (
+        add_cluster_arguments,
+        add_dispatch_arguments,
+        add_metrics_arguments,
+    )
     from controlplane.ops.cli.top import add_top_arguments
     from kernel_agent.agent.main import add_arguments as add_agent_arguments
 
     # The common options work before or after the subcommand (`kcp agent --redis-url URL`);
     # SUPPRESS keeps a subcommand's parser from overwriting what was given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--redis-url",
         default=argparse.SUPPRESS,
@@ -202,54 +175,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", default=argparse.SUPPRESS, help="key prefix (default: $KCP_PREFIX or kcp:)"
     )
     common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output; errors too: {error, error_type, exit_code} on stdout",
     )
     common.add_argument(
-        "--log-level", default=argparse.SUPPRESS, help="default: INFO for serve/agent/up, WARNING otherwise"
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="default: INFO for serve/agent/up, WARNING otherwise",
     )
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="kcp",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = functools.partial(sub.add_parser, parents=[common])
 
     up = add("up", help="run a local stack: Redis if none answers, the service, agents")
-    up.add_argument("--agents", type=int, default=3)
-    up.add_argument("--slots", type=int, default=4)
-    up.add_argument("--handlers", action="append", default=[])
-    serve = add("serve", help="run the control-plane service")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    up.add_argument("--agents", type=non_negative_int, default=3, help="agents to start (default 3)")
+    up.add_argument(
+        "--slots", type=non_negative_int, default=4, help="kernel slots of each agent (default 4)"
+    )
+    up.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        help="module with register(registry) adding syscalls, given to every agent (repeatable)",
+    )
+    serve = add("serve", help="run the control-plane service (several may run: one leads)")
+    serve.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics on this port")
     serve.add_argument("--metrics-host", default="0.0.0.0", help="address for /metrics (default 0.0.0.0)")
     agent = add("agent", help="run a kernel agent on this host")
     add_agent_arguments(agent, common=False)
 
-    cluster = add("cluster", help="create, list, scale, destroy clusters")
-    csub = cluster.add_subparsers(dest="action", required=True)
-    add_action = functools.partial(csub.add_parser, parents=[common])
-    create = add_action("create")
-    create.add_argument("name")
-    create.add_argument("--kernels", type=int, default=1)
-    create.add_argument("--config", help='JSON, e.g. {"max_kernels": 20}')
-    add_action("list")
-    scale = add_action("scale")
-    scale.add_argument("name")
-    scale.add_argument("count", type=int)
-    destroy = add_action("destroy")
-    destroy.add_argument("name")
-
-    dispatch = add("dispatch", help="run one request on a cluster")
-    dispatch.add_argument("cluster")
-    dispatch.add_argument("request", help='JSON, e.g. {"type": "PING"}')
-    metrics = add("metrics", help="cluster metrics")
-    metrics.add_argument("cluster")
-    add("status", help="agents, clusters, kernels: one-shot table")
+    add_cluster_arguments(add("cluster", help="create, list, scale, destroy clusters"), common)
+    add_dispatch_arguments(add("dispatch", help="run one syscall on a cluster (--help lists them)"))
+    add_metrics_arguments(add("metrics", help="a cluster's dispatch, error, latency and load figures"))
+    add("status", help="agents, clusters, kernels: one-shot tables")
     add_top_arguments(add("top", help="live view of clusters, kernels and events (refreshes in place)"))
     add("demo", help="a real local stack, a cluster, a few hundred dispatches, scaling")
-    from controlplane.ops.cli.bus import add_arguments as add_bus_arguments
-
     add_bus_arguments(add("bus", help="inter-kernel bus: publish, tail a stream, stats"), common)
     add_acl_arguments(add("acl", help="Redis ACL users for the service, clients and each agent"))
     from controlplane.ops.mcp import add_arguments as add_mcp_arguments
@@ -258,11 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from controlplane.ops.cli.top import status_command, top_command
+def _given(argv: list[str] | None, flag: str) -> bool:
+    return flag in (sys.argv[1:] if argv is None else argv)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        args = argparse.Namespace(json=_given(argv, "--json"))
+        if not args.json:
+            exc.parser.print_usage(sys.stderr)
+        return fail(args, f"{exc} (see `{exc.parser.prog} --help`)", "UsageError", EXIT_BAD_INPUT)
     for name, default in (("redis_url", None), ("prefix", None), ("json", False), ("log_level", None)):
         setattr(args, name, getattr(args, name, default))  # SUPPRESSed when not given anywhere
     args.log_level = args.log_level or ("INFO" if args.command in ("serve", "agent", "up") else "WARNING")
@@ -272,13 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.settings = Settings(**overrides)
     except pydantic.ValidationError as exc:
-        print(f"kcp: invalid settings: {explain_settings_error(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(
+            args, f"invalid settings: {explain_settings_error(exc)}", "InvalidSettings", EXIT_BAD_INPUT
+        )
+    try:
+        return _command(args)
+    except KcpError as exc:
+        return report_error(exc, args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `kcp bus tail events | head`: the reader is gone, and so is stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports SIGPIPE
+
+
+def _command(args: argparse.Namespace) -> int:
+    from controlplane.ops.cli.client import cluster_command, dispatch_command, metrics_command
+    from controlplane.ops.cli.top import status_command, top_command
+
     if args.command == "acl":
-        try:
-            return run_acl(args, args.settings)
-        except KcpError as exc:  # Redis refused `--apply`
-            return report_error(exc, args.settings)
+        return run_acl(args, args.settings)
     if args.command == "agent":
         from kernel_agent.agent.main import run as run_agent
 
@@ -295,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in daemons:
         return daemons[args.command](args)
     commands = {
-        "cluster": _cluster,
-        "dispatch": _dispatch,
-        "metrics": _metrics,
+        "cluster": cluster_command,
+        "dispatch": dispatch_command,
+        "metrics": metrics_command,
         "status": status_command,
         "top": top_command,
     }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from controlplane.client.core import ClusterInfo, KcpClient
-from controlplane.ops.cli.output import table
+from controlplane.ops.cli.output import memory, ms, non_negative_int, positive_seconds, table
 from controlplane.protocol import stats
 from controlplane.protocol.models import KernelState
 from controlplane.redis.snapshot import ClusterView, KernelView, Snapshot, read_snapshot
@@ -99,27 +99,38 @@ def render_status(snap: Snapshot) -> str:
                 k.record.state.value,
                 k.record.pid or "-",
                 _pct(load.cpu) if load else "-",
-                _pct(load.memory, 2) if load else "-",
+                memory(load.memory, k.memory_bytes) if load else "-",
                 load.queue_depth if load else "-",
-                f"{load.latency_ms:.1f}" if load else "-",
+                ms(load.latency_ms) if load else "-",
             )
         )
     if rows:
         out += "\n\n" + table(
-            rows, ("CLUSTER", "KERNEL", "AGENT", "STATE", "PID", "CPU", "MEM", "QUEUE", "LAT_MS")
+            rows, ("CLUSTER", "KERNEL", "AGENT", "STATE", "PID", "CPU", "MEM", "QUEUE", "LATENCY")
         )
     return out
+
+
+def snapshot_data(snap: Snapshot) -> dict[str, object]:
+    """`kcp status --json` (and each frame of `kcp top --json`): agents, clusters, kernels, loads."""
+    clusters = []
+    for c in snap.clusters:
+        info = cluster_info(c).model_dump(mode="json")
+        loads = {k.record.name: k.load.model_dump(mode="json") for k in c.kernels if k.load}
+        info["kernels"] = [k | {"load": loads.get(k["name"])} for k in info["kernels"]]
+        clusters.append(info)
+    return {
+        "taken_at": snap.taken_at,
+        "agents": [{**a.record.model_dump(), "alive": a.alive} for a in snap.agents],
+        "clusters": clusters,
+    }
 
 
 async def status_command(args: argparse.Namespace, kcp: KcpClient) -> int:
     """`kcp status`: agents, clusters and kernels, once."""
     snap = await read_snapshot(kcp.state)
     if args.json:
-        data = {
-            "agents": [{**a.record.model_dump(), "alive": a.alive} for a in snap.agents],
-            "clusters": [cluster_info(c).model_dump(mode="json") for c in snap.clusters],
-        }
-        print(json.dumps(data, indent=2, default=str))
+        print(json.dumps(snapshot_data(snap), indent=2, default=str))
     else:
         print(render_status(snap))
     return 0
@@ -214,7 +225,7 @@ class TopView:
             )
         return table(
             rows,
-            ("CLUSTER", "STATUS", "UP", "DISPATCHES", "ERRORS", "DISP/S", "ERR/S", "P99_MS", "ORPHANS"),
+            ("CLUSTER", "STATUS", "UP", "DISPATCHES", "ERRORS", "DISP/S", "ERR/S", "P99", "ORPHANS"),
         )
 
     def _kernels(self, snap: Snapshot, prev: Snapshot | None) -> str:
@@ -234,7 +245,7 @@ class TopView:
                     if k.up or k.record.state is KernelState.PENDING
                     else f"{k.record.state.value}?",
                     _pct(load.cpu) if load else "-",
-                    _pct(load.memory, 2) if load else "-",
+                    memory(load.memory, k.memory_bytes) if load else "-",
                     k.queued,
                     k.inflight,
                     _p99(k.stats, old.stats if old else None),
@@ -248,7 +259,7 @@ class TopView:
                 )
         if not rows:
             return ""
-        return table(rows, ("KERNEL", "HOST", "AGENT", "STATE", "CPU", "MEM", "QUEUE", "INFLIGHT", "P99_MS"))
+        return table(rows, ("KERNEL", "HOST", "AGENT", "STATE", "CPU", "MEM", "QUEUE", "INFLIGHT", "P99"))
 
     def _diff(self, prev: Snapshot, snap: Snapshot) -> None:
         at = time.strftime("%H:%M:%S", time.localtime(snap.taken_at))
@@ -310,7 +321,7 @@ def _p99(new: dict[str, float], old: dict[str, float] | None) -> str:
     if old is not None:
         buckets = stats.diff(buckets, stats.histogram(old, stats.LATENCY))
     q = stats.quantile(0.99, buckets)
-    return "-" if q is None else f"{q * 1000:.1f}"
+    return "-" if q is None else ms(q * 1000)
 
 
 async def run_top(
@@ -321,14 +332,18 @@ async def run_top(
     out: TextIO,
     stop: asyncio.Event | None = None,
     source: str = "",
+    as_json: bool = False,
 ) -> int:
     """Draw `iterations` frames (0: until `stop` is set), `interval` seconds apart; returns
     the number of frames drawn."""
-    view, live, n = TopView(), out.isatty(), 0
+    view, live, n = TopView(), out.isatty() and not as_json, 0
     stop = stop or asyncio.Event()
     while not stop.is_set():
-        frame = view.frame(await read_snapshot(kcp.state), source=source)
-        if live:
+        snap = await read_snapshot(kcp.state)
+        frame = view.frame(snap, source=source)
+        if as_json:  # one object per line and frame: the snapshot and the recent events
+            out.write(json.dumps(snapshot_data(snap) | {"events": view.events.lines()}, default=str) + "\n")
+        elif live:
             width, height = shutil.get_terminal_size()
             lines = [line[:width] for line in frame.splitlines()][: max(height - 1, 1)]
             out.write(CLEAR + "\n".join(lines) + "\n")
@@ -352,12 +367,22 @@ async def top_command(args: argparse.Namespace, kcp: KcpClient) -> int:
     source = f"prefix {args.settings.prefix}  every {args.interval:g}s  (Ctrl-C quits)"
     iterations = 1 if args.once else args.iterations
     await run_top(
-        kcp, interval=args.interval, iterations=iterations, out=sys.stdout, stop=stop, source=source
+        kcp,
+        interval=args.interval,
+        iterations=iterations,
+        out=sys.stdout,
+        stop=stop,
+        source=source,
+        as_json=args.json,
     )
     return 0
 
 
 def add_top_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
-    parser.add_argument("--iterations", type=int, default=0, help="frames to draw, then exit (0: forever)")
+    parser.add_argument(
+        "--interval", type=positive_seconds, default=1.0, help="seconds between frames (default 1)"
+    )
+    parser.add_argument(
+        "--iterations", type=non_negative_int, default=0, help="frames to draw, then exit (0: forever)"
+    )
     parser.add_argument("--once", action="store_true", help="draw one frame and exit")

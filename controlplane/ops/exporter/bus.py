@@ -106,10 +106,10 @@ def bus_families(client: SyncRedis, keys: Keys) -> Iterable[Metric]:
         yield family
     kernels = GaugeMetricFamily(
         "kcp_bus_kernels",
-        "kernels registered on the bus: live (lease renewed) or stale (lease lapsed); they sum to all",
+        "kernels on the bus: live (held by a live process's lease) or offline (its lease lapsed;"
+        " messages wait for it); they sum to all registered",
         labels=("state",),
     )
-    registered, live = _int(stats.get("registered_kernels")), _int(stats.get("live_kernels"))
-    kernels.add_metric(["live"], float(live))
-    kernels.add_metric(["stale"], float(max(registered - live, 0)))
+    kernels.add_metric(["live"], float(_int(stats.get("registered_kernels"))))
+    kernels.add_metric(["offline"], float(len(stats.get("offline_kernels", []))))
     yield kernels

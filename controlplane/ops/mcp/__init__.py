@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controlplane.ops.explain import EXIT_FAILED
+from controlplane.errors import EXIT_FAILED
 
 #: Port of `kcp mcp --transport http` unless given.
 DEFAULT_PORT = 8765

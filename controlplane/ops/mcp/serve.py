@@ -24,8 +24,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from controlplane.errors import InvalidRequest
-from controlplane.ops.explain import EXIT_BAD_INPUT
+from controlplane.errors import EXIT_BAD_INPUT, InvalidRequest
 from controlplane.ops.mcp.tools import KcpTools
 from controlplane.ops.redis_server import is_loopback
 from controlplane.settings import Settings, explain_settings_error
