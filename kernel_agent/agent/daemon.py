@@ -36,7 +36,7 @@ from controlplane.protocol.records import (
 from controlplane.protocol.stats import DISPATCHES, ERRORS, LATENCY_MS_SUM
 from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
-from controlplane.redis.retry import best_effort, periodically
+from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
@@ -128,6 +128,9 @@ class Agent(Service):
             running=lambda: not self._stop.is_set(),
             pause=self._pause,
             on_error=self._lost,
+            # back soon after an outage: kernels to (re)start, wake-ups, and the heartbeat's stall
+            # guard counts a loop that cannot reach Redis as alive only while it keeps trying
+            backoff=Backoff.within(self.settings.heartbeat_interval),
         )
         await self._shutdown()
 
@@ -150,6 +153,7 @@ class Agent(Service):
             logger.debug("agent %s woken", name)
 
     def _lost(self, exc: RedisError) -> None:
+        self.heartbeat.touch()  # failing on Redis is not a wedged loop: the lease is renewed on
         if isinstance(exc, RedisUnavailable):  # our record may be gone when Redis is back
             self._registered = False
 

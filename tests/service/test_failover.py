@@ -88,22 +88,31 @@ async def test_fenced_write_is_discarded_once_the_lease_moves(redis: AsyncRedis)
 
 @pytest.mark.integration
 async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(redis: AsyncRedis) -> None:
-    settings = Settings(heartbeat_interval=0.2, lease_ttl=1.0)
+    settings = Settings(heartbeat_interval=0.1, lease_ttl=0.4)
     state = State(redis, KEYS)
     for name in ("fresh", "late", "gone"):
         await redis.hset(KEYS.agent(name), mapping={"name": name, "slots": "2"})
         await redis.sadd(KEYS.agents(), name)
-    now_ms = int(time.time() * 1000)
-    await redis.set(KEYS.agent_lease("fresh"), now_ms, px=1000)
-    await redis.set(KEYS.agent_lease("late"), now_ms, px=500)  # renewals overdue
-    await redis.hset(KEYS.heartbeats(), "gone", str(now_ms - 1200))
     detector = FailureDetector(state, settings)
+    assert detector.window == pytest.approx(0.5)
 
-    detector.grace()  # e.g. right after Redis came back: nobody could renew
+    # a new detector (a new leader) has not seen Redis yet: its first read opens the window
     fleet = await detector.fleet()
-    assert fleet.alive == {"fresh", "late", "gone"}
+    assert fleet.alive == {"fresh", "late", "gone"}, "no lease renewed since we looked: no death"
+    await asyncio.sleep(detector.window + 0.05)
 
-    detector._blind_until = 0.0
+    # Redis lost for longer than the window: the window opens when Redis answers, not at the
+    # failure (nobody could renew meanwhile)
+    detector.grace()
+    await asyncio.sleep(detector.window + 0.05)
+    fleet = await detector.fleet()
+    assert fleet.alive == {"fresh", "late", "gone"}, "a lease that lapsed during the outage is no death"
+    await asyncio.sleep(detector.window + 0.05)
+
+    now_ms = int(time.time() * 1000)
+    await redis.set(KEYS.agent_lease("fresh"), now_ms, px=400)
+    await redis.set(KEYS.agent_lease("late"), now_ms, px=200)  # renewals overdue
+    await redis.hset(KEYS.heartbeats(), "gone", str(now_ms - 1200))
     fleet = await detector.fleet()
     assert fleet.alive == {"fresh", "late"} and fleet.suspect == {"late"}
     stats = await redis.hgetall(KEYS.reliability())
@@ -120,6 +129,13 @@ async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(red
         )
         await redis.sadd(KEYS.cluster_kernels("c"), kernel)
     await redis.set(KEYS.kernel_lease("c", "worker-0"), 1, px=1000)
+    detector.grace()
+    assert await detector.dead_kernels(await state.kernels("c"), fleet) == [], "blind: no kernel death"
+    await detector.fleet()  # Redis answers: the window opens
+    await asyncio.sleep(detector.window + 0.05)
+    await redis.set(KEYS.agent_lease("fresh"), 1, px=1000)
+    await redis.set(KEYS.kernel_lease("c", "worker-0"), 1, px=1000)
+    fleet = await detector.fleet()
     dead = await detector.dead_kernels(await state.kernels("c"), fleet)
     assert [k.name for k in dead] == ["worker-1"]
 
