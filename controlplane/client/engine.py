@@ -13,6 +13,7 @@ See docs/routing.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -23,7 +24,7 @@ from typing import Protocol
 from controlplane.client.balancer import LoadBalancer
 from controlplane.client.estimates import Estimates, RetryBudget
 from controlplane.client.routing import Attempt, KernelBusy, Plan
-from controlplane.errors import InvalidRequest, KernelError, NoKernelAvailable
+from controlplane.errors import InvalidRequest, KernelError, KernelGone, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import (
     KernelLoad,
@@ -185,6 +186,7 @@ class OrchestrationEngine:
         request: SyscallRequest,
         *,
         kernel: str | None = None,
+        epoch: int | None = None,
         attempts: list[str] | None = None,
     ) -> Outcome:
         """Run `request` on a kernel of `target` picked by the strategy; on failure retry on
@@ -193,7 +195,9 @@ class OrchestrationEngine:
         Timeouts and refusals are retried (up to `retry_count` more attempts, each on a kernel
         not tried yet when `enable_failover`, and only while the retry budget lasts); a kernel
         reporting an error is not retried unless the strategy is PRIMARY_FALLBACK. `kernel`
-        pins the request to one kernel by name (for state that lives in one kernel's memory).
+        pins the request to one kernel by name (for state that lives in one kernel's memory), and
+        `epoch` to one incarnation of it: every attempt goes there, or the request fails with
+        `KernelGone` once that incarnation died or was replaced (never retried elsewhere).
         `attempts`, when given, gets the name of the kernel that ran each attempt, in order.
         Raises a `DispatchError` when nothing worked.
         """
@@ -201,7 +205,7 @@ class OrchestrationEngine:
             self.metrics.total_dispatches += 1
             self.budget.deposit()
             try:
-                return await self._attempts(target, request, kernel, attempts)
+                return await self._attempts(target, request, kernel, epoch, attempts)
             except Exception:
                 self.metrics.failed += 1
                 raise
@@ -211,6 +215,7 @@ class OrchestrationEngine:
         target: ClusterTarget,
         request: SyscallRequest,
         kernel: str | None,
+        epoch: int | None,
         attempts: list[str] | None,
     ) -> Outcome:
         cfg = self.config
@@ -240,6 +245,8 @@ class OrchestrationEngine:
                 where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
                 last_error = NoKernelAvailable(f"{where} in the cluster")
                 break
+            if epoch is not None:  # enqueue.lua checks it where the kernel's record is
+                plan = dataclasses.replace(plan, epoch=epoch)
             first = plan.candidates[0].name
             self._inflight[first] = self._inflight.get(first, 0) + 1
             try:
@@ -268,6 +275,8 @@ class OrchestrationEngine:
             if outcome.success:
                 self._record_success(outcome)
                 return outcome
+            if outcome.error_type == KernelGone.error_type:  # pinned, its incarnation lost: final
+                raise KernelGone(outcome.error, kernel=ran, epoch=outcome.epoch or None)
             last_error = KernelError(outcome.error, kernel=ran, error_type=outcome.error_type)
             if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
                 "InvalidArguments",

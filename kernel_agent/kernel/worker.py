@@ -324,6 +324,7 @@ class KernelProcess(Service):
             value=value,
             error=error,
             error_type=error_type,
+            epoch=int(self.epoch),
         )
         call = jobs.finish(
             self.keys,

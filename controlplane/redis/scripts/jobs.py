@@ -71,9 +71,11 @@ def enqueue(
     ttl_ms: int,
     strategy: str,
     routing: Routing | None = None,
+    epoch: int | None = None,
 ) -> Call[Enqueued | NotEnqueued]:
     """enqueue.lua: queue job `job_id` on `kernel`, or with `routing` on the candidate the
-    script chooses."""
+    script chooses. `epoch` (plain form only) pins the job to that incarnation of `kernel`:
+    `NotEnqueued(detail='epoch=<current>')` when it is not the one running."""
     klist = [
         keys.kernel(cluster, kernel),
         keys.queue(cluster, kernel),
@@ -82,6 +84,10 @@ def enqueue(
         keys.kernel_wake(cluster, kernel),
     ]
     argv: list[Arg] = [job_id, payload, reply_key, now_ms, deadline_ms, ttl_ms, strategy, kernel]
+    if epoch is not None:
+        if routing is not None:
+            raise ValueError("a job pinned to an incarnation goes to that kernel only (no routing)")
+        argv.append(epoch)
     if routing is not None:
         r = routing
         klist.append(keys.cluster_rr(cluster))
