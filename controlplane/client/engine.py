@@ -245,8 +245,10 @@ class OrchestrationEngine:
                 where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
                 last_error = NoKernelAvailable(f"{where} in the cluster")
                 break
-            if epoch is not None:  # enqueue.lua checks it where the kernel's record is
-                plan = dataclasses.replace(plan, epoch=epoch)
+            if epoch is not None:  # a plain enqueue on that kernel, which checks its epoch
+                plan = dataclasses.replace(
+                    plan, candidates=plan.candidates[:1], mode="first", outlier=None, epoch=epoch
+                )
             first = plan.candidates[0].name
             self._inflight[first] = self._inflight.get(first, 0) + 1
             try:
