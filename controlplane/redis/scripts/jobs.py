@@ -16,6 +16,7 @@ ENQUEUE = Script.load("enqueue")
 CLAIM = Script.load("claim")
 FINISH = Script.load("finish")
 CANCEL = Script.load("cancel")
+TAKE_REPLIES = Script.load("take_replies")
 
 _NONE_EJECTED: Mapping[str, int] = MappingProxyType({})
 
@@ -229,3 +230,9 @@ def cancel(keys: Keys, cluster: str, kernel: str, *, job_id: str) -> Call[bool]:
 
 def _flag(reply: Any) -> bool:
     return bool(int(reply))
+
+
+# ---------------------------------------------------------------- the client's replies
+def take_replies(keys: Keys, client_id: str, *, count: int, ttl_ms: int) -> Call[list[str]]:
+    """take_replies.lua: drop the replies taken last time (delivered), take up to `count` more."""
+    return Call(TAKE_REPLIES, [keys.reply(client_id), keys.reply_taken(client_id)], [count, ttl_ms], list)
