@@ -134,8 +134,7 @@ class Dispatcher:
                     self.redis, self.keys, plan, placed, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
                 )
                 return routing.Attempt(placed, outcome)
-            except _Vanished:
-                placed = await routing.report(self.redis, self.keys, plan, placed, ok=False, now_ms=now_ms())
+            except _Vanished:  # not the kernel's doing: nothing to report against it
                 gone = DispatchTimeout(
                     f"job {job_id} on {cluster}/{name} is gone from Redis without a result (its enqueue "
                     "was lost with Redis); it never ran"
