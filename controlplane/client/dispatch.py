@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from controlplane.client import routing
 from controlplane.errors import ClusterNotFound, DispatchTimeout, RedisError, RedisUnavailable
@@ -172,17 +173,32 @@ class Dispatcher:
         )
 
     async def _take_replies(self) -> None:
-        """Acknowledge the replies delivered last time and take the next ones; when none wait,
-        block until one comes. Resolve the future of each reply taken."""
+        """One round trip: acknowledge the replies delivered last time and take those waiting
+        (`take_replies.lua`), then block until the next one comes (`BLMOVE` into the taken list,
+        which the next take drops), all in one write. Each reply is delivered as it arrives: the
+        batch before the blocking move returns."""
+        take = jobs.take_replies(self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
+        wait: tuple[str | int, ...] = (
+            ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
+            if self._blmove
+            else ("BRPOPLPUSH", self.reply_key, self.taken_key, MAX_BLOCK_SECONDS)
+        )
+        futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS), amap_redis_errors():
                 if self._unsure is not None:
                     await self._recover(self._unsure)
                     self._unsure = None
-                take = jobs.take_replies(self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
-                replies = await take.run(self._replies)
-                if not replies:
-                    replies = await self._wait_reply()
+                # the TTL behind the move: a client killed while it blocks leaves no list behind
+                futures = await self._replies.send(
+                    [take.command, wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS)]
+                )
+                await self._deliver_all(await take.settle(await futures[0], self.redis))
+                moved = await futures[1]
+                if isinstance(moved, Exception):
+                    raise moved
+                if moved:
+                    await self._deliver_all([moved])
         except TimeoutError:
             raise RedisUnavailable("reply pop overdue") from None
         except RedisError as exc:
@@ -190,23 +206,18 @@ class Dispatcher:
                 self._blmove = False  # BLMOVE is Redis 6.2's; BRPOPLPUSH before
                 return
             raise
+        finally:
+            for fut in futures:  # a failed step leaves the others' replies unread: drop them
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()
+
+    async def _deliver_all(self, replies: list[str]) -> None:
         for raw in replies:
             self._deliver(raw)
-        if replies:  # let the callers woken run before the next take is written
+        if replies:  # let the callers woken run before we go on
             await asyncio.sleep(0)
-
-    async def _wait_reply(self) -> list[str]:
-        """Block until a reply comes, moving it to the taken list (the next take drops it)."""
-        wait: tuple[str | int, ...] = (
-            ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
-            if self._blmove
-            else ("BRPOPLPUSH", self.reply_key, self.taken_key, MAX_BLOCK_SECONDS)
-        )
-        # the TTL is set behind the move, in the same write: a client killed now leaves no list
-        moved, _ = await self._replies.execute_many([wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS)])
-        if isinstance(moved, Exception):
-            raise moved
-        return [moved] if moved else []
 
     async def _recover(self, unsure: dict[str, str]) -> None:
         """After an outage: deliver what the last take moved (its answer may have been lost),

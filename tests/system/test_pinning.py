@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -92,6 +94,16 @@ async def test_a_kernel_restarted_between_write_and_read(
         failed = await tools.dispatch("mem", {"type": "PING", "kernel": w.incarnation})
         assert failed["success"] is False and failed["error_type"] == "KernelGone"
         assert (failed["kernel"], failed["epoch"]) == (w.kernel, w.epoch)
+
+    # the CLI: `--kernel NAME@EPOCH`, and the incarnation in what it prints
+    def kcp(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "controlplane.ops.cli", "--redis-url", redis_url, "dispatch", "mem"]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+
+    ok_cli = kcp('{"type": "PING"}', "--kernel", by_name.incarnation)
+    assert ok_cli.returncode == 0 and ok_cli.stdout.startswith(f"{by_name.incarnation} ("), ok_cli.stdout
+    gone_cli = kcp('{"type": "PING"}', "--kernel", w.incarnation)
+    assert gone_cli.returncode == 1 and f"{w.incarnation} was replaced" in gone_cli.stderr, gone_cli.stderr
 
 
 async def test_pinned_jobs_of_a_dead_agent_fail_and_unpinned_ones_move(

@@ -89,11 +89,11 @@ async def _dispatch(args: argparse.Namespace, kcp: KcpClient) -> int:
         request = json.loads(args.request)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request is not valid JSON: {exc}") from None
-    res = await kcp.dispatch(args.cluster, request)
+    res = await kcp.dispatch(args.cluster, request, kernel=args.kernel)
     emit(
         args,
         res.model_dump(),
-        lambda d: f"{d['kernel']} ({d['latency_ms']:.1f} ms): {json.dumps(d['result'])}",
+        lambda d: f"{d['kernel']}@{d['epoch']} ({d['latency_ms']:.1f} ms): {json.dumps(d['result'])}",
     )
     return 0
 
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     dispatch = add("dispatch", help="run one request on a cluster")
     dispatch.add_argument("cluster")
     dispatch.add_argument("request", help='JSON, e.g. {"type": "PING"}')
+    dispatch.add_argument(
+        "--kernel", help="pin it to a kernel, NAME, or to one incarnation of it, NAME@EPOCH (as printed)"
+    )
     metrics = add("metrics", help="cluster metrics")
     metrics.add_argument("cluster")
     add("status", help="agents, clusters, kernels: one-shot table")
