@@ -173,10 +173,9 @@ class Dispatcher:
         )
 
     async def _take_replies(self) -> None:
-        """One round trip: acknowledge the replies delivered last time and take those waiting
-        (`take_replies.lua`), then block until the next one comes (`BLMOVE` into the taken list,
-        which the next take drops), all in one write. Each reply is delivered as it arrives: the
-        batch before the blocking move returns."""
+        """Acknowledge the replies delivered last time and take those waiting (`take_replies.lua`);
+        when none did, block until the next one comes (`BLMOVE` into the taken list, which the
+        next take drops). Under load every step is one take of up to `REPLY_BATCH` replies."""
         take = jobs.take_replies(self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
         wait: tuple[str | int, ...] = (
             ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
@@ -189,12 +188,11 @@ class Dispatcher:
                 if self._unsure is not None:
                     await self._recover(self._unsure)
                     self._unsure = None
+                if await self._deliver_all(await take.run(self._replies)):
+                    return  # more may wait: take again before blocking
                 # the TTL behind the move: a client killed while it blocks leaves no list behind
-                futures = await self._replies.send(
-                    [take.command, wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS)]
-                )
-                await self._deliver_all(await take.settle(await futures[0], self.redis))
-                moved = await futures[1]
+                futures = await self._replies.send([wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS)])
+                moved = await futures[0]
                 if isinstance(moved, Exception):
                     raise moved
                 if moved:
@@ -213,11 +211,12 @@ class Dispatcher:
                 elif not fut.cancelled():
                     fut.exception()
 
-    async def _deliver_all(self, replies: list[str]) -> None:
+    async def _deliver_all(self, replies: list[str]) -> int:
         for raw in replies:
             self._deliver(raw)
         if replies:  # let the callers woken run before we go on
             await asyncio.sleep(0)
+        return len(replies)
 
     async def _recover(self, unsure: dict[str, str]) -> None:
         """After an outage: deliver what the last take moved (its answer may have been lost),

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from controlplane.client.balancer import LoadBalancer
 from controlplane.client.estimates import Estimates, RetryBudget
-from controlplane.client.routing import Attempt, KernelBusy, Plan
+from controlplane.client.routing import Attempt, KernelBusy, Plan, kernel_gone
 from controlplane.errors import InvalidRequest, KernelError, KernelGone, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import (
@@ -237,6 +237,10 @@ class OrchestrationEngine:
             pool = self.eligible(kernels, request)
             if kernel is not None:
                 pool = [k for k in pool if k.name == kernel]
+                if epoch is not None:  # epochs only grow: a later one means `kernel@epoch` was replaced
+                    current = next((k.epoch for k in kernels if k.name == kernel), None)
+                    if current is not None and current > epoch:
+                        raise kernel_gone(kernel, epoch, current)
             exclude = tried | refused if cfg.enable_failover else refused
             plan = self.select(pool, loads, exclude)
             if plan is None and exclude:
@@ -244,6 +248,8 @@ class OrchestrationEngine:
             if plan is None:
                 where = f"kernel {kernel!r} is not running" if kernel else "no running kernel"
                 last_error = NoKernelAvailable(f"{where} in the cluster")
+                if kernel is not None and epoch is not None and all(k.name != kernel for k in kernels):
+                    last_error = kernel_gone(kernel, epoch, None)
                 break
             if epoch is not None:  # a plain enqueue on that kernel, which checks its epoch
                 plan = dataclasses.replace(

@@ -32,6 +32,7 @@ __all__ = [
     "Placed",
     "Plan",
     "enqueue",
+    "kernel_gone",
     "max_ejected",
     "report",
 ]
@@ -151,8 +152,9 @@ async def enqueue(
     )
     result = await call.run(conn)
     if isinstance(result, jobs.NotEnqueued):
-        if result.detail.startswith("epoch="):
-            raise _kernel_gone(first.name, plan.epoch, result.detail.removeprefix("epoch="))
+        if plan.epoch is not None and result.detail.startswith("epoch="):
+            current = result.detail.removeprefix("epoch=")
+            raise kernel_gone(first.name, plan.epoch, int(current) if current else None)
         if choice is None:
             raise KernelBusy(f"{plan.cluster}/{first.name}: {result.detail}")
         raise KernelBusy(f"{plan.cluster}: {result.detail or 'no candidate takes work'}")
@@ -160,12 +162,12 @@ async def enqueue(
     return Placed(chosen.name, result.inflight, result.consecutive, result.ejected)
 
 
-def _kernel_gone(kernel: str, epoch: int | None, current: str) -> KernelGone:
+def kernel_gone(kernel: str, epoch: int, current: int | None) -> KernelGone:
     """The error for a request pinned to `kernel@epoch` when the kernel's epoch is now `current`
-    ('' when no kernel of that name exists)."""
-    if not current:
+    (None: the cluster has no kernel of that name)."""
+    if current is None:
         return KernelGone(
-            f"kernel {kernel}@{epoch} is gone: no kernel {kernel} exists", kernel=kernel, epoch=epoch
+            f"kernel {kernel}@{epoch} is gone: the cluster has no kernel {kernel}", kernel=kernel, epoch=epoch
         )
     return KernelGone(
         f"kernel {kernel}@{epoch} was replaced by {kernel}@{current}, which starts with empty memory; "
