@@ -128,8 +128,8 @@ class Agent(Service):
             running=lambda: not self._stop.is_set(),
             pause=self._pause,
             on_error=self._lost,
-            # back soon after an outage: kernels to (re)start, wake-ups, and the heartbeat's stall
-            # guard counts a loop that cannot reach Redis as alive only while it keeps trying
+            # back within a heartbeat of Redis answering, as the heartbeat thread is: kernels to
+            # (re)start and wake-ups wait on this loop
             backoff=Backoff.within(self.settings.heartbeat_interval),
         )
         await self._shutdown()
@@ -153,7 +153,8 @@ class Agent(Service):
             logger.debug("agent %s woken", name)
 
     def _lost(self, exc: RedisError) -> None:
-        self.heartbeat.touch()  # failing on Redis is not a wedged loop: the lease is renewed on
+        if exc.transient:  # waiting for Redis is not a wedged loop: renew as soon as it answers
+            self.heartbeat.touch()
         if isinstance(exc, RedisUnavailable):  # our record may be gone when Redis is back
             self._registered = False
 
