@@ -14,6 +14,7 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
     from controlplane.bus import BusConfig as BusConfig
     from controlplane.bus import InterKernelBus as InterKernelBus
     from controlplane.bus import ReceivedMessage as ReceivedMessage
+    from controlplane.client.arq import Job as Job
     from controlplane.client.balancer import LoadBalancer as LoadBalancer
     from controlplane.client.cluster import KernelCluster as KernelCluster
     from controlplane.client.core import ClusterInfo as ClusterInfo
@@ -38,6 +39,7 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
     from controlplane.errors import RedisUnavailable as RedisUnavailable
     from controlplane.errors import WrongData as WrongData
     from controlplane.lifecycle import LifecycleError as LifecycleError
+    from controlplane.protocol.arq import JobStatus as JobStatus
     from controlplane.protocol.models import BusMessage as BusMessage
     from controlplane.protocol.models import BusTopic as BusTopic
     from controlplane.protocol.models import ClusterConfig as ClusterConfig
@@ -71,6 +73,8 @@ _EXPORTS: dict[str, str] = {
     "DispatchTimeout": "controlplane.errors",
     "InterKernelBus": "controlplane.bus",
     "InvalidRequest": "controlplane.errors",
+    "Job": "controlplane.client.arq",
+    "JobStatus": "controlplane.protocol.arq",
     "KcpClient": "controlplane.client.core",
     "KcpError": "controlplane.errors",
     "KernelCluster": "controlplane.client.cluster",

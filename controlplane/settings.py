@@ -39,6 +39,19 @@ class Settings(BaseSettings):
     )
     reconcile_interval: float = Field(0.5, gt=0, le=60, description="control-plane reconcile period, seconds")
     leader_ttl: float = Field(3.0, gt=0, le=600, description="control-plane leader lease, seconds")
+    scrape_timeout: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="longest a /metrics scrape waits for Redis before reporting kcp_redis_up 0, seconds "
+        "(keep it below Prometheus's scrape_timeout)",
+    )
+    down_retention: float = Field(
+        900.0,
+        ge=0,
+        le=7 * 86400,
+        description="how long an agent or kernel whose lease lapsed stays listed as down, seconds",
+    )
     ready_timeout: float = Field(30.0, ge=0, le=3600, description="create/scale wait for kernels, seconds")
     max_kernels_per_cluster: int = Field(256, ge=1, le=10_000, description="upper bound on any kernel count")
     max_request_bytes: int = Field(

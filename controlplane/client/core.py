@@ -7,16 +7,19 @@ async with KcpClient() as kcp:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Self
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Self
 
 import pydantic
 
 from controlplane.client.dispatch import ClusterViews, Dispatcher, DispatchTarget
 from controlplane.client.engine import OrchestrationEngine
-from controlplane.errors import ClusterNotFound, InvalidRequest
+from controlplane.errors import ClusterNotFound, InvalidRequest, NoKernelAvailable
 from controlplane.lifecycle import LifecycleError, Phase
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import (
@@ -31,14 +34,29 @@ from controlplane.protocol.models import (
 )
 from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.protocol.requests import parse_args, parse_request
-from controlplane.protocol.stats import FAILOVERS, PINNED, RETRIES, SCALE_DOWN, SCALE_UP
+from controlplane.protocol.stats import (
+    FAILOVERS,
+    PINNED,
+    REJECT_INVALID,
+    REJECT_NO_CLUSTER,
+    REJECT_NO_KERNEL,
+    RETRIES,
+    SCALE_DOWN,
+    SCALE_UP,
+)
 from controlplane.redis.connect import AsyncRedis, connect
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import best_effort
 from controlplane.redis.state import State
 from controlplane.settings import Settings
 
+if TYPE_CHECKING:
+    from controlplane.client.arq import ArqContext, Job
+
 logger = logging.getLogger(__name__)
+
+#: Longest a refused dispatch waits to be counted before its error is raised anyway, seconds.
+REJECT_COUNT_TIMEOUT = 0.5
 
 _NAME = pydantic.TypeAdapter(pydantic.constr(pattern=NAME_PATTERN))
 
@@ -133,6 +151,7 @@ class KcpClient:
         self.views = ClusterViews(self.state)
         self.engine = OrchestrationEngine(orchestration)
         self.phase = Phase.NEW
+        self._arq: ArqContext | None = None  # made by the first enqueue_job or job
 
     def _require_open(self) -> None:
         """Refuse to work after `aclose`: redis-py's pool would quietly reconnect."""
@@ -155,6 +174,8 @@ class KcpClient:
         started, self.phase = self.phase is Phase.RUNNING, Phase.STOPPING
         try:
             if started:
+                if self._arq is not None:
+                    await self._arq.mover.stop()
                 await self.views.stop()
                 await self.dispatcher.stop()
         finally:
@@ -244,8 +265,31 @@ class KcpClient:
         `kernel` when given (e.g. a READ of memory an earlier WRITE filled): a name
         (`"worker-3"`: the incarnation running it when the job is queued) or one incarnation
         (`"worker-3@17"`, `DispatchResult.incarnation`). A pinned job runs there or fails with
-        `KernelGone`, never on another kernel or incarnation."""
+        `KernelGone`, never on another kernel or incarnation.
+
+        A request refused here (bad input, no such cluster, no kernel to take it) is counted by
+        reason in the rejections hash (`kcp_dispatch_rejected_total`) before the error is raised."""
         self._require_open()
+        try:
+            return await self._dispatch(cluster, request, kernel=kernel, engine=engine)
+        except InvalidRequest:
+            await self._rejected(REJECT_INVALID)
+            raise
+        except ClusterNotFound:
+            await self._rejected(REJECT_NO_CLUSTER)
+            raise
+        except NoKernelAvailable:
+            await self._rejected(REJECT_NO_KERNEL)
+            raise
+
+    async def _dispatch(
+        self,
+        cluster: str,
+        request: Mapping[str, Any],
+        *,
+        kernel: str | None,
+        engine: OrchestrationEngine | None,
+    ) -> DispatchResult:
         cluster = validate_name(cluster)
         epoch = None
         if kernel is not None:
@@ -282,6 +326,74 @@ class KcpClient:
             latency_ms=max(outcome.finish_ms - outcome.enqueue_ms, 0),
             epoch=outcome.epoch,
         )
+
+    async def enqueue_job(
+        self,
+        cluster: str,
+        function: str,
+        *args: Any,
+        _job_id: str | None = None,
+        _defer_until: datetime | None = None,
+        _defer_by: float | timedelta | None = None,
+        _expires: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> Job | None:
+        """arq's `enqueue_job` on `cluster`: run arq function `function(ctx, *args, **kwargs)` on a
+        kernel picked by the strategy, now or, deferred, when it is due (the kernel is picked
+        then). Returns a `Job` handle (arq's `status`, `result`, `info`, `abort`), or None when
+        `_job_id` is in use, as arq does. Arguments and results travel as JSON.
+
+        Raises `InvalidRequest` (nothing is queued) for an unknown function, an argument JSON
+        cannot carry, a negative `_defer_by` or `_expires`; `NoKernelAvailable` when no kernel
+        takes it now. See docs/arq.md."""
+        from controlplane.client.arq import enqueue_job
+
+        self._require_open()
+        await self.start()
+        return await enqueue_job(
+            self._arq_context(),
+            validate_name(cluster),
+            function,
+            args,
+            kwargs,
+            job_id=_job_id,
+            defer_until=_defer_until,
+            defer_by=_defer_by,
+            expires=_expires,
+        )
+
+    def job(self, cluster: str, job_id: str) -> Job:
+        """The handle of arq job `job_id` of `cluster` (enqueued by any client); this client then
+        also routes the cluster's deferred jobs when they are due."""
+        from controlplane.client.arq import Job, validate_job_id
+
+        self._require_open()
+        arq = self._arq_context()
+        cluster, job_id = validate_name(cluster), validate_job_id(job_id)
+        arq.mover.watch(cluster)
+        return Job(arq, cluster, job_id)
+
+    def watch_deferred(self, cluster: str) -> None:
+        """Route `cluster`'s deferred arq jobs when they are due, from this client, until it
+        closes (a client that enqueues or watches arq jobs of a cluster does so already)."""
+        self._require_open()
+        self._arq_context().mover.watch(validate_name(cluster))
+
+    def _arq_context(self) -> ArqContext:
+        from controlplane.client.arq import ArqContext
+
+        if self._arq is None:
+            wait = self.engine.config.timeout_ms / 1000
+            self._arq = ArqContext(
+                self.redis,
+                self.keys,
+                self.dispatcher,
+                self.views,
+                self.engine,
+                wait,
+                self.settings.max_request_bytes,
+            )
+        return self._arq
 
     async def get_metrics(self, cluster: str) -> ClusterMetrics:
         """Counters the kernels keep in Redis (every client's dispatches count) and their latest load."""
@@ -330,6 +442,12 @@ class KcpClient:
                 if amount:
                     pipe.hincrby(self.keys.cluster_stats(cluster), field, amount)
             await pipe.execute()
+
+    async def _rejected(self, reason: str) -> None:
+        """Count a refused dispatch; bounded and best effort, so the caller gets its error promptly."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REJECT_COUNT_TIMEOUT), best_effort():
+                await self.redis.hincrby(self.keys.rejections(), reason, 1)
 
     async def _wake_service(self) -> None:
         async with amap_redis_errors():

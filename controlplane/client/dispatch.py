@@ -155,6 +155,20 @@ class Dispatcher:
             self._waiting.pop(job_id, None)
             self._queued.pop(job_id, None)
 
+    def watch(self, job_id: str) -> asyncio.Future[Outcome]:
+        """A future for the result of `job_id` pushed to this client's reply list (a job queued
+        without `submit`, e.g. an arq job). It is forgotten once resolved; `unwatch` it to stop
+        waiting before."""
+        fut = self._waiting.get(job_id)
+        if fut is None or fut.done():
+            fut = self._waiting[job_id] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda done: self.unwatch(job_id, done))
+        return fut
+
+    def unwatch(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
+        if self._waiting.get(job_id) is fut:
+            del self._waiting[job_id]
+
     def _overdue(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
         """`submit`'s wait for `job_id` is over: fail `fut`, and leave a fresh future in its
         place, in the same step, so a result that comes while the job is being cancelled is

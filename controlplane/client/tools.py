@@ -60,6 +60,8 @@ class OrchestrationTools:
         await self.aclose()
 
     async def _call(self, op: Callable[[KcpClient], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run `op` on the client; a `KcpError` becomes the failure dict. (The one place failures
+        are turned into dicts: `kcp mcp` overrides it to raise them as tool errors instead.)"""
         try:
             return await op(await self.client())
         except KernelError as exc:

@@ -89,6 +89,7 @@ def _shared_kernel_side(k: Keys) -> list[str]:
         k.job_pattern("*"),
         k.reply("*"),
         k.cluster_stats("*"),
+        k.cluster_deferred("*"),  # an arq function's Retry puts its job back there (defer.lua)
         k.epoch(),
         f"{k.prefix}bus:*",
     )
@@ -106,6 +107,7 @@ def client_rules(k: Keys) -> list[str]:
         k.job_pattern("*"),
         k.reply("*"),
         k.service_wake(),
+        k.rejections(),
         f"{k.prefix}metrics:*",
         f"{k.prefix}bus:*",
     )
@@ -114,6 +116,7 @@ def client_rules(k: Keys) -> list[str]:
     # on every heartbeat (docs/security.md)
     keys += _rw(k.load("*", "*", "*"))
     keys += _ro(k.agents(), k.agent("*"), k.heartbeats(), k.reliability())
+    keys += _ro(k.lapsed_agents(), k.lapsed_kernels())  # `kcp status`/`top` list lost agents and kernels
     return ["resetkeys", *keys, "resetchannels", f"&{k.notify()}", *BASE_COMMANDS]
 
 
@@ -130,6 +133,9 @@ def agent_rules(k: Keys, agent: str) -> list[str]:
         f"(+lpush ~{k.service_wake()})",
         # its heartbeat time (the field of another agent only feeds a detection-time figure)
         f"(+hset +hdel ~{k.heartbeats()})",
+        # on registering, no longer listed as a lapsed agent (another's entry only hides a
+        # down agent from the metrics earlier than its retention)
+        f"(+hdel ~{k.lapsed_agents()})",
     ]
     return [
         "resetkeys",

@@ -54,7 +54,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -201,7 +202,7 @@ def start_redis_server(
     args += ["--appendonly", "yes" if appendonly else "no"]
     if appendonly:
         args += ["--appendfsync", "always"]
-    if _is_loopback(host):
+    if is_loopback(host):
         args += ["--protected-mode", "no"]
     args += extra_args
     executable = find_redis_server()

@@ -35,18 +35,20 @@ def encode_job(request: dict[str, Any], *, job_try: int, enqueue_ms: int) -> str
 
 #: Largest encoded job a kernel decodes, bytes: the largest `max_request_bytes` plus the envelope.
 MAX_JOB_BYTES = (64 << 20) + 4096
-_DECODED_JOB: pydantic.TypeAdapter[tuple[dict[str, Any], int]] = pydantic.TypeAdapter(
-    tuple[dict[str, Any], pydantic.StrictInt]
+_DECODED_JOB: pydantic.TypeAdapter[tuple[dict[str, Any], int, int]] = pydantic.TypeAdapter(
+    tuple[dict[str, Any], pydantic.StrictInt, pydantic.StrictInt]
 )
 
 
-def decode_job(raw: str) -> tuple[dict[str, Any], int]:
-    """(request, enqueue ms) of an encoded job. ValueError (or arq's DeserializationError) when it
-    is too large or not a job: a request object and an integer enqueue time."""
+def decode_job(raw: str) -> tuple[dict[str, Any], int, int]:
+    """(request, enqueue ms, job try) of an encoded job. ValueError (or arq's
+    DeserializationError) when it is too large or not a job: a request object, an integer
+    enqueue time and an integer try (1 unless an arq job was retried: `controlplane.protocol.arq`)."""
     if len(raw) > MAX_JOB_BYTES:
         raise ValueError(f"job is {len(raw)} bytes, above {MAX_JOB_BYTES}")
-    _function, _args, kwargs, _try, enqueue_ms = deserialize_job_raw(raw.encode(), deserializer=json_loads)
-    return _DECODED_JOB.validate_python((kwargs, enqueue_ms))  # pydantic's ValidationError is a ValueError
+    _function, _args, kwargs, job_try, enqueue_ms = deserialize_job_raw(raw.encode(), deserializer=json_loads)
+    # pydantic's ValidationError is a ValueError
+    return _DECODED_JOB.validate_python((kwargs, enqueue_ms, 1 if job_try is None else job_try))
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,12 @@ class Keys:
         """ZSET job id -> enqueue ms: jobs taken from a dead kernel, waiting for a live one."""
         return f"{self.prefix}cluster:{cluster}:orphans"
 
+    def cluster_deferred(self, cluster: str) -> str:
+        """ZSET job id -> due unix ms: arq jobs waiting for their time (`_defer_by`, `Retry`). A
+        client moving a due job pushes its score on by a lease, so a mover that dies mid-move
+        leaves it to the next (`lua/undefer.lua`)."""
+        return f"{self.prefix}cluster:{cluster}:deferred"
+
     # ------------------------------------------------------------ kernels
     def kernel(self, cluster: str, kernel: str) -> str:
         """HASH: the kernel record (agent, state, epoch, pid, ...)."""
@@ -87,6 +93,14 @@ class Keys:
         """HASH: one job (arq-serialized JSON under ``job``, routing fields, fencing epoch)."""
         return f"{self.prefix}job:{cluster}:{job_id}"
 
+    def job_deferred(self, cluster: str, job_id: str) -> str:
+        """HASH (`records.DeferredRecord`): a deferred arq job, until a client routes it when due."""
+        return f"{self.prefix}job:{cluster}:{job_id}:deferred"
+
+    def job_result(self, cluster: str, job_id: str) -> str:
+        """STRING with a TTL (arq's `keep_result`): the arq-format result of an arq job."""
+        return f"{self.prefix}job:{cluster}:{job_id}:result"
+
     def job_pattern(self, cluster: str) -> str:
         return f"{self.prefix}job:{cluster}:*"
 
@@ -124,6 +138,16 @@ class Keys:
         """HASH agent -> unix ms of its last heartbeat (how long ago a dead agent was last seen)."""
         return f"{self.prefix}heartbeats"
 
+    def lapsed_agents(self) -> str:
+        """HASH with a TTL: agent -> `records.LapsedRecord` JSON of an agent the leader forgot
+        because its lease lapsed (not on purpose), so it stays visible as down for a while."""
+        return f"{self.prefix}lapsed:agents"
+
+    def lapsed_kernels(self) -> str:
+        """HASH with a TTL: ``cluster/kernel`` -> `records.LapsedRecord` JSON of a kernel removed
+        because its lease or its agent's lapsed, so it stays visible as down for a while."""
+        return f"{self.prefix}lapsed:kernels"
+
     def load(self, agent: str, cluster: str, kernel: str) -> str:
         """HASH with a TTL: the load record of one kernel (`records.LoadRecord`), written by its
         agent's main loop each tick (the heartbeat thread renews only the leases).
@@ -156,6 +180,10 @@ class Keys:
     def reliability(self) -> str:
         """HASH of failure-handling counters and the last detection time (see docs/reliability.md)."""
         return f"{self.prefix}reliability"
+
+    def rejections(self) -> str:
+        """HASH reason -> count of dispatches a client refused before enqueueing (`stats.REJECTIONS`)."""
+        return f"{self.prefix}rejections"
 
     def epoch(self) -> str:
         """STRING counter: fencing epochs handed to kernel incarnations."""

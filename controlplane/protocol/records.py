@@ -187,6 +187,9 @@ class KernelRecord(Record):
     placed_at: float | None = None
     #: claims of one job before rebind.lua gives it up (read by rebind.lua; default 3 there)
     max_deliveries: int | None = None
+    #: incarnations after the first under this placement (kernel_start.lua counts a start of a
+    #: record that already had a process); a new placement starts from 0
+    restarts: int = 0
 
     @property
     def index(self) -> int:
@@ -225,6 +228,8 @@ class LoadRecord(Record):
     latency_ms: float = Field(0.0, ge=0)
     error_rate: float = Field(0.0, ge=0, le=1)
     updated_at: float = Field(default_factory=time.time, description="unix time of the report, seconds")
+    #: resident memory of the kernel process, bytes (absent in records of older agents)
+    memory_bytes: int | None = Field(None, ge=0)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any], key: str) -> Self | None:
@@ -232,7 +237,37 @@ class LoadRecord(Record):
 
     def to_load(self, name: str) -> KernelLoad:
         """The spec's load report of kernel `name`."""
-        return KernelLoad.model_construct(name=name, **self.model_dump(exclude={"inflight"}))
+        return KernelLoad.model_construct(name=name, **self.model_dump(exclude={"inflight", "memory_bytes"}))
+
+
+class LapsedRecord(BaseModel):
+    """A field of `{prefix}lapsed:agents` or `{prefix}lapsed:kernels` (JSON): an agent or kernel
+    the leader removed because a lease lapsed, kept so readers still show it down until `until`.
+
+    Written by the leader when it removes the entry for that reason; deleted when the name is
+    registered or placed again, or removed on purpose; readers ignore it after `until`."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    #: unix seconds the agent or kernel was last known alive (its last heartbeat)
+    last_seen: float = Field(ge=0)
+    #: unix seconds after which it is no longer shown
+    until: float = Field(ge=0)
+    agent: str = ""
+    host: str = ""
+    slots: int = Field(0, ge=0)
+
+    def encode(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def decode(cls, raw: str, key: str) -> LapsedRecord | None:
+        """One field's value; None (logged and counted) when it does not parse."""
+        try:
+            return cls.model_validate_json(raw[:4096])
+        except pydantic.ValidationError as exc:
+            skip_malformed(cls.__name__, key, exc.errors(include_url=False, include_input=False)[:3])
+            return None
 
 
 class JobRecord(Record):
@@ -252,6 +287,20 @@ class JobRecord(Record):
     strategy: str = ""  # the strategy that routed it, or 'pinned'
     started_ms: int | None = None  # set by claim.lua
     stolen_from: str | None = None  # the sibling a stolen job was queued on (claim.lua)
+
+
+class DeferredRecord(Record):
+    """`{prefix}job:{cluster}:{id}:deferred` (with a TTL): an arq job waiting for its time in
+    `cluster:{cluster}:deferred`, written by defer.lua, taken by undefer.lua, routed then by
+    the client that moves it (as enqueue.lua would have had it, with the job's own strategy)."""
+
+    job: str  # arq-serialized JSON; its `t` is the try the job runs as next
+    reply: str  # the reply list of the client that enqueued it (or whose job was retried)
+    enqueued_ms: int
+    due_ms: int
+    deadline_ms: int  # after it the job is dropped (arq's `_expires`)
+    strategy: str = ""
+    taken_until: int | None = None  # unix ms: a client routes it now (undefer.lua)
 
 
 class HealthRecord(Record):

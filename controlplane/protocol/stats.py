@@ -51,10 +51,28 @@ JOBS_FAILED_OVER = "jobs_failed_over_total"  #: orphaned jobs moved to a live ke
 LEADER_FENCED_WRITES = "leader_fenced_writes_total"  #: reconcile writes dropped: the lease moved before EXEC
 AUTOSCALE_UP = "autoscale_up_total"  #: autoscaler steps up
 AUTOSCALE_DOWN = "autoscale_down_total"  #: autoscaler steps down
+#: The `*_total` counters above, exported at 0 before their first event (`increase()` needs the 0).
+RELIABILITY_COUNTERS = (
+    AGENTS_SUSPECTED,
+    AGENTS_DEAD,
+    KERNELS_DEAD,
+    JOBS_FAILED_OVER,
+    LEADER_FENCED_WRITES,
+    AUTOSCALE_UP,
+    AUTOSCALE_DOWN,
+)
 DETECTION_MS_SUM = "detection_ms_sum"  #: agent death to detection, ms, summed over detections
 DETECTION_COUNT = "detection_count"  #: detections summed in DETECTION_MS_SUM
 DETECTION_MS_LAST = "detection_ms_last"  #: the last detection's delay, ms
 DETECTION_LAST_AT = "detection_last_at"  #: unix ms of the last detection
+
+
+# ---------------------------------------------------------------- the rejections hash (`Keys.rejections`)
+# Dispatches a client refused before enqueueing anything, by reason (one HINCRBY each).
+REJECT_INVALID = "invalid_request"  #: the request, a name or an argument does not validate
+REJECT_NO_CLUSTER = "unknown_cluster"  #: no such cluster
+REJECT_NO_KERNEL = "no_kernel"  #: no kernel could take it within the timeout
+REJECTIONS = (REJECT_INVALID, REJECT_NO_CLUSTER, REJECT_NO_KERNEL)
 
 
 # ---------------------------------------------------------------- histograms

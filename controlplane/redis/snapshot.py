@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
-from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord
+from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord, LapsedRecord
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.state import State
 
@@ -28,6 +28,7 @@ class KernelView:
     inflight: int
     agent_alive: bool
     lease: bool  # the kernel's own lease (renewed by its agent while the process lives)
+    memory_bytes: int | None = None  # resident memory of the process (its load record)
 
     @property
     def up(self) -> bool:
@@ -36,11 +37,21 @@ class KernelView:
 
 
 @dataclass(frozen=True, slots=True)
+class Lapsed:
+    """An agent or kernel the leader removed because its lease lapsed, still shown as down."""
+
+    name: str
+    record: LapsedRecord
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterView:
     record: ClusterRecord
     stats: dict[str, float]
     orphans: int
     kernels: list[KernelView] = field(default_factory=list)
+    #: kernels removed because their lease lapsed and not placed again under that name yet
+    lapsed: list[Lapsed] = field(default_factory=list)
 
     @property
     def running(self) -> int:
@@ -52,6 +63,7 @@ class AgentView:
     record: AgentRecord
     alive: bool
     lease_ms: int  # remaining lease, ms; <= 0 when expired
+    last_beat: float | None = None  # unix seconds of its last heartbeat (`heartbeats` hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,8 @@ class Snapshot:
     taken_at: float
     clusters: list[ClusterView]
     agents: list[AgentView]
+    #: agents forgotten because their lease lapsed and not registered again yet
+    lapsed_agents: list[Lapsed] = field(default_factory=list)
 
     def kernels(self) -> list[tuple[ClusterView, KernelView]]:
         return [(c, k) for c in self.clusters for k in c.kernels]
@@ -74,15 +88,28 @@ def _floats(raw: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def _lapsed(raw: dict[str, str], key: str, present: set[str], now: float) -> dict[str, LapsedRecord]:
+    """The entries of a lapsed hash still within their retention, for names not present again."""
+    out = {}
+    for name, value in raw.items():
+        if name not in present and (record := LapsedRecord.decode(value, key)) and record.until > now:
+            out[name] = record
+    return out
+
+
 async def read_snapshot(state: State) -> Snapshot:
-    """Every cluster that is not being destroyed, its kernels, and every registered agent."""
+    """Every cluster that is not being destroyed, its kernels, and every registered agent; and
+    the agents and kernels lost to a lapsed lease within the retention (`Settings.down_retention`)."""
     keys, redis = state.keys, state.redis
     agents = await state.agents()
     alive = {a.name for a, ok in agents if ok}
     clusters = [c for c in await state.list_clusters() if c.status is not ClusterStatus.STOPPED]
     kernels = {c.name: await state.kernels(c.name) for c in clusters}
-    loads = {c.name: await state.loads(kernels[c.name]) for c in clusters}
+    loads = {c.name: await state.load_records(kernels[c.name]) for c in clusters}
     async with amap_redis_errors(), redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.lapsed_agents())
+        pipe.hgetall(keys.lapsed_kernels())
+        pipe.hgetall(keys.heartbeats())
         for a, _ in agents:
             pipe.pttl(keys.agent_lease(a.name))
         for c in clusters:  # in the order the loop below reads them back
@@ -94,7 +121,15 @@ async def read_snapshot(state: State) -> Snapshot:
                 pipe.zcard(keys.inflight(k.cluster, k.name))
                 pipe.exists(keys.kernel_lease(k.cluster, k.name))
         rows = iter(await pipe.execute())
-    agent_views = [AgentView(a, ok, max(int(next(rows)), 0)) for a, ok in agents]
+    now = time.time()
+    lapsed_agents = _lapsed(next(rows), keys.lapsed_agents(), {a.name for a, _ in agents}, now)
+    present = {f"{c.name}/{k.name}" for c in clusters for k in kernels[c.name]}
+    lapsed_kernels = _lapsed(next(rows), keys.lapsed_kernels(), present, now)
+    beats = _floats(next(rows))
+    agent_views = [
+        AgentView(a, ok, max(int(next(rows)), 0), beats[a.name] / 1000 if a.name in beats else None)
+        for a, ok in agents
+    ]
     cluster_views = []
     for c in clusters:
         stats, orphans = _floats(next(rows)), int(next(rows))
@@ -102,7 +137,14 @@ async def read_snapshot(state: State) -> Snapshot:
         for k in kernels[c.name]:
             kstats, queued, inflight = _floats(next(rows)), int(next(rows)), int(next(rows))
             lease = bool(next(rows))
-            load = loads[c.name].get(k.name)
-            views.append(KernelView(k, kstats, load, queued, inflight, k.agent in alive, lease))
-        cluster_views.append(ClusterView(c, stats, orphans, views))
-    return Snapshot(time.time(), cluster_views, agent_views)
+            r = loads[c.name].get(k.name)
+            load, rss = (r.to_load(k.name), r.memory_bytes) if r is not None else (None, None)
+            views.append(KernelView(k, kstats, load, queued, inflight, k.agent in alive, lease, rss))
+        lost = [
+            Lapsed(ref.partition("/")[2], entry)
+            for ref, entry in sorted(lapsed_kernels.items())
+            if ref.partition("/")[0] == c.name
+        ]
+        cluster_views.append(ClusterView(c, stats, orphans, views, lost))
+    gone = [Lapsed(name, entry) for name, entry in sorted(lapsed_agents.items())]
+    return Snapshot(now, cluster_views, agent_views, gone)

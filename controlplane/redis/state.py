@@ -91,15 +91,19 @@ class State:
 
     async def loads(self, kernels: Sequence[KernelRecord]) -> dict[str, KernelLoad]:
         """Fresh load records of `kernels` by kernel name (expired ones are simply absent)."""
+        return {name: r.to_load(name) for name, r in (await self.load_records(kernels)).items()}
+
+    async def load_records(self, kernels: Sequence[KernelRecord]) -> dict[str, LoadRecord]:
+        """`loads` as stored (with what the spec's `KernelLoad` has no field for)."""
         async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
             for k in kernels:
                 pipe.hgetall(self.keys.load(k.agent, k.cluster, k.name))
             rows = await pipe.execute()
-        out: dict[str, KernelLoad] = {}
+        out: dict[str, LoadRecord] = {}
         for k, fields in zip(kernels, rows, strict=True):
             load = LoadRecord.from_fields(fields, k.name)
             if load is not None:
-                out[k.name] = load.to_load(k.name)
+                out[k.name] = load
         return out
 
     # ------------------------------------------------------------ agents

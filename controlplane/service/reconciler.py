@@ -17,7 +17,8 @@ from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
-from controlplane.protocol.records import ClusterRecord, JobRecord, KernelRecord
+from controlplane.protocol.records import AgentRecord, ClusterRecord, JobRecord, KernelRecord, LapsedRecord
+from controlplane.redis.connect import AsyncPipeline
 from controlplane.redis.scripts.kernels import rebind
 from controlplane.redis.state import State, now_ms
 from controlplane.redis.transaction import Conflict
@@ -77,7 +78,9 @@ class Reconciler:
                         "kernel %s/%s lost with agent %s; failing its work over", name, k.name, k.agent
                     )
                     await self.redis.hincrby(self.keys.cluster_stats(name), stats.KERNELS_LOST, 1)
-                await self._remove_kernel(k, wake_agent=k.name in dead)
+                await self._remove_kernel(
+                    k, wake_agent=k.name in dead, lapsed=k.state is not KernelState.STOPPED
+                )
                 fleet.assigned[k.agent] -= 1
                 changed = True
             else:
@@ -149,6 +152,7 @@ class Reconciler:
                 pipe.hset(self.keys.kernel(cluster.name, kernel), mapping=record.to_fields())
                 pipe.sadd(self.keys.cluster_kernels(cluster.name), kernel)
                 pipe.hset(self.keys.agent_kernels(agent.name), f"{cluster.name}/{kernel}", ASSIGN_RUN)
+                pipe.hdel(self.keys.lapsed_kernels(), f"{cluster.name}/{kernel}")
                 pipe.lpush(self.keys.agent_wake(agent.name), "place")
                 pipe.pexpire(self.keys.agent_wake(agent.name), 60_000)
                 await pipe.execute()
@@ -173,8 +177,25 @@ class Reconciler:
             await pipe.execute()
         logger.info("draining %s/%s on agent %s", k.cluster, k.name, k.agent)
 
-    async def _remove_kernel(self, k: KernelRecord, *, wake_agent: bool = False) -> None:
-        """Delete a stopped or lost kernel; whatever it still held goes to the cluster's orphans."""
+    def _lapse(self, pipe: AsyncPipeline, key: str, name: str, record: LapsedRecord | None) -> None:
+        """List `name` in the lapsed hash `key` (shown as down until the retention passes), or,
+        with None, drop it from there (removed on purpose, or placed again)."""
+        retention = self.settings.down_retention
+        if record is None or retention <= 0:
+            pipe.hdel(key, name)
+            return
+        pipe.hset(key, name, record.encode())
+        pipe.pexpire(key, int(retention * 1000))  # the newest entry's retention bounds the hash
+
+    def _lapsed(self, last_seen: float, agent: str = "", host: str = "", slots: int = 0) -> LapsedRecord:
+        until = time.time() + self.settings.down_retention
+        return LapsedRecord(last_seen=max(last_seen, 0.0), until=until, agent=agent, host=host, slots=slots)
+
+    async def _remove_kernel(
+        self, k: KernelRecord, *, wake_agent: bool = False, lapsed: bool = False
+    ) -> None:
+        """Delete a stopped or lost kernel; whatever it still held goes to the cluster's orphans.
+        A `lapsed` kernel (its lease or its agent's expired) stays listed as down for a while."""
         keys = self.keys
         inflight = keys.inflight(k.cluster, k.name)
         async with self.lease.fenced() as pipe:
@@ -192,6 +213,9 @@ class Reconciler:
             )
             pipe.srem(keys.cluster_kernels(k.cluster), k.name)
             pipe.hdel(keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}")
+            last_seen = time.time() - self.settings.lease_ttl
+            entry = self._lapsed(last_seen, k.agent, k.host) if lapsed else None
+            self._lapse(pipe, keys.lapsed_kernels(), f"{k.cluster}/{k.name}", entry)
             if wake_agent:  # it still runs: let it drop the kernel at once
                 pipe.lpush(keys.agent_wake(k.agent), "remove")
                 pipe.pexpire(keys.agent_wake(k.agent), 60_000)
@@ -271,6 +295,7 @@ class Reconciler:
                 self.keys.cluster_kernels(name),
                 self.keys.cluster_stats(name),
                 self.keys.cluster_orphans(name),
+                self.keys.cluster_deferred(name),
                 self.keys.cluster_rr(name),
                 self.keys.cluster_ejected(name),
                 self.keys.collector_values(name),
@@ -322,13 +347,22 @@ class Reconciler:
                 continue
             # WATCH the lease: an agent that came back meanwhile is not forgotten
             with contextlib.suppress(Conflict):
-                await self._forget(agent.name)
+                await self._forget(agent)
 
-    async def _forget(self, agent: str) -> None:
+    async def _forget(self, record: AgentRecord) -> None:
+        agent = record.name
         async with self.lease.fenced(self.keys.agent_lease(agent), multi=False) as pipe:
             if await pipe.exists(self.keys.agent_lease(agent)):
                 return
+            last_ms = await pipe.hget(self.keys.heartbeats(), agent)
             begin_writes(pipe)
+            # an agent that stopped on purpose said so (draining) and is simply gone
+            entry = None
+            if not record.draining:
+                beat = str(last_ms or "")
+                last_seen = int(beat) / 1000 if beat.isdigit() else time.time() - self.settings.lease_ttl
+                entry = self._lapsed(last_seen, host=record.host, slots=record.slots)
+            self._lapse(pipe, self.keys.lapsed_agents(), agent, entry)
             pipe.delete(self.keys.agent(agent), self.keys.agent_kernels(agent), self.keys.agent_wake(agent))
             pipe.srem(self.keys.agents(), agent)
             pipe.hdel(self.keys.heartbeats(), agent)

@@ -41,7 +41,7 @@ from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
 from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE
-from kernel_agent.syscalls import builtin_registry, load_handlers
+from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class AgentConfig(BaseModel):
     capabilities: list[Capability] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     handlers: list[str] = Field(default_factory=list, description="modules with register(registry)")
+    arq_settings: list[str] = Field(default_factory=list, description="arq WorkerSettings paths")
     concurrency: int = Field(1, ge=1, le=1024, description="jobs each kernel runs at once")
     drain_timeout: float = Field(30.0, gt=0, description="SIGTERM grace for kernels, seconds")
 
@@ -99,6 +100,11 @@ class Agent(Service):
         self.config = config
         registry = builtin_registry()
         load_handlers(registry, config.handlers)
+        arq_paths = [*config.arq_settings, *arq_settings_in(config.handlers)]
+        if arq_paths:  # loaded here too, so a bad path stops the agent, not each kernel
+            from kernel_agent.syscalls.arq_bridge import load_arq_settings
+
+            load_arq_settings(registry, arq_paths)
         self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()
@@ -199,6 +205,7 @@ class Agent(Service):
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(k.agent(c.name), mapping=record.to_fields())
             pipe.sadd(k.agents(), c.name)
+            pipe.hdel(k.lapsed_agents(), c.name)  # back: no longer shown as a lapsed agent
             pipe.set(k.agent_lease(c.name), int(time.time() * 1000), px=int(self.settings.lease_ttl * 1000))
             await pipe.execute()
         await self.redis.lpush(k.service_wake(), f"agent {c.name}")
@@ -295,6 +302,8 @@ class Agent(Service):
         ]
         for module in self.config.handlers:
             cmd += ["--handlers", module]
+        for path in self.config.arq_settings:
+            cmd += ["--arq-settings", path]
         env = {**os.environ, "KCP_REDIS_URL": self.settings.redis_url, "KCP_PREFIX": self.settings.prefix}
         child.proc = await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
         child.stopping = False
@@ -325,7 +334,7 @@ class Agent(Service):
                     float(stats.get(ERRORS, 0)),
                     float(stats.get(LATENCY_MS_SUM, 0)),
                 )
-                cpu, memory = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
+                cpu, memory, rss = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
                 key = k.load(self.config.name, c.cluster, c.kernel)
                 # as measured, unvalidated: a value out of range is the readers' to skip, as always
                 load = LoadRecord.model_construct(
@@ -336,6 +345,7 @@ class Agent(Service):
                     latency_ms=round(c.rates.latency_ms, 3),
                     error_rate=round(c.rates.error_rate, 4),
                     updated_at=now,
+                    memory_bytes=rss,
                 )
                 pipe.hset(key, mapping=load.to_fields())
                 pipe.pexpire(key, ttl_ms)

@@ -11,13 +11,14 @@ EWMA_ALPHA = 0.3
 
 
 class ProcessSampler:
-    """cpu (fraction of one core, capped at 1) and memory (fraction of the host's RAM) of a pid."""
+    """cpu (fraction of one core, capped at 1), memory (fraction of the host's RAM) and resident
+    memory (bytes) of a pid."""
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
         self._total = psutil.virtual_memory().total
 
-    def sample(self, pid: int) -> tuple[float, float]:
+    def sample(self, pid: int) -> tuple[float, float, int]:
         try:
             proc = self._procs.get(pid)
             if proc is None:
@@ -27,8 +28,8 @@ class ProcessSampler:
             rss = proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             self._procs.pop(pid, None)
-            return 0.0, 0.0
-        return min(cpu, 1.0), min(rss / self._total, 1.0)
+            return 0.0, 0.0, 0
+        return min(cpu, 1.0), min(rss / self._total, 1.0), int(rss)
 
     def forget(self, pid: int) -> None:
         self._procs.pop(pid, None)

@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
         default=[],
         help="module with register(registry) adding user syscalls (repeatable)",
     )
+    parser.add_argument(
+        "--arq-settings",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="arq WorkerSettings (e.g. mypkg.worker.WorkerSettings) the kernels run (repeatable)",
+    )
     parser.add_argument("--concurrency", type=int, default=1, help="jobs each kernel runs at once")
 
 
@@ -47,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
             labels=json.loads(args.labels),
             handlers=args.handlers,
+            arq_settings=args.arq_settings,
             concurrency=args.concurrency,
             **({"name": args.name} if args.name else {}),
         )
@@ -54,6 +62,15 @@ def run(args: argparse.Namespace) -> int:
         text = explain_settings_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
         print(f"kcp agent: invalid configuration: {text}", file=sys.stderr)
         return 2  # bad input, as for every kcp command
+    if config.arq_settings:  # a bad path or settings object: a clear message, no traceback
+        from kernel_agent.syscalls import builtin_registry
+        from kernel_agent.syscalls.arq_bridge import load_arq_settings
+
+        try:  # into a scratch registry: the names and capabilities are checked too
+            load_arq_settings(builtin_registry(), config.arq_settings)
+        except (ImportError, ValueError) as exc:
+            print(f"kcp agent: invalid --arq-settings: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s agent %(levelname)s %(message)s")
     return asyncio.run(_run(settings, config))
 

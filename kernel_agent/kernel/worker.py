@@ -14,27 +14,31 @@ finishes, then the process exits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.lifecycle import Service
 from controlplane.protocol import stats
-from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_result
+from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.redis.channel import Channel, Command
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors, error_reply
 from controlplane.redis.retry import retry
-from controlplane.redis.scripts import jobs
+from controlplane.redis.scripts import deferred, jobs
 from controlplane.redis.scripts.call import Call, preloading
 from controlplane.redis.scripts.kernels import NotStarted, Stop, kernel_start, kernel_stop, rebind
 from controlplane.redis.state import State
 from kernel_agent.kernel.siblings import Siblings
 from kernel_agent.syscalls import (
+    Deferral,
+    JobInfo,
     KernelMemory,
     SyscallContext,
     SyscallError,
@@ -48,8 +52,10 @@ logger = logging.getLogger(__name__)
 IDLE_BLOCK = 5.0
 #: Blocking-pop timeout while draining, seconds.
 DRAIN_BLOCK = 0.2
-#: A finished job's id and its finish.lua call.
-Finish = tuple[str, Call[bool]]
+#: How long a deferred job's keys outlive its deadline, ms (a safety net, as for queued jobs).
+DEFERRED_TTL_EXTRA_MS = 3_600_000
+#: A finished job's id and its finish.lua call (defer.lua for a job an arq `Retry` defers).
+Finish = tuple[str, Call[bool] | Call[int]]
 
 
 class KernelProcess(Service):
@@ -65,7 +71,10 @@ class KernelProcess(Service):
         agent: str,
         registry: SyscallRegistry,
         concurrency: int = 1,
+        arq_keep_ms: Mapping[str, int] | None = None,
     ) -> None:
+        """`arq_keep_ms`: the syscalls that are arq functions, and how long each keeps its
+        result, ms (they also get the job in their context, and may defer it)."""
         super().__init__()
         self.what = f"kernel {cluster}/{name}"
         self.redis = redis
@@ -78,6 +87,7 @@ class KernelProcess(Service):
         self.ctx = SyscallContext(memory=KernelMemory(), kernel=name, cluster=cluster)
         self.epoch = ""
         self.concurrency = concurrency
+        self.arq_keep_ms = dict(arq_keep_ms or {})
         self._busy = 0  # jobs between claim and delivered result, over all workers
         self._popping: set[Channel] = set()  # workers blocked on their pop (a drain wakes them)
         self._undelivered: list[Finish] = []  # results an outage kept from finish.lua
@@ -171,7 +181,8 @@ class KernelProcess(Service):
         await self.requeue_own()
 
     async def _serve(self) -> None:
-        channels = [preloading(self.redis, jobs.CLAIM, jobs.FINISH) for _ in range(self.concurrency)]
+        scripts = (jobs.CLAIM, jobs.FINISH, *((deferred.DEFER,) if self.arq_keep_ms else ()))
+        channels = [preloading(self.redis, *scripts) for _ in range(self.concurrency)]
         try:
             async with asyncio.TaskGroup() as workers:  # one worker failing stops them all
                 for channel in channels:
@@ -302,11 +313,19 @@ class KernelProcess(Service):
         job_id, raw_job, attempt = claimed.id, claimed.job, claimed.attempt
         start_ms = _now_ms()
         function, value, error, error_type = "?", None, "", ""
-        enqueue_ms = start_ms
+        enqueue_ms, keep_ms = start_ms, 0
         try:
-            request, enqueue_ms = decode_job(raw_job)
+            request, enqueue_ms, base_try = decode_job(raw_job)
             function = str(request.get("type", "?"))
-            value = await self.registry.execute(self.ctx, request)
+            ctx = self.ctx
+            if function in self.arq_keep_ms:
+                keep_ms = self.arq_keep_ms[function]
+                # arq counts a try per start: the envelope's, plus the claims a dead kernel cut off
+                job = JobInfo(job_id, base_try + max(int(attempt), 1) - 1, enqueue_ms)
+                ctx = dataclasses.replace(self.ctx, job=job)
+            value = await self.registry.execute(ctx, request)
+        except Deferral as exc:
+            return job_id, self._defer(job_id, request, enqueue_ms, exc)
         except SyscallError as exc:
             error, error_type = str(exc), exc.error_type
         except Exception as exc:  # a corrupt job must not kill the kernel
@@ -345,9 +364,34 @@ class KernelProcess(Service):
                 stats.bucket_field(stats.LATENCY, latency_ms / 1000),
                 stats.bucket_field(stats.QUEUE, queue_ms / 1000),
             ),
+            keep_ms=keep_ms,
         )
         self._busy += 1  # until `_delivered` has finish.lua's reply
         return job_id, call
+
+    def _defer(self, job_id: str, request: dict[str, Any], enqueue_ms: int, exc: Deferral) -> Call[int]:
+        """defer.lua for a job whose arq function raised `Retry`: back to the cluster's deferred
+        set as its next try, due `exc.defer_ms` from now (a client routes it then)."""
+        now = _now_ms()
+        due = now + exc.defer_ms
+        logger.info(
+            "job %s (%s) retries in %.2fs as try %d",
+            job_id,
+            request["type"],
+            exc.defer_ms / 1000,
+            exc.job_try,
+        )
+        self._busy += 1  # until `_delivered` has defer.lua's reply
+        return deferred.defer(
+            self.keys,
+            self.cluster,
+            job_id,
+            payload=encode_job(request | {"score": due}, job_try=exc.job_try, enqueue_ms=enqueue_ms),
+            now_ms=now,
+            due_ms=due,
+            ttl_extra_ms=DEFERRED_TTL_EXTRA_MS,
+            retry_of=(self.name, self.epoch),
+        )
 
     async def _delivered(self, finish: Finish, reply: asyncio.Future[Any]) -> None:
         """Account for the reply of a finish.lua call sent together with the next pop."""

@@ -36,6 +36,15 @@ class SyscallError(Exception):
         self.error_type = str(error_type)
 
 
+class Deferral(SyscallError):
+    """The job is to run again after `defer_ms` as try `job_try` (an arq function raised `Retry`)."""
+
+    def __init__(self, message: str, *, defer_ms: int, job_try: int) -> None:
+        super().__init__(message, error_type="Retry")
+        self.defer_ms = defer_ms
+        self.job_try = job_try
+
+
 # ------------------------------------------------------------------ files
 
 

@@ -27,13 +27,24 @@ from kernel_agent.syscalls.memory import ErrorType, KernelMemory, SyscallError
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """The job a handler runs for (arq's per-job ``ctx``)."""
+
+    id: str
+    #: 1 for the first run; one more for each `Retry` and each run a dead kernel cut off
+    job_try: int
+    enqueue_ms: int
+
+
 @dataclass(slots=True)
 class SyscallContext:
-    """What a handler may use: the kernel's memory and its identity."""
+    """What a handler may use: the kernel's memory and its identity, and the job being run."""
 
     memory: KernelMemory = field(default_factory=KernelMemory)
     kernel: str = ""
     cluster: str = ""
+    job: JobInfo | None = None
 
 
 Handler = Callable[[SyscallContext, dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
@@ -137,16 +148,32 @@ async def _run(name: str, handler: Handler, ctx: SyscallContext, args: dict[str,
     return result
 
 
+#: A handler module may name an arq settings object under this name: its functions are
+#: registered as with ``--arq-settings module:arq_settings`` (`arq_bridge`).
+ARQ_SETTINGS = "arq_settings"
+
+
+def _import(path: str) -> Any:
+    if not path or path.startswith("."):
+        raise ValueError(f"handler module must be an absolute dotted path (got {path!r})")
+    try:
+        return importlib.import_module(path)
+    except ImportError as exc:
+        raise ImportError(f"cannot import handler module {path!r}: {exc}", name=path) from exc
+
+
 def load_handlers(registry: SyscallRegistry, module_paths: Sequence[str]) -> None:
-    """Import each dotted module path and call its ``register(registry)``."""
+    """Import each dotted module path and call its ``register(registry)`` (a module that only
+    names arq settings, `ARQ_SETTINGS`, needs none: see `arq_settings_in`)."""
     for path in module_paths:
-        if not path or path.startswith("."):
-            raise ValueError(f"handler module must be an absolute dotted path (got {path!r})")
-        try:
-            module = importlib.import_module(path)
-        except ImportError as exc:
-            raise ImportError(f"cannot import handler module {path!r}: {exc}", name=path) from exc
+        module = _import(path)
         register = getattr(module, "register", None)
-        if not callable(register):
-            raise ValueError(f"handler module {path!r} has no register(registry) function")
-        register(registry)
+        if callable(register):
+            register(registry)
+        elif not hasattr(module, ARQ_SETTINGS):
+            raise ValueError(f"handler module {path!r} has no register(registry) function nor {ARQ_SETTINGS}")
+
+
+def arq_settings_in(module_paths: Sequence[str]) -> list[str]:
+    """``module:arq_settings`` of each handler module that names arq settings."""
+    return [f"{path}:{ARQ_SETTINGS}" for path in module_paths if hasattr(_import(path), ARQ_SETTINGS)]

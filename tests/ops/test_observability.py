@@ -4,32 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ProcessStack
+from conftest import ProcessStack, RedisServerFactory
 from promtool import promtool_check
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane import DispatchTimeout, KcpClient, KernelError, OrchestrationConfig
+from controlplane import (
+    ClusterNotFound,
+    DispatchTimeout,
+    InvalidRequest,
+    KcpClient,
+    KernelError,
+    OrchestrationConfig,
+)
 from controlplane.ops.cli.top import TopView
-from controlplane.ops.exporter.core import exposition
+from controlplane.ops.exporter.core import exposition, serve_metrics
 from controlplane.ops.redis_server import free_port
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig
+from controlplane.protocol.records import LapsedRecord
+from controlplane.redis.connect import connect
 from controlplane.redis.scripts import jobs
 from controlplane.redis.snapshot import read_snapshot
 from controlplane.redis.state import State
@@ -38,6 +49,7 @@ from controlplane.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
 DASHBOARD = COMPOSE / "grafana" / "dashboards" / "kcp.json"
+RULES = COMPOSE / "prometheus" / "rules" / "kcp.yml"
 KEYS = Keys()
 SETTINGS = Settings(redis_url="redis://unused", prefix=KEYS.prefix)
 
@@ -148,6 +160,22 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
         "Bad Field_total": 1,
     }
     await redis.hset(KEYS.reliability(), mapping=reliability)
+    # a restarted kernel, its memory in bytes; an agent and a kernel the leader removed after
+    # their leases lapsed (still shown down), and one whose retention has passed (not shown)
+    await redis.hset(KEYS.kernel("compute", "worker-0"), "restarts", 4)
+    await redis.hset(KEYS.load("a1", "compute", "worker-0"), "memory_bytes", 123456789)
+    now = time.time()
+    lapsed = LapsedRecord(last_seen=now - 30, until=now + 60, host="h9", slots=3)
+    await redis.hset(KEYS.lapsed_agents(), "gone", lapsed.encode())
+    expired = LapsedRecord(last_seen=now - 99, until=now - 1)
+    await redis.hset(KEYS.lapsed_agents(), "long-gone", expired.encode())
+    await redis.hset(KEYS.lapsed_agents(), "a1", lapsed.encode())  # registered again: the live one wins
+    await redis.hset(KEYS.lapsed_agents(), "garbage", "{not json")
+    lost = LapsedRecord(last_seen=now - 20, until=now + 60, agent="gone", host="h9")
+    await redis.hset(KEYS.lapsed_kernels(), "compute/worker-7", lost.encode())
+    await redis.hset(KEYS.lapsed_kernels(), "nosuch/worker-0", lost.encode())  # its cluster is gone
+    await redis.hincrby(KEYS.rejections(), stats.REJECT_INVALID, 2)
+    await redis.hincrby(KEYS.rejections(), "made-up reason", 5)
     text = await exposition(redis, SETTINGS)
     print(text)
     s = samples(text)
@@ -187,6 +215,7 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
     # liveness from leases: worker-1's agent has no lease
     assert s[f"kcp_kernel_up{{{k0}}}"] == 1 and s[f"kcp_kernel_up{{{k1}}}"] == 0
     assert s['kcp_agent_up{agent="a1"}'] == 1 and s['kcp_agent_up{agent="a2"}'] == 0
+    assert 'kcp_agent_heartbeat_lag_seconds{agent="a2"}' not in s  # never beat: no age to show
     assert s['kcp_agent_kernels{agent="a1"}'] == 2  # compute/worker-0 and batch/worker-0
     assert 0 <= s['kcp_agent_heartbeat_lag_seconds{agent="a1"}'] <= 3
     assert s[f"kcp_kernel_cpu_ratio{{{k0}}}"] == 0.25 and s[f"kcp_kernel_memory_ratio{{{k0}}}"] == 0.125
@@ -194,6 +223,22 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
     assert s[f"kcp_kernel_queue_depth{{{k0}}}"] == 2 and s[f"kcp_kernel_inflight_jobs{{{k0}}}"] == 3
     assert s[f'kcp_cluster_status{{{c},status="running"}}'] == 1
     assert s["kcp_agents_dead_total"] == 2
+    # counters exist at 0 before their first event, so increase() sees the first one
+    for counter in ("agents_suspected", "kernels_dead", "jobs_failed_over", "leader_fenced_writes"):
+        assert s[f"kcp_{counter}_total"] == 0
+    assert s['kcp_dispatch_rejected_total{reason="invalid_request"}'] == 2
+    assert s['kcp_dispatch_rejected_total{reason="unknown_cluster"}'] == 0
+    assert "made-up" not in text
+    assert s[f"kcp_kernel_restarts_total{{{k0}}}"] == 4 and s[f"kcp_kernel_restarts_total{{{k1}}}"] == 0
+    assert s[f"kcp_kernel_memory_bytes{{{k0}}}"] == 123456789
+    # down means 0, not gone: the lapsed agent and kernel, with their growing age
+    assert s['kcp_agent_up{agent="gone"}'] == 0 and s['kcp_agent_slots{agent="gone"}'] == 3
+    assert 29 <= s['kcp_agent_heartbeat_lag_seconds{agent="gone"}'] <= 40
+    assert 'agent="long-gone"' not in text and 'agent="garbage"' not in text
+    k7 = 'cluster="compute",kernel="worker-7"'
+    assert s[f"kcp_kernel_up{{{k7}}}"] == 0 and 19 <= s[f"kcp_kernel_load_age_seconds{{{k7}}}"] <= 30
+    assert s['kcp_kernel_info{agent="gone",cluster="compute",host="h9",kernel="worker-7"}'] == 1
+    assert 'cluster="nosuch"' not in text
     assert s["kcp_failure_detection_seconds_sum"] == 3 and s["kcp_failure_detection_seconds_count"] == 2
     assert "Bad" not in text
     b0 = 'cluster="batch",kernel="worker-0"'
@@ -240,12 +285,23 @@ async def test_clients_count_retries_failovers_and_scale_requests(redis: AsyncRe
             await kcp.dispatch("stuck", {"type": "PING"})
         await kcp.scale_cluster("stuck", 3, wait=0)
         await kcp.scale_cluster("stuck", 3, wait=0)  # no change: not an event
+        # refused in the client before anything is enqueued: counted by reason
+        for bad in ({"type": "READ", "address": -1, "size": 4}, {"type": 7}, ["not", "a", "dict"]):
+            with pytest.raises(InvalidRequest):
+                await kcp.dispatch("stuck", bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest):
+            await kcp.dispatch("no/such", {"type": "PING"})
+        with pytest.raises(ClusterNotFound):
+            await kcp.dispatch("nosuch", {"type": "PING"})
+    assert await redis.hgetall(KEYS.rejections()) == {"invalid_request": "4", "unknown_cluster": "1"}
     counters = await redis.hgetall(KEYS.cluster_stats("stuck"))
     assert counters == {stats.RETRIES: "1", stats.FAILOVERS: "1", stats.SCALE_UP: "1"}
     s = samples(await exposition(redis, SETTINGS))
     assert s['kcp_dispatch_retries_total{cluster="stuck"}'] == 1
     assert s['kcp_dispatch_failovers_total{cluster="stuck"}'] == 1
     assert s['kcp_scaling_events_total{cluster="stuck",direction="up"}'] == 1
+    assert s['kcp_dispatch_rejected_total{reason="invalid_request"}'] == 4
+    assert s['kcp_dispatch_rejected_total{reason="no_kernel"}'] == 0
 
 
 @pytest.mark.integration
@@ -269,7 +325,7 @@ async def test_exporter_reads_bus_counters(redis: AsyncRedis, redis_url: str) ->
     assert s['kcp_bus_stream_length{topic="events"}'] == 3
     assert s['kcp_bus_subscriptions{topic="events"}'] == 1
     assert s['kcp_bus_published_total{topic="data"}'] == 0
-    assert s['kcp_bus_kernels{state="registered"}'] == 0
+    assert s['kcp_bus_kernels{state="live"}'] == 0 and s['kcp_bus_kernels{state="stale"}'] == 0
     assert promtool_check(text) == ""
 
 
@@ -284,6 +340,43 @@ async def test_exporter_reports_redis_down_instead_of_failing() -> None:
     finally:
         await down.aclose()
     assert samples(text)["kcp_redis_up"] == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_a_hung_redis_reads_as_redis_up_0_within_the_scrape_timeout(
+    redis_server_factory: RedisServerFactory,
+) -> None:
+    """SIGSTOP Redis: the scrape answers `kcp_redis_up 0` after `scrape_timeout` instead of
+    hanging past Prometheus's deadline; it answers 1 again once Redis resumes. A follower (not
+    leading) only pings Redis and exports no fleet series."""
+    server = redis_server_factory()
+    settings = Settings(redis_url=server.url, scrape_timeout=0.5)
+    client = connect(server.url)
+    leading = True
+    try:
+        async with serve_metrics(client, settings, port=0, host="127.0.0.1", leader=lambda: leading) as port:
+            assert port is not None
+            up = samples(await asyncio.to_thread(_scrape, port))
+            assert up["kcp_redis_up"] == 1 and up["kcp_control_plane_leader"] == 1
+            assert up["kcp_agents_dead_total"] == 0 and "process_resident_memory_bytes" in up
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                hung = samples(await asyncio.to_thread(_scrape, port))
+                took = time.monotonic() - t0
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            print(f"scrape of a hung Redis answered in {took:.2f}s")
+            assert hung["kcp_redis_up"] == 0 and "kcp_agents_dead_total" not in hung
+            assert took < 5
+            leading = False
+            follower = await _until(
+                lambda: samples(_scrape(port)).get("kcp_redis_up") == 1 and _scrape(port), 10, "Redis back"
+            )
+            assert "kcp_control_plane_leader 0.0" in follower and "kcp_agents_dead_total" not in follower
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.integration
@@ -309,6 +402,24 @@ async def test_top_frames_show_rates_p99_and_events(redis: AsyncRedis) -> None:
     assert "1 kernel(s) lost with their agent" in second
     assert "kernel compute/worker-2 placed on a1" in second
 
+    # a1 dies and the leader forgets it (listed as lapsed); then work stealing goes on for many
+    # frames: the steals collapse into one line with a count, so the death stays on screen
+    now = time.time()
+    await redis.srem(KEYS.agents(), "a1")
+    gone = LapsedRecord(last_seen=now - 5, until=now + 60, host="h1", slots=4)
+    await redis.hset(KEYS.lapsed_agents(), "a1", gone.encode())
+    frame = view.frame(await read_snapshot(state))
+    assert re.search(r"a1\s+h1\s+LAPSED \d+s ago\s+0/4", frame), frame
+    for _ in range(12):
+        await redis.hincrby(KEYS.cluster_stats("compute"), stats.STEALS, 2)
+        frame = view.frame(await read_snapshot(state))
+    print(frame)
+    events = frame.split("EVENTS\n", 1)[1].splitlines()
+    assert len(events) <= 8
+    assert any("agent a1 lease EXPIRED" in line for line in events), events
+    steals = [line for line in events if "taken over by an idle kernel" in line]
+    assert len(steals) == 1 and "24 job(s)" in steals[0] and "(x12 since " in steals[0], steals
+
 
 # ---------------------------------------------------------------- compose and dashboard
 @pytest.mark.unit
@@ -333,23 +444,30 @@ def test_compose_file_validates() -> None:
     full = subprocess.run([*cmd, "config"], capture_output=True, text=True, timeout=50).stdout
     assert "--appendonly" in full and "--metrics-port" in full
     assert (ROOT / "Dockerfile").is_file() and (ROOT / ".dockerignore").is_file()
-    promtool = shutil.which("promtool")
-    if promtool:
-        check = subprocess.run(
-            [promtool, "check", "config", str(COMPOSE / "prometheus.yml")], capture_output=True, text=True
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{COMPOSE / 'prometheus'}:/etc/prometheus:ro" in full  # the config and the rules it loads
 
 
 _PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool"}
 _PROMQL_WORDS |= {"and", "or", "unless", "le", "inf", "nan"}
 
 
+def dashboard_queries() -> list[str]:
+    """The PromQL of every panel target, as written (with `$cluster`, `$__rate_interval`)."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+#: Series Prometheus makes itself (from the rules), not the exporter.
+PROMETHEUS_SERIES = {"ALERTS"}
+
+
 def dashboard_metric_names() -> set[str]:
     """Metric names in every PromQL expression of the dashboard (panels and template queries)."""
     dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs = dashboard_queries()
     for var in dash["templating"]["list"]:
+        if var["type"] == "datasource":
+            continue
         match = re.fullmatch(r"label_values\((\w+),\s*\w+\)", var["definition"])
         assert match, var["definition"]
         exprs.append(match.group(1))
@@ -362,7 +480,7 @@ def dashboard_metric_names() -> set[str]:
             if rest.startswith("(") or word.lower() in _PROMQL_WORDS:
                 continue  # a function or a keyword
             found.add(word)
-    return found
+    return found - PROMETHEUS_SERIES
 
 
 @pytest.mark.unit
@@ -370,23 +488,59 @@ def dashboard_metric_names() -> set[str]:
 def test_dashboard_and_provisioning_are_consistent() -> None:
     dash = json.loads(DASHBOARD.read_text())
     datasource = (COMPOSE / "grafana/provisioning/datasources/prometheus.yml").read_text()
-    uid = re.search(r"uid:\s*(\S+)", datasource)
-    assert uid is not None
+    assert re.search(r"type:\s*prometheus", datasource)
     provider = (COMPOSE / "grafana/provisioning/dashboards/kcp.yml").read_text()
     assert "/var/lib/grafana/dashboards" in provider
-    titles = set()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    assert variables["cluster"]["datasource"]["uid"] == "${datasource}"  # no hard-coded datasource uid
+    titles, rows = set(), set()
     for panel in dash["panels"]:
         if panel["type"] == "row":
+            rows.add(panel["title"])
             continue
         titles.add(panel["title"])
-        assert panel["datasource"]["uid"] == uid.group(1)
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"] and panel["description"]
         assert panel["gridPos"]["w"] > 0
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults.get("unit"), f"{panel['title']}: no unit"
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        if re.search(r"\brate\(", exprs) and "histogram_quantile" not in exprs and " / " not in exprs:
+            units = {defaults["unit"]} | {
+                p["value"]
+                for o in panel["fieldConfig"].get("overrides", [])
+                for p in o["properties"]
+                if p["id"] == "unit"
+            }
+            assert "ops" in units, f"{panel['title']}: a rate is shown as ops/s"
+        if "histogram_quantile" in exprs or "/" in exprs:  # latency and ratio panels have thresholds
+            thresholds = [defaults.get("thresholds")] + [
+                p["value"]
+                for o in panel["fieldConfig"].get("overrides", [])
+                for p in o["properties"]
+                if p["id"] == "thresholds"
+            ]
+            assert any(t and len(t["steps"]) > 1 for t in thresholds), f"{panel['title']}: no thresholds"
+    for expr in dashboard_queries():  # windows follow the scrape interval and the zoom
+        assert not re.search(r"\[\d+[smh]\]", expr), f"fixed window in {expr}"
+    assert any("$__rate_interval" in e for e in dashboard_queries())
     for needed in ("Dispatch rate", "Dispatch latency percentiles", "Errors", "Kernel CPU", "Failovers"):
         assert needed in titles
+    assert {"Kernel restarts", "Alerts pending and firing", "Rejected requests", "Kernel memory"} <= titles
+    assert "Alerts" in rows
+    assert any(a.get("expr", "").startswith("ALERTS{") for a in dash["annotations"]["list"])
     found = dashboard_metric_names()
     assert len(found) >= 15
-    assert {"kcp_cluster_dispatch_latency_seconds_bucket", "kcp_kernel_cpu_ratio", "kcp_agent_up"} <= found
+    assert {
+        "kcp_cluster_dispatch_latency_seconds_bucket",
+        "kcp_kernel_cpu_ratio",
+        "kcp_agent_up",
+        "kcp_kernel_restarts_total",
+        "kcp_kernel_memory_bytes",
+    } <= found
     assert not {"rate", "sum", "le", "cluster", "histogram_quantile"} & found
 
 
@@ -429,21 +583,24 @@ async def _until(check: Callable[[], Any], limit: float, what: str) -> Any:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[int], int]]:
-    """`start(metrics_port)` runs a real Prometheus (loopback, 1 s scrapes) against that port and
-    returns its HTTP port; stopped at teardown."""
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """`start(*metrics_ports)` runs a real Prometheus (loopback, 1 s scrapes and rule evaluations,
+    the shipped rules loaded) against those ports and returns its HTTP port; stopped at teardown."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus not installed (Debian package `prometheus`; .ci/run installs it)")
     procs: list[subprocess.Popen[bytes]] = []
     log = (tmp_path / "prometheus.log").open("wb")
 
-    def start(metrics_port: int) -> int:
+    def start(*metrics_ports: int) -> int:
         port = free_port()
         config = tmp_path / "prometheus.yml"
+        targets = ", ".join(f"'127.0.0.1:{p}'" for p in metrics_ports)
         config.write_text(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kcp\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{RULES}']\n"
+            "scrape_configs:\n  - job_name: kcp\n    static_configs:\n"
+            f"      - targets: [{targets}]\n"
         )
         args = [f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"]
         args += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
@@ -461,26 +618,55 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], int]]:
     log.close()
 
 
+def _value(rows: list[dict[str, Any]]) -> float | None:
+    return float(rows[0]["value"][1]) if len(rows) == 1 else None
+
+
+def _leading(ports: tuple[int, int]) -> int | None:
+    """The metrics port of the `kcp serve` that leads (exports the fleet), once one does."""
+    for port in ports:
+        if re.search(r"^kcp_control_plane_leader 1\.0$", _scrape(port), re.M):
+            return port
+    return None
+
+
+async def _kernel(redis: AsyncRedis, cluster: str, kernel: str) -> dict[str, str]:
+    return dict(await redis.hgetall(KEYS.kernel(cluster, kernel)))
+
+
 @pytest.mark.system
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(180)
 async def test_prometheus_scrapes_a_live_stack(
-    stack: ProcessStack, redis_url: str, prometheus: Callable[[int], int]
+    stack: ProcessStack, redis_url: str, redis: AsyncRedis, prometheus: Callable[..., int]
 ) -> None:
-    """A real Prometheus scrapes `kcp serve --metrics-port`; its counts match what was sent. The
-    dashboard's queries use names the live exporter emits; `kcp top --once` shows the kernels;
-    a destroyed cluster's series go away (and go stale in Prometheus)."""
-    metrics_port = free_port()
-    stack.serve("--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
+    """A real Prometheus scrapes two `kcp serve --metrics-port` at once, with the shipped rules.
+
+    Fleet sums over both instances equal what was done (only the leader exports the fleet); every
+    dashboard query returns series; a kernel SIGKILLed three times is counted in
+    `kcp_kernel_restarts_total` and makes KcpKernelCrashLooping pending; a SIGKILLed agent stays
+    at `kcp_agent_up 0` with a growing lag and makes KcpAgentDown pending; a destroyed cluster's
+    series go away."""
+    ports = (free_port(), free_port())
+    for port in ports:
+        stack.serve("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
     stack.agent("obs-a", slots=4)
-    prom_port = prometheus(metrics_port)
+    doomed = stack.agent("obs-b", slots=4)
+    prom_port = prometheus(*ports)
     ok, failed = 12, 2
     async with KcpClient(Settings(redis_url=redis_url)) as kcp:
+
+        async def both_agents() -> bool:
+            return bool(await redis.scard(KEYS.agents()) == 2)
+
+        await _until_async(both_agents, 20, "both agents to register")  # a kernel on each
         await kcp.create_cluster("obs", 2)
         for i in range(ok):
             await kcp.dispatch("obs", {"type": "PING", "payload": i})
         for _ in range(failed):  # on a kernel named by the request: strategy "pinned"
             with pytest.raises(KernelError):
                 await kcp.dispatch("obs", {"type": "READ", "address": 0x10, "size": 4}, kernel="worker-0")
+        with pytest.raises(InvalidRequest):  # refused in the client, counted by reason
+            await kcp.dispatch("obs", {"type": "READ", "address": -1, "size": 4})
 
         def counted() -> dict[tuple[str, str], float] | None:
             query = 'sum by (strategy, outcome) (kcp_cluster_dispatches_total{cluster="obs"})'
@@ -492,15 +678,28 @@ async def test_prometheus_scrapes_a_live_stack(
         t0 = time.monotonic()
         print("prometheus:", await _until(counted, 60, "Prometheus to see the dispatches"))
         print(f"prometheus had the counts {time.monotonic() - t0:.1f}s after the last dispatch")
-        assert _query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')[0]["value"][1] == "2"
-        latency = _query(prom_port, 'kcp_cluster_dispatch_latency_seconds_count{cluster="obs"}')
-        assert float(latency[0]["value"][1]) == ok + failed
-        assert _query(prom_port, 'kcp_agent_up{agent="obs-a"}')[0]["value"][1] == "1"
+        # both instances are scraped; summed over them, every fleet number is the truth
+        assert _value(_query(prom_port, 'count(up{job="kcp"} == 1)')) == 2
+        assert _value(_query(prom_port, "sum(kcp_control_plane_leader)")) == 1
+        assert _value(_query(prom_port, "count(kcp_redis_up == 1)")) == 2
+        assert _value(_query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')) == 2
+        assert _value(_query(prom_port, "sum(kcp_agent_up)")) == 2
+        assert _value(
+            _query(prom_port, 'sum(kcp_cluster_dispatch_latency_seconds_count{cluster="obs"})')
+        ) == (ok + failed)
+        assert _value(_query(prom_port, 'sum(kcp_kernel_dispatches_total{cluster="obs"})')) == ok + failed
+        assert _value(_query(prom_port, 'sum(kcp_dispatch_rejected_total{reason="invalid_request"})')) == 1
+        assert _value(_query(prom_port, "count(process_resident_memory_bytes)")) == 2
 
-        text = await asyncio.to_thread(_scrape, metrics_port)
+        leader = await _until(lambda: _leading(ports), 10, "a leader")
+        follower = next(p for p in ports if p != leader)
+        text = await asyncio.to_thread(_scrape, leader)
         missing = dashboard_metric_names() - names(text)
         assert not missing, f"dashboard queries metrics the exporter does not emit: {sorted(missing)}"
         assert promtool_check(text) == ""
+        quiet = await asyncio.to_thread(_scrape, follower)
+        assert "kcp_cluster_" not in quiet and "kcp_agent_up" not in quiet and "kcp_redis_up 1.0" in quiet
+        assert promtool_check(quiet) == ""
 
         top = await asyncio.to_thread(_cli, redis_url, "top", "--once")
         print(top.stdout)
@@ -508,7 +707,7 @@ async def test_prometheus_scrapes_a_live_stack(
         assert "obs/worker-0" in top.stdout and "obs/worker-1" in top.stdout and "\x1b[" not in top.stdout
         human = await asyncio.to_thread(_cli, redis_url, "status")
         assert human.returncode == 0, human.stderr
-        assert re.search(r"obs-a\s+\S+\s+up\s+2/4", human.stdout) and "obs      worker-1" in human.stdout
+        assert re.search(r"obs-b\s+\S+\s+up\s+1/4", human.stdout) and "obs      worker-1" in human.stdout
         status = await asyncio.to_thread(_cli, redis_url, "--json", "status")
         assert status.returncode == 0, status.stderr
         assert {k["name"] for k in json.loads(status.stdout)["clusters"][0]["kernels"]} == {
@@ -516,13 +715,83 @@ async def test_prometheus_scrapes_a_live_stack(
             "worker-1",
         }
 
+        # a kernel of obs-a crashes three times; its agent restarts it each time
+        placed = {k: (await _kernel(redis, "obs", k))["agent"] for k in ("worker-0", "worker-1")}
+        crashing = next(k for k, agent in placed.items() if agent == "obs-a")
+        for n in range(1, 4):
+            pid = int((await _kernel(redis, "obs", crashing))["pid"])
+            os.kill(pid, signal.SIGKILL)
+
+            async def restarted(pid: int = pid) -> dict[str, str] | None:
+                record = await _kernel(redis, "obs", crashing)
+                return record if record.get("pid") not in (None, "0", str(pid)) else None
+
+            record = await _until_async(restarted, 20, f"restart {n} of obs/{crashing}")
+            assert record["restarts"] == str(n) and record["agent"] == "obs-a"
+        ref = f'cluster="obs",kernel="{crashing}"'
+        await _until(
+            lambda: _value(_query(prom_port, f"sum(kcp_kernel_restarts_total{{{ref}}})")) == 3,
+            20,
+            "Prometheus to count the restarts",
+        )
+
+        # agent obs-b dies with its kernel: the leader removes both, they stay exported as down
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(10)
+        killed_at = time.monotonic()
+        await _until(
+            lambda: (
+                _value(_query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')) == 2
+                and _value(_query(prom_port, 'count(kcp_kernel_info{agent="obs-a",cluster="obs"})')) == 2
+            ),
+            30,
+            "the lost kernel to be placed again on obs-a",
+        )
+        assert not await redis.sismember(KEYS.agents(), "obs-b")  # forgotten by the leader
+        lag = 'kcp_agent_heartbeat_lag_seconds{agent="obs-b"}'
+        first = await _until(lambda: _value(_query(prom_port, lag)), 10, "the dead agent's lag")
+        await asyncio.sleep(2)
+        assert _value(_query(prom_port, 'kcp_agent_up{agent="obs-b"}')) == 0  # down means 0, not gone
+        assert (_value(_query(prom_port, lag)) or 0) > first  # and its heartbeat lag keeps growing
+
+        def alerting() -> set[tuple[str, str]] | None:
+            rows = _query(prom_port, 'ALERTS{alertname=~"KcpAgentDown|KcpKernelCrashLooping"}')
+            got = {
+                (r["metric"]["alertname"], r["metric"].get("agent") or r["metric"]["kernel"]) for r in rows
+            }
+            want = {("KcpAgentDown", "obs-b"), ("KcpKernelCrashLooping", crashing)}
+            return got if got == want else None
+
+        print("alerts:", await _until(alerting, 20, "the agent-down and crash-loop alerts to be pending"))
+        print(f"agent obs-b down and alerting {time.monotonic() - killed_at:.1f}s after its SIGKILL")
+
+        # every dashboard query returns series for this scenario (its windows: 5 scrapes)
+        for expr in dashboard_queries():
+            promql = expr.replace("$__rate_interval", "5s").replace("$cluster", ".*")
+            assert _query(prom_port, promql), f"dashboard query returns no series: {expr}"
+
+        lapsed = await asyncio.to_thread(_cli, redis_url, "top", "--once")
+        assert re.search(r"obs-b\s+\S+\s+LAPSED \d+s ago", lapsed.stdout), lapsed.stdout
+
         await kcp.destroy_cluster("obs")
-    await _until(lambda: 'cluster="obs"' not in _scrape(metrics_port), 30, "the cluster's series to go")
+    await _until(lambda: 'cluster="obs"' not in _scrape(leader), 30, "the cluster's series to go")
     await _until(
         lambda: not _query(prom_port, 'kcp_cluster_desired_kernels{cluster="obs"}'),
         30,
         "Prometheus to mark the destroyed cluster's series stale",
     )
+
+
+async def _until_async(check: Callable[[], Awaitable[Any]], limit: float, what: str) -> Any:
+    """Poll the coroutine function `check` until it returns something truthy."""
+    deadline = time.monotonic() + limit
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {limit}s waiting for {what} (last: {last!r})")
 
 
 @pytest.mark.integration

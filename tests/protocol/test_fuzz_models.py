@@ -61,7 +61,7 @@ def test_requests_are_accepted_or_refused_with_invalid_request(request: Any) -> 
             assert value is None or (isinstance(value, int) and value >= 0)
     # what is accepted survives the job encoding the client uses and the kernel reverses
     payload = req.model_dump(mode="json", exclude_defaults=True) | {"type": req.type}
-    decoded, _ = decode_job(encode_job(payload, job_try=1, enqueue_ms=1))
+    decoded, _, _ = decode_job(encode_job(payload, job_try=1, enqueue_ms=1))
     assert decoded == payload
 
 

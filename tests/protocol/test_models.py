@@ -161,7 +161,7 @@ def result(**overrides: Any) -> str:
 def test_job_round_trip() -> None:
     request = {"type": "WRITE", "address": 16, "data": [1, 2, 3], "requires": ["gpu"]}
     raw = encode_job(request, job_try=1, enqueue_ms=NOW)
-    assert decode_job(raw) == (request, NOW)
+    assert decode_job(raw) == (request, NOW, 1)
 
 
 def test_encoded_job_is_arq_json_without_pickle() -> None:

@@ -18,6 +18,7 @@ from controlplane.protocol.models import KernelState
 from controlplane.protocol.records import (
     AgentRecord,
     ClusterRecord,
+    DeferredRecord,
     HealthRecord,
     JobRecord,
     KernelRecord,
@@ -36,6 +37,7 @@ RECORDS: dict[str, frozenset[str]] = {
     "load": frozenset(LoadRecord.model_fields),
     "job": frozenset(JobRecord.model_fields),
     "health": frozenset(HealthRecord.model_fields),
+    "deferred": frozenset(DeferredRecord.model_fields),
     "stats": frozenset(
         v
         for k, v in vars(stats).items()

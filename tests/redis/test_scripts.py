@@ -491,8 +491,25 @@ async def test_kernel_start_takes_a_monotonic_epoch_and_runs_a_pending_kernel(lu
         "started_at": "1700000000",
         "syscalls": "PING READ",
         "capabilities": "gpu",
+        "restarts": "1",  # its second start: the first had a process already
     }
+    assert "restarts" not in await lua.kernel("k2")  # started once
     assert await lua.r.get(KEYS.epoch()) == "44"
+
+
+async def test_kernel_start_counts_restarts_of_one_placement_only(lua: Lua) -> None:
+    """`restarts` (kcp_kernel_restarts_total) counts every start after the first of a placement;
+    a new placement writes a fresh record (pid 0) and counts from 0 again."""
+    await lua.put_kernel(state="pending", epoch=0)
+    await lua.r.hset(KEYS.kernel(CLUSTER, "k1"), "pid", "0")
+    for _ in range(4):
+        await lua.kernel_start()
+    assert (await lua.kernel())["restarts"] == "3"
+    await lua.r.delete(KEYS.kernel(CLUSTER, "k1"))
+    await lua.put_kernel(state="pending", epoch=0)
+    await lua.r.hset(KEYS.kernel(CLUSTER, "k1"), "pid", "0")
+    await lua.kernel_start()
+    assert "restarts" not in await lua.kernel()
 
 
 async def test_kernel_start_keeps_a_draining_kernel_draining(lua: Lua) -> None:
@@ -724,7 +741,7 @@ async def test_round_trip(lua: Lua) -> None:
     status, job, reply, attempt, job_id, _queued = await lua.claim(epoch=3)
     assert (status, job_id) == ("ok", "j1")
     assert reply == KEYS.reply(CLIENT)
-    kwargs, enqueue_ms = decode_job(job)
+    kwargs, enqueue_ms, _try = decode_job(job)
     assert (kwargs, enqueue_ms) == (request, NOW)
 
     result = encode_result(

@@ -8,6 +8,7 @@
     kcp metrics CLUSTER | status | top | demo
     kcp bus publish TOPIC JSON [--to KERNEL] | tail TOPIC|inbox:KERNEL|dead | stats
     kcp serve --metrics-port 9464   ... with Prometheus /metrics
+    kcp mcp [--transport http]      the cluster tools for AI assistants (Model Context Protocol)
 
 Human-readable output by default, `--json` for scripts. Exit codes, one per thing to fix:
 
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bus_arguments(add("bus", help="inter-kernel bus: publish, tail a stream, stats"), common)
     add_acl_arguments(add("acl", help="Redis ACL users for the service, clients and each agent"))
+    from controlplane.ops.mcp import add_arguments as add_mcp_arguments
+
+    add_mcp_arguments(add("mcp", help="serve the cluster tools to AI assistants over MCP (docs/mcp.md)"))
     return p
 
 
@@ -286,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.ops.cli.bus import run as run_bus
 
         return run_bus(args)
+    if args.command == "mcp":
+        from controlplane.ops.mcp import run as run_mcp
+
+        return run_mcp(args)
     daemons: dict[str, Callable[[argparse.Namespace], int]] = {"serve": _serve, "up": _up, "demo": _demo}
     if args.command in daemons:
         return daemons[args.command](args)

@@ -8,20 +8,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controlplane.errors import (
-    AuthenticationFailed,
-    InvalidRequest,
-    KcpError,
-    PermissionDenied,
-    ReadOnly,
-    RedisUnavailable,
-    WrongData,
-)
-from controlplane.settings import Settings
-from controlplane.tls import redact_url
+from controlplane.errors import KcpError
 
-#: The exit codes, one per thing the user fixes (listed in the `kcp` docstring and the docs).
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REDIS, EXIT_AUTH, EXIT_PERMISSION, EXIT_WRONG_DATA = 1, 2, 3, 4, 5, 6
+# the exit codes (commands import them from here)
+from controlplane.ops.explain import EXIT_AUTH as EXIT_AUTH
+from controlplane.ops.explain import EXIT_BAD_INPUT as EXIT_BAD_INPUT
+from controlplane.ops.explain import EXIT_FAILED as EXIT_FAILED
+from controlplane.ops.explain import EXIT_PERMISSION as EXIT_PERMISSION
+from controlplane.ops.explain import EXIT_REDIS as EXIT_REDIS
+from controlplane.ops.explain import EXIT_WRONG_DATA as EXIT_WRONG_DATA
+from controlplane.ops.explain import explain_error
+from controlplane.settings import Settings
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -36,26 +33,6 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> No
 
 def report_error(exc: KcpError, settings: Settings) -> int:
     """Tell the user what went wrong, the same way for every command; the exit code for it."""
-    url = redact_url(settings.redis_url)
-    hint, code = "", EXIT_FAILED
-    if isinstance(exc, RedisUnavailable):
-        hint, code = f"is Redis running at {url}?", EXIT_REDIS
-    elif isinstance(exc, ReadOnly):
-        hint, code = "a replica, or a failover under way: point the URL at the primary, or retry", EXIT_REDIS
-    elif isinstance(exc, AuthenticationFailed):
-        hint = "check the user name and password: KCP_REDIS_USERNAME, KCP_REDIS_PASSWORD or the URL"
-        code = EXIT_AUTH
-    elif isinstance(exc, PermissionDenied):
-        hint, code = (
-            "the ACL user lacks this right: `kcp acl` writes the rules each role needs",
-            EXIT_PERMISSION,
-        )
-    elif isinstance(exc, WrongData):
-        hint, code = (
-            f"a key holds data kcp did not write: does something else use prefix {settings.prefix!r}?",
-            EXIT_WRONG_DATA,
-        )
-    elif isinstance(exc, InvalidRequest):
-        code = EXIT_BAD_INPUT
-    print(f"kcp: {exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    text, code = explain_error(exc, settings)
+    print(f"kcp: {text}", file=sys.stderr)
     return code

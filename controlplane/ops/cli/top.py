@@ -4,7 +4,9 @@
 a terminal, and prints frames one after another otherwise. Rates and p99 latencies are
 computed between two frames from the counters and histogram buckets in Redis; events are
 what changed between frames (kernels placed, lost, restarted elsewhere, status changes,
-failover counters).
+failover counters). A repeated event is one line with a count, so a burst of routine events
+(work stealing, retries) cannot scroll an agent's death off the pane. An agent or kernel lost to
+a lapsed lease stays listed (LAPSED, lost) until the leader's retention passes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TextIO
 
 from controlplane.client.core import ClusterInfo, KcpClient
@@ -49,7 +52,7 @@ def cluster_info(view: ClusterView) -> ClusterInfo:
 
 
 def _agentstable(snap: Snapshot) -> str:
-    if not snap.agents:
+    if not snap.agents and not snap.lapsed_agents:
         return "no agents"
     used: dict[str, int] = {}
     for _, k in snap.kernels():
@@ -65,6 +68,9 @@ def _agentstable(snap: Snapshot) -> str:
         )
         for a in snap.agents
     ]
+    for gone in snap.lapsed_agents:  # forgotten by the leader after its lease lapsed
+        ago = max(snap.taken_at - gone.record.last_seen, 0.0)
+        rows.append((gone.name, gone.record.host, f"LAPSED {ago:.0f}s ago", f"0/{gone.record.slots}", "-"))
     return table(rows, ("AGENT", "HOST", "LEASE", "KERNELS", "CAPABILITIES"))
 
 
@@ -120,12 +126,48 @@ async def status_command(args: argparse.Namespace, kcp: KcpClient) -> int:
 
 
 # ------------------------------------------------------------------ kcp top
+@dataclass(slots=True)
+class Event:
+    """One line of the EVENTS pane: an event and its repeats since it first happened."""
+
+    what: str  # the event, e.g. "agent a1 lease EXPIRED" or "cluster c: {n} retries"
+    first: str  # clock time of the first occurrence
+    last: str = ""  # of the latest
+    times: int = 1  # occurrences
+    amount: int = 0  # for counted events: the counts summed
+
+    def render(self) -> str:
+        line = f"{self.last or self.first}  {self.what.replace('{n}', str(self.amount))}"
+        return line + (f"  (x{self.times} since {self.first})" if self.times > 1 else "")
+
+
+class Events:
+    """The last `size` distinct events; a repeat updates its line (and moves it to the bottom)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lines: OrderedDict[str, Event] = OrderedDict()
+
+    def add(self, at: str, what: str, amount: int = 0) -> None:
+        event = self._lines.pop(what, None)
+        if event is None:
+            event = Event(what, at, amount=amount)
+        else:
+            event.last, event.times, event.amount = at, event.times + 1, event.amount + amount
+        self._lines[what] = event
+        while len(self._lines) > self.size:
+            self._lines.popitem(last=False)
+
+    def lines(self) -> list[str]:
+        return [e.render() for e in self._lines.values()]
+
+
 class TopView:
     """Frames of `kcp top`: keeps the previous snapshot for rates, p99s and events."""
 
     def __init__(self, max_events: int = 8) -> None:
         self.previous: Snapshot | None = None
-        self.events: deque[str] = deque(maxlen=max_events)
+        self.events = Events(max_events)
 
     def frame(self, snap: Snapshot, *, source: str = "") -> str:
         prev = self.previous
@@ -139,7 +181,8 @@ class TopView:
         kernels = self._kernels(snap, prev)
         if kernels:
             parts.append(kernels)
-        parts.append("EVENTS\n" + ("\n".join(self.events) if self.events else "(none yet)"))
+        events = self.events.lines()
+        parts.append("EVENTS\n" + ("\n".join(events) if events else "(none yet)"))
         return "\n\n".join(parts)
 
     def _clusters(self, snap: Snapshot, prev: Snapshot | None, span: float) -> str:
@@ -176,7 +219,7 @@ class TopView:
 
     def _kernels(self, snap: Snapshot, prev: Snapshot | None) -> str:
         before = {(c.record.name, k.record.name): k for c, k in prev.kernels()} if prev else {}
-        rows = []
+        rows: list[tuple[object, ...]] = []
         for c, k in snap.kernels():
             old = before.get((c.record.name, k.record.name))
             if old is not None and old.record.epoch != k.record.epoch:
@@ -197,6 +240,12 @@ class TopView:
                     _p99(k.stats, old.stats if old else None),
                 )
             )
+        for c in snap.clusters:  # removed after a lapsed lease, not placed again under that name yet
+            for gone in c.lapsed:
+                ref = f"{c.record.name}/{gone.name}"
+                rows.append(
+                    (ref, gone.record.host or "-", gone.record.agent, "lost", "-", "-", "-", "-", "-")
+                )
         if not rows:
             return ""
         return table(rows, ("KERNEL", "HOST", "AGENT", "STATE", "CPU", "MEM", "QUEUE", "INFLIGHT", "P99_MS"))
@@ -204,13 +253,18 @@ class TopView:
     def _diff(self, prev: Snapshot, snap: Snapshot) -> None:
         at = time.strftime("%H:%M:%S", time.localtime(snap.taken_at))
         out: list[str] = []
-        old_agents = {a.record.name: a.alive for a in prev.agents}
-        for a in snap.agents:
-            was = old_agents.pop(a.record.name, None)
+        counted: list[tuple[str, int]] = []
+
+        def agents(s: Snapshot) -> dict[str, bool]:
+            return {a.record.name: a.alive for a in s.agents} | {g.name: False for g in s.lapsed_agents}
+
+        old_agents = agents(prev)
+        for name, alive in agents(snap).items():
+            was = old_agents.pop(name, None)
             if was is None:
-                out.append(f"agent {a.record.name} registered")
-            elif was != a.alive:
-                out.append(f"agent {a.record.name} lease {'renewed' if a.alive else 'EXPIRED'}")
+                out.append(f"agent {name} registered")
+            elif was != alive:
+                out.append(f"agent {name} lease {'renewed' if alive else 'EXPIRED'}")
         out += [f"agent {name} gone" for name in old_agents]
         old_clusters = {c.record.name: c for c in prev.clusters}
         for c in snap.clusters:
@@ -223,10 +277,13 @@ class TopView:
             for f, words in _EVENT_WORDS.items():
                 grew = c.stats.get(f, 0.0) - old.stats.get(f, 0.0)
                 if grew > 0:
-                    out.append(f"cluster {c.record.name}: {int(grew)} {words}")
+                    counted.append((f"cluster {c.record.name}: {{n}} {words}", int(grew)))
             out += _kernel_events(c.record.name, old.kernels, c.kernels)
         out += [f"cluster {name} destroyed" for name in old_clusters]
-        self.events.extend(f"{at}  {line}" for line in out)
+        for line in out:
+            self.events.add(at, line)
+        for what, amount in counted:
+            self.events.add(at, what, amount)
 
 
 def _kernel_events(cluster: str, old: list[KernelView], new: list[KernelView]) -> list[str]:

@@ -104,7 +104,12 @@ def bus_families(client: SyncRedis, keys: Keys) -> Iterable[Metric]:
         for topic, value in sorted(values.items()):
             family.add_metric([topic], float(_int(value)))
         yield family
-    kernels = GaugeMetricFamily("kcp_bus_kernels", "kernels registered on the bus", labels=("state",))
-    kernels.add_metric(["registered"], float(_int(stats.get("registered_kernels"))))
-    kernels.add_metric(["live"], float(_int(stats.get("live_kernels"))))
+    kernels = GaugeMetricFamily(
+        "kcp_bus_kernels",
+        "kernels registered on the bus: live (lease renewed) or stale (lease lapsed); they sum to all",
+        labels=("state",),
+    )
+    registered, live = _int(stats.get("registered_kernels")), _int(stats.get("live_kernels"))
+    kernels.add_metric(["live"], float(live))
+    kernels.add_metric(["stale"], float(max(registered - live, 0)))
     yield kernels

@@ -3,6 +3,11 @@
 `KcpCollector.collect()` reads one fresh `Snapshot` (clusters, kernels, agents and their
 counters) per scrape, so every process's work is counted once, wherever it ran, and the
 series of a destroyed cluster or a removed kernel are simply not there at the next scrape.
+An agent or kernel lost to a lapsed lease stays, as down, for `Settings.down_retention`.
+
+Fleet series come from one instance only: with several `kcp serve`, the leader exports them and
+the others export `kcp_control_plane_leader 0`, `kcp_redis_up`, `kcp_build_info` and their own
+process metrics, so a query summed over every scraped instance counts the fleet once.
 
 Names follow Prometheus conventions: counters end in `_total`, durations are histograms in
 seconds, fractions are `_ratio`; labels are bounded (cluster, kernel, agent, host, strategy,
@@ -16,11 +21,18 @@ import contextlib
 import logging
 import platform
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from importlib import metadata
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import (
     GaugeMetricFamily,
     InfoMetricFamily,
@@ -32,6 +44,7 @@ from controlplane.errors import InvalidRequest, KcpError, RedisError
 from controlplane.ops.exporter.bus import bus_families
 from controlplane.ops.exporter.families import Families
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.records import parse_counters
 from controlplane.redis.connect import AsyncRedis, SyncRedis, connect_sync
 from controlplane.redis.errors import amap_redis_errors, map_redis_errors
 from controlplane.redis.snapshot import Snapshot, read_snapshot
@@ -40,8 +53,10 @@ from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Longest a scrape waits for Redis, seconds.
-SCRAPE_TIMEOUT = 10.0
+T = TypeVar("T")
+
+#: What one scrape read: the fleet and the global counter hashes.
+Reading = tuple[Snapshot, dict[str, float], dict[str, float]]
 
 
 def build_version() -> str:
@@ -54,18 +69,22 @@ def build_version() -> str:
 class KcpCollector(Collector):
     """A prometheus-client collector that reads Redis on every scrape.
 
-    `read` returns a snapshot and the reliability counters; it is called from the HTTP
-    server's thread (see `serve_metrics`, which runs the read on the service's event loop)."""
+    `read` returns a snapshot and the counter hashes; `ping` only checks that Redis answers (what
+    an instance that does not lead needs). Both are called from the HTTP server's thread (see
+    `serve_metrics`, which runs them on the service's event loop) and raise on a Redis failure
+    or when the scrape deadline passes. Without `leader` the instance exports the fleet."""
 
     def __init__(
         self,
-        read: Callable[[], tuple[Snapshot, dict[str, float]]],
+        read: Callable[[], Reading],
         *,
         lease_ttl: float,
+        ping: Callable[[], None] | None = None,
         leader: Callable[[], bool] | None = None,
         bus: Callable[[], Iterable[Metric]] | None = None,
     ) -> None:
         self._read = read
+        self._ping = ping
         self._families = Families(lease_ttl)
         self._leader = leader
         self._bus = bus
@@ -74,21 +93,24 @@ class KcpCollector(Collector):
         build = InfoMetricFamily("kcp_build", "version of kcp serving these metrics")
         build.add_metric([], {"version": build_version(), "python": platform.python_version()})
         yield build
-        redis_up = GaugeMetricFamily("kcp_redis_up", "1 if Redis answered this scrape")
+        fleet = self._leader is None or self._leader()
+        if self._leader is not None:
+            leader = GaugeMetricFamily("kcp_control_plane_leader", "1 if this kcp serve holds the lease")
+            leader.add_metric([], float(fleet))
+            yield leader
+        redis_up = GaugeMetricFamily("kcp_redis_up", "1 if Redis answered this scrape in time")
         try:
-            snap, reliability = self._read()
+            got = self._read() if fleet or self._ping is None else self._ping()
         except (KcpError, TimeoutError, OSError) as exc:
-            logger.warning("metrics scrape could not read Redis: %s", exc)
+            logger.warning("metrics scrape could not read Redis: %s", exc or type(exc).__name__)
             redis_up.add_metric([], 0.0)
             yield redis_up
             return
         redis_up.add_metric([], 1.0)
         yield redis_up
-        if self._leader is not None:
-            leader = GaugeMetricFamily("kcp_control_plane_leader", "1 if this kcp serve holds the lease")
-            leader.add_metric([], float(self._leader()))
-            yield leader
-        yield from self._families.collect(snap, reliability)
+        if got is None:  # not leading: the leader exports the fleet
+            return
+        yield from self._families.collect(*got)
         if self._bus is not None:
             try:
                 with map_redis_errors():
@@ -99,21 +121,34 @@ class KcpCollector(Collector):
                 yield from bus
 
 
-async def read_all(state: State) -> tuple[Snapshot, dict[str, float]]:
-    """A snapshot plus the global reliability counters."""
+async def read_all(state: State) -> Reading:
+    """A snapshot plus the global reliability and rejection counters."""
     snap = await read_snapshot(state)
+    keys = state.keys
+    async with amap_redis_errors(), state.redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.reliability())
+        pipe.hgetall(keys.rejections())
+        reliability, rejections = await pipe.execute()
+    return (
+        snap,
+        parse_counters(reliability, keys.reliability()),
+        parse_counters(rejections, keys.rejections()),
+    )
+
+
+async def _ping(state: State) -> None:
     async with amap_redis_errors():
-        raw: dict[str, str] = await state.redis.hgetall(state.keys.reliability())
-    reliability = {}
-    for k, v in raw.items():
-        with contextlib.suppress(ValueError):
-            reliability[k] = float(v)
-    return snap, reliability
+        await state.redis.ping()
 
 
-def registry_for(collector: KcpCollector) -> CollectorRegistry:
+def registry_for(collector: KcpCollector, *, process: bool = False) -> CollectorRegistry:
+    """A registry with `collector`; with `process`, this process's own metrics too (cpu, memory,
+    open files: prometheus-client's process and platform collectors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    if process:
+        registry.register(PROCESS_COLLECTOR)
+        registry.register(PLATFORM_COLLECTOR)
     return registry
 
 
@@ -127,7 +162,7 @@ def _sync_client(settings: Settings) -> SyncRedis | None:
     """A blocking client for the bus statistics (read on the scrape thread); None if the URL
     scheme has no blocking client here (e.g. redis+sentinel://): the bus is left out."""
     try:
-        return connect_sync(settings.redis_url, timeout=SCRAPE_TIMEOUT)
+        return connect_sync(settings.redis_url, timeout=settings.scrape_timeout)
     except ValueError as exc:
         logger.warning("bus metrics disabled: %s", exc)
         return None
@@ -143,12 +178,12 @@ async def exposition(
     except KcpError as exc:
         failure = exc
 
-        def read() -> tuple[Snapshot, dict[str, float]]:
+        def read() -> Reading:
             raise failure
 
     else:
 
-        def read() -> tuple[Snapshot, dict[str, float]]:
+        def read() -> Reading:
             return got
 
     bus = _bus_reader(bus_client, Keys(settings.prefix))
@@ -174,17 +209,25 @@ async def serve_metrics(
     loop = asyncio.get_running_loop()
     state = State(redis_client, Keys(settings.prefix))
 
-    def read() -> tuple[Snapshot, dict[str, float]]:
-        future = asyncio.run_coroutine_threadsafe(read_all(state), loop)
+    def on_loop(coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the service's loop; TimeoutError once `scrape_timeout` passes (a hung Redis)."""
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
-            return future.result(SCRAPE_TIMEOUT)
+            return future.result(settings.scrape_timeout)
         except TimeoutError:
             future.cancel()
             raise
 
     sync = _sync_client(settings)
     bus = _bus_reader(sync, state.keys)
-    registry = registry_for(KcpCollector(read, lease_ttl=settings.lease_ttl, leader=leader, bus=bus))
+    collector = KcpCollector(
+        lambda: on_loop(read_all(state)),
+        ping=lambda: on_loop(_ping(state)),
+        lease_ttl=settings.lease_ttl,
+        leader=leader,
+        bus=bus,
+    )
+    registry = registry_for(collector, process=True)
     try:
         server, thread = start_http_server(port, host, registry=registry)
     except (OSError, OverflowError) as exc:  # taken, not an address of this host, not a port

@@ -78,11 +78,14 @@ class Families:
     def __init__(self, lease_ttl: float) -> None:
         self.lease_ttl = lease_ttl
 
-    def collect(self, snap: Snapshot, reliability: Mapping[str, float]) -> Iterable[Metric]:
+    def collect(
+        self, snap: Snapshot, reliability: Mapping[str, float], rejections: Mapping[str, float]
+    ) -> Iterable[Metric]:
         yield from self._clusters(snap.clusters)
         yield from self._kernels(snap)
         yield from self._agents(snap)
         yield from self._reliability(reliability)
+        yield _rejections(rejections)
 
     def _clusters(self, clusters: list[ClusterView]) -> Iterable[Metric]:
         c = ("cluster",)
@@ -159,6 +162,14 @@ class Families:
         mem = GaugeMetricFamily(
             "kcp_kernel_memory_ratio", "rss of the kernel process, fraction of host RAM", labels=k
         )
+        rss = GaugeMetricFamily(
+            "kcp_kernel_memory_bytes", "rss of the kernel process", labels=k, unit="bytes"
+        )
+        restarts = CounterMetricFamily(
+            "kcp_kernel_restarts",
+            "times the kernel's agent restarted its process since it was placed (crash loops)",
+            labels=k,
+        )
         queued = GaugeMetricFamily("kcp_kernel_queue_depth", "jobs waiting in the kernel's queue", labels=k)
         inflight = GaugeMetricFamily(
             "kcp_kernel_inflight_jobs", "jobs routed to the kernel, not finished", labels=k
@@ -174,6 +185,7 @@ class Families:
         for cluster, view in snap.kernels():
             r, labels = view.record, [cluster.record.name, view.record.name]
             up.add_metric(labels, float(view.up))
+            restarts.add_metric(labels, float(r.restarts))
             info.add_metric([*labels, r.agent, r.host], 1.0)
             for st in KernelState:
                 state.add_metric([*labels, st.value], float(r.state is st))
@@ -183,10 +195,33 @@ class Families:
                 cpu.add_metric(labels, view.load.cpu)
                 mem.add_metric(labels, view.load.memory)
                 age.add_metric(labels, max(snap.taken_at - view.load.updated_at, 0.0))
+            if view.memory_bytes is not None:
+                rss.add_metric(labels, float(view.memory_bytes))
             _add_dispatches(dispatches, labels, view)
             _add_histogram(latency, labels, view.stats, stats.LATENCY, stats.LATENCY_MS_SUM)
             _add_histogram(queue, labels, view.stats, stats.QUEUE, stats.QUEUE_MS_SUM)
-        yield from (up, info, state, cpu, mem, queued, inflight, age, dispatches, latency, queue)
+        for cluster in snap.clusters:  # lost to a lapsed lease: down, its report ageing, until retention
+            for gone in cluster.lapsed:
+                labels = [cluster.record.name, gone.name]
+                up.add_metric(labels, 0.0)
+                info.add_metric([*labels, gone.record.agent, gone.record.host], 1.0)
+                age.add_metric(labels, max(snap.taken_at - gone.record.last_seen, 0.0))
+        families = (
+            up,
+            info,
+            state,
+            cpu,
+            mem,
+            rss,
+            queued,
+            inflight,
+            age,
+            restarts,
+            dispatches,
+            latency,
+            queue,
+        )
+        yield from families
 
     def _agents(self, snap: Snapshot) -> Iterable[Metric]:
         a = ("agent",)
@@ -206,24 +241,44 @@ class Families:
             kernels.add_metric([name], placed.get(name, 0))
             if agent.alive:
                 lag.add_metric([name], max(self.lease_ttl - agent.lease_ms / 1000, 0.0))
+            elif agent.last_beat is not None:
+                lag.add_metric([name], max(snap.taken_at - agent.last_beat, 0.0))
+        for gone in snap.lapsed_agents:  # forgotten by the leader: still down until the retention
+            up.add_metric([gone.name], 0.0)
+            slots.add_metric([gone.name], gone.record.slots)
+            kernels.add_metric([gone.name], 0)
+            lag.add_metric([gone.name], max(snap.taken_at - gone.record.last_seen, 0.0))
         yield from (up, slots, kernels, lag)
 
     def _reliability(self, fields: Mapping[str, float]) -> Iterable[Metric]:
-        """The failure detector's global counters (`keys.reliability`): `*_total` fields as-is."""
-        for field in sorted(fields):
+        """The failure detector's global counters (`keys.reliability`): `*_total` fields as-is, the
+        known ones (`stats.RELIABILITY_COUNTERS`) at 0 before their first event."""
+        for field in sorted({*stats.RELIABILITY_COUNTERS, *fields}):
             if _FIELD.fullmatch(field):
                 name = f"kcp_{field[: -len('_total')]}"
                 family = CounterMetricFamily(name, f"failure handling: {field} (reliability hash)")
-                family.add_metric([], fields[field])
+                family.add_metric([], fields.get(field, 0.0))
                 yield family
-        if stats.DETECTION_COUNT in fields:
-            detection = SummaryMetricFamily(
-                "kcp_failure_detection_seconds", "agent death to detection by the control plane"
-            )
-            detection.add_metric(
-                [], int(fields[stats.DETECTION_COUNT]), fields.get(stats.DETECTION_MS_SUM, 0.0) / 1000
-            )
-            yield detection
+        detection = SummaryMetricFamily(
+            "kcp_failure_detection_seconds", "agent death to detection by the control plane"
+        )
+        detection.add_metric(
+            [], int(fields.get(stats.DETECTION_COUNT, 0)), fields.get(stats.DETECTION_MS_SUM, 0.0) / 1000
+        )
+        yield detection
+
+
+def _rejections(fields: Mapping[str, float]) -> Metric:
+    """Dispatches clients refused before enqueueing, by reason (`stats.REJECTIONS`; others are
+    left out so the label stays bounded)."""
+    family = CounterMetricFamily(
+        "kcp_dispatch_rejected",
+        "dispatches a client refused before enqueueing, by reason",
+        labels=("reason",),
+    )
+    for reason in stats.REJECTIONS:
+        family.add_metric([reason], fields.get(reason, 0.0))
+    return family
 
 
 def _add_dispatches(family: CounterMetricFamily, labels: list[str], view: KernelView) -> None:

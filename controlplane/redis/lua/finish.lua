@@ -6,6 +6,8 @@
 -- KEYS[3] reply          LIST  {prefix}reply:{client}
 -- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats
 -- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
+-- KEYS[6] result         STRING {prefix}job:{cluster}:{id}:result (optional: arq jobs keep their
+--                        result there for ARGV[8] ms, for `Job.result()` and `Job.status()`)
 -- ARGV[1] job id
 -- ARGV[2] kernel name of the caller
 -- ARGV[3] fencing epoch of the caller
@@ -13,8 +15,9 @@
 -- ARGV[5] 1 when the syscall succeeded, 0 when it failed
 -- ARGV[6] latency, ms: enqueue to finish (queue wait + execution)
 -- ARGV[7] reply list TTL, ms
--- ARGV[8] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
--- ARGV[9..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
+-- ARGV[8] how long KEYS[6] keeps the result, ms (0 or KEYS[6] missing: not kept)
+-- ARGV[9] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
+-- ARGV[10..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
 -- The cluster's stats also count the job by the strategy that routed it (the job's `strategy`
 -- field): dispatches:<strategy>, errors:<strategy>.
@@ -36,9 +39,13 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
+local keep = tonumber(ARGV[8]) or 0
+if KEYS[6] and keep > 0 then
+    redis.call('SET', KEYS[6], ARGV[4], 'PX', math.floor(keep))
+end
 -- increments of 0 are skipped (readers take a missing counter for 0): a job costs fewer calls
 local failed = ARGV[5] == '0'
-local queue_ms = tonumber(ARGV[8]) or 0
+local queue_ms = tonumber(ARGV[9]) or 0
 for i = 4, 5 do
     redis.call('HINCRBY', KEYS[i], 'dispatches', 1)
     if failed then
@@ -48,7 +55,7 @@ for i = 4, 5 do
     if queue_ms ~= 0 then
         redis.call('HINCRBY', KEYS[i], 'queue_ms_sum', queue_ms)
     end
-    for j = 9, #ARGV do
+    for j = 10, #ARGV do
         redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     end
 end

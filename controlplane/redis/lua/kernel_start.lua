@@ -9,10 +9,12 @@
 -- ARGV[5] syscalls (space-separated)
 -- ARGV[6] capabilities (space-separated)
 -- Returns {epoch, state} or {0, reason} when the kernel is not (any more) assigned to this agent.
+-- A record that already had a process (pid set) is restarted: its `restarts` counter grows by one
+-- (a placement writes a fresh record without a pid, so a new placement counts from 0).
 --
--- Fields read:    kernel(agent, state)
--- Fields written: kernel(epoch, pid, host, started_at, syscalls, capabilities, state)
-local f = redis.call('HMGET', KEYS[1], 'agent', 'state')
+-- Fields read:    kernel(agent, state, pid)
+-- Fields written: kernel(epoch, pid, host, started_at, syscalls, capabilities, state, restarts)
+local f = redis.call('HMGET', KEYS[1], 'agent', 'state', 'pid')
 if not f[1] then
     return {0, 'missing'}
 end
@@ -23,6 +25,9 @@ if f[2] == 'stopped' then
     return {0, 'stopped'}
 end
 local epoch = redis.call('INCR', KEYS[2])
+if f[3] and f[3] ~= '0' and f[3] ~= '' then
+    redis.call('HINCRBY', KEYS[1], 'restarts', 1)
+end
 local state = f[2]
 if state == 'pending' then
     state = 'running'

@@ -204,10 +204,12 @@ def finish(
     reply_ttl_ms: int,
     queue_ms: int | None = None,
     buckets: Sequence[str] = (),
+    keep_ms: int = 0,
 ) -> Call[bool]:
     """finish.lua: deliver `message` to `reply_key`; True when delivered, False when rejected
     (the job is gone or belongs to someone else). `buckets`: histogram fields to count, which
-    need `queue_ms`."""
+    need `queue_ms`. `keep_ms` > 0 (arq jobs) also keeps the result at `Keys.job_result` for
+    that long."""
     klist = [
         keys.job(cluster, job_id),
         keys.inflight(cluster, kernel),
@@ -215,7 +217,9 @@ def finish(
         keys.cluster_stats(cluster),
         keys.kernel_stats(cluster, kernel),
     ]
-    argv: list[Arg] = [job_id, kernel, epoch, message, 1 if success else 0, latency_ms, reply_ttl_ms]
+    argv: list[Arg] = [job_id, kernel, epoch, message, 1 if success else 0, latency_ms, reply_ttl_ms, keep_ms]
+    if keep_ms > 0:
+        klist.append(keys.job_result(cluster, job_id))
     if queue_ms is not None:
         argv += [queue_ms, *buckets]
     return Call(FINISH, klist, argv, _flag)

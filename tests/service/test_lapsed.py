@@ -1,0 +1,70 @@
+"""Down means 0, not gone: the leader lists agents and kernels it removed because a lease lapsed
+(`kcp:lapsed:*`), and only those; what is placed or registered again leaves the list."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+
+from controlplane import Settings
+from controlplane.protocol.keys import ASSIGN_RUN, Keys
+from controlplane.protocol.models import ClusterConfig
+from controlplane.protocol.records import AgentRecord, KernelRecord, LapsedRecord
+from controlplane.redis.snapshot import read_snapshot
+from controlplane.redis.state import State
+from controlplane.service.leader import LeaderLease
+from controlplane.service.reconciler import Reconciler
+
+KEYS = Keys()
+
+
+async def agent(redis: AsyncRedis, name: str, *, alive: bool, draining: bool = False) -> None:
+    record = AgentRecord(name=name, host=f"host-{name}", slots=3, draining=draining)
+    await redis.hset(KEYS.agent(name), mapping=record.to_fields())
+    await redis.sadd(KEYS.agents(), name)
+    await redis.hset(KEYS.heartbeats(), name, str(int(time.time() * 1000) - 4000))
+    if alive:
+        await redis.set(KEYS.agent_lease(name), "1", px=60_000)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
+    redis: AsyncRedis, redis_url: str
+) -> None:
+    settings = Settings(redis_url=redis_url, down_retention=60)
+    state = State(redis, KEYS)
+    lease = LeaderLease(redis, KEYS, ttl=10)
+    assert await lease.acquire()
+    reconciler = Reconciler(state, settings, lease)
+    await agent(redis, "crashed", alive=False)  # lease lapsed: killed, or its host is gone
+    await agent(redis, "stopped", alive=False, draining=True)  # said goodbye (ACL: record stays)
+    await state.create_cluster("c", ClusterConfig(), 1)
+    kernel = KernelRecord(cluster="c", name="worker-0", agent="crashed", state="running", host="host-crashed")
+    await redis.hset(KEYS.kernel("c", "worker-0"), mapping=kernel.to_fields())
+    await redis.sadd(KEYS.cluster_kernels("c"), "worker-0")
+    await redis.hset(KEYS.agent_kernels("crashed"), "c/worker-0", ASSIGN_RUN)
+
+    await reconciler.reconcile_all()
+    assert await redis.smembers(KEYS.agents()) == set()  # both forgotten
+    lapsed = await redis.hgetall(KEYS.lapsed_agents())
+    assert set(lapsed) == {"crashed"}
+    entry = LapsedRecord.decode(lapsed["crashed"], "test")
+    assert entry is not None and entry.host == "host-crashed" and entry.slots == 3
+    assert time.time() - 6 < entry.last_seen < time.time() - 3  # its last heartbeat
+    assert 50 < entry.until - time.time() <= 60
+    assert 50_000 < await redis.pttl(KEYS.lapsed_agents()) <= 60_000
+    lost = await redis.hgetall(KEYS.lapsed_kernels())
+    assert set(lost) == {"c/worker-0"}
+    snap = await read_snapshot(state)
+    assert [g.name for g in snap.lapsed_agents] == ["crashed"]
+    assert [(g.name, g.record.agent) for g in snap.clusters[0].lapsed] == [("worker-0", "crashed")]
+
+    # an agent with room comes: worker-0 is placed again, and is no longer listed as lost
+    await agent(redis, "fresh", alive=True)
+    await reconciler.reconcile_all()
+    assert (await state.kernels("c"))[0].agent == "fresh"
+    assert await redis.hgetall(KEYS.lapsed_kernels()) == {}
+    assert (await read_snapshot(state)).clusters[0].lapsed == []
