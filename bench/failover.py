@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from controlplane import KcpClient, Settings
+from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, RoutingStrategy, Settings
 from controlplane.ops.stack import LocalStack
 from controlplane.protocol.keys import Keys
 
@@ -66,8 +66,13 @@ async def measure(kills: int, env: dict[str, str]) -> dict[str, list[float]]:
                 kernel = next(k.name for k in info.kernels if k.agent == victim)
                 proc = stack.procs[1 + int(victim.split("-")[1])]
                 dead = int(await redis.hget(KEYS.reliability(), "agents_dead_total") or 0)
+                # sent to the victim's kernel but not pinned (a pinned job would fail with
+                # KernelGone instead of running elsewhere): `primary_fallback` with it as primary
+                there = OrchestrationEngine(
+                    OrchestrationConfig(strategy=RoutingStrategy.PRIMARY_FALLBACK, primary=kernel)
+                )
                 job = asyncio.create_task(
-                    kcp.dispatch("bench", {"type": "SLEEP", "ms": 300, "tag": "t"}, kernel=kernel)
+                    kcp.dispatch("bench", {"type": "SLEEP", "ms": 300, "tag": "t"}, engine=there)
                 )
                 await asyncio.sleep(0.05)
                 proc.kill()

@@ -31,6 +31,7 @@ if typing.TYPE_CHECKING:  # names for type checkers; at run time `__getattr__` i
     from controlplane.errors import InvalidRequest as InvalidRequest
     from controlplane.errors import KcpError as KcpError
     from controlplane.errors import KernelError as KernelError
+    from controlplane.errors import KernelGone as KernelGone
     from controlplane.errors import NoKernelAvailable as NoKernelAvailable
     from controlplane.errors import PermissionDenied as PermissionDenied
     from controlplane.errors import ReadOnly as ReadOnly
@@ -78,6 +79,7 @@ _EXPORTS: dict[str, str] = {
     "KcpError": "controlplane.errors",
     "KernelCluster": "controlplane.client.cluster",
     "KernelError": "controlplane.errors",
+    "KernelGone": "controlplane.errors",
     "KernelLoad": "controlplane.protocol.models",
     "KernelMetricsSnapshot": "controlplane.protocol.models",
     "LifecycleError": "controlplane.lifecycle",

@@ -7,6 +7,7 @@ KcpError
 ├── DispatchError           a dispatch did not produce a result
 │   ├── NoKernelAvailable   no running kernel could take the request in time
 │   ├── DispatchTimeout     a kernel took the request but no result came in time
+│   ├── KernelGone          a request pinned to a kernel incarnation that died or was replaced
 │   └── KernelError         the kernel ran the request and it failed (bad args, handler raised)
 └── RedisError              Redis did not carry out a command
     ├── RedisUnavailable    not reachable, timed out, connection lost, still loading its data
@@ -51,6 +52,19 @@ class NoKernelAvailable(DispatchError):
 
 class DispatchTimeout(DispatchError):
     pass
+
+
+class KernelGone(DispatchError):
+    """A request pinned to one kernel (`kernel="worker-3"` or `"worker-3@17"`) cannot run on the
+    incarnation it was pinned to: that process died, or the name now belongs to a new process
+    (`epoch` is the incarnation that is gone). Its memory did not survive; nothing ran elsewhere."""
+
+    error_type = "KernelGone"
+
+    def __init__(self, message: str, *, kernel: str, epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.kernel = kernel
+        self.epoch = epoch
 
 
 class KernelError(DispatchError):

@@ -72,6 +72,21 @@ def validate_name(name: object, what: str = "cluster name") -> str:
         ) from None
 
 
+def parse_kernel(kernel: object) -> tuple[str, int | None]:
+    """`"worker-3"` -> ("worker-3", None); `"worker-3@17"` -> ("worker-3", 17): a kernel by name
+    (whichever incarnation runs it when the job is queued), or one incarnation of it."""
+    name, at, epoch = str(kernel).partition("@") if isinstance(kernel, str) else (kernel, "", "")
+    name = validate_name(name, "kernel name")
+    if not at:
+        return name, None
+    if not epoch.isdigit() or int(epoch) < 1:
+        raise InvalidRequest(
+            f"invalid kernel {kernel!r}: after '@' comes the incarnation (epoch), a positive whole "
+            "number, as in 'worker-3@17' (DispatchResult.epoch)"
+        )
+    return name, int(epoch)
+
+
 def _error_text(exc: pydantic.ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
 
@@ -107,6 +122,15 @@ class DispatchResult(pydantic.BaseModel):
     latency_ms: float
     attempts: int
     job_id: str
+    #: the incarnation of `kernel` that ran the request (its fencing epoch): a restart keeps the
+    #: name and starts with empty memory under a new epoch; pin `f"{kernel}@{epoch}"` to fail
+    #: (`KernelGone`) rather than run on a newer one
+    epoch: int = 0
+
+    @property
+    def incarnation(self) -> str:
+        """`kernel@epoch`, what `dispatch(kernel=...)` takes to pin this very incarnation."""
+        return f"{self.kernel}@{self.epoch}"
 
 
 class KcpClient:
@@ -239,7 +263,10 @@ class KcpClient:
         engine: OrchestrationEngine | None = None,
     ) -> DispatchResult:
         """Run one syscall on a kernel of `cluster` picked by the engine's strategy, or on
-        `kernel` when given (e.g. a READ of memory an earlier WRITE filled).
+        `kernel` when given (e.g. a READ of memory an earlier WRITE filled): a name
+        (`"worker-3"`: the incarnation running it when the job is queued) or one incarnation
+        (`"worker-3@17"`, `DispatchResult.incarnation`). A pinned job runs there or fails with
+        `KernelGone`, never on another kernel or incarnation.
 
         A request refused here (bad input, no such cluster, no kernel to take it) is counted by
         reason in the rejections hash (`kcp_dispatch_rejected_total`) before the error is raised."""
@@ -265,8 +292,9 @@ class KcpClient:
         engine: OrchestrationEngine | None,
     ) -> DispatchResult:
         cluster = validate_name(cluster)
+        epoch = None
         if kernel is not None:
-            kernel = validate_name(kernel, "kernel name")
+            kernel, epoch = parse_kernel(kernel)
         req = parse_request(request, max_bytes=self.settings.max_request_bytes)
         parse_args(req)  # builtin syscalls: bad arguments fail here, before any round trip
         engine = engine or self.engine
@@ -287,7 +315,7 @@ class KcpClient:
         began = time.perf_counter()
         try:
             async with amap_redis_errors():
-                outcome = await engine.execute(target, req, kernel=kernel, attempts=tried)
+                outcome = await engine.execute(target, req, kernel=kernel, epoch=epoch, attempts=tried)
         finally:
             if len(tried) > 1:
                 retries, failovers = len(tried) - 1, len(set(tried)) - 1
@@ -298,6 +326,7 @@ class KcpClient:
             attempts=outcome.attempt,
             job_id=outcome.job_id,
             latency_ms=round((time.perf_counter() - began) * 1000, 3),
+            epoch=outcome.epoch,
         )
 
     async def enqueue_job(

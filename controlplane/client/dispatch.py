@@ -1,9 +1,17 @@
 """The fast path: enqueue a job on a kernel in one round trip and await its pushed result.
 
 Each client process owns one reply list (`reply:{client_id}`) and one listener task that
-blocks on it (BLPOP) and resolves the future of each job id: no polling anywhere. A cached
-view of each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing
-from reading Redis on every dispatch.
+blocks on it and resolves the future of each job id: no polling anywhere. A cached view of
+each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing from reading
+Redis on every dispatch.
+
+No reply is lost to a Redis crash: the listener moves replies to `reply:{client_id}:taken`
+(`BLMOVE`, `take_replies.lua`) and drops them from there only at its next take, after it
+delivered them. After an outage it reads `taken` again, then asks Redis for the fate of every
+job it was waiting for (`_recover`): a result is delivered, a job still queued or running is
+waited for, and a job that is gone without a result (its enqueue was lost, e.g. by a Sentinel
+failover) ends its attempt at once, so the engine submits it again without waiting out its
+deadline.
 """
 
 from __future__ import annotations
@@ -14,16 +22,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from controlplane.client import routing
 from controlplane.errors import ClusterNotFound, DispatchTimeout, RedisError, RedisUnavailable
 from controlplane.lifecycle import finish
-from controlplane.protocol.jobs import Outcome, decode_result, encode_job
+from controlplane.protocol.jobs import REPLY_TTL_MS, Outcome, decode_result, encode_job
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelLoad, KernelState
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
-from controlplane.redis.channel import Channel
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors, redis_said
 from controlplane.redis.retry import Backoff, best_effort, periodically
@@ -51,12 +59,17 @@ class Dispatcher:
         self.keys = keys
         self.client_id = uuid.uuid4().hex
         self.reply_key = keys.reply(self.client_id)
+        self.taken_key = keys.reply_taken(self.client_id)
         # enqueue and cancel, pipelined across concurrent dispatches
         self.channel = preloading(redis, jobs.ENQUEUE, jobs.CANCEL)
-        self._replies = Channel(redis)  # the reply listener's blocking pops
+        self._replies = preloading(redis, jobs.TAKE_REPLIES)  # the reply listener's takes and waits
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        #: job id -> cluster, of the jobs enqueued and not answered yet
+        self._queued: dict[str, str] = {}
+        #: the jobs queued when the listener lost Redis: their fate is read back when it returns
+        self._unsure: dict[str, str] | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._batched = True  # BLMPOP (Redis 7) takes every waiting reply in one trip; BLPOP before 7
+        self._blmove = True  # BLMOVE is Redis 6.2's; BRPOPLPUSH before
 
     def _listen_for_replies(self) -> None:
         """Start the reply listener with the first job: a client that never dispatches (`kcp
@@ -74,7 +87,7 @@ class Dispatcher:
                 fut.cancel()
         await self._replies.aclose()
         async with best_effort():
-            await self.channel.execute("DEL", self.reply_key)
+            await self.channel.execute("DEL", self.reply_key, self.taken_key)
         await self.channel.aclose()
 
     async def submit(
@@ -115,6 +128,7 @@ class Dispatcher:
                 strategy=strategy,
             )
             cluster, name = plan.cluster, placed.kernel
+            self._queued[job_id] = cluster
             # a timer, not asyncio.timeout + shield: the result wakes us one loop step sooner
             overdue = loop.call_later(wait_s, self._overdue, job_id, fut)
             try:
@@ -124,10 +138,16 @@ class Dispatcher:
                     self.redis, self.keys, plan, placed, ok=ok, now_ms=now_ms(), ran_on=outcome.kernel
                 )
                 return routing.Attempt(placed, outcome)
+            except _Vanished:  # not the kernel's doing: nothing to report against it
+                gone = DispatchTimeout(
+                    f"job {job_id} on {cluster}/{name} is gone from Redis without a result (its enqueue "
+                    "was lost with Redis); it never ran"
+                )
+                return routing.Attempt(placed, None, gone)
             except _Overdue:
                 cancelled = await jobs.cancel(self.keys, cluster, name, job_id=job_id).run(self.channel)
                 if not cancelled:  # finished just now: the result is on its way, take it
-                    with contextlib.suppress(TimeoutError):
+                    with contextlib.suppress(TimeoutError, _Vanished):
                         return routing.Attempt(placed, await asyncio.wait_for(self._waiting[job_id], 1.0))
                 placed = await routing.report(self.redis, self.keys, plan, placed, ok=False, now_ms=now_ms())
                 timeout = DispatchTimeout(f"no result from {cluster}/{name} within {wait_s:.3g}s")
@@ -136,6 +156,7 @@ class Dispatcher:
                 overdue.cancel()
         finally:
             self._waiting.pop(job_id, None)
+            self._queued.pop(job_id, None)
 
     def watch(self, job_id: str) -> asyncio.Future[Outcome]:
         """A future for the result of `job_id` pushed to this client's reply list (a job queued
@@ -170,30 +191,79 @@ class Dispatcher:
         )
 
     async def _take_replies(self) -> None:
-        """One blocking pop of the reply list; resolve the future of each reply it took."""
+        """Acknowledge the replies delivered last time and take those waiting (`take_replies.lua`);
+        when none did, block until the next one comes (`BLMOVE` into the taken list, which the
+        next take drops). Under load every step is one take of up to `REPLY_BATCH` replies."""
+        take = jobs.take_replies(self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
+        wait: tuple[str | int, ...] = (
+            ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
+            if self._blmove
+            else ("BRPOPLPUSH", self.reply_key, self.taken_key, MAX_BLOCK_SECONDS)
+        )
+        futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS), amap_redis_errors():
-                if self._batched:
-                    item = await self._replies.execute(
-                        "BLMPOP", MAX_BLOCK_SECONDS, 1, self.reply_key, "LEFT", "COUNT", REPLY_BATCH
-                    )
-                    replies = item[1] if item else []
-                else:
-                    item = await self._replies.execute("BLPOP", self.reply_key, MAX_BLOCK_SECONDS)
-                    replies = [item[1]] if item else []
+                if self._unsure is not None:
+                    await self._recover(self._unsure)
+                    self._unsure = None
+                if await self._deliver_all(await take.run(self._replies)):
+                    return  # more may wait: take again before blocking
+                # the TTL behind the move: a client killed while it blocks leaves no list behind
+                futures = await self._replies.send([wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS)])
+                moved = await futures[0]
+                if isinstance(moved, Exception):
+                    raise moved
+                if moved:
+                    await self._deliver_all([moved])
         except TimeoutError:
             raise RedisUnavailable("reply pop overdue") from None
         except RedisError as exc:
-            if self._batched and redis_said(exc, "unknown command"):
-                self._batched = False  # BLMPOP is Redis 7's; BLPOP takes one reply at a time
+            if self._blmove and redis_said(exc, "unknown command"):
+                self._blmove = False  # BLMOVE is Redis 6.2's; BRPOPLPUSH before
                 return
             raise
+        finally:
+            for fut in futures:  # a failed step leaves the others' replies unread: drop them
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()
+
+    async def _deliver_all(self, replies: list[str]) -> int:
         for raw in replies:
             self._deliver(raw)
-        if replies:  # let the callers woken run before the next pop is written
+        if replies:  # let the callers woken run before we go on
             await asyncio.sleep(0)
+        return len(replies)
+
+    async def _recover(self, unsure: dict[str, str]) -> None:
+        """After an outage: deliver what the last take moved (its answer may have been lost),
+        then settle the jobs queued before it. Existence is read first, the replies after, so
+        a job that finished in between has its reply read."""
+        ids = [j for j in unsure if j in self._waiting]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(self.keys.job(unsure[job_id], job_id))
+            exists = await pipe.execute()
+        for raw in await self._replies.execute("LRANGE", self.taken_key, 0, -1):
+            self._deliver(raw)
+        for raw in await self._replies.execute("LRANGE", self.reply_key, 0, -1):
+            self._deliver(raw)  # delivered again by the next take: a future resolves once
+        vanished = 0
+        for job_id, found in zip(ids, exists, strict=True):
+            fut = self._waiting.get(job_id)
+            if not found and fut is not None and not fut.done():
+                fut.set_exception(_Vanished())
+                vanished += 1
+        logger.info(
+            "reply listener back: %d job(s) were waiting, %d gone without a result", len(ids), vanished
+        )
 
     async def _lost(self, exc: RedisError) -> None:
+        if self._unsure is None:
+            self._unsure = dict(self._queued)
+        else:  # lost again while recovering: jobs queued since count as well
+            self._unsure.update(self._queued)
         await self._replies.reset("reply listener reconnects")
 
     def _deliver(self, raw: str) -> None:
@@ -209,6 +279,10 @@ class Dispatcher:
 
 class _Overdue(Exception):
     """Internal: no result came within a job's wait."""
+
+
+class _Vanished(Exception):
+    """Internal: after an outage, the job is gone from Redis and no result came: it never ran."""
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ See docs/routing.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -22,8 +23,8 @@ from typing import Protocol
 
 from controlplane.client.balancer import LoadBalancer
 from controlplane.client.estimates import Estimates, RetryBudget
-from controlplane.client.routing import Attempt, KernelBusy, Plan
-from controlplane.errors import InvalidRequest, KernelError, NoKernelAvailable
+from controlplane.client.routing import Attempt, KernelBusy, Plan, kernel_gone
+from controlplane.errors import InvalidRequest, KernelError, KernelGone, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import (
     KernelLoad,
@@ -185,6 +186,7 @@ class OrchestrationEngine:
         request: SyscallRequest,
         *,
         kernel: str | None = None,
+        epoch: int | None = None,
         attempts: list[str] | None = None,
     ) -> Outcome:
         """Run `request` on a kernel of `target` picked by the strategy; on failure retry on
@@ -193,7 +195,9 @@ class OrchestrationEngine:
         Timeouts and refusals are retried (up to `retry_count` more attempts, each on a kernel
         not tried yet when `enable_failover`, and only while the retry budget lasts); a kernel
         reporting an error is not retried unless the strategy is PRIMARY_FALLBACK. `kernel`
-        pins the request to one kernel by name (for state that lives in one kernel's memory).
+        pins the request to one kernel by name (for state that lives in one kernel's memory), and
+        `epoch` to one incarnation of it: every attempt goes there, or the request fails with
+        `KernelGone` once that incarnation died or was replaced (never retried elsewhere).
         `attempts`, when given, gets the name of the kernel that ran each attempt, in order.
         Raises a `DispatchError` when nothing worked.
         """
@@ -201,7 +205,7 @@ class OrchestrationEngine:
             self.metrics.total_dispatches += 1
             self.budget.deposit()
             try:
-                return await self._attempts(target, request, kernel, attempts)
+                return await self._attempts(target, request, kernel, epoch, attempts)
             except Exception:
                 self.metrics.failed += 1
                 raise
@@ -211,6 +215,7 @@ class OrchestrationEngine:
         target: ClusterTarget,
         request: SyscallRequest,
         kernel: str | None,
+        epoch: int | None,
         attempts: list[str] | None,
     ) -> Outcome:
         cfg = self.config
@@ -232,6 +237,10 @@ class OrchestrationEngine:
             pool = self.eligible(kernels, request)
             if kernel is not None:
                 pool = [k for k in pool if k.name == kernel]
+                if epoch is not None:  # epochs only grow: a later one means `kernel@epoch` was replaced
+                    current = next((k.epoch for k in kernels if k.name == kernel), None)
+                    if current is not None and current > epoch:
+                        raise kernel_gone(kernel, epoch, current)
             exclude = tried | refused if cfg.enable_failover else refused
             plan = self.select(pool, loads, exclude)
             if plan is None and exclude:
@@ -243,7 +252,13 @@ class OrchestrationEngine:
                 else:
                     where = "no running kernel in the cluster"
                 last_error = NoKernelAvailable(where)
+                if kernel is not None and epoch is not None and all(k.name != kernel for k in kernels):
+                    last_error = kernel_gone(kernel, epoch, None)
                 break
+            if epoch is not None:  # a plain enqueue on that kernel, which checks its epoch
+                plan = dataclasses.replace(
+                    plan, candidates=plan.candidates[:1], mode="first", outlier=None, epoch=epoch
+                )
             first = plan.candidates[0].name
             self._inflight[first] = self._inflight.get(first, 0) + 1
             try:
@@ -272,6 +287,8 @@ class OrchestrationEngine:
             if outcome.success:
                 self._record_success(outcome)
                 return outcome
+            if outcome.error_type == KernelGone.error_type:  # pinned, its incarnation lost: final
+                raise KernelGone(outcome.error, kernel=ran, epoch=outcome.epoch or None)
             last_error = KernelError(outcome.error, kernel=ran, error_type=outcome.error_type)
             if cfg.strategy is not RoutingStrategy.PRIMARY_FALLBACK or outcome.error_type in (
                 "InvalidArguments",

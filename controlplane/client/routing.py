@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from controlplane.errors import DispatchTimeout
+from controlplane.errors import DispatchTimeout, KernelGone
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
@@ -32,6 +32,7 @@ __all__ = [
     "Placed",
     "Plan",
     "enqueue",
+    "kernel_gone",
     "max_ejected",
     "report",
 ]
@@ -71,6 +72,8 @@ class Plan:
     cluster_size: int = 0
     #: kernels whose failure rate this client found well above their peers'
     rate_outliers: frozenset[str] = frozenset()
+    #: the incarnation (epoch) of the single candidate the request is pinned to (`kernel@epoch`)
+    epoch: int | None = None
 
     @property
     def first(self) -> KernelRecord:
@@ -118,7 +121,8 @@ async def enqueue(
     ttl_ms: int,
     strategy: str,
 ) -> Placed:
-    """Run enqueue.lua on `conn` for `plan`. Raises `KernelBusy` when no candidate took the job."""
+    """Run enqueue.lua on `conn` for `plan`. Raises `KernelBusy` when no candidate took the job,
+    `KernelGone` when the plan is pinned to an incarnation that is no longer the kernel's."""
     first = plan.candidates[0]
     choice = None
     if plan.routed:
@@ -144,14 +148,33 @@ async def enqueue(
         ttl_ms=ttl_ms,
         strategy=strategy,
         routing=choice,
+        epoch=plan.epoch,
     )
     result = await call.run(conn)
     if isinstance(result, jobs.NotEnqueued):
+        if plan.epoch is not None and result.detail.startswith("epoch="):
+            current = result.detail.removeprefix("epoch=")
+            raise kernel_gone(first.name, plan.epoch, int(current) if current else None)
         if choice is None:
             raise KernelBusy(f"{plan.cluster}/{first.name}: {result.detail}")
         raise KernelBusy(f"{plan.cluster}: {result.detail or 'no candidate takes work'}")
     chosen = plan.candidates[result.chosen]  # the plain form: 0, the kernel itself
     return Placed(chosen.name, result.inflight, result.consecutive, result.ejected)
+
+
+def kernel_gone(kernel: str, epoch: int, current: int | None) -> KernelGone:
+    """The error for a request pinned to `kernel@epoch` when the kernel's epoch is now `current`
+    (None: the cluster has no kernel of that name)."""
+    if current is None:
+        return KernelGone(
+            f"kernel {kernel}@{epoch} is gone: the cluster has no kernel {kernel}", kernel=kernel, epoch=epoch
+        )
+    return KernelGone(
+        f"kernel {kernel}@{epoch} was replaced by {kernel}@{current}, which starts with empty memory; "
+        f"pin {kernel!r} by name to use the new incarnation",
+        kernel=kernel,
+        epoch=epoch,
+    )
 
 
 def max_ejected(cluster_size: int, share: float) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controlplane.client.core import KcpClient
-from controlplane.errors import InvalidRequest, KcpError, KernelError
+from controlplane.errors import InvalidRequest, KcpError, KernelError, KernelGone
 from controlplane.protocol.models import OrchestrationConfig
 from controlplane.settings import Settings
 
@@ -66,6 +66,8 @@ class OrchestrationTools:
             return await op(await self.client())
         except KernelError as exc:
             return _failure(exc, kernel=exc.kernel, kernel_error_type=exc.error_type)
+        except KernelGone as exc:
+            return _failure(exc, kernel=exc.kernel, epoch=exc.epoch)
         except KcpError as exc:
             return _failure(exc)
 
@@ -112,7 +114,9 @@ class OrchestrationTools:
 
     async def dispatch(self, cluster: str, request: dict[str, Any]) -> dict[str, Any]:
         """Run `request` on a kernel of `cluster`. An optional ``"kernel"`` key in the request
-        pins it to that kernel (it is not passed to the syscall)."""
+        pins it to that kernel, ``"worker-3"``, or to one incarnation of it, ``"worker-3@17"``
+        (it is not passed to the syscall). The result names the incarnation that ran it
+        (``"epoch"``); a pinned request whose incarnation is gone fails with ``KernelGone``."""
 
         async def op(c: KcpClient) -> dict[str, Any]:
             if not isinstance(request, dict):
@@ -120,7 +124,13 @@ class OrchestrationTools:
             body = dict(request)
             pin = body.pop("kernel", None)
             res = await c.dispatch(cluster, body, kernel=pin)
-            return {"success": True, "kernel": res.kernel, "result": res.result, "latency_ms": res.latency_ms}
+            return {
+                "success": True,
+                "kernel": res.kernel,
+                "epoch": res.epoch,
+                "result": res.result,
+                "latency_ms": res.latency_ms,
+            }
 
         return await self._call(op)
 

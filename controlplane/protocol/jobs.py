@@ -2,7 +2,8 @@
 
 A job is what `arq.jobs.serialize_job` writes (`{"t", "f", "a", "k", "et"}`): the syscall type
 is the function, the request is the kwargs. A result is what `arq.jobs.serialize_result`
-writes; its ``r`` holds ``{"kernel", "value"}`` or ``{"kernel", "error", "error_type"}``.
+writes; its ``r`` holds ``{"kernel", "epoch", "value"}`` or ``{"kernel", "epoch", "error",
+"error_type"}`` (`epoch`: the kernel incarnation that ran the job; 0 when none did).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Outcome:
     enqueue_ms: int
     start_ms: int
     finish_ms: int
+    #: the incarnation (fencing epoch) of `kernel` that ran the job; 0 when none did
+    epoch: int = 0
 
 
 def encode_result(
@@ -79,8 +82,9 @@ def encode_result(
     value: dict[str, Any] | None,
     error: str = "",
     error_type: str = "",
+    epoch: int = 0,
 ) -> str:
-    body: dict[str, Any] = {"kernel": kernel}
+    body: dict[str, Any] = {"kernel": kernel, "epoch": epoch}
     if error_type:
         body.update(error=error, error_type=error_type)
     else:
@@ -124,4 +128,5 @@ def decode_result(raw: str) -> Outcome:
         enqueue_ms=int(d["et"]),
         start_ms=int(d["st"]),
         finish_ms=int(d["ft"]),
+        epoch=int(body.get("epoch") or 0),
     )

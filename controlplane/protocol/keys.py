@@ -108,6 +108,11 @@ class Keys:
         """LIST: results pushed to one client process (expires when the client goes away)."""
         return f"{self.prefix}reply:{client_id}"
 
+    def reply_taken(self, client_id: str) -> str:
+        """LIST: results the client's listener took off its reply list and is delivering (kept
+        until the next take, so a take whose answer a Redis crash lost is read again)."""
+        return f"{self.prefix}reply:{client_id}:taken"
+
     # ------------------------------------------------------------ agents
     def agents(self) -> str:
         """SET of agent names."""

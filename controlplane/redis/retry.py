@@ -41,6 +41,13 @@ class Backoff:
         self.first, self.cap, self.jitter = first, cap, jitter
         self._next = first
 
+    @classmethod
+    def within(cls, period: float) -> Backoff:
+        """Retries at least once per `period` however long the failure lasts: for a loop whose
+        peers judge it by how soon it is back (the heartbeat must renew within one period of
+        Redis answering again, docs/reliability.md)."""
+        return cls(min(0.1, period), period)
+
     def next(self) -> float:
         """The delay before the next attempt; the one after is twice as long (up to `cap`)."""
         delay = self._next

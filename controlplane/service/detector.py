@@ -11,6 +11,13 @@ The detector classifies each agent at every pass:
 A kernel is dead when its agent is alive but its own lease has been missing for longer than
 `lease_ttl` (its process is gone and the agent has not brought it back).
 
+**Blind window.** A missing lease is a death only once every live agent has been able to renew
+it: after the detector could not read Redis (an outage, a restart still loading its data, a
+failover, or the detector's own start, e.g. a new leader), no death is declared until one lease
+TTL plus one heartbeat interval has passed *since the first read that succeeded again*. Agents
+retry a failed renewal at least once per heartbeat interval, so an agent that is alive renews
+within that window (docs/reliability.md, "The decision rule").
+
 Detection times and counters go to the `reliability` hash (see docs/reliability.md).
 """
 
@@ -58,13 +65,21 @@ class FailureDetector:
         self._suspects: set[str] = set()
         self._declared: set[str] = set()
         self._next_expiry = time.monotonic() + settings.lease_ttl
+        self.window = settings.lease_ttl + settings.heartbeat_interval
+        self._unseen = True  # no read has succeeded yet: the blind window opens with the first
         self._blind_until = 0.0
 
     def grace(self) -> None:
-        """We could not see Redis for a while (or Redis restarted): the leases may have lapsed
-        because nobody could renew them, not because the agents died. Declare no death until
-        every agent has had a full lease period to renew."""
-        self._blind_until = time.monotonic() + self.lease_ttl + self.interval_ms / 1000
+        """We could not see Redis (it was down, restarting, loading, failing over): the leases may
+        have lapsed because nobody could renew them, not because the agents died. The blind window
+        opens again at the next read that succeeds (`fleet`), not now: however long Redis stays
+        away, every agent gets a full window to renew once it answers."""
+        self._unseen = True
+
+    @property
+    def blind(self) -> bool:
+        """Whether deaths are withheld: Redis not seen yet, or seen again less than `window` ago."""
+        return self._unseen or time.monotonic() < self._blind_until
 
     def next_check_in(self) -> float:
         """Seconds until the earliest live lease would expire (if not renewed), at least 10 ms."""
@@ -81,13 +96,17 @@ class FailureDetector:
             rows = await pipe.execute()
         heartbeats: dict[str, str] = rows[-1]
         now = time.monotonic()
+        if self._unseen:  # the first read since an outage (or since we started): the window opens
+            self._unseen = False
+            self._blind_until = now + self.window
+            logger.info("Redis answers: no death declared for %.1fs, so every agent can renew", self.window)
         alive: set[str] = set()
         suspect: set[str] = set()
         assigned: Counter[str] = Counter()
         soonest = self.lease_ttl
         # a renewal is overdue once the lease has lost more than 1.5 heartbeat periods
         overdue_below = self.ttl_ms - 1.5 * self.interval_ms
-        blind = now < self._blind_until
+        blind = self.blind
         for i, (record, _) in enumerate(agents):
             name, pttl = record.name, int(rows[2 * i])
             assigned[name] = int(rows[2 * i + 1])
@@ -152,7 +171,7 @@ class FailureDetector:
             and k.started_at
             and time.time() - k.started_at > 2 * self.lease_ttl  # its agent has had time to renew it
         ]
-        if not watched or time.monotonic() < self._blind_until:
+        if not watched or self.blind:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for k in watched:

@@ -36,7 +36,7 @@ from controlplane.protocol.records import (
 from controlplane.protocol.stats import DISPATCHES, ERRORS, LATENCY_MS_SUM
 from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
-from controlplane.redis.retry import best_effort, periodically
+from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
@@ -134,6 +134,9 @@ class Agent(Service):
             running=lambda: not self._stop.is_set(),
             pause=self._pause,
             on_error=self._lost,
+            # back within a heartbeat of Redis answering, as the heartbeat thread is: kernels to
+            # (re)start and wake-ups wait on this loop
+            backoff=Backoff.within(self.settings.heartbeat_interval),
         )
         await self._shutdown()
 
@@ -156,6 +159,8 @@ class Agent(Service):
             logger.debug("agent %s woken", name)
 
     def _lost(self, exc: RedisError) -> None:
+        if exc.transient:  # waiting for Redis is not a wedged loop: renew as soon as it answers
+            self.heartbeat.touch()
         if isinstance(exc, RedisUnavailable):  # our record may be gone when Redis is back
             self._registered = False
 

@@ -10,6 +10,11 @@ reply on the main connection). The thread renews, every `heartbeat_interval`:
 
 It stops renewing when the agent's main loop has made no progress for `stall_after` seconds,
 so a wedged agent is declared dead instead of being kept alive by its heartbeat alone.
+
+A failed renewal (Redis down, restarting, still loading its data) is retried at least once per
+`heartbeat_interval` however long the outage lasts (`Backoff.within`): the leader withholds
+deaths for one lease TTL plus one heartbeat interval after Redis answers again, and a live agent
+must renew inside that window (docs/reliability.md, "The decision rule").
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import psutil
 from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import AsyncRedis, connect
-from controlplane.redis.retry import periodically
+from controlplane.redis.errors import redis_said
+from controlplane.redis.retry import Backoff, periodically
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +99,7 @@ class Heartbeat:
         client = connect(self.redis_url, max_connections=2)
 
         async def lost(exc: RedisError) -> None:
-            if isinstance(exc, RedisUnavailable):
+            if isinstance(exc, RedisUnavailable) and not redis_said(exc, "LOADING"):  # that link is fine
                 with contextlib.suppress(Exception):
                     await client.connection_pool.disconnect()  # drop a half-read connection
 
@@ -104,6 +110,7 @@ class Heartbeat:
                 log=logger,
                 running=lambda: not self._stop.is_set(),
                 every=self.interval,
+                backoff=Backoff.within(self.interval),
                 pause=lambda seconds: asyncio.to_thread(self._stop.wait, seconds),
                 on_error=lost,
             )

@@ -206,6 +206,7 @@ class KernelProcess(Service):
         kernel sends one BZPOPMIN and one claim every `IDLE_BLOCK` seconds."""
         finish: Finish | None = None
         busy = True  # jobs may be waiting: claim the next at once rather than block
+        replies: list[asyncio.Future[Any]] = []
         try:
             while not self._superseded:  # a newer incarnation owns our name: stop, touch nothing of it
                 draining = self._draining.is_set()
@@ -236,6 +237,8 @@ class KernelProcess(Service):
         except BaseException:
             if finish is not None:  # `_recover` delivers it once Redis is back
                 self._undelivered.append(finish)
+            for reply in replies:  # the step's other replies: nobody waits for them now
+                _forget(reply)
             raise
 
     async def _woken(
@@ -343,6 +346,7 @@ class KernelProcess(Service):
             value=value,
             error=error,
             error_type=error_type,
+            epoch=int(self.epoch),
         )
         call = jobs.finish(
             self.keys,

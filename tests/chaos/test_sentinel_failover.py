@@ -18,6 +18,7 @@ from chaoslib import (
     collect,
     create_cluster,
     registered_agents,
+    reliability,
     start_clients,
     wait_until,
 )
@@ -54,6 +55,7 @@ def test_sentinel_master_failover_mid_load(tmp_path: Path) -> None:
             lambda: sentinel.master_port() != old, 30, "Sentinel to promote the replica", 0.1
         )
         report = collect(clients, 120)
+        counters = reliability(sentinel.replica.url)  # the promoted replica is the master now
     finally:
         procs.stop()
         sentinel.stop()
@@ -69,3 +71,5 @@ def test_sentinel_master_failover_mid_load(tmp_path: Path) -> None:
     # writes lost with the old master can cost a dispatch its retries, but not many of them
     assert report.ok >= 0.95 * report.total, f"{report.errors}: {report.first_errors()}"
     assert after, "dispatching resumed on the new master"
+    print(f"agents declared dead across the failover: {counters.get('agents_dead_total', 0)}")
+    assert int(counters.get("agents_dead_total", 0)) == 0, "a failover is not an agent death"

@@ -17,7 +17,7 @@ import pytest
 from controlplane.client.engine import KernelBusy, OrchestrationEngine
 from controlplane.client.estimates import ESTIMATE_DECAY_S, KernelStats, RetryBudget
 from controlplane.client.routing import Attempt, Placed, Plan
-from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, NoKernelAvailable
+from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, KernelGone, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import KernelLoad, KernelState, OrchestrationConfig, RoutingStrategy
 from controlplane.protocol.records import KernelRecord
@@ -620,3 +620,52 @@ def test_a_capability_miss_says_what_the_kernels_declare() -> None:
         engine(strategy=RoutingStrategy.CAPABILITY_BASED).eligible(
             records, parse_request({"type": "PING", "requires": ["gpu"]})
         )
+
+
+# ------------------------------------------------------------ pinned to an incarnation
+async def test_a_request_pinned_to_an_incarnation_goes_there_in_a_plain_enqueue() -> None:
+    plans: list[Plan] = []
+    cluster = FakeCluster(kernels(3))
+
+    async def submit(plan: Plan, time_left: float) -> Attempt:
+        plans.append(plan)
+        return attempt(plan.first, time_out if len(plans) == 1 else succeed)
+
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE, retry_count=2)
+    result = await eng.execute(Submitting(cluster, submit), PING, kernel="kernel-2", epoch=2)
+    assert result.kernel == "kernel-2"
+    # the retry after a timeout goes to the same incarnation; enqueue.lua checks its epoch
+    assert [(p.first.name, p.epoch, len(p.candidates), p.routed) for p in plans] == [
+        ("kernel-2", 2, 1, False)
+    ] * 2
+
+
+@pytest.mark.parametrize(
+    ("records", "why"),
+    [
+        ([kernel(1)], "is gone: the cluster has no kernel kernel-2"),
+        ([kernel(1), kernel(5)], "was replaced by"),
+    ],
+)
+async def test_a_pinned_incarnation_that_is_gone_or_replaced_is_kernel_gone(
+    records: list[KernelRecord], why: str
+) -> None:
+    if len(records) == 2:  # kernel-2 now runs as epoch 5
+        records[1] = records[1].model_copy(update={"name": "kernel-2"})
+    cluster = FakeCluster(records)
+    with pytest.raises(KernelGone, match=why) as gone:
+        await engine().execute(cluster, PING, kernel="kernel-2", epoch=2)
+    assert (gone.value.kernel, gone.value.epoch) == ("kernel-2", 2)
+    assert cluster.calls == [], "nothing was enqueued"
+
+
+async def test_kernel_gone_from_the_kernel_side_is_not_retried() -> None:
+    gone = outcome(
+        "kernel-1", error_type="KernelGone", error="job j is pinned to kernel kernel-1@1, which is gone"
+    )
+    cluster = FakeCluster(kernels(2), lambda record: gone)
+    with pytest.raises(KernelGone, match="which is gone"):
+        await engine(strategy=RoutingStrategy.PRIMARY_FALLBACK, retry_count=3).execute(
+            cluster, PING, kernel="kernel-1"
+        )
+    assert cluster.calls == ["kernel-1"]

@@ -205,7 +205,8 @@ def test_error_result_round_trip() -> None:
 def test_encoded_result_is_json() -> None:
     data = json.loads(result())
     assert data["s"] is True
-    assert data["r"] == {"kernel": "kernel-1", "value": {"pong": True, "n": [1, 2.5, "x"]}}
+    assert data["r"] == {"kernel": "kernel-1", "epoch": 0, "value": {"pong": True, "n": [1, 2.5, "x"]}}
+    assert decode_result(result(epoch=17)).epoch == 17, "the incarnation that ran the job"
     assert (data["id"], data["f"], data["t"]) == ("j1", "PING", 2)
 
 

@@ -45,6 +45,16 @@ def test_backoff_jitter_only_shortens_a_delay() -> None:
     assert len(set(delays)) > 1, "processes cut off together do not come back together"
 
 
+def test_backoff_within_a_period_retries_at_least_once_per_period() -> None:
+    """The heartbeat's back-off: however long Redis is away, a live agent tries again within one
+    heartbeat interval, so it renews inside the leader's blind window once Redis answers."""
+    for period in (0.05, 0.3, 0.5, 2.0):
+        b = Backoff.within(period)
+        delays = [b.next() for _ in range(40)]
+        assert max(delays) <= period
+        assert delays[0] <= 0.1
+
+
 @pytest.mark.parametrize(("first", "cap", "jitter"), [(0, 1, 0), (2, 1, 0), (0.1, 1, 1.0), (0.1, 1, -0.1)])
 def test_backoff_refuses_nonsense(first: float, cap: float, jitter: float) -> None:
     with pytest.raises(ValueError):

@@ -98,6 +98,7 @@ class Lua:
         deadline_ms: int = NOW + 10_000,
         ttl_ms: int = JOB_TTL_MS,
         strategy: str = "adaptive",
+        epoch: int | None = None,
     ) -> Any:
         return await self.call(
             jobs.enqueue(
@@ -111,6 +112,7 @@ class Lua:
                 deadline_ms=deadline_ms,
                 ttl_ms=ttl_ms,
                 strategy=strategy,
+                epoch=epoch,
             )
         )
 
@@ -628,6 +630,70 @@ async def test_a_restarted_kernel_rebinds_its_own_inflight(lua: Lua, state: str)
     assert await lua.zset(inflight) == {"j1": NOW, "j2": NOW + 1}  # the source keeps them
     assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {"j1": NOW, "j2": NOW + 1}
     assert (await lua.claim(epoch=2))[:5:4] == ["ok", "j1"]
+
+
+async def test_pinned_jobs_never_move_to_another_kernel_or_incarnation(lua: Lua) -> None:
+    """Orphans of a dead kernel: the unpinned one moves, the pinned one is answered KernelGone.
+    A restarted kernel's own pinned job fails (its memory is gone); after a Redis outage, the
+    same incarnation takes its pinned job back."""
+    await lua.put_kernel("k1", epoch=1)
+    await lua.put_kernel("k2", epoch=5)
+    await lua.enqueue("free", now=NOW)
+    await lua.enqueue("pin", now=NOW + 1, strategy=PINNED)
+    await orphan(lua, ["free", "pin"])
+
+    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["free", "pin"]) == 1
+    assert (await lua.job("free"))["kernel"] == "k2"
+    assert await lua.job("pin") == {}, "answered and deleted"
+    assert await lua.zset(KEYS.cluster_orphans(CLUSTER)) == {}
+    (raw,) = await lua.r.lrange(KEYS.reply(CLIENT), 0, -1)
+    gone = decode_result(raw)
+    assert (gone.job_id, gone.success, gone.error_type, gone.kernel, gone.epoch) == (
+        "pin",
+        False,
+        "KernelGone",
+        "k1",
+        1,
+    )
+    assert "pinned to kernel k1@1, which is gone" in gone.error
+
+    await lua.r.delete(KEYS.reply(CLIENT))
+    inflight = KEYS.inflight(CLUSTER, "k2")
+    await lua.enqueue("same", kernel="k2", now=NOW + 2, strategy=PINNED)
+    assert await lua.rebind(inflight, "k2", ["same"]) == 1, "the same incarnation takes it back"
+    await lua.r.hset(KEYS.kernel(CLUSTER, "k2"), "epoch", 6)  # restarted: a new process
+    assert await lua.rebind(inflight, "k2", ["same", "free"]) == 1
+    assert await lua.zset(inflight) == {"free": NOW}
+    (raw,) = await lua.r.lrange(KEYS.reply(CLIENT), 0, -1)
+    replaced = decode_result(raw)
+    assert (replaced.job_id, replaced.error_type) == ("same", "KernelGone")
+    assert "was replaced by k2@6, which starts with empty memory" in replaced.error
+
+
+async def test_enqueue_pinned_to_an_incarnation_refuses_another(lua: Lua) -> None:
+    await lua.put_kernel("k1", epoch=3)
+    before = await lua.snapshot()
+    assert await lua.enqueue("j1", epoch=2, strategy=PINNED) == [0, "epoch=3"]
+    assert await lua.enqueue("j1", kernel="k9", epoch=2, strategy=PINNED) == [0, "epoch="]
+    assert await lua.snapshot() == before
+    assert await lua.enqueue("j1", epoch=3, strategy=PINNED) == [1, 1]
+    assert (await lua.job("j1"))["epoch"] == "3"
+
+
+async def test_take_replies_keeps_what_it_took_until_the_next_take(lua: Lua) -> None:
+    reply, taken = KEYS.reply(CLIENT), KEYS.reply_taken(CLIENT)
+    await lua.r.rpush(reply, "r1", "r2", "r3")
+
+    def take() -> Call[list[str]]:
+        return jobs.take_replies(KEYS, CLIENT, count=2, ttl_ms=60_000)
+
+    assert await lua.call(take()) == ["r1", "r2"]
+    assert await lua.r.lrange(taken, 0, -1) == ["r1", "r2"], "read again after a lost answer"
+    assert 0 < await lua.r.pttl(taken) <= 60_000
+    assert await lua.call(take()) == ["r3"]
+    assert await lua.r.lrange(taken, 0, -1) == ["r3"]
+    assert await lua.call(take()) == []
+    assert await lua.r.exists(reply, taken) == 0
 
 
 # ---------------------------------------------------------------- leader

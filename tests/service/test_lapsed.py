@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -39,6 +40,10 @@ async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
     lease = LeaderLease(redis, KEYS, ttl=10)
     assert await lease.acquire()
     reconciler = Reconciler(state, settings, lease)
+    # a new leader declares no death until its blind window (lease TTL + heartbeat) has passed
+    # since its first read of Redis (docs/reliability.md, "The decision rule")
+    await reconciler.detector.fleet()
+    await asyncio.sleep(reconciler.detector.window)
     await agent(redis, "crashed", alive=False)  # lease lapsed: killed, or its host is gone
     await agent(redis, "stopped", alive=False, draining=True)  # said goodbye (ACL: record stays)
     await state.create_cluster("c", ClusterConfig(), 1)

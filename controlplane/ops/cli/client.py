@@ -107,8 +107,9 @@ def add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("request", help='the request as a JSON object, e.g. {"type": "PING"}')
     parser.add_argument(
         "--kernel",
-        help="run on this kernel (e.g. worker-1): each kernel has its own memory, so a READ of what a "
-        "WRITE stored goes where the WRITE went",
+        help="run on this kernel (e.g. worker-1), or on one incarnation of it, NAME@EPOCH as printed "
+        "(worker-1@3: fails if it was restarted since): each kernel has its own memory, so a READ of "
+        "what a WRITE stored goes where the WRITE went",
     )
     parser.add_argument(
         "--encoding",
@@ -279,7 +280,9 @@ async def dispatch_command(args: argparse.Namespace, kcp: KcpClient) -> int:
     hex_data = data["result"].get("data")
     if str(request.get("type", "")).upper() == "READ" and isinstance(hex_data, str):
         data["result"]["data"], data["result"]["encoding"] = read_data(hex_data, encoding)
-    emit(args, data, lambda d: f"{d['kernel']} ({ms(d['latency_ms'])}): {json.dumps(d['result'])}")
+    emit(
+        args, data, lambda d: f"{d['kernel']}@{d['epoch']} ({ms(d['latency_ms'])}): {json.dumps(d['result'])}"
+    )
     return 0
 
 

@@ -51,7 +51,9 @@ def request_schema() -> dict[str, Any]:
         _PIN: {
             "type": "string",
             "description": "run on this kernel (e.g. worker-0) instead of the one the router picks: "
-            "memory is per kernel, so a READ of what a WRITE wrote names the WRITE's kernel",
+            "memory is per kernel, so a READ of what a WRITE wrote names the WRITE's kernel; "
+            "worker-0@7 (the WRITE's kernel@epoch) fails with KernelGone if that process was "
+            "restarted since (a restart empties its memory)",
         },
     }
     variants: list[dict[str, Any]] = []
@@ -162,7 +164,8 @@ class KcpTools:
 
     async def dispatch(self, cluster: ClusterName, request: Request) -> Result:
         """Run one syscall on a kernel of the cluster and return its result, the kernel that ran
-        it and the latency. cluster_syscalls lists what a cluster's kernels run."""
+        it, its incarnation (epoch) and the latency. cluster_syscalls lists what a cluster's
+        kernels run."""
         with self._errors():
             return await self.tools.dispatch(cluster, request)
 

@@ -17,8 +17,11 @@
 -- ARGV[7] the strategy that routed the job (counted by finish.lua), or 'pinned' when the request
 --         names its kernel (then no sibling may steal it, claim.lua)
 -- ARGV[8] kernel name
+-- ARGV[9] (plain form, optional) the kernel incarnation (epoch) the request is pinned to
 -- Returns {1, inflight count} when queued; {0, state} when the kernel takes no work
--- (draining, stopped, pending, gone); {-1, 'duplicate'} when the job id exists.
+-- (draining, stopped, pending, gone); {0, 'epoch=<current epoch>'} when it is not (any more) the
+-- incarnation of ARGV[9] ('epoch=' when the kernel is gone); {-1, 'duplicate'} when the job id
+-- exists. Without ARGV[9] the job is bound to the incarnation running now (its epoch).
 --
 -- Routed form (KEYS[1..3] and KEYS[5] are then those of the first candidate):
 -- KEYS[6]            round-robin counter  STRING {prefix}cluster:{cluster}:rr (mode rr; SET once queued)
@@ -56,7 +59,11 @@ local function write_job(kernel_key, queue_key, inflight_key, wake_key, name)
 end
 
 if #KEYS <= 5 then
-    local state = redis.call('HGET', KEYS[1], 'state')
+    local k = redis.call('HMGET', KEYS[1], 'state', 'epoch')
+    local state = k[1]
+    if ARGV[9] and k[2] ~= ARGV[9] then
+        return {0, 'epoch=' .. (k[2] or '')}
+    end
     if state ~= 'running' then
         return {0, state or 'missing'}
     end

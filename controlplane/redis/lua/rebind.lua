@@ -14,47 +14,66 @@
 -- Returns the number of jobs queued on the target; -1 when the target takes no work.
 -- Jobs whose key is gone are dropped from the source set.
 --
+-- Pinned jobs (strategy 'pinned': the request named its kernel) never move to another kernel,
+-- nor to another incarnation of theirs: one whose kernel or epoch differs from the target's is
+-- answered with a `KernelGone` error (the kernel died, or was restarted and its memory is gone)
+-- and deleted, like an exhausted one.
+--
 -- Redelivery budget: a job already claimed `max_deliveries` times (field `attempt`; default 3)
 -- whose kernel then lost it is not handed out again. It is answered with a
 -- `RedeliveryExhausted` error and deleted, so a request that kills every kernel it touches
 -- ends in a clear error instead of a crash loop. The error goes to the reply list named in the
 -- job hash (the same list finish.lua pushes to; a key read from data, as in finish.lua's caller).
 --
--- Fields read:    kernel(state, epoch, max_deliveries), job(attempt, reply, enqueued_ms, job)
+-- Fields read:    kernel(state, epoch, max_deliveries),
+--                 job(attempt, reply, enqueued_ms, job, kernel, epoch, strategy)
 -- Fields written: job(kernel, epoch, state)
 local f = redis.call('HMGET', KEYS[2], 'state', 'epoch', 'max_deliveries')
 if f[1] ~= 'running' and not (f[1] == 'draining' and KEYS[1] == KEYS[4]) then
     return -1
 end
 local budget = tonumber(f[3]) or 3
+
+-- answer job `id` with an error and drop it from every set (the reply list is read from data,
+-- as in finish.lua's caller)
+local function answer(id, key, j, error_type, message)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[4], id)
+    redis.call('DEL', key)
+    if j[2] then
+        local t = redis.call('TIME')
+        local now = t[1] * 1000 + math.floor(t[2] / 1000)
+        local body = cjson.encode({kernel = j[5] or '', epoch = tonumber(j[6]) or 0,
+                                   error = message, error_type = error_type})
+        local result = '{"t":' .. (tonumber(j[1]) or 0) .. ',"f":"?","a":[],"k":{},"et":'
+            .. (tonumber(j[3]) or now) .. ',"s":false,"r":' .. body .. ',"st":' .. now .. ',"ft":' .. now
+            .. ',"q":' .. cjson.encode(KEYS[1]) .. ',"id":' .. cjson.encode(id) .. '}'
+        redis.call('RPUSH', j[2], result)
+        redis.call('PEXPIRE', j[2], 60000)
+    end
+end
+
 local moved = 0
 for i = 2, #ARGV do
     local id = ARGV[i]
     local job = KEYS[i + 4]
     local score = redis.call('ZSCORE', KEYS[1], id)
     if score then
-        local j = redis.call('HMGET', job, 'attempt', 'reply', 'enqueued_ms', 'job')
+        local j = redis.call('HMGET', job, 'attempt', 'reply', 'enqueued_ms', 'job', 'kernel', 'epoch', 'strategy')
         if not j[4] then
             redis.call('ZREM', KEYS[1], id)
-        elseif (tonumber(j[1]) or 0) >= budget then
-            redis.call('ZREM', KEYS[1], id)
-            redis.call('ZREM', KEYS[3], id)
-            redis.call('ZREM', KEYS[4], id)
-            redis.call('DEL', job)
-            if j[2] then
-                local t = redis.call('TIME')
-                local now = t[1] * 1000 + math.floor(t[2] / 1000)
-                local body = cjson.encode({
-                    kernel = '',
-                    error = 'job ' .. id .. ' was delivered ' .. j[1] .. ' times and its kernel died each time',
-                    error_type = 'RedeliveryExhausted',
-                })
-                local result = '{"t":' .. j[1] .. ',"f":"?","a":[],"k":{},"et":' .. (tonumber(j[3]) or now)
-                    .. ',"s":false,"r":' .. body .. ',"st":' .. now .. ',"ft":' .. now
-                    .. ',"q":' .. cjson.encode(KEYS[1]) .. ',"id":' .. cjson.encode(id) .. '}'
-                redis.call('RPUSH', j[2], result)
-                redis.call('PEXPIRE', j[2], 60000)
+        elseif j[7] == 'pinned' and (j[5] ~= ARGV[1] or j[6] ~= f[2]) then
+            local was = (j[5] or '?') .. '@' .. (j[6] or '?')
+            local why = 'is gone'
+            if j[5] == ARGV[1] then
+                why = 'was replaced by ' .. ARGV[1] .. '@' .. f[2] .. ', which starts with empty memory'
             end
+            answer(id, job, j, 'KernelGone', 'job ' .. id .. ' is pinned to kernel ' .. was .. ', which '
+                .. why .. '; a pinned job does not run on another kernel or incarnation')
+        elseif (tonumber(j[1]) or 0) >= budget then
+            answer(id, job, j, 'RedeliveryExhausted',
+                'job ' .. id .. ' was delivered ' .. j[1] .. ' times and its kernel died each time')
         else
             redis.call('HSET', job, 'kernel', ARGV[1], 'epoch', f[2], 'state', 'queued')
             if KEYS[1] ~= KEYS[4] then

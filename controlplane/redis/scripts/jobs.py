@@ -16,6 +16,7 @@ ENQUEUE = Script.load("enqueue")
 CLAIM = Script.load("claim")
 FINISH = Script.load("finish")
 CANCEL = Script.load("cancel")
+TAKE_REPLIES = Script.load("take_replies")
 
 _NONE_EJECTED: Mapping[str, int] = MappingProxyType({})
 
@@ -71,9 +72,11 @@ def enqueue(
     ttl_ms: int,
     strategy: str,
     routing: Routing | None = None,
+    epoch: int | None = None,
 ) -> Call[Enqueued | NotEnqueued]:
     """enqueue.lua: queue job `job_id` on `kernel`, or with `routing` on the candidate the
-    script chooses."""
+    script chooses. `epoch` (plain form only) pins the job to that incarnation of `kernel`:
+    `NotEnqueued(detail='epoch=<current>')` when it is not the one running."""
     klist = [
         keys.kernel(cluster, kernel),
         keys.queue(cluster, kernel),
@@ -82,6 +85,10 @@ def enqueue(
         keys.kernel_wake(cluster, kernel),
     ]
     argv: list[Arg] = [job_id, payload, reply_key, now_ms, deadline_ms, ttl_ms, strategy, kernel]
+    if epoch is not None:
+        if routing is not None:
+            raise ValueError("a job pinned to an incarnation goes to that kernel only (no routing)")
+        argv.append(epoch)
     if routing is not None:
         r = routing
         klist.append(keys.cluster_rr(cluster))
@@ -227,3 +234,9 @@ def cancel(keys: Keys, cluster: str, kernel: str, *, job_id: str) -> Call[bool]:
 
 def _flag(reply: Any) -> bool:
     return bool(int(reply))
+
+
+# ---------------------------------------------------------------- the client's replies
+def take_replies(keys: Keys, client_id: str, *, count: int, ttl_ms: int) -> Call[list[str]]:
+    """take_replies.lua: drop the replies taken last time (delivered), take up to `count` more."""
+    return Call(TAKE_REPLIES, [keys.reply(client_id), keys.reply_taken(client_id)], [count, ttl_ms], list)
