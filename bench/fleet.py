@@ -1,7 +1,8 @@
 """Fleet cost: many real agents in one process on one private Redis, kernel processes stubbed.
 
     .venv/bin/python bench/fleet.py [--agents 16] [--kernels 8] [--idle 10] [--sizes 3,32,256]
-                                    [--dispatches 300] [--repeat 3] [--skip-startup]
+                                    [--dispatches 300] [--repeat 3] [--busy 64] [--busy-rate 100]
+                                    [--skip-startup]
 
 Every figure comes from the private redis-server this script starts (never 127.0.0.1:6379):
 commands from `INFO commandstats` deltas (commands that Lua scripts run inside Redis included),
@@ -14,6 +15,8 @@ Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
    in this process (`Agent._exec` is the seam). Redis commands and Redis CPU µs per sequential
    `KcpClient.dispatch` of PING at each cluster size, less the idle traffic measured just before
    over `--idle-window` seconds; median over `--repeat` rounds, ratios to the smallest size.
+   Then a busy cluster of `--busy` kernels at `--busy-rate` paced dispatches/s: HGETALL/s (the
+   kernels re-reading their siblings' records) and commands/s of the whole stack.
 3. idle fleet (stubbed kernels): `--agents` real `Agent`s, each with its heartbeat thread, whose
    kernels are stubs that only run kernel_start.lua (no process, no kernel traffic of their own:
    a real idle kernel adds ~0.4 cmd/s, see bench/dispatch.py). The leader (`ControlPlane`) runs
@@ -363,10 +366,10 @@ class PerDispatch:
 
 
 async def dispatch_costs(
-    url: str, sizes: list[int], n: int, repeat: int, idle_window: float
-) -> dict[int, PerDispatch]:
+    url: str, sizes: list[int], n: int, repeat: int, idle_window: float, busy_load: tuple[int, float, float]
+) -> tuple[dict[int, PerDispatch], tuple[Delta, int] | None]:
     fleet = Fleet(url, kernels=True)
-    fleet.add(math.ceil(max(sizes) / DISPATCH_SLOTS), DISPATCH_SLOTS, "disp")
+    fleet.add(math.ceil(max(*sizes, busy_load[0]) / DISPATCH_SLOTS), DISPATCH_SLOTS, "disp")
     out: dict[int, PerDispatch] = {}
     try:
         async with KcpClient(Settings(redis_url=url, ready_timeout=180)) as kcp:
@@ -394,9 +397,35 @@ async def dispatch_costs(
                         for k, v in busy.per.items()
                     }
                 await kcp.destroy_cluster(name, wait=120)
+            busy = await busy_cluster(kcp, *busy_load) if busy_load[0] else None
     finally:
         await fleet.stop()
-    return out
+    return out, busy
+
+
+async def busy_cluster(kcp: KcpClient, size: int, rate: float, seconds: float) -> tuple[Delta, int]:
+    """`rate` dispatches/s (paced, not waiting for each other) to a cluster of `size` for `seconds`:
+    the Redis commands of the whole stack meanwhile, and how many dispatches were sent."""
+    name = f"busy{size}"
+    await kcp.create_cluster(name, size, {"max_kernels": max(size, 8)})
+    tasks: list[asyncio.Task[Any]] = []
+    loop = asyncio.get_running_loop()
+
+    async def paced(until_t: float) -> None:
+        start, sent = loop.time(), 0
+        while (now := loop.time()) < until_t:
+            tasks.append(asyncio.ensure_future(kcp.dispatch(name, {"type": "PING"})))
+            sent += 1
+            await asyncio.sleep(max(start + sent / rate - now, 0))
+
+    await paced(loop.time() + 3.0)  # every kernel has worked, its sibling list is read
+    a = await counters(kcp.redis)
+    sent = len(tasks)
+    await paced(loop.time() + seconds)
+    delta = Delta.of(a, await counters(kcp.redis))
+    await asyncio.gather(*tasks)
+    await kcp.destroy_cluster(name, wait=120)
+    return delta, len(tasks) - sent
 
 
 # ------------------------------------------------------------------ 3 and 4. idle fleet, failure
@@ -516,7 +545,8 @@ def report_fleet(
         f"{(full.idle.cpu_percent - leader.idle.cpu_percent) / full.kernels * 1000:.1f} % of a core\n"
         f"  top idle commands/s: "
         + " ".join(
-            f"{k}={v / full.idle.seconds:.0f}" for k, v in sorted(full.idle.per.items(), key=lambda kv: -kv[1])[:8]
+            f"{k}={v / full.idle.seconds:.0f}"
+            for k, v in sorted(full.idle.per.items(), key=lambda kv: -kv[1])[:8]
         )
     )
     print(
@@ -548,11 +578,23 @@ async def amain(args: argparse.Namespace, url: str, port: int) -> None:
     leader = Leader(url)
     try:
         print("dispatch (in-process kernels)", flush=True)
-        out = await dispatch_costs(url, args.sizes, args.dispatches, args.repeat, args.idle_window)
+        busy_load = (args.busy, args.busy_rate, args.busy_seconds)
+        out, busy = await dispatch_costs(
+            url, args.sizes, args.dispatches, args.repeat, args.idle_window, busy_load
+        )
         print(f"uptime: {uptime()}", flush=True)
         report_dispatch(out, args.dispatches)
+        if busy is not None:
+            delta, sent = busy
+            print(
+                f"\nBusy cluster of {args.busy} at {sent / delta.seconds:.0f} dispatches/s "
+                f"over {delta.seconds:.1f}s: {delta.per.get('hgetall', 0) / delta.seconds:.0f} HGETALL/s, "
+                f"{delta.rate:.0f} commands/s, Redis CPU {delta.cpu_percent:.1f} %"
+            )
         print(f"\nidle fleet: {args.agents} agents x {args.kernels} kernels", flush=True)
-        stages, placement, failure, changes = await idle_fleet(url, args.agents, args.kernels, args.idle, leader)
+        stages, placement, failure, changes = await idle_fleet(
+            url, args.agents, args.kernels, args.idle, leader
+        )
         report_fleet(stages, placement, failure, changes)
     finally:
         leader.stop()
@@ -560,7 +602,9 @@ async def amain(args: argparse.Namespace, url: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--agents", type=int, default=16, help="simulated agents in the idle fleet")
     parser.add_argument("--kernels", type=int, default=8, help="stubbed kernels per agent")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of each idle window")
@@ -570,6 +614,9 @@ def main() -> None:
     parser.add_argument("--dispatches", type=int, default=300, help="sequential dispatches per round")
     parser.add_argument("--repeat", type=int, default=3, help="dispatch rounds per size")
     parser.add_argument("--idle-window", type=float, default=2.0, help="idle seconds before each round")
+    parser.add_argument("--busy", type=int, default=64, help="size of the busy cluster (0: none)")
+    parser.add_argument("--busy-rate", type=float, default=100.0, help="its dispatches/s")
+    parser.add_argument("--busy-seconds", type=float, default=6.0, help="seconds measured")
     parser.add_argument("--skip-startup", action="store_true", help="leave out the real-process stage")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
