@@ -336,7 +336,7 @@ async def connections_per_kernel(url: str, port: int) -> tuple[float, list[int]]
     connections to Redis."""
     env = {**os.environ, "KCP_REDIS_URL": url}
     cmd = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING"]
-    agent = subprocess.Popen([*cmd, "agent", "--name", "real-0", "--slots", "2"], env=env)
+    agent = await asyncio.create_subprocess_exec(*cmd, "agent", "--name", "real-0", "--slots", "2", env=env)
     try:
         async with KcpClient(Settings(redis_url=url, ready_timeout=60)) as kcp:
             info = await kcp.create_cluster("real", 2)
@@ -353,7 +353,7 @@ async def connections_per_kernel(url: str, port: int) -> tuple[float, list[int]]
             await kcp.destroy_cluster("real")
     finally:
         agent.send_signal(signal.SIGTERM)
-        agent.wait(30)
+        await asyncio.wait_for(agent.wait(), 30)
     return statistics.mean(counts), counts
 
 
