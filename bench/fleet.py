@@ -620,6 +620,7 @@ def main() -> None:
     parser.add_argument("--skip-startup", action="store_true", help="leave out the real-process stage")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server too
     with TemporaryDirectory(prefix="kcp-fleet-") as tmp:
         port = free_port()
         server = start_redis_server(port=port, data_dir=Path(tmp), extra_args=["--maxclients", "20000"])
