@@ -331,9 +331,14 @@ def startup_cpu(url: str) -> tuple[float, float]:
     )
 
 
-async def connections_per_kernel(url: str, port: int) -> tuple[float, list[int]]:
+def redis_connections(pid: int, port: int) -> int:
+    """TCP connections of process `pid` to the Redis server on `port`."""
+    return sum(1 for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
+
+
+async def connections_per_kernel(url: str, port: int) -> tuple[float, list[int], int]:
     """Start a real `kcp agent` (2 slots) and a 2-kernel cluster; count each kernel process's TCP
-    connections to Redis."""
+    connections to Redis, and the agent's."""
     env = {**os.environ, "KCP_REDIS_URL": url}
     cmd = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING"]
     agent = await asyncio.create_subprocess_exec(*cmd, "agent", "--name", "real-0", "--slots", "2", env=env)
@@ -342,19 +347,13 @@ async def connections_per_kernel(url: str, port: int) -> tuple[float, list[int]]
             info = await kcp.create_cluster("real", 2)
             await kcp.dispatch("real", {"type": "PING"})
             await asyncio.sleep(1.0)
-            counts = [
-                sum(
-                    1
-                    for c in psutil.Process(k.pid).net_connections(kind="tcp")
-                    if c.raddr and c.raddr.port == port
-                )
-                for k in info.kernels
-            ]
+            counts = [redis_connections(k.pid, port) for k in info.kernels]
+            of_agent = redis_connections(agent.pid, port)
             await kcp.destroy_cluster("real")
     finally:
         agent.send_signal(signal.SIGTERM)
         await asyncio.wait_for(agent.wait(), 30)
-    return statistics.mean(counts), counts
+    return statistics.mean(counts), counts, of_agent
 
 
 # ------------------------------------------------------------------ 2. dispatch
@@ -566,13 +565,13 @@ async def amain(args: argparse.Namespace, url: str, port: int) -> None:
         kernel_cpu, bare_cpu = startup_cpu(url)
         leader = Leader(url)
         try:
-            mean, counts = await connections_per_kernel(url, port)
+            mean, counts, of_agent = await connections_per_kernel(url, port)
         finally:
             leader.stop()
         print(
             f"  kernel process import+start: {kernel_cpu:.3f} s CPU (median of {STARTS}); "
             f"bare python: {bare_cpu:.3f} s; ratio {kernel_cpu / bare_cpu:.1f}x\n"
-            f"  Redis connections per running kernel: {mean:.1f} ({counts})",
+            f"  Redis connections per running kernel: {mean:.1f} ({counts}); of its agent: {of_agent}",
             flush=True,
         )
     leader = Leader(url)
