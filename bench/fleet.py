@@ -302,12 +302,12 @@ class Fleet:
                 await r.aclose()
 
 
-async def settled(r: AsyncRedis, clusters: list[str], desired: int, avoid: str = "") -> bool:
+async def settled(r: AsyncRedis, sizes: dict[str, int], avoid: str = "") -> bool:
+    """Every cluster of `sizes` (name: kernels) has that many running kernels, none on `avoid`."""
     state = State(r, KEYS)
-    for name in clusters:
+    for name, size in sizes.items():
         kernels = await state.kernels(name)
-        running = [k for k in kernels if k.state is KernelState.RUNNING and k.agent != avoid]
-        if len(running) < desired:
+        if sum(k.state is KernelState.RUNNING and k.agent != avoid for k in kernels) < size:
             return False
     return True
 
@@ -459,21 +459,13 @@ async def idle_fleet(
     await measure(f"{agents} agents, no kernels", agents, 0)
     total = agents * kernels
     names = [f"c{i}" for i in range(math.ceil(total / CLUSTER_SIZE))]
+    sizes = {name: min(CLUSTER_SIZE, total - i * CLUSTER_SIZE) for i, name in enumerate(names)}
     t0 = time.monotonic()
     async with KcpClient(Settings(redis_url=url)) as kcp:
-        for i, name in enumerate(names):
-            size = min(CLUSTER_SIZE, total - i * CLUSTER_SIZE)
-            await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
-    await until(lambda: settled(r, names, 1), 600, "kernels placed")  # every cluster started
-    sizes = {name: min(CLUSTER_SIZE, total - i * CLUSTER_SIZE) for i, name in enumerate(names)}
-
-    async def all_running(avoid: str = "") -> bool:
         for name, size in sizes.items():
-            if not await settled(r, [name], size, avoid):
-                return False
-        return True
+            await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
 
-    await until(all_running, 600, "kernels placed")
+    await until(lambda: settled(r, sizes), 600, "kernels placed")
     placement = time.monotonic() - t0
     print(f"  {total} kernels placed in {placement:.1f}s", flush=True)
     await asyncio.sleep(2.5)
@@ -490,7 +482,7 @@ async def idle_fleet(
 
     failure = {"detection": await until(declared, 60, "dead agent detected")}
     failure["leader_ms"] = float(await r.hget(KEYS.reliability(), stats.DETECTION_MS_LAST) or math.nan)
-    await until(lambda: all_running(victim.config.name), 120, "kernels re-placed")
+    await until(lambda: settled(r, sizes, victim.config.name), 120, "kernels re-placed")
     failure["replaced"] = time.monotonic() - t0
     fleet.agents.remove(victim)
     reliability1 = await r.hgetall(KEYS.reliability())
