@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import Any
 
 from controlplane.errors import RedisError, RedisUnavailable
@@ -17,6 +19,9 @@ from controlplane.service.reconciler import Reconciler
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+#: How many of the latest pass durations `ControlPlane.passes` keeps.
+PASSES_KEPT = 4096
 
 
 class ControlPlane(Service):
@@ -32,6 +37,8 @@ class ControlPlane(Service):
         self.lease = LeaderLease(redis, self.keys, settings.leader_ttl)
         self.reconciler = Reconciler(State(redis, self.keys), settings, self.lease)
         self._stop = asyncio.Event()
+        #: Seconds each of the latest leader passes (`reconcile_all`) took; `bench/fleet.py` reads them.
+        self.passes: deque[float] = deque(maxlen=PASSES_KEPT)
 
     def _on_stop(self) -> None:
         self._stop.set()
@@ -53,7 +60,9 @@ class ControlPlane(Service):
     async def _pass(self) -> None:
         """Lead and reconcile, or stand by; then wait for the next pass."""
         if await self.lease.acquire():
+            started = time.perf_counter()
             await self.reconciler.reconcile_all()
+            self.passes.append(time.perf_counter() - started)
             # wake when the next agent lease would lapse, so a death is seen at once
             pause = min(self.settings.reconcile_interval, self.reconciler.detector.next_check_in())
             await self._wait(pause, wake=True)

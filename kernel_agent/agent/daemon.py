@@ -305,9 +305,13 @@ class Agent(Service):
         for path in self.config.arq_settings:
             cmd += ["--arq-settings", path]
         env = {**os.environ, "KCP_REDIS_URL": self.settings.redis_url, "KCP_PREFIX": self.settings.prefix}
-        child.proc = await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
+        child.proc = await self._exec(cmd, env)
         child.stopping = False
         logger.info("started kernel %s (pid %d)", child.ref, child.proc.pid)
+
+    async def _exec(self, cmd: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+        """Start one kernel process (the seam `bench/fleet.py` replaces with in-process kernels)."""
+        return await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
 
     async def _report_load(self) -> None:
         # not for kernels told to stop: their record may already be gone with their cluster

@@ -1,0 +1,625 @@
+"""Fleet cost: many real agents in one process on one private Redis, kernel processes stubbed.
+
+    .venv/bin/python bench/fleet.py [--agents 16] [--kernels 8] [--idle 10] [--sizes 3,32,256]
+                                    [--dispatches 300] [--repeat 3] [--busy 64] [--busy-rate 100]
+                                    [--skip-startup]
+
+Every figure comes from the private redis-server this script starts (never 127.0.0.1:6379):
+commands from `INFO commandstats` deltas (commands that Lua scripts run inside Redis included),
+Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
+
+1. start-up (real processes): CPU seconds one kernel process takes to import and start (it runs
+   kernel_start.lua, finds itself unassigned and exits), against a bare `python -c pass`; the
+   Redis connections each kernel of a real `kcp agent` holds once running.
+2. dispatch (in-process kernels): real `Agent`s whose kernels are real `KernelProcess` objects
+   in this process (`Agent._exec` is the seam). Redis commands and Redis CPU µs per sequential
+   `KcpClient.dispatch` of PING at each cluster size, less the idle traffic measured just before
+   over `--idle-window` seconds; median over `--repeat` rounds, ratios to the smallest size.
+   Then a busy cluster of `--busy` kernels at `--busy-rate` paced dispatches/s: HGETALL/s (the
+   kernels re-reading their siblings' records) and commands/s of the whole stack.
+3. idle fleet (stubbed kernels): `--agents` real `Agent`s, each with its heartbeat thread, whose
+   kernels are stubs that only run kernel_start.lua (no process, no kernel traffic of their own:
+   a real idle kernel adds ~0.4 cmd/s, see bench/dispatch.py). The leader (`ControlPlane`) runs
+   in a child process. Idle commands/s and Redis CPU for the leader alone, the agents without
+   kernels, then with `--kernels` each (clusters of 8); per agent and per kernel from the
+   differences; leader pass p50/p99 in each; time to place every kernel.
+4. failure: one agent is killed (its heartbeat and main loop stop, nothing is deregistered):
+   time until the leader declares it dead, and until its kernels run elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import psutil
+
+from controlplane import KcpClient, Settings
+from controlplane.ops.redis_server import free_port, start_redis_server
+from controlplane.protocol import stats
+from controlplane.protocol.keys import Keys
+from controlplane.protocol.models import KernelState
+from controlplane.redis.connect import AsyncRedis, connect
+from controlplane.redis.scripts.kernels import NotStarted, kernel_start
+from controlplane.redis.state import State
+from controlplane.service.app import ControlPlane
+from kernel_agent.agent.daemon import Agent, AgentConfig
+from kernel_agent.contract import EXIT_UNASSIGNED
+from kernel_agent.kernel.worker import KernelProcess
+from kernel_agent.syscalls import builtin_registry
+
+KEYS = Keys()
+CLUSTER_SIZE = 8  # kernels per cluster in the idle fleet
+DISPATCH_SLOTS = 32  # kernels per agent in the dispatch stage
+STARTS = 5  # kernel processes started to measure start-up CPU
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+# ------------------------------------------------------------------ Redis counters
+@dataclass(frozen=True)
+class Counters:
+    at: float
+    calls: dict[str, int]
+    cpu: float  # used_cpu_sys + used_cpu_user, seconds
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+async def counters(r: AsyncRedis) -> Counters:
+    info = await r.info("commandstats")
+    cpu = await r.info("cpu")
+    return Counters(
+        time.monotonic(),
+        {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()},
+        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+    )
+
+
+@dataclass(frozen=True)
+class Delta:
+    seconds: float
+    commands: float  # less our own two INFO calls
+    cpu: float
+    per: dict[str, int]
+
+    @staticmethod
+    def of(a: Counters, b: Counters) -> Delta:
+        per = {k: v - a.calls.get(k, 0) for k, v in b.calls.items() if v != a.calls.get(k, 0)}
+        per["info"] = per.get("info", 0) - 2
+        return Delta(b.at - a.at, b.total - a.total - 2, b.cpu - a.cpu, per)
+
+    @property
+    def rate(self) -> float:
+        return self.commands / self.seconds
+
+    @property
+    def cpu_percent(self) -> float:
+        return 100 * self.cpu / self.seconds
+
+
+async def window(r: AsyncRedis, seconds: float) -> Delta:
+    a = await counters(r)
+    await asyncio.sleep(seconds)
+    return Delta.of(a, await counters(r))
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], limit: float, what: str) -> float:
+    start = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - start > limit:
+            raise TimeoutError(f"{what}: not within {limit:.0f}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+# ------------------------------------------------------------------ the leader, in a child process
+def _leader(url: str, conn: Connection) -> None:
+    """Run `kcp serve`'s ControlPlane; answer "passes" with the pass durations since the last ask."""
+
+    async def main() -> None:
+        redis = connect(url)
+        async with ControlPlane(redis, Settings(redis_url=url)) as control:
+            while (ask := await asyncio.to_thread(conn.recv)) != "stop":
+                assert ask == "passes"
+                conn.send(list(control.passes))
+                control.passes.clear()
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+class Leader:
+    def __init__(self, url: str) -> None:
+        self.conn, child = multiprocessing.get_context("spawn").Pipe()
+        ctx = multiprocessing.get_context("spawn")
+        self.proc = ctx.Process(target=_leader, args=(url, child), daemon=True)
+        self.proc.start()
+
+    async def passes(self) -> list[float]:
+        self.conn.send("passes")
+        return await asyncio.to_thread(self.conn.recv)  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.conn.send("stop")
+        self.proc.join(15)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def quantiles_ms(passes: list[float]) -> tuple[float, float, int]:
+    if len(passes) < 2:
+        return (passes[0] * 1000 if passes else math.nan), math.nan, len(passes)
+    q = statistics.quantiles(passes, n=100)
+    return q[49] * 1000, q[98] * 1000, len(passes)
+
+
+# ------------------------------------------------------------------ agents with in-process kernels
+class InProcess:
+    """Stands in for the `asyncio.subprocess.Process` of a kernel (what `Agent` uses of it).
+
+    With a `KernelProcess` it runs that kernel as a task (SIGTERM drains it, kill cancels it);
+    without one it is a stub that has already run kernel_start.lua and then does nothing."""
+
+    def __init__(self, kernel: KernelProcess | None = None, returncode: int | None = None) -> None:
+        self.pid = os.getpid()  # alive as long as the bench: the heartbeat renews its lease
+        self.returncode = returncode
+        self.kernel = kernel
+        self._exited = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        if kernel is not None:
+            self.task = asyncio.get_running_loop().create_task(kernel.run())
+            self.task.add_done_callback(self._done)
+        elif returncode is not None:
+            self._exited.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._exit(-signal.SIGKILL)
+        elif task.exception() is not None:
+            self._exit(1)
+        else:
+            self._exit(0 if self.kernel is not None and self.kernel.epoch else EXIT_UNASSIGNED)
+
+    def _exit(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            self._exited.set()
+
+    def send_signal(self, sig: int) -> None:
+        if self.kernel is not None:
+            self.kernel.drain()
+        else:
+            self._exit(0)
+
+    def kill(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self._exit(-signal.SIGKILL)
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+
+class FleetAgent(Agent):
+    """A real `Agent` whose kernels run in this process: real ones with `kernel_redis`, else stubs."""
+
+    def __init__(
+        self, redis: AsyncRedis, settings: Settings, config: AgentConfig, kernel_redis: AsyncRedis | None
+    ) -> None:
+        super().__init__(redis, settings, config)
+        self.kernel_redis = kernel_redis
+        self.registry = builtin_registry(max_request_bytes=settings.max_request_bytes)
+        self.task: asyncio.Task[None] | None = None
+
+    async def _exec(self, cmd: list[str], env: dict[str, str]) -> Any:
+        flags = dict(zip(cmd[3::2], cmd[4::2], strict=False))  # python -m MODULE --flag value ...
+        cluster, name = flags["--cluster"], flags["--name"]
+        if self.kernel_redis is not None:
+            kernel = KernelProcess(
+                self.kernel_redis,
+                self.keys,
+                cluster=cluster,
+                name=name,
+                agent=self.config.name,
+                registry=self.registry,
+            )
+            return InProcess(kernel)
+        started = await kernel_start(
+            self.keys,
+            cluster,
+            name,
+            agent=self.config.name,
+            pid=os.getpid(),
+            host="fleet",
+            now_s=f"{time.time():.3f}",
+            syscalls=self.registry.names(),
+            capabilities=sorted(self.registry.capabilities()),
+        ).run(self.redis)
+        return InProcess(returncode=EXIT_UNASSIGNED if isinstance(started, NotStarted) else None)
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def kill(self) -> None:
+        """As SIGKILL would: the lease stops being renewed, nothing is cleaned up."""
+        self.heartbeat._stop.set()
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await asyncio.to_thread(self.heartbeat.stop)
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.request_stop()
+        if self.task is not None:
+            await asyncio.wait([self.task], timeout=grace or self.stop_grace)
+
+
+@dataclass
+class Fleet:
+    url: str
+    kernels: bool  # real in-process kernels
+    agents: list[FleetAgent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.settings = Settings(redis_url=self.url)
+        self.redis = connect(self.url, max_connections=10_000)
+        self.kernel_redis = connect(self.url, max_connections=10_000) if self.kernels else None
+
+    def add(self, count: int, slots: int, prefix: str) -> None:
+        for i in range(count):
+            config = AgentConfig(name=f"{prefix}-{i}", slots=slots)
+            agent = FleetAgent(self.redis, self.settings, config, self.kernel_redis)
+            agent.start()
+            self.agents.append(agent)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(a.stop(30) for a in self.agents))
+        for r in (self.redis, self.kernel_redis):
+            if r is not None:
+                await r.aclose()
+
+
+async def settled(r: AsyncRedis, sizes: dict[str, int], avoid: str = "") -> bool:
+    """Every cluster of `sizes` (name: kernels) has that many running kernels, none on `avoid`."""
+    state = State(r, KEYS)
+    for name, size in sizes.items():
+        kernels = await state.kernels(name)
+        if sum(k.state is KernelState.RUNNING and k.agent != avoid for k in kernels) < size:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ 1. start-up
+def startup_cpu(url: str) -> tuple[float, float]:
+    """CPU seconds (user + sys) of a kernel process that starts, runs kernel_start.lua and exits
+    (unassigned), and of a bare `python -c pass`; medians over STARTS runs."""
+
+    def child_cpu(cmd: list[str]) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, env={**os.environ, "KCP_REDIS_URL": url}, check=False, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+    kernel = [sys.executable, "-m", "kernel_agent.kernel", "--cluster", "c", "--name", "k", "--agent", "a"]
+    bare = [sys.executable, "-c", "pass"]
+    return (
+        statistics.median(child_cpu(kernel) for _ in range(STARTS)),
+        statistics.median(child_cpu(bare) for _ in range(STARTS)),
+    )
+
+
+def redis_connections(pid: int, port: int) -> int:
+    """TCP connections of process `pid` to the Redis server on `port`."""
+    return sum(1 for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
+
+
+async def connections_per_kernel(url: str, port: int) -> tuple[float, list[int], int]:
+    """Start a real `kcp agent` (2 slots) and a 2-kernel cluster; count each kernel process's TCP
+    connections to Redis, and the agent's."""
+    env = {**os.environ, "KCP_REDIS_URL": url}
+    cmd = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING"]
+    agent = await asyncio.create_subprocess_exec(*cmd, "agent", "--name", "real-0", "--slots", "2", env=env)
+    try:
+        async with KcpClient(Settings(redis_url=url, ready_timeout=60)) as kcp:
+            info = await kcp.create_cluster("real", 2)
+            await kcp.dispatch("real", {"type": "PING"})
+            await asyncio.sleep(1.0)
+            counts = [redis_connections(k.pid, port) for k in info.kernels]
+            of_agent = redis_connections(agent.pid, port)
+            await kcp.destroy_cluster("real")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(agent.wait(), 30)
+    return statistics.mean(counts), counts, of_agent
+
+
+# ------------------------------------------------------------------ 2. dispatch
+@dataclass
+class PerDispatch:
+    commands: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    per: dict[str, float] = field(default_factory=dict)  # last round, per dispatch
+
+
+async def dispatch_costs(
+    url: str, sizes: list[int], n: int, repeat: int, idle_window: float, busy_load: tuple[int, float, float]
+) -> tuple[dict[int, PerDispatch], tuple[Delta, int] | None]:
+    fleet = Fleet(url, kernels=True)
+    fleet.add(math.ceil(max(*sizes, busy_load[0]) / DISPATCH_SLOTS), DISPATCH_SLOTS, "disp")
+    out: dict[int, PerDispatch] = {}
+    try:
+        async with KcpClient(Settings(redis_url=url, ready_timeout=180)) as kcp:
+            for size in sizes:
+                name = f"d{size}"
+                t0 = time.monotonic()
+                await kcp.create_cluster(name, size, {"max_kernels": max(size, 8)})
+                print(f"  cluster of {size}: running in {time.monotonic() - t0:.1f}s", flush=True)
+                for _ in range(50):  # warm up
+                    await kcp.dispatch(name, {"type": "PING"})
+                await asyncio.sleep(2.5)  # past the siblings' refresh after the warm-up
+                figures = out[size] = PerDispatch()
+                for _ in range(repeat):
+                    idle = await window(kcp.redis, idle_window)
+                    a = await counters(kcp.redis)
+                    for _ in range(n):
+                        await kcp.dispatch(name, {"type": "PING"})
+                    busy = Delta.of(a, await counters(kcp.redis))
+                    commands = busy.commands - idle.rate * busy.seconds
+                    cpu = busy.cpu - idle.cpu / idle.seconds * busy.seconds
+                    figures.commands.append(commands / n)
+                    figures.cpu_us.append(cpu / n * 1e6)
+                    figures.per = {
+                        k: (v - idle.per.get(k, 0) / idle.seconds * busy.seconds) / n
+                        for k, v in busy.per.items()
+                    }
+                await kcp.destroy_cluster(name, wait=120)
+            busy = await busy_cluster(kcp, *busy_load) if busy_load[0] else None
+    finally:
+        await fleet.stop()
+    return out, busy
+
+
+async def busy_cluster(kcp: KcpClient, size: int, rate: float, seconds: float) -> tuple[Delta, int]:
+    """`rate` dispatches/s (paced, not waiting for each other) to a cluster of `size` for `seconds`:
+    the Redis commands of the whole stack meanwhile, and how many dispatches were sent."""
+    name = f"busy{size}"
+    await kcp.create_cluster(name, size, {"max_kernels": max(size, 8)})
+    tasks: list[asyncio.Task[Any]] = []
+    loop = asyncio.get_running_loop()
+
+    async def paced(until_t: float) -> None:
+        start, sent = loop.time(), 0
+        while (now := loop.time()) < until_t:
+            tasks.append(asyncio.ensure_future(kcp.dispatch(name, {"type": "PING"})))
+            sent += 1
+            await asyncio.sleep(max(start + sent / rate - now, 0))
+
+    await paced(loop.time() + 3.0)  # every kernel has worked, its sibling list is read
+    a = await counters(kcp.redis)
+    sent = len(tasks)
+    await paced(loop.time() + seconds)
+    delta = Delta.of(a, await counters(kcp.redis))
+    await asyncio.gather(*tasks)
+    await kcp.destroy_cluster(name, wait=120)
+    return delta, len(tasks) - sent
+
+
+# ------------------------------------------------------------------ 3 and 4. idle fleet, failure
+@dataclass
+class Stage:
+    name: str
+    agents: int
+    kernels: int
+    idle: Delta
+    passes: list[float]
+
+
+async def idle_fleet(
+    url: str, agents: int, kernels: int, idle_seconds: float, leader: Leader
+) -> tuple[list[Stage], float, dict[str, float], dict[str, int]]:
+    r = connect(url)
+    stages: list[Stage] = []
+
+    async def measure(name: str, a: int, k: int) -> None:
+        await leader.passes()  # drop those before the window
+        idle = await window(r, idle_seconds)
+        stages.append(Stage(name, a, k, idle, await leader.passes()))
+        print(f"  {name}: {idle.rate:.0f} cmd/s", flush=True)
+
+    reliability0 = await r.hgetall(KEYS.reliability())
+    await asyncio.sleep(2.0)  # the leader has taken the lease
+    await measure("leader alone", 0, 0)
+    fleet = Fleet(url, kernels=False)
+    fleet.add(agents, 2 * kernels, "fleet")  # room to re-place a dead agent's kernels
+    await until(lambda: _count_agents(r, agents), 60, "agents registered")
+    await asyncio.sleep(1.0)
+    await measure(f"{agents} agents, no kernels", agents, 0)
+    total = agents * kernels
+    names = [f"c{i}" for i in range(math.ceil(total / CLUSTER_SIZE))]
+    sizes = {name: min(CLUSTER_SIZE, total - i * CLUSTER_SIZE) for i, name in enumerate(names)}
+    t0 = time.monotonic()
+    async with KcpClient(Settings(redis_url=url)) as kcp:
+        for name, size in sizes.items():
+            await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
+
+    await until(lambda: settled(r, sizes), 600, "kernels placed")
+    placement = time.monotonic() - t0
+    print(f"  {total} kernels placed in {placement:.1f}s", flush=True)
+    await asyncio.sleep(2.5)
+    await measure(f"{agents} agents x {kernels} kernels", agents, total)
+
+    # 4. kill one agent; its kernels must run elsewhere
+    victim = fleet.agents[0]
+    dead0 = int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0)
+    t0 = time.monotonic()
+    await victim.kill()
+
+    async def declared() -> bool:
+        return int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0) > dead0
+
+    failure = {"detection": await until(declared, 60, "dead agent detected")}
+    failure["leader_ms"] = float(await r.hget(KEYS.reliability(), stats.DETECTION_MS_LAST) or math.nan)
+    await until(lambda: settled(r, sizes, victim.config.name), 120, "kernels re-placed")
+    failure["replaced"] = time.monotonic() - t0
+    fleet.agents.remove(victim)
+    reliability1 = await r.hgetall(KEYS.reliability())
+    changes = {
+        k: int(v) - int(reliability0.get(k, 0))
+        for k, v in reliability1.items()
+        if k in (stats.AGENTS_DEAD, stats.AGENTS_SUSPECTED, stats.KERNELS_DEAD, stats.KERNELS_LOST)
+    }
+    await fleet.stop()
+    await r.aclose()
+    return stages, placement, failure, changes
+
+
+async def _count_agents(r: AsyncRedis, n: int) -> bool:
+    return int(await r.scard(KEYS.agents())) >= n
+
+
+# ------------------------------------------------------------------ report
+def report_dispatch(out: dict[int, PerDispatch], n: int) -> None:
+    base = min(out)
+    c0, u0 = statistics.median(out[base].commands), statistics.median(out[base].cpu_us)
+    print(
+        f"\nSequential dispatch of PING, {n} per round, medians over rounds (idle traffic subtracted)\n"
+        f"  {'kernels':>8}{'rounds':>8}{'commands':>10}{'x ' + str(base):>8}{'Redis CPU µs':>14}"
+        f"{'x ' + str(base):>8}   top commands per dispatch"
+    )
+    for size, f in sorted(out.items()):
+        c, u = statistics.median(f.commands), statistics.median(f.cpu_us)
+        top = sorted(f.per.items(), key=lambda kv: -kv[1])[:6]
+        tops = " ".join(f"{k}={v:.1f}" for k, v in top)
+        print(f"  {size:>8}{len(f.commands):>8}{c:10.1f}{c / c0:8.2f}{u:14.0f}{u / u0:8.2f}   {tops}")
+
+
+def report_fleet(
+    stages: list[Stage], placement: float, failure: dict[str, float], changes: dict[str, int]
+) -> None:
+    print(
+        "\nIdle fleet (stubbed kernels; leader in its own process)\n"
+        f"  {'':<28}{'cmd/s':>9}{'Redis CPU %':>13}{'passes':>8}{'pass p50 ms':>13}{'p99 ms':>9}"
+    )
+    for s in stages:
+        p50, p99, count = quantiles_ms(s.passes)
+        print(f"  {s.name:<28}{s.idle.rate:9.0f}{s.idle.cpu_percent:13.1f}{count:>8}{p50:13.1f}{p99:9.1f}")
+    leader, bare, full = stages
+    per_agent = (bare.idle.rate - leader.idle.rate) / bare.agents
+    per_kernel = (full.idle.rate - bare.idle.rate) / full.kernels
+    print(
+        f"  per agent: {per_agent:.2f} cmd/s; per kernel: {per_kernel:.2f} cmd/s "
+        f"(clusters of {CLUSTER_SIZE}: a cluster's share included; the kernel's own traffic not)\n"
+        f"  Redis CPU per 1,000 kernels: "
+        f"{(full.idle.cpu_percent - leader.idle.cpu_percent) / full.kernels * 1000:.1f} % of a core\n"
+        f"  top idle commands/s: "
+        + " ".join(
+            f"{k}={v / full.idle.seconds:.0f}"
+            for k, v in sorted(full.idle.per.items(), key=lambda kv: -kv[1])[:8]
+        )
+    )
+    print(
+        f"  placement of {full.kernels} kernels: {placement:.1f}s "
+        f"({placement / full.kernels * 1000:.0f} ms per kernel)\n"
+        f"  killed agent: declared dead after {failure['detection']:.2f}s "
+        f"(leader: {failure['leader_ms']:.0f} ms after its last heartbeat), "
+        f"its kernels running elsewhere after {failure['replaced']:.2f}s\n"
+        f"  reliability counters over the run: {changes or '-'} (one agent dead is the kill)"
+    )
+
+
+async def amain(args: argparse.Namespace, url: str, port: int) -> None:
+    print(f"uptime: {uptime()}", flush=True)
+    if not args.skip_startup:
+        print("start-up (real processes)", flush=True)
+        kernel_cpu, bare_cpu = startup_cpu(url)
+        leader = Leader(url)
+        try:
+            mean, counts, of_agent = await connections_per_kernel(url, port)
+        finally:
+            leader.stop()
+        print(
+            f"  kernel process import+start: {kernel_cpu:.3f} s CPU (median of {STARTS}); "
+            f"bare python: {bare_cpu:.3f} s; ratio {kernel_cpu / bare_cpu:.1f}x\n"
+            f"  Redis connections per running kernel: {mean:.1f} ({counts}); of its agent: {of_agent}",
+            flush=True,
+        )
+    leader = Leader(url)
+    try:
+        print("dispatch (in-process kernels)", flush=True)
+        busy_load = (args.busy, args.busy_rate, args.busy_seconds)
+        out, busy = await dispatch_costs(
+            url, args.sizes, args.dispatches, args.repeat, args.idle_window, busy_load
+        )
+        print(f"uptime: {uptime()}", flush=True)
+        report_dispatch(out, args.dispatches)
+        if busy is not None:
+            delta, sent = busy
+            print(
+                f"\nBusy cluster of {args.busy} at {sent / delta.seconds:.0f} dispatches/s "
+                f"over {delta.seconds:.1f}s: {delta.per.get('hgetall', 0) / delta.seconds:.0f} HGETALL/s, "
+                f"{delta.rate:.0f} commands/s, Redis CPU {delta.cpu_percent:.1f} %"
+            )
+        print(f"\nidle fleet: {args.agents} agents x {args.kernels} kernels", flush=True)
+        stages, placement, failure, changes = await idle_fleet(
+            url, args.agents, args.kernels, args.idle, leader
+        )
+        report_fleet(stages, placement, failure, changes)
+    finally:
+        leader.stop()
+    print(f"uptime: {uptime()}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--agents", type=int, default=16, help="simulated agents in the idle fleet")
+    parser.add_argument("--kernels", type=int, default=8, help="stubbed kernels per agent")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of each idle window")
+    parser.add_argument(
+        "--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[3, 32, 256], help="cluster sizes"
+    )
+    parser.add_argument("--dispatches", type=int, default=300, help="sequential dispatches per round")
+    parser.add_argument("--repeat", type=int, default=3, help="dispatch rounds per size")
+    parser.add_argument("--idle-window", type=float, default=2.0, help="idle seconds before each round")
+    parser.add_argument("--busy", type=int, default=64, help="size of the busy cluster (0: none)")
+    parser.add_argument("--busy-rate", type=float, default=100.0, help="its dispatches/s")
+    parser.add_argument("--busy-seconds", type=float, default=6.0, help="seconds measured")
+    parser.add_argument("--skip-startup", action="store_true", help="leave out the real-process stage")
+    args = parser.parse_args()
+    os.chdir(Path(__file__).resolve().parents[1])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server too
+    with TemporaryDirectory(prefix="kcp-fleet-") as tmp:
+        port = free_port()
+        server = start_redis_server(port=port, data_dir=Path(tmp), extra_args=["--maxclients", "20000"])
+        try:
+            asyncio.run(amain(args, server.url, port))
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
