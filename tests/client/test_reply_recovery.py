@@ -50,7 +50,7 @@ async def test_after_an_outage_the_listener_reads_each_jobs_fate(redis: AsyncRed
     await redis.rpush(KEYS.reply(dispatcher.client_id), result("listed"))
     await redis.hset(KEYS.job("c", "queued"), mapping={"state": "queued"})
     await dispatcher._lost(RedisUnavailable("connection lost"))
-    await dispatcher.start()
+    dispatcher._listen_for_replies()
     try:
         done, _ = await asyncio.wait(
             [futures[j] for j in ("taken", "listed", "vanished")],
