@@ -15,7 +15,7 @@ from typing import Any, Self
 import pydantic
 
 from controlplane.client.dispatch import ClusterViews, Dispatcher, DispatchTarget
-from controlplane.client.engine import OrchestrationEngine
+from controlplane.client.engine import OrchestrationEngine, Trace
 from controlplane.errors import ClusterNotFound, InvalidRequest
 from controlplane.lifecycle import LifecycleError, Phase
 from controlplane.protocol.keys import Keys
@@ -86,8 +86,12 @@ class DispatchResult(pydantic.BaseModel):
     kernel: str
     result: dict[str, Any]
     latency_ms: float
+    #: every attempt the engine made, retries and failovers included
     attempts: int
     job_id: str
+    #: LEAST_LOADED / CAPABILITY_BASED: every candidate was above the load balancer's
+    #: `health_threshold`, so the least loaded of them ran it anyway
+    all_unhealthy: bool = False
 
 
 class KcpClient:
@@ -230,7 +234,7 @@ class KcpClient:
             RoutingStrategy.LEAST_LOADED,
             RoutingStrategy.CAPABILITY_BASED,
         )
-        tried: list[str] = []  # the kernel of every attempt, for the retries/failovers counters
+        trace = Trace()  # the kernel of every attempt, for the retries/failovers counters
         target = DispatchTarget(
             cluster,
             req,
@@ -241,17 +245,18 @@ class KcpClient:
         )
         try:
             async with amap_redis_errors():
-                outcome = await engine.execute(target, req, kernel=kernel, attempts=tried)
+                outcome = await engine.execute(target, req, kernel=kernel, trace=trace)
         finally:
-            if len(tried) > 1:
-                retries, failovers = len(tried) - 1, len(set(tried)) - 1
+            if len(trace.attempts) > 1:
+                retries, failovers = len(trace.attempts) - 1, len(set(trace.attempts)) - 1
                 await self._bump(cluster, {RETRIES: retries, FAILOVERS: failovers})
         return DispatchResult(
             kernel=outcome.kernel,
             result=outcome.value or {},
-            attempts=outcome.attempt,
+            attempts=len(trace.attempts),
             job_id=outcome.job_id,
             latency_ms=max(outcome.finish_ms - outcome.enqueue_ms, 0),
+            all_unhealthy=trace.all_unhealthy,
         )
 
     async def get_metrics(self, cluster: str) -> ClusterMetrics:

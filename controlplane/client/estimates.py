@@ -30,7 +30,9 @@ __all__ = [
 
 #: When fewer than this share of the eligible kernels are admitted (not ejected), route to all.
 PANIC_THRESHOLD = 0.5
-#: Weight of the newest outcome in the per-kernel service-time and failure-rate EWMAs.
+#: Weight of the newest outcome in the per-kernel service-time and failure-rate EWMAs (the
+#: service time's first samples weigh 1/n until 1/n falls below it: a running mean, so one
+#: slow first reply of a new kernel does not stick for dozens of replies).
 EWMA_ALPHA = 0.1
 #: A kernel's pessimistic service estimate relaxes towards its peers' median with this time
 #: constant while nothing new is seen of it (so one slow reply cannot starve it forever), s.
@@ -82,6 +84,7 @@ class KernelStats:
     service_ms: float = 0.0
     error_rate: float = 0.0
     outcomes: int = 0
+    samples: int = 0  # successes that gave a service time
     at: float = 0.0  # time.monotonic() of the last outcome
     slow_streak: int = 0  # successes in a row far slower than the peers' median
 
@@ -90,10 +93,8 @@ class KernelStats:
         self.at = time.monotonic()
         self.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - self.error_rate)
         if ok and service_ms is not None:
-            if self.service_ms <= 0:
-                self.service_ms = service_ms
-            else:
-                self.service_ms += EWMA_ALPHA * (service_ms - self.service_ms)
+            self.samples += 1
+            self.service_ms += max(EWMA_ALPHA, 1 / self.samples) * (service_ms - self.service_ms)
 
 
 class Estimates:
