@@ -21,6 +21,7 @@ __all__ = [
     "ESTIMATE_DECAY_S",
     "EWMA_ALPHA",
     "PANIC_THRESHOLD",
+    "SHRINK_REPLIES",
     "SLOW_FACTOR",
     "Estimates",
     "KernelStats",
@@ -39,6 +40,10 @@ EWMA_ALPHA = 0.1
 ESTIMATE_DECAY_S = 3.0
 #: A reply this many times slower than the peers' median service time is a slow probe.
 SLOW_FACTOR = 4.0
+#: Kernels are alike until shown otherwise: an estimate from n replies weighs n against this
+#: many of the peers' median (n counts up to the EWMA's memory, (2 - alpha) / alpha = 19).
+SHRINK_REPLIES = 10.0
+_EWMA_MEMORY = (2 - EWMA_ALPHA) / EWMA_ALPHA
 
 
 def median(values: Sequence[float]) -> float:
@@ -113,8 +118,9 @@ class Estimates:
         return admitted if len(admitted) >= PANIC_THRESHOLD * len(pool) else pool
 
     def service(self, pool: Sequence[KernelRecord], picks: Sequence[KernelRecord]) -> list[float]:
-        """Service-time estimates (ms, 0: unknown) of `picks`; an estimate above the pool's
-        median relaxes towards it while the kernel goes unobserved (`ESTIMATE_DECAY_S`)."""
+        """Service-time estimates (ms, 0: unknown) of `picks`: each shrunk towards the pool's
+        median by how few replies it rests on (`SHRINK_REPLIES`), and one above the median
+        relaxing towards it while the kernel goes unobserved (`ESTIMATE_DECAY_S`)."""
         known = [s.service_ms for k in pool if (s := self.get(k)) is not None and s.service_ms > 0]
         mid = median(known) if known else 0.0
         now = time.monotonic()
@@ -123,12 +129,14 @@ class Estimates:
             s = self.get(k)
             if s is None or s.service_ms <= 0:
                 out.append(0.0)
-            elif s.service_ms > mid:
+                continue
+            n = min(s.samples, _EWMA_MEMORY)
+            est = (n * s.service_ms + SHRINK_REPLIES * mid) / (n + SHRINK_REPLIES)
+            if est > mid:
                 # each slow probe in a row doubles the time before the next one (up to 16x)
                 decay = ESTIMATE_DECAY_S * 2 ** min(max(s.slow_streak - 1, 0), 4)
-                out.append(mid + (s.service_ms - mid) * math.exp(-(now - s.at) / decay))
-            else:
-                out.append(s.service_ms)
+                est = mid + (est - mid) * math.exp(-(now - s.at) / decay)
+            out.append(est)
         return out
 
     def rate_outliers(self, pool: Sequence[KernelRecord], cfg: OutlierConfig) -> frozenset[str]:

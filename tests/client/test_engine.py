@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -587,12 +588,28 @@ def test_adaptive_relaxes_a_pessimistic_estimate_of_a_kernel_it_no_longer_sees()
     eng = engine(strategy=RoutingStrategy.ADAPTIVE, adaptive_choices=2)
     pool = kernels(2)
     slow, fast = (eng.estimates.stats.setdefault(("c1", k.name), KernelStats()) for k in pool)
-    slow.observe(True, 400.0)
-    fast.observe(True, 50.0)
-    assert eng.estimates.service(pool, pool) == [pytest.approx(400.0, rel=1e-3), 50.0]
+    for _ in range(30):  # enough replies that the estimates stand on their own
+        slow.observe(True, 400.0)
+        fast.observe(True, 50.0)
+    # each rests on 19 replies (the EWMA's memory) against 10 of the peers' median, 225
+    shrunk = [(19 * 400 + 10 * 225) / 29, (19 * 50 + 10 * 225) / 29]
+    assert eng.estimates.service(pool, pool) == [pytest.approx(v, rel=1e-3) for v in shrunk]
     slow.at -= 3 * ESTIMATE_DECAY_S  # unobserved for a while: most of the way back to the median
     relaxed = eng.estimates.service(pool, pool)[0]
-    assert 225.0 < relaxed < 240.0  # median 225 + 175 * e^-3
+    assert relaxed == pytest.approx(225 + (shrunk[0] - 225) * math.exp(-3), rel=1e-3)
+
+
+def test_a_first_reply_weighs_little_against_the_peers_and_a_running_mean_follows() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+    pool = kernels(3)
+    stats = [eng.estimates.stats.setdefault(("c1", k.name), KernelStats()) for k in pool]
+    for _ in range(19):
+        stats[0].observe(True, 50.0)
+        stats[1].observe(True, 50.0)
+    stats[2].observe(True, 300.0)  # one unlucky first reply of a new kernel
+    assert eng.estimates.service(pool, pool)[2] == pytest.approx((300 + 10 * 50) / 11)
+    stats[2].observe(True, 20.0)  # the first replies are averaged, not an EWMA that remembers 300
+    assert stats[2].service_ms == pytest.approx(160.0)
 
 
 def test_an_ejected_kernel_is_skipped_until_readmitted_and_panic_routes_to_all() -> None:

@@ -71,7 +71,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
 end
 
 local STALL_FACTOR = 3
-local TIE_MARGIN = 0.5      -- expected delays this many mean service times apart are a tie
+local TIE_MARGIN = 0.75     -- expected delays this many mean service times apart are a tie
 local SLOW_START_MIN = 0.1  -- a warming kernel's ramp starts here (Envoy's min_weight_percent)
 local now = tonumber(ARGV[4])
 local mode = ARGV[9]
