@@ -125,6 +125,9 @@ async def test_p2c_breaks_near_ties_by_the_callers_draw(r: AsyncRedis) -> None:
     assert picks == ["k1", "k2", "k3"]
     await busy(r, 1, 1)  # one job more is not a near-tie: 2 x 10 against 11
     assert await route_once(r, p2c(k1, k2, tie=0.0, service=[10.0, 11.0]), "j4") == "k2"
+    # nor is a busy kernel that looks faster: 2 x 7 is within the margin of 13, but queues are exact
+    await r.delete(KEYS.inflight(CLUSTER, "k2"))
+    assert await route_once(r, p2c(k1, k2, tie=0.0, service=[7.0, 13.0]), "j5") == "k2"
 
 
 async def test_p2c_explores_a_kernel_it_has_not_measured_among_near_ties(r: AsyncRedis) -> None:

@@ -150,7 +150,7 @@ elseif mode == 'p2c' then
     -- unknown: optimistic, the fastest known candidate's estimate (so it is explored)
     local prior, mean = known_min or 1, 1
     if known_n > 0 then mean = known_sum / known_n end
-    local scores, best_score = {}, nil
+    local scores, best, best_score = {}, nil, nil
     for i = 1, n do
         if info[i] then
             local inflight, age, until_ms, err, cpu, ramp = unpack(info[i])
@@ -176,15 +176,17 @@ elseif mode == 'p2c' then
                 score = score + 1e15
             end
             scores[i] = score
-            if best_score == nil or score < best_score then best_score = score end
+            if best_score == nil or score < best_score then best, best_score = i, score end
         end
     end
     if best_score ~= nil then
-        -- near-ties (within TIE_MARGIN mean service times of the best) go to the caller's
-        -- uniform draw, kernels it has not measured yet first
+        -- near-ties (within TIE_MARGIN mean service times of the best, with no more jobs in
+        -- flight than it: estimates are noisy, queues are not) go to the caller's uniform
+        -- draw, kernels it has not measured yet first
         local ties, unmeasured = {}, {}
+        local best_queue = info[best][1]
         for i = 1, n do
-            if scores[i] and scores[i] <= best_score + TIE_MARGIN * mean then
+            if scores[i] and scores[i] <= best_score + TIE_MARGIN * mean and info[i][1] <= best_queue then
                 ties[#ties + 1] = i
                 if info[i][7] then unmeasured[#unmeasured + 1] = i end
             end
