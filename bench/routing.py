@@ -1,6 +1,6 @@
 """Routing strategies under load on real kernels, against round robin and a perfect-knowledge oracle.
 
-    .venv/bin/python bench/routing.py [--measure 10] [--scenarios half,stuck,failing,heartbeat]
+    .venv/bin/python bench/routing.py [--measure 10] [--scenarios half,stuck,...,sequential,light,scaleup]
 
 A private redis-server, `kcp serve` and 8 agents of one slot each (so each kernel has its own
 agent, and stopping one agent stops exactly one kernel's load reports); heartbeats every 1 s.
