@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Self
 import pydantic
 
 from controlplane.client.dispatch import ClusterViews, Dispatcher, DispatchTarget
-from controlplane.client.engine import OrchestrationEngine
+from controlplane.client.engine import OrchestrationEngine, Trace
 from controlplane.errors import ClusterNotFound, InvalidRequest, NoKernelAvailable
 from controlplane.lifecycle import LifecycleError, Phase
 from controlplane.protocol.keys import Keys
@@ -120,6 +120,7 @@ class DispatchResult(pydantic.BaseModel):
     result: dict[str, Any]
     #: what the caller waited, routing and retries included, milliseconds (fractions too)
     latency_ms: float
+    #: every attempt the engine made, retries and failovers included
     attempts: int
     job_id: str
     #: the incarnation of `kernel` that ran the request (its fencing epoch): a restart keeps the
@@ -131,6 +132,9 @@ class DispatchResult(pydantic.BaseModel):
     def incarnation(self) -> str:
         """`kernel@epoch`, what `dispatch(kernel=...)` takes to pin this very incarnation."""
         return f"{self.kernel}@{self.epoch}"
+    #: LEAST_LOADED / CAPABILITY_BASED: every candidate was above the load balancer's
+    #: `health_threshold`, so the least loaded of them ran it anyway
+    all_unhealthy: bool = False
 
 
 class KcpClient:
@@ -303,7 +307,7 @@ class KcpClient:
             RoutingStrategy.LEAST_LOADED,
             RoutingStrategy.CAPABILITY_BASED,
         )
-        tried: list[str] = []  # the kernel of every attempt, for the retries/failovers counters
+        trace = Trace()  # the kernel of every attempt, for the retries/failovers counters
         target = DispatchTarget(
             cluster,
             req,
@@ -315,18 +319,19 @@ class KcpClient:
         began = time.perf_counter()
         try:
             async with amap_redis_errors():
-                outcome = await engine.execute(target, req, kernel=kernel, epoch=epoch, attempts=tried)
+                outcome = await engine.execute(target, req, kernel=kernel, epoch=epoch, trace=trace)
         finally:
-            if len(tried) > 1:
-                retries, failovers = len(tried) - 1, len(set(tried)) - 1
+            if len(trace.attempts) > 1:
+                retries, failovers = len(trace.attempts) - 1, len(set(trace.attempts)) - 1
                 await self._bump(cluster, {RETRIES: retries, FAILOVERS: failovers})
         return DispatchResult(
             kernel=outcome.kernel,
             result=outcome.value or {},
-            attempts=outcome.attempt,
+            attempts=len(trace.attempts),
             job_id=outcome.job_id,
             latency_ms=round((time.perf_counter() - began) * 1000, 3),
             epoch=outcome.epoch,
+            all_unhealthy=trace.all_unhealthy,
         )
 
     async def enqueue_job(

@@ -19,6 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from controlplane.client.balancer import LoadBalancer
@@ -37,7 +38,7 @@ from controlplane.protocol.models import (
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 
-__all__ = ["ClusterTarget", "KernelBusy", "OrchestrationEngine"]
+__all__ = ["ClusterTarget", "KernelBusy", "OrchestrationEngine", "Trace"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ class ClusterTarget(Protocol):
     async def submit(self, plan: Plan, wait_s: float) -> Attempt:
         """Enqueue one attempt by `plan` and wait up to `wait_s` s for its outcome. Raises
         `KernelBusy` when no candidate took it (nothing was enqueued)."""
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one `execute` did: the kernel that ran each attempt (retries and failovers
+    included), and whether the last attempt's kernel was picked although every candidate was
+    above the load balancer's `health_threshold`."""
+
+    attempts: list[str] = field(default_factory=list)
+    all_unhealthy: bool = False
 
 
 class OrchestrationEngine:
@@ -71,6 +82,7 @@ class OrchestrationEngine:
         self._inflight: dict[str, int] = {}
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self.estimates = Estimates()
+        self._balancers: dict[str, LoadBalancer] = {}
         self.budget = RetryBudget(self.config.retry_budget, self.config.min_retries_per_s)
 
     @property
@@ -100,12 +112,18 @@ class OrchestrationEngine:
         return matching
 
     def select(
-        self, candidates: Sequence[KernelRecord], loads: Mapping[str, KernelLoad], exclude: set[str]
+        self,
+        candidates: Sequence[KernelRecord],
+        loads: Mapping[str, KernelLoad],
+        exclude: set[str],
+        needs: frozenset[str] = frozenset(),
     ) -> Plan | None:
         """The plan of one attempt on `candidates` (not in `exclude`), by the configured strategy.
 
         Round robin, primary with fallback and adaptive list several candidates and leave the
-        final choice to Redis; random and least loaded choose here (a plan of one).
+        final choice to Redis; random, least loaded and capability based choose here (a plan of
+        one). `needs`: the capabilities the request requires (CAPABILITY_BASED prefers the
+        kernels declaring least beyond them).
         """
         pool = sorted((k for k in candidates if k.name not in exclude), key=lambda k: (k.index, k.name))
         if not pool:
@@ -127,10 +145,17 @@ class OrchestrationEngine:
         if strategy is RoutingStrategy.ADAPTIVE:
             return self._adaptive(pool, size, outlier)
         if strategy is RoutingStrategy.RANDOM:
-            picked = self._rng.choice(pool)
-        else:  # LEAST_LOADED and CAPABILITY_BASED
-            picked = self._least_loaded(pool, loads)
-        return Plan(cluster, (picked,), outlier=outlier, cluster_size=size)
+            return Plan(cluster, (self._rng.choice(pool),), outlier=outlier, cluster_size=size)
+        balancer = self.balancer(cluster)
+        self._report_loads(balancer, pool, loads)
+        if strategy is RoutingStrategy.CAPABILITY_BASED:
+            closest = {k.name for k in self._closest_match(balancer, pool, needs)}
+            name = balancer.select_kernel(exclude=[n for n in balancer.kernels if n not in closest])
+        else:
+            name = balancer.select_kernel()
+        picked = next(k for k in pool if k.name == name)
+        healthy = balancer.is_healthy(picked.name)
+        return Plan(cluster, (picked,), outlier=outlier, cluster_size=size, all_unhealthy=not healthy)
 
     def _adaptive(self, pool: list[KernelRecord], cluster_size: int, outlier: OutlierConfig | None) -> Plan:
         """Sample `adaptive_choices` candidates; enqueue.lua takes the lowest expected delay."""
@@ -138,12 +163,12 @@ class OrchestrationEngine:
         stats = [self.estimates.get(k) for k in picks]
         service = self.estimates.service(pool, picks)
         known = [s for s in service if s > 0]
-        default = sum(known) / len(known) if known else 1.0
+        prior = min(known) if known else 1.0  # optimistic, as in enqueue.lua: unmeasured is explored
 
         def local_score(i: int) -> float:  # the same shape as enqueue.lua's, on what we know
             s = stats[i]
             errors = s.error_rate if s is not None else 0.0
-            est = service[i] or default
+            est = service[i] or prior
             return (self._inflight.get(picks[i].name, 0) + 1) * est / max(1 - errors, 0.05) ** 2
 
         order = sorted(range(len(picks)), key=local_score)
@@ -154,16 +179,32 @@ class OrchestrationEngine:
             "p2c",
             service_ms=tuple(service[i] for i in order),
             error_rate=tuple(rates[i] for i in order),
-            tie=self._rng.randrange(2),
+            tie=self._rng.random(),
             load_expiry_ms=round(self.config.load_expiry_s * 1000),
+            slow_start_ms=self.config.outlier.slow_start_ms,
             outlier=outlier,
             cluster_size=cluster_size,
             rate_outliers=self.estimates.rate_outliers(pool, self.config.outlier),
         )
 
-    def _least_loaded(self, pool: list[KernelRecord], loads: Mapping[str, KernelLoad]) -> KernelRecord:
-        """Lowest weighted load (the spec's LoadBalancer), counting our own in-flight work."""
-        balancer = LoadBalancer(rng=self._rng)
+    def balancer(self, cluster: str) -> LoadBalancer:
+        """The spec's `LoadBalancer` of `cluster`, with this engine's `load_balancer` weights:
+        LEAST_LOADED and CAPABILITY_BASED pick with it (its view: the latest load reports plus
+        this engine's own work in flight)."""
+        balancer = self._balancers.get(cluster)
+        if balancer is None:
+            balancer = self._balancers[cluster] = LoadBalancer(self.config.load_balancer, rng=self._rng)
+        return balancer
+
+    def _report_loads(
+        self, balancer: LoadBalancer, pool: list[KernelRecord], loads: Mapping[str, KernelLoad]
+    ) -> None:
+        """Make `balancer` hold the pool's kernels and their load reports, our own in-flight work
+        added to the queue depth."""
+        names = {k.name for k in pool}
+        for name in balancer.kernels:
+            if name not in names:
+                balancer.unregister(name)
         for k in pool:
             load = loads.get(k.name)
             own = self._inflight.get(k.name, 0)
@@ -171,13 +212,23 @@ class OrchestrationEngine:
                 if own:
                     balancer.update_load(k.name, queue_depth=own)
                 else:
+                    balancer.unregister(k.name)
                     balancer.register(k.name)
                 continue
             balancer.update_load(
                 k.name, load.cpu, load.memory, load.queue_depth + own, load.latency_ms, load.error_rate
             )
-        name = balancer.select_kernel()
-        return next(k for k in pool if k.name == name)
+
+    @staticmethod
+    def _closest_match(
+        balancer: LoadBalancer, pool: list[KernelRecord], needs: frozenset[str]
+    ) -> list[KernelRecord]:
+        """The kernels of `pool` declaring the fewest capabilities beyond `needs` among those
+        the balancer finds healthy (all unhealthy: the closest of all)."""
+        healthy = [k for k in pool if balancer.is_healthy(k.name)] or pool
+        surplus = {k.name: len(set(k.capabilities.split()) - needs) for k in healthy}
+        fewest = min(surplus.values())
+        return [k for k in healthy if surplus[k.name] == fewest]
 
     # ------------------------------------------------------------ execution
     async def execute(
@@ -187,7 +238,7 @@ class OrchestrationEngine:
         *,
         kernel: str | None = None,
         epoch: int | None = None,
-        attempts: list[str] | None = None,
+        trace: Trace | None = None,
     ) -> Outcome:
         """Run `request` on a kernel of `target` picked by the strategy; on failure retry on
         another one.
@@ -198,14 +249,14 @@ class OrchestrationEngine:
         pins the request to one kernel by name (for state that lives in one kernel's memory), and
         `epoch` to one incarnation of it: every attempt goes there, or the request fails with
         `KernelGone` once that incarnation died or was replaced (never retried elsewhere).
-        `attempts`, when given, gets the name of the kernel that ran each attempt, in order.
+        `trace`, when given, learns what happened on the way (the kernel of every attempt).
         Raises a `DispatchError` when nothing worked.
         """
         async with self._slots:
             self.metrics.total_dispatches += 1
             self.budget.deposit()
             try:
-                return await self._attempts(target, request, kernel, epoch, attempts)
+                return await self._attempts(target, request, kernel, epoch, trace or Trace())
             except Exception:
                 self.metrics.failed += 1
                 raise
@@ -216,12 +267,11 @@ class OrchestrationEngine:
         request: SyscallRequest,
         kernel: str | None,
         epoch: int | None,
-        attempts: list[str] | None,
+        trace: Trace,
     ) -> Outcome:
         cfg = self.config
         timeout = cfg.timeout_ms / 1000
         deadline = time.monotonic() + timeout * (cfg.retry_count + 1)
-        ran_on_each = attempts if attempts is not None else []  # the kernel of every attempt
         tried: set[str] = set()  # kernels that took an attempt
         refused: set[str] = set()  # kernels that took no work when asked
         last_error: Exception | None = None
@@ -242,9 +292,10 @@ class OrchestrationEngine:
                     if current is not None and current > epoch:
                         raise kernel_gone(kernel, epoch, current)
             exclude = tried | refused if cfg.enable_failover else refused
-            plan = self.select(pool, loads, exclude)
+            needs = frozenset(request.requires)
+            plan = self.select(pool, loads, exclude, needs)
             if plan is None and exclude:
-                plan = self.select(pool, loads, set())  # every kernel tried once: go round again
+                plan = self.select(pool, loads, set(), needs)  # every kernel tried once: go round again
             if plan is None:
                 if kernel:
                     running = ", ".join(sorted(k.name for k in self.eligible(kernels, request))) or "none"
@@ -278,7 +329,8 @@ class OrchestrationEngine:
                 if ran not in tried:
                     self.metrics.failovers += 1
             tried.add(ran)
-            ran_on_each.append(ran)
+            trace.attempts.append(ran)
+            trace.all_unhealthy = plan.all_unhealthy
             attempt += 1
             self.estimates.observe(plan.cluster, ran, outcome)
             self.estimates.eject(plan.cluster, done.placed.ejected)

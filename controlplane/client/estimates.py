@@ -21,6 +21,7 @@ __all__ = [
     "ESTIMATE_DECAY_S",
     "EWMA_ALPHA",
     "PANIC_THRESHOLD",
+    "SHRINK_REPLIES",
     "SLOW_FACTOR",
     "Estimates",
     "KernelStats",
@@ -30,13 +31,19 @@ __all__ = [
 
 #: When fewer than this share of the eligible kernels are admitted (not ejected), route to all.
 PANIC_THRESHOLD = 0.5
-#: Weight of the newest outcome in the per-kernel service-time and failure-rate EWMAs.
+#: Weight of the newest outcome in the per-kernel service-time and failure-rate EWMAs (the
+#: service time's first samples weigh 1/n until 1/n falls below it: a running mean, so one
+#: slow first reply of a new kernel does not stick for dozens of replies).
 EWMA_ALPHA = 0.1
 #: A kernel's pessimistic service estimate relaxes towards its peers' median with this time
 #: constant while nothing new is seen of it (so one slow reply cannot starve it forever), s.
 ESTIMATE_DECAY_S = 3.0
 #: A reply this many times slower than the peers' median service time is a slow probe.
 SLOW_FACTOR = 4.0
+#: Kernels are alike until shown otherwise: an estimate from n replies weighs n against this
+#: many of the peers' median (n counts up to the EWMA's memory, (2 - alpha) / alpha = 19).
+SHRINK_REPLIES = 10.0
+_EWMA_MEMORY = (2 - EWMA_ALPHA) / EWMA_ALPHA
 
 
 def median(values: Sequence[float]) -> float:
@@ -82,6 +89,7 @@ class KernelStats:
     service_ms: float = 0.0
     error_rate: float = 0.0
     outcomes: int = 0
+    samples: int = 0  # successes that gave a service time
     at: float = 0.0  # time.monotonic() of the last outcome
     slow_streak: int = 0  # successes in a row far slower than the peers' median
 
@@ -90,10 +98,8 @@ class KernelStats:
         self.at = time.monotonic()
         self.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - self.error_rate)
         if ok and service_ms is not None:
-            if self.service_ms <= 0:
-                self.service_ms = service_ms
-            else:
-                self.service_ms += EWMA_ALPHA * (service_ms - self.service_ms)
+            self.samples += 1
+            self.service_ms += max(EWMA_ALPHA, 1 / self.samples) * (service_ms - self.service_ms)
 
 
 class Estimates:
@@ -112,8 +118,9 @@ class Estimates:
         return admitted if len(admitted) >= PANIC_THRESHOLD * len(pool) else pool
 
     def service(self, pool: Sequence[KernelRecord], picks: Sequence[KernelRecord]) -> list[float]:
-        """Service-time estimates (ms, 0: unknown) of `picks`; an estimate above the pool's
-        median relaxes towards it while the kernel goes unobserved (`ESTIMATE_DECAY_S`)."""
+        """Service-time estimates (ms, 0: unknown) of `picks`: each shrunk towards the pool's
+        median by how few replies it rests on (`SHRINK_REPLIES`), and one above the median
+        relaxing towards it while the kernel goes unobserved (`ESTIMATE_DECAY_S`)."""
         known = [s.service_ms for k in pool if (s := self.get(k)) is not None and s.service_ms > 0]
         mid = median(known) if known else 0.0
         now = time.monotonic()
@@ -122,12 +129,14 @@ class Estimates:
             s = self.get(k)
             if s is None or s.service_ms <= 0:
                 out.append(0.0)
-            elif s.service_ms > mid:
+                continue
+            n = min(s.samples, _EWMA_MEMORY)
+            est = (n * s.service_ms + SHRINK_REPLIES * mid) / (n + SHRINK_REPLIES)
+            if est > mid:
                 # each slow probe in a row doubles the time before the next one (up to 16x)
                 decay = ESTIMATE_DECAY_S * 2 ** min(max(s.slow_streak - 1, 0), 4)
-                out.append(mid + (s.service_ms - mid) * math.exp(-(now - s.at) / decay))
-            else:
-                out.append(s.service_ms)
+                est = mid + (est - mid) * math.exp(-(now - s.at) / decay)
+            out.append(est)
         return out
 
     def rate_outliers(self, pool: Sequence[KernelRecord], cfg: OutlierConfig) -> frozenset[str]:

@@ -63,9 +63,12 @@ class Plan:
     service_ms: tuple[float, ...] = ()
     #: per candidate: the client's failure-rate estimate (-1: none yet)
     error_rate: tuple[float, ...] = ()
-    #: 0 or 1: which candidate wins a tie in `p2c`
-    tie: int = 0
+    #: `p2c`: a uniform draw in [0, 1) that picks among near-tied candidates; `rr`: how far
+    #: `candidates` are rotated from the cluster's order
+    tie: float = 0
     load_expiry_ms: int = 3000
+    #: `p2c`: how long a kernel warms up after it started or was readmitted, ms (0: never)
+    slow_start_ms: int = 0
     #: set when outcomes go to the shared outlier detector
     outlier: OutlierConfig | None = None
     #: kernels of the cluster, for the ejection cap
@@ -74,6 +77,9 @@ class Plan:
     rate_outliers: frozenset[str] = frozenset()
     #: the incarnation (epoch) of the single candidate the request is pinned to (`kernel@epoch`)
     epoch: int | None = None
+    #: the load balancer picked the first candidate although every one was above its
+    #: `health_threshold` (LEAST_LOADED, CAPABILITY_BASED)
+    all_unhealthy: bool = False
 
     @property
     def first(self) -> KernelRecord:
@@ -130,7 +136,7 @@ async def enqueue(
             mode=plan.mode,
             tie=plan.tie,
             load_expiry_ms=plan.load_expiry_ms,
-            slow_start_ms=plan.outlier.slow_start_ms if plan.outlier else 0,
+            slow_start_ms=plan.slow_start_ms,
             rr_ttl_ms=RR_COUNTER_TTL_MS,
             kernels=[(k.name, k.agent) for k in plan.candidates],
             service_ms=plan.service_ms,

@@ -94,8 +94,22 @@ class OutlierConfig(BaseModel):
     max_ejection_ms: int = Field(30_000, ge=1, le=86_400_000)
     #: largest share of a cluster's kernels ejected at once (at least one of two or more)
     max_ejection_share: float = Field(0.34, ge=0, le=1)
-    #: after readmission a kernel's share ramps up linearly over this window, ms
+    #: after a kernel starts (scale-up, restart) or is readmitted its queue may grow to only a
+    #: share of its peers', ramping up linearly from 0.1 over this window, ms (ADAPTIVE)
     slow_start_ms: int = Field(5000, ge=0, le=3_600_000)
+
+
+class LoadBalancerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_weight: float = Field(0.4, ge=0)
+    memory_weight: float = Field(0.3, ge=0)
+    queue_weight: float = Field(0.2, ge=0)
+    error_weight: float = Field(0.1, ge=0)
+    max_latency_ms: float = Field(1000.0, gt=0)
+    health_threshold: float = Field(0.8, gt=0)
+    #: queue depth that counts as fully loaded (the spec's 0-100 range)
+    max_queue_depth: int = Field(100, ge=1)
 
 
 class OrchestrationConfig(BaseModel):
@@ -123,6 +137,8 @@ class OrchestrationConfig(BaseModel):
     #: outlier ejection shared in Redis; None: on for ADAPTIVE only
     outlier_detection: bool | None = None
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    #: weights and health threshold of LEAST_LOADED and CAPABILITY_BASED (the spec's LoadBalancer)
+    load_balancer: LoadBalancerConfig = Field(default_factory=LoadBalancerConfig)
 
 
 class OrchestrationMetrics(BaseModel):
@@ -155,19 +171,6 @@ class KernelLoad(BaseModel):
     latency_ms: float = Field(0.0, ge=0)
     error_rate: float = Field(0.0, ge=0, le=1)
     updated_at: float = Field(default_factory=time.time, description="unix time of the report, seconds")
-
-
-class LoadBalancerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    cpu_weight: float = Field(0.4, ge=0)
-    memory_weight: float = Field(0.3, ge=0)
-    queue_weight: float = Field(0.2, ge=0)
-    error_weight: float = Field(0.1, ge=0)
-    max_latency_ms: float = Field(1000.0, gt=0)
-    health_threshold: float = Field(0.8, gt=0)
-    #: queue depth that counts as fully loaded (the spec's 0-100 range)
-    max_queue_depth: int = Field(100, ge=1)
 
 
 class BusMessage(BaseModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,12 +15,18 @@ from typing import Any
 
 import pytest
 
-from controlplane.client.engine import KernelBusy, OrchestrationEngine
+from controlplane.client.engine import KernelBusy, OrchestrationEngine, Trace
 from controlplane.client.estimates import ESTIMATE_DECAY_S, KernelStats, RetryBudget
 from controlplane.client.routing import Attempt, Placed, Plan
 from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, KernelGone, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
-from controlplane.protocol.models import KernelLoad, KernelState, OrchestrationConfig, RoutingStrategy
+from controlplane.protocol.models import (
+    KernelLoad,
+    KernelState,
+    LoadBalancerConfig,
+    OrchestrationConfig,
+    RoutingStrategy,
+)
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest, parse_request
 
@@ -256,6 +263,65 @@ def test_least_loaded_breaks_ties_at_random() -> None:
     loads = loads_of(kernel_1=0.2, kernel_2=0.2, kernel_3=0.7)
     eng = engine(strategy=RoutingStrategy.LEAST_LOADED)
     assert set(picks(eng, pool, 60, loads=loads)) == {"kernel-1", "kernel-2"}
+
+
+def test_least_loaded_uses_the_configured_weights_and_skips_kernels_above_the_threshold() -> None:
+    pool = kernels(3)
+    loads = {
+        "kernel-1": KernelLoad(name="kernel-1", cpu=0.9),  # busy cpu, nothing queued
+        "kernel-2": KernelLoad(name="kernel-2", queue_depth=60),  # idle cpu, a long queue
+        "kernel-3": KernelLoad(name="kernel-3", cpu=0.5, queue_depth=70),
+    }
+    by_cpu = engine(strategy=RoutingStrategy.LEAST_LOADED)  # the spec's weights: cpu counts most
+    assert set(picks(by_cpu, pool, 10, loads=loads)) == {"kernel-2"}
+    by_queue = LoadBalancerConfig(cpu_weight=0.1, memory_weight=0, queue_weight=1.0, health_threshold=2)
+    queue_first = engine(strategy=RoutingStrategy.LEAST_LOADED, load_balancer=by_queue)
+    assert set(picks(queue_first, pool, 10, loads=loads)) == {"kernel-1"}
+    # a threshold of 0.5 on queue-weighted scores: kernel-2 (0.6) and kernel-3 (0.75) are unhealthy
+    strict = engine(
+        strategy=RoutingStrategy.LEAST_LOADED,
+        load_balancer=by_queue.model_copy(update={"health_threshold": 0.5}),
+    )
+    plan = strict.select(pool, loads, {"kernel-1"})
+    assert plan is not None and plan.first.name == "kernel-2" and plan.all_unhealthy  # said so
+    plan = strict.select(pool, loads, set())
+    assert plan is not None and plan.first.name == "kernel-1" and not plan.all_unhealthy
+    assert strict.balancer("c1").get_summary()["healthy"] == 1
+
+
+def test_capability_based_prefers_the_closest_match_while_it_is_healthy() -> None:
+    plain = [kernel(n, capabilities="sim") for n in (1, 2)]
+    gpu = kernel(3, capabilities="gpu sim")
+    pool = [*plain, gpu]
+    eng = engine(strategy=RoutingStrategy.CAPABILITY_BASED)
+    idle = {k.name: KernelLoad(name=k.name) for k in pool}
+    # a request needing only sim leaves the scarce gpu kernel alone, even when it is idlest
+    busier = {
+        **idle,
+        "kernel-1": KernelLoad(name="kernel-1", cpu=0.5),
+        "kernel-2": KernelLoad(name="kernel-2", cpu=0.4),
+    }
+    names = [eng.select(pool, busier, set(), frozenset({"sim"})) for _ in range(20)]
+    assert {p.first.name for p in names if p is not None} == {"kernel-2"}  # then the least loaded
+    gpu_plan = eng.select(pool, idle, set(), frozenset({"gpu", "sim"}))
+    assert gpu_plan is not None and gpu_plan.first.name == "kernel-3"
+    # the close matches above the health threshold: the next closest takes it, and is healthy
+    hot = {**idle, **{k.name: KernelLoad(name=k.name, cpu=1.0, memory=1.0, queue_depth=100) for k in plain}}
+    plan = eng.select(pool, hot, set(), frozenset({"sim"}))
+    assert plan is not None and plan.first.name == "kernel-3" and not plan.all_unhealthy
+    everyone_hot = {k.name: KernelLoad(name=k.name, cpu=1.0, memory=1.0, queue_depth=100) for k in pool}
+    plan = eng.select(pool, everyone_hot, set(), frozenset({"sim"}))
+    assert plan is not None and plan.first.name in {"kernel-1", "kernel-2"} and plan.all_unhealthy
+
+
+async def test_the_trace_counts_every_attempt_retries_and_failovers_included() -> None:
+    eng = engine(strategy=RoutingStrategy.ROUND_ROBIN, retry_count=3)
+    cluster = FakeCluster(kernels(3), time_out, busy, time_out)
+    trace = Trace()
+    await eng.execute(cluster, PING, trace=trace)
+    # two timeouts and the success; the refusal in between is no attempt
+    assert len(trace.attempts) == 3 and eng.metrics.retries == 2
+    assert eng.metrics.failovers == len(set(trace.attempts)) - 1
 
 
 # ---------------------------------------------------------------- execute
@@ -522,12 +588,28 @@ def test_adaptive_relaxes_a_pessimistic_estimate_of_a_kernel_it_no_longer_sees()
     eng = engine(strategy=RoutingStrategy.ADAPTIVE, adaptive_choices=2)
     pool = kernels(2)
     slow, fast = (eng.estimates.stats.setdefault(("c1", k.name), KernelStats()) for k in pool)
-    slow.observe(True, 400.0)
-    fast.observe(True, 50.0)
-    assert eng.estimates.service(pool, pool) == [pytest.approx(400.0, rel=1e-3), 50.0]
+    for _ in range(30):  # enough replies that the estimates stand on their own
+        slow.observe(True, 400.0)
+        fast.observe(True, 50.0)
+    # each rests on 19 replies (the EWMA's memory) against 10 of the peers' median, 225
+    shrunk = [(19 * 400 + 10 * 225) / 29, (19 * 50 + 10 * 225) / 29]
+    assert eng.estimates.service(pool, pool) == [pytest.approx(v, rel=1e-3) for v in shrunk]
     slow.at -= 3 * ESTIMATE_DECAY_S  # unobserved for a while: most of the way back to the median
     relaxed = eng.estimates.service(pool, pool)[0]
-    assert 225.0 < relaxed < 240.0  # median 225 + 175 * e^-3
+    assert relaxed == pytest.approx(225 + (shrunk[0] - 225) * math.exp(-3), rel=1e-3)
+
+
+def test_a_first_reply_weighs_little_against_the_peers_and_a_running_mean_follows() -> None:
+    eng = engine(strategy=RoutingStrategy.ADAPTIVE)
+    pool = kernels(3)
+    stats = [eng.estimates.stats.setdefault(("c1", k.name), KernelStats()) for k in pool]
+    for _ in range(19):
+        stats[0].observe(True, 50.0)
+        stats[1].observe(True, 50.0)
+    stats[2].observe(True, 300.0)  # one unlucky first reply of a new kernel
+    assert eng.estimates.service(pool, pool)[2] == pytest.approx((300 + 10 * 50) / 11)
+    stats[2].observe(True, 20.0)  # the first replies are averaged, not an EWMA that remembers 300
+    assert stats[2].service_ms == pytest.approx(160.0)
 
 
 def test_an_ejected_kernel_is_skipped_until_readmitted_and_panic_routes_to_all() -> None:

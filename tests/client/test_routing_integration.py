@@ -17,7 +17,7 @@ import pytest
 from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, RoutingStrategy, Settings
 from controlplane.errors import DispatchTimeout, KernelError, NoKernelAvailable
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import OutlierConfig
+from controlplane.protocol.models import LoadBalancerConfig, OutlierConfig
 from kernel_agent.kernel.siblings import SIBLINGS_TTL
 from kernel_agent.kernel.worker import IDLE_BLOCK
 from tests.conftest import ProcessStack
@@ -96,6 +96,95 @@ async def test_every_strategy_routes_and_a_capability_miss_is_clear(
             await kcp.dispatch("r", {**SIM, "requires": ["sim", "gpu"]}, engine=capability)
 
 
+async def fail_until_reported(kcp: KcpClient, names: list[str], rate: float = 0.2) -> None:
+    """Send pinned requests to `names` (whose profile fails them) until their load reports carry
+    an error rate above `rate` (the agent's EWMA moves 0.3 of the way per heartbeat interval,
+    by that interval's share of failures), for 10 s at most."""
+    for _ in range(100):
+        loads = await kcp.state.loads(await kcp.state.kernels("r"))
+        pending = [n for n in names if n not in loads or loads[n].error_rate <= rate]
+        if not pending:
+            await asyncio.sleep(0.6)  # past the client's load cache (0.5 s)
+            return
+        for name in pending:
+            with pytest.raises(KernelError):
+                await kcp.dispatch("r", SIM, kernel=name)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no failing load reports of {names}")
+
+
+async def test_adaptive_spreads_sequential_work_and_a_new_kernel_serves_at_once(
+    stack: ProcessStack, tmp_path: Path
+) -> None:
+    """Nothing queued: equal kernels share the work (near-ties go to a random draw); a kernel
+    that turns running after a scale-up is measured on the first dispatches that see it."""
+    path = tmp_path / "profile.json"
+    profile(path)
+    stack.serve()
+    stack.agent("a1", 4, "--handlers", "examples.sim_service", env={"KCP_SIM_PROFILE": str(path)})
+    async with KcpClient(Settings(redis_url=stack.redis_url)) as kcp:
+        assert (await kcp.create_cluster("r", 3, wait=30)).running == 3
+        adaptive = engine(RoutingStrategy.ADAPTIVE)
+        request = {**SIM, "ms": 5.0}
+        spread = Counter(await kernels_of(kcp, adaptive, 60, request))
+        assert set(spread) == set(KERNELS) and min(spread.values()) >= 8, spread  # ~20 each
+        await kcp.scale_cluster("r", 4, wait=30)  # returns once worker-3 runs
+        ran = await kernels_of(kcp, adaptive, 20, request)
+        assert "worker-3" in ran[:5], ran
+
+
+async def test_least_loaded_uses_the_configured_weights_and_health_threshold(
+    stack: ProcessStack, tmp_path: Path
+) -> None:
+    kcp, path = await start(stack, tmp_path)
+    async with kcp:
+        profile(path, worker_0={"fail": 1.0})
+        await asyncio.sleep(0.2)
+        await fail_until_reported(kcp, ["worker-0"])
+        errors_only = LoadBalancerConfig(cpu_weight=0, memory_weight=0, queue_weight=0, error_weight=1)
+        ll = engine(RoutingStrategy.LEAST_LOADED, load_balancer=errors_only)
+        results = [await kcp.dispatch("r", SIM, engine=ll) for _ in range(12)]
+        assert {r.kernel for r in results} <= {"worker-1", "worker-2"}
+        assert not any(r.all_unhealthy for r in results)
+        # a threshold every kernel exceeds: the least loaded serves anyway, and the result says so
+        strict = errors_only.model_copy(update={"memory_weight": 0.3, "health_threshold": 1e-9})
+        result = await kcp.dispatch(
+            "r", SIM, engine=engine(RoutingStrategy.LEAST_LOADED, load_balancer=strict)
+        )
+        assert result.all_unhealthy and result.kernel in ("worker-1", "worker-2")
+
+
+async def test_capability_based_keeps_scarce_kernels_free_until_the_others_are_unhealthy(
+    stack: ProcessStack, tmp_path: Path
+) -> None:
+    path = tmp_path / "profile.json"
+    profile(path)
+    stack.serve()
+    env = {"KCP_SIM_PROFILE": str(path)}
+    stack.agent("plain", 2, "--handlers", "examples.sim_service", env=env)
+    # a kernel's capabilities are its handlers': this agent's kernel declares `infer sim`
+    infer_handlers = ("--handlers", "examples.sim_service", "--handlers", "examples.infer_handlers")
+    stack.agent("infer", 1, *infer_handlers, env=env)
+    async with KcpClient(Settings(redis_url=stack.redis_url)) as kcp:
+        info = await kcp.create_cluster("r", 3, wait=30)
+        assert info.running == 3
+        scarce = next(k.name for k in info.kernels if k.agent == "infer")
+        plain = [k.name for k in info.kernels if k.agent == "plain"]
+        cb = engine(RoutingStrategy.CAPABILITY_BASED)
+        assert set(await kernels_of(kcp, cb, 12)) <= set(plain)  # `sim` is all it needs: not `infer`
+        assert set(await kernels_of(kcp, cb, 3, {**SIM, "requires": ["sim", "infer"]})) == {scarce}
+        # the close matches turn unhealthy (failing, on error-weighted scores): the infer kernel serves
+        profile(path, **{k.replace("-", "_"): {"fail": 1.0} for k in plain})
+        await asyncio.sleep(0.2)
+        await fail_until_reported(kcp, plain)
+        errors_only = LoadBalancerConfig(
+            cpu_weight=0, memory_weight=0, queue_weight=0, error_weight=1, health_threshold=0.2
+        )
+        cb = engine(RoutingStrategy.CAPABILITY_BASED, load_balancer=errors_only)
+        results = [await kcp.dispatch("r", SIM, engine=cb) for _ in range(3)]
+        assert {r.kernel for r in results} == {scarce} and not any(r.all_unhealthy for r in results)
+
+
 async def test_primary_failure_falls_back_and_retries_run_out(stack: ProcessStack, tmp_path: Path) -> None:
     kcp, path = await start(stack, tmp_path)
     async with kcp:
@@ -105,11 +194,13 @@ async def test_primary_failure_falls_back_and_retries_run_out(stack: ProcessStac
         result = await kcp.dispatch("r", SIM, engine=pf)
         assert result.kernel == "worker-1"  # the primary failed; the next one by index answered
         assert (pf.metrics.retries, pf.metrics.failovers) == (1, 1)
+        assert result.attempts == 2  # the failed one counts
 
         profile(path, worker_0={"stuck_ms": 5000, "stuck_until": 2e9})  # primary hangs: a timeout
         await asyncio.sleep(0.2)
         pf = engine(RoutingStrategy.PRIMARY_FALLBACK, timeout_ms=500, retry_count=2)
-        assert (await kcp.dispatch("r", SIM, engine=pf)).kernel == "worker-1"
+        result = await kcp.dispatch("r", SIM, engine=pf)
+        assert (result.kernel, result.attempts) == ("worker-1", 2)  # the timed-out one counts
         assert pf.metrics.timeouts == 1
 
         everyone = {"fail": 1.0}

@@ -114,11 +114,40 @@ async def test_p2c_avoids_a_kernel_whose_oldest_job_is_stuck(r: AsyncRedis) -> N
     assert await route_once(r, p2c(k1, k2)) == "k2"
 
 
-async def test_p2c_breaks_exact_ties_by_the_callers_coin(r: AsyncRedis) -> None:
+async def test_p2c_breaks_near_ties_by_the_callers_draw(r: AsyncRedis) -> None:
+    k1, k2, k3, k4 = await put_kernels(r, "running", "running", "running", "running")
+    # 10, 11 and 12 ms are within half a mean service time (0.5 x 15.75) of each other; 30 is not
+    plan = {"service": [10.0, 11.0, 12.0, 30.0]}
+    picks = []
+    for u in (0.0, 0.5, 0.99):
+        picks.append(await route_once(r, p2c(k1, k2, k3, k4, tie=u, **plan), f"j{u}"))
+        await r.delete(*(KEYS.inflight(CLUSTER, k.name) for k in (k1, k2, k3)))
+    assert picks == ["k1", "k2", "k3"]
+    await busy(r, 1, 1)  # one job more is not a near-tie: 2 x 10 against 11
+    assert await route_once(r, p2c(k1, k2, tie=0.0, service=[10.0, 11.0]), "j4") == "k2"
+    # nor is a busy kernel that looks faster: 2 x 7 is within the margin of 13, but queues are exact
+    await r.delete(KEYS.inflight(CLUSTER, "k2"))
+    assert await route_once(r, p2c(k1, k2, tie=0.0, service=[7.0, 13.0]), "j5") == "k2"
+
+
+async def test_p2c_explores_a_kernel_it_has_not_measured_among_near_ties(r: AsyncRedis) -> None:
+    k1, k2, k3 = await put_kernels(r, "running", "running", "running")
+    # no estimate: optimistic (the fastest known), and first among the near-ties
+    plan = p2c(k1, k2, k3, tie=0.0, service=[10.0, 12.0, 0.0])
+    assert await route_once(r, plan) == "k3"
+    assert await route_once(r, plan, "j2") == "k1"  # not past a queue: 2 x 10 is no near-tie of 10
+
+
+async def test_p2c_a_new_kernel_takes_work_when_idle_and_warms_up_under_load(r: AsyncRedis) -> None:
     k1, k2 = await put_kernels(r, "running", "running")
-    assert await route_once(r, p2c(k1, k2, tie=0)) == "k1"
-    await r.delete(KEYS.inflight(CLUSTER, "k1"))
-    assert await route_once(r, p2c(k1, k2, tie=1), "j2") == "k2"
+    await r.hset(KEYS.kernel(CLUSTER, "k1"), "started_at", f"{(NOW - 500) / 1000:.3f}")  # ramp 0.1
+    await r.hset(KEYS.kernel(CLUSTER, "k2"), "started_at", f"{(NOW - 60_000) / 1000:.3f}")
+    warming = p2c(k1, k2, tie=0.0, slow_start_ms=5000)
+    assert await route_once(r, warming) == "k1"  # idle: a tie with the idle peer, taken at once
+    await busy(r, 2, 4)  # k1 holds j1, which counts 10 times: (10 + 1) x 10 > (4 + 1) x 10
+    assert await route_once(r, warming, "j2") == "k2"
+    later = NOW + 4500  # 5 s after its start: warm, its one job counts once; k2 holds 5
+    assert await route_once(r, warming, "j3", now=later) == "k1"
 
 
 async def test_p2c_uses_fresh_load_reports_and_treats_stale_ones_as_unknown(r: AsyncRedis) -> None:

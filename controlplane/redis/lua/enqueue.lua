@@ -30,10 +30,10 @@
 --                    health HASH {prefix}kernel:{c}:{k}:health (read), wake ZSET
 -- ARGV[9]  mode: 'first' (first running candidate), 'rr' (start at the shared counter),
 --          'p2c' (lowest expected delay, see score() below)
--- ARGV[10] p2c: 0 or 1, which candidate wins a tie (the caller draws it at random);
---          rr: how far the candidate list is rotated from the cluster's canonical order
+-- ARGV[10] p2c: a uniform draw in [0, 1) that picks among near-tied candidates (the
+--          caller draws it); rr: how far the candidate list is rotated from the cluster's canonical order
 -- ARGV[11] load report expiry, ms (older reports are unknown, not idle)
--- ARGV[12] slow start after readmission, ms
+-- ARGV[12] slow start after a kernel's start or readmission, ms
 -- ARGV[13] round-robin counter TTL, ms
 -- ARGV[14+3(i-1)..+2] candidate i: kernel name, client's service-time estimate ms (0: none),
 --          client's failure-rate estimate (-1: none)
@@ -41,7 +41,7 @@
 --          'name=until_ms ...' of candidates seen ejected}; {0, 'name=state ...'} when no
 --          candidate takes work; {-1, 'duplicate'}.
 --
--- Fields read:    kernel(state, epoch), load(latency_ms, error_rate, cpu, inflight, updated_at),
+-- Fields read:    kernel(state, epoch, started_at), load(latency_ms, error_rate, cpu, inflight, updated_at),
 --                 health(ejected_until, consecutive)
 -- Fields written: job(job, reply, kernel, epoch, attempt, enqueued_ms, deadline_ms, state, strategy)
 
@@ -78,6 +78,8 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
 end
 
 local STALL_FACTOR = 3
+local TIE_MARGIN = 0.75     -- expected delays this many mean service times apart are a tie
+local SLOW_START_MIN = 0.1  -- a warming kernel's ramp starts here (Envoy's min_weight_percent)
 local now = tonumber(ARGV[4])
 local mode = ARGV[9]
 local n = (#KEYS - 6) / 6
@@ -87,13 +89,14 @@ local ejected = {}
 local function key(i, j) return KEYS[6 + 6 * (i - 1) + j] end
 local function name(i) return ARGV[14 + 3 * (i - 1)] end
 
+-- the kernel's start, unix s (0: unknown) when it takes work, else false
 local function running(i)
-    local state = redis.call('HGET', key(i, 1), 'state')
-    if state ~= 'running' then
-        refused[#refused + 1] = name(i) .. '=' .. (state or 'missing')
+    local k = redis.call('HMGET', key(i, 1), 'state', 'started_at')
+    if k[1] ~= 'running' then
+        refused[#refused + 1] = name(i) .. '=' .. (k[1] or 'missing')
         return false
     end
-    return true
+    return tonumber(k[2]) or 0
 end
 
 local order = {}
@@ -109,9 +112,10 @@ elseif mode == 'p2c' then
     -- expected delay of a new job on candidate i, in ms, or nil when it takes no work
     local expiry, slow_start = tonumber(ARGV[11]), tonumber(ARGV[12])
     local est, info = {}, {}
-    local known_sum, known_n = 0, 0
+    local known_sum, known_n, known_min = 0, 0, nil
     for i = 1, n do
-        if running(i) then
+        local started = running(i)
+        if started then
             local inflight = redis.call('ZCARD', key(i, 3))
             local age = 0
             if inflight > 0 then
@@ -122,7 +126,8 @@ elseif mode == 'p2c' then
             local until_ms = tonumber(h[1]) or 0
             local l = redis.call('HMGET', key(i, 4), 'latency_ms', 'error_rate', 'cpu', 'inflight', 'updated_at')
             local fresh = l[5] and (now - tonumber(l[5]) * 1000) <= expiry
-            local s = tonumber(ARGV[15 + 3 * (i - 1)]) or 0
+            local own = tonumber(ARGV[15 + 3 * (i - 1)]) or 0
+            local s = own
             local busy = tonumber(l[4]) or 0
             if s <= 0 and fresh and busy > 0 and (tonumber(l[1]) or 0) > 0 then
                 -- the reported latency includes waiting behind the jobs in flight at report time;
@@ -131,6 +136,7 @@ elseif mode == 'p2c' then
             end
             if s > 0 then
                 known_sum, known_n = known_sum + s, known_n + 1
+                if known_min == nil or s < known_min then known_min = s end
             end
             local err = math.max(tonumber(ARGV[16 + 3 * (i - 1)]) or -1, 0)
             local cpu = 0
@@ -138,23 +144,32 @@ elseif mode == 'p2c' then
                 err = math.max(err, tonumber(l[2]) or 0)
                 cpu = tonumber(l[3]) or 0
             end
+            -- slow start: since the kernel started (scale-up, restart) or was readmitted
+            local ramp = 1
+            local since = math.max(started * 1000, until_ms)
+            if slow_start > 0 and until_ms <= now and now - since < slow_start then
+                ramp = math.max((now - since) / slow_start, SLOW_START_MIN)
+            end
             est[i] = s
-            info[i] = {inflight, age, until_ms, err, cpu}
+            info[i] = {inflight, age, until_ms, err, cpu, ramp, own <= 0}
         end
     end
-    local default = 1
-    if known_n > 0 then default = known_sum / known_n end
-    local best, best_score = nil, nil
-    local tie = tonumber(ARGV[10]) or 0
+    -- unknown: optimistic, the fastest known candidate's estimate (so it is explored)
+    local prior, mean = known_min or 1, 1
+    if known_n > 0 then mean = known_sum / known_n end
+    local scores, best, best_score = {}, nil, nil
     for i = 1, n do
         if info[i] then
-            local inflight, age, until_ms, err, cpu = unpack(info[i])
+            local inflight, age, until_ms, err, cpu, ramp = unpack(info[i])
             local s = est[i]
+            -- a warming kernel's jobs count 1/ramp times: idle, it competes like any idle
+            -- kernel; busy, its queue may grow to only ramp times its peers'
+            local queue = inflight / ramp
             local score
-            if s <= 0 then  -- unknown: the average of the known, not idle
-                score = (inflight + 1) * default
+            if s <= 0 then
+                score = (queue + 1) * prior
             else
-                score = (inflight + 1) * s
+                score = (queue + 1) * s
                 -- a job in flight STALL_FACTOR times longer than the whole queue should take:
                 -- stalled (less would flag healthy kernels that just drew a long job)
                 if age > STALL_FACTOR * inflight * s then
@@ -166,16 +181,27 @@ elseif mode == 'p2c' then
             if until_ms > now then
                 ejected[#ejected + 1] = name(i) .. '=' .. until_ms
                 score = score + 1e15
-            elseif slow_start > 0 and until_ms > 0 and now - until_ms < slow_start then
-                score = score / math.max((now - until_ms) / slow_start, 0.1)
             end
-            if best == nil or score < best_score - 1e-9
-                or (math.abs(score - best_score) <= 1e-9 and tie == 1) then
-                best, best_score = i, score
-            end
+            scores[i] = score
+            if best_score == nil or score < best_score then best, best_score = i, score end
         end
     end
-    if best ~= nil then order[1] = best end
+    if best_score ~= nil then
+        -- near-ties (within TIE_MARGIN mean service times of the best, with no more jobs in
+        -- flight than it: estimates are noisy, queues are not) go to the caller's uniform
+        -- draw, kernels it has not measured yet first
+        local ties, unmeasured = {}, {}
+        local best_queue = info[best][1]
+        for i = 1, n do
+            if scores[i] and scores[i] <= best_score + TIE_MARGIN * mean and info[i][1] <= best_queue then
+                ties[#ties + 1] = i
+                if info[i][7] then unmeasured[#unmeasured + 1] = i end
+            end
+        end
+        if #unmeasured > 0 then ties = unmeasured end
+        local u = tonumber(ARGV[10]) or 0
+        order[1] = ties[math.max(math.min(math.floor(u * #ties), #ties - 1), 0) + 1]
+    end
 else
     for i = 1, n do order[#order + 1] = i end
 end

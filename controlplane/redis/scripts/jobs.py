@@ -27,7 +27,8 @@ class Routing:
     """ARGV of enqueue.lua's routed form: the script chooses among `kernels`."""
 
     mode: str  # 'first' | 'rr' | 'p2c'
-    tie: int
+    #: p2c: a uniform draw in [0, 1) that picks among near-ties; rr: the rotation offset
+    tie: float
     load_expiry_ms: int
     slow_start_ms: int
     rr_ttl_ms: int
