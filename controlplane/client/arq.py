@@ -401,6 +401,14 @@ class DeferredMover:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="kcp-arq-deferred")
 
+    def unwatch(self, cluster: str) -> None:
+        """Stop looking after `cluster` (destroyed, or another process looks after it)."""
+        self._clusters.pop(cluster, None)
+
+    @property
+    def watched(self) -> frozenset[str]:
+        return frozenset(self._clusters)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

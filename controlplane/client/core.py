@@ -132,6 +132,7 @@ class DispatchResult(pydantic.BaseModel):
     def incarnation(self) -> str:
         """`kernel@epoch`, what `dispatch(kernel=...)` takes to pin this very incarnation."""
         return f"{self.kernel}@{self.epoch}"
+
     #: LEAST_LOADED / CAPABILITY_BASED: every candidate was above the load balancer's
     #: `health_threshold`, so the least loaded of them ran it anyway
     all_unhealthy: bool = False
@@ -385,6 +386,18 @@ class KcpClient:
         closes (a client that enqueues or watches arq jobs of a cluster does so already)."""
         self._require_open()
         self._arq_context().mover.watch(validate_name(cluster))
+
+    async def watch_all_deferred(self) -> None:
+        """`watch_deferred` every cluster that has deferred jobs now, and no other: what `kcp
+        serve` runs every 2 s while it leads, so deferred jobs run at their time
+        even when no client of their cluster is left."""
+        self._require_open()
+        mover = self._arq_context().mover
+        heads = await self.state.deferred_heads()
+        for done in mover.watched - heads.keys():
+            mover.unwatch(done)
+        for name, due_ms in heads.items():
+            mover.watch(name, due_ms)
 
     def _arq_context(self) -> ArqContext:
         from controlplane.client.arq import ArqContext

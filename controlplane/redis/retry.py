@@ -4,9 +4,11 @@ Every loop that must outlive a Redis outage (the service, the agent and its hear
 kernel, the bus consumer, the client's reply listener and notify watcher) runs its step
 through `retry` (until it succeeds once) or `periodically` (until told to stop). Both map
 redis-py's exceptions with `amap_redis_errors` and catch kcp's `RedisError` only, so no loop
-outside this layer names a redis-py type; every failure is logged by the caller's logger as
+outside this layer names a redis-py type; a failure is logged by the caller's logger as
 "<what> lost Redis" (transient: unreachable, read-only) or "<what>: Redis refused a command"
-(needs a person: ACL, wrong data), then retried after a capped exponential back-off.
+(needs a person: ACL, wrong data), then retried after a capped exponential back-off. An outage
+is logged once per change of its reason, not at every retry, and "<what>: Redis is back" once
+when a step succeeds again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Backoff:
             raise ValueError(f"bad back-off: first={first}, cap={cap}, jitter={jitter}")
         self.first, self.cap, self.jitter = first, cap, jitter
         self._next = first
+        #: the failure last logged, until a step succeeds: a repeat is not logged again
+        self.told: str | None = None
 
     @classmethod
     def within(cls, period: float) -> Backoff:
@@ -55,8 +59,15 @@ class Backoff:
         return delay * (1 - self.jitter * random.random())
 
     def reset(self) -> None:
-        """A step succeeded: the next failure waits `first` again."""
+        """A step succeeded: the next failure waits `first` again (and is logged)."""
         self._next = self.first
+        self.told = None
+
+
+def _succeeded(backoff: Backoff, *, what: str, log: logging.Logger) -> None:
+    if backoff.told is not None:
+        log.warning("%s: Redis is back", what)
+    backoff.reset()
 
 
 async def _failed(
@@ -68,11 +79,14 @@ async def _failed(
     pause: Pause,
     on_error: OnError | None,
 ) -> None:
-    delay = backoff.next()
-    if exc.transient:
-        log.warning("%s lost Redis (%s); retrying in %.1fs", what, exc, delay)
+    delay, reason = backoff.next(), f"{type(exc).__name__}: {exc}"
+    if reason == backoff.told:
+        log.debug("%s: still %s; retrying in %.1fs", what, reason, delay)
+    elif exc.transient:
+        log.warning("%s lost Redis (%s); retrying every %.1fs at most", what, exc, backoff.cap)
     else:
-        log.error("%s: Redis refused a command (%s); retrying in %.1fs", what, exc, delay)
+        log.error("%s: Redis refused a command (%s); retrying every %.1fs at most", what, exc, backoff.cap)
+    backoff.told = reason
     if on_error is not None:
         outcome = on_error(exc)
         if outcome is not None:
@@ -99,11 +113,14 @@ async def retry(
     while True:
         try:
             async with amap_redis_errors():
-                return await step()
+                result = await step()
         except RedisError as exc:
             if transient_only and not exc.transient:
                 raise
             await _failed(exc, what=what, log=log, backoff=backoff, pause=pause, on_error=on_error)
+            continue
+        _succeeded(backoff, what=what, log=log)
+        return result
 
 
 async def periodically(
@@ -129,7 +146,7 @@ async def periodically(
         except RedisError as exc:
             await _failed(exc, what=what, log=log, backoff=backoff, pause=pause, on_error=on_error)
             continue
-        backoff.reset()
+        _succeeded(backoff, what=what, log=log)
         if every is not None:
             await pause(max(every - (time.monotonic() - began), 0.0))
 

@@ -50,6 +50,17 @@ class State:
         async with amap_redis_errors():
             return bool(await self.redis.exists(self.keys.leader()))
 
+    async def deferred_heads(self) -> dict[str, float]:
+        """Each cluster that has deferred arq jobs, and when its earliest one is due (unix ms):
+        two round trips, one command per cluster."""
+        async with amap_redis_errors():
+            names = sorted(await self.redis.smembers(self.keys.clusters()))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.zrange(self.keys.cluster_deferred(name), 0, 0, withscores=True)
+                heads = await pipe.execute()
+        return {name: float(head[0][1]) for name, head in zip(names, heads, strict=True) if head}
+
     async def require_cluster(self, name: str) -> ClusterRecord:
         record = await self.get_cluster(name)
         if record is None or record.status is ClusterStatus.STOPPED:

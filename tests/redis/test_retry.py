@@ -64,7 +64,11 @@ def test_backoff_refuses_nonsense(first: float, cap: float, jitter: float) -> No
 async def test_retry_maps_redis_py_errors_backs_off_and_returns_the_result(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    failures = [redis.exceptions.ConnectionError("down"), redis.exceptions.TimeoutError("slow")]
+    failures = [
+        redis.exceptions.ConnectionError("down"),
+        redis.exceptions.ConnectionError("down"),
+        redis.exceptions.TimeoutError("slow"),
+    ]
     seen: list[RedisError] = []
 
     async def step() -> int:
@@ -78,12 +82,15 @@ async def test_retry_maps_redis_py_errors_backs_off_and_returns_the_result(
             step, what="thing", log=log, backoff=Backoff(jitter=0), pause=pauses, on_error=seen.append
         )
     assert result == 42
-    assert pauses.asked == pytest.approx([0.1, 0.2])
-    assert all(isinstance(e, RedisUnavailable) for e in seen) and len(seen) == 2
+    assert pauses.asked == pytest.approx([0.1, 0.2, 0.4])
+    assert all(isinstance(e, RedisUnavailable) for e in seen) and len(seen) == 3
+    # once per change of reason, not at every retry; and once when it is back
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and all(line.startswith("thing lost Redis (") for line in lines)
-    assert "down" in lines[0] and lines[0].endswith("retrying in 0.1s")
-    assert "slow" in lines[1] and lines[1].endswith("retrying in 0.2s")
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("thing lost Redis (") and "down" in lines[0]
+    assert lines[0].endswith("retrying every 2.0s at most")
+    assert lines[1].startswith("thing lost Redis (") and "slow" in lines[1]
+    assert lines[2] == "thing: Redis is back"
 
 
 async def test_retry_awaits_an_async_on_error() -> None:

@@ -18,7 +18,7 @@ from conftest import ProcessStack
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import InvalidRequest, KcpClient, KernelError, Settings
-from controlplane.protocol.arq import JobStatus
+from controlplane.protocol.arq import JobStatus, job_result
 from controlplane.protocol.keys import Keys
 from examples.arq_worker import WorkerSettings
 
@@ -237,3 +237,26 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
         assert aborted.value.error_type == "JobAborted"
         assert await redis.zcard(KEYS.cluster_deferred("jobs")) == 0
         assert [k async for k in redis.scan_iter(match="kcp:job:jobs:*") if not k.endswith(":result")] == []
+
+
+async def test_the_leader_runs_deferred_jobs_whose_client_is_gone(
+    redis_url: str, redis: AsyncRedis, stack: ProcessStack
+) -> None:
+    stack.serve()
+    stack.agent("arq-a", 1, "--arq-settings", SETTINGS)
+    async with KcpClient(Settings(redis_url=redis_url)) as kcp:
+        await kcp.create_cluster("later", kernel_count=1, wait=30)
+        job = await kcp.enqueue_job("later", "add", 20, 22, _defer_by=1.0)
+        assert job is not None
+        job_id = job.job_id
+    # the client that deferred it is closed, and no client looks at the cluster (a client
+    # that did would route it too): only `kcp serve` can route it now
+    assert await redis.zscore(KEYS.cluster_deferred("later"), job_id) is not None
+
+    async def result_kept() -> bool:
+        return bool(await redis.exists(KEYS.job_result("later", job_id)))
+
+    await until(result_kept, 15, "the deferred job's result")
+    raw = await redis.get(KEYS.job_result("later", job_id))
+    assert raw is not None and job_result(raw).result == 42
+    assert not await redis.zcard(KEYS.cluster_deferred("later"))

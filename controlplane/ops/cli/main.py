@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -44,10 +45,12 @@ import pydantic
 
 from controlplane.client.core import KcpClient
 from controlplane.errors import EXIT_BAD_INPUT, KcpError
+from controlplane.lifecycle import finish
 from controlplane.ops.acl import add_arguments as add_acl_arguments
 from controlplane.ops.acl import run as run_acl
 from controlplane.ops.cli.output import fail, non_negative_int, port, report_error
 from controlplane.redis.connect import connect, wait_for_redis
+from controlplane.redis.retry import best_effort
 from controlplane.settings import Settings, explain_settings_error
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,22 @@ def _run_client(
 
 
 # ------------------------------------------------------------------ daemons
+#: How often the leading `kcp serve` looks for clusters with deferred arq jobs, seconds.
+DEFERRED_RESCAN_S = 2.0
+
+
+async def _move_deferred(settings: Settings, leading: Callable[[], bool], stop: asyncio.Event) -> None:
+    """While this `kcp serve` leads, route every cluster's due deferred arq jobs (docs/arq.md):
+    they run at their time even when the client that deferred them is gone."""
+    async with KcpClient(settings) as kcp:
+        while not stop.is_set():
+            if leading():
+                async with best_effort():
+                    await kcp.watch_all_deferred()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DEFERRED_RESCAN_S)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from controlplane.ops.exporter.core import serve_metrics
     from controlplane.service import ControlPlane
@@ -105,7 +124,14 @@ def _serve(args: argparse.Namespace) -> int:
                 leader=lambda: plane.lease.leading,
             ):
                 if await wait_for_redis(redis, log=logger, what="kcp serve", stop=stop):
-                    await plane.run()
+                    mover = asyncio.create_task(
+                        _move_deferred(args.settings, lambda: plane.lease.leading, stop)
+                    )
+                    try:
+                        await plane.run()
+                    finally:
+                        stop.set()
+                        await finish(mover, grace=2.0)
         finally:
             await redis.aclose()
         return 0
