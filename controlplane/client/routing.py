@@ -175,6 +175,12 @@ def kernel_gone(kernel: str, epoch: int, current: int | None) -> KernelGone:
         return KernelGone(
             f"kernel {kernel}@{epoch} is gone: the cluster has no kernel {kernel}", kernel=kernel, epoch=epoch
         )
+    if current < epoch:  # epochs only grow: that incarnation never ran (a typo, another cluster's)
+        return KernelGone(
+            f"kernel {kernel} has no incarnation {epoch}: it runs as {kernel}@{current}",
+            kernel=kernel,
+            epoch=epoch,
+        )
     return KernelGone(
         f"kernel {kernel}@{epoch} was replaced by {kernel}@{current}, which starts with empty memory; "
         f"pin {kernel!r} by name to use the new incarnation",

@@ -17,7 +17,7 @@ import pytest
 
 from controlplane.client.engine import KernelBusy, OrchestrationEngine, Trace
 from controlplane.client.estimates import ESTIMATE_DECAY_S, KernelStats, RetryBudget
-from controlplane.client.routing import Attempt, Placed, Plan
+from controlplane.client.routing import Attempt, Placed, Plan, kernel_gone
 from controlplane.errors import DispatchTimeout, InvalidRequest, KernelError, KernelGone, NoKernelAvailable
 from controlplane.protocol.jobs import Outcome
 from controlplane.protocol.models import (
@@ -739,6 +739,19 @@ async def test_a_pinned_incarnation_that_is_gone_or_replaced_is_kernel_gone(
         await engine().execute(cluster, PING, kernel="kernel-2", epoch=2)
     assert (gone.value.kernel, gone.value.epoch) == ("kernel-2", 2)
     assert cluster.calls == [], "nothing was enqueued"
+
+
+@pytest.mark.parametrize(
+    ("current", "says"),
+    [
+        (None, "kernel-2@2 is gone: the cluster has no kernel kernel-2"),
+        (5, "kernel-2@2 was replaced by kernel-2@5, which starts with empty memory"),
+        (1, "kernel kernel-2 has no incarnation 2: it runs as kernel-2@1"),  # never ran
+    ],
+)
+def test_kernel_gone_says_what_became_of_the_incarnation(current: int | None, says: str) -> None:
+    gone = kernel_gone("kernel-2", 2, current)
+    assert says in str(gone) and (gone.kernel, gone.epoch) == ("kernel-2", 2)
 
 
 async def test_kernel_gone_from_the_kernel_side_is_not_retried() -> None:
