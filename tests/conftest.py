@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -143,3 +145,21 @@ def stack(redis_url: str) -> Iterator[ProcessStack]:
         yield procs
     finally:
         procs.stop()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], limit: float, what: str) -> None:
+    """Poll `predicate` every 50 ms until it holds; fail saying `what` did not happen in `limit` s."""
+    deadline = time.monotonic() + limit
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def agents_up(redis: AsyncRedis, n: int, prefix: str = "kcp:") -> None:
+    """Wait until `n` agents have registered."""
+
+    async def ready() -> bool:
+        return await redis.scard(f"{prefix}agents") >= n
+
+    await wait_for(ready, 30, f"{n} agents to register")

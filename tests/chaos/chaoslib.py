@@ -59,6 +59,14 @@ class Procs:
             **kw,
         )
 
+    def fleet(self, cluster: str, agents: int = 3, slots: int = 2, kernels: int = 3) -> None:
+        """`kcp serve`, agents `agent-0`... registered, and `cluster` running `kernels` kernels."""
+        self.serve()
+        for i in range(agents):
+            self.agent(f"agent-{i}", slots=slots)
+        wait_until(lambda: len(registered_agents(self.redis_url)) == agents, 30, f"{agents} agents")
+        create_cluster(self.redis_url, cluster, kernels)
+
     def kill(self, name: str) -> None:
         proc = self.procs[name]
         proc.send_signal(signal.SIGKILL)

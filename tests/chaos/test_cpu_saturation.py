@@ -15,12 +15,9 @@ import pytest
 from chaoslib import (
     Procs,
     collect,
-    create_cluster,
-    registered_agents,
     reliability,
     running_kernels,
     start_clients,
-    wait_until,
 )
 
 from controlplane.ops.redis_server import RedisServerProcess
@@ -36,11 +33,7 @@ def test_saturated_cpu_declares_nobody_dead(redis_server_factory: object, tmp_pa
     procs = Procs(url)
     burners: list[subprocess.Popen[bytes]] = []
     try:
-        procs.serve()
-        for name in ("agent-0", "agent-1", "agent-2"):
-            procs.agent(name, slots=2)
-        wait_until(lambda: len(registered_agents(url)) == 3, 30, "3 agents")
-        create_cluster(url, "hot", 3)
+        procs.fleet("hot")
         before = running_kernels(url, "hot")
         burners = [
             subprocess.Popen(

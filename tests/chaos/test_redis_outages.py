@@ -16,12 +16,9 @@ import redis
 from chaoslib import (
     Procs,
     collect,
-    create_cluster,
-    registered_agents,
     reliability,
     running_kernels,
     start_clients,
-    wait_until,
 )
 
 from controlplane.ops.redis_server import RedisServerProcess
@@ -46,11 +43,7 @@ def test_redis_outages_are_not_deaths(redis_server_factory: object, tmp_path: Pa
     url = server.url
     procs = Procs(url)
     try:
-        procs.serve()
-        for name in ("agent-0", "agent-1", "agent-2"):
-            procs.agent(name, slots=2)
-        wait_until(lambda: len(registered_agents(url)) == 3, 30, "3 agents")
-        create_cluster(url, "outage", 3)
+        procs.fleet("outage")
         before = incarnations(url, "outage")
         # patient callers: a dispatch refused while Redis is down (nothing accepted) is tried again
         clients = start_clients(

@@ -15,8 +15,6 @@ from chaoslib import (
     Procs,
     cluster_stats,
     collect,
-    create_cluster,
-    registered_agents,
     running_kernels,
     start_clients,
     wait_until,
@@ -32,11 +30,7 @@ def test_redis_sigkill_and_restart_with_aof(redis_server_factory: object, tmp_pa
     url = server.url
     procs = Procs(url)
     try:
-        procs.serve()
-        for name in ("agent-0", "agent-1", "agent-2"):
-            procs.agent(name, slots=2)
-        wait_until(lambda: len(registered_agents(url)) == 3, 30, "3 agents")
-        create_cluster(url, "aof", 3)
+        procs.fleet("aof")
         # patient callers: a dispatch refused while Redis is down (nothing accepted) is tried again
         clients = start_clients(
             url,

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ProcessStack
+from conftest import ProcessStack, wait_for
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import KcpClient, KernelError, KernelGone, OrchestrationConfig, Settings
@@ -24,14 +24,6 @@ from kernel_agent.agent.daemon import Agent, AgentConfig, _Child
 from kernel_agent.agent.heartbeat import Heartbeat
 
 KEYS = Keys()
-
-
-async def wait_for(predicate: object, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not await predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------- unit

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker, get_kwargs
-from conftest import ProcessStack
+from conftest import ProcessStack, wait_for
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import InvalidRequest, KcpClient, KernelError, Settings
@@ -162,14 +162,6 @@ CLIENT = str(Path(__file__).with_name("arq_client.py"))
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
-async def until(predicate: Any, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
     redis_url: str, redis: AsyncRedis, stack: ProcessStack
 ) -> None:
@@ -180,7 +172,7 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
     async def agents_up() -> bool:
         return await redis.scard(KEYS.agents()) >= 2
 
-    await until(agents_up, 30, "both agents")
+    await wait_for(agents_up, 30, "both agents")
     async with KcpClient(Settings(redis_url=redis_url)) as kcp:
         info = await kcp.create_cluster("jobs", kernel_count=2, wait=30)
         assert sorted(k.agent for k in info.kernels) == ["arq-doomed", "arq-spare"]
@@ -203,7 +195,7 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
         async def clients_enqueued() -> bool:
             return sum([await redis.zcard(key) for key in inflight]) >= 10
 
-        await until(clients_enqueued, 30, "the clients' jobs")
+        await wait_for(clients_enqueued, 30, "the clients' jobs")
         # behind the clients' jobs: seen queued, then running, then done
         watched = await kcp.enqueue_job("jobs", "echo_after", "watched", 0.3)
         assert watched is not None
@@ -256,7 +248,7 @@ async def test_the_leader_runs_deferred_jobs_whose_client_is_gone(
     async def result_kept() -> bool:
         return bool(await redis.exists(KEYS.job_result("later", job_id)))
 
-    await until(result_kept, 15, "the deferred job's result")
+    await wait_for(result_kept, 15, "the deferred job's result")
     raw = await redis.get(KEYS.job_result("later", job_id))
     assert raw is not None and job_result(raw).result == 42
     assert not await redis.zcard(KEYS.cluster_deferred("later"))

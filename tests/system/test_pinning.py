@@ -10,11 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
-from conftest import ProcessStack
+from conftest import ProcessStack, agents_up, wait_for
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import (
@@ -31,21 +30,6 @@ from controlplane.protocol.keys import Keys
 pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
 
 KEYS = Keys()
-
-
-async def wait_for(predicate: Any, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def agents_up(redis: AsyncRedis, n: int) -> None:
-    async def ready() -> bool:
-        return await redis.scard(KEYS.agents()) >= n
-
-    await wait_for(ready, 30, f"{n} agents to register")
 
 
 async def test_a_kernel_restarted_between_write_and_read(

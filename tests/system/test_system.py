@@ -6,12 +6,11 @@ import asyncio
 import os
 import random
 import signal
-import time
 from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import ProcessStack
+from conftest import ProcessStack, agents_up, wait_for
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import ClusterStatus, KcpClient, KcpError, Settings
@@ -20,21 +19,6 @@ from controlplane.protocol.keys import Keys
 pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 
 KEYS = Keys()
-
-
-async def wait_for(predicate: Any, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def agents_up(redis: AsyncRedis, n: int) -> None:
-    async def ready() -> bool:
-        return await redis.scard(KEYS.agents()) >= n
-
-    await wait_for(ready, 30, f"{n} agents to register")
 
 
 def mixed_request(rng: random.Random) -> dict[str, Any]:
