@@ -679,8 +679,13 @@ async def test_prometheus_scrapes_a_live_stack(
         t0 = time.monotonic()
         print("prometheus:", await _until(counted, 60, "Prometheus to see the dispatches"))
         print(f"prometheus had the counts {time.monotonic() - t0:.1f}s after the last dispatch")
-        # both instances are scraped; summed over them, every fleet number is the truth
-        assert _value(_query(prom_port, 'count(up{job="kcp"} == 1)')) == 2
+
+        # both instances are scraped (a target's first scrape may lag the other's by an
+        # interval); summed over them, every fleet number is the truth
+        def both_up() -> bool | None:
+            return _value(_query(prom_port, 'count(up{job="kcp"} == 1)')) == 2 or None
+
+        await _until(both_up, 20, "both kcp serve targets to be up")
         assert _value(_query(prom_port, "sum(kcp_control_plane_leader)")) == 1
         assert _value(_query(prom_port, "count(kcp_redis_up == 1)")) == 2
         assert _value(_query(prom_port, 'sum(kcp_kernel_up{cluster="obs"})')) == 2
