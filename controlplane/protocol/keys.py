@@ -38,6 +38,12 @@ class Keys:
         """STRING counter: the round-robin position every client of the cluster shares."""
         return f"{self.prefix}cluster:{cluster}:rr"
 
+    def cluster_version(self, cluster: str) -> str:
+        """STRING counter: INCR by every write that changes what routing or work stealing sees of
+        the cluster (its record, its kernel set, a kernel's state or epoch, an ejection), so
+        kernels and clients re-read the records only when it moved."""
+        return f"{self.prefix}cluster:{cluster}:version"
+
     def cluster_ejected(self, cluster: str) -> str:
         """ZSET kernel -> ejected-until ms: kernels outlier detection keeps out of routing."""
         return f"{self.prefix}cluster:{cluster}:ejected"
