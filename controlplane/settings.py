@@ -19,8 +19,10 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         repr=False,  # it may hold a password
-        description="Redis URL (redis:// or rediss://); the redis_username/password/tls_* settings are "
-        "folded into it (see controlplane/tls.py), so it is the complete connection string",
+        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://; redis+cluster:// and "
+        "rediss+cluster:// parse but are refused until Redis Cluster is supported, issue 20); the "
+        "redis_username/password/tls_* settings are folded into it (see controlplane/tls.py), so it is "
+        "the complete connection string",
     )
     redis_username: str | None = Field(None, description="Redis ACL user (default: the URL's, or `default`)")
     redis_password: SecretStr | None = Field(None, description="Redis password (default: the URL's)")

@@ -22,8 +22,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 #: URL query parameters (redis-py's names) for the TLS files.
 CA_PARAM, CERT_PARAM, KEY_PARAM = "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"
 CHECK_HOSTNAME_PARAM = "ssl_check_hostname"
-#: The URL schemes kcp connects with (redis-py's, and Sentinel's in `controlplane.redis.connect`).
-URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+#: The URL schemes kcp connects with (redis-py's, and Sentinel's and Cluster's in
+#: `controlplane.redis.connect`, which parses those; a cluster URL is refused there until issue 20).
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
+#: The schemes that connect with TLS.
+TLS_SCHEMES = ("rediss", "rediss+cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +67,12 @@ def effective_url(url: str, options: ConnectionOptions) -> str:
                 f"redis_url has a port that is not a number 0-65535 ({redact_url(url)!r})"
             ) from None
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    tls = parts.scheme == "rediss"
+    tls = parts.scheme in TLS_SCHEMES
     files = {CA_PARAM: options.ca_file, CERT_PARAM: options.cert_file, KEY_PARAM: options.key_file}
     given = [name for name, value in files.items() if value is not None]
     if (given or options.check_hostname is not None) and not tls:
         raise ValueError(
-            "TLS settings (redis_tls_*) need a rediss:// URL; "
+            "TLS settings (redis_tls_*) need a rediss:// URL (or rediss+cluster://); "
             f"redis_url uses {parts.scheme}:// ({redact_url(url)})"
         )
     for name, what in ((CA_PARAM, "redis_tls_ca_file"), (CERT_PARAM, "redis_tls_cert_file")):
@@ -115,7 +118,7 @@ def url_username(url: str) -> str | None:
 
 
 def uses_tls(url: str) -> bool:
-    return urlsplit(url).scheme == "rediss"
+    return urlsplit(url).scheme in TLS_SCHEMES
 
 
 __all__ = ["ConnectionOptions", "effective_url", "redact_url", "url_username", "uses_tls"]

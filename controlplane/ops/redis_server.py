@@ -1,4 +1,8 @@
-"""Find and run a private `redis-server`: for test fixtures, and for `kcp up` when no Redis answers."""
+"""Find and run a private `redis-server`: for test fixtures, and for `kcp up` when no Redis answers.
+
+`start_redis_cluster` runs a local Redis Cluster (Redis >= 7.0: `cluster-port`, ADDSLOTSRANGE) of
+such servers, for the tests that pin what kcp gets from a cluster client (tests/redis/).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from controlplane.errors import RedisUnavailable
+from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import map_redis_errors
 
@@ -225,3 +230,247 @@ def start_redis_server(
             log.warning("redis-server failed to start on port %d; trying another port", server.port)
         else:
             return server
+
+
+# ------------------------------------------------------------------ Redis Cluster
+#: The number of hash slots of every Redis Cluster.
+CLUSTER_SLOTS = 16384
+#: CLUSTER NODES flags of a peer that is not (yet, or any more) a healthy member.
+_BAD_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})
+
+
+class RedisClusterProcess:
+    """A local Redis Cluster: masters and replicas, each a `RedisServerProcess` with its own ports
+    and data dir. Make one with `start_redis_cluster`; `stop()` stops every node.
+
+    The roles are the cluster's, not fixed: after a failover a replica is a master, so `masters()`
+    and `replicas()` ask the nodes. The `move_slot` / `kill` / `restart` helpers exist for tests
+    of resharding and failover, and restore a healthy cluster (`wait_ok`) when asked.
+    """
+
+    def __init__(self, nodes: Sequence[RedisServerProcess], *, wait: float) -> None:
+        self.nodes = list(nodes)
+        self._wait = wait
+
+    @property
+    def url(self) -> str:
+        """`redis+cluster://host:port,host:port,...`: every node, so any one answering suffices."""
+        return "redis+cluster://" + ",".join(_address(node) for node in self.nodes)
+
+    def _ask(self, node: RedisServerProcess, *args: str | int) -> Any:
+        with connect_sync(node.url, timeout=2.0) as client, map_redis_errors():
+            return client.execute_command(*args)
+
+    def node_id(self, node: RedisServerProcess) -> str:
+        return str(self._ask(node, "CLUSTER", "MYID"))
+
+    def bus_port(self, node: RedisServerProcess) -> int:
+        """The node's cluster bus port (`cluster-port`), from its own line of CLUSTER NODES."""
+        mine = next(line for line in self._ask(node, "CLUSTER", "NODES").splitlines() if "myself" in line)
+        return int(mine.split()[1].split("@")[1].split(",")[0])
+
+    def _role(self, node: RedisServerProcess) -> str:
+        return str(self._ask(node, "ROLE")[0])
+
+    def masters(self) -> list[RedisServerProcess]:
+        """The running nodes that are masters now."""
+        return [n for n in self.nodes if n.alive() and self._role(n) == "master"]
+
+    def replicas(self) -> list[RedisServerProcess]:
+        """The running nodes that are replicas now."""
+        return [n for n in self.nodes if n.alive() and self._role(n) == "slave"]
+
+    def master_of_slot(self, slot: int) -> RedisServerProcess:
+        """The master that serves `slot`, as the first running node's slot table says."""
+        node = next(n for n in self.nodes if n.alive())
+        for start, end, master, *_ in self._ask(node, "CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                port = int(master[1])
+                return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"slot {slot} is served by no node")
+
+    def master_of_key(self, key: str) -> RedisServerProcess:
+        return self.master_of_slot(self.keyslot(key))
+
+    def keyslot(self, key: str) -> int:
+        node = next(n for n in self.nodes if n.alive())
+        return int(self._ask(node, "CLUSTER", "KEYSLOT", key))
+
+    def wait_ok(self, timeout: float | None = None) -> None:
+        """Block until every running node reports `cluster_state:ok`, knows every other running node
+        as connected, sees every slot served by a running master, and they all agree on which;
+        every replica has synced with its master (raise RuntimeError after `timeout` s)."""
+        deadline = time.monotonic() + (self._wait if timeout is None else timeout)
+        while True:
+            problem = self._problem()
+            if problem is None:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"Redis Cluster not ready after {timeout or self._wait}s: {problem}")
+            time.sleep(0.05)
+
+    def _problem(self) -> str | None:
+        """What keeps the cluster from being ready, or None."""
+        running = [n for n in self.nodes if n.alive()]
+        tables = set()
+        for node in running:
+            try:  # one connection for the four questions: this runs every 50 ms
+                with connect_sync(node.url, timeout=2.0) as client, map_redis_errors():
+                    info = client.execute_command("CLUSTER", "INFO")
+                    nodes = client.execute_command("CLUSTER", "NODES")
+                    slots = client.execute_command("CLUSTER", "SLOTS")
+                    replication = client.info("replication")
+            except RedisUnavailable as exc:
+                return f"{_address(node)}: {exc}"
+            if "cluster_state:ok" not in info:
+                return f"{_address(node)} is not cluster_state:ok"
+            if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                return f"replica {_address(node)} has not synced with its master"
+            lines = [line for line in nodes.splitlines() if line.strip()]
+            # a healthy peer: "<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> connected ..."
+            healthy = [
+                line
+                for line in lines
+                if line.split()[7] == "connected" and not _BAD_FLAGS & set(line.split()[2].split(","))
+            ]
+            if len(healthy) != len(running):
+                return f"{_address(node)} sees {len(healthy)} of {len(running)} running nodes connected"
+            table = tuple(sorted((int(s[0]), int(s[1]), int(s[2][1])) for s in slots))
+            if sum(end - start + 1 for start, end, _ in table) != CLUSTER_SLOTS:
+                return f"{_address(node)} does not see every slot served"
+            ports = {n.port for n in running}
+            dead = sorted({port for _, _, port in table if port not in ports})
+            if dead:
+                return f"{_address(node)} has slots served by stopped node(s) on port(s) {dead}"
+            tables.add(table)
+        if len(tables) > 1:
+            return "the nodes disagree on which master serves which slot"
+        return None
+
+    def move_slot(self, slot: int, to: RedisServerProcess) -> None:
+        """Reshard `slot`, with its keys, to the master `to` (as `redis-cli --cluster reshard` does:
+        IMPORTING/MIGRATING, MIGRATE the keys, SETSLOT NODE on every master), then `wait_ok`."""
+        source = self.master_of_slot(slot)
+        if source is to:
+            return
+        source_id, target_id = self.node_id(source), self.node_id(to)
+        self._ask(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self._ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := self._ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            self._ask(source, "MIGRATE", to.host, to.port, "", 0, 5000, "KEYS", *keys)
+        for node in [to, source, *(m for m in self.masters() if m not in (to, source))]:
+            self._ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_ok()
+
+    def kill(self, node: RedisServerProcess) -> None:
+        """SIGKILL one node, like a crash; with a replica, the cluster promotes it after the node timeout."""
+        node.kill()
+
+    def restart(self, node: RedisServerProcess) -> None:
+        """Start a stopped or killed node again on its ports and data dir: it rejoins the cluster from its
+        nodes.conf (a former master whose replica was promoted comes back as that replica's replica)."""
+        node.restart()
+        self.wait_ok()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterProcess:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<RedisClusterProcess {self.url}>"
+
+
+def _address(node: RedisServerProcess) -> str:
+    return f"[{node.host}]:{node.port}" if ":" in node.host else f"{node.host}:{node.port}"
+
+
+def start_redis_cluster(
+    *,
+    data_dir: Path,
+    masters: int = 3,
+    replicas: int = 0,
+    host: str = "127.0.0.1",
+    appendonly_replicas: bool = False,
+    node_timeout_ms: int = 1000,
+    wait: float = 30.0,
+) -> RedisClusterProcess:
+    """Start a local Redis Cluster of `masters` masters, each with `replicas` replicas, on free
+    ports of `host`; return once every node reports `cluster_state:ok` (within `wait` seconds).
+
+    Each node is a `start_redis_server` (own port, own cluster bus port, own dir under `data_dir`).
+    The slots are split evenly over the masters with CLUSTER ADDSLOTSRANGE, each master gets its own
+    config epoch (no epoch collision to resolve), the nodes MEET the first one, and each replica
+    REPLICATEs its master: no `redis-cli --cluster create` (and its one-second sleeps) needed.
+    `node_timeout_ms` is short so that a killed master's replica is promoted in about two seconds;
+    with `appendonly_replicas` the replicas fsync every write they receive to their AOF.
+    On failure every node started is stopped and RuntimeError says what was not ready.
+    """
+    if masters < 1 or replicas < 0:
+        raise ValueError(
+            f"a Redis Cluster needs at least one master (got {masters} masters, {replicas} replicas)"
+        )
+    data_dir = data_dir.absolute()
+    nodes: list[RedisServerProcess] = []
+    try:
+        for index in range(masters * (1 + replicas)):
+            is_replica = index >= masters
+            args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                "--cluster-port", str(free_port(host)),
+                # a replica promotes itself however long its master was gone (0: no validity limit)
+                "--cluster-replica-validity-factor", "0",
+                # a replica's full sync starts at once, not after the default 5 s wait for more replicas
+                "--repl-diskless-sync-delay", "0",
+            ]  # fmt: skip
+            nodes.append(
+                start_redis_server(
+                    host=host,
+                    data_dir=data_dir / f"node-{index}",
+                    appendonly=appendonly_replicas and is_replica,
+                    extra_args=args,
+                    wait=wait,
+                )
+            )
+        cluster = RedisClusterProcess(nodes, wait=wait)
+        _form(cluster, masters)
+        cluster.wait_ok()
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    log.info("started Redis Cluster %s (%d masters, %d replicas each)", cluster.url, masters, replicas)
+    return cluster
+
+
+def _form(cluster: RedisClusterProcess, masters: int) -> None:
+    """Assign the slots, join the nodes, attach the replicas (round-robin over the masters)."""
+    heads, tails = cluster.nodes[:masters], cluster.nodes[masters:]
+    bounds = [CLUSTER_SLOTS * i // masters for i in range(masters + 1)]
+    for epoch, (node, start, end) in enumerate(zip(heads, bounds, bounds[1:], strict=False), start=1):
+        cluster._ask(node, "CLUSTER", "ADDSLOTSRANGE", start, end - 1)
+        cluster._ask(node, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
+    first = cluster.nodes[0]
+    for node in cluster.nodes[1:]:  # with the bus port: MEET would assume port + 10000
+        cluster._ask(node, "CLUSTER", "MEET", first.host, first.port, cluster.bus_port(first))
+    ids = [cluster.node_id(node) for node in heads]
+    deadline = time.monotonic() + cluster._wait
+    for index, node in enumerate(tails):
+        master_id = ids[index % masters]
+        while True:  # REPLICATE needs the node to know the master already (MEET gossip takes a moment)
+            try:
+                cluster._ask(node, "CLUSTER", "REPLICATE", master_id)
+                break
+            except RedisError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)

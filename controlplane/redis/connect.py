@@ -1,8 +1,14 @@
-"""Redis connections from a URL, tuned for kcp's blocking reads; Sentinel-aware.
+"""Redis connections from a URL, tuned for kcp's blocking reads; Sentinel- and Cluster-aware.
 
 The one place kcp makes a redis-py client (asyncio `connect`, blocking `connect_sync`). Both speak
 RESP2 whatever redis-py's default: the bus reads stream replies in their RESP2 shapes, and redis-py
 8 defaults to RESP3 (`tests/redis/test_redis_py_canary.py` pins this).
+
+`redis+cluster://` and `rediss+cluster://` URLs select redis-py's cluster client, but only for a
+caller that says it can use one (`allow_cluster=True`): kcp's keys and scripts are not sharded
+yet (issue 20), so every kcp process refuses such a URL at start-up with `CLUSTER_UNSUPPORTED`
+rather than failing later on MOVED or CROSSSLOT. `tests/redis/test_redis_cluster_canary.py`
+pins what the cluster client gives (docs/architecture.md, "Redis Cluster: what the client gives").
 """
 
 from __future__ import annotations
@@ -13,17 +19,26 @@ import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal, overload
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
+import redis.cluster
 import redis.exceptions
 from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import Sentinel
 
 from controlplane.errors import InvalidRequest, RedisError
-from controlplane.redis.errors import Where, amap_redis_errors, annotate, where_from_url, where_of
+from controlplane.redis.errors import (
+    Where,
+    amap_redis_errors,
+    annotate,
+    map_redis_errors,
+    where_from_url,
+    where_of,
+)
 from controlplane.redis.retry import Backoff
 from controlplane.tls import redact_url
 
@@ -38,6 +53,8 @@ BLOCK_GRACE_SECONDS = 5.0
 AsyncRedis = aioredis.Redis
 SyncRedis = redis.Redis
 AsyncPipeline = Pipeline
+AsyncRedisCluster = redis.asyncio.cluster.RedisCluster
+SyncRedisCluster = redis.cluster.RedisCluster
 
 #: The Redis protocol version every kcp connection speaks.
 RESP = 2
@@ -55,6 +72,52 @@ class SentinelUrl:
     db: int = 0
     username: str | None = None
     password: str | None = None
+
+
+#: `redis+cluster://[[user]:password@]host:port[,host:port...][/0][?ssl_...]`, and `rediss+cluster://` (TLS).
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Why every kcp process refuses a cluster URL today, and where the work is tracked.
+CLUSTER_UNSUPPORTED = (
+    "Redis Cluster is not supported yet: kcp's keys and Lua scripts span hash slots (issue 20, "
+    "sharding by kcp cluster); use a redis://, rediss:// or redis+sentinel:// URL"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    """A parsed `redis+cluster://` URL: the startup nodes, and for the first of them the URL
+    redis-py parses itself (credentials, TLS options), which every node connection shares."""
+
+    nodes: tuple[tuple[str, int], ...]
+    node_url: str
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """Parse `redis+cluster://h1:7000,h2:7001`; ValueError saying what is wrong.
+
+    Any one answering node suffices: the client asks it for the others (CLUSTER SLOTS). A Redis
+    Cluster has only database 0, so the path is empty, `/` or `/0`.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a redis+cluster:// or rediss+cluster:// URL: {redact_url(url)!r}")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cluster node {item!r} is not host:port (port 1-65535), in {redact_url(url)!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    if parts.path not in ("", "/", "/0") or parse_qs(parts.query).get("db", ["0"]) != ["0"]:
+        raise ValueError(f"a Redis Cluster has only database 0: drop {parts.path!r} from {redact_url(url)!r}")
+    first, first_port = nodes[0]
+    netloc = f"{userinfo}{at}{f'[{first}]' if ':' in first else first}:{first_port}"
+    scheme = "rediss" if parts.scheme == "rediss+cluster" else "redis"
+    return ClusterUrl(tuple(nodes), urlunsplit((scheme, netloc, "/0", parts.query, "")))
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl:
@@ -127,14 +190,43 @@ class _SentinelRedis(_Redis):
                 await client.aclose()
 
 
-def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (redis://, rediss://, unix://, redis+sentinel://), decoding
-    responses as UTF-8.
+class _RedisCluster(AsyncRedisCluster):
+    """redis-py's asyncio cluster client, whose errors carry the URL, the user and the command
+    (as `_Redis`'s do)."""
+
+    kcp_where: Where = Where()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+            annotate(exc, self.kcp_where, args)
+            raise
+
+
+@overload
+def connect(
+    url: str, *, max_connections: int = 64, allow_cluster: Literal[False] = False
+) -> aioredis.Redis: ...
+@overload
+def connect(
+    url: str, *, max_connections: int = 64, allow_cluster: bool
+) -> aioredis.Redis | AsyncRedisCluster: ...
+def connect(
+    url: str, *, max_connections: int = 64, allow_cluster: bool = False
+) -> aioredis.Redis | AsyncRedisCluster:
+    """An asyncio Redis client for `url` (redis://, rediss://, unix://, redis+sentinel://, and with
+    `allow_cluster` redis+cluster:// / rediss+cluster://), decoding responses as UTF-8.
 
     The socket timeout is longer than any blocking read kcp issues, so a blocked BZPOPMIN is never
     mistaken for a dead server; keepalive notices a silently dropped connection. With
     `redis+sentinel://` every new connection asks the sentinels for the current master, so after a
     failover the callers' reconnect-with-backoff loops land on the new master.
+
+    A cluster URL without `allow_cluster` is refused (InvalidRequest, `CLUSTER_UNSUPPORTED`): the
+    rest of kcp cannot run on a cluster client yet. With it, the client is redis-py's asyncio
+    `RedisCluster` (`max_connections` per node), which follows MOVED/ASK and re-reads the slot
+    table after a failover; it has no MULTI/EXEC pipelines and no pub/sub (redis-py 5).
     """
     keepalive: dict[int, int | bytes] = {}
     for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
@@ -149,24 +241,45 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         "socket_keepalive": True,
         "socket_keepalive_options": keepalive,
         "health_check_interval": 30,
-        "retry_on_timeout": False,
     }
-    client: _Redis
+    client: _Redis | _RedisCluster
     with _url_checked(url):
-        if url.startswith(f"{SENTINEL_SCHEME}://"):
-            client = _connect_sentinel(parse_sentinel_url(url), options)
+        if is_cluster_url(url):
+            spec = parse_cluster_url(url)
+            _refuse_cluster(url, allow_cluster)
+            client = _connect_cluster(spec, options)
+        elif url.startswith(f"{SENTINEL_SCHEME}://"):
+            client = _connect_sentinel(parse_sentinel_url(url), {**options, "retry_on_timeout": False})
         else:
-            client = _Redis.from_url(url, **options)
+            client = _Redis.from_url(url, **options, retry_on_timeout=False)
     client.kcp_where = where_from_url(url)
+    return client
+
+
+def _refuse_cluster(url: str, allow_cluster: bool) -> None:
+    if not allow_cluster:
+        raise InvalidRequest(f"{CLUSTER_UNSUPPORTED} (got {redact_url(url)!r})")
+
+
+def _connect_cluster(spec: ClusterUrl, options: dict[str, Any]) -> _RedisCluster:
+    """The asyncio cluster client: every startup node, the first one's URL for the credentials and
+    TLS options; full slot coverage required (a kcp key may hash to any slot)."""
+    nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in spec.nodes[1:]]
+    client: _RedisCluster = _RedisCluster.from_url(
+        spec.node_url, startup_nodes=nodes, require_full_coverage=True, **options
+    )
     return client
 
 
 @contextlib.contextmanager
 def _url_checked(url: str) -> Iterator[None]:
-    """redis-py's ValueError for a URL it cannot parse, as kcp's bad-input error."""
+    """redis-py's ValueError for a URL it cannot parse (or its cluster client's refusal of an
+    argument, e.g. a unix socket), as kcp's bad-input error."""
     try:
         yield
-    except ValueError as exc:
+    except InvalidRequest:
+        raise
+    except (ValueError, redis.exceptions.RedisClusterException) as exc:
         raise InvalidRequest(f"invalid Redis URL {redact_url(url)!r}: {exc}") from None
 
 
@@ -189,33 +302,67 @@ def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> _SentinelRe
     return client
 
 
-def connect_sync(url: str, *, timeout: float | None = 5.0, decode_responses: bool = True) -> redis.Redis:
-    """A blocking client for `url` (redis://, rediss://, unix://): for the synchronous API of the
-    spec's collector and bus, the exporter's scrape thread and operator tools. `timeout` bounds
-    connecting and each reply, seconds (None: a reply may take any time). A ValueError for a
-    scheme it cannot serve (redis+sentinel:// has no blocking client here)."""
+@overload
+def connect_sync(
+    url: str,
+    *,
+    timeout: float | None = 5.0,
+    decode_responses: bool = True,
+    allow_cluster: Literal[False] = False,
+) -> redis.Redis: ...
+@overload
+def connect_sync(
+    url: str, *, timeout: float | None = 5.0, decode_responses: bool = True, allow_cluster: bool
+) -> redis.Redis | SyncRedisCluster: ...
+def connect_sync(
+    url: str, *, timeout: float | None = 5.0, decode_responses: bool = True, allow_cluster: bool = False
+) -> redis.Redis | SyncRedisCluster:
+    """A blocking client for `url` (redis://, rediss://, unix://, and with `allow_cluster`
+    redis+cluster:// / rediss+cluster://): for the synchronous API of the spec's collector and bus,
+    the exporter's scrape thread and operator tools. `timeout` bounds connecting and each reply,
+    seconds (None: a reply may take any time). InvalidRequest for a scheme it cannot serve
+    (redis+sentinel:// has no blocking client here) and, without `allow_cluster`, for a cluster URL.
+    redis-py's blocking cluster client reads the slot table in its constructor, so for a cluster
+    this connects (RedisUnavailable, AuthenticationFailed... if it cannot); a plain one connects lazily."""
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         raise InvalidRequest(f"no blocking client for {SENTINEL_SCHEME}:// URLs")
+    options: dict[str, Any] = {
+        "protocol": RESP,
+        "decode_responses": decode_responses,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": 5.0 if timeout is None else min(timeout, 5.0),
+    }
+    client: redis.Redis | SyncRedisCluster
     with _url_checked(url):
-        client: redis.Redis = redis.Redis.from_url(
-            url,
-            protocol=RESP,
-            decode_responses=decode_responses,
-            socket_timeout=timeout,
-            socket_connect_timeout=5.0 if timeout is None else min(timeout, 5.0),
-        )
+        if is_cluster_url(url):
+            spec = parse_cluster_url(url)
+            _refuse_cluster(url, allow_cluster)
+            nodes = [redis.cluster.ClusterNode(host, port) for host, port in spec.nodes[1:]]  # type: ignore[no-untyped-call]
+            with map_redis_errors(where_from_url(url)):  # it connects at once: RedisUnavailable if it cannot
+                cluster = SyncRedisCluster.from_url(
+                    spec.node_url, startup_nodes=nodes, require_full_coverage=True, **options
+                )
+            cluster.kcp_where = where_from_url(url)  # what `where_of` reports: it has no connection_pool
+            client = cluster
+        else:
+            client = redis.Redis.from_url(url, **options)
     return client
 
 
 async def wait_for_redis(
-    redis: aioredis.Redis, *, log: logging.Logger, what: str, stop: asyncio.Event | None = None
+    redis: aioredis.Redis | AsyncRedisCluster,
+    *,
+    log: logging.Logger,
+    what: str,
+    stop: asyncio.Event | None = None,
 ) -> bool:
     """A process's first contact with Redis: PING until it answers; True once it did, False
     if `stop` was set first.
 
     A failure that needs a person (a wrong password, an ACL denial) is raised at once, so the
     process exits at start-up saying what to fix; an unreachable or loading server is waited
-    for, with its reason logged once per change rather than once per attempt."""
+    for, with its reason logged once per change rather than once per attempt. A cluster client's
+    PING goes to every node, so it answers once the whole cluster does."""
     backoff, told, url = Backoff(0.1, 2.0), "", where_of(redis).url
     stop = stop or asyncio.Event()
     while not stop.is_set():

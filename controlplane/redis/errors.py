@@ -14,6 +14,13 @@ script by its file name in `lua/`.
 A plain `ResponseError` (a syntax error, an unknown command, an error a script raised on
 purpose) becomes the base `RedisError`: kcp cannot tell which of its subtypes it is, it is not
 transient, and every catch site that means "any Redis failure" catches the base.
+
+Redis Cluster: redis-py's cluster client raises `RedisClusterException`, which is not a
+`RedisError`, for its own refusals; the mapping covers it too. A topology in flux (CLUSTERDOWN,
+TRYAGAIN, a slot not covered, redirections exhausted) is `RedisUnavailable`; keys in different
+slots (CROSSSLOT, the client's own check, a script touching an undeclared key on another slot), a
+MOVED seen by a plain client and a MULTI/EXEC pipeline on the cluster client are the base
+`RedisError`, whose message says kcp does not support Redis Cluster yet (issue 20).
 """
 
 from __future__ import annotations
@@ -62,8 +69,49 @@ _RULES: tuple[tuple[type[Exception], re.Pattern[str] | None, type[RedisError]], 
     (rex.ResponseError, re.compile(r"The user executing the script can't"), PermissionDenied),  # 6, 7.0
     (rex.ResponseError, _code("READONLY"), ReadOnly),
     (rex.ResponseError, _code("WRONGTYPE"), WrongData),
-    (rex.ResponseError, _code("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"), RedisUnavailable),
+    (rex.ResponseError, _code("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"), RedisUnavailable),
     (rex.DataError, None, WrongData),  # a value redis-py cannot encode
+    # Redis Cluster. redis-py's cluster client strips the code from the text of the replies it
+    # types (ClusterDownError is "The cluster is down"), so these go by type. A failover or a
+    # resharding under way passes: the client re-reads the slot table and the caller retries.
+    (rex.ClusterError, None, RedisUnavailable),  # CLUSTERDOWN, MASTERDOWN; "TTL exhausted" redirections
+    (rex.TryAgainError, None, RedisUnavailable),  # a multi-key command during a slot's migration
+    (rex.SlotNotCoveredError, None, RedisUnavailable),
+    (rex.ClusterCrossSlotError, None, RedisError),  # CROSSSLOT: the keys are in different slots
+    (rex.AskError, None, RedisUnavailable),  # MOVED/ASK the cluster client did not follow in time
+    # the client's view of the slots is incomplete or changing: it re-reads the slot table
+    (
+        rex.RedisClusterException,
+        re.compile(r"cannot be connected|not covered|could not agree|No targets were found"),
+        RedisUnavailable,
+    ),
+    # any other RedisClusterException is the client's own refusal, the base RedisError: keys it sees
+    # in different slots (before sending), no MULTI/EXEC, a command without a key to route by
+)
+
+#: Why a command failed on Redis Cluster that would succeed on one server, for the base RedisError:
+#: (what the text says, the label, what to do). kcp's keys are not sharded yet (issue 20).
+_CLUSTER_HINTS: tuple[tuple[re.Pattern[str], str, str], ...] = (
+    (
+        re.compile(r"CROSSSLOT|don't hash to the same slot|must map to the same key slot|non local key"),
+        "keys in different Redis Cluster hash slots",
+        "kcp's keys are not laid out for Redis Cluster yet (issue 20)",
+    ),
+    (
+        re.compile(r"^(?:Error running script .*?: )?(?:MOVED|ASK) \d+ "),
+        "the server is a Redis Cluster node",
+        "kcp does not support Redis Cluster yet (issue 20); point the URL at a single Redis or Sentinel",
+    ),
+    (
+        re.compile(r"transaction is deprecated in cluster mode|No way to dispatch this command"),
+        "a command the Redis Cluster client does not send (MULTI/EXEC, or no key to route by)",
+        "kcp does not support Redis Cluster yet (issue 20)",
+    ),
+    (
+        re.compile(r"cluster support disabled"),
+        "not a Redis Cluster node",
+        "a redis+cluster:// URL needs servers with cluster-enabled yes; use redis:// for a single Redis",
+    ),
 )
 
 _LABELS: dict[type[RedisError], str] = {
@@ -133,6 +181,10 @@ def annotate(exc: BaseException, where: Where, command: Sequence[object] = ()) -
 
 def translate(exc: Exception) -> RedisError:
     """The kcp exception for a redis-py one: the most specific type, a message saying what to fix."""
+    inner = _underlying(exc)
+    if inner is not None:
+        annotate(inner, getattr(exc, _ATTRIBUTE, None) or Where())
+        return translate(inner)
     kind: type[RedisError] = RedisError
     text = str(exc)
     for source, pattern, target in _RULES:
@@ -148,7 +200,25 @@ def translate(exc: Exception) -> RedisError:
     what = _what(where.command, text)
     user = f" for user {where.user}" if kind is PermissionDenied and where.user else ""
     at = f" at {where.url}" if where.url else ""
-    return kind(f"{_LABELS[kind]}{user}{at}{': ' + what if what else ''}: {text}")
+    label, hint = _LABELS[kind], ""
+    if kind is RedisError:
+        label, hint = next(((lb, f" ({h})") for p, lb, h in _CLUSTER_HINTS if p.search(text)), (label, ""))
+    return kind(f"{label}{user}{at}{': ' + what if what else ''}: {text}{hint}")
+
+
+def _underlying(exc: Exception) -> Exception | None:
+    """The error a cluster client's start-up wraps: "Redis Cluster cannot be connected" has the last
+    node's failure as its cause (refused, WRONGPASS, ...), and "Cluster mode is not enabled on this
+    node" the server's reply to CLUSTER SLOTS as its context (NOPERM, or a server without cluster
+    mode). That one says what to fix; the wrapper does not."""
+    if not isinstance(exc, rex.RedisClusterException):
+        return None
+    text = str(exc)
+    if text.startswith("Redis Cluster cannot be connected") and isinstance(exc.__cause__, _REDIS_PY_ERRORS):
+        return exc.__cause__
+    if text.startswith("Cluster mode is not enabled") and isinstance(exc.__context__, rex.RedisError):
+        return exc.__context__
+    return None
 
 
 def _what(command: tuple[str, ...], text: str) -> str:
@@ -217,7 +287,12 @@ def error_reply(reply: object) -> bool:
     return isinstance(reply, rex.ResponseError)
 
 
-def _mapped(exc: rex.RedisError, where: Where | None) -> RedisError:
+#: What `map_redis_errors` translates: redis-py's errors, and its cluster client's own exceptions
+#: (RedisClusterException is not a RedisError).
+_REDIS_PY_ERRORS = (rex.RedisError, rex.RedisClusterException)
+
+
+def _mapped(exc: rex.RedisError | rex.RedisClusterException, where: Where | None) -> RedisError:
     if where is not None:
         annotate(exc, where)
     return translate(exc)
@@ -229,7 +304,7 @@ def map_redis_errors(where: Where | None = None) -> Iterator[None]:
     what the block talks to, when the client does not."""
     try:
         yield
-    except rex.RedisError as exc:
+    except _REDIS_PY_ERRORS as exc:
         raise _mapped(exc, where) from exc
 
 
@@ -238,5 +313,5 @@ async def amap_redis_errors(where: Where | None = None) -> AsyncIterator[None]:
     """Async flavour of `map_redis_errors` for `async with` blocks."""
     try:
         yield
-    except rex.RedisError as exc:
+    except _REDIS_PY_ERRORS as exc:
         raise _mapped(exc, where) from exc

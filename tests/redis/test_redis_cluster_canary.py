@@ -1,0 +1,450 @@
+"""What redis-py's Redis Cluster client gives kcp, pinned against a local 3-master cluster with a
+replica each (the session's `redis_cluster` fixture), so that the sharding design (issue 20) rests
+on facts and an upgrade of redis-py that changes one fails here.
+
+docs/architecture.md ("Redis Cluster: what the client gives") lists these facts; each names the
+test that backs it. Until kcp's keys are sharded every kcp process refuses a cluster URL at
+start-up (the last tests), and only this file runs with `pytest --redis-cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis.exceptions as rex
+from redis import Redis as SyncRedis
+from redis.asyncio.connection import SSLConnection
+
+from controlplane.client.core import KcpClient
+from controlplane.errors import (
+    EXIT_BAD_INPUT,
+    AuthenticationFailed,
+    InvalidRequest,
+    RedisError,
+    RedisUnavailable,
+    exit_code,
+)
+from controlplane.ops.cli.main import main as kcp_main
+from controlplane.ops.redis_server import RedisClusterProcess
+from controlplane.redis.connect import (
+    CLUSTER_UNSUPPORTED,
+    RESP,
+    AsyncRedisCluster,
+    SyncRedisCluster,
+    connect,
+    connect_sync,
+    parse_cluster_url,
+    wait_for_redis,
+)
+from controlplane.redis.errors import amap_redis_errors, map_redis_errors, translate
+from controlplane.redis.lua import Script
+from controlplane.redis.scripts.call import Call
+from controlplane.settings import Settings
+
+pytestmark = [pytest.mark.redis_cluster, pytest.mark.timeout(60)]
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+#: Nothing listens on port 1: a URL that must be refused before any connection is tried.
+NOWHERE = "redis+cluster://127.0.0.1:1,127.0.0.1:2"
+
+
+async def _cluster_client(url: str) -> AsyncRedisCluster:
+    client = connect(url, allow_cluster=True)
+    assert isinstance(client, AsyncRedisCluster)
+    return client
+
+
+async def _until(fn: Callable[[], Awaitable[T]], limit: float) -> tuple[T, float]:
+    """Retry `fn` on RedisUnavailable (what kcp's callers do) until it succeeds; its result and
+    how long that took."""
+    start = time.monotonic()
+    while True:
+        try:
+            async with amap_redis_errors():
+                return await fn(), time.monotonic() - start
+        except RedisUnavailable:
+            if time.monotonic() - start > limit:
+                raise
+            await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------------ URLs (no server)
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("url", "nodes", "node_url"),
+    [
+        ("redis+cluster://h1:7000", (("h1", 7000),), "redis://h1:7000/0"),
+        (
+            "redis+cluster://u:p%40ss@h1:7000,h2:7001/0",
+            (("h1", 7000), ("h2", 7001)),
+            "redis://u:p%40ss@h1:7000/0",
+        ),
+        ("redis+cluster://[::1]:7000,h2:7001/", (("::1", 7000), ("h2", 7001)), "redis://[::1]:7000/0"),
+        (
+            "rediss+cluster://h1:7000?ssl_ca_certs=/ca.crt&ssl_check_hostname=true",
+            (("h1", 7000),),
+            "rediss://h1:7000/0?ssl_ca_certs=/ca.crt&ssl_check_hostname=true",
+        ),
+    ],
+)
+def test_a_cluster_url_names_its_startup_nodes(url: str, nodes: tuple[Any, ...], node_url: str) -> None:
+    spec = parse_cluster_url(url)
+    assert spec.nodes == nodes
+    assert spec.node_url == node_url
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://", "is not host:port"),
+        ("redis+cluster://h1:7000,h2", "'h2' is not host:port"),
+        ("redis+cluster://h1:99999", "port 1-65535"),
+        ("redis+cluster://h1:7000/3", "only database 0"),
+        ("redis+cluster://u:hunter2@h1:7000/mymaster", "only database 0"),
+        ("redis+cluster://h1:7000?db=2", "only database 0"),
+    ],
+)
+def test_a_bad_cluster_url_is_bad_input_that_says_what_to_fix(url: str, message: str) -> None:
+    for make in (connect, connect_sync):
+        with pytest.raises(InvalidRequest, match=message) as caught:
+            make(url, allow_cluster=True)
+        assert "hunter2" not in str(caught.value)
+        assert exit_code(caught.value) == EXIT_BAD_INPUT
+        with pytest.raises(InvalidRequest, match=message):  # the URL's fault first, not "unsupported"
+            make(url)
+
+
+@pytest.mark.unit
+def test_the_cluster_client_asks_for_resp2_and_carries_the_tls_settings(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read until a connection is made")
+    settings = Settings(redis_url="rediss+cluster://u:pw@h1:7000,h2:7001", redis_tls_ca_file=ca)
+    assert settings.redis_url.startswith("rediss+cluster://u:pw@h1:7000,h2:7001")
+    assert "ssl_check_hostname=true" in settings.redis_url
+    client = connect(settings.redis_url, allow_cluster=True)
+    assert isinstance(client, AsyncRedisCluster)
+    kwargs = client.connection_kwargs
+    assert (kwargs["protocol"], kwargs["decode_responses"]) == (RESP, True)
+    assert (kwargs["username"], kwargs["password"]) == ("u", "pw")
+    assert kwargs["connection_class"] is SSLConnection
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_check_hostname"]) == (str(ca), True)
+    assert sorted(client.nodes_manager.startup_nodes) == ["h1:7000", "h2:7001"]
+    # the blocking cluster client reads the slot table in its constructor (the asyncio one on first use)
+    with pytest.raises(RedisUnavailable, match="Connection refused"):
+        connect_sync(NOWHERE, allow_cluster=True)
+    with pytest.raises(ValueError, match="need a rediss:// URL"):
+        Settings(redis_url="redis+cluster://h1:7000", redis_tls_ca_file=ca)
+
+
+@pytest.mark.unit
+def test_kcp_refuses_a_cluster_url_until_its_keys_are_sharded() -> None:
+    for make in (connect, connect_sync):
+        with pytest.raises(InvalidRequest) as caught:
+            make(NOWHERE)
+        assert str(caught.value).startswith(CLUSTER_UNSUPPORTED)
+        assert "issue 20" in str(caught.value)
+    with pytest.raises(InvalidRequest, match="Redis Cluster is not supported yet"):
+        KcpClient(Settings(redis_url=NOWHERE))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("exc", "kind", "says"),
+    [
+        (rex.ClusterDownError("The cluster is down"), RedisUnavailable, "cluster is down"),
+        (rex.MasterDownError("Link with MASTER is down"), RedisUnavailable, "MASTER"),
+        (rex.TryAgainError(), RedisUnavailable, "unavailable"),
+        (rex.ClusterError("TTL exhausted."), RedisUnavailable, "TTL"),
+        (rex.MovedError("3999 127.0.0.1:7002"), RedisUnavailable, "3999"),
+        (rex.SlotNotCoveredError('Slot "5" is not covered'), RedisUnavailable, "not covered"),
+        (rex.RedisClusterException("All slots are not covered after query"), RedisUnavailable, "covered"),
+        (rex.ResponseError("CLUSTERDOWN The cluster is down"), RedisUnavailable, "CLUSTERDOWN"),
+        (rex.ClusterCrossSlotError("Keys in request don't hash to the same slot"), RedisError, "issue 20"),
+        (rex.ResponseError("CROSSSLOT Keys in request don't hash to the same slot"), RedisError, "slots"),
+        (rex.RedisClusterException("EVALSHA - all keys must map to the same key slot"), RedisError, "slots"),
+        (rex.ResponseError("MOVED 3999 127.0.0.1:7002"), RedisError, "is a Redis Cluster node"),
+        (rex.RedisClusterException("transaction is deprecated in cluster mode"), RedisError, "MULTI/EXEC"),
+        (rex.RedisClusterException("No way to dispatch this command to Redis Cluster."), RedisError, "route"),
+    ],
+)
+def test_the_cluster_clients_errors_map_to_kcp_types(
+    exc: Exception, kind: type[RedisError], says: str
+) -> None:
+    mapped = translate(exc)
+    assert type(mapped) is kind
+    assert says in str(mapped)
+    if kind is RedisError:
+        assert not mapped.transient and "issue 20" in str(mapped)
+
+
+# ------------------------------------------------------------------ against the cluster
+@pytest.mark.integration
+async def test_a_cluster_url_reaches_every_master_and_every_connection_speaks_resp2(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    r = await _cluster_client(redis_cluster_url)
+    try:
+        assert await wait_for_redis(r, log=logging.getLogger("test"), what="canary")
+        keys = [f"k{i}" for i in range(30)]
+        for key in keys:
+            await r.set(key, key)
+        assert [await r.get(key) for key in keys] == keys
+        masters = {redis_cluster.master_of_key(key).port for key in keys}
+        assert len(masters) == 3  # the keys did spread over the masters
+        infos = await r.execute_command("CLIENT", "INFO", target_nodes=AsyncRedisCluster.PRIMARIES)
+        assert len(infos) == 3 and all("resp=2" in info for info in infos.values())
+    finally:
+        await r.aclose()
+    with connect_sync(redis_cluster_url, allow_cluster=True) as sync:
+        assert isinstance(sync, SyncRedisCluster)
+        infos = sync.execute_command("CLIENT", "INFO", target_nodes=SyncRedisCluster.PRIMARIES)
+        assert len(infos) == 3 and all("resp=2" in info for info in infos.values())
+
+
+@pytest.mark.integration
+async def test_a_script_whose_keys_share_a_hash_tag_runs_once_loaded_as_one_word(
+    redis_cluster_url: str,
+) -> None:
+    r = await _cluster_client(redis_cluster_url)
+    script = Script.of("canary", "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
+    call = Call(script, ["{cluster:a}:record", "{cluster:a}:version"], ["x"], int)
+    try:
+        # kcp's NOSCRIPT fallback sends SCRIPT LOAD as two words, which the cluster client tries to
+        # route by key and fails on in its command parser (not even a redis-py error) ...
+        with pytest.raises(ValueError, match="range"):
+            await call.run(r)  # type: ignore[arg-type]  # Call does not admit the cluster client yet
+        # ... while "SCRIPT LOAD" as one command name goes to every master
+        assert await r.execute_command("SCRIPT LOAD", script.source) == script.sha
+        exists = await r.execute_command(
+            "SCRIPT", "EXISTS", script.sha, target_nodes=AsyncRedisCluster.PRIMARIES
+        )
+        assert list(exists.values()) == [[1]] * 3
+        assert await call.run(r) == 1  # type: ignore[arg-type]
+        assert await call.run(r) == 2  # type: ignore[arg-type]
+        assert await r.get("{cluster:a}:record") == "x"
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.integration
+async def test_keys_in_different_slots_are_refused_with_a_typed_error(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    r = await _cluster_client(redis_cluster_url)
+    try:
+        # the cluster client checks the declared keys itself and sends nothing
+        with pytest.raises(RedisError, match="keys in different Redis Cluster hash slots") as caught:
+            async with amap_redis_errors():
+                await r.eval("return 1", 2, "{a}:x", "{b}:x")
+        assert not caught.value.transient and "issue 20" in str(caught.value)
+        assert isinstance(caught.value.__cause__, rex.RedisClusterException)
+        # a script that touches a key it did not declare (claim.lua, rebind.lua do): refused when
+        # that key's slot is on another node; allowed, on this Redis, when it is on the same node
+        home = redis_cluster.master_of_key("{a}:x")
+        slot = redis_cluster.keyslot("{a}:x")
+        keys = [f"k{i}" for i in range(200)]
+        there = next(k for k in keys if redis_cluster.master_of_key(k) is not home)
+        here = next(
+            k for k in keys if redis_cluster.master_of_key(k) is home and redis_cluster.keyslot(k) != slot
+        )
+        touch = "return redis.call('GET', ARGV[1])"
+        with pytest.raises(RedisError, match="non local key") as caught:
+            async with amap_redis_errors():
+                await r.eval(touch, 1, "{a}:x", there)
+        assert "keys in different Redis Cluster hash slots" in str(caught.value)
+        assert await r.eval(touch, 1, "{a}:x", here) is None
+    finally:
+        await r.aclose()
+    # the server's own CROSSSLOT, through a plain connection to one node
+    node = redis_cluster.masters()[0]
+    plain = connect(node.url)
+    try:
+        with pytest.raises(RedisError, match="CROSSSLOT") as caught:
+            async with amap_redis_errors():
+                await plain.eval("return 1", 2, "{a}:x", "{b}:x")
+        assert "keys in different Redis Cluster hash slots" in str(caught.value)
+    finally:
+        await plain.aclose()
+
+
+@pytest.mark.integration
+async def test_no_multi_exec_no_pubsub_but_plain_pipelines_across_nodes(redis_cluster_url: str) -> None:
+    r = await _cluster_client(redis_cluster_url)
+    try:
+        with pytest.raises(RedisError, match="MULTI/EXEC"), map_redis_errors():
+            r.pipeline(transaction=True)
+        with pytest.raises(RedisError, match="no key to route by"):
+            async with amap_redis_errors():
+                await r.execute_command("MULTI")
+        # a non-transactional pipeline is split per node and its replies come back in order
+        pipe = r.pipeline(transaction=False)
+        for i in range(6):
+            pipe.set(f"p{i}", i)
+        pipe.get("p0").get("p5")
+        assert await pipe.execute() == [True] * 6 + ["0", "5"]
+        # asyncio: no pub/sub, no PUBLISH method, no connection_pool (what kcp's Channel takes over);
+        # sharded pub/sub's SPUBLISH routes by its channel
+        assert not hasattr(r, "pubsub") and not hasattr(r, "publish")
+        assert not hasattr(r, "connection_pool")
+        assert await r.execute_command("SPUBLISH", "canary", "x") == 0
+    finally:
+        await r.aclose()
+    with connect_sync(redis_cluster_url, allow_cluster=True) as sync:
+        assert isinstance(sync, SyncRedisCluster)
+        pubsub = sync.pubsub()  # the blocking client has one
+        pubsub.close()
+
+
+@pytest.mark.integration
+async def test_acl_credentials_reach_every_node_and_a_wrong_password_is_not_waited_for(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    for node in redis_cluster.nodes:  # ACL users are per node: a cluster needs them on each
+        with SyncRedis.from_url(node.url) as admin:
+            admin.acl_setuser("canary", enabled=True, passwords=["+s3cret"], commands=["+@all"], keys=["*"])
+    user_url = redis_cluster_url.replace("redis+cluster://", "redis+cluster://canary:s3cret@")
+    try:
+        r = await _cluster_client(user_url)
+        try:
+            whoami = await r.execute_command("ACL", "WHOAMI", target_nodes=AsyncRedisCluster.PRIMARIES)
+            assert set(whoami.values()) == {"canary"}
+        finally:
+            await r.aclose()
+        wrong = await _cluster_client(user_url.replace("s3cret", "wrong"))
+        try:
+            with pytest.raises(AuthenticationFailed, match="user canary") as caught:
+                await asyncio.wait_for(wait_for_redis(wrong, log=logging.getLogger("test"), what="x"), 10)
+            assert "wrong" not in str(caught.value)
+        finally:
+            await wrong.aclose()
+    finally:
+        for node in redis_cluster.nodes:
+            with SyncRedis.from_url(node.url) as admin:
+                admin.acl_deluser("canary")
+
+
+@pytest.mark.integration
+async def test_an_unreachable_cluster_is_waited_for() -> None:
+    r = await _cluster_client(NOWHERE)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stop.set)
+    try:
+        assert await wait_for_redis(r, log=logging.getLogger("test"), what="canary", stop=stop) is False
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.integration
+async def test_after_a_resharding_the_client_follows_moved(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    key = "{resharded}:k"
+    slot = redis_cluster.keyslot(key)
+    home = redis_cluster.master_of_slot(slot)
+    elsewhere = next(m for m in redis_cluster.masters() if m is not home)
+    r = await _cluster_client(redis_cluster_url)
+    plain = connect(home.url)
+    try:
+        await r.set(key, "v")
+        assert r.get_node_from_key(key).port == home.port
+        redis_cluster.move_slot(slot, elsewhere)
+        assert await r.get(key) == "v"  # MOVED from the old master, followed
+        assert r.get_node_from_key(key).port == elsewhere.port  # and the slot table patched
+        # a plain client on the old master: a typed error saying it is a cluster node
+        with pytest.raises(RedisError, match="the server is a Redis Cluster node") as caught:
+            async with amap_redis_errors():
+                await plain.get(key)
+        assert f"MOVED {slot} " in str(caught.value) and "issue 20" in str(caught.value)
+    finally:
+        await plain.aclose()
+        await r.aclose()
+        redis_cluster.move_slot(slot, home)
+
+
+@pytest.mark.integration
+async def test_after_a_master_failover_the_client_recovers_with_the_data_and_scripts(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    key = "{failover}:k"
+    master = redis_cluster.master_of_key(key)
+    r = await _cluster_client(redis_cluster_url)
+    call = Call(Script.of("canary-failover", "return redis.call('INCR', KEYS[1])"), [key], [], int)
+    try:
+        await r.execute_command("SCRIPT LOAD", call.script.source)
+        assert await call.run(r) == 1  # type: ignore[arg-type]
+        # acknowledged by the replica (AOF, appendfsync always) before the master dies
+        node = r.get_node_from_key(key)
+        assert await r.execute_command("WAIT", 1, 2000, target_nodes=node) == 1
+        redis_cluster.kill(master)
+        killed = time.monotonic()
+        with pytest.raises(RedisUnavailable):  # before the promotion: a transient kcp error
+            async with amap_redis_errors():
+                await r.get(key)
+        failed_after = time.monotonic() - killed
+        value, _ = await _until(lambda: r.get(key), limit=15)
+        answered_after = time.monotonic() - killed
+        print(
+            f"failover: first GET failed {failed_after:.2f}s, answered {answered_after:.2f}s after the kill"
+        )
+        assert value == "1" and answered_after < 10
+        new_master = redis_cluster.master_of_key(key)
+        assert new_master is not master and new_master.alive()
+        # the promoted replica never saw SCRIPT LOAD: NOSCRIPT until it is loaded again
+        with pytest.raises(rex.NoScriptError):
+            await r.evalsha(call.script.sha, 1, key)
+        await r.execute_command("SCRIPT LOAD", call.script.source)
+        assert await call.run(r) == 2  # type: ignore[arg-type]
+    finally:
+        await r.aclose()
+        redis_cluster.restart(master)  # it rejoins as the new master's replica
+    assert master in redis_cluster.replicas()
+
+
+# ------------------------------------------------------------------ kcp processes today
+@pytest.mark.integration  # runs `kcp` in subprocesses, no Redis: refused before connecting
+@pytest.mark.parametrize("command", [["serve"], ["agent", "--name", "a1"]])
+def test_kcp_serve_and_agent_exit_2_with_one_line_on_a_cluster_url(command: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KCP_REDIS_URL": NOWHERE}
+    proc = subprocess.run(
+        [sys.executable, "-m", "controlplane.ops.cli", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Redis Cluster is not supported yet" in lines[0] and "issue 20" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.unit
+def test_kcp_commands_report_the_cluster_url_as_bad_input_in_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kcp_main(["--redis-url", NOWHERE, "--json", "cluster", "list"]) == EXIT_BAD_INPUT
+    error = json.loads(capsys.readouterr().out)
+    assert error["error_type"] == "InvalidRequest" and error["exit_code"] == EXIT_BAD_INPUT
+    assert "Redis Cluster is not supported yet" in error["error"]
+
+
+@pytest.mark.integration
+async def test_the_redis_url_fixture_follows_the_redis_cluster_option(
+    request: pytest.FixtureRequest, redis_url: str, redis: Any
+) -> None:
+    on_cluster = bool(request.config.getoption("--redis-cluster"))
+    assert redis_url.startswith("redis+cluster://") is on_cluster
+    assert isinstance(redis, AsyncRedisCluster) is on_cluster
+    await redis.set("{fixture}:k", "v")
+    assert await redis.get("{fixture}:k") == "v"
