@@ -98,7 +98,8 @@ _CLUSTER_HINTS: tuple[tuple[re.Pattern[str], str, str], ...] = (
         "kcp's keys are not laid out for Redis Cluster yet (issue 20)",
     ),
     (
-        re.compile(r"^(?:Error running script .*?: )?(?:MOVED|ASK) \d+ "),
+        # alone, inside a script, or in a pipeline's "Command # 2 (SADD ...) of pipeline caused error: "
+        re.compile(r"(?:^|: |\(')(?:MOVED|ASK) \d+ "),
         "the server is a Redis Cluster node",
         "kcp does not support Redis Cluster yet (issue 20); point the URL at a single Redis or Sentinel",
     ),

@@ -175,6 +175,13 @@ def test_kcp_refuses_a_cluster_url_until_its_keys_are_sharded() -> None:
         (rex.ResponseError("CROSSSLOT Keys in request don't hash to the same slot"), RedisError, "slots"),
         (rex.RedisClusterException("EVALSHA - all keys must map to the same key slot"), RedisError, "slots"),
         (rex.ResponseError("MOVED 3999 127.0.0.1:7002"), RedisError, "is a Redis Cluster node"),
+        (  # what the agent's registration pipeline reports
+            rex.ResponseError(
+                "Command # 2 (SADD kcp:agents a1) of pipeline caused error: ('MOVED 13337 127.0.0.1:7001',)"
+            ),
+            RedisError,
+            "is a Redis Cluster node",
+        ),
         (rex.RedisClusterException("transaction is deprecated in cluster mode"), RedisError, "MULTI/EXEC"),
         (rex.RedisClusterException("No way to dispatch this command to Redis Cluster."), RedisError, "route"),
     ],
