@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from controlplane.errors import RedisError
+from controlplane.errors import InvalidRequest, RedisError
 from controlplane.ops.redis_server import RedisServerProcess, free_port, start_redis_server
 from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import map_redis_errors
@@ -34,6 +34,8 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
     except RedisError as exc:
         if exc.transient:
             return False
+        raise
+    except InvalidRequest:  # a URL kcp cannot use (e.g. redis+cluster://): no Redis to start
         raise
     except (OSError, ValueError):
         return False

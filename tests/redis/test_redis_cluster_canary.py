@@ -421,8 +421,8 @@ async def test_after_a_master_failover_the_client_recovers_with_the_data_and_scr
 
 # ------------------------------------------------------------------ kcp processes today
 @pytest.mark.integration  # runs `kcp` in subprocesses, no Redis: refused before connecting
-@pytest.mark.parametrize("command", [["serve"], ["agent", "--name", "a1"]])
-def test_kcp_serve_and_agent_exit_2_with_one_line_on_a_cluster_url(command: list[str]) -> None:
+@pytest.mark.parametrize("command", [["serve"], ["agent", "--name", "a1"], ["up", "--agents", "1"]])
+def test_kcp_serve_agent_and_up_exit_2_with_one_line_on_a_cluster_url(command: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KCP_REDIS_URL": NOWHERE}
     proc = subprocess.run(
         [sys.executable, "-m", "controlplane.ops.cli", *command],
