@@ -35,7 +35,7 @@ from controlplane.errors import (
     exit_code,
 )
 from controlplane.ops.cli.main import main as kcp_main
-from controlplane.ops.redis_server import RedisClusterProcess
+from controlplane.ops.redis_server import RedisClusterProcess, start_redis_cluster
 from controlplane.redis.connect import (
     CLUSTER_UNSUPPORTED,
     RESP,
@@ -455,3 +455,18 @@ async def test_the_redis_url_fixture_follows_the_redis_cluster_option(
     assert isinstance(redis, AsyncRedisCluster) is on_cluster
     await redis.set("{fixture}:k", "v")
     assert await redis.get("{fixture}:k") == "v"
+
+
+@pytest.mark.unit
+def test_the_cluster_fixture_refuses_a_cluster_without_masters(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one master"):
+        start_redis_cluster(data_dir=tmp_path, masters=0)
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.integration
+def test_the_cluster_fixture_names_every_node_in_its_url(redis_cluster: RedisClusterProcess) -> None:
+    spec = parse_cluster_url(redis_cluster.url)
+    assert [port for _, port in spec.nodes] == [node.port for node in redis_cluster.nodes]
+    assert len(redis_cluster.masters()) == 3 and len(redis_cluster.replicas()) == 3
+    assert 6379 not in {node.port for node in redis_cluster.nodes}
