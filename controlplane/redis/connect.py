@@ -113,7 +113,7 @@ def parse_cluster_url(url: str) -> ClusterUrl:
             raise ValueError(f"cluster node {item!r} is not host:port (port 1-65535), in {redact_url(url)!r}")
         nodes.append((host.strip("[]"), int(port)))
     if parts.path not in ("", "/", "/0") or parse_qs(parts.query).get("db", ["0"]) != ["0"]:
-        raise ValueError(f"a Redis Cluster has only database 0: drop {parts.path!r} from {redact_url(url)!r}")
+        raise ValueError(f"a Redis Cluster has only database 0: drop the database from {redact_url(url)!r}")
     first, first_port = nodes[0]
     netloc = f"{userinfo}{at}{f'[{first}]' if ':' in first else first}:{first_port}"
     scheme = "rediss" if parts.scheme == "rediss+cluster" else "redis"
@@ -361,8 +361,8 @@ async def wait_for_redis(
 
     A failure that needs a person (a wrong password, an ACL denial) is raised at once, so the
     process exits at start-up saying what to fix; an unreachable or loading server is waited
-    for, with its reason logged once per change rather than once per attempt. A cluster client's
-    PING goes to every node, so it answers once the whole cluster does."""
+    for, with its reason logged once per change rather than once per attempt. A cluster client
+    sends PING to every node it knows (from CLUSTER SLOTS), so it answers once they all do."""
     backoff, told, url = Backoff(0.1, 2.0), "", where_of(redis).url
     stop = stop or asyncio.Event()
     while not stop.is_set():
