@@ -380,9 +380,11 @@ class Placement:
     uss_mib: list[float]  # of each kernel
     server_uss_mib: float  # the fork server's (0 without one)
     drain: float  # destroy_cluster(wait=...): its kernels drained and exited
+    running: int  # when all ran, or at the time limit
+    agent_deaths: int  # times the leader declared the agent dead meanwhile (a starved main loop)
 
 
-async def place_on_one_agent(url: str, n: int, fork_server: bool) -> Placement:
+async def place_on_one_agent(url: str, n: int, fork_server: bool, limit: float = 240.0) -> Placement:
     """A real `kcp agent --slots n` (and a leader): one cluster of `n` kernels, timed until all
     run; the agent's CPU and its children's (the fork server, the kernels) meanwhile."""
     env = {**os.environ, "KCP_REDIS_URL": url}
@@ -399,11 +401,18 @@ async def place_on_one_agent(url: str, n: int, fork_server: bool) -> Placement:
         cpu0, _ = tree_cpu(ps)
         t0 = time.monotonic()
         async with KcpClient(Settings(redis_url=url)) as kcp:
+            dead0 = int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0)
             await kcp.create_cluster(name, n, {"max_kernels": n}, wait=0)
-            await until(lambda: settled(r, {name: n}), 600, "kernels placed")
-            seconds = time.monotonic() - t0
+            try:
+                await until(lambda: settled(r, {name: n}), limit, "kernels placed")
+                seconds = time.monotonic() - t0
+            except TimeoutError:
+                seconds = math.inf
             cpu1, children = tree_cpu(ps)
-            kernel_pids = {k.pid for k in await State(r, KEYS).kernels(name)}
+            kernels = await State(r, KEYS).kernels(name)
+            running = sum(k.state is KernelState.RUNNING for k in kernels)
+            deaths = int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0) - dead0
+            kernel_pids = {k.pid for k in kernels}
             uss = [p.memory_full_info().uss / 2**20 for p in children if p.pid in kernel_pids]
             server = [p.memory_full_info().uss / 2**20 for p in children if p.pid not in kernel_pids]
             t1 = time.monotonic()
@@ -417,7 +426,7 @@ async def place_on_one_agent(url: str, n: int, fork_server: bool) -> Placement:
             agent.kill()
             await agent.wait()
     mode = "fork server" if fork_server else "exec (--no-fork-server)"
-    return Placement(mode, n, seconds, cpu1 - cpu0, uss, sum(server), drain)
+    return Placement(mode, n, seconds, cpu1 - cpu0, uss, sum(server), drain, running, deaths)
 
 
 def redis_connections(pid: int, port: int) -> int:
@@ -655,9 +664,11 @@ async def startup(url: str, port: int, place: int) -> None:
         for fork_server in (True, False) if place else ():
             p = await place_on_one_agent(url, place, fork_server)
             print(
-                f"  {p.kernels} kernels on one real agent, {p.mode}: all running after {p.seconds:.1f}s, "
+                f"  {p.kernels} kernels on one agent, {p.mode}: {p.running} running after {p.seconds:.1f}s "
+                f"(agent declared dead {p.agent_deaths} times meanwhile), "
                 f"agent+fork server+kernels CPU {p.cpu:.1f}s ({p.cpu / p.kernels * 1000:.0f} ms per kernel); "
-                f"USS per kernel median {statistics.median(p.uss_mib):.1f} MiB (max {max(p.uss_mib):.1f}), "
+                f"USS per kernel median {statistics.median(p.uss_mib or [math.nan]):.1f} MiB "
+                f"(max {max(p.uss_mib or [math.nan]):.1f}), "
                 f"fork server {p.server_uss_mib:.1f} MiB; cluster destroyed in {p.drain:.1f}s  [{uptime()}]",
                 flush=True,
             )
