@@ -378,7 +378,7 @@ class Placement:
     seconds: float  # from create_cluster until all run
     cpu: float  # of the agent and its process tree meanwhile
     uss_mib: list[float]  # of each kernel
-    server_uss_mib: float  # the fork server's (0 without one)
+    server_uss_mib: float  # the agent's other children: its fork server (or kernels it lost)
     drain: float  # destroy_cluster(wait=...): its kernels drained and exited
     running: int  # when all ran, or at the time limit
     agent_deaths: int  # times the leader declared the agent dead meanwhile (a starved main loop)
@@ -386,7 +386,8 @@ class Placement:
 
 async def place_on_one_agent(url: str, n: int, fork_server: bool, limit: float = 240.0) -> Placement:
     """A real `kcp agent --slots n` (and a leader): one cluster of `n` kernels, timed until all
-    run; the agent's CPU and its children's (the fork server, the kernels) meanwhile."""
+    run (or `limit`); the CPU of the agent and its live children (fork server, kernels) meanwhile:
+    a kernel that died before the end is not counted."""
     env = {**os.environ, "KCP_REDIS_URL": url}
     cmd = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING", "agent"]
     cmd += ["--name", f"place-{int(fork_server)}", "--slots", str(n)]
@@ -669,7 +670,8 @@ async def startup(url: str, port: int, place: int) -> None:
                 f"agent+fork server+kernels CPU {p.cpu:.1f}s ({p.cpu / p.kernels * 1000:.0f} ms per kernel); "
                 f"USS per kernel median {statistics.median(p.uss_mib or [math.nan]):.1f} MiB "
                 f"(max {max(p.uss_mib or [math.nan]):.1f}), "
-                f"fork server {p.server_uss_mib:.1f} MiB; cluster destroyed in {p.drain:.1f}s  [{uptime()}]",
+                f"other children (the fork server) {p.server_uss_mib:.1f} MiB; "
+                f"cluster destroyed in {p.drain:.1f}s  [{uptime()}]",
                 flush=True,
             )
     finally:
