@@ -2,15 +2,19 @@
 
     .venv/bin/python bench/fleet.py [--agents 16] [--kernels 8] [--idle 10] [--sizes 3,32,256]
                                     [--dispatches 300] [--repeat 3] [--busy 64] [--busy-rate 100]
-                                    [--skip-startup]
+                                    [--skip-startup | --only-startup] [--place 64]
 
 Every figure comes from the private redis-server this script starts (never 127.0.0.1:6379):
 commands from `INFO commandstats` deltas (commands that Lua scripts run inside Redis included),
 Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
 
 1. start-up (real processes): CPU seconds one kernel process takes to import and start (it runs
-   kernel_start.lua, finds itself unassigned and exits), against a bare `python -c pass`; the
-   Redis connections each kernel of a real `kcp agent` holds once running.
+   kernel_start.lua, finds itself unassigned and exits), exec'd as `python -m kernel_agent.kernel`
+   and forked from the agent's fork server (kernel_agent/agent/spawner.py), against a bare
+   `python -c pass`; the Redis connections each kernel of a real `kcp agent` holds once running;
+   then `--place` real kernels placed on one real `kcp agent`, with its fork server and with
+   `--no-fork-server`: wall time until all run, CPU of the agent and its process tree meanwhile,
+   USS per kernel.
 2. dispatch (in-process kernels): real `Agent`s whose kernels are real `KernelProcess` objects
    in this process (`Agent._exec` is the seam). Redis commands and Redis CPU µs per sequential
    `KcpClient.dispatch` of PING at each cluster size, less the idle traffic measured just before
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import multiprocessing
 import os
@@ -331,6 +336,100 @@ def startup_cpu(url: str) -> tuple[float, float]:
     )
 
 
+async def forked_cpu(url: str) -> float:
+    """CPU seconds per kernel forked from a real fork server (`Spawner`'s), started as the exec'd
+    ones are; the server reaps them, so their CPU is in its children's times. Median of STARTS."""
+    from kernel_agent.agent.spawner import ForkServer
+    from kernel_agent.contract import KERNEL_MODULE, KERNEL_PRELOAD
+
+    server = await ForkServer.start(KERNEL_PRELOAD)
+    env = {**os.environ, "KCP_REDIS_URL": url}
+    argv = ["--cluster", "c", "--name", "k", "--agent", "a"]
+    try:
+        ps, out = psutil.Process(server.proc.pid), []
+        for _ in range(STARTS):
+            before = ps.cpu_times()
+            kernel = await server.fork(KERNEL_MODULE, argv, env)
+            assert await kernel.wait() == EXIT_UNASSIGNED
+            after = ps.cpu_times()
+            out.append(
+                after.children_user - before.children_user + after.children_system - before.children_system
+            )
+    finally:
+        await server.close()
+    return statistics.median(out)
+
+
+def tree_cpu(proc: psutil.Process) -> tuple[float, list[psutil.Process]]:
+    """CPU seconds (user + sys) of `proc` and its live descendants, and those descendants."""
+    procs = [proc, *proc.children(recursive=True)]
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total, procs[1:]
+
+
+@dataclass(frozen=True)
+class Placement:
+    mode: str
+    kernels: int
+    seconds: float  # from create_cluster until all run
+    cpu: float  # of the agent and its process tree meanwhile
+    uss_mib: list[float]  # of each kernel
+    server_uss_mib: float  # the agent's other children: its fork server (or kernels it lost)
+    drain: float  # destroy_cluster(wait=...): its kernels drained and exited
+    running: int  # when all ran, or at the time limit
+    agent_deaths: int  # times the leader declared the agent dead meanwhile (a starved main loop)
+
+
+async def place_on_one_agent(url: str, n: int, fork_server: bool, limit: float = 240.0) -> Placement:
+    """A real `kcp agent --slots n` (and a leader): one cluster of `n` kernels, timed until all
+    run (or `limit`); the CPU of the agent and its live children (fork server, kernels) meanwhile:
+    a kernel that died before the end is not counted."""
+    env = {**os.environ, "KCP_REDIS_URL": url}
+    cmd = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING", "agent"]
+    cmd += ["--name", f"place-{int(fork_server)}", "--slots", str(n)]
+    cmd += [] if fork_server else ["--no-fork-server"]
+    agent = await asyncio.create_subprocess_exec(*cmd, env=env)
+    name = "place" if fork_server else "place-exec"
+    try:
+        r = connect(url)
+        await until(lambda: _count_agents(r, 1), 60, "agent registered")
+        await asyncio.sleep(1.0)
+        ps = psutil.Process(agent.pid)
+        cpu0, _ = tree_cpu(ps)
+        t0 = time.monotonic()
+        async with KcpClient(Settings(redis_url=url)) as kcp:
+            dead0 = int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0)
+            await kcp.create_cluster(name, n, {"max_kernels": n}, wait=0)
+            try:
+                await until(lambda: settled(r, {name: n}), limit, "kernels placed")
+                seconds = time.monotonic() - t0
+            except TimeoutError:
+                seconds = math.inf
+            cpu1, children = tree_cpu(ps)
+            kernels = await State(r, KEYS).kernels(name)
+            running = sum(k.state is KernelState.RUNNING for k in kernels)
+            deaths = int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0) - dead0
+            kernel_pids = {k.pid for k in kernels}
+            uss = [p.memory_full_info().uss / 2**20 for p in children if p.pid in kernel_pids]
+            server = [p.memory_full_info().uss / 2**20 for p in children if p.pid not in kernel_pids]
+            t1 = time.monotonic()
+            await kcp.destroy_cluster(name, wait=120)  # its kernels drain (SIGTERM) and exit
+            drain = time.monotonic() - t1
+        await r.aclose()
+        agent.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(agent.wait(), 60)
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+            await agent.wait()
+    mode = "fork server" if fork_server else "exec (--no-fork-server)"
+    return Placement(mode, n, seconds, cpu1 - cpu0, uss, sum(server), drain, running, deaths)
+
+
 def redis_connections(pid: int, port: int) -> int:
     """TCP connections of process `pid` to the Redis server on `port`."""
     return sum(1 for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
@@ -550,22 +649,41 @@ def report_fleet(
     )
 
 
-async def amain(args: argparse.Namespace, url: str, port: int) -> None:
-    print(f"uptime: {uptime()}", flush=True)
-    if not args.skip_startup:
-        print("start-up (real processes)", flush=True)
-        kernel_cpu, bare_cpu = startup_cpu(url)
-        leader = Leader(url)
-        try:
-            mean, counts, of_agent = await connections_per_kernel(url, port)
-        finally:
-            leader.stop()
+async def startup(url: str, port: int, place: int) -> None:
+    print("start-up (real processes)", flush=True)
+    kernel_cpu, bare_cpu = startup_cpu(url)
+    fork_cpu = await forked_cpu(url)
+    leader = Leader(url)
+    try:
+        mean, counts, of_agent = await connections_per_kernel(url, port)
         print(
-            f"  kernel process import+start: {kernel_cpu:.3f} s CPU (median of {STARTS}); "
-            f"bare python: {bare_cpu:.3f} s; ratio {kernel_cpu / bare_cpu:.1f}x\n"
+            f"  kernel process import+start: exec'd {kernel_cpu:.3f} s CPU, forked from the fork server "
+            f"{fork_cpu:.3f} s (medians of {STARTS}); bare python: {bare_cpu:.3f} s\n"
             f"  Redis connections per running kernel: {mean:.1f} ({counts}); of its agent: {of_agent}",
             flush=True,
         )
+        for fork_server in (True, False) if place else ():
+            p = await place_on_one_agent(url, place, fork_server)
+            print(
+                f"  {p.kernels} kernels on one agent, {p.mode}: {p.running} running after {p.seconds:.1f}s "
+                f"(agent declared dead {p.agent_deaths} times meanwhile), "
+                f"agent+fork server+kernels CPU {p.cpu:.1f}s ({p.cpu / p.kernels * 1000:.0f} ms per kernel); "
+                f"USS per kernel median {statistics.median(p.uss_mib or [math.nan]):.1f} MiB "
+                f"(max {max(p.uss_mib or [math.nan]):.1f}), "
+                f"other children (the fork server) {p.server_uss_mib:.1f} MiB; "
+                f"cluster destroyed in {p.drain:.1f}s  [{uptime()}]",
+                flush=True,
+            )
+    finally:
+        leader.stop()
+
+
+async def amain(args: argparse.Namespace, url: str, port: int) -> None:
+    print(f"uptime: {uptime()}", flush=True)
+    if not args.skip_startup:
+        await startup(url, port, args.place)
+        if args.only_startup:
+            return
     leader = Leader(url)
     try:
         print("dispatch (in-process kernels)", flush=True)
@@ -608,7 +726,10 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=64, help="size of the busy cluster (0: none)")
     parser.add_argument("--busy-rate", type=float, default=100.0, help="its dispatches/s")
     parser.add_argument("--busy-seconds", type=float, default=6.0, help="seconds measured")
-    parser.add_argument("--skip-startup", action="store_true", help="leave out the real-process stage")
+    stages = parser.add_mutually_exclusive_group()
+    stages.add_argument("--skip-startup", action="store_true", help="leave out the real-process stage")
+    stages.add_argument("--only-startup", action="store_true", help="run the real-process stage only")
+    parser.add_argument("--place", type=int, default=64, help="real kernels placed on one agent (0: none)")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server too

@@ -4,5 +4,8 @@ from __future__ import annotations
 
 #: The module the agent runs as `python -m KERNEL_MODULE --cluster C --name K --agent A ...`.
 KERNEL_MODULE = "kernel_agent.kernel"
+#: What the agent's fork server imports before it forks kernels (kernel_agent/agent/spawner.py):
+#: all a kernel loads at start, so a forked kernel imports nothing of its own.
+KERNEL_PRELOAD = ("kernel_agent.kernel.main",)
 #: Exit code when the control plane no longer assigns this kernel to our agent.
 EXIT_UNASSIGNED = 3

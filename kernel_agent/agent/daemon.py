@@ -3,14 +3,14 @@
 The control plane writes which kernels this agent should run (`agent:{name}:kernels`);
 the agent converges on that set level-triggered on every heartbeat, and at once when
 woken through `agent:{name}:wake`. Each kernel is its own OS process
-(`python -m kernel_agent.kernel`), restarted with back-off when it crashes.
+(`python -m kernel_agent.kernel`), forked from the agent's fork server when it runs
+(kernel_agent/agent/spawner.py), restarted with back-off when it crashes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -40,12 +40,11 @@ from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import ProcessSampler, RateTracker
-from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE
+from kernel_agent.agent.spawner import KernelHandle, Spawner
+from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE, KERNEL_PRELOAD
 from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 class AgentConfig(BaseModel):
@@ -59,13 +58,14 @@ class AgentConfig(BaseModel):
     arq_settings: list[str] = Field(default_factory=list, description="arq WorkerSettings paths")
     concurrency: int = Field(1, ge=1, le=1024, description="jobs each kernel runs at once")
     drain_timeout: float = Field(30.0, gt=0, description="SIGTERM grace for kernels, seconds")
+    fork_server: bool = Field(True, description="fork kernels from a pre-imported process, not exec")
 
 
 @dataclass(slots=True)
 class _Child:
     cluster: str
     kernel: str
-    proc: asyncio.subprocess.Process | None = None
+    proc: KernelHandle | None = None
     restarts: int = 0
     next_start: float = 0.0
     stopping: bool = False  # SIGTERM sent: draining
@@ -82,13 +82,10 @@ class _Child:
         return self.proc is not None and self.proc.returncode is None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class Agent(Service):
     """The daemon's main loop. `run()` until `request_stop()`, which drains and deregisters."""
+
+    _spawner: Spawner | None = None  # made at the first kernel start (`_exec`)
 
     def __init__(self, redis: AsyncRedis, settings: Settings, config: AgentConfig) -> None:
         super().__init__()
@@ -309,9 +306,18 @@ class Agent(Service):
         child.stopping = False
         logger.info("started kernel %s (pid %d)", child.ref, child.proc.pid)
 
-    async def _exec(self, cmd: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-        """Start one kernel process (the seam `bench/fleet.py` replaces with in-process kernels)."""
-        return await asyncio.create_subprocess_exec(*cmd, env=env, preexec_fn=_die_with_parent)
+    async def _exec(self, cmd: list[str], env: dict[str, str]) -> KernelHandle:
+        """Start one kernel process, forked from the fork server, else exec'd (the seam
+        `bench/fleet.py` replaces with in-process kernels)."""
+        if self._spawner is None:  # the server preloads the kernel and the user's modules
+            c = self.config
+            user = [
+                *c.handlers,
+                *(p.partition(":")[0] if ":" in p else p.rpartition(".")[0] for p in c.arq_settings),
+            ]
+            optional = [*user, "kernel_agent.syscalls.arq_bridge"] if user else []
+            self._spawner = Spawner(KERNEL_PRELOAD, optional, enabled=c.fork_server)
+        return await self._spawner.start(cmd, env)
 
     async def _report_load(self) -> None:
         # not for kernels told to stop: their record may already be gone with their cluster
@@ -377,6 +383,8 @@ class Agent(Service):
                     proc.kill()
             for task in pending:
                 await task
+        if self._spawner is not None:
+            await self._spawner.close()
         await asyncio.to_thread(self.heartbeat.stop)
         k = self.keys
         async with best_effort():

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
         help="arq WorkerSettings (e.g. mypkg.worker.WorkerSettings) the kernels run (repeatable)",
     )
     parser.add_argument("--concurrency", type=int, default=1, help="jobs each kernel runs at once")
+    parser.add_argument(
+        "--no-fork-server",
+        dest="fork_server",
+        action="store_false",
+        help="exec each kernel (python -m kernel_agent.kernel) instead of forking it from a fork server",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             handlers=args.handlers,
             arq_settings=args.arq_settings,
             concurrency=args.concurrency,
+            fork_server=args.fork_server,
             **({"name": args.name} if args.name else {}),
         )
     except (pydantic.ValidationError, ValueError) as exc:
