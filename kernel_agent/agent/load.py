@@ -1,13 +1,19 @@
-"""Load sampling: cpu and memory of each kernel's own process, latency and error EWMAs."""
+"""Load sampling: cpu and memory of each kernel's own process, and when to write them.
+
+The rest of a kernel's load record (queue, in flight, latency and error rate) is the kernel
+process's own report (`kernel_agent/kernel/load_report.py`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psutil
 
-#: Weight of the newest heartbeat interval in the latency and error-rate EWMAs.
-EWMA_ALPHA = 0.3
+#: A change of cpu (fraction of one core) that is written within a heartbeat.
+CPU_STEP = 0.05
+#: A relative change of memory that is written within a heartbeat.
+MEMORY_STEP = 0.05
 
 
 class ProcessSampler:
@@ -36,24 +42,21 @@ class ProcessSampler:
 
 
 @dataclass(slots=True)
-class RateTracker:
-    """Turns the kernel's cumulative counters (dispatches, errors, latency sum) into EWMAs."""
+class LoadGate:
+    """When the agent rewrites a kernel's cpu and memory: on a change past `CPU_STEP` (fraction
+    of a core) or `MEMORY_STEP` (relative), at most once per heartbeat (the caller's turn), and
+    at least every `refresh` seconds, so readers see the record fresh (`updated_at`)."""
 
-    dispatches: float = 0.0
-    errors: float = 0.0
-    latency_sum: float = 0.0
-    latency_ms: float = 0.0
-    error_rate: float = 0.0
-    primed: bool = False
+    cpu: float = -1.0
+    memory: float = -1.0
+    at: float = -math.inf  # monotonic time of the last write
 
-    def update(self, dispatches: float, errors: float, latency_sum: float) -> None:
-        done = dispatches - self.dispatches
-        if self.primed and done > 0:
-            interval_latency = (latency_sum - self.latency_sum) / done
-            interval_errors = min(max((errors - self.errors) / done, 0.0), 1.0)
-            self.latency_ms += EWMA_ALPHA * (interval_latency - self.latency_ms)
-            self.error_rate += EWMA_ALPHA * (interval_errors - self.error_rate)
-        elif not self.primed and dispatches > 0:
-            self.latency_ms = latency_sum / dispatches
-            self.error_rate = min(errors / dispatches, 1.0)
-        self.dispatches, self.errors, self.latency_sum, self.primed = dispatches, errors, latency_sum, True
+    def due(self, cpu: float, memory: float, now: float, refresh: float) -> bool:
+        if now - self.at >= refresh:
+            return True
+        if abs(cpu - self.cpu) >= CPU_STEP:
+            return True
+        return abs(memory - self.memory) > MEMORY_STEP * max(self.memory, 1e-9)
+
+    def written(self, cpu: float, memory: float, now: float) -> None:
+        self.cpu, self.memory, self.at = cpu, memory, now
