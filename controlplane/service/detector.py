@@ -147,7 +147,7 @@ class FailureDetector:
             reread = names
         else:
             reread = set(touched)
-        await self._reread(reread, assignments=full or bool(reread))
+        differs = await self._reread(reread, assignments=True)
         names_sorted = sorted(self.records)
         leases: list[AgentLease | None] = []
         if names_sorted:
@@ -161,7 +161,7 @@ class FailureDetector:
             if lease is not None and lease.version != self._versions.get(n) and n not in reread
         }
         if moved:  # their record or running kernels changed: read those again
-            await self._reread(moved, assignments=False)
+            differs |= await self._reread(moved, assignments=False)
         self._loaded = True
         now = time.monotonic()
         if self._unseen:  # the first read since an outage (or since we started): the window opens
@@ -189,7 +189,7 @@ class FailureDetector:
                 if age > 1.5 * self.interval_ms:
                     suspect.add(name)
         self._next_expiry = now + soonest + 0.005
-        changed = (alive ^ self._alive) | moved | (reread & set(self.records))
+        changed = (alive ^ self._alive) | differs | (set(self.records) if full else set())
         self._alive = alive
         assigned = Counter({n: len(self.assignments.get(n, ())) for n in self.records})
         await self._report(alive, suspect, set(self.records), assigned, now_redis)
@@ -202,12 +202,14 @@ class FailureDetector:
             changed=frozenset(changed),
         )
 
-    async def _reread(self, names: Iterable[str], *, assignments: bool) -> None:
+    async def _reread(self, names: Iterable[str], *, assignments: bool) -> set[str]:
         """Read the record and running kernels of `names` (and their assignments: the leader is
-        their only writer, so only a fresh start or the sweep needs them)."""
+        their only writer, so only a fresh start, an announcement or the sweep needs them).
+        Returns the names whose record, running kernels or assignment differ from what we held."""
         names = sorted(names)
+        differs: set[str] = set()
         if not names:
-            return
+            return differs
         k = self.keys
         async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
             for name in names:
@@ -221,14 +223,22 @@ class FailureDetector:
             running = next(rows)
             assigned = parse_assignment(next(rows), k.agent_kernels(name)) if assignments else None
             if record is None:  # deregistered (or malformed): gone from the fleet
-                self.records.pop(name, None)
+                if self.records.pop(name, None) is not None:
+                    differs.add(name)
                 self._running.pop(name, None)
                 self.assignments.pop(name, None)
                 continue
+            if (
+                self.records.get(name) != record
+                or self._running.get(name) != frozenset(running)
+                or (assigned is not None and self.assignments.get(name) != set(assigned))
+            ):
+                differs.add(name)
             self.records[name] = record
             self._running[name] = frozenset(running)
             if assigned is not None:
                 self.assignments[name] = set(assigned)
+        return differs
 
     async def _report(
         self,

@@ -206,6 +206,8 @@ class Agent(Service):
                     timeout=self.settings.agent_poll,  # type: ignore[arg-type]  # fractional: Redis >= 6
                 )
             )
+            # read by the next turn; if the loop ends first (cancelled, as in a kill), not lost
+            self._wake.add_done_callback(lambda f: f.cancelled() or f.exception())
         stop = asyncio.ensure_future(self._stop.wait())
         exited = asyncio.ensure_future(self._exited.wait())
         try:
