@@ -49,6 +49,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ from controlplane.redis.scripts.kernels import NotStarted, kernel_start
 from controlplane.redis.state import State
 from controlplane.service.app import ControlPlane
 from kernel_agent.agent.daemon import Agent, AgentConfig
+from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.contract import EXIT_UNASSIGNED
 from kernel_agent.kernel.worker import KernelProcess
 from kernel_agent.syscalls import builtin_registry
@@ -279,6 +281,7 @@ class FleetAgent(Agent):
     async def kill(self) -> None:
         """As SIGKILL would: the lease stops being renewed, nothing is cleaned up."""
         self.heartbeat._stop.set()
+        self.heartbeat.stop()  # at once (a pooled beat: leaves the pool)
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
@@ -320,19 +323,54 @@ class Fleet:
         self.agents.remove(victim)
 
 
+class BeatPool:
+    """One thread, event loop and connection pool that runs the heartbeats of many simulated
+    agents: each beat is the agent's own `Heartbeat._renew` (the same SET, the same TIME every
+    minute, the same stall guard), as its own thread would send it, without a thread, an event
+    loop and a connection per agent (what limits one simulator process, not Redis)."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url, self.interval = url, interval
+        self.beats: set[Heartbeat] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._loop()), daemon=True)
+        self._thread.start()
+
+    def attach(self, beat: Heartbeat) -> None:
+        beat.start = lambda: self.beats.add(beat)  # type: ignore[method-assign]
+        beat.stop = lambda: self.beats.discard(beat)  # type: ignore[method-assign]
+
+    async def _loop(self) -> None:
+        client = connect(self.url, max_connections=256)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            beats = list(self.beats)
+            for i in range(0, len(beats), 256):  # spread over the interval, 256 at a time
+                await asyncio.gather(*(b._renew(client) for b in beats[i : i + 256]), return_exceptions=True)
+            await asyncio.sleep(max(self.interval - (time.monotonic() - started), 0.0))
+        await client.aclose()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def _simulator(url: str, names: list[str], slots: int, conn: Connection) -> None:
     """A simulator process: stub-kernel agents `names`; answers "kill NAME" and "stop"."""
 
     async def main() -> None:
         fleet = Fleet(url, kernels=False)
+        pool = BeatPool(url, fleet.settings.heartbeat_interval)
         for name in names:
             agent = FleetAgent(fleet.redis, fleet.settings, AgentConfig(name=name, slots=slots), None)
+            pool.attach(agent.heartbeat)
             agent.start()
             fleet.agents.append(agent)
         while (ask := await asyncio.to_thread(conn.recv)) != "stop":
             await fleet.kill(ask.removeprefix("kill "))
             conn.send("killed")
         await fleet.stop()
+        pool.stop()
         conn.send("stopped")
 
     asyncio.run(main())

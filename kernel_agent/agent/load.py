@@ -22,9 +22,12 @@ class ProcessSampler:
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        self._gone: set[int] = set()  # pids found gone: not looked up again until forgotten
         self._total = psutil.virtual_memory().total
 
     def sample(self, pid: int) -> tuple[float, float, int]:
+        if pid in self._gone:
+            return 0.0, 0.0, 0
         try:
             proc = self._procs.get(pid)
             if proc is None:
@@ -34,11 +37,14 @@ class ProcessSampler:
             rss = proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             self._procs.pop(pid, None)
+            self._gone.add(pid)
             return 0.0, 0.0, 0
         return min(cpu, 1.0), min(rss / self._total, 1.0), int(rss)
 
     def forget(self, pid: int) -> None:
+        """The process was reaped: its pid may be reused."""
         self._procs.pop(pid, None)
+        self._gone.discard(pid)
 
 
 @dataclass(slots=True)
