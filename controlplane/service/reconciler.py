@@ -131,11 +131,9 @@ class Reconciler:
 
     def _slice(self, names: list[str], slices: int) -> list[str]:
         """The names the rolling sweep reaches at this pass: each once per `slices` passes."""
-        if not names:
-            return []
-        per = math.ceil(len(names) / slices)
-        i = self._cursor % slices
-        return names[i * per : (i + 1) * per]
+        n, i = len(names), self._cursor % slices
+        # spread evenly over the round: the j-th name at pass floor(j * slices / n)
+        return names[-(-i * n // slices) : -(-(i + 1) * n // slices)]
 
     def _changed_clusters(self, fleet: Fleet) -> set[str]:
         """Clusters with a kernel on an agent whose liveness, record or running kernels changed,
