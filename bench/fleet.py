@@ -550,7 +550,12 @@ async def idle_fleet(
         await leader.passes()  # drop those before the window
         idle = await window(r, idle_seconds)
         stages.append(Stage(name, a, k, idle, await leader.passes()))
-        print(f"  {name}: {idle.rate:.0f} cmd/s", flush=True)
+        p50, p99, count = quantiles_ms(stages[-1].passes)
+        print(
+            f"  {name}: {idle.rate:.0f} cmd/s, Redis CPU {idle.cpu_percent:.1f} %, "
+            f"{count} passes p50 {p50:.1f} ms p99 {p99:.1f} ms",
+            flush=True,
+        )
 
     reliability0 = await r.hgetall(KEYS.reliability())
     await asyncio.sleep(2.0)  # the leader has taken the lease
@@ -585,8 +590,13 @@ async def idle_fleet(
 
     failure = {"detection": await until(declared, 60, "dead agent detected")}
     failure["leader_ms"] = float(await r.hget(KEYS.reliability(), stats.DETECTION_MS_LAST) or math.nan)
-    await until(lambda: settled(r, sizes, victim), 120, "kernels re-placed")
-    failure["replaced"] = time.monotonic() - t0
+    print(f"  killed agent declared dead after {failure['detection']:.2f}s", flush=True)
+    try:
+        await until(lambda: settled(r, sizes, victim), 120, "kernels re-placed")
+        failure["replaced"] = time.monotonic() - t0
+    except TimeoutError as exc:  # reported, with the rest
+        print(f"  {exc}", flush=True)
+        failure["replaced"] = math.nan
     reliability1 = await r.hgetall(KEYS.reliability())
     changes = {
         k: int(v) - int(reliability0.get(k, 0))

@@ -114,6 +114,7 @@ class Agent(Service):
         self._poll = True  # re-read the assignment on the next turn (woken, or `agent_poll` passed)
         self._wake: asyncio.Future[Any] | None = None  # the pending BLPOP on our wake list
         self._exited = asyncio.Event()  # a kernel process exited
+        self._waiters: set[asyncio.Future[Any]] = set()  # one per watched process handle
         self._running: dict[str, int] | None = None  # `agent:{name}:running` as last written
         # our state version, in the lease: a new incarnation never repeats one of the last
         self._incarnation = f"{int(time.time() * 1000)}"
@@ -193,7 +194,10 @@ class Agent(Service):
         if proc is None or child.watched is proc:
             return
         child.watched = proc
-        asyncio.ensure_future(proc.wait()).add_done_callback(lambda _: self._exited.set())
+        waiter = asyncio.ensure_future(proc.wait())
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
+        waiter.add_done_callback(lambda _: self._exited.set())
 
     async def _wait(self) -> None:
         """Up to one heartbeat interval. The BLPOP on our wake list (timeout `agent_poll`) stays
@@ -444,6 +448,8 @@ class Agent(Service):
                     proc.kill()
             for task in pending:
                 await task
+        for waiter in list(self._waiters):  # handles that will not exit now (stubs, a kill's leftovers)
+            waiter.cancel()
         await asyncio.to_thread(self.heartbeat.stop)
         k = self.keys
         async with best_effort():
