@@ -396,7 +396,8 @@ class Agent(Service):
 
     async def _report_load(self) -> None:
         """Write the cpu and memory of each kernel whose figures moved past `LoadGate`'s
-        thresholds, or whose last write is `load_refresh` old (with the record's TTL). The rest
+        thresholds, or whose last write is `load_refresh` old (every other refresh also renews the
+        record's TTL, 3 x `load_refresh`). The rest
         of the record is the kernel's own (`kernel_agent/kernel/load_report.py`)."""
         # not for kernels told to stop: their record may already be gone with their cluster
         live = [c for c in self.children.values() if c.running and not c.stopping and c.proc is not None]
@@ -407,13 +408,13 @@ class Agent(Service):
         for c in live:
             cpu, memory, rss = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
             if c.load.due(cpu, memory, now, refresh):
-                due.append((c, cpu, memory, rss))
+                due.append((c, cpu, memory, rss, c.load.renew_ttl(now, refresh)))
         if not due:
             return
         ttl_ms = int(3 * refresh * 1000)
         stamp = round(time.time(), 3)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for c, cpu, memory, rss in due:
+            for c, cpu, memory, rss, ttl in due:
                 key = self.keys.load(self.config.name, c.cluster, c.kernel)
                 pipe.hset(
                     key,
@@ -421,10 +422,11 @@ class Agent(Service):
                         cpu=round(cpu, 4), memory=round(memory, 6), memory_bytes=rss, updated_at=stamp
                     ),
                 )
-                pipe.pexpire(key, ttl_ms)
+                if ttl:
+                    pipe.pexpire(key, ttl_ms)
             await pipe.execute()
-        for c, cpu, memory, _ in due:
-            c.load.written(cpu, memory, now)
+        for c, cpu, memory, _, ttl in due:
+            c.load.written(cpu, memory, now, ttl=ttl)
 
     async def _shutdown(self) -> None:
         """Drain every kernel (SIGTERM, grace, then SIGKILL) and deregister."""

@@ -56,6 +56,7 @@ class LoadGate:
     cpu: float = -1.0
     memory: float = -1.0
     at: float = -math.inf  # monotonic time of the last write
+    ttl_at: float = -math.inf  # ... and of the last one that renewed the record's TTL
 
     def due(self, cpu: float, memory: float, now: float, refresh: float) -> bool:
         if now - self.at >= refresh:
@@ -64,5 +65,12 @@ class LoadGate:
             return True
         return abs(memory - self.memory) > MEMORY_STEP * max(self.memory, 1e-9)
 
-    def written(self, cpu: float, memory: float, now: float) -> None:
+    def renew_ttl(self, now: float, refresh: float) -> bool:
+        """Whether this write renews the TTL (3 x `refresh`) too: every other refresh is enough,
+        and leaves the record a whole `refresh` of slack when a write is late."""
+        return now - self.ttl_at >= 1.5 * refresh
+
+    def written(self, cpu: float, memory: float, now: float, *, ttl: bool) -> None:
         self.cpu, self.memory, self.at = cpu, memory, now
+        if ttl:
+            self.ttl_at = now

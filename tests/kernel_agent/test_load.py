@@ -24,7 +24,10 @@ KEYS = Keys()
 def test_the_agent_writes_cpu_and_memory_on_a_change_or_when_the_refresh_is_due() -> None:
     gate = LoadGate()
     assert gate.due(0.0, 0.1, now=100.0, refresh=5.0), "never written: due"
-    gate.written(0.0, 0.1, 100.0)
+    assert gate.renew_ttl(100.0, refresh=5.0)
+    gate.written(0.0, 0.1, 100.0, ttl=True)
+    assert not gate.renew_ttl(105.0, refresh=5.0), "the TTL (15 s) outlives the next refresh"
+    assert gate.renew_ttl(110.0, refresh=5.0)
     assert not gate.due(0.02, 0.102, now=100.5, refresh=5.0), "small moves wait for the refresh"
     assert gate.due(0.06, 0.1, now=100.5, refresh=5.0), "cpu moved by 0.05 of a core or more"
     assert gate.due(0.0, 0.106, now=100.5, refresh=5.0), "memory moved by more than 5 %"
@@ -126,7 +129,8 @@ async def test_an_idle_agent_beats_once_per_interval_and_sees_a_kernel_exit_at_o
         spent["cmdstat_info"] -= 1
         spent = {k: v for k, v in spent.items() if v}
         # 4 beats (one SET each, whatever the kernel count), at most one assignment poll (every
-        # 5 s) and one load refresh (every 5 s, HSET + PEXPIRE per kernel): no per-tick reads
+        # 5 s) and one load refresh (every 5 s, HSET per kernel, PEXPIRE every other one): no
+        # per-tick reads
         assert 3 <= spent.pop("cmdstat_set") <= 5, spent
         assert set(spent) <= {
             "cmdstat_blpop",
