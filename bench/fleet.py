@@ -575,6 +575,8 @@ async def idle_fleet(
 
     await until(lambda: settled(r, sizes), 900, "kernels placed")
     placement = time.monotonic() - t0
+    # and the leader has settled them (status written): the window below is idle
+    await until(lambda: _statuses_running(r, names), 600, "clusters running")
     print(f"  {total} kernels placed in {placement:.1f}s", flush=True)
     await asyncio.sleep(2.5)
     await measure(f"{agents} agents x {kernels} kernels", agents, total)
@@ -606,6 +608,11 @@ async def idle_fleet(
     await fleet.stop()
     await r.aclose()
     return stages, placement, failure, changes
+
+
+async def _statuses_running(r: AsyncRedis, names: list[str]) -> bool:
+    records = await State(r, KEYS).clusters(names)
+    return len(records) == len(names) and all(c.status.value == "running" for c in records)
 
 
 async def _count_agents(r: AsyncRedis, n: int) -> bool:

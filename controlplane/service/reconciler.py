@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a destroyed cluster's kernels may take to finish what they run, seconds.
 TEARDOWN_GRACE = 10.0
+#: Clusters one pass reconciles at most (the rest at the next passes): a pass stays short, so
+#: deaths are seen on time while a big fleet settles (a leader's first pass, a mass placement).
+MAX_CLUSTERS_PER_PASS = 64
 
 
 __all__ = ["Fleet", "Reconciler"]
@@ -62,6 +65,8 @@ class Reconciler:
         self._names: list[str] | None = None  # the cluster set as last read
         self._versions: dict[str, str | None] = {}
         self._unsettled: set[str] = set()
+        self._reconciled_at: dict[str, int] = {}  # cluster -> the pass that last reconciled it
+        self._passes = 0
         self._cursor = 0  # the rolling sweep's position (passes since the set was read)
         #: clusters reconciled by the latest pass (tests and `bench/fleet.py` read it)
         self.reconciled = 0
@@ -93,7 +98,8 @@ class Reconciler:
                 if self._cursor >= slices:
                     self._cursor = 0
             names = self._names or []
-            dirty = set(names) if full else self._changed_clusters(fleet) | self._unsettled
+            urgent = self._changed_clusters(fleet)  # a death, a kernel process gone: first
+            dirty = set(names) if full else urgent | self._unsettled
             dirty |= set(self._slice(names, slices))
             self._cursor += 1
             if names:
@@ -105,10 +111,20 @@ class Reconciler:
                     self._versions[name] = version
             dirty &= set(names)
             self._unsettled &= set(names)
+            # a bounded pass, so the leases are read again soon: what is left waits for the next
+            # (urgent ones first, then the least recently reconciled, so none starves)
+            done = self._reconciled_at
+            order = sorted(dirty, key=lambda n: (n not in urgent, done.get(n, -1), n))
+            dirty, later = set(order[:MAX_CLUSTERS_PER_PASS]), order[MAX_CLUSTERS_PER_PASS:]
+            self._unsettled |= set(later)
+            self._passes += 1
+            for name in dirty:
+                done[name] = self._passes
             clusters = await self.state.clusters(sorted(dirty))
             self.reconciled = len(clusters)
             for name in dirty - {c.name for c in clusters}:  # gone (destroyed, or malformed)
                 self._unsettled.discard(name)
+                self._reconciled_at.pop(name, None)
             for cluster in clusters:
                 settled = False
                 try:

@@ -14,6 +14,7 @@ from controlplane.protocol.models import ClusterConfig, ClusterStatus, KernelSta
 from controlplane.protocol.records import AgentLease, AgentRecord
 from controlplane.redis.state import State
 from controlplane.service.leader import LeaderLease
+from controlplane.service import reconciler as reconciler_module
 from controlplane.service.reconciler import Reconciler
 from controlplane.settings import Settings
 
@@ -88,6 +89,22 @@ async def test_an_idle_pass_costs_the_same_few_commands_whatever_the_fleet(redis
     # one MGET of the leases, one of the versions, the clock now and then: not per kernel
     assert big_cost == small_cost <= 4, (small_cost, big_cost)
     print(f"\nidle pass: {small_cost} commands at 2 agents x 2 kernels, {big_cost} at 12 agents x 48")
+
+
+@pytest.mark.timeout(60)
+async def test_a_pass_is_bounded_and_the_rest_waits_for_the_next(
+    redis: AsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reconciler, state = await _fleet(redis, agents=2, clusters=5, size=1)
+    monkeypatch.setattr(reconciler_module, "MAX_CLUSTERS_PER_PASS", 2)
+    for name in ("c0", "c1", "c2", "c3", "c4"):
+        await state.update_cluster(name, desired=2)
+    await reconciler.reconcile_all()
+    assert reconciler.reconciled == 2
+    await reconciler.reconcile_all()
+    await reconciler.reconcile_all()
+    sizes = [len(await state.kernels(f"c{i}")) for i in range(5)]
+    assert sizes == [2] * 5, "every one, in 3 passes"
 
 
 @pytest.mark.timeout(60)
