@@ -699,6 +699,15 @@ def report_real(stages: list[Stage]) -> None:
                 f"  {s.name}: {per_agent:.2f} cmd/s per agent, {per_kernel:.2f} per kernel "
                 "(the kernel's own traffic and its cluster's share included)"
             )
+            base = bare[s.agents].idle
+            per = {
+                k: (v / s.idle.seconds - base.per.get(k, 0) / base.seconds) / s.kernels
+                for k, v in s.idle.per.items()
+            }
+            print(
+                "    per kernel, by command: "
+                + " ".join(f"{k}={v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.005)
+            )
 
 
 # ------------------------------------------------------------------ report
