@@ -287,7 +287,8 @@ class FailureDetector:
 
     async def dead_kernels(self, kernels: list[KernelRecord], fleet: Fleet) -> list[KernelRecord]:
         """Running kernels on live agents missing from their agent's running record for longer
-        than `lease_ttl` (the process is gone and the agent did not bring it back)."""
+        than `lease_ttl` (the process is gone and the agent did not bring it back). A death is
+        confirmed by reading that record again first (our copy follows the agent's beats)."""
         now = time.monotonic()
         dead = []
         for k in kernels:
@@ -301,6 +302,14 @@ class FailureDetector:
             started = k.started_at and time.time() - k.started_at > 2 * self.lease_ttl
             if started and now - since > self.lease_ttl and not self.blind:
                 dead.append(k)
+        if dead:  # confirm from the agents' records themselves: our copy may trail their beats
+            agents = sorted({k.agent for k in dead})
+            async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+                for agent in agents:
+                    pipe.hkeys(self.keys.agent_running(agent))
+                listed_now = dict(zip(agents, map(frozenset, await pipe.execute()), strict=True))
+            self._running.update(listed_now)
+            dead = [k for k in dead if f"{k.cluster}/{k.name}" not in listed_now[k.agent]]
         for k in dead:
             self._missing.pop(f"{k.cluster}/{k.name}", None)
             logger.warning(

@@ -13,8 +13,8 @@ from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig, ClusterStatus, KernelState
 from controlplane.protocol.records import AgentLease, AgentRecord
 from controlplane.redis.state import State
-from controlplane.service.leader import LeaderLease
 from controlplane.service import reconciler as reconciler_module
+from controlplane.service.leader import LeaderLease
 from controlplane.service.reconciler import Reconciler
 from controlplane.settings import Settings
 
@@ -134,3 +134,23 @@ async def test_changes_bring_clusters_back_into_view(redis: AsyncRedis) -> None:
     assert again.placed_at != victim.placed_at, "the dead kernel was removed and placed again"
     assert again.agent != victim.agent, "not back onto the agent it died on, while others have room"
     assert int(await redis.hget(KEYS.reliability(), "kernels_dead_total") or 0) == 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_kernel_death_is_confirmed_from_the_agents_record(redis: AsyncRedis) -> None:
+    """The leader's copy of a running record follows the agent's beats; a kernel listed again
+    before the next beat (a slow beat, a restart) must not be declared dead on the old copy."""
+    reconciler, state = await _fleet(redis, agents=2, clusters=1, size=2)
+    victim = (await state.kernels("c0"))[0]
+    ref = f"c0/{victim.name}"
+    await redis.hdel(KEYS.agent_running(victim.agent), ref)
+    await _beat(redis, [victim.agent], version="3")
+    await reconciler.reconcile_all()
+    assert reconciler.detector.missing == {ref}
+    await redis.hset(KEYS.agent_running(victim.agent), ref, "2")  # back, but no beat since
+    await asyncio.sleep(reconciler.detector.window + 0.1)
+    await _beat(redis, ["a0", "a1"], version="3")  # the same version: the copy stays stale
+    await reconciler.reconcile_all()
+    await reconciler.reconcile_all()
+    assert not await redis.hget(KEYS.reliability(), "kernels_dead_total")
+    assert reconciler.detector.missing == set()
