@@ -36,7 +36,9 @@ class State:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping=record.to_fields())
                 pipe.sadd(self.keys.clusters(), name)
-                pipe.incr(self.keys.cluster_version(name))
+                # a new cluster's versions start at the clock (ms), so one created again under a
+                # destroyed one's name never repeats a version a reader cached
+                pipe.set(self.keys.cluster_version(name), now_ms())
                 pipe.lpush(self.keys.service_wake(), f"cluster {name}")  # the leader re-reads the set
                 await pipe.execute()
         return record

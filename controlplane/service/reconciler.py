@@ -431,9 +431,8 @@ class Reconciler:
                 *leftovers,
             )
             pipe.srem(self.keys.clusters(), name)
-            # the version outlives the cluster: a cluster created again under the name never
-            # repeats a version a reader cached
-            pipe.incr(self.keys.cluster_version(name))
+            # gone with the cluster; one created again under the name starts at the clock
+            pipe.delete(self.keys.cluster_version(name))
             await pipe.execute()
         await self.redis.publish(self.keys.notify(), name)
         if self._names is not None and name in self._names:
