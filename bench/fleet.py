@@ -3,6 +3,7 @@
     .venv/bin/python bench/fleet.py [--agents 16] [--kernels 8] [--idle 10] [--sizes 3,32,256]
                                     [--dispatches 300] [--repeat 3] [--busy 64] [--busy-rate 100]
                                     [--skip-startup | --only-startup] [--place 64]
+                                    [--procs 1] [--real 1x8,4x8,8x8] [--real-only]
 
 Every figure comes from the private redis-server this script starts (never 127.0.0.1:6379):
 commands from `INFO commandstats` deltas (commands that Lua scripts run inside Redis included),
@@ -27,8 +28,16 @@ Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
    in a child process. Idle commands/s and Redis CPU for the leader alone, the agents without
    kernels, then with `--kernels` each (clusters of 8); per agent and per kernel from the
    differences; leader pass p50/p99 in each; time to place every kernel.
+   With `--procs N` the agents run in N simulator processes (a share each), so that a big fleet
+   (1,000 x 10) is not limited by one process's GIL: each agent still sends what a real one does.
+   Stub kernels have a pid that cannot exist (above Linux's pid_max), so their agent samples
+   them as an idle process (cpu 0), as it would a real idle kernel.
 4. failure: one agent is killed (its heartbeat and main loop stop, nothing is deregistered):
    time until the leader declares it dead, and until its kernels run elsewhere.
+5. real idle stack (`--real AxK,...`): `kcp serve` and A `kcp agent` processes with real kernel
+   processes, K per agent (clusters of 8): idle commands/s of the whole stack with the agents
+   alone, then with their kernels, against the budget of issue 19 (the leader alone, plus 4 per
+   agent, plus 1 per kernel).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import itertools
 import math
 import multiprocessing
 import os
@@ -44,6 +55,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -64,11 +76,13 @@ from controlplane.redis.scripts.kernels import NotStarted, kernel_start
 from controlplane.redis.state import State
 from controlplane.service.app import ControlPlane
 from kernel_agent.agent.daemon import Agent, AgentConfig
+from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.contract import EXIT_UNASSIGNED
 from kernel_agent.kernel.worker import KernelProcess
 from kernel_agent.syscalls import builtin_registry
 
 KEYS = Keys()
+_STUB_PIDS = itertools.count(1 << 22)  # above Linux's pid_max (4,194,304 at most)
 CLUSTER_SIZE = 8  # kernels per cluster in the idle fleet
 DISPATCH_SLOTS = 32  # kernels per agent in the dispatch stage
 STARTS = 5  # kernel processes started to measure start-up CPU
@@ -186,7 +200,9 @@ class InProcess:
     without one it is a stub that has already run kernel_start.lua and then does nothing."""
 
     def __init__(self, kernel: KernelProcess | None = None, returncode: int | None = None) -> None:
-        self.pid = os.getpid()  # alive as long as the bench: the heartbeat renews its lease
+        # a real kernel shares the bench's pid; a stub gets one no process can have (its agent
+        # samples it as an idle process would read: cpu 0)
+        self.pid = os.getpid() if kernel is not None else next(_STUB_PIDS)
         self.returncode = returncode
         self.kernel = kernel
         self._exited = asyncio.Event()
@@ -271,6 +287,7 @@ class FleetAgent(Agent):
     async def kill(self) -> None:
         """As SIGKILL would: the lease stops being renewed, nothing is cleaned up."""
         self.heartbeat._stop.set()
+        self.heartbeat.stop()  # at once (a pooled beat: leaves the pool)
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
@@ -305,6 +322,93 @@ class Fleet:
         for r in (self.redis, self.kernel_redis):
             if r is not None:
                 await r.aclose()
+
+    async def kill(self, name: str) -> None:
+        victim = next(a for a in self.agents if a.config.name == name)
+        await victim.kill()
+        self.agents.remove(victim)
+
+
+class BeatPool:
+    """One thread, event loop and connection pool that runs the heartbeats of many simulated
+    agents: each beat is the agent's own `Heartbeat._renew` (the same SET, the same TIME every
+    minute, the same stall guard), as its own thread would send it, without a thread, an event
+    loop and a connection per agent (what limits one simulator process, not Redis)."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url, self.interval = url, interval
+        self.beats: set[Heartbeat] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._loop()), daemon=True)
+        self._thread.start()
+
+    def attach(self, beat: Heartbeat) -> None:
+        beat.start = lambda: self.beats.add(beat)  # type: ignore[method-assign]
+        beat.stop = lambda: self.beats.discard(beat)  # type: ignore[method-assign]
+
+    async def _loop(self) -> None:
+        client = connect(self.url, max_connections=256)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            beats = list(self.beats)
+            for i in range(0, len(beats), 256):  # spread over the interval, 256 at a time
+                await asyncio.gather(*(b._renew(client) for b in beats[i : i + 256]), return_exceptions=True)
+            await asyncio.sleep(max(self.interval - (time.monotonic() - started), 0.0))
+        await client.aclose()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _simulator(url: str, names: list[str], slots: int, conn: Connection) -> None:
+    """A simulator process: stub-kernel agents `names`; answers "kill NAME" and "stop"."""
+
+    async def main() -> None:
+        fleet = Fleet(url, kernels=False)
+        pool = BeatPool(url, fleet.settings.heartbeat_interval)
+        for name in names:
+            agent = FleetAgent(fleet.redis, fleet.settings, AgentConfig(name=name, slots=slots), None)
+            pool.attach(agent.heartbeat)
+            agent.start()
+            fleet.agents.append(agent)
+        while (ask := await asyncio.to_thread(conn.recv)) != "stop":
+            await fleet.kill(ask.removeprefix("kill "))
+            conn.send("killed")
+        await fleet.stop()
+        pool.stop()
+        conn.send("stopped")
+
+    asyncio.run(main())
+
+
+class AgentProcs:
+    """`Fleet`'s idle-stage interface over several simulator processes (agents dealt round robin)."""
+
+    def __init__(self, url: str, procs: int) -> None:
+        self.url, self.procs = url, procs
+        self.children: list[tuple[multiprocessing.process.BaseProcess, Connection, list[str]]] = []
+
+    def add(self, count: int, slots: int, prefix: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        for p in range(self.procs):
+            names = [f"{prefix}-{i}" for i in range(p, count, self.procs)]
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_simulator, args=(self.url, names, slots, child), daemon=True)
+            proc.start()
+            self.children.append((proc, conn, names))
+
+    async def kill(self, name: str) -> None:
+        _, conn, _ = next(c for c in self.children if name in c[2])
+        conn.send(f"kill {name}")
+        assert await asyncio.to_thread(conn.recv) == "killed"
+
+    async def stop(self) -> None:
+        for _, conn, _ in self.children:
+            conn.send("stop")
+        for proc, conn, _ in self.children:
+            await asyncio.to_thread(conn.recv)
+            proc.join(30)
 
 
 async def settled(r: AsyncRedis, sizes: dict[str, int], avoid: str = "") -> bool:
@@ -537,7 +641,7 @@ class Stage:
 
 
 async def idle_fleet(
-    url: str, agents: int, kernels: int, idle_seconds: float, leader: Leader
+    url: str, agents: int, kernels: int, idle_seconds: float, leader: Leader, procs: int = 1
 ) -> tuple[list[Stage], float, dict[str, float], dict[str, int]]:
     r = connect(url)
     stages: list[Stage] = []
@@ -546,12 +650,17 @@ async def idle_fleet(
         await leader.passes()  # drop those before the window
         idle = await window(r, idle_seconds)
         stages.append(Stage(name, a, k, idle, await leader.passes()))
-        print(f"  {name}: {idle.rate:.0f} cmd/s", flush=True)
+        p50, p99, count = quantiles_ms(stages[-1].passes)
+        print(
+            f"  {name}: {idle.rate:.0f} cmd/s, Redis CPU {idle.cpu_percent:.1f} %, "
+            f"{count} passes p50 {p50:.1f} ms p99 {p99:.1f} ms",
+            flush=True,
+        )
 
     reliability0 = await r.hgetall(KEYS.reliability())
     await asyncio.sleep(2.0)  # the leader has taken the lease
     await measure("leader alone", 0, 0)
-    fleet = Fleet(url, kernels=False)
+    fleet: Fleet | AgentProcs = Fleet(url, kernels=False) if procs <= 1 else AgentProcs(url, procs)
     fleet.add(agents, 2 * kernels, "fleet")  # room to re-place a dead agent's kernels
     await until(lambda: _count_agents(r, agents), 60, "agents registered")
     await asyncio.sleep(1.0)
@@ -564,26 +673,32 @@ async def idle_fleet(
         for name, size in sizes.items():
             await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
 
-    await until(lambda: settled(r, sizes), 600, "kernels placed")
+    await until(lambda: settled(r, sizes), 900, "kernels placed")
     placement = time.monotonic() - t0
+    # and the leader has settled them (status written): the window below is idle
+    await until(lambda: _statuses_running(r, names), 600, "clusters running")
     print(f"  {total} kernels placed in {placement:.1f}s", flush=True)
     await asyncio.sleep(2.5)
     await measure(f"{agents} agents x {kernels} kernels", agents, total)
 
     # 4. kill one agent; its kernels must run elsewhere
-    victim = fleet.agents[0]
+    victim = "fleet-0"
     dead0 = int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0)
     t0 = time.monotonic()
-    await victim.kill()
+    await fleet.kill(victim)
 
     async def declared() -> bool:
         return int(await r.hget(KEYS.reliability(), stats.AGENTS_DEAD) or 0) > dead0
 
     failure = {"detection": await until(declared, 60, "dead agent detected")}
     failure["leader_ms"] = float(await r.hget(KEYS.reliability(), stats.DETECTION_MS_LAST) or math.nan)
-    await until(lambda: settled(r, sizes, victim.config.name), 120, "kernels re-placed")
-    failure["replaced"] = time.monotonic() - t0
-    fleet.agents.remove(victim)
+    print(f"  killed agent declared dead after {failure['detection']:.2f}s", flush=True)
+    try:
+        await until(lambda: settled(r, sizes, victim), 120, "kernels re-placed")
+        failure["replaced"] = time.monotonic() - t0
+    except TimeoutError as exc:  # reported, with the rest
+        print(f"  {exc}", flush=True)
+        failure["replaced"] = math.nan
     reliability1 = await r.hgetall(KEYS.reliability())
     changes = {
         k: int(v) - int(reliability0.get(k, 0))
@@ -595,8 +710,104 @@ async def idle_fleet(
     return stages, placement, failure, changes
 
 
+async def _statuses_running(r: AsyncRedis, names: list[str]) -> bool:
+    records = await State(r, KEYS).clusters(names)
+    return len(records) == len(names) and all(c.status.value == "running" for c in records)
+
+
 async def _count_agents(r: AsyncRedis, n: int) -> bool:
     return int(await r.scard(KEYS.agents())) >= n
+
+
+# ------------------------------------------------------------------ 5. real idle stack
+async def real_idle(url: str, configs: list[tuple[int, int]], idle_seconds: float) -> list[Stage]:
+    """`kcp serve` plus real `kcp agent`s with real kernels: the whole stack's idle traffic."""
+    env = {**os.environ, "KCP_REDIS_URL": url}
+    cmd = [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "WARNING"]
+    r = connect(url)
+    stages: list[Stage] = []
+
+    async def measure(name: str, a: int, k: int) -> None:
+        idle = await window(r, idle_seconds)
+        stages.append(Stage(name, a, k, idle, []))
+        print(f"  {name}: {idle.rate:.1f} cmd/s, Redis CPU {idle.cpu_percent:.2f} %", flush=True)
+
+    serve = await asyncio.create_subprocess_exec(*cmd, "serve", env=env)
+    try:
+        await asyncio.sleep(3.0)
+        await measure("kcp serve alone", 0, 0)
+        for agents, per in configs:
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    *cmd, "agent", "--name", f"real-{i}", "--slots", str(per), env=env
+                )
+                for i in range(agents)
+            ]
+            try:
+                await until(functools.partial(_count_agents, r, agents), 60, "real agents registered")
+                await asyncio.sleep(3.0)
+                await measure(f"{agents} agents, no kernels", agents, 0)
+                total = agents * per
+                names = [f"r{agents}x{per}-{i}" for i in range(math.ceil(total / CLUSTER_SIZE))]
+                sizes = {n: min(CLUSTER_SIZE, total - i * CLUSTER_SIZE) for i, n in enumerate(names)}
+                t0 = time.monotonic()
+                async with KcpClient(Settings(redis_url=url)) as kcp:
+                    for name, size in sizes.items():
+                        await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
+                await until(functools.partial(settled, r, sizes), 900, "real kernels running")
+                print(f"  {total} real kernels running in {time.monotonic() - t0:.1f}s", flush=True)
+                await asyncio.sleep(5.0)  # past their start-up writes
+                await measure(f"{agents} agents x {per} kernels", agents, total)
+                async with KcpClient(Settings(redis_url=url)) as kcp:
+                    for name in sizes:
+                        await kcp.destroy_cluster(name, wait=120)
+            finally:
+                for proc in procs:
+                    proc.send_signal(signal.SIGTERM)
+                for proc in procs:
+                    await asyncio.wait_for(proc.wait(), 90)
+            await until(lambda: _no_agents(r), 30, "real agents deregistered")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(serve.wait(), 30)
+        await r.aclose()
+    return stages
+
+
+async def _no_agents(r: AsyncRedis) -> bool:
+    return int(await r.scard(KEYS.agents())) == 0
+
+
+def report_real(stages: list[Stage]) -> None:
+    print(
+        "\nReal idle stack (kcp serve + kcp agent processes + real kernels)\n"
+        f"  {'':<28}{'cmd/s':>9}{'Redis CPU %':>13}{'budget':>9}   top commands/s"
+    )
+    alone = stages[0].idle.rate
+    for s in stages:
+        budget = alone + 4 * s.agents + 1 * s.kernels
+        top = " ".join(
+            f"{k}={v / s.idle.seconds:.1f}" for k, v in sorted(s.idle.per.items(), key=lambda kv: -kv[1])[:6]
+        )
+        print(f"  {s.name:<28}{s.idle.rate:9.1f}{s.idle.cpu_percent:13.2f}{budget:9.1f}   {top}")
+    bare = {s.agents: s for s in stages if s.agents and not s.kernels}
+    for s in stages:
+        if s.kernels and s.agents in bare:
+            per_agent = (bare[s.agents].idle.rate - alone) / s.agents
+            per_kernel = (s.idle.rate - bare[s.agents].idle.rate) / s.kernels
+            print(
+                f"  {s.name}: {per_agent:.2f} cmd/s per agent, {per_kernel:.2f} per kernel "
+                "(the kernel's own traffic and its cluster's share included)"
+            )
+            base = bare[s.agents].idle
+            per = {
+                k: (v / s.idle.seconds - base.per.get(k, 0) / base.seconds) / s.kernels
+                for k, v in s.idle.per.items()
+            }
+            print(
+                "    per kernel, by command: "
+                + " ".join(f"{k}={v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.005)
+            )
 
 
 # ------------------------------------------------------------------ report
@@ -680,6 +891,12 @@ async def startup(url: str, port: int, place: int) -> None:
 
 async def amain(args: argparse.Namespace, url: str, port: int) -> None:
     print(f"uptime: {uptime()}", flush=True)
+    if args.real:
+        print("real idle stack", flush=True)
+        report_real(await real_idle(url, args.real, args.idle))
+        print(f"uptime: {uptime()}", flush=True)
+        if args.real_only:
+            return
     if not args.skip_startup:
         await startup(url, port, args.place)
         if args.only_startup:
@@ -702,7 +919,7 @@ async def amain(args: argparse.Namespace, url: str, port: int) -> None:
             )
         print(f"\nidle fleet: {args.agents} agents x {args.kernels} kernels", flush=True)
         stages, placement, failure, changes = await idle_fleet(
-            url, args.agents, args.kernels, args.idle, leader
+            url, args.agents, args.kernels, args.idle, leader, args.procs
         )
         report_fleet(stages, placement, failure, changes)
     finally:
@@ -730,6 +947,14 @@ def main() -> None:
     stages.add_argument("--skip-startup", action="store_true", help="leave out the real-process stage")
     stages.add_argument("--only-startup", action="store_true", help="run the real-process stage only")
     parser.add_argument("--place", type=int, default=64, help="real kernels placed on one agent (0: none)")
+    parser.add_argument("--procs", type=int, default=1, help="simulator processes of the idle fleet")
+    parser.add_argument(
+        "--real",
+        type=lambda s: [tuple(int(x) for x in c.split("x")) for c in s.split(",")],
+        default=[],
+        help="real idle stacks, agents x kernels each, e.g. 1x8,4x8,8x8",
+    )
+    parser.add_argument("--real-only", action="store_true", help="only the real idle stacks")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server too

@@ -41,6 +41,27 @@ class Settings(BaseSettings):
     )
     reconcile_interval: float = Field(0.5, gt=0, le=60, description="control-plane reconcile period, seconds")
     leader_ttl: float = Field(3.0, gt=0, le=600, description="control-plane leader lease, seconds")
+    agent_poll: float = Field(
+        5.0,
+        gt=0,
+        le=5,  # a blocking pop longer than `connect.MAX_BLOCK_SECONDS` would outlive the socket timeout
+        description="agent: how often it re-reads its assignment without a wake-up (the level-triggered "
+        "safety net behind `agent:{name}:wake`), seconds",
+    )
+    load_refresh: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="agent: a kernel's load record is rewritten at least this often when nothing changed "
+        "(a change beyond a threshold is written within a heartbeat); it lives 3 times as long, seconds",
+    )
+    full_sweep_interval: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="control plane: a pass re-reads every agent, cluster and kernel at least this often "
+        "(between sweeps it reads only what announced a change), seconds",
+    )
     scrape_timeout: float = Field(
         2.0,
         gt=0,

@@ -123,7 +123,13 @@ def client_rules(k: Keys) -> list[str]:
 
 def agent_rules(k: Keys, agent: str) -> list[str]:
     """The rules of agent `agent`'s user (its kernels use the same user)."""
-    own = _rw(k.agent(agent), k.agent_lease(agent), k.agent_wake(agent), k.load(agent, "*", "*"))
+    own = _rw(
+        k.agent(agent),
+        k.agent_lease(agent),
+        k.agent_wake(agent),
+        k.agent_running(agent),
+        k.load(agent, "*", "*"),
+    )
     own += _ro(k.agent_kernels(agent))
     # cluster records and kernel sets: a kernel looks up its siblings to take over their work
     own += _ro(k.cluster("*"))
@@ -132,8 +138,6 @@ def agent_rules(k: Keys, agent: str) -> list[str]:
         f"(+sadd ~{k.agents()})",
         # wake the leader
         f"(+lpush ~{k.service_wake()})",
-        # its heartbeat time (the field of another agent only feeds a detection-time figure)
-        f"(+hset +hdel ~{k.heartbeats()})",
         # on registering, no longer listed as a lapsed agent (another's entry only hides a
         # down agent from the metrics earlier than its retention)
         f"(+hdel ~{k.lapsed_agents()})",

@@ -77,8 +77,8 @@ class Keys:
         return f"{self.prefix}kernel:{cluster}:{kernel}:inflight"
 
     def kernel_lease(self, cluster: str, kernel: str) -> str:
-        """STRING with a TTL (value: pid): present while the kernel's process is alive. The agent's
-        heartbeat thread renews it; the leader declares the kernel dead when it is missing."""
+        """STRING with a TTL (value: pid), no longer written (a kernel's liveness is its agent's
+        lease plus `agent_running`); a leftover from an older agent is deleted with the kernel."""
         return f"{self.prefix}kernel:{cluster}:{kernel}:lease"
 
     def kernel_stats(self, cluster: str, kernel: str) -> str:
@@ -129,8 +129,15 @@ class Keys:
         return f"{self.prefix}agent:{agent}"
 
     def agent_lease(self, agent: str) -> str:
-        """STRING with a TTL: present while the agent is alive."""
+        """STRING with a TTL (`records.AgentLease`: the beat's Redis-clock ms and the agent's state
+        version): present while the agent is alive. Its heartbeat's one command, SET ... PX."""
         return f"{self.prefix}agent:{agent}:lease"
+
+    def agent_running(self, agent: str) -> str:
+        """HASH ``cluster/kernel`` -> pid: the kernel processes the agent runs, rewritten only when
+        one starts or exits (the agent sees it through the process handle), with a new state
+        version in its lease. A kernel is alive while its agent is and it is listed here."""
+        return f"{self.prefix}agent:{agent}:running"
 
     def agent_kernels(self, agent: str) -> str:
         """HASH ``cluster/kernel`` -> ``run`` | ``drain``: the kernels assigned to the agent."""
@@ -141,7 +148,8 @@ class Keys:
         return f"{self.prefix}agent:{agent}:wake"
 
     def heartbeats(self) -> str:
-        """HASH agent -> unix ms of its last heartbeat (how long ago a dead agent was last seen)."""
+        """HASH agent -> unix ms of its last heartbeat, no longer written (the beat's time is in the
+        agent's lease); cleared with the agent."""
         return f"{self.prefix}heartbeats"
 
     def lapsed_agents(self) -> str:
@@ -155,8 +163,10 @@ class Keys:
         return f"{self.prefix}lapsed:kernels"
 
     def load(self, agent: str, cluster: str, kernel: str) -> str:
-        """HASH with a TTL: the load record of one kernel (`records.LoadRecord`), written by its
-        agent's main loop each tick (the heartbeat thread renews only the leases).
+        """HASH with a TTL (3 x `load_refresh`): the load record of one kernel (`records.LoadRecord`).
+        Its agent writes cpu and memory, the kernel process its queue, in-flight count, latency
+        and error rate (`kernel_agent/kernel/load_report.py`): each on a change, at most once per
+        heartbeat, and the agent at least every `load_refresh` (with the TTL). Never read back.
 
         Under the agent's key space so a per-agent ACL can allow writing only its own."""
         return f"{self.prefix}agent:{agent}:load:{cluster}:{kernel}"
@@ -180,7 +190,9 @@ class Keys:
         return f"{self.prefix}leader"
 
     def service_wake(self) -> str:
-        """LIST clients push to so the leader reconciles at once."""
+        """LIST clients and agents push to so the leader reconciles at once: ``client`` (a cluster
+        was created or changed: the leader re-reads the cluster set), ``agent {name}`` (the agent
+        registered or stops: the leader re-reads its record). The leader takes the whole list."""
         return f"{self.prefix}service:wake"
 
     def reliability(self) -> str:

@@ -20,6 +20,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -215,8 +216,34 @@ class AgentRecord(Record):
         return frozenset(self.capabilities.split())
 
 
+@dataclass(frozen=True, slots=True)
+class AgentLease:
+    """The value of `{prefix}agent:{name}:lease`: ``"{beat_ms} {version}"``.
+
+    `beat_ms` is the time of the beat in Redis's clock (the agent measures its offset to `TIME`),
+    so the leader reads every agent's last beat with one MGET and compares it with its own
+    reading of the same clock. `version` changes whenever the agent's record or running kernels
+    (`agent:{name}:running`) changed, so the leader re-reads those only then."""
+
+    beat_ms: int
+    version: str
+
+    def encode(self) -> str:
+        return f"{self.beat_ms} {self.version}"
+
+    @classmethod
+    def decode(cls, value: str | None) -> AgentLease | None:
+        """None for a missing lease; a malformed one (an older agent's bare ms) reads as a beat of
+        unknown time and version, so it still counts as alive."""
+        if value is None:
+            return None
+        beat, _, version = value.partition(" ")
+        return cls(int(beat) if beat.isdigit() else 0, version)
+
+
 class LoadRecord(Record):
-    """`{prefix}agent:{agent}:load:{cluster}:{kernel}` (with a TTL), written by the kernel's agent.
+    """`{prefix}agent:{agent}:load:{cluster}:{kernel}` (with a TTL), written by the kernel's agent
+    (cpu, memory, memory_bytes) and by the kernel process (the rest), each with `updated_at`.
 
     Ranges as in the spec's `KernelLoad`, which it converts to (`to_load`); `inflight` is what
     enqueue.lua weighs (the spec's class has no field for it)."""

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
-from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord, LapsedRecord
+from controlplane.protocol.records import AgentLease, AgentRecord, ClusterRecord, KernelRecord, LapsedRecord
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.state import State
 
@@ -27,12 +27,13 @@ class KernelView:
     queued: int
     inflight: int
     agent_alive: bool
-    lease: bool  # the kernel's own lease (renewed by its agent while the process lives)
+    lease: bool  # its process is listed in its agent's running record (`agent:{a}:running`)
     memory_bytes: int | None = None  # resident memory of the process (its load record)
 
     @property
     def up(self) -> bool:
-        """Running or draining, its process alive (kernel lease) on an agent whose lease is alive."""
+        """Running or draining, its process alive (in its agent's running record) on an agent
+        whose lease is alive."""
         return self.record.state in LIVE_STATES and self.agent_alive and self.lease
 
 
@@ -63,7 +64,7 @@ class AgentView:
     record: AgentRecord
     alive: bool
     lease_ms: int  # remaining lease, ms; <= 0 when expired
-    last_beat: float | None = None  # unix seconds of its last heartbeat (`heartbeats` hash)
+    last_beat: float | None = None  # unix seconds of its last heartbeat (in its lease, Redis clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +110,10 @@ async def read_snapshot(state: State) -> Snapshot:
     async with amap_redis_errors(), redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.lapsed_agents())
         pipe.hgetall(keys.lapsed_kernels())
-        pipe.hgetall(keys.heartbeats())
         for a, _ in agents:
             pipe.pttl(keys.agent_lease(a.name))
+            pipe.get(keys.agent_lease(a.name))
+            pipe.hkeys(keys.agent_running(a.name))
         for c in clusters:  # in the order the loop below reads them back
             pipe.hgetall(keys.cluster_stats(c.name))
             pipe.zcard(keys.cluster_orphans(c.name))
@@ -119,24 +121,25 @@ async def read_snapshot(state: State) -> Snapshot:
                 pipe.hgetall(keys.kernel_stats(k.cluster, k.name))
                 pipe.zcard(keys.queue(k.cluster, k.name))
                 pipe.zcard(keys.inflight(k.cluster, k.name))
-                pipe.exists(keys.kernel_lease(k.cluster, k.name))
         rows = iter(await pipe.execute())
     now = time.time()
     lapsed_agents = _lapsed(next(rows), keys.lapsed_agents(), {a.name for a, _ in agents}, now)
     present = {f"{c.name}/{k.name}" for c in clusters for k in kernels[c.name]}
     lapsed_kernels = _lapsed(next(rows), keys.lapsed_kernels(), present, now)
-    beats = _floats(next(rows))
-    agent_views = [
-        AgentView(a, ok, max(int(next(rows)), 0), beats[a.name] / 1000 if a.name in beats else None)
-        for a, ok in agents
-    ]
+    agent_views = []
+    running: set[str] = set()
+    for a, ok in agents:
+        pttl, beat_of = max(int(next(rows)), 0), AgentLease.decode(next(rows))
+        running |= set(next(rows))
+        beat = beat_of.beat_ms / 1000 if beat_of is not None and beat_of.beat_ms else None
+        agent_views.append(AgentView(a, ok, pttl, beat))
     cluster_views = []
     for c in clusters:
         stats, orphans = _floats(next(rows)), int(next(rows))
         views = []
         for k in kernels[c.name]:
             kstats, queued, inflight = _floats(next(rows)), int(next(rows)), int(next(rows))
-            lease = bool(next(rows))
+            lease = f"{c.name}/{k.name}" in running
             r = loads[c.name].get(k.name)
             load, rss = (r.to_load(k.name), r.memory_bytes) if r is not None else (None, None)
             views.append(KernelView(k, kstats, load, queued, inflight, k.agent in alive, lease, rss))

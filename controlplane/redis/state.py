@@ -36,6 +36,10 @@ class State:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping=record.to_fields())
                 pipe.sadd(self.keys.clusters(), name)
+                # a new cluster's versions start at the clock (ms), so one created again under a
+                # destroyed one's name never repeats a version a reader cached
+                pipe.set(self.keys.cluster_version(name), now_ms())
+                pipe.lpush(self.keys.service_wake(), f"cluster {name}")  # the leader re-reads the set
                 await pipe.execute()
         return record
 
@@ -70,10 +74,16 @@ class State:
     async def list_clusters(self) -> list[ClusterRecord]:
         async with amap_redis_errors():
             names = sorted(await self.redis.smembers(self.keys.clusters()))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.hgetall(self.keys.cluster(name))
-                rows = await pipe.execute()
+        return await self.clusters(names)
+
+    async def clusters(self, names: Sequence[str]) -> list[ClusterRecord]:
+        """The records of `names`, in that order; absent or malformed ones left out."""
+        if not names:
+            return []
+        async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.cluster(name))
+            rows = await pipe.execute()
         records = (
             ClusterRecord.from_fields(fields, self.keys.cluster(n))
             for n, fields in zip(names, rows, strict=True)
@@ -82,8 +92,10 @@ class State:
 
     async def update_cluster(self, name: str, **fields: str | int | float) -> None:
         """Set some fields of the cluster record (names checked against `ClusterRecord`)."""
-        async with amap_redis_errors():
-            await self.redis.hset(self.keys.cluster(name), mapping=ClusterRecord.fields(**fields))
+        async with amap_redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.cluster(name), mapping=ClusterRecord.fields(**fields))
+            pipe.incr(self.keys.cluster_version(name))  # routing and the leader see it moved
+            await pipe.execute()
 
     async def cluster_stats(self, name: str) -> dict[str, float]:
         async with amap_redis_errors():
@@ -138,6 +150,16 @@ class State:
             if record is not None:
                 out.append((record, bool(rows[2 * i + 1])))
         return out
+
+
+async def clock_offset(redis: aioredis.Redis) -> float:
+    """Redis `TIME` minus `time.monotonic()`, ms, taken at the middle of the round trip: add it to
+    `time.monotonic() * 1000` to read Redis's clock without asking it again."""
+    sent = time.monotonic()
+    async with amap_redis_errors():
+        seconds, micros = await redis.time()
+    back = time.monotonic()
+    return float(seconds) * 1000 + float(micros) / 1000 - (sent + back) * 500
 
 
 def now_ms() -> int:

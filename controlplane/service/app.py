@@ -1,4 +1,7 @@
-"""The service loop: lead or stand by, reconcile on every wake-up or period."""
+"""The service loop: lead or stand by, reconcile on every wake-up or period.
+
+A wake-up (`service:wake`) hands its messages to the reconciler, which reads what they name.
+"""
 
 from __future__ import annotations
 
@@ -59,7 +62,10 @@ class ControlPlane(Service):
 
     async def _pass(self) -> None:
         """Lead and reconcile, or stand by; then wait for the next pass."""
+        was_leading = self.lease.leading
         if await self.lease.acquire():
+            if not was_leading:  # what a former leader was told is not ours: read it all
+                self.reconciler.invalidate()
             started = time.perf_counter()
             await self.reconciler.reconcile_all()
             self.passes.append(time.perf_counter() - started)
@@ -72,6 +78,7 @@ class ControlPlane(Service):
     def _lost(self, exc: RedisError) -> None:
         if isinstance(exc, RedisUnavailable):  # leases could not be renewed meanwhile either
             self.reconciler.detector.grace()
+            self.reconciler.invalidate()  # and announcements may be lost
 
     async def _wait(self, seconds: float, *, wake: bool) -> None:
         """Sleep up to `seconds`; a leader also wakes on `service:wake` pushes, or on stop."""
@@ -87,8 +94,14 @@ class ControlPlane(Service):
             for w in waiters:
                 w.cancel()
             results = await asyncio.gather(*waiters, return_exceptions=True)
-        if wake and any(isinstance(r, list | tuple) for r in results):
-            await self.redis.delete(self.keys.service_wake())  # coalesce a burst of wake-ups
+        popped = [r for r in results if isinstance(r, list | tuple)]
+        if wake and popped:
+            # take the whole burst at once: the pass reads what each message names
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lrange(self.keys.service_wake(), 0, -1)
+                pipe.delete(self.keys.service_wake())
+                rest, _ = await pipe.execute()
+            self.reconciler.announced += [str(popped[0][1]), *map(str, rest)]
         for r in results:
             if isinstance(r, Exception):  # the pop's Redis error, for the caller's error mapping
                 raise r

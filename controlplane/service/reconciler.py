@@ -1,17 +1,28 @@
 """Converge every cluster on its desired kernel count.
 
-Level-triggered and idempotent: each pass reads the records, decides, and writes each
-decision in one MULTI/EXEC fenced by the leader lease (`LeaderLease.fenced`), so a control
-plane killed mid-pass leaves nothing half-placed, a deposed one cannot write, and the next
-leader simply carries on.
+Idempotent, and driven by changes: a pass reconciles the clusters that may need it, and only
+those. A cluster is looked at when its version (`cluster:{name}:version`, bumped by every write
+that changes its record, kernel set or a kernel's state) moved, when an agent hosting one of
+its kernels died, came back or saw a kernel process exit, while it has not settled (kernels
+pending, draining or missing, orphaned jobs, a shortfall, a status to write, autoscaling), and
+in the rolling sweep, which reaches every cluster and agent once per `full_sweep_interval`
+(the safety net for a lost announcement). At idle a pass costs one MGET of the agents' leases
+and one of the clusters' versions, whatever the fleet's size.
+
+Each decision is written in one MULTI/EXEC fenced by the leader lease (`LeaderLease.fenced`),
+so a control plane killed mid-pass leaves nothing half-placed, a deposed one cannot write, and
+the next leader reads everything afresh and carries on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Iterable
 
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
@@ -19,6 +30,7 @@ from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
 from controlplane.protocol.records import AgentRecord, ClusterRecord, JobRecord, KernelRecord, LapsedRecord
 from controlplane.redis.connect import AsyncPipeline
+from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.scripts.kernels import rebind
 from controlplane.redis.state import State, now_ms
 from controlplane.redis.transaction import Conflict
@@ -31,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a destroyed cluster's kernels may take to finish what they run, seconds.
 TEARDOWN_GRACE = 10.0
+#: Clusters one pass reconciles at most (the rest at the next passes): a pass stays short, so
+#: deaths are seen on time while a big fleet settles (a leader's first pass, a mass placement).
+MAX_CLUSTERS_PER_PASS = 64
 
 
 __all__ = ["Fleet", "Reconciler"]
@@ -45,27 +60,110 @@ class Reconciler:
         self.lease = lease
         self.detector = FailureDetector(state, settings)
         self.autoscaler = Autoscaler(state, lease, settings)
+        #: `service:wake` messages since the last pass (`ControlPlane` hands them over)
+        self.announced: list[str] = []
+        self._names: list[str] | None = None  # the cluster set as last read
+        self._versions: dict[str, str | None] = {}
+        self._unsettled: set[str] = set()
+        self._reconciled_at: dict[str, int] = {}  # cluster -> the pass that last reconciled it
+        self._passes = 0
+        self._cursor = 0  # the rolling sweep's position (passes since the set was read)
+        #: clusters reconciled by the latest pass (tests and `bench/fleet.py` read it)
+        self.reconciled = 0
+
+    def invalidate(self) -> None:
+        """Read every agent and cluster again at the next pass (leadership just taken, or Redis
+        was away: announcements may have been lost meanwhile)."""
+        self._names = None
+        self.detector.invalidate()
+
+    def _slices(self) -> int:
+        return max(math.ceil(self.settings.full_sweep_interval / self.settings.reconcile_interval), 1)
 
     async def reconcile_all(self) -> None:
-        """One pass over every cluster. Stops early (quietly) when the leader lease is lost."""
+        """One pass over the clusters that may need it. Stops early (quietly) when the leader
+        lease is lost."""
         try:
-            fleet = await self.detector.fleet()
-            for cluster in await self.state.list_clusters():
+            messages, self.announced = self.announced, []
+            full = self._names is None
+            slices = self._slices()
+            swept_agents = self._slice(sorted(self.detector.records), slices)
+            if full:
+                self.detector.invalidate()
+            touched = {m.partition(" ")[2] for m in messages if m.startswith("agent ")}
+            fleet = await self.detector.fleet(touched=touched | set(swept_agents))
+            if full or self._cursor >= slices or any(not m.startswith("agent ") for m in messages):
+                async with amap_redis_errors():
+                    self._names = sorted(await self.redis.smembers(self.keys.clusters()))
+                if self._cursor >= slices:
+                    self._cursor = 0
+            names = self._names or []
+            urgent = self._changed_clusters(fleet)  # a death, a kernel process gone: first
+            dirty = set(names) if full else urgent | self._unsettled
+            dirty |= set(self._slice(names, slices))
+            self._cursor += 1
+            if names:
+                async with amap_redis_errors():
+                    versions = await self.redis.mget([self.keys.cluster_version(n) for n in names])
+                for name, version in zip(names, versions, strict=True):
+                    if self._versions.get(name, "") != version:
+                        dirty.add(name)
+                    self._versions[name] = version
+            dirty &= set(names)
+            self._unsettled &= set(names)
+            # a bounded pass, so the leases are read again soon: what is left waits for the next
+            # (urgent ones first, then the least recently reconciled, so none starves)
+            done = self._reconciled_at
+            order = sorted(dirty, key=lambda n: (n not in urgent, done.get(n, -1), n))
+            dirty, later = set(order[:MAX_CLUSTERS_PER_PASS]), order[MAX_CLUSTERS_PER_PASS:]
+            self._unsettled |= set(later)
+            self._passes += 1
+            for name in dirty:
+                done[name] = self._passes
+            clusters = await self.state.clusters(sorted(dirty))
+            self.reconciled = len(clusters)
+            for name in dirty - {c.name for c in clusters}:  # gone (destroyed, or malformed)
+                self._unsettled.discard(name)
+                self._reconciled_at.pop(name, None)
+            for cluster in clusters:
+                settled = False
                 try:
                     if cluster.status is ClusterStatus.STOPPED:
                         await self._teardown(cluster, fleet)
                     else:
-                        await self._reconcile(cluster, fleet)
+                        settled = await self._reconcile(cluster, fleet)
                 except NotLeader:
                     raise
                 except Exception:  # one broken cluster must not stop the others
                     logger.exception("reconciling cluster %s failed", cluster.name)
+                if settled:
+                    self._unsettled.discard(cluster.name)
+                else:
+                    self._unsettled.add(cluster.name)
             await self._forget_dead_agents(fleet)
         except NotLeader as exc:
             logger.warning("reconcile pass stopped: %s", exc)
+            self.invalidate()
+
+    def _slice(self, names: list[str], slices: int) -> list[str]:
+        """The names the rolling sweep reaches at this pass: each once per `slices` passes."""
+        n, i = len(names), self._cursor % slices
+        # spread evenly over the round: the j-th name at pass floor(j * slices / n)
+        return names[-(-i * n // slices) : -(-(i + 1) * n // slices)]
+
+    def _changed_clusters(self, fleet: Fleet) -> set[str]:
+        """Clusters with a kernel on an agent whose liveness, record or running kernels changed,
+        or with a kernel missing from its agent's running record."""
+        refs: Iterable[str] = (
+            ref for agent in fleet.changed for ref in self.detector.assignments.get(agent, ())
+        )
+        return {ref.partition("/")[0] for ref in refs} | {
+            ref.partition("/")[0] for ref in self.detector.missing
+        }
 
     # ------------------------------------------------------------ one cluster
-    async def _reconcile(self, cluster: ClusterRecord, fleet: Fleet) -> None:
+    async def _reconcile(self, cluster: ClusterRecord, fleet: Fleet) -> bool:
+        """Converge one cluster; True when it is settled (nothing to look at until a change)."""
         name = cluster.name
         changed = False
         kernels: list[KernelRecord] = []
@@ -99,10 +197,22 @@ class Reconciler:
             for k in surplus:
                 await self._drain(k)
             changed = True
-        await self._adopt_orphans(name, [k for k in kernels if k.state is KernelState.RUNNING])
-        await self._set_status(cluster, await self.state.kernels(name), reason)
+        orphaned = await self._adopt_orphans(name, [k for k in kernels if k.state is KernelState.RUNNING])
+        now = await self.state.kernels(name) if changed else kernels
+        status = await self._set_status(cluster, now, reason)
         if changed:
             await self.redis.publish(self.keys.notify(), name)
+        missing = self.detector.missing
+        return (
+            not changed
+            and not orphaned
+            and not reason
+            and not cluster.config.auto_scale  # its load moves: looked at every pass
+            and status is ClusterStatus.RUNNING
+            and len(now) == cluster.desired
+            and all(k.state is KernelState.RUNNING and fleet.hosts(k.agent) for k in now)
+            and not any(f"{name}/{k.name}" in missing for k in now)
+        )
 
     async def _place(
         self,
@@ -120,21 +230,25 @@ class Reconciler:
             f"worker-{i}" for i in range(self.settings.max_kernels_per_cluster) if f"worker-{i}" not in used
         )
         placed = 0
+        eligible = [
+            a
+            for a in fleet.agents.values()
+            if a.name in fleet.alive
+            and not a.draining
+            and required <= a.capability_set
+            and fleet.assigned[a.name] < a.slots
+        ]
+        # not onto an avoided agent unless nowhere else fits; then the fewest of this cluster's
+        # kernels, then the least loaded: a heap, so each placement costs O(log agents)
+        heap = [
+            (a.name in avoid, here[a.name], fleet.assigned[a.name] / max(a.slots, 1), a.name, a)
+            for a in eligible
+        ]
+        heapq.heapify(heap)
         for _ in range(count):
-            candidates = [
-                a
-                for a in fleet.agents.values()
-                if a.name in fleet.alive
-                and not a.draining
-                and required <= a.capability_set
-                and fleet.assigned[a.name] < a.slots
-            ]
-            candidates = [a for a in candidates if a.name not in avoid] or candidates
-            if not candidates:
+            if not heap:
                 return placed, shortfall(cluster.desired, count - placed, required, fleet)
-            agent = min(
-                candidates, key=lambda a: (here[a.name], fleet.assigned[a.name] / max(a.slots, 1), a.name)
-            )
+            avoided, _, _, _, agent = heapq.heappop(heap)
             kernel = next(names, None)
             if kernel is None:
                 return placed, "no free kernel name"
@@ -153,11 +267,16 @@ class Reconciler:
                 pipe.hdel(self.keys.lapsed_kernels(), f"{cluster.name}/{kernel}")
                 pipe.lpush(self.keys.agent_wake(agent.name), "place")
                 pipe.pexpire(self.keys.agent_wake(agent.name), 60_000)
+                pipe.incr(self.keys.cluster_version(cluster.name))
                 await pipe.execute()
             logger.info("placed %s/%s on agent %s", cluster.name, kernel, agent.name)
             here[agent.name] += 1
             fleet.assigned[agent.name] += 1
+            self.detector.assign(agent.name, f"{cluster.name}/{kernel}")
             placed += 1
+            if fleet.assigned[agent.name] < agent.slots:
+                entry = (avoided, here[agent.name], fleet.assigned[agent.name] / max(agent.slots, 1))
+                heapq.heappush(heap, (*entry, agent.name, agent))
         return placed, ""
 
     async def _drain(self, k: KernelRecord) -> None:
@@ -172,6 +291,7 @@ class Reconciler:
             pipe.hset(self.keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}", ASSIGN_DRAIN)
             pipe.lpush(self.keys.agent_wake(k.agent), "drain")
             pipe.pexpire(self.keys.agent_wake(k.agent), 60_000)
+            pipe.incr(self.keys.cluster_version(k.cluster))
             await pipe.execute()
         logger.info("draining %s/%s on agent %s", k.cluster, k.name, k.agent)
 
@@ -217,14 +337,16 @@ class Reconciler:
             if wake_agent:  # it still runs: let it drop the kernel at once
                 pipe.lpush(keys.agent_wake(k.agent), "remove")
                 pipe.pexpire(keys.agent_wake(k.agent), 60_000)
+            pipe.incr(keys.cluster_version(k.cluster))
             await pipe.execute()
+        self.detector.unassign(k.agent, f"{k.cluster}/{k.name}")
 
-    async def _adopt_orphans(self, cluster: str, running: list[KernelRecord]) -> None:
-        """Hand jobs of lost kernels to running ones, spread evenly."""
+    async def _adopt_orphans(self, cluster: str, running: list[KernelRecord]) -> bool:
+        """Hand jobs of lost kernels to running ones, spread evenly; True while some are left."""
         orphans = self.keys.cluster_orphans(cluster)
         ids = await self.redis.zrange(orphans, 0, 1023)
         if not ids or not running:
-            return
+            return bool(ids)
         share = -(-len(ids) // len(running))
         for i, k in enumerate(running):
             chunk = ids[i * share : (i + 1) * share]
@@ -235,8 +357,12 @@ class Reconciler:
                 await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, moved)
                 logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
                 await self.redis.hincrby(self.keys.reliability(), stats.JOBS_FAILED_OVER, moved)
+        return True  # looked at again at the next pass: what is left, or what was moved
 
-    async def _set_status(self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str) -> None:
+    async def _set_status(
+        self, cluster: ClusterRecord, kernels: list[KernelRecord], reason: str
+    ) -> ClusterStatus:
+        """Write the status the kernels give the cluster (if it changed); returns it."""
         running = sum(k.state is KernelState.RUNNING for k in kernels)
         settled = running == cluster.desired and len(kernels) == cluster.desired
         if settled:
@@ -248,18 +374,21 @@ class Reconciler:
         else:
             status = ClusterStatus.SCALING
         if status is cluster.status and reason == cluster.reason:
-            return
+            return status
         key = self.keys.cluster(cluster.name)
         # WATCHed and re-read: a destroy (status `stopped`) that lands during the pass must win
         with contextlib.suppress(Conflict):
             async with self.lease.fenced(key, multi=False) as pipe:
                 if await pipe.hget(key, ClusterRecord.STATUS) in (None, ClusterStatus.STOPPED.value):
-                    return
+                    return ClusterStatus.STOPPED
                 begin_writes(pipe)
                 pipe.hset(key, mapping=ClusterRecord.fields(status=status, reason=reason))
                 pipe.publish(self.keys.notify(), cluster.name)
+                pipe.incr(self.keys.cluster_version(cluster.name))
                 await pipe.execute()
             logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
+            return status
+        return ClusterStatus.SCALING  # lost to a concurrent write: looked at again
 
     # ------------------------------------------------------------ destroy
     async def _teardown(self, cluster: ClusterRecord, fleet: Fleet) -> None:
@@ -302,8 +431,12 @@ class Reconciler:
                 *leftovers,
             )
             pipe.srem(self.keys.clusters(), name)
+            # gone with the cluster; one created again under the name starts at the clock
+            pipe.delete(self.keys.cluster_version(name))
             await pipe.execute()
         await self.redis.publish(self.keys.notify(), name)
+        if self._names is not None and name in self._names:
+            self._names.remove(name)
         logger.info("cluster %s destroyed", name)
 
     async def _fail_queued(self, cluster: str, source: str, why: str) -> None:
@@ -352,16 +485,19 @@ class Reconciler:
         async with self.lease.fenced(self.keys.agent_lease(agent), multi=False) as pipe:
             if await pipe.exists(self.keys.agent_lease(agent)):
                 return
-            last_ms = await pipe.hget(self.keys.heartbeats(), agent)
             begin_writes(pipe)
             # an agent that stopped on purpose said so (draining) and is simply gone
             entry = None
             if not record.draining:
-                beat = str(last_ms or "")
-                last_seen = int(beat) / 1000 if beat.isdigit() else time.time() - self.settings.lease_ttl
+                last_seen = self.detector.last_seen(agent) or time.time() - self.settings.lease_ttl
                 entry = self._lapsed(last_seen, host=record.host, slots=record.slots)
             self._lapse(pipe, self.keys.lapsed_agents(), agent, entry)
-            pipe.delete(self.keys.agent(agent), self.keys.agent_kernels(agent), self.keys.agent_wake(agent))
+            pipe.delete(
+                self.keys.agent(agent),
+                self.keys.agent_kernels(agent),
+                self.keys.agent_wake(agent),
+                self.keys.agent_running(agent),
+            )
             pipe.srem(self.keys.agents(), agent)
             pipe.hdel(self.keys.heartbeats(), agent)
             await pipe.execute()

@@ -1,10 +1,14 @@
 """The agent: one daemon per host that registers, keeps a lease, and supervises kernels.
 
-The control plane writes which kernels this agent should run (`agent:{name}:kernels`);
-the agent converges on that set level-triggered on every heartbeat, and at once when
-woken through `agent:{name}:wake`. Each kernel is its own OS process
-(`python -m kernel_agent.kernel`), forked from the agent's fork server when it runs
-(kernel_agent/agent/spawner.py), restarted with back-off when it crashes.
+The control plane writes which kernels this agent should run (`agent:{name}:kernels`) and
+pushes to `agent:{name}:wake`; the agent re-reads the assignment when woken, and at least
+every `agent_poll` seconds (the level-triggered safety net), with one blocking pop that stays
+pending across loop turns. Each kernel is its own OS process (`python -m kernel_agent.kernel`),
+forked from the agent's fork server when it runs (kernel_agent/agent/spawner.py), restarted
+with back-off when it crashes: its exit is seen through the process handle at once, without
+asking Redis. Every heartbeat interval the loop also converges locally (restarts due),
+rewrites `agent:{name}:running` when the set of live kernel processes changed, and writes the
+cpu and memory of kernels whose load changed (or is `load_refresh` old).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -26,20 +31,13 @@ from controlplane.errors import PermissionDenied, RedisError, RedisUnavailable
 from controlplane.lifecycle import Service
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import Capability, Name
-from controlplane.protocol.records import (
-    AgentRecord,
-    KernelRecord,
-    LoadRecord,
-    parse_assignment,
-    parse_counters,
-)
-from controlplane.protocol.stats import DISPATCHES, ERRORS, LATENCY_MS_SUM
+from controlplane.protocol.records import AgentLease, AgentRecord, KernelRecord, LoadRecord, parse_assignment
 from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
 from kernel_agent.agent.heartbeat import Heartbeat
-from kernel_agent.agent.load import ProcessSampler, RateTracker
+from kernel_agent.agent.load import LoadGate, ProcessSampler
 from kernel_agent.agent.spawner import KernelHandle, Spawner
 from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE, KERNEL_PRELOAD
 from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
@@ -71,7 +69,8 @@ class _Child:
     stopping: bool = False  # SIGTERM sent: draining
     done: bool = False  # exited for good (drained, or the control plane moved it)
     placement: str = ""  # `placed_at` of the kernel record this child was started for
-    rates: RateTracker = field(default_factory=RateTracker)
+    load: LoadGate = field(default_factory=LoadGate)
+    watched: object = None  # the process handle whose exit wakes the main loop
 
     @property
     def ref(self) -> str:
@@ -107,16 +106,29 @@ class Agent(Service):
         self.sampler = ProcessSampler()
         self._stop = asyncio.Event()
         self._registered = False  # in Redis, as far as we know: False again after an outage
-        self._live: list[tuple[str, str, int]] = []  # read by the heartbeat thread; replaced, never mutated
+        self._assigned: dict[str, str] = {}  # the assignment as last read
+        self._woken = False  # the pending BLPOP popped a push: clear the list with the next read
+        self._poll = True  # re-read the assignment on the next turn (woken, or `agent_poll` passed)
+        self._wake: asyncio.Future[Any] | None = None  # the pending BLPOP on our wake list
+        self._exited = asyncio.Event()  # a kernel process exited
+        self._waiters: set[asyncio.Future[Any]] = set()  # one per watched process handle
+        self._running: dict[str, int] | None = None  # `agent:{name}:running` as last written
+        # our state version, in the lease: a new incarnation never repeats one of the last
+        self._incarnation = f"{int(time.time() * 1000)}"
+        self._version = 0
         self.heartbeat = Heartbeat(
             redis_url=settings.redis_url,
             keys=self.keys,
             agent=config.name,
             interval=settings.heartbeat_interval,
             ttl=settings.lease_ttl,
-            children=lambda: self._live,
-            stall_after=max(10.0, 4 * settings.lease_ttl),
+            version=self.version,
+            stall_after=max(10.0, 4 * settings.lease_ttl, 2 * settings.agent_poll),
         )
+
+    def version(self) -> str:
+        """The state version the heartbeat puts in the lease (read by its thread)."""
+        return f"{self._incarnation}.{self._version}"
 
     def _on_stop(self) -> None:
         """Begin a clean shutdown: drain every kernel, then deregister."""
@@ -138,11 +150,13 @@ class Agent(Service):
         await self._shutdown()
 
     async def _step(self) -> None:
-        """Register (again, after an outage), converge, then wait for a wake-up or a heartbeat."""
+        """Register (again, after an outage), converge, report, then wait: for a wake-up, a
+        kernel's exit, or one heartbeat interval (local work only, unless something is due)."""
         name = self.config.name
         if not self._registered:
             await self._register()
             self._registered = True
+            self._poll = True
             self.heartbeat.start()
             logger.info(
                 "agent %s registered: %d slots, capabilities %s",
@@ -150,42 +164,76 @@ class Agent(Service):
                 self.config.slots,
                 self.capabilities or "-",
             )
-        await self._tick()
+        if self._poll:
+            await self._tick()
+            self._poll = False
+        else:
+            await self._converge(self._assigned, renew=False)
+        await self._publish_running()
+        await self._report_load()
         self.heartbeat.touch()
-        if await self._wait_wake():
-            logger.debug("agent %s woken", name)
+        await self._wait()
 
     def _lost(self, exc: RedisError) -> None:
         if exc.transient:  # waiting for Redis is not a wedged loop: renew as soon as it answers
             self.heartbeat.touch()
         if isinstance(exc, RedisUnavailable):  # our record may be gone when Redis is back
             self._registered = False
+            self._running = None  # and so may our running record
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    def _publish_live(self) -> None:
-        self._live = [
-            (c.cluster, c.kernel, c.proc.pid) for c in self.children.values() if c.running and c.proc
-        ]
+    def _watch(self, child: _Child) -> None:
+        """Wake the main loop when `child`'s process exits (no polling)."""
+        proc = child.proc
+        if proc is None or child.watched is proc:
+            return
+        child.watched = proc
+        waiter = asyncio.ensure_future(proc.wait())
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
+        waiter.add_done_callback(lambda _: self._exited.set())
 
-    async def _wait_wake(self) -> bool:
-        wake = asyncio.ensure_future(
-            self.redis.blpop(
-                [self.keys.agent_wake(self.config.name)],
-                timeout=self.settings.heartbeat_interval,  # type: ignore[arg-type]  # fractional: Redis >= 6
+    async def _wait(self) -> None:
+        """Up to one heartbeat interval. The BLPOP on our wake list (timeout `agent_poll`) stays
+        pending across turns: when it returns (a push, or its timeout), the next turn re-reads
+        the assignment."""
+        if self._wake is None:
+            self._wake = asyncio.ensure_future(
+                self.redis.blpop(
+                    [self.keys.agent_wake(self.config.name)],
+                    timeout=self.settings.agent_poll,  # type: ignore[arg-type]  # fractional: Redis >= 6
+                )
             )
-        )
+            # read by the next turn; if the loop ends first (cancelled, as in a kill), not lost
+            self._wake.add_done_callback(lambda f: f.cancelled() or f.exception())
         stop = asyncio.ensure_future(self._stop.wait())
+        exited = asyncio.ensure_future(self._exited.wait())
         try:
-            done, _ = await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {self._wake, stop, exited},
+                timeout=self.settings.heartbeat_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
-            for task in (wake, stop):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(wake, stop, return_exceptions=True)
-        return wake in done and not wake.cancelled() and wake.exception() is None and bool(wake.result())
+            for task in (stop, exited):
+                task.cancel()
+            await asyncio.gather(stop, exited, return_exceptions=True)
+        self._exited.clear()
+        if self._wake.done():
+            woken, self._wake = self._wake, None
+            self._poll = True
+            if not woken.cancelled() and woken.exception() is None and woken.result():
+                logger.debug("agent %s woken", self.config.name)
+                self._woken = True
+
+    async def _cancel_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+            await asyncio.gather(self._wake, return_exceptions=True)
+            self._wake = None
 
     async def _register(self) -> None:
         k, c = self.keys, self.config
@@ -203,24 +251,55 @@ class Agent(Service):
             pipe.hset(k.agent(c.name), mapping=record.to_fields())
             pipe.sadd(k.agents(), c.name)
             pipe.hdel(k.lapsed_agents(), c.name)  # back: no longer shown as a lapsed agent
-            pipe.set(k.agent_lease(c.name), int(time.time() * 1000), px=int(self.settings.lease_ttl * 1000))
+            # alive from now on; the heartbeat's first beat writes the Redis-clock time
+            pipe.set(
+                k.agent_lease(c.name),
+                AgentLease(0, self._next_version()).encode(),
+                px=int(self.settings.lease_ttl * 1000),
+            )
+            pipe.delete(k.agent_running(c.name))  # a new incarnation runs nothing yet
             await pipe.execute()
+        self._running = {}
         await self.redis.lpush(k.service_wake(), f"agent {c.name}")
 
+    def _next_version(self) -> str:
+        self._version += 1
+        return self.version()
+
     async def _tick(self) -> None:
-        """Converge on the assignment, report load (the heartbeat thread renews the leases)."""
-        name = self.config.name
-        registered = await self.redis.exists(self.keys.agent(name))
+        """Re-read the assignment (one round trip: after a wake-up, or `agent_poll` without one)
+        and converge on it."""
+        name, k = self.config.name, self.keys
+        key = k.agent_kernels(name)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if self._woken:  # the pushes so far are all answered by the read below
+                pipe.delete(k.agent_wake(name))
+            pipe.exists(k.agent(name))
+            pipe.hgetall(key)
+            *_, registered, raw = await pipe.execute()
+        self._woken = False
         if not registered:  # forgotten while unreachable (paused, partitioned): register again
             logger.warning("agent %s was deregistered by the control plane; registering again", name)
             await self._register()
-        key = self.keys.agent_kernels(name)
-        assigned = parse_assignment(await self.redis.hgetall(key), key)  # malformed fields skipped
-        await self._converge(assigned)
-        self._publish_live()
-        await self._report_load()
+        self._assigned = parse_assignment(raw, key)  # malformed fields skipped
+        await self._converge(self._assigned)
 
-    async def _converge(self, assigned: dict[str, str]) -> None:
+    async def _publish_running(self) -> None:
+        """Rewrite `agent:{name}:running` when the set of live kernel processes changed, then
+        move our state version on (the next beat tells the leader to re-read it)."""
+        running = {c.ref: c.proc.pid for c in self.children.values() if c.running and c.proc is not None}
+        if running == self._running:
+            return
+        key = self.keys.agent_running(self.config.name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if running:
+                pipe.hset(key, mapping={ref: str(pid) for ref, pid in running.items()})
+            await pipe.execute()
+        self._running = running
+        self._next_version()
+
+    async def _converge(self, assigned: dict[str, str], *, renew: bool = True) -> None:
         """Run what is assigned ("run" or "drain"), drain what is not, restart what crashed."""
         now = time.monotonic()
         for ref in assigned.keys() - self.children.keys():
@@ -229,7 +308,8 @@ class Agent(Service):
         for child in list(self.children.values()):
             if child.proc is not None and child.proc.returncode is not None:
                 await self._reap(child)
-        await self._renew_replaced(assigned, now)
+        if renew:  # only with a fresh read of the assignment: it asks Redis
+            await self._renew_replaced(assigned, now)
         for ref, child in list(self.children.items()):
             wanted = assigned.get(ref)
             if wanted is None or wanted == ASSIGN_DRAIN:
@@ -242,6 +322,7 @@ class Agent(Service):
                     continue
             if wanted is not None and not child.running and not child.done and now >= child.next_start:
                 await self._spawn(child)  # a crashed draining kernel comes back to finish its queue
+            self._watch(child)
 
     async def _renew_replaced(self, assigned: dict[str, str], now: float) -> None:
         """A kernel the control plane removed and placed again under the same name, between two
@@ -320,51 +401,43 @@ class Agent(Service):
         return await self._spawner.start(cmd, env)
 
     async def _report_load(self) -> None:
+        """Write the cpu and memory of each kernel whose figures moved past `LoadGate`'s
+        thresholds, or whose last write is `load_refresh` old (every other refresh also renews the
+        record's TTL, 3 x `load_refresh`). The rest
+        of the record is the kernel's own (`kernel_agent/kernel/load_report.py`)."""
         # not for kernels told to stop: their record may already be gone with their cluster
         live = [c for c in self.children.values() if c.running and not c.stopping and c.proc is not None]
         if not live:
             return
-        k = self.keys
+        now, refresh = time.monotonic(), self.settings.load_refresh
+        due = []
+        for c in live:
+            cpu, memory, rss = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
+            if c.load.due(cpu, memory, now, refresh):
+                due.append((c, cpu, memory, rss, c.load.renew_ttl(now, refresh)))
+        if not due:
+            return
+        ttl_ms = int(3 * refresh * 1000)
+        stamp = round(time.time(), 3)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for c in live:
-                pipe.zcard(k.queue(c.cluster, c.kernel))
-                pipe.zcard(k.inflight(c.cluster, c.kernel))
-                pipe.hgetall(k.kernel_stats(c.cluster, c.kernel))
-            rows = await pipe.execute(raise_on_error=False)  # a key of the wrong type reads as empty
-        ttl_ms = int(self.settings.lease_ttl * 1000)
-        now = round(time.time(), 3)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for i, c in enumerate(live):
-                queued, inflight, raw = (
-                    r if not isinstance(r, Exception) else None for r in rows[3 * i : 3 * i + 3]
+            for c, cpu, memory, rss, ttl in due:
+                key = self.keys.load(self.config.name, c.cluster, c.kernel)
+                pipe.hset(
+                    key,
+                    mapping=LoadRecord.fields(
+                        cpu=round(cpu, 4), memory=round(memory, 6), memory_bytes=rss, updated_at=stamp
+                    ),
                 )
-                stats = parse_counters(raw or {}, k.kernel_stats(c.cluster, c.kernel))
-                c.rates.update(
-                    float(stats.get(DISPATCHES, 0)),
-                    float(stats.get(ERRORS, 0)),
-                    float(stats.get(LATENCY_MS_SUM, 0)),
-                )
-                cpu, memory, rss = self.sampler.sample(c.proc.pid)  # type: ignore[union-attr]
-                key = k.load(self.config.name, c.cluster, c.kernel)
-                # as measured, unvalidated: a value out of range is the readers' to skip, as always
-                load = LoadRecord.model_construct(
-                    cpu=round(cpu, 4),
-                    memory=round(memory, 6),
-                    queue_depth=queued or 0,
-                    inflight=inflight or 0,
-                    latency_ms=round(c.rates.latency_ms, 3),
-                    error_rate=round(c.rates.error_rate, 4),
-                    updated_at=now,
-                    memory_bytes=rss,
-                )
-                pipe.hset(key, mapping=load.to_fields())
-                pipe.pexpire(key, ttl_ms)
+                if ttl:
+                    pipe.pexpire(key, ttl_ms)
             await pipe.execute()
+        for c, cpu, memory, _, ttl in due:
+            c.load.written(cpu, memory, now, ttl=ttl)
 
     async def _shutdown(self) -> None:
         """Drain every kernel (SIGTERM, grace, then SIGKILL) and deregister."""
         name = self.config.name
-        self._publish_live()
+        await self._cancel_wake()
         self.heartbeat.stall_after = float("inf")  # draining may take a while: stay alive meanwhile
         async with best_effort():
             await self.redis.hset(self.keys.agent(name), mapping=AgentRecord.fields(draining=True))
@@ -383,6 +456,8 @@ class Agent(Service):
                     proc.kill()
             for task in pending:
                 await task
+        for waiter in list(self._waiters):  # handles that will not exit now (stubs, a kill's leftovers)
+            waiter.cancel()
         if self._spawner is not None:
             await self._spawner.close()
         await asyncio.to_thread(self.heartbeat.stop)
@@ -390,8 +465,7 @@ class Agent(Service):
         async with best_effort():
             async with self.redis.pipeline(transaction=True) as pipe:
                 # the assignment hash stays: the control plane owns it and clears it
-                pipe.delete(k.agent_lease(name), k.agent_wake(name))
-                pipe.hdel(k.heartbeats(), name)
+                pipe.delete(k.agent_lease(name), k.agent_wake(name), k.agent_running(name))
                 await pipe.execute()
             try:
                 async with amap_redis_errors(), self.redis.pipeline(transaction=True) as pipe:

@@ -2,11 +2,17 @@
 
 Leases are the only liveness signal the control plane trusts, so renewing them must not
 wait behind anything else the agent does (spawning kernels, sampling load, a slow Redis
-reply on the main connection). The thread renews, every `heartbeat_interval`:
+reply on the main connection). The thread sends ONE command every `heartbeat_interval`,
+whatever the number of kernels: ``SET agent:{name}:lease "{beat_ms} {version}" PX lease_ttl``.
 
-- the agent lease (`agent:{name}:lease`, TTL `lease_ttl`),
-- one lease per kernel process that is alive (`kernel:{cluster}:{kernel}:lease`),
-- the agent's field in `heartbeats` (unix ms), from which the leader measures detection time.
+- `beat_ms` is the beat's time in Redis's clock: the thread measures its offset to Redis
+  `TIME` when it starts and every `CLOCK_RESYNC` seconds, so the leader compares every
+  agent's last beat with its own reading of the same clock (suspects, detection time).
+- `version` is the agent's state version (`version()`): it changes when the agent's record or
+  its running kernels (`agent:{name}:running`) change, so the leader re-reads them only then.
+
+Kernels have no lease of their own: a kernel is alive while its agent is and its process is
+listed in `agent:{name}:running`, which the main loop rewrites when a process starts or exits.
 
 It stops renewing when the agent's main loop has made no progress for `stall_after` seconds,
 so a wedged agent is declared dead instead of being kept alive by its heartbeat alone.
@@ -26,26 +32,18 @@ import threading
 import time
 from collections.abc import Callable
 
-import psutil
-
 from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.records import AgentLease
 from controlplane.redis.connect import AsyncRedis, connect
 from controlplane.redis.errors import redis_said
 from controlplane.redis.retry import Backoff, periodically
+from controlplane.redis.state import clock_offset
 
 logger = logging.getLogger(__name__)
 
-#: (cluster, kernel, pid) of each kernel process the agent believes is running.
-Children = Callable[[], list[tuple[str, str, int]]]
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting to be reaped counts as dead)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+#: How often the heartbeat re-measures its offset to Redis's clock, seconds.
+CLOCK_RESYNC = 60.0
 
 
 class Heartbeat:
@@ -59,7 +57,7 @@ class Heartbeat:
         agent: str,
         interval: float,
         ttl: float,
-        children: Children,
+        version: Callable[[], str],
         stall_after: float,
     ) -> None:
         self.redis_url = redis_url
@@ -67,12 +65,14 @@ class Heartbeat:
         self.agent = agent
         self.interval = interval
         self.ttl_ms = max(int(ttl * 1000), 1)
-        self.children = children
+        self.version = version
         self.stall_after = stall_after
         self.beats = 0
         self._progress = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._offset_ms: float | None = None  # Redis clock minus monotonic, ms
+        self._synced_at = 0.0
 
     def touch(self) -> None:
         """The main loop is alive (called once per agent tick)."""
@@ -129,15 +129,13 @@ class Heartbeat:
             raise RedisUnavailable("heartbeat round trip overdue") from None
 
     async def _beat(self, client: AsyncRedis) -> None:
-        now_ms = int(time.time() * 1000)
-        k = self.keys
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.set(k.agent_lease(self.agent), now_ms, px=self.ttl_ms)
-            pipe.hset(k.heartbeats(), self.agent, str(now_ms))
-            for cluster, kernel, pid in self.children():
-                if process_alive(pid):
-                    pipe.set(k.kernel_lease(cluster, kernel), pid, px=self.ttl_ms)
-            # one round trip, bounded: a blackholed connection must not hold the beat forever
+        now = time.monotonic()
+        if self._offset_ms is None or now - self._synced_at > CLOCK_RESYNC:
             async with asyncio.timeout(max(self.ttl_ms / 1000, 1.0)):
-                await pipe.execute()
+                self._offset_ms = await clock_offset(client)
+            self._synced_at = now
+        lease = AgentLease(int(time.monotonic() * 1000 + self._offset_ms), self.version())
+        # one round trip, bounded: a blackholed connection must not hold the beat forever
+        async with asyncio.timeout(max(self.ttl_ms / 1000, 1.0)):
+            await client.set(self.keys.agent_lease(self.agent), lease.encode(), px=self.ttl_ms)
         self.beats += 1

@@ -1,13 +1,19 @@
-"""Load sampling: cpu and memory of each kernel's own process, latency and error EWMAs."""
+"""Load sampling: cpu and memory of each kernel's own process, and when to write them.
+
+The rest of a kernel's load record (queue, in flight, latency and error rate) is the kernel
+process's own report (`kernel_agent/kernel/load_report.py`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psutil
 
-#: Weight of the newest heartbeat interval in the latency and error-rate EWMAs.
-EWMA_ALPHA = 0.3
+#: A change of cpu (fraction of one core) that is written within a heartbeat.
+CPU_STEP = 0.05
+#: A relative change of memory that is written within a heartbeat.
+MEMORY_STEP = 0.05
 
 
 class ProcessSampler:
@@ -16,9 +22,12 @@ class ProcessSampler:
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        self._gone: set[int] = set()  # pids found gone: not looked up again until forgotten
         self._total = psutil.virtual_memory().total
 
     def sample(self, pid: int) -> tuple[float, float, int]:
+        if pid in self._gone:
+            return 0.0, 0.0, 0
         try:
             proc = self._procs.get(pid)
             if proc is None:
@@ -28,32 +37,40 @@ class ProcessSampler:
             rss = proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             self._procs.pop(pid, None)
+            self._gone.add(pid)
             return 0.0, 0.0, 0
         return min(cpu, 1.0), min(rss / self._total, 1.0), int(rss)
 
     def forget(self, pid: int) -> None:
+        """The process was reaped: its pid may be reused."""
         self._procs.pop(pid, None)
+        self._gone.discard(pid)
 
 
 @dataclass(slots=True)
-class RateTracker:
-    """Turns the kernel's cumulative counters (dispatches, errors, latency sum) into EWMAs."""
+class LoadGate:
+    """When the agent rewrites a kernel's cpu and memory: on a change past `CPU_STEP` (fraction
+    of a core) or `MEMORY_STEP` (relative), at most once per heartbeat (the caller's turn), and
+    at least every `refresh` seconds, so readers see the record fresh (`updated_at`)."""
 
-    dispatches: float = 0.0
-    errors: float = 0.0
-    latency_sum: float = 0.0
-    latency_ms: float = 0.0
-    error_rate: float = 0.0
-    primed: bool = False
+    cpu: float = -1.0
+    memory: float = -1.0
+    at: float = -math.inf  # monotonic time of the last write
+    ttl_at: float = -math.inf  # ... and of the last one that renewed the record's TTL
 
-    def update(self, dispatches: float, errors: float, latency_sum: float) -> None:
-        done = dispatches - self.dispatches
-        if self.primed and done > 0:
-            interval_latency = (latency_sum - self.latency_sum) / done
-            interval_errors = min(max((errors - self.errors) / done, 0.0), 1.0)
-            self.latency_ms += EWMA_ALPHA * (interval_latency - self.latency_ms)
-            self.error_rate += EWMA_ALPHA * (interval_errors - self.error_rate)
-        elif not self.primed and dispatches > 0:
-            self.latency_ms = latency_sum / dispatches
-            self.error_rate = min(errors / dispatches, 1.0)
-        self.dispatches, self.errors, self.latency_sum, self.primed = dispatches, errors, latency_sum, True
+    def due(self, cpu: float, memory: float, now: float, refresh: float) -> bool:
+        if now - self.at >= refresh:
+            return True
+        if abs(cpu - self.cpu) >= CPU_STEP:
+            return True
+        return abs(memory - self.memory) > MEMORY_STEP * max(self.memory, 1e-9)
+
+    def renew_ttl(self, now: float, refresh: float) -> bool:
+        """Whether this write renews the TTL (3 x `refresh`) too: every other refresh is enough,
+        and leaves the record a whole `refresh` of slack when a write is late."""
+        return now - self.ttl_at >= 1.5 * refresh
+
+    def written(self, cpu: float, memory: float, now: float, *, ttl: bool) -> None:
+        self.cpu, self.memory, self.at = cpu, memory, now
+        if ttl:
+            self.ttl_at = now

@@ -35,6 +35,7 @@ from controlplane.redis.scripts import deferred, jobs
 from controlplane.redis.scripts.call import Call, preloading
 from controlplane.redis.scripts.kernels import NotStarted, Stop, kernel_start, kernel_stop, rebind
 from controlplane.redis.state import State
+from kernel_agent.kernel.load_report import LoadReporter
 from kernel_agent.kernel.siblings import Siblings
 from kernel_agent.syscalls import (
     Deferral,
@@ -98,6 +99,9 @@ class KernelProcess(Service):
         self.wake_key = keys.kernel_wake(cluster, name)
         self.siblings = Siblings(
             self.state, cluster=cluster, name=name, registry=registry, wake_key=self.wake_key
+        )
+        self.load = LoadReporter(
+            redis, keys, cluster=cluster, name=name, agent=agent, busy=lambda: self._busy
         )
 
     def drain(self) -> None:
@@ -366,6 +370,7 @@ class KernelProcess(Service):
             ),
             keep_ms=keep_ms,
         )
+        self.load.finished(latency_ms, failed=bool(error_type), queued=getattr(claimed, "queued", 0))
         self._busy += 1  # until `_delivered` has finish.lua's reply
         return job_id, call
 

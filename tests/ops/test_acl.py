@@ -133,8 +133,13 @@ def test_agent_a_gets_noperm_on_agent_b_keys(acl_server: tuple[RedisServerProces
         # its own keys: fine
         a1.hset(KEYS.load("a1", "c", "worker-0"), mapping={"cpu": "0.1"})
         a1.set(KEYS.agent_lease("a1"), "1", px=1000)
+        a1.hset(KEYS.agent_running("a1"), "c/worker-0", "1")
+        a1.time()  # its heartbeat measures its offset to Redis's clock
         a1.sadd(KEYS.agents(), "a1")
-        # agent B's load record, lease, record, wake list and assignment: refused
+        # agent B's load record, lease, running kernels, record, wake list and assignment: refused
+        assert _denied(lambda: a1.hset(KEYS.agent_running("a2"), "c/worker-0", "1"))
+        assert _denied(lambda: a1.delete(KEYS.agent_running("a2")))
+        assert _denied(lambda: a1.hset(KEYS.heartbeats(), "a2", "1")), "no agent writes heartbeats any more"
         assert _denied(lambda: a1.hset(KEYS.load("a2", "c", "worker-0"), "cpu", "0.9"))
         assert _denied(lambda: a1.set(KEYS.agent_lease("a2"), "1", px=1000))
         assert _denied(lambda: a1.delete(KEYS.agent_lease("a2")))

@@ -84,7 +84,7 @@ async def put_kernel(
         },
     )
     await redis.sadd(KEYS.cluster_kernels(cluster), kernel)
-    await redis.set(KEYS.kernel_lease(cluster, kernel), "1", px=3000)
+    await redis.hset(KEYS.agent_running(agent), f"{cluster}/{kernel}", "1")  # its process runs
 
 
 async def finish(
@@ -254,8 +254,8 @@ async def test_exporter_reads_the_fleet_from_redis(redis: AsyncRedis) -> None:
     assert not re.search(r'\b(job|id|request)="', text)  # bounded labels only
     assert promtool_check(text) == ""
 
-    # the kernel process's own lease lapses (process gone, agent alive): down at once
-    await redis.delete(KEYS.kernel_lease("compute", "worker-0"))
+    # the kernel process exits (its agent lists it no more, the agent lives): down at once
+    await redis.hdel(KEYS.agent_running("a1"), "compute/worker-0")
     assert samples(await exposition(redis, SETTINGS))[f"kcp_kernel_up{{{k0}}}"] == 0
 
     # a removed kernel and a destroyed cluster leave no series behind

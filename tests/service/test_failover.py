@@ -7,7 +7,6 @@ import asyncio
 import os
 import random
 import signal
-import sys
 import time
 
 import pytest
@@ -16,6 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import KcpClient, KernelError, KernelGone, OrchestrationConfig, Settings
 from controlplane.protocol.keys import ASSIGN_RUN, Keys
+from controlplane.protocol.records import AgentLease
 from controlplane.redis.connect import parse_sentinel_url
 from controlplane.redis.state import State
 from controlplane.service.detector import FailureDetector
@@ -101,18 +101,24 @@ async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(red
     assert fleet.alive == {"fresh", "late", "gone"}, "a lease that lapsed during the outage is no death"
     await asyncio.sleep(detector.window + 0.05)
 
-    now_ms = int(time.time() * 1000)
-    await redis.set(KEYS.agent_lease("fresh"), now_ms, px=400)
-    await redis.set(KEYS.agent_lease("late"), now_ms, px=200)  # renewals overdue
-    await redis.hset(KEYS.heartbeats(), "gone", str(now_ms - 1200))
+    seconds, micros = await redis.time()
+    now_ms = seconds * 1000 + micros // 1000  # leases carry the beat in Redis's clock
+    await redis.set(KEYS.agent_lease("fresh"), AgentLease(now_ms, "1").encode(), px=400)
+    await redis.set(KEYS.agent_lease("late"), AgentLease(now_ms - 250, "1").encode(), px=400)  # overdue
+    await redis.set(KEYS.agent_lease("gone"), AgentLease(now_ms - 1200, "1").encode(), px=400)
+    fleet = await detector.fleet()
+    assert fleet.alive == {"fresh", "late", "gone"} and fleet.suspect == {"late", "gone"}
+    await redis.delete(KEYS.agent_lease("gone"))
     fleet = await detector.fleet()
     assert fleet.alive == {"fresh", "late"} and fleet.suspect == {"late"}
+    assert fleet.changed == {"gone"}, "a death is a change the reconciler looks at"
     stats = await redis.hgetall(KEYS.reliability())
     assert stats["agents_dead_total"] == "1" and int(stats["detection_ms_last"]) >= 1200
     await detector.fleet()
     assert (await redis.hgetall(KEYS.reliability()))["agents_dead_total"] == "1", "each death counts once"
 
-    # kernel leases: a running kernel on a live agent whose lease lapsed is dead
+    # a running kernel on a live agent, missing from the agent's running record for longer
+    # than a lease TTL, is dead
     old = f"{time.time() - 10:.3f}"
     for kernel in ("worker-0", "worker-1"):
         await redis.hset(
@@ -120,13 +126,15 @@ async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(red
             mapping={"cluster": "c", "name": kernel, "agent": "fresh", "state": "running", "started_at": old},
         )
         await redis.sadd(KEYS.cluster_kernels("c"), kernel)
-    await redis.set(KEYS.kernel_lease("c", "worker-0"), 1, px=1000)
+    await redis.hset(KEYS.agent_running("fresh"), "c/worker-0", "1")
+    await redis.set(KEYS.agent_lease("fresh"), AgentLease(now_ms, "2").encode(), px=1000)  # a new version
     detector.grace()
-    assert await detector.dead_kernels(await state.kernels("c"), fleet) == [], "blind: no kernel death"
-    await detector.fleet()  # Redis answers: the window opens
+    fleet = await detector.fleet()  # Redis answers: the window opens; the running record is read
+    assert fleet.running["fresh"] == {"c/worker-0"}
+    assert await detector.dead_kernels(await state.kernels("c"), fleet) == [], "missing, not dead yet"
+    assert detector.missing == {"c/worker-1"}
     await asyncio.sleep(detector.window + 0.05)
-    await redis.set(KEYS.agent_lease("fresh"), 1, px=1000)
-    await redis.set(KEYS.kernel_lease("c", "worker-0"), 1, px=1000)
+    await redis.set(KEYS.agent_lease("fresh"), AgentLease(now_ms, "2").encode(), px=1000)
     fleet = await detector.fleet()
     dead = await detector.dead_kernels(await state.kernels("c"), fleet)
     assert [k.name for k in dead] == ["worker-1"]
@@ -137,23 +145,22 @@ async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(red
 async def test_heartbeat_thread_renews_leases_and_stops_when_the_agent_stalls(
     redis: AsyncRedis, redis_url: str
 ) -> None:
-    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
-    await dead.wait()
     beat = Heartbeat(
         redis_url=redis_url,
         keys=KEYS,
         agent="a1",
         interval=0.1,
         ttl=0.5,
-        children=lambda: [("c", "alive", os.getpid()), ("c", "gone", dead.pid)],
+        version=lambda: "7.3",
         stall_after=1.0,
     )
     beat.start()
     try:
-        await asyncio.sleep(0.6)  # longer than the TTL: only renewals keep the keys
-        assert await redis.exists(KEYS.agent_lease("a1"), KEYS.kernel_lease("c", "alive")) == 2
-        assert not await redis.exists(KEYS.kernel_lease("c", "gone")), "no lease for a dead process"
-        assert int(await redis.hget(KEYS.heartbeats(), "a1")) > time.time() * 1000 - 1000
+        await asyncio.sleep(0.6)  # longer than the TTL: only renewals keep the key
+        lease = AgentLease.decode(await redis.get(KEYS.agent_lease("a1")))
+        seconds, micros = await redis.time()
+        assert lease is not None and lease.version == "7.3"
+        assert 0 <= seconds * 1000 + micros / 1000 - lease.beat_ms < 300, "the beat is in Redis's clock"
         await asyncio.sleep(1.6)  # nobody called touch(): the main loop looks wedged
         assert not await redis.exists(KEYS.agent_lease("a1")), "a stalled agent lets its lease lapse"
     finally:

@@ -12,7 +12,7 @@ from redis.asyncio import Redis as AsyncRedis
 from controlplane import Settings
 from controlplane.protocol.keys import ASSIGN_RUN, Keys
 from controlplane.protocol.models import ClusterConfig
-from controlplane.protocol.records import AgentRecord, KernelRecord, LapsedRecord
+from controlplane.protocol.records import AgentLease, AgentRecord, KernelRecord, LapsedRecord
 from controlplane.redis.snapshot import read_snapshot
 from controlplane.redis.state import State
 from controlplane.service.leader import LeaderLease
@@ -25,9 +25,9 @@ async def agent(redis: AsyncRedis, name: str, *, alive: bool, draining: bool = F
     record = AgentRecord(name=name, host=f"host-{name}", slots=3, draining=draining)
     await redis.hset(KEYS.agent(name), mapping=record.to_fields())
     await redis.sadd(KEYS.agents(), name)
-    await redis.hset(KEYS.heartbeats(), name, str(int(time.time() * 1000) - 4000))
-    if alive:
-        await redis.set(KEYS.agent_lease(name), "1", px=60_000)
+    seconds, micros = await redis.time()
+    beat = seconds * 1000 + micros // 1000 - 4000  # its last heartbeat, 4 s ago
+    await redis.set(KEYS.agent_lease(name), AgentLease(beat, "1").encode(), px=60_000 if alive else 100)
 
 
 @pytest.mark.integration
@@ -51,6 +51,9 @@ async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
     await redis.hset(KEYS.kernel("c", "worker-0"), mapping=kernel.to_fields())
     await redis.sadd(KEYS.cluster_kernels("c"), "worker-0")
     await redis.hset(KEYS.agent_kernels("crashed"), "c/worker-0", ASSIGN_RUN)
+    reconciler.detector.invalidate()
+    await reconciler.detector.fleet()  # the leader saw their last beats
+    await asyncio.sleep(0.15)  # then their leases lapsed
 
     await reconciler.reconcile_all()
     assert await redis.smembers(KEYS.agents()) == set()  # both forgotten
@@ -69,6 +72,7 @@ async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
 
     # an agent with room comes: worker-0 is placed again, and is no longer listed as lost
     await agent(redis, "fresh", alive=True)
+    reconciler.announced.append("agent fresh")  # as its registration does (`service:wake`)
     await reconciler.reconcile_all()
     assert (await state.kernels("c"))[0].agent == "fresh"
     assert await redis.hgetall(KEYS.lapsed_kernels()) == {}

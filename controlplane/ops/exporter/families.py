@@ -175,7 +175,9 @@ class Families:
             "kcp_kernel_inflight_jobs", "jobs routed to the kernel, not finished", labels=k
         )
         age = GaugeMetricFamily(
-            "kcp_kernel_load_age_seconds", "age of the kernel's load record (heartbeat lag)", labels=k
+            "kcp_kernel_load_age_seconds",
+            "age of the kernel's load record (rewritten at least every load_refresh)",
+            labels=k,
         )
         dispatches = CounterMetricFamily(
             "kcp_kernel_dispatches", "jobs the kernel finished", labels=(*k, "outcome")
