@@ -38,6 +38,10 @@ class Routing:
     service_ms: Sequence[float] = ()
     #: per candidate, the client's failure-rate estimate (missing or -1: none)
     error_rate: Sequence[float] = ()
+    #: per candidate, its start as the client's view has it (unix s; 0: unknown): p2c's slow start
+    started_at: Sequence[float] = ()
+    #: whether the reply carries the chosen kernel's consecutive failures (outlier detection on)
+    consecutive: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,8 @@ def enqueue(
     epoch: int | None = None,
 ) -> Call[Enqueued | NotEnqueued]:
     """enqueue.lua: queue job `job_id` on `kernel`, or with `routing` on the candidate the
-    script chooses. `epoch` (plain form only) pins the job to that incarnation of `kernel`:
+    script chooses (it reads a bounded number of keys whatever the number of candidates; only
+    p2c's are few by design, see `OrchestrationConfig.adaptive_choices`). `epoch` (plain form only) pins the job to that incarnation of `kernel`:
     `NotEnqueued(detail='epoch=<current>')` when it is not the one running."""
     klist = [
         keys.kernel(cluster, kernel),
@@ -92,20 +97,16 @@ def enqueue(
         argv.append(epoch)
     if routing is not None:
         r = routing
-        klist.append(keys.cluster_rr(cluster))
-        argv += [r.mode, r.tie, r.load_expiry_ms, r.slow_start_ms, r.rr_ttl_ms]
-        for i, (name, agent) in enumerate(r.kernels):
-            klist += [
-                keys.kernel(cluster, name),
-                keys.queue(cluster, name),
-                keys.inflight(cluster, name),
-                keys.load(agent, cluster, name),
-                keys.kernel_health(cluster, name),
-                keys.kernel_wake(cluster, name),
-            ]
+        klist += [keys.cluster_rr(cluster), keys.cluster_ejected(cluster)]
+        if r.mode == "p2c":  # the only mode that reads load records
+            klist += [keys.load(agent, cluster, name) for name, agent in r.kernels]
+        argv[7] = keys.kernel(cluster, "")  # the prefix the script builds each candidate's keys from
+        argv += [r.mode, r.tie, r.load_expiry_ms, r.slow_start_ms, r.rr_ttl_ms, 1 if r.consecutive else 0]
+        for i, (name, _agent) in enumerate(r.kernels):
             service = r.service_ms[i] if i < len(r.service_ms) else 0.0
             errors = r.error_rate[i] if i < len(r.error_rate) else -1.0
-            argv += [name, f"{service:.3f}", f"{errors:.4f}"]
+            started = r.started_at[i] if i < len(r.started_at) else 0.0
+            argv += [name, f"{service:.3f}", f"{errors:.4f}", f"{started:.3f}"]
     return Call(ENQUEUE, klist, argv, _enqueued)
 
 
