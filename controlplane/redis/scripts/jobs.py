@@ -143,12 +143,16 @@ class Claimed:
     id: str
     #: jobs still queued on the caller's queue and its siblings'
     queued: int
+    #: the cluster's version when the claim asked for it ("" when it has none), else None
+    version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NotClaimed:
     status: Skip
     id: str = ""  # the job concerned; "" for EMPTY
+    #: EMPTY only: the cluster's version when the claim asked for it, else None
+    version: str | None = None
 
 
 #: claim.lua found nothing to take (one value: an idle kernel's claims allocate nothing).
@@ -163,19 +167,23 @@ def claim(
     epoch: int | str,
     now_ms: int | str = "",
     siblings: Sequence[tuple[str, int | str]] | None = None,
+    version: bool = False,
+    after_pop: bool = False,
 ) -> Call[Claimed | NotClaimed]:
     """claim.lua: the oldest job queued on `kernel`; with `siblings` ((name, epoch last seen)
-    pairs, possibly none) it may take over the oldest queued job of one. `now_ms=""` leaves
-    the time to the Redis clock (a claim written behind a blocking pop runs when it returns)."""
+    pairs, possibly none) it may take over the oldest queued job of one, and with `version` too
+    it returns the cluster's version (`Claimed.version`, `NotClaimed.version`). `now_ms=""`
+    leaves the time to the Redis clock (a claim written behind a blocking pop runs when it
+    returns); `after_pop`: it is written behind a blocking pop of the wake token."""
     klist = [
         keys.inflight(cluster, kernel),
         keys.queue(cluster, kernel),
         keys.kernel_wake(cluster, kernel),
         keys.kernel(cluster, kernel),
     ]
-    argv: list[Arg] = [kernel, epoch, now_ms, keys.job(cluster, "")]
+    argv: list[Arg] = [kernel, epoch, now_ms, keys.job(cluster, ""), 1 if version else 0, 1 if after_pop else 0]
     if siblings is not None:
-        klist += [keys.kernel_health(cluster, kernel), keys.cluster_stats(cluster)]
+        klist += [keys.kernel_health(cluster, kernel), keys.cluster_stats(cluster), keys.cluster_version(cluster)]
         for name, sibling_epoch in siblings:
             klist += [keys.kernel(cluster, name), keys.queue(cluster, name), keys.inflight(cluster, name)]
             argv += [name, sibling_epoch]
@@ -184,10 +192,11 @@ def claim(
 
 def _claimed(reply: Any) -> Claimed | NotClaimed:
     if reply[0] == "ok":
-        _, job, reply_key, attempt, job_id, queued = reply
-        return Claimed(str(job), str(reply_key), int(attempt), str(job_id), int(queued))
-    if len(reply) == 1:
-        return EMPTY
+        _, job, reply_key, attempt, job_id, queued, *version = reply
+        seen = str(version[0]) if version else None
+        return Claimed(str(job), str(reply_key), int(attempt), str(job_id), int(queued), seen)
+    if reply[0] == "empty":
+        return EMPTY if len(reply) == 1 else NotClaimed(Skip.EMPTY, "", str(reply[1]))
     return NotClaimed(Skip(reply[0]), str(reply[1]))
 
 
