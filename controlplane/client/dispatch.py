@@ -209,7 +209,9 @@ class Dispatcher:
                     self._unsure = None
                     self._batch = True  # a take next: it drops the taken list `_recover` delivered
                 if self._batch:
-                    take = jobs.take_replies(self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
+                    take = jobs.take_replies(
+                        self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS
+                    )
                     self._batch = bool(await self._deliver_all(await take.run(self._replies)))
                     self._delivered = False  # what it took is dropped by the next take (batch) or is none
                     return

@@ -18,21 +18,24 @@ import random
 import time
 from typing import Any
 
-import redis.exceptions
-
+from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.protocol.records import ClusterRecord, KernelRecord
 from controlplane.redis.channel import Channel
+from controlplane.redis.errors import amap_redis_errors
 from kernel_agent.syscalls import SyscallRegistry
 
 logger = logging.getLogger(__name__)
 
 #: How often a working kernel asks (in a claim) whether the cluster's version moved, seconds.
 SIBLINGS_TTL = 2.0
-#: Siblings whose queues one claim looks at, at most (a random sample of larger clusters), so a
-#: claim costs the same whatever the cluster's size.
-STEAL_CANDIDATES = 8
+#: Siblings whose queues one claim looks at, at most (a random sample of the list), so a claim
+#: costs the same whatever the cluster's size.
+STEAL_CANDIDATES = 4
+#: Siblings a kernel keeps in its list, at most: a random sample of larger clusters, drawn at
+#: each re-read, so re-reading costs the same whatever the cluster's size too.
+SIBLINGS_KEPT = 16
 #: States of a sibling whose queued jobs may be taken over (a draining one's too: it helps).
 _STEALABLE_STATES = frozenset({KernelState.RUNNING, KernelState.DRAINING})
 
@@ -86,8 +89,11 @@ class Siblings:
         worker's to handle, as for its other steps."""
         self._refreshing = True
         try:
-            siblings, version = await self._read(channel)
-        except (redis.exceptions.ResponseError, ValueError) as exc:  # a key of the wrong type, ...
+            async with amap_redis_errors():
+                siblings, version = await self._read(channel)
+        except RedisUnavailable:
+            raise
+        except (RedisError, ValueError) as exc:  # a key of the wrong type, ...
             logger.warning("kernel %s/%s: could not read its siblings: %s", self.cluster, self.name, exc)
             self._seen = None
             return
@@ -105,7 +111,8 @@ class Siblings:
             [
                 ("GET", k.cluster_version(self.cluster)),
                 ("HGETALL", k.cluster(self.cluster)),
-                ("SMEMBERS", k.cluster_kernels(self.cluster)),
+                # ourselves and SIBLINGS_KEPT others at most (all of a smaller cluster)
+                ("SRANDMEMBER", k.cluster_kernels(self.cluster), SIBLINGS_KEPT + 1),
             ]
         )
         for reply in (version, cluster_fields, names):
@@ -114,12 +121,18 @@ class Siblings:
         cluster = ClusterRecord.from_fields(_pairs(cluster_fields), k.cluster(self.cluster))
         if cluster is None or not cluster.config.work_stealing:
             return [], str(version or "")
-        others = sorted(str(n) for n in names if n != self.name)
-        rows = await channel.execute_many([("HGETALL", k.kernel(self.cluster, n)) for n in others]) if others else []
+        others = sorted(str(n) for n in names if n != self.name)[:SIBLINGS_KEPT]
+        rows = (
+            await channel.execute_many([("HGETALL", k.kernel(self.cluster, n)) for n in others])
+            if others
+            else []
+        )
         syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
         siblings = []
         for n, fields in zip(others, rows, strict=True):
-            record = None if isinstance(fields, Exception) else KernelRecord.from_fields(_pairs(fields), k.kernel(self.cluster, n))
+            if isinstance(fields, Exception):  # a key of the wrong type: not a sibling
+                continue
+            record = KernelRecord.from_fields(_pairs(fields), k.kernel(self.cluster, n))
             if (
                 record is not None
                 and record.state in _STEALABLE_STATES

@@ -239,7 +239,7 @@ class KernelProcess(Service):
                 if busy or await self._woken(channel, replies[-2], replies[-1], block):
                     claimed = await claim.settle(await replies[-1], channel)  # NOSCRIPT: again here
                     self.siblings.seen(claimed.version)
-                if claimed is None or (isinstance(claimed, jobs.NotClaimed) and claimed.status is jobs.Skip.EMPTY):
+                if claimed is None or _empty(claimed):
                     busy = False
                     if draining and not self._busy and await self._try_stop(channel):
                         return
@@ -434,6 +434,11 @@ class KernelProcess(Service):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _empty(claimed: jobs.Claimed | jobs.NotClaimed) -> bool:
+    """Whether claim.lua found nothing to take (with or without the cluster's version)."""
+    return isinstance(claimed, jobs.NotClaimed) and claimed.status is jobs.Skip.EMPTY
 
 
 def _forget(reply: asyncio.Future[Any]) -> None:

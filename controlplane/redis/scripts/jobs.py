@@ -81,8 +81,9 @@ def enqueue(
 ) -> Call[Enqueued | NotEnqueued]:
     """enqueue.lua: queue job `job_id` on `kernel`, or with `routing` on the candidate the
     script chooses (it reads a bounded number of keys whatever the number of candidates; only
-    p2c's are few by design, see `OrchestrationConfig.adaptive_choices`). `epoch` (plain form only) pins the job to that incarnation of `kernel`:
-    `NotEnqueued(detail='epoch=<current>')` when it is not the one running."""
+    p2c's are few by design, see `OrchestrationConfig.adaptive_choices`). `epoch` (plain form
+    only) pins the job to that incarnation of `kernel`: `NotEnqueued(detail='epoch=<current>')`
+    when it is not the one running."""
     klist = [
         keys.kernel(cluster, kernel),
         keys.queue(cluster, kernel),
@@ -181,9 +182,20 @@ def claim(
         keys.kernel_wake(cluster, kernel),
         keys.kernel(cluster, kernel),
     ]
-    argv: list[Arg] = [kernel, epoch, now_ms, keys.job(cluster, ""), 1 if version else 0, 1 if after_pop else 0]
+    argv: list[Arg] = [
+        kernel,
+        epoch,
+        now_ms,
+        keys.job(cluster, ""),
+        1 if version else 0,
+        1 if after_pop else 0,
+    ]
     if siblings is not None:
-        klist += [keys.kernel_health(cluster, kernel), keys.cluster_stats(cluster), keys.cluster_version(cluster)]
+        klist += [
+            keys.kernel_health(cluster, kernel),
+            keys.cluster_stats(cluster),
+            keys.cluster_version(cluster),
+        ]
         for name, sibling_epoch in siblings:
             klist += [keys.kernel(cluster, name), keys.queue(cluster, name), keys.inflight(cluster, name)]
             argv += [name, sibling_epoch]

@@ -109,7 +109,11 @@ def outlier(
 ) -> Call[Health]:
     """outlier.lua: record `event` ('ok', 'fail' or 'rate') of `kernel`; eject it when it is an
     outlier and fewer than `max_ejected` kernels of the cluster are."""
-    klist = [keys.kernel_health(cluster, kernel), keys.cluster_ejected(cluster), keys.cluster_version(cluster)]
+    klist = [
+        keys.kernel_health(cluster, kernel),
+        keys.cluster_ejected(cluster),
+        keys.cluster_version(cluster),
+    ]
     argv: list[Arg] = [
         now_ms,
         event,
