@@ -32,13 +32,14 @@ import redis.asyncio as aioredis
 
 from controlplane import KcpClient, Settings
 from controlplane.ops.stack import LocalStack
+from kernel_agent.kernel.worker import IDLE_BLOCK
 
 WORKERS = 3
 IN_FLIGHT = 100
 ARQ_TUNED_POLL = 0.010
 IDLE_SECONDS = 5.0
-#: kcp's idle kernels block for 5 s at a time: watch them for three of those
-KCP_IDLE_SECONDS = 15.0
+#: kcp's idle kernels block for IDLE_BLOCK (8 s) at a time: watch them for three of those
+KCP_IDLE_SECONDS = 3 * IDLE_BLOCK
 
 
 # ------------------------------------------------------------------ worker processes

@@ -824,6 +824,10 @@ def report_dispatch(out: dict[int, PerDispatch], n: int) -> None:
         top = sorted(f.per.items(), key=lambda kv: -kv[1])[:6]
         tops = " ".join(f"{k}={v:.1f}" for k, v in top)
         print(f"  {size:>8}{len(f.commands):>8}{c:10.1f}{c / c0:8.2f}{u:14.0f}{u / u0:8.2f}   {tops}")
+    print("  every command per dispatch (last round; 0.1 or more):")
+    for size, f in sorted(out.items()):
+        every = sorted(((k, v) for k, v in f.per.items() if v >= 0.1), key=lambda kv: -kv[1])
+        print(f"  {size:>8}: " + " ".join(f"{k}={v:.1f}" for k, v in every))
 
 
 def report_fleet(

@@ -375,6 +375,7 @@ class Bench:
             update={"work_stealing": sc.stealing}
         )
         self.r.hset(keys.cluster(sc.cluster), "config", config.model_dump_json())
+        self.r.incr(keys.cluster_version(sc.cluster))  # the kernels re-read their siblings by it
 
     def reset_routing_state(self, sc: Scenario, keys: Keys) -> None:
         for i in range(shown(sc)):

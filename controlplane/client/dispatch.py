@@ -6,7 +6,7 @@ each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing 
 Redis on every dispatch.
 
 No reply is lost to a Redis crash: the listener moves replies to `reply:{client_id}:taken`
-(`BLMOVE`, `take_replies.lua`) and drops them from there only at its next take, after it
+(`BLMOVE`, `take_replies.lua`) and drops them from there only at its next step, after it
 delivered them. After an outage it reads `taken` again, then asks Redis for the fate of every
 job it was waiting for (`_recover`): a result is delivered, a job still queued or running is
 waited for, and a job that is gone without a result (its enqueue was lost, e.g. by a Sentinel
@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 REPLY_BATCH = 512
 #: How long an unfinished job key lives at most, beyond its deadline, ms (a safety net).
 JOB_TTL_EXTRA_MS = 3_600_000
-#: How long a cached kernel list is trusted without a change notification, seconds.
+#: How long a cached kernel list is trusted without a change notification, seconds; then the
+#: cluster's version (one GET) says whether the records must be read again.
 VIEW_TTL = 2.0
 #: How long cached load records are trusted (they are refreshed once per heartbeat), seconds.
 LOAD_TTL = 0.5
@@ -70,6 +71,8 @@ class Dispatcher:
         self._unsure: dict[str, str] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._blmove = True  # BLMOVE is Redis 6.2's; BRPOPLPUSH before
+        self._batch = True  # the listener's next step takes a batch (else it blocks for one reply)
+        self._delivered = False  # the taken list holds a reply delivered already (dropped next step)
 
     def _listen_for_replies(self) -> None:
         """Start the reply listener with the first job: a client that never dispatches (`kcp
@@ -191,30 +194,44 @@ class Dispatcher:
         )
 
     async def _take_replies(self) -> None:
-        """Acknowledge the replies delivered last time and take those waiting (`take_replies.lua`);
-        when none did, block until the next one comes (`BLMOVE` into the taken list, which the
-        next take drops). Under load every step is one take of up to `REPLY_BATCH` replies."""
-        take = jobs.take_replies(self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
-        wait: tuple[str | int, ...] = (
-            ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
-            if self._blmove
-            else ("BRPOPLPUSH", self.reply_key, self.taken_key, MAX_BLOCK_SECONDS)
-        )
+        """One step of the reply listener. Under load (`_batch`) a step is one take of up to
+        `REPLY_BATCH` replies (`take_replies.lua`, which first drops those delivered last
+        time). Otherwise it blocks until the next reply comes, in one write: drop what the last
+        step delivered from the taken list, `BLMOVE` the next reply into it, renew its TTL and
+        count what waits behind it (`LLEN`: more waiting means a take next). So an idle reply
+        costs one round trip and four commands, and a reply leaves the taken list only after
+        it was delivered."""
         futures: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS), amap_redis_errors():
                 if self._unsure is not None:
                     await self._recover(self._unsure)
                     self._unsure = None
-                if await self._deliver_all(await take.run(self._replies)):
-                    return  # more may wait: take again before blocking
+                    self._batch = True  # a take next: it drops the taken list `_recover` delivered
+                if self._batch:
+                    take = jobs.take_replies(
+                        self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS
+                    )
+                    self._batch = bool(await self._deliver_all(await take.run(self._replies)))
+                    self._delivered = False  # what it took is dropped by the next take (batch) or is none
+                    return
+                wait: tuple[str | int, ...] = (
+                    ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
+                    if self._blmove
+                    else ("BRPOPLPUSH", self.reply_key, self.taken_key, MAX_BLOCK_SECONDS)
+                )
                 # the TTL behind the move: a client killed while it blocks leaves no list behind
-                futures = await self._replies.send([wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS)])
-                moved = await futures[0]
+                step: list[tuple[str | int, ...]] = [("DEL", self.taken_key)] if self._delivered else []
+                step += [wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS), ("LLEN", self.reply_key)]
+                futures = await self._replies.send(step)
+                moved = await futures[-3]
                 if isinstance(moved, Exception):
                     raise moved
+                self._delivered = bool(moved)
                 if moved:
                     await self._deliver_all([moved])
+                behind = await futures[-1]
+                self._batch = not isinstance(behind, Exception) and int(behind) > 0
         except TimeoutError:
             raise RedisUnavailable("reply pop overdue") from None
         except RedisError as exc:
@@ -291,10 +308,14 @@ class _View:
     loads: dict[str, KernelLoad] = field(default_factory=dict)
     kernels_at: float = 0.0
     loads_at: float = 0.0
+    #: the cluster's version (`Keys.cluster_version`) read before `kernels`; None: read them again
+    version: str | None = None
 
 
 class ClusterViews:
-    """Per-cluster cache of kernel records and load records, refreshed on `notify` messages."""
+    """Per-cluster cache of kernel records and load records. A `notify` message naming the
+    cluster, or a failed attempt, drops the records; otherwise they are checked every
+    `VIEW_TTL` by the cluster's version, and read again only when it moved."""
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -327,7 +348,7 @@ class ClusterViews:
     def invalidate(self, cluster: str) -> None:
         view = self._views.get(cluster)
         if view is not None:
-            view.kernels_at = 0.0
+            view.kernels_at, view.version = 0.0, None
 
     async def get(
         self, cluster: str, *, wait: float = 0.0, with_loads: bool = False
@@ -339,9 +360,7 @@ class ClusterViews:
             view = self._views.setdefault(cluster, _View())
             now = time.monotonic()
             if now - view.kernels_at > VIEW_TTL:
-                self._changed.clear()
-                view.kernels = await self.state.kernels(cluster)
-                view.kernels_at = now
+                await self._refresh(cluster, view, now)
             if with_loads and now - view.loads_at > LOAD_TTL:
                 view.loads = await self.state.loads(view.kernels)
                 view.loads_at = now
@@ -351,7 +370,18 @@ class ClusterViews:
                 raise ClusterNotFound(cluster)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(deadline - now, 0.25))
-            view.kernels_at = 0.0
+            view.kernels_at, view.version = 0.0, None
+
+    async def _refresh(self, cluster: str, view: _View, now: float) -> None:
+        """Read the cluster's records again unless its version is the one they were read at."""
+        async with amap_redis_errors():
+            version = await self.state.redis.get(self.state.keys.cluster_version(cluster))
+        version = str(version or "")
+        if view.version is None or version != view.version:
+            self._changed.clear()
+            view.kernels = await self.state.kernels(cluster)
+            view.version = version
+        view.kernels_at = now
 
     async def _watch(self) -> None:
         backoff = Backoff()

@@ -141,6 +141,8 @@ async def enqueue(
             kernels=[(k.name, k.agent) for k in plan.candidates],
             service_ms=plan.service_ms,
             error_rate=plan.error_rate,
+            started_at=[k.started_at for k in plan.candidates],
+            consecutive=plan.outlier is not None,  # `report` needs the streak only then
         )
     call = jobs.enqueue(
         keys,

@@ -90,6 +90,7 @@ def _shared_kernel_side(k: Keys) -> list[str]:
         k.job_pattern("*"),
         k.reply("*"),
         k.cluster_stats("*"),
+        k.cluster_version("*"),  # kernel_start.lua and kernel_stop.lua INCR it
         k.cluster_deferred("*"),  # an arq function's Retry puts its job back there (defer.lua)
         k.epoch(),
         f"{k.prefix}bus:*",

@@ -125,10 +125,11 @@ class OrchestrationConfig(BaseModel):
     #: the kernel PRIMARY_FALLBACK prefers (default: the first kernel by name)
     primary: Name | None = None
     #: kernels ADAPTIVE compares per request (sampled at random when there are more; the
-    #: comparison runs atomically in Redis, so comparing more does not herd: docs/routing.md)
-    adaptive_choices: int = Field(8, ge=2, le=16)
+    #: comparison runs atomically in Redis, so comparing more does not herd, but each costs
+    #: enqueue.lua two reads: docs/routing.md)
+    adaptive_choices: int = Field(4, ge=2, le=16)
     #: load reports older than this count as unknown, not idle (ADAPTIVE), seconds
-    load_expiry_s: float = Field(3.0, gt=0, le=3600)
+    load_expiry_s: float = Field(12.0, gt=0, le=3600)
     #: retries allowed per request on average (on top of `min_retries_per_s`); a sick cluster
     #: gets at most this many extra attempts, whatever `retry_count` says
     retry_budget: float = Field(0.2, ge=0, le=10)

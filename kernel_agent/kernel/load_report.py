@@ -2,37 +2,30 @@
 
 The kernel process knows these itself (claim.lua says how many jobs are still queued, and the
 kernel times its own jobs), so nobody has to read its queue and counters back from Redis to
-publish them. The worker calls `LoadReporter.finished` once per job; the reporter writes the
-fields of `records.LoadRecord` it owns (with `updated_at`) to
-`agent:{agent}:load:{cluster}:{kernel}`:
+publish them. The worker calls `LoadReporter.finished` once per job, and asks `commands()` at
+each of its steps for the write to send along (on its own connection, in the same round trip
+as the step: a kernel keeps one connection). The write sets the fields of `records.LoadRecord`
+the kernel owns (with `updated_at`) on `agent:{agent}:load:{cluster}:{kernel}`:
 
 - only when one of them changed (rounded as written), at most once per `interval` (a
   heartbeat), so a busy kernel costs at most two commands per interval and an idle one none;
-- once more an interval after the last job, with what is still in flight, so the record says
-  idle when the work stopped.
+- once more after the last job, with what is still in flight, so the record says idle when
+  the work stopped (`pending_in()` tells the worker how soon, so it blocks no longer).
 
 The agent writes cpu and memory into the same record and keeps it fresh (`load_refresh`) with its
 TTL; the kernel sets the TTL too, so a record written after its kernel was removed still goes.
 Latency and error rate are EWMAs over the intervals (weight `EWMA_ALPHA` for the newest).
-A failed write is logged and forgotten: the next change writes again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controlplane.errors import RedisError
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.records import LoadRecord
-from controlplane.redis.connect import AsyncRedis
-from controlplane.redis.errors import amap_redis_errors
-
-logger = logging.getLogger(__name__)
+from controlplane.redis.channel import Command
 
 #: Weight of the newest interval in the latency and error-rate EWMAs.
 EWMA_ALPHA = 0.3
@@ -67,11 +60,10 @@ class RateTracker:
 
 
 class LoadReporter:
-    """One per kernel process. `finished()` per job; the writes happen on their own."""
+    """One per kernel process: `finished()` per job, `commands()` at each worker step."""
 
     def __init__(
         self,
-        redis: AsyncRedis,
         keys: Keys,
         *,
         cluster: str,
@@ -80,7 +72,6 @@ class LoadReporter:
         busy: Callable[[], int],
         interval: float = REPORT_INTERVAL,
     ) -> None:
-        self.redis = redis
         self.key = keys.load(agent, cluster, name)
         self.busy = busy
         self.interval = interval
@@ -91,9 +82,8 @@ class LoadReporter:
         self._queued = 0
         self._written: dict[str, str] = {}
         self._last_write = -float("inf")
-        self._jobs_at_flush = 0  # `_done` when the last flush ran
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._jobs_at_flush = 0  # `_done` when the last report was made
+        self._pending = False  # jobs finished since, or the report after the work stopped
 
     def finished(self, latency_ms: float, *, failed: bool, queued: int) -> None:
         """A job ended after `latency_ms` (queue wait included); `queued` jobs wait behind it."""
@@ -101,53 +91,37 @@ class LoadReporter:
         self._errors += failed
         self._latency_sum += latency_ms
         self._queued = max(queued, 0)
-        self._schedule()
+        self._pending = True
 
-    def _schedule(self) -> None:
-        if self._timer is not None or (self._task is not None and not self._task.done()):
-            return
-        delay = max(self._last_write + self.interval - time.monotonic(), 0.0)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+    def pending_in(self) -> float | None:
+        """Seconds until a report is due (0: now), or None when nothing is left to report."""
+        if not self._pending:
+            return None
+        return max(self._last_write + self.interval - time.monotonic(), 0.0)
 
-    def _fire(self) -> None:
-        self._timer = None
-        self._task = asyncio.ensure_future(self._flush())
-
-    async def _flush(self) -> None:
+    def commands(self) -> list[Command]:
+        """The write to send now (HSET and its TTL), or none: not due, or nothing changed."""
+        if self.pending_in() != 0.0:
+            return []
         worked = self._done > self._jobs_at_flush
         self._jobs_at_flush = self._done
+        self._pending = worked  # once more after the work stops, so the record says what is left
         self.rates.update(self._done, self._errors, self._latency_sum)
         inflight = max(self.busy(), 0)
-        queued = self._queued if worked or inflight else 0
         fields = LoadRecord.fields(
-            queue_depth=queued,
+            queue_depth=self._queued if worked or inflight else 0,
             inflight=inflight,
             latency_ms=round(self.rates.latency_ms, 3),
             error_rate=round(self.rates.error_rate, 4),
         )
         self._last_write = time.monotonic()
-        if fields != self._written:
-            with contextlib.suppress(RedisError):
-                try:
-                    async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-                        stamp = LoadRecord.fields(updated_at=round(time.time(), 3))
-                        pipe.hset(self.key, mapping=fields | stamp)
-                        pipe.pexpire(self.key, int(RECORD_TTL * 1000))
-                        await pipe.execute()
-                except RedisError as exc:
-                    logger.debug("load report of %s not written: %s", self.key, exc)
-                    raise
-                self._written = fields
-                self.writes += 1
-        if worked:  # once more after the work stops, so the record says what is left
-            self._task = None
-            self._schedule()
-
-    async def aclose(self) -> None:
-        """Cancel a pending write (the kernel is stopping)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if fields == self._written:
+            return []
+        # taken as written: a write lost with the connection is made again at the next change
+        self._written = fields
+        self.writes += 1
+        stamped = fields | LoadRecord.fields(updated_at=round(time.time(), 3))
+        return [
+            ("HSET", self.key, *(x for kv in stamped.items() for x in kv)),
+            ("PEXPIRE", self.key, int(RECORD_TTL * 1000)),
+        ]

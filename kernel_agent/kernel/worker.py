@@ -9,6 +9,10 @@ same claim.lua call), so work waits for the first free kernel rather than for th
 routed to; an idle kernel also looks at its siblings' queues once every `IDLE_BLOCK`.
 SIGTERM drains: no new work is accepted (none is taken from siblings either), queued work
 finishes, then the process exits.
+
+A kernel of one worker (the default) holds one Redis connection: its start, the sibling reads,
+its stop and every job go over the worker's channel, in the gaps between its blocking pops
+(only the rare re-run of a script Redis forgot takes a connection of the pool).
 """
 
 from __future__ import annotations
@@ -33,8 +37,16 @@ from controlplane.redis.errors import amap_redis_errors, error_reply
 from controlplane.redis.retry import retry
 from controlplane.redis.scripts import deferred, jobs
 from controlplane.redis.scripts.call import Call, preloading
-from controlplane.redis.scripts.kernels import NotStarted, Stop, kernel_start, kernel_stop, rebind
-from controlplane.redis.state import State
+from controlplane.redis.scripts.kernels import (
+    KERNEL_START,
+    KERNEL_STOP,
+    REBIND,
+    NotStarted,
+    Stop,
+    kernel_start,
+    kernel_stop,
+    rebind,
+)
 from kernel_agent.kernel.load_report import LoadReporter
 from kernel_agent.kernel.siblings import Siblings
 from kernel_agent.syscalls import (
@@ -49,10 +61,13 @@ from kernel_agent.syscalls import (
 logger = logging.getLogger(__name__)
 
 #: Blocking-pop timeout while idle, seconds: that pop and the claim behind it are the only
-#: Redis traffic of an idle kernel.
-IDLE_BLOCK = 5.0
+#: Redis traffic of an idle kernel (0.25 commands/s). It bounds how long a job queued without a
+#: wake token (written by hand) or behind a busy sibling waits for an idle kernel's look.
+IDLE_BLOCK = 8.0
 #: Blocking-pop timeout while draining, seconds.
 DRAIN_BLOCK = 0.2
+#: The shortest blocking pop a due load report shortens an idle block to, seconds.
+MIN_BLOCK = 0.05
 #: How long a deferred job's keys outlive its deadline, ms (a safety net, as for queued jobs).
 DEFERRED_TTL_EXTRA_MS = 3_600_000
 #: A finished job's id and its finish.lua call (defer.lua for a job an arq `Retry` defers).
@@ -80,7 +95,6 @@ class KernelProcess(Service):
         self.what = f"kernel {cluster}/{name}"
         self.redis = redis
         self.keys = keys
-        self.state = State(redis, keys)
         self.cluster = cluster
         self.name = name
         self.agent = agent
@@ -97,12 +111,12 @@ class KernelProcess(Service):
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
-        self.siblings = Siblings(
-            self.state, cluster=cluster, name=name, registry=registry, wake_key=self.wake_key
-        )
-        self.load = LoadReporter(
-            redis, keys, cluster=cluster, name=name, agent=agent, busy=lambda: self._busy
-        )
+        self.siblings = Siblings(keys, cluster=cluster, name=name, registry=registry, wake_key=self.wake_key)
+        self.load = LoadReporter(keys, cluster=cluster, name=name, agent=agent, busy=lambda: self._busy)
+        scripts = (jobs.CLAIM, jobs.FINISH, KERNEL_START, KERNEL_STOP, REBIND)
+        #: the first worker's channel, which also carries the start, the stop and the sibling
+        #: reads (so a kernel of one worker holds one connection)
+        self.channel = preloading(redis, *scripts, *((deferred.DEFER,) if self.arq_keep_ms else ()))
 
     def drain(self) -> None:
         """Stop taking new work; `run` returns once everything in flight is finished."""
@@ -125,7 +139,7 @@ class KernelProcess(Service):
             now_s=f"{time.time():.3f}",
             syscalls=self.registry.names(),
             capabilities=sorted(self.registry.capabilities()),
-        ).run(self.redis)
+        ).run(self.channel)
         if isinstance(started, NotStarted):
             logger.warning("kernel %s/%s not started: %s", self.cluster, self.name, started.reason)
             return False
@@ -133,8 +147,8 @@ class KernelProcess(Service):
         self.epoch = str(epoch)
         if state == "draining":  # restarted after a crash while draining: finish the queue, then stop
             self.drain()
-        recovered = await self.requeue_own()
-        await self.redis.publish(self.keys.notify(), self.cluster)
+        recovered = await self.requeue_own(self.channel)
+        await self.channel.execute("PUBLISH", self.keys.notify(), self.cluster)
         logger.info(
             "kernel %s/%s up: epoch %s, state %s, %d jobs recovered",
             self.cluster,
@@ -145,14 +159,14 @@ class KernelProcess(Service):
         )
         return True
 
-    async def requeue_own(self) -> int:
+    async def requeue_own(self, channel: Channel) -> int:
         """Put every job still in our in-flight set back on our queue under our epoch."""
-        ids = await self.redis.zrange(self.inflight_key, 0, -1)
+        ids = await channel.execute("ZRANGE", self.inflight_key, 0, -1)
         moved = 0
         for i in range(0, len(ids), 256):
             chunk = ids[i : i + 256]
             call = rebind(self.keys, self.cluster, self.name, source=self.inflight_key, job_ids=chunk)
-            moved += max(await call.run(self.redis), 0)
+            moved += max(await call.run(channel), 0)
         return moved
 
     async def _loop(self) -> None:
@@ -179,14 +193,14 @@ class KernelProcess(Service):
         the jobs whose claim was lost with the connection."""
         while self._undelivered:
             _, call = self._undelivered[-1]
-            await call.run(self.redis)
+            await call.run(self.channel)
             self._undelivered.pop()
         self._busy = 0
-        await self.requeue_own()
+        await self.requeue_own(self.channel)
 
     async def _serve(self) -> None:
-        scripts = (jobs.CLAIM, jobs.FINISH, *((deferred.DEFER,) if self.arq_keep_ms else ()))
-        channels = [preloading(self.redis, *scripts) for _ in range(self.concurrency)]
+        scripts = (jobs.CLAIM, jobs.FINISH, REBIND, *((deferred.DEFER,) if self.arq_keep_ms else ()))
+        channels = [self.channel, *(preloading(self.redis, *scripts) for _ in range(self.concurrency - 1))]
         try:
             async with asyncio.TaskGroup() as workers:  # one worker failing stops them all
                 for channel in channels:
@@ -195,8 +209,7 @@ class KernelProcess(Service):
             raise group.exceptions[0] from None
         finally:
             for channel in channels:
-                await channel.aclose()
-            await self.siblings.aclose()
+                await channel.aclose()  # the first reconnects if used again (after an outage)
 
     async def _work(self, channel: Channel) -> None:
         """One worker: claim, execute, deliver, on a connection of its own.
@@ -216,20 +229,32 @@ class KernelProcess(Service):
                 draining = self._draining.is_set()
                 block = DRAIN_BLOCK if draining else IDLE_BLOCK
                 steps: list[Command] = [] if finish is None else [finish[1].command]
+                first = len(steps)
+                steps += self.load.commands()  # our load record, when a report is due
+                reporting = len(steps) - first
+                report_in = self.load.pending_in()
+                if report_in is not None:  # block no longer than the next report is due
+                    block = min(block, max(report_in, MIN_BLOCK))
                 if not busy:
                     steps.append(("BZPOPMIN", self.wake_key, block))
-                claim = self._claim_call(after_job=finish is not None)
+                if self.siblings.stale and not draining:  # the cluster's version moved
+                    await self.siblings.refresh(channel)
+                claim = self._claim_call(after_job=finish is not None, after_pop=not busy)
                 steps.append(claim.command)
                 replies = await channel.send(steps)
+                reported = replies[first : first + reporting]
                 if finish is not None:
                     await self._delivered(finish, replies[0])
                     finish = None
                 claimed: jobs.Claimed | jobs.NotClaimed | None = None
                 if busy or await self._woken(channel, replies[-2], replies[-1], block):
                     claimed = await claim.settle(await replies[-1], channel)  # NOSCRIPT: again here
-                if claimed is None or claimed is jobs.EMPTY:
+                    self.siblings.seen(claimed.version)
+                for reply in reported:  # best effort: a lost report is written at the next change
+                    _forget(reply)
+                if claimed is None or _empty(claimed):
                     busy = False
-                    if draining and not self._busy and await self._try_stop():
+                    if draining and not self._busy and await self._try_stop(channel):
                         return
                     continue
                 # work waiting here or on a sibling: claim the next at once, else block first
@@ -277,25 +302,35 @@ class KernelProcess(Service):
             raise popped
         return True
 
-    def _claim_call(self, *, after_job: bool) -> Call[jobs.Claimed | jobs.NotClaimed]:
+    def _claim_call(self, *, after_job: bool, after_pop: bool) -> Call[jobs.Claimed | jobs.NotClaimed]:
         """claim.lua; unless draining, with the siblings whose queues it counts and may take
-        from (re-read `after_job` when stale). `now` is left to the Redis clock: a claim
-        written behind a blocking pop runs when the pop returns."""
-        siblings = None if self._draining.is_set() else self.siblings.for_claim(refresh=after_job)
-        return jobs.claim(self.keys, self.cluster, self.name, epoch=self.epoch, siblings=siblings)
+        from, asking for the cluster's version `after_job` when the check is due. `now` is left
+        to the Redis clock: a claim written behind a blocking pop runs when the pop returns."""
+        if self._draining.is_set():
+            return jobs.claim(self.keys, self.cluster, self.name, epoch=self.epoch, after_pop=after_pop)
+        return jobs.claim(
+            self.keys,
+            self.cluster,
+            self.name,
+            epoch=self.epoch,
+            siblings=self.siblings.for_claim(),
+            version=self.siblings.ask_version(after_job=after_job),
+            after_pop=after_pop,
+        )
 
-    async def _try_stop(self) -> bool:
-        """Mark ourselves draining, and stopped once nothing is in flight."""
-        done = await kernel_stop(self.keys, self.cluster, self.name, epoch=self.epoch).run(self.redis)
+    async def _try_stop(self, channel: Channel) -> bool:
+        """Mark ourselves draining, and stopped once nothing is in flight (on the worker's own
+        `channel`, between its steps)."""
+        done = await kernel_stop(self.keys, self.cluster, self.name, epoch=self.epoch).run(channel)
         if done is Stop.STOPPED:
-            await self.redis.publish(self.keys.notify(), self.cluster)
+            await channel.execute("PUBLISH", self.keys.notify(), self.cluster)
             logger.info("kernel %s/%s drained and stopped", self.cluster, self.name)
             return True
         if done is Stop.NOT_OURS:
             return True
-        if not await self.redis.zcard(self.queue_key):
+        if not await channel.execute("ZCARD", self.queue_key):
             # in flight but not queued: a job claimed for a pop the drain cut off; take it back
-            await self.requeue_own()
+            await self.requeue_own(channel)
         return False
 
     async def _run(self, claimed: jobs.Claimed | jobs.NotClaimed) -> Finish | None:
@@ -413,6 +448,11 @@ class KernelProcess(Service):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _empty(claimed: jobs.Claimed | jobs.NotClaimed) -> bool:
+    """Whether claim.lua found nothing to take (with or without the cluster's version)."""
+    return isinstance(claimed, jobs.NotClaimed) and claimed.status is jobs.Skip.EMPTY
 
 
 def _forget(reply: asyncio.Future[Any]) -> None:

@@ -575,7 +575,7 @@ async def test_adaptive_compares_distinct_candidates_with_what_it_learned() -> N
     assert len({k.name for k in route.candidates}) == 3
     assert all(s == pytest.approx(8.0) for s in route.service_ms)
     assert route.error_rate == (0.0, 0.0, 0.0)
-    assert route.load_expiry_ms == 3000 and route.outlier is not None
+    assert route.load_expiry_ms == 12_000 and route.outlier is not None
 
 
 async def test_adaptive_spreads_concurrent_work_without_redis() -> None:

@@ -265,8 +265,8 @@ async def test_idle_kernels_take_over_work_queued_behind_a_stuck_one(
     `work_stealing` off nothing moves."""
     kcp, path = await start(stack, tmp_path)
     async with kcp:
-        # a kernel that came up before its siblings saw them pending; its list is renewed
-        # SIBLINGS_TTL later, at its next claim
+        # a kernel that came up before its siblings saw them pending; its list is re-read once a
+        # claim after a job returned the cluster's version, moved by its siblings' starts
         await asyncio.sleep(SIBLINGS_TTL)
         for k in KERNELS:
             await kcp.dispatch("r", SIM, kernel=k)
@@ -288,10 +288,12 @@ async def test_idle_kernels_take_over_work_queued_behind_a_stuck_one(
 
         config = json.loads(await kcp.redis.hget(Keys().cluster("r"), "config"))
         await kcp.redis.hset(Keys().cluster("r"), "config", json.dumps({**config, "work_stealing": False}))
-        await asyncio.sleep(SIBLINGS_TTL + 0.2)  # the kernels' next claims re-read the config
-        for k in KERNELS:
-            await kcp.dispatch("r", SIM, kernel=k)
-        await asyncio.sleep(0.3)
+        await kcp.redis.incr(Keys().cluster_version("r"))  # as every write of the cluster record does
+        await asyncio.sleep(SIBLINGS_TTL + 0.2)  # a working kernel's next claim asks for the version
+        for _ in range(2):  # one claim returns it, the kernel re-reads the records before its next
+            for k in KERNELS:
+                await kcp.dispatch("r", SIM, kernel=k)
+            await asyncio.sleep(0.3)
         profile(path, worker_0={"stuck_ms": 300, "stuck_until": 2e9})
         await asyncio.sleep(0.2)
         queued = [asyncio.create_task(kcp.dispatch("r", SIM, engine=primary)) for _ in range(3)]

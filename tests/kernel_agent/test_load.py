@@ -48,28 +48,40 @@ def test_a_gone_pid_is_sampled_as_idle_without_asking_the_os_again() -> None:
 @pytest.mark.timeout(30)
 async def test_the_kernel_reports_its_load_on_change_at_most_once_per_interval(redis: AsyncRedis) -> None:
     busy = [0]
-    report = LoadReporter(redis, KEYS, cluster="c", name="k", agent="a", busy=lambda: busy[0], interval=0.2)
+    report = LoadReporter(KEYS, cluster="c", name="k", agent="a", busy=lambda: busy[0], interval=0.2)
     key = KEYS.load("a", "c", "k")
+
+    async def step() -> int:
+        """One worker step: what it sends of the report, as the worker does."""
+        commands = report.commands()
+        for command in commands:
+            await redis.execute_command(*command)
+        return len(commands)
+
+    assert report.pending_in() is None and await step() == 0, "no job yet: nothing to say"
     busy[0] = 2
-    for latency in (10.0, 20.0, 30.0):  # three jobs in one interval: one write
+    for latency in (10.0, 20.0, 30.0):  # three jobs in one step: one write
         report.finished(latency, failed=False, queued=5)
-    await asyncio.sleep(0.1)
+    assert report.pending_in() == 0.0 and await step() == 2
     record = LoadRecord.from_fields(await redis.hgetall(key), key)
     assert record is not None and report.writes == 1
     assert (record.queue_depth, record.inflight, record.latency_ms) == (5, 2, 20.0)
     assert 0 < await redis.pttl(key) <= 15_000, "it carries the record's TTL too"
     report.finished(10.0, failed=True, queued=0)  # within the interval: waits for it
-    await asyncio.sleep(0.05)
-    assert report.writes == 1
+    pending = report.pending_in()
+    assert pending is not None and 0.1 < pending <= 0.2, "the worker blocks no longer than this"
+    assert await step() == 0 and report.writes == 1
+    busy[0] = 1  # its result is on its way
+    await asyncio.sleep(0.25)
+    assert await step() == 2, "the change, once the interval passed"
     busy[0] = 0
-    await asyncio.sleep(0.6)  # the next write, then once more after the work stopped
+    await asyncio.sleep(0.25)
+    assert report.pending_in() == 0.0 and await step() == 2, "once more after the work stopped"
     record = LoadRecord.from_fields(await redis.hgetall(key), key)
     assert record is not None and (record.queue_depth, record.inflight) == (0, 0)
     assert record.error_rate > 0
-    writes = report.writes
-    await asyncio.sleep(0.5)
-    assert report.writes == writes, "idle: nothing more is written"
-    await report.aclose()
+    await asyncio.sleep(0.25)
+    assert report.pending_in() is None and await step() == 0, "idle: nothing more is written"
 
 
 class _Proc:

@@ -16,6 +16,7 @@ from controlplane.client.routing import KernelBusy, Placed, Plan, enqueue, max_e
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import OutlierConfig
 from controlplane.protocol.records import KernelRecord
+from controlplane.redis.scripts import jobs
 
 CLUSTER = "c1"
 NOW = 1_700_000_000_000
@@ -140,8 +141,9 @@ async def test_p2c_explores_a_kernel_it_has_not_measured_among_near_ties(r: Asyn
 
 async def test_p2c_a_new_kernel_takes_work_when_idle_and_warms_up_under_load(r: AsyncRedis) -> None:
     k1, k2 = await put_kernels(r, "running", "running")
-    await r.hset(KEYS.kernel(CLUSTER, "k1"), "started_at", f"{(NOW - 500) / 1000:.3f}")  # ramp 0.1
-    await r.hset(KEYS.kernel(CLUSTER, "k2"), "started_at", f"{(NOW - 60_000) / 1000:.3f}")
+    # the starts come with the caller's view of the records (kernel_start.lua moves the version)
+    k1 = k1.model_copy(update={"started_at": (NOW - 500) / 1000})  # ramp 0.1
+    k2 = k2.model_copy(update={"started_at": (NOW - 60_000) / 1000})
     warming = p2c(k1, k2, tie=0.0, slow_start_ms=5000)
     assert await route_once(r, warming) == "k1"  # idle: a tie with the idle peer, taken at once
     await busy(r, 2, 4)  # k1 holds j1, which counts 10 times: (10 + 1) x 10 > (4 + 1) x 10
@@ -190,7 +192,7 @@ async def test_p2c_penalises_reported_and_observed_failures(r: AsyncRedis) -> No
 
 async def test_p2c_skips_an_ejected_kernel_and_says_so(r: AsyncRedis) -> None:
     k1, k2 = await put_kernels(r, "running", "running")
-    await r.hset(KEYS.kernel_health(CLUSTER, "k1"), "ejected_until", NOW + 5000)
+    await r.zadd(KEYS.cluster_ejected(CLUSTER), {"k1": NOW + 5000})  # as outlier.lua ejects
     await busy(r, 2, 4)
     placed = await place_once(r, p2c(k1, k2))
     assert placed.kernel == "k2"
@@ -295,3 +297,49 @@ async def test_at_most_the_configured_share_is_ejected(r: AsyncRedis) -> None:
         ejected += list(route.ejected)
     assert ejected == ["k1", "k2"]  # 8 kernels x 0.34: two at most; k3 stays (panic threshold)
     assert await r.zcard(KEYS.cluster_ejected(CLUSTER)) == 2
+
+
+# ---------------------------------------------------------------- cost (issue 19)
+
+JOB = {
+    "job_id": "x",
+    "payload": "{}",
+    "reply_key": "r",
+    "now_ms": NOW,
+    "deadline_ms": NOW,
+    "ttl_ms": 1,
+    "strategy": "s",
+}
+
+
+async def commands_run(r: AsyncRedis) -> int:
+    """Commands the server has run, Lua's inner calls included, INFO not."""
+    stats = await r.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["rr", "first", "p2c"])
+async def test_a_routed_enqueue_costs_the_same_whatever_the_cluster_size(
+    redis: AsyncRedis, mode: str
+) -> None:
+    """Round robin and primary-with-fallback name every kernel of the cluster, adaptive a sample of
+    the same size: the commands enqueue.lua runs do not grow with the number of candidates."""
+    kernels = await put_kernels(redis, *["running"] * 64)
+    await enqueue_once(redis, Plan(CLUSTER, tuple(kernels[20:23]), mode), "warm-up", NOW)  # loads the script
+    costs, keys = [], []
+    for size in (3, 64):
+        before = await commands_run(redis)
+        pool = tuple(kernels[:size]) if mode != "p2c" else tuple(kernels[size - 3 : size])  # none busy
+        await enqueue_once(redis, Plan(CLUSTER, pool, mode, service_ms=(10.0,) * 3), f"j{size}", NOW)
+        costs.append(await commands_run(redis) - before)
+        call = jobs.enqueue(
+            KEYS,
+            CLUSTER,
+            "k1",
+            **JOB,
+            routing=jobs.Routing(mode, 0, 0, 0, 0, kernels=[(k.name, k.agent) for k in pool]),
+        )
+        keys.append(int(call.command[2]))  # EVALSHA sha numkeys ...
+    assert costs[0] == costs[1], costs
+    assert keys[0] == keys[1], keys  # candidates are named in ARGV, their keys built by the script

@@ -11,18 +11,23 @@
 -- KEYS[4] kernel    HASH  {prefix}kernel:{cluster}:{kernel}  (read: state, epoch)
 -- KEYS[5] health    HASH  {prefix}kernel:{cluster}:{kernel}:health (read; with siblings only)
 -- KEYS[6] stats     HASH  {prefix}cluster:{cluster}:stats (HINCRBY steals; with siblings only)
--- KEYS[7+3(i-1)..+2] sibling i: kernel record HASH (read: epoch), queue ZSET, inflight ZSET
+-- KEYS[7] version   STRING {prefix}cluster:{cluster}:version (read when ARGV[5] is 1; with siblings only)
+-- KEYS[8+3(i-1)..+2] sibling i: kernel record HASH (read: epoch), queue ZSET, inflight ZSET
 -- ARGV[1] kernel name of the caller
 -- ARGV[2] fencing epoch of the caller
 -- ARGV[3] now, unix ms; '' for the Redis server's clock (what kernels send: their claim is
 --         written behind a blocking pop of the wake token and runs when that returns)
 -- ARGV[4] job key prefix, {prefix}job:{cluster}: (the job key is this .. the popped id)
--- ARGV[5+2(i-1)..+1] sibling i: its name, and the epoch the caller last saw it with (the
+-- ARGV[5] 1: also return the cluster's version (the caller's sibling list is due a check); else 0
+-- ARGV[6] 1: the claim runs behind a blocking pop of the wake token, which has taken the token
+--         (or found none), so there is none to delete when nothing is left queued; else 0
+-- ARGV[7+2(i-1)..+1] sibling i: its name, and the epoch the caller last saw it with (the
 --         caller checked then that it runs every syscall and capability of the sibling)
--- Returns {'ok', job, reply, attempt, id, queued} to run it (queued: jobs still waiting on the
---           caller's own queue and its siblings', so the caller knows whether to claim its
---           next job at once or to block on its wake token first);
---         {'empty'} when there is nothing to take;
+-- Returns {'ok', job, reply, attempt, id, queued[, version]} to run it (queued: jobs still
+--           waiting on the caller's own queue and its siblings', so the caller knows whether to
+--           claim its next job at once or to block on its wake token first; version: with
+--           ARGV[5] = 1, the cluster's version, '' when it has none);
+--         {'empty'[, version]} when there is nothing to take;
 --         {'gone', id} when the job no longer exists (cancelled, timed out, cluster destroyed);
 --         {'fenced', id} when the job now belongs to another kernel;
 --         {'zombie', id} when it belongs to a newer incarnation of the caller's own kernel name
@@ -58,6 +63,13 @@ if not now then
     now = t[1] * 1000 + math.floor(t[2] / 1000)
 end
 
+local function version(reply)
+    if ARGV[5] == '1' and KEYS[7] then
+        reply[#reply + 1] = redis.call('GET', KEYS[7]) or ''
+    end
+    return reply
+end
+
 local function steal()
     local me = redis.call('HMGET', KEYS[4], 'state', 'epoch')
     if me[1] ~= 'running' or me[2] ~= ARGV[2] then
@@ -68,10 +80,10 @@ local function steal()
         return nil
     end
     local best, best_score, best_i
-    for i = 1, (#KEYS - 6) / 3 do
-        local base = 6 + 3 * (i - 1)
-        local name = ARGV[5 + 2 * (i - 1)]
-        if redis.call('HGET', KEYS[base + 1], 'epoch') == ARGV[6 + 2 * (i - 1)] then
+    for i = 1, (#KEYS - 7) / 3 do
+        local base = 7 + 3 * (i - 1)
+        local name = ARGV[7 + 2 * (i - 1)]
+        if redis.call('HGET', KEYS[base + 1], 'epoch') == ARGV[8 + 2 * (i - 1)] then
             local head = redis.call('ZRANGE', KEYS[base + 2], 0, STEAL_SCAN - 1, 'WITHSCORES')
             for j = 1, #head, 2 do
                 local score = tonumber(head[j + 1])
@@ -89,12 +101,12 @@ local function steal()
     if not best then
         return nil
     end
-    local base = 6 + 3 * (best_i - 1)
+    local base = 7 + 3 * (best_i - 1)
     redis.call('ZREM', KEYS[base + 2], best)
     redis.call('ZREM', KEYS[base + 3], best)
     redis.call('ZADD', KEYS[1], best_score, best)
     redis.call('HSET', ARGV[4] .. best, 'kernel', ARGV[1], 'epoch', ARGV[2],
-        'stolen_from', ARGV[5 + 2 * (best_i - 1)])
+        'stolen_from', ARGV[7 + 2 * (best_i - 1)])
     redis.call('HINCRBY', KEYS[6], 'steals', 1)
     return best
 end
@@ -104,12 +116,14 @@ local popped = redis.call('ZPOPMIN', KEYS[2])
 if #popped > 0 then
     id = popped[1]
 else
-    if #KEYS > 6 then
+    if #KEYS > 7 then
         id = steal()
     end
     if not id then
-        redis.call('DEL', KEYS[3])  -- nothing queued: the next enqueue sets the token again
-        return {'empty'}
+        if ARGV[6] ~= '1' then
+            redis.call('DEL', KEYS[3])  -- nothing queued: the next enqueue sets the token again
+        end
+        return version({'empty'})
     end
 end
 local job = ARGV[4] .. id
@@ -147,10 +161,10 @@ redis.call('HSET', job, 'attempt', attempt, 'state', 'running', 'started_ms', no
 local queued = redis.call('ZCARD', KEYS[2])
 if queued > 0 then
     wake()  -- more to do here: another worker blocked on it wakes too
-else
+elseif ARGV[6] ~= '1' then
     redis.call('DEL', KEYS[3])
 end
-for i = 1, (#KEYS - 6) / 3 do
-    queued = queued + redis.call('ZCARD', KEYS[6 + 3 * (i - 1) + 2])
+for i = 1, (#KEYS - 7) / 3 do
+    queued = queued + redis.call('ZCARD', KEYS[7 + 3 * (i - 1) + 2])
 end
-return {'ok', f[3], f[4], attempt, id, queued}
+return version({'ok', f[3], f[4], attempt, id, queued})

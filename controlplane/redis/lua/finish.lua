@@ -14,7 +14,7 @@
 -- ARGV[4] reply message (arq-serialized result, JSON)
 -- ARGV[5] 1 when the syscall succeeded, 0 when it failed
 -- ARGV[6] latency, ms: enqueue to finish (queue wait + execution)
--- ARGV[7] reply list TTL, ms
+-- ARGV[7] reply list TTL, ms (set when the push creates the list or finds 64 or more waiting)
 -- ARGV[8] how long KEYS[6] keeps the result, ms (0 or KEYS[6] missing: not kept)
 -- ARGV[9] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
 -- ARGV[10..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
@@ -37,8 +37,12 @@ if f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[3], ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[7])
+-- the TTL is set when the push creates the list, and renewed while a backlog keeps it alive (the
+-- listener takes up to 512 at a time, so a list it keeps up with is created anew at each take)
+local waiting = redis.call('RPUSH', KEYS[3], ARGV[4])
+if waiting == 1 or waiting >= 64 then
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
 local keep = tonumber(ARGV[8]) or 0
 if KEYS[6] and keep > 0 then
     redis.call('SET', KEYS[6], ARGV[4], 'PX', math.floor(keep))

@@ -2,6 +2,8 @@
 --
 -- KEYS[1] kernel record  HASH    {prefix}kernel:{cluster}:{kernel}
 -- KEYS[2] epoch counter  STRING  {prefix}epoch
+-- KEYS[3] version        STRING  {prefix}cluster:{cluster}:version (INCR: the kernel's epoch and
+--                                state changed, so routing views and sibling lists are re-read)
 -- ARGV[1] agent name the process runs under
 -- ARGV[2] pid
 -- ARGV[3] host
@@ -34,4 +36,5 @@ if state == 'pending' then
 end
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'pid', ARGV[2], 'host', ARGV[3], 'started_at', ARGV[4],
     'syscalls', ARGV[5], 'capabilities', ARGV[6], 'state', state)
+redis.call('INCR', KEYS[3])
 return {epoch, state}

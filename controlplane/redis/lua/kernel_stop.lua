@@ -3,6 +3,7 @@
 --
 -- KEYS[1] kernel record  HASH  {prefix}kernel:{cluster}:{kernel}
 -- KEYS[2] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
+-- KEYS[3] version        STRING {prefix}cluster:{cluster}:version (INCR when the state changes)
 -- ARGV[1] fencing epoch of the caller
 -- Returns 1 when the kernel is now stopped, 0 while work remains,
 --         -1 when another incarnation owns the record (or it is gone).
@@ -16,11 +17,9 @@ end
 if f[1] == 'stopped' then
     return 1
 end
-if f[1] ~= 'draining' then
-    redis.call('HSET', KEYS[1], 'state', 'draining')
+local busy = redis.call('ZCARD', KEYS[2]) > 0
+if f[1] ~= 'draining' or not busy then
+    redis.call('HSET', KEYS[1], 'state', busy and 'draining' or 'stopped')
+    redis.call('INCR', KEYS[3])
 end
-if redis.call('ZCARD', KEYS[2]) > 0 then
-    return 0
-end
-redis.call('HSET', KEYS[1], 'state', 'stopped')
-return 1
+return busy and 0 or 1

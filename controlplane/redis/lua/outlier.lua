@@ -4,7 +4,9 @@
 --
 -- KEYS[1] health   HASH  {prefix}kernel:{cluster}:{kernel}:health
 --                        consecutive, ejections, ejected_until (ms), last_ejected (ms)
--- KEYS[2] ejected  ZSET  {prefix}cluster:{cluster}:ejected   kernel -> ejected-until ms
+-- KEYS[2] ejected  ZSET  {prefix}cluster:{cluster}:ejected   kernel -> ejected-until ms; an entry
+--                        stays through its slow start after readmission (enqueue.lua reads it)
+-- KEYS[3] version  STRING {prefix}cluster:{cluster}:version (INCR on an ejection: views re-read)
 -- ARGV[1] now, unix ms
 -- ARGV[2] event: 'ok' (a success: the failure streak ends), 'fail' (a failure or timeout),
 --         'rate' (the caller found the kernel's failure rate well above its peers': eject)
@@ -43,8 +45,8 @@ if event == 'fail' then
         return {0, 0, consecutive}
     end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[8]))  -- past their slow start
+if redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') >= tonumber(ARGV[6]) then
     return {0, 0, consecutive}  -- panic threshold: enough kernels are out already
 end
 if until_ms > 0 and now - until_ms > max_ms then
@@ -57,6 +59,7 @@ redis.call('HSET', KEYS[1], 'consecutive', 0, 'ejections', ejections,
     'ejected_until', string.format('%d', until_ms), 'last_ejected', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], keep_ms)
 redis.call('ZADD', KEYS[2], string.format('%d', until_ms), ARGV[7])
+redis.call('INCR', KEYS[3])
 local keep_set = duration + tonumber(ARGV[8])
 if redis.call('PTTL', KEYS[2]) < keep_set then
     redis.call('PEXPIRE', KEYS[2], keep_set)

@@ -38,6 +38,10 @@ class Routing:
     service_ms: Sequence[float] = ()
     #: per candidate, the client's failure-rate estimate (missing or -1: none)
     error_rate: Sequence[float] = ()
+    #: per candidate, its start as the client's view has it (unix s; 0: unknown): p2c's slow start
+    started_at: Sequence[float] = ()
+    #: whether the reply carries the chosen kernel's consecutive failures (outlier detection on)
+    consecutive: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +80,10 @@ def enqueue(
     epoch: int | None = None,
 ) -> Call[Enqueued | NotEnqueued]:
     """enqueue.lua: queue job `job_id` on `kernel`, or with `routing` on the candidate the
-    script chooses. `epoch` (plain form only) pins the job to that incarnation of `kernel`:
-    `NotEnqueued(detail='epoch=<current>')` when it is not the one running."""
+    script chooses (it reads a bounded number of keys whatever the number of candidates; only
+    p2c's are few by design, see `OrchestrationConfig.adaptive_choices`). `epoch` (plain form
+    only) pins the job to that incarnation of `kernel`: `NotEnqueued(detail='epoch=<current>')`
+    when it is not the one running."""
     klist = [
         keys.kernel(cluster, kernel),
         keys.queue(cluster, kernel),
@@ -92,20 +98,16 @@ def enqueue(
         argv.append(epoch)
     if routing is not None:
         r = routing
-        klist.append(keys.cluster_rr(cluster))
-        argv += [r.mode, r.tie, r.load_expiry_ms, r.slow_start_ms, r.rr_ttl_ms]
-        for i, (name, agent) in enumerate(r.kernels):
-            klist += [
-                keys.kernel(cluster, name),
-                keys.queue(cluster, name),
-                keys.inflight(cluster, name),
-                keys.load(agent, cluster, name),
-                keys.kernel_health(cluster, name),
-                keys.kernel_wake(cluster, name),
-            ]
+        klist += [keys.cluster_rr(cluster), keys.cluster_ejected(cluster)]
+        if r.mode == "p2c":  # the only mode that reads load records
+            klist += [keys.load(agent, cluster, name) for name, agent in r.kernels]
+        argv[7] = keys.kernel(cluster, "")  # the prefix the script builds each candidate's keys from
+        argv += [r.mode, r.tie, r.load_expiry_ms, r.slow_start_ms, r.rr_ttl_ms, 1 if r.consecutive else 0]
+        for i, (name, _agent) in enumerate(r.kernels):
             service = r.service_ms[i] if i < len(r.service_ms) else 0.0
             errors = r.error_rate[i] if i < len(r.error_rate) else -1.0
-            argv += [name, f"{service:.3f}", f"{errors:.4f}"]
+            started = r.started_at[i] if i < len(r.started_at) else 0.0
+            argv += [name, f"{service:.3f}", f"{errors:.4f}", f"{started:.3f}"]
     return Call(ENQUEUE, klist, argv, _enqueued)
 
 
@@ -142,12 +144,16 @@ class Claimed:
     id: str
     #: jobs still queued on the caller's queue and its siblings'
     queued: int
+    #: the cluster's version when the claim asked for it ("" when it has none), else None
+    version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NotClaimed:
     status: Skip
     id: str = ""  # the job concerned; "" for EMPTY
+    #: EMPTY only: the cluster's version when the claim asked for it, else None
+    version: str | None = None
 
 
 #: claim.lua found nothing to take (one value: an idle kernel's claims allocate nothing).
@@ -162,19 +168,34 @@ def claim(
     epoch: int | str,
     now_ms: int | str = "",
     siblings: Sequence[tuple[str, int | str]] | None = None,
+    version: bool = False,
+    after_pop: bool = False,
 ) -> Call[Claimed | NotClaimed]:
     """claim.lua: the oldest job queued on `kernel`; with `siblings` ((name, epoch last seen)
-    pairs, possibly none) it may take over the oldest queued job of one. `now_ms=""` leaves
-    the time to the Redis clock (a claim written behind a blocking pop runs when it returns)."""
+    pairs, possibly none) it may take over the oldest queued job of one, and with `version` too
+    it returns the cluster's version (`Claimed.version`, `NotClaimed.version`). `now_ms=""`
+    leaves the time to the Redis clock (a claim written behind a blocking pop runs when it
+    returns); `after_pop`: it is written behind a blocking pop of the wake token."""
     klist = [
         keys.inflight(cluster, kernel),
         keys.queue(cluster, kernel),
         keys.kernel_wake(cluster, kernel),
         keys.kernel(cluster, kernel),
     ]
-    argv: list[Arg] = [kernel, epoch, now_ms, keys.job(cluster, "")]
+    argv: list[Arg] = [
+        kernel,
+        epoch,
+        now_ms,
+        keys.job(cluster, ""),
+        1 if version else 0,
+        1 if after_pop else 0,
+    ]
     if siblings is not None:
-        klist += [keys.kernel_health(cluster, kernel), keys.cluster_stats(cluster)]
+        klist += [
+            keys.kernel_health(cluster, kernel),
+            keys.cluster_stats(cluster),
+            keys.cluster_version(cluster),
+        ]
         for name, sibling_epoch in siblings:
             klist += [keys.kernel(cluster, name), keys.queue(cluster, name), keys.inflight(cluster, name)]
             argv += [name, sibling_epoch]
@@ -183,10 +204,11 @@ def claim(
 
 def _claimed(reply: Any) -> Claimed | NotClaimed:
     if reply[0] == "ok":
-        _, job, reply_key, attempt, job_id, queued = reply
-        return Claimed(str(job), str(reply_key), int(attempt), str(job_id), int(queued))
-    if len(reply) == 1:
-        return EMPTY
+        _, job, reply_key, attempt, job_id, queued, *version = reply
+        seen = str(version[0]) if version else None
+        return Claimed(str(job), str(reply_key), int(attempt), str(job_id), int(queued), seen)
+    if reply[0] == "empty":
+        return EMPTY if len(reply) == 1 else NotClaimed(Skip.EMPTY, "", str(reply[1]))
     return NotClaimed(Skip(reply[0]), str(reply[1]))
 
 

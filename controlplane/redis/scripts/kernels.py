@@ -44,7 +44,8 @@ def kernel_start(
 ) -> Call[Started | NotStarted]:
     """kernel_start.lua: a kernel process comes up and takes a new fencing epoch."""
     argv: list[Arg] = [agent, pid, host, now_s, " ".join(syscalls), " ".join(capabilities)]
-    return Call(KERNEL_START, [keys.kernel(cluster, kernel), keys.epoch()], argv, _started)
+    klist = [keys.kernel(cluster, kernel), keys.epoch(), keys.cluster_version(cluster)]
+    return Call(KERNEL_START, klist, argv, _started)
 
 
 def _started(reply: Any) -> Started | NotStarted:
@@ -62,7 +63,7 @@ class Stop(enum.IntEnum):
 
 def kernel_stop(keys: Keys, cluster: str, kernel: str, *, epoch: int | str) -> Call[Stop]:
     """kernel_stop.lua: mark the kernel draining, stopped once nothing is in flight."""
-    klist = [keys.kernel(cluster, kernel), keys.inflight(cluster, kernel)]
+    klist = [keys.kernel(cluster, kernel), keys.inflight(cluster, kernel), keys.cluster_version(cluster)]
     return Call(KERNEL_STOP, klist, [epoch], _stop)
 
 
@@ -108,7 +109,11 @@ def outlier(
 ) -> Call[Health]:
     """outlier.lua: record `event` ('ok', 'fail' or 'rate') of `kernel`; eject it when it is an
     outlier and fewer than `max_ejected` kernels of the cluster are."""
-    klist = [keys.kernel_health(cluster, kernel), keys.cluster_ejected(cluster)]
+    klist = [
+        keys.kernel_health(cluster, kernel),
+        keys.cluster_ejected(cluster),
+        keys.cluster_version(cluster),
+    ]
     argv: list[Arg] = [
         now_ms,
         event,
