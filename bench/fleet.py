@@ -640,6 +640,17 @@ class Stage:
     passes: list[float]
 
 
+async def create_clusters(url: str, kernels: int, prefix: str) -> dict[str, int]:
+    """Clusters of `CLUSTER_SIZE` (the last one smaller) holding `kernels` in all, created
+    without waiting; their names and sizes."""
+    names = [f"{prefix}{i}" for i in range(math.ceil(kernels / CLUSTER_SIZE))]
+    sizes = {name: min(CLUSTER_SIZE, kernels - i * CLUSTER_SIZE) for i, name in enumerate(names)}
+    async with KcpClient(Settings(redis_url=url)) as kcp:
+        for name, size in sizes.items():
+            await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
+    return sizes
+
+
 async def idle_fleet(
     url: str, agents: int, kernels: int, idle_seconds: float, leader: Leader, procs: int = 1
 ) -> tuple[list[Stage], float, dict[str, float], dict[str, int]]:
@@ -666,17 +677,13 @@ async def idle_fleet(
     await asyncio.sleep(1.0)
     await measure(f"{agents} agents, no kernels", agents, 0)
     total = agents * kernels
-    names = [f"c{i}" for i in range(math.ceil(total / CLUSTER_SIZE))]
-    sizes = {name: min(CLUSTER_SIZE, total - i * CLUSTER_SIZE) for i, name in enumerate(names)}
     t0 = time.monotonic()
-    async with KcpClient(Settings(redis_url=url)) as kcp:
-        for name, size in sizes.items():
-            await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
+    sizes = await create_clusters(url, total, "c")
 
     await until(lambda: settled(r, sizes), 900, "kernels placed")
     placement = time.monotonic() - t0
     # and the leader has settled them (status written): the window below is idle
-    await until(lambda: _statuses_running(r, names), 600, "clusters running")
+    await until(lambda: _statuses_running(r, list(sizes)), 600, "clusters running")
     print(f"  {total} kernels placed in {placement:.1f}s", flush=True)
     await asyncio.sleep(2.5)
     await measure(f"{agents} agents x {kernels} kernels", agents, total)
@@ -748,12 +755,8 @@ async def real_idle(url: str, configs: list[tuple[int, int]], idle_seconds: floa
                 await asyncio.sleep(3.0)
                 await measure(f"{agents} agents, no kernels", agents, 0)
                 total = agents * per
-                names = [f"r{agents}x{per}-{i}" for i in range(math.ceil(total / CLUSTER_SIZE))]
-                sizes = {n: min(CLUSTER_SIZE, total - i * CLUSTER_SIZE) for i, n in enumerate(names)}
                 t0 = time.monotonic()
-                async with KcpClient(Settings(redis_url=url)) as kcp:
-                    for name, size in sizes.items():
-                        await kcp.create_cluster(name, size, {"max_kernels": CLUSTER_SIZE}, wait=0)
+                sizes = await create_clusters(url, total, f"r{agents}x{per}-")
                 await until(functools.partial(settled, r, sizes), 900, "real kernels running")
                 print(f"  {total} real kernels running in {time.monotonic() - t0:.1f}s", flush=True)
                 await asyncio.sleep(5.0)  # past their start-up writes
