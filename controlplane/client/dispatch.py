@@ -48,7 +48,8 @@ JOB_TTL_EXTRA_MS = 3_600_000
 #: How long a cached kernel list is trusted without a change notification, seconds; then the
 #: cluster's version (one GET) says whether the records must be read again.
 VIEW_TTL = 2.0
-#: How long cached load records are trusted (they are refreshed once per heartbeat), seconds.
+#: How long cached load records are trusted, seconds (a busy kernel's change at most once per
+#: heartbeat; an idle one's every `load_refresh`).
 LOAD_TTL = 0.5
 
 
