@@ -358,6 +358,20 @@ async def test_a_kernel_takes_its_own_queued_work_before_a_siblings(lua: Lua) ->
     assert await lua.zset(KEYS.queue(CLUSTER, "k2")) == {"old": NOW}
 
 
+async def test_a_claim_counts_its_siblings_queues_only_when_its_own_is_empty(lua: Lua) -> None:
+    """The count that tells the caller more work waits is its own queue's while that has any
+    (no sibling is read: a busy kernel's claim costs the same whatever the cluster's size)."""
+    await three_kernels(lua)
+    for n in range(3):
+        await lua.enqueue(f"mine{n}", kernel="k1", now=NOW + n)
+    await lua.enqueue("theirs", kernel="k2", now=NOW)
+    await lua.enqueue("theirs too", kernel="k3", now=NOW)
+    siblings = [("k2", 2), ("k3", 3)]
+    assert (await lua.claim(kernel="k1", siblings=siblings))[4:] == ["mine0", 2]
+    assert (await lua.claim(kernel="k1", siblings=siblings))[4:] == ["mine1", 1]
+    assert (await lua.claim(kernel="k1", siblings=siblings))[4:] == ["mine2", 2], "then theirs count"
+
+
 async def test_pinned_jobs_and_jobs_of_a_replaced_sibling_stay_where_they_are(lua: Lua) -> None:
     await three_kernels(lua)
     await lua.enqueue("pinned", kernel="k2", now=NOW, strategy=PINNED)

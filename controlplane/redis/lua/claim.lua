@@ -24,8 +24,9 @@
 -- ARGV[7+2(i-1)..+1] sibling i: its name, and the epoch the caller last saw it with (the
 --         caller checked then that it runs every syscall and capability of the sibling)
 -- Returns {'ok', job, reply, attempt, id, queued[, version]} to run it (queued: jobs still
---           waiting on the caller's own queue and its siblings', so the caller knows whether to
---           claim its next job at once or to block on its wake token first; version: with
+--           waiting on the caller's own queue, or when none is, on its siblings' (one ZCARD each
+--           only then), so the caller knows whether to claim its next job at once or to block
+--           on its wake token first; version: with
 --           ARGV[5] = 1, the cluster's version, '' when it has none);
 --         {'empty'[, version]} when there is nothing to take;
 --         {'gone', id} when the job no longer exists (cancelled, timed out, cluster destroyed);
@@ -164,7 +165,9 @@ if queued > 0 then
 elseif ARGV[6] ~= '1' then
     redis.call('DEL', KEYS[3])
 end
-for i = 1, (#KEYS - 7) / 3 do
-    queued = queued + redis.call('ZCARD', KEYS[7 + 3 * (i - 1) + 2])
+if queued == 0 then  -- its siblings' queues only matter to a caller with none of its own
+    for i = 1, (#KEYS - 7) / 3 do
+        queued = queued + redis.call('ZCARD', KEYS[7 + 3 * (i - 1) + 2])
+    end
 end
 return version({'ok', f[3], f[4], attempt, id, queued})

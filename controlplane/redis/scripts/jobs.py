@@ -142,7 +142,7 @@ class Claimed:
     reply: str  # the waiting client's reply list key
     attempt: int
     id: str
-    #: jobs still queued on the caller's queue and its siblings'
+    #: jobs still queued on the caller's queue or, when it has none, on its siblings' (work it may take next)
     queued: int
     #: the cluster's version when the claim asked for it ("" when it has none), else None
     version: str | None = None
