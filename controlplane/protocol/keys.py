@@ -1,6 +1,10 @@
 """The Redis key schema: every key kcp reads or writes is built here, nowhere else.
 
 All keys start with the configured prefix (default ``kcp:``) and are ``:``-separated.
+Every key of one kcp cluster carries the cluster name in braces as its first hash tag
+(``kcp:kernel:{web}:w1:queue``), so all of it hashes to one Redis Cluster slot and every script
+runs on one node; fleet-wide keys (agents, leader, ...) are untagged. Bus keys are tagged by topic
+or kernel, so a stream and its counter share a slot.
 Names are validated (`models.NAME_PATTERN`) before they reach this module, so a name
 can never inject a separator or a glob character. `docs/redis-keys.md` explains each key.
 """
@@ -24,100 +28,107 @@ class Keys:
 
     def cluster(self, cluster: str) -> str:
         """HASH: the cluster record (config JSON, desired count, status)."""
-        return f"{self.prefix}cluster:{cluster}"
+        return f"{self.prefix}cluster:{{{cluster}}}"
 
     def cluster_kernels(self, cluster: str) -> str:
         """SET of the cluster's kernel names."""
-        return f"{self.prefix}cluster:{cluster}:kernels"
+        return f"{self.prefix}cluster:{{{cluster}}}:kernels"
 
     def cluster_stats(self, cluster: str) -> str:
         """HASH of counters: dispatches, errors, latency_ms_sum (written by kernels on finish)."""
-        return f"{self.prefix}cluster:{cluster}:stats"
+        return f"{self.prefix}cluster:{{{cluster}}}:stats"
 
     def cluster_rr(self, cluster: str) -> str:
         """STRING counter: the round-robin position every client of the cluster shares."""
-        return f"{self.prefix}cluster:{cluster}:rr"
+        return f"{self.prefix}cluster:{{{cluster}}}:rr"
 
     def cluster_version(self, cluster: str) -> str:
         """STRING counter: INCR by every write that changes what routing or work stealing sees of
         the cluster (its record, its kernel set, a kernel's state or epoch, an ejection), so
         kernels and clients re-read the records only when it moved."""
-        return f"{self.prefix}cluster:{cluster}:version"
+        return f"{self.prefix}cluster:{{{cluster}}}:version"
 
     def cluster_ejected(self, cluster: str) -> str:
         """ZSET kernel -> ejected-until ms: kernels outlier detection keeps out of routing."""
-        return f"{self.prefix}cluster:{cluster}:ejected"
+        return f"{self.prefix}cluster:{{{cluster}}}:ejected"
 
     def cluster_orphans(self, cluster: str) -> str:
         """ZSET job id -> enqueue ms: jobs taken from a dead kernel, waiting for a live one."""
-        return f"{self.prefix}cluster:{cluster}:orphans"
+        return f"{self.prefix}cluster:{{{cluster}}}:orphans"
 
     def cluster_deferred(self, cluster: str) -> str:
         """ZSET job id -> due unix ms: arq jobs waiting for their time (`_defer_by`, `Retry`). A
         client moving a due job pushes its score on by a lease, so a mover that dies mid-move
         leaves it to the next (`lua/undefer.lua`)."""
-        return f"{self.prefix}cluster:{cluster}:deferred"
+        return f"{self.prefix}cluster:{{{cluster}}}:deferred"
+
+    def cluster_epoch(self, cluster: str) -> str:
+        """STRING counter: fencing epochs handed to the cluster's kernel incarnations (in the
+        cluster's slot, so `lua/kernel_start.lua` runs in one)."""
+        return f"{self.prefix}cluster:{{{cluster}}}:epoch"
 
     # ------------------------------------------------------------ kernels
     def kernel(self, cluster: str, kernel: str) -> str:
         """HASH: the kernel record (agent, state, epoch, pid, ...)."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}"
 
     def queue(self, cluster: str, kernel: str) -> str:
         """ZSET job id -> enqueue ms: the kernel's job queue (arq's queue model)."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}:queue"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}:queue"
 
     def kernel_wake(self, cluster: str, kernel: str) -> str:
         """ZSET with one member, 'w', while jobs may be queued: the token the kernel's idle
         workers block on (BZPOPMIN), each with its claim written behind the pop."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}:wake"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}:wake"
 
     def inflight(self, cluster: str, kernel: str) -> str:
         """ZSET job id -> enqueue ms: every job routed to the kernel and not finished (queued + running)."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}:inflight"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}:inflight"
 
     def kernel_lease(self, cluster: str, kernel: str) -> str:
         """STRING with a TTL (value: pid), no longer written (a kernel's liveness is its agent's
         lease plus `agent_running`); a leftover from an older agent is deleted with the kernel."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}:lease"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}:lease"
 
     def kernel_stats(self, cluster: str, kernel: str) -> str:
         """HASH of counters: dispatches, errors, latency_ms_sum."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}:stats"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}:stats"
 
     def kernel_health(self, cluster: str, kernel: str) -> str:
         """HASH: outlier detection of one kernel as every client sees it (`lua/outlier.lua`):
         consecutive failures, ejections, ejected_until ms, last_ejected ms."""
-        return f"{self.prefix}kernel:{cluster}:{kernel}:health"
+        return f"{self.prefix}kernel:{{{cluster}}}:{kernel}:health"
 
     def kernel_pattern(self, cluster: str) -> str:
         """SCAN pattern for every per-kernel key of a cluster."""
-        return f"{self.prefix}kernel:{cluster}:*"
+        return f"{self.prefix}kernel:{{{cluster}}}:*"
 
     # ------------------------------------------------------------ jobs
     def job(self, cluster: str, job_id: str) -> str:
         """HASH: one job (arq-serialized JSON under ``job``, routing fields, fencing epoch)."""
-        return f"{self.prefix}job:{cluster}:{job_id}"
+        return f"{self.prefix}job:{{{cluster}}}:{job_id}"
 
     def job_deferred(self, cluster: str, job_id: str) -> str:
         """HASH (`records.DeferredRecord`): a deferred arq job, until a client routes it when due."""
-        return f"{self.prefix}job:{cluster}:{job_id}:deferred"
+        return f"{self.prefix}job:{{{cluster}}}:{job_id}:deferred"
 
     def job_result(self, cluster: str, job_id: str) -> str:
         """STRING with a TTL (arq's `keep_result`): the arq-format result of an arq job."""
-        return f"{self.prefix}job:{cluster}:{job_id}:result"
+        return f"{self.prefix}job:{{{cluster}}}:{job_id}:result"
 
     def job_pattern(self, cluster: str) -> str:
-        return f"{self.prefix}job:{cluster}:*"
+        return f"{self.prefix}job:{{{cluster}}}:*"
 
     def reply(self, client_id: str) -> str:
-        """LIST: results pushed to one client process (expires when the client goes away)."""
-        return f"{self.prefix}reply:{client_id}"
+        """LIST: results pushed to one client process (expires when the client goes away).
+        Tagged by the client (one slot with its `reply_taken`), not by cluster: the scripts that
+        push to it (finish, rebind, abort) still span two slots on a Redis Cluster."""
+        return f"{self.prefix}reply:{{{client_id}}}"
 
     def reply_taken(self, client_id: str) -> str:
         """LIST: results the client's listener took off its reply list and is delivering (kept
         until the next take, so a take whose answer a Redis crash lost is read again)."""
-        return f"{self.prefix}reply:{client_id}:taken"
+        return f"{self.prefix}reply:{{{client_id}}}:taken"
 
     # ------------------------------------------------------------ agents
     def agents(self) -> str:
@@ -169,20 +180,20 @@ class Keys:
         heartbeat, and the agent at least every `load_refresh` (with the TTL). Never read back.
 
         Under the agent's key space so a per-agent ACL can allow writing only its own."""
-        return f"{self.prefix}agent:{agent}:load:{cluster}:{kernel}"
+        return f"{self.prefix}agent:{agent}:load:{{{cluster}}}:{kernel}"
 
     # ------------------------------------------------------------ ClusterMetricsCollector
     def collector_values(self, cluster: str) -> str:
         """HASH ``{kernel}/{metric}`` -> JSON value: what `ClusterMetricsCollector` recorded."""
-        return f"{self.prefix}metrics:{cluster}:values"
+        return f"{self.prefix}metrics:{{{cluster}}}:values"
 
     def collector_kernels(self, cluster: str) -> str:
         """ZSET kernel -> unix seconds of its last record/increment (the collector's kernels)."""
-        return f"{self.prefix}metrics:{cluster}:kernels"
+        return f"{self.prefix}metrics:{{{cluster}}}:kernels"
 
     def collector_types(self, cluster: str) -> str:
         """HASH metric -> ``counter`` (only ever incremented) | ``gauge`` (recorded)."""
-        return f"{self.prefix}metrics:{cluster}:types"
+        return f"{self.prefix}metrics:{{{cluster}}}:types"
 
     # ------------------------------------------------------------ control plane
     def leader(self) -> str:
@@ -203,10 +214,6 @@ class Keys:
         """HASH reason -> count of dispatches a client refused before enqueueing (`stats.REJECTIONS`)."""
         return f"{self.prefix}rejections"
 
-    def epoch(self) -> str:
-        """STRING counter: fencing epochs handed to kernel incarnations."""
-        return f"{self.prefix}epoch"
-
     def notify(self) -> str:
         """Pub/sub channel (not a key): a cluster name is published when its kernels change."""
         return f"{self.prefix}notify"
@@ -214,11 +221,11 @@ class Keys:
     # ------------------------------------------------------------ inter-kernel bus
     def bus_topic(self, topic: str) -> str:
         """STREAM of one topic (events, metrics, control, data); one consumer group per subscribed kernel."""
-        return f"{self.prefix}bus:topic:{topic}"
+        return f"{self.prefix}bus:topic:{{{topic}}}"
 
     def bus_inbox(self, kernel: str) -> str:
         """STREAM of direct messages to one kernel; its one consumer group is named after the kernel."""
-        return f"{self.prefix}bus:inbox:{kernel}"
+        return f"{self.prefix}bus:inbox:{{{kernel}}}"
 
     def bus_seq(self, stream: str) -> str:
         """STRING counter: the last sequence number given to an entry of `stream` (a bus stream key)."""
@@ -226,7 +233,7 @@ class Keys:
 
     def bus_subscribers(self, topic: str) -> str:
         """SET of the kernels subscribed to a topic (their groups on the topic stream)."""
-        return f"{self.prefix}bus:topic:{topic}:subscribers"
+        return f"{self.prefix}bus:topic:{{{topic}}}:subscribers"
 
     def bus_kernels(self) -> str:
         """HASH kernel -> JSON {host, pid, registered_at}: kernels registered on the bus."""
@@ -234,7 +241,7 @@ class Keys:
 
     def bus_lease(self, kernel: str) -> str:
         """STRING with a TTL: present while a bus process serves the kernel."""
-        return f"{self.prefix}bus:kernel:{kernel}:lease"
+        return f"{self.prefix}bus:kernel:{{{kernel}}}:lease"
 
     def bus_dead(self) -> str:
         """STREAM of dead letters: entries given up after too many deliveries, with the reason."""

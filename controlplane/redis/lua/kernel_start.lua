@@ -1,7 +1,7 @@
 -- kernel_start.lua: a kernel process comes up and takes a new fencing epoch.
 --
 -- KEYS[1] kernel record  HASH    {prefix}kernel:{cluster}:{kernel}
--- KEYS[2] epoch counter  STRING  {prefix}epoch
+-- KEYS[2] epoch counter  STRING  {prefix}cluster:{cluster}:epoch (per cluster: one slot with the rest)
 -- KEYS[3] version        STRING  {prefix}cluster:{cluster}:version (INCR: the kernel's epoch and
 --                                state changed, so routing views and sibling lists are re-read)
 -- ARGV[1] agent name the process runs under

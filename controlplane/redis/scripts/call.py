@@ -6,6 +6,10 @@ A `Call` is one script call with its KEYS and ARGV: run it awaited on a redis-py
 `Channel` pipeline and hand the reply to `settle` (the kernel writes finish, a blocking pop
 and claim in one go). A pipelined EVALSHA must never meet NOSCRIPT behind a blocking pop, so
 such channels load their scripts on every connect (`preloading`).
+
+On a Redis Cluster client (`AsyncRedisCluster`) redis-py routes the EVALSHA by its KEYS (which
+must hash to one slot: `protocol/keys.py` tags them), and a NOSCRIPT is answered by loading the
+script on the node that owns the first key's slot only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from controlplane.redis.channel import Channel, Command
+from controlplane.redis.connect import AsyncRedisCluster
 from controlplane.redis.lua import Script
 
 R = TypeVar("R")
@@ -27,29 +32,33 @@ Arg = str | int | float | bytes
 class Call(Generic[R]):
     """One call of `script`: the EVALSHA command, and how its reply becomes an `R`."""
 
-    __slots__ = ("command", "parse", "script")
+    __slots__ = ("command", "keys", "parse", "script")
 
     def __init__(
         self, script: Script, keys: Sequence[str], args: Sequence[Arg], parse: Callable[[Any], R]
     ) -> None:
         self.script = script
+        self.keys = tuple(keys)
         self.command: Command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         self.parse = parse
 
-    async def run(self, conn: aioredis.Redis | Channel) -> R:
+    async def run(self, conn: aioredis.Redis | AsyncRedisCluster | Channel) -> R:
         """Send the call on `conn` and parse its reply; an error reply is raised."""
         return self.parse(await self.reply(conn))
 
-    async def reply(self, conn: aioredis.Redis | Channel) -> Any:
+    async def reply(self, conn: aioredis.Redis | AsyncRedisCluster | Channel) -> Any:
         """The script's reply as Redis gives it (what the contract tests compare with the
         script's header)."""
         execute = conn.execute if isinstance(conn, Channel) else conn.execute_command
         try:
-            reply = await execute(*self.command)
+            return await execute(*self.command)
         except redis.exceptions.NoScriptError:
-            await execute("SCRIPT", "LOAD", self.script.source)
-            reply = await execute(*self.command)
-        return reply
+            if isinstance(conn, AsyncRedisCluster) and self.keys:
+                node = conn.get_node_from_key(self.keys[0])
+                await conn.execute_command("SCRIPT", "LOAD", self.script.source, target_nodes=node)
+            else:
+                await execute("SCRIPT", "LOAD", self.script.source)
+            return await execute(*self.command)
 
     def run_sync(self, conn: redis.Redis) -> R:
         """`run` on a synchronous client."""
@@ -61,7 +70,7 @@ class Call(Generic[R]):
             reply = execute(*self.command)
         return self.parse(reply)
 
-    async def settle(self, reply: Any, conn: aioredis.Redis | Channel) -> R:
+    async def settle(self, reply: Any, conn: aioredis.Redis | AsyncRedisCluster | Channel) -> R:
         """The result of this call from `reply`, what a pipeline returned for its `command`:
         an error reply is raised, and when the server had forgotten the script the call runs
         again on `conn` (not a channel whose next reply is a blocking pop's)."""

@@ -44,7 +44,7 @@ def kernel_start(
 ) -> Call[Started | NotStarted]:
     """kernel_start.lua: a kernel process comes up and takes a new fencing epoch."""
     argv: list[Arg] = [agent, pid, host, now_s, " ".join(syscalls), " ".join(capabilities)]
-    klist = [keys.kernel(cluster, kernel), keys.epoch(), keys.cluster_version(cluster)]
+    klist = [keys.kernel(cluster, kernel), keys.cluster_epoch(cluster), keys.cluster_version(cluster)]
     return Call(KERNEL_START, klist, argv, _started)
 
 
