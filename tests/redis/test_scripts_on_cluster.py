@@ -1,0 +1,171 @@
+"""kcp's Lua scripts on a Redis Cluster (issue 20): every script's KEYS hash to one slot (unit,
+by computing the slots), and the scripts give on a 3-master cluster what they give on one Redis,
+for kcp clusters whose names hash to different masters (`pytest --redis-cluster`).
+
+Known exceptions, asserted so that a change shows: finish.lua declares the client's reply list
+(``kcp:reply:{client}``, not in the cluster's slot) and rebind.lua pushes to it from data;
+bus_publish.lua and bus_trim.lua declare a fleet-wide bus hash beside the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
+from redis.crc import key_slot
+
+from controlplane.ops.redis_server import RedisClusterProcess, RedisServerProcess
+from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import AsyncRedisCluster, connect
+from controlplane.redis.scripts import bus, deferred, jobs, kernels, metrics
+from controlplane.redis.scripts.call import Call
+from controlplane.redis.scripts.jobs import Routing
+
+KEYS = Keys()
+NOW = 1_700_000_000_000
+CLIENT = "client-1"
+#: kcp cluster names; `test_the_names_spread_over_the_masters` checks they land on 3 masters
+NAMES = ("web", "batch", "train")
+
+
+def _calls(cluster: str) -> dict[str, Call[Any]]:
+    """One call of every script for `cluster` (kernel k1, siblings k2 k3, job j1)."""
+    siblings = [("k2", 1), ("k3", 1)]
+    routing = Routing(
+        mode="p2c", tie=0.5, load_expiry_ms=5_000, slow_start_ms=0, rr_ttl_ms=60_000,
+        kernels=[("k1", "a1"), ("k2", "a2")],
+    )  # fmt: skip
+    return {
+        "kernel_start": kernels.kernel_start(
+            KEYS, cluster, "k1", agent="a1", pid=1, host="h", now_s=1, syscalls=["PING"], capabilities=[]
+        ),
+        "enqueue": jobs.enqueue(
+            KEYS, cluster, "k1", job_id="j1", payload="{}", reply_key=KEYS.reply(CLIENT), now_ms=NOW,
+            deadline_ms=NOW + 10_000, ttl_ms=60_000, strategy="adaptive",
+        ),  # fmt: skip
+        "enqueue_routed": jobs.enqueue(
+            KEYS, cluster, "k1", job_id="j2", payload="{}", reply_key=KEYS.reply(CLIENT), now_ms=NOW,
+            deadline_ms=NOW + 10_000, ttl_ms=60_000, strategy="adaptive", routing=routing,
+        ),  # fmt: skip
+        "claim": jobs.claim(KEYS, cluster, "k1", epoch=1, now_ms=NOW, siblings=siblings, version=True),
+        "claim_sibling": jobs.claim(KEYS, cluster, "k1", epoch=1, now_ms=NOW, siblings=siblings, version=True),
+        "cancel": jobs.cancel(KEYS, cluster, "k2", job_id="j2"),
+        "kernel_stop": kernels.kernel_stop(KEYS, cluster, "k1", epoch=1),
+        "rebind": kernels.rebind(KEYS, cluster, "k2", source=KEYS.inflight(cluster, "k1"), job_ids=["j1", "j2"]),
+        "outlier": kernels.outlier(
+            KEYS, cluster, "k1", now_ms=NOW, event="failure", consecutive_failures=5,
+            base_ejection_ms=1_000, max_ejection_ms=10_000, max_ejected=1, slow_start_ms=0,
+        ),  # fmt: skip
+        "defer": deferred.defer(KEYS, cluster, "j3", payload="{}", now_ms=NOW, due_ms=NOW + 1, ttl_extra_ms=1),
+        "undefer": deferred.undefer(KEYS, cluster, "j3", now_ms=NOW + 2, lease_ms=1_000),
+        "abort": deferred.abort(KEYS, cluster, "j3", kernel="k1", message="m", keep_ms=1_000, now_ms=NOW),
+        "metric_increment": metrics.metric_increment(
+            KEYS, cluster, field="k1/m", kernel="k1", metric="m", amount="1", now_s="1"
+        ),
+    }
+
+
+def _cross_slot(cluster: str) -> dict[str, Call[Any]]:
+    """The calls whose KEYS still span slots (see the module docstring)."""
+    return {
+        "finish": jobs.finish(
+            KEYS, cluster, "k1", job_id="j1", epoch=1, reply_key=KEYS.reply(CLIENT), message="r",
+            success=True, latency_ms=1, reply_ttl_ms=1_000,
+        ),  # fmt: skip
+        "bus_publish": bus.bus_publish(KEYS, KEYS.bus_topic(cluster), target="", topic=cluster, batch=b"[]"),
+        "bus_trim": bus.bus_trim(KEYS, KEYS.bus_inbox(cluster), keep=1, cap=2, label="inbox"),
+    }
+
+
+def _fleet() -> dict[str, Call[Any]]:
+    return {
+        "take_replies": jobs.take_replies(KEYS, CLIENT, count=10, ttl_ms=1_000),
+        "leader": kernels.leader(KEYS, token="t", ttl_ms=1_000),
+    }
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("cluster", NAMES)
+def test_every_script_of_a_cluster_runs_in_the_cluster_slot(cluster: str) -> None:
+    slot = key_slot(KEYS.cluster(cluster).encode())
+    for name, call in _calls(cluster).items():
+        assert {key_slot(k.encode()) for k in call.keys} == {slot}, name
+    for name, call in _fleet().items():
+        assert len({key_slot(k.encode()) for k in call.keys}) == 1, name
+    for name, call in _cross_slot(cluster).items():
+        assert len({key_slot(k.encode()) for k in call.keys}) == 2, f"{name} is single-slot now: move it up"
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_the_prefixes_scripts_build_keys_from_carry_the_cluster_tag() -> None:
+    """claim.lua builds job keys from ARGV[4], enqueue.lua kernel keys from ARGV[8]."""
+    slot = key_slot(KEYS.cluster("web").encode())
+    assert key_slot((KEYS.job("web", "") + "any-id").encode()) == slot
+    assert key_slot((KEYS.kernel("web", "") + "k9:queue").encode()) == slot
+    assert key_slot(KEYS.load("a1", "web", "w1").encode()) == slot
+    assert key_slot(KEYS.cluster_epoch("web").encode()) == slot
+
+
+def _master_of(cluster: RedisClusterProcess) -> Callable[[str], str]:
+    with SyncRedis.from_url(cluster.masters()[0].url, decode_responses=True) as r:
+        slots = r.execute_command("CLUSTER", "SLOTS")
+
+    def master(key: str) -> str:
+        s = key_slot(key.encode())
+        for start, end, owner, *_ in slots:
+            if start <= s <= end:
+                return f"{owner[0]}:{owner[1]}"
+        raise AssertionError(f"slot {s} not covered")
+
+    return master
+
+
+async def _run_all(r: Any, clusters: tuple[str, ...]) -> list[Any]:
+    """Every single-slot script for each of `clusters`, in an order that exercises their writes;
+    the replies and then every key's value (sorted)."""
+    out: list[Any] = []
+    for cluster in clusters:
+        await r.hset(KEYS.kernel(cluster, "k1"), mapping={"agent": "a1", "state": "starting"})
+        await r.hset(KEYS.kernel(cluster, "k2"), mapping={"agent": "a2", "state": "running", "epoch": 1})
+        await r.hset(KEYS.agent_kernels("a1"), f"{cluster}/k1", "run")
+        for name, call in _calls(cluster).items():
+            out.append((cluster, name, await call.reply(r)))
+            if name == "kernel_start":  # what the agent does once the process is up
+                await r.hset(KEYS.kernel(cluster, "k1"), "state", "running")
+        for name, call in _fleet().items():
+            out.append((cluster, name, await call.reply(r)))
+        for key in sorted([KEYS.kernel(cluster, "k1"), KEYS.kernel(cluster, "k2"), KEYS.job(cluster, "j2")]):
+            out.append((key, await r.hgetall(key)))
+        out.append(await r.get(KEYS.cluster_epoch(cluster)))
+    return out
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_the_scripts_give_on_a_redis_cluster_what_they_give_on_one_redis(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str, redis_server: RedisServerProcess
+) -> None:
+    master = _master_of(redis_cluster)
+    assert len({master(KEYS.cluster(c)) for c in NAMES}) == 3, "the names must spread over the masters"
+    with SyncRedis.from_url(redis_server.url) as s:
+        s.flushall()
+    one = AsyncRedis.from_url(redis_server.url, decode_responses=True)
+    many = connect(redis_cluster_url, allow_cluster=True)
+    assert isinstance(many, AsyncRedisCluster)
+    try:
+        expected = await _run_all(one, NAMES)
+        assert await _run_all(many, NAMES) == expected
+        replies = {name: reply for cluster, name, reply in (e for e in expected if len(e) == 3)}
+        assert replies["claim"][:2] == ["ok", "{}"], "claim built the job key from its prefix"
+        for call in _cross_slot("web").values():
+            with pytest.raises(Exception, match="same key slot|CROSSSLOT"):
+                await call.reply(many)
+    finally:
+        await one.aclose()
+        await many.aclose()
