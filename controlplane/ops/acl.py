@@ -92,7 +92,7 @@ def _shared_kernel_side(k: Keys) -> list[str]:
         k.cluster_stats("*"),
         k.cluster_version("*"),  # kernel_start.lua and kernel_stop.lua INCR it
         k.cluster_deferred("*"),  # an arq function's Retry puts its job back there (defer.lua)
-        k.epoch(),
+        k.cluster_epoch("*"),  # kernel_start.lua INCRs it
         f"{k.prefix}bus:*",
     )
 
@@ -104,10 +104,12 @@ def service_rules(k: Keys) -> list[str]:
 def client_rules(k: Keys) -> list[str]:
     keys = _rw(
         k.clusters(),
-        k.cluster("*"),  # the record and every cluster:{name}:* key
+        k.cluster("*"),  # the record ...
+        f"{k.cluster('*')}:*",  # ... and every other key of the cluster
         k.kernel_pattern("*"),
         k.job_pattern("*"),
         k.reply("*"),
+        k.reply_taken("*"),
         k.service_wake(),
         k.rejections(),
         f"{k.prefix}metrics:*",
@@ -133,7 +135,7 @@ def agent_rules(k: Keys, agent: str) -> list[str]:
     )
     own += _ro(k.agent_kernels(agent))
     # cluster records and kernel sets: a kernel looks up its siblings to take over their work
-    own += _ro(k.cluster("*"))
+    own += _ro(k.cluster("*"), f"{k.cluster('*')}:*")
     selectors = [
         # join the agent set, but never remove another agent from it
         f"(+sadd ~{k.agents()})",

@@ -176,7 +176,10 @@ def test_agent_a_gets_noperm_on_agent_b_keys(acl_server: tuple[RedisServerProces
         assert _denied(lambda: client.set(KEYS.agent_lease("a1"), "1"))
         assert _denied(lambda: client.sadd(KEYS.agents(), "ghost"))
         assert _denied(lambda: client.set(KEYS.leader(), "me"))
-        assert _denied(lambda: client.incr(KEYS.epoch()))
+        assert _denied(lambda: client.hset(KEYS.reliability(), "x", 1))
+        client.incr(KEYS.cluster_rr("c"))  # the tagged shapes: kcp:cluster:{c}:rr ...
+        client.hset(KEYS.cluster("c"), "status", "ready")  # ... kcp:cluster:{c}
+        client.rpush(KEYS.reply_taken("client-1"), "r")  # ... kcp:reply:{client-1}:taken
     with _login(server, "kcp-service", passwords) as service:
         service.set(KEYS.leader(), "token", px=1000)
         assert _denied(lambda: service.set("not-kcp:key", "x"))

@@ -489,7 +489,7 @@ async def test_cancel_after_finish_returns_0(lua: Lua) -> None:
 
 
 async def test_kernel_start_takes_a_monotonic_epoch_and_runs_a_pending_kernel(lua: Lua) -> None:
-    await lua.r.set(KEYS.epoch(), 41)
+    await lua.r.set(KEYS.cluster_epoch(CLUSTER), 41)
     await lua.put_kernel("k1", state="pending", epoch=0)
     await lua.put_kernel("k2", state="pending", epoch=0)
     assert await lua.kernel_start("k1") == [42, "running"]
@@ -508,7 +508,7 @@ async def test_kernel_start_takes_a_monotonic_epoch_and_runs_a_pending_kernel(lu
         "restarts": "1",  # its second start: the first had a process already
     }
     assert "restarts" not in await lua.kernel("k2")  # started once
-    assert await lua.r.get(KEYS.epoch()) == "44"
+    assert await lua.r.get(KEYS.cluster_epoch(CLUSTER)) == "44"
 
 
 async def test_kernel_start_counts_restarts_of_one_placement_only(lua: Lua) -> None:

@@ -228,7 +228,7 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
             await parked.result(timeout=1)
         assert aborted.value.error_type == "JobAborted"
         assert await redis.zcard(KEYS.cluster_deferred("jobs")) == 0
-        assert [k async for k in redis.scan_iter(match="kcp:job:jobs:*") if not k.endswith(":result")] == []
+        assert [k async for k in redis.scan_iter(match="kcp:job:{jobs}:*") if not k.endswith(":result")] == []
 
 
 async def test_the_leader_runs_deferred_jobs_whose_client_is_gone(
