@@ -9,6 +9,7 @@ bus_publish.lua and bus_trim.lua declare a fleet-wide bus hash beside the stream
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,15 +18,17 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 from redis.crc import key_slot
 
+from controlplane.errors import RedisError
 from controlplane.ops.redis_server import RedisClusterProcess, RedisServerProcess
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import AsyncRedisCluster, connect
+from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.scripts import bus, deferred, jobs, kernels, metrics
 from controlplane.redis.scripts.call import Call
 from controlplane.redis.scripts.jobs import Routing
 
 KEYS = Keys()
-NOW = 1_700_000_000_000
+NOW = int(time.time() * 1000)  # the scripts set TTLs from it: near the Redis clock
 CLIENT = "client-1"
 #: kcp cluster names; `test_the_names_spread_over_the_masters` checks they land on 3 masters
 NAMES = ("web", "batch", "train")
@@ -43,23 +46,54 @@ def _calls(cluster: str) -> dict[str, Call[Any]]:
             KEYS, cluster, "k1", agent="a1", pid=1, host="h", now_s=1, syscalls=["PING"], capabilities=[]
         ),
         "enqueue": jobs.enqueue(
-            KEYS, cluster, "k1", job_id="j1", payload="{}", reply_key=KEYS.reply(CLIENT), now_ms=NOW,
-            deadline_ms=NOW + 10_000, ttl_ms=60_000, strategy="adaptive",
-        ),  # fmt: skip
+            KEYS,
+            cluster,
+            "k1",
+            job_id="j1",
+            payload="{}",
+            reply_key=KEYS.reply(CLIENT),
+            now_ms=NOW,
+            deadline_ms=NOW + 10_000,
+            ttl_ms=60_000,
+            strategy="adaptive",
+        ),
         "enqueue_routed": jobs.enqueue(
-            KEYS, cluster, "k1", job_id="j2", payload="{}", reply_key=KEYS.reply(CLIENT), now_ms=NOW,
-            deadline_ms=NOW + 10_000, ttl_ms=60_000, strategy="adaptive", routing=routing,
-        ),  # fmt: skip
+            KEYS,
+            cluster,
+            "k1",
+            job_id="j2",
+            payload="{}",
+            reply_key=KEYS.reply(CLIENT),
+            now_ms=NOW,
+            deadline_ms=NOW + 10_000,
+            ttl_ms=60_000,
+            strategy="adaptive",
+            routing=routing,
+        ),
         "claim": jobs.claim(KEYS, cluster, "k1", epoch=1, now_ms=NOW, siblings=siblings, version=True),
-        "claim_sibling": jobs.claim(KEYS, cluster, "k1", epoch=1, now_ms=NOW, siblings=siblings, version=True),
+        "claim_sibling": jobs.claim(
+            KEYS, cluster, "k1", epoch=1, now_ms=NOW, siblings=siblings, version=True
+        ),
         "cancel": jobs.cancel(KEYS, cluster, "k2", job_id="j2"),
         "kernel_stop": kernels.kernel_stop(KEYS, cluster, "k1", epoch=1),
-        "rebind": kernels.rebind(KEYS, cluster, "k2", source=KEYS.inflight(cluster, "k1"), job_ids=["j1", "j2"]),
+        "rebind": kernels.rebind(
+            KEYS, cluster, "k2", source=KEYS.inflight(cluster, "k1"), job_ids=["j1", "j2"]
+        ),
         "outlier": kernels.outlier(
-            KEYS, cluster, "k1", now_ms=NOW, event="failure", consecutive_failures=5,
-            base_ejection_ms=1_000, max_ejection_ms=10_000, max_ejected=1, slow_start_ms=0,
-        ),  # fmt: skip
-        "defer": deferred.defer(KEYS, cluster, "j3", payload="{}", now_ms=NOW, due_ms=NOW + 1, ttl_extra_ms=1),
+            KEYS,
+            cluster,
+            "k1",
+            now_ms=NOW,
+            event="failure",
+            consecutive_failures=5,
+            base_ejection_ms=1_000,
+            max_ejection_ms=10_000,
+            max_ejected=1,
+            slow_start_ms=0,
+        ),
+        "defer": deferred.defer(
+            KEYS, cluster, "j3", payload="{}", now_ms=NOW, due_ms=NOW + 1, ttl_extra_ms=60_000
+        ),
         "undefer": deferred.undefer(KEYS, cluster, "j3", now_ms=NOW + 2, lease_ms=1_000),
         "abort": deferred.abort(KEYS, cluster, "j3", kernel="k1", message="m", keep_ms=1_000, now_ms=NOW),
         "metric_increment": metrics.metric_increment(
@@ -72,9 +106,17 @@ def _cross_slot(cluster: str) -> dict[str, Call[Any]]:
     """The calls whose KEYS still span slots (see the module docstring)."""
     return {
         "finish": jobs.finish(
-            KEYS, cluster, "k1", job_id="j1", epoch=1, reply_key=KEYS.reply(CLIENT), message="r",
-            success=True, latency_ms=1, reply_ttl_ms=1_000,
-        ),  # fmt: skip
+            KEYS,
+            cluster,
+            "k1",
+            job_id="j1",
+            epoch=1,
+            reply_key=KEYS.reply(CLIENT),
+            message="r",
+            success=True,
+            latency_ms=1,
+            reply_ttl_ms=1_000,
+        ),
         "bus_publish": bus.bus_publish(KEYS, KEYS.bus_topic(cluster), target="", topic=cluster, batch=b"[]"),
         "bus_trim": bus.bus_trim(KEYS, KEYS.bus_inbox(cluster), keep=1, cap=2, label="inbox"),
     }
@@ -161,11 +203,27 @@ async def test_the_scripts_give_on_a_redis_cluster_what_they_give_on_one_redis(
     try:
         expected = await _run_all(one, NAMES)
         assert await _run_all(many, NAMES) == expected
-        replies = {name: reply for cluster, name, reply in (e for e in expected if len(e) == 3)}
+        replies = {e[1]: e[2] for e in expected if isinstance(e, tuple) and len(e) == 3}
         assert replies["claim"][:2] == ["ok", "{}"], "claim built the job key from its prefix"
         for call in _cross_slot("web").values():
-            with pytest.raises(Exception, match="same key slot|CROSSSLOT"):
-                await call.reply(many)
+            with pytest.raises(RedisError, match="different Redis Cluster hash slots"):
+                async with amap_redis_errors():
+                    await call.reply(many)
     finally:
         await one.aclose()
         await many.aclose()
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_the_scan_patterns_match_the_tagged_keys(redis: Any) -> None:
+    """`{` and `}` are literal in a Redis glob: kernel_pattern and job_pattern find one cluster's
+    keys and not a cluster whose name starts the same."""
+    for cluster in ("web", "webx"):
+        await redis.hset(KEYS.kernel(cluster, "k1"), "state", "running")
+        await redis.zadd(KEYS.queue(cluster, "k1"), {"j1": 1})
+        await redis.hset(KEYS.job(cluster, "j1"), "job", "{}")
+    kernel_keys = sorted([k async for k in redis.scan_iter(match=KEYS.kernel_pattern("web"))])
+    assert kernel_keys == [KEYS.kernel("web", "k1"), KEYS.queue("web", "k1")]
+    assert [k async for k in redis.scan_iter(match=KEYS.job_pattern("web"))] == [KEYS.job("web", "j1")]
