@@ -151,7 +151,7 @@ def test_complete_example(stack: ProcessStack, redis_url: str, tmp_path: Path) -
     # at-least-once: a worker that had no time to handle the message before the program ended still
     # has it in Redis (unread or pending for its group), for its next incarnation
     with sync_redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        groups = {g["name"]: g for g in client.xinfo_groups("kcp:bus:topic:data")}
+        groups = {g["name"]: g for g in client.xinfo_groups("kcp:bus:topic:{data}")}
     assert set(groups) == {"worker-0", "worker-1", "worker-2"}
     # a handler cut short by the end of the program printed but did not acknowledge: it stays pending
     waiting = {name: int(g["pending"]) + int(g["lag"] or 0) for name, g in groups.items()}

@@ -28,8 +28,9 @@ pytestmark = [
     pytest.mark.timeout(120 if settings.default.max_examples <= 100 else 1800),
 ]
 
-#: Every key kcp may write: the prefix, then safe name characters and separators only.
-SAFE_KEY = re.compile(r"kcp:[A-Za-z0-9_.:/-]+")
+#: Every key kcp may write: the prefix, then safe name characters and separators only, with at
+#: most one name in braces (the hash tag of a key that belongs to one cluster).
+SAFE_KEY = re.compile(r"kcp:[A-Za-z0-9_.:/-]+(\{[A-Za-z0-9_./-]+\}[A-Za-z0-9_.:/-]*)?")
 FAILURES = {"InvalidRequest", "ClusterExists", "ClusterNotFound", "NoKernelAvailable"}
 
 counts = st.one_of(

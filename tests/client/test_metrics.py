@@ -160,7 +160,7 @@ def test_defaults_come_from_settings(server: Connect) -> None:
     )
     prefixed.record("kernel-1", "cpu", 0.5)
     plain = server()
-    assert plain.hgetall("other:metrics:compute:values") == {"kernel-1/cpu": "0.5"}
+    assert plain.hgetall("other:metrics:{compute}:values") == {"kernel-1/cpu": "0.5"}
     assert ClusterMetricsCollector().cluster_name == "default"  # the spec's default; no I/O until used
 
 
