@@ -19,9 +19,14 @@ from typing import Any
 
 import redis
 
+from controlplane.protocol.keys import Keys
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("client_worker.py")
 HANDLERS = "tests.chaos.handlers"
+
+#: the key schema (the default prefix, what the fleet under test uses)
+KEYS = Keys()
 
 
 class Procs:
@@ -187,7 +192,7 @@ def median(values: Sequence[float]) -> float:
 
 def reliability(url: str) -> dict[str, str]:
     with redis.Redis.from_url(url, decode_responses=True) as r:
-        return r.hgetall("kcp:reliability")  # type: ignore[return-value]
+        return r.hgetall(KEYS.reliability())  # type: ignore[return-value]
 
 
 def wait_until(predicate: Any, limit: float, what: str, step: float = 0.02) -> float:
@@ -208,8 +213,8 @@ def running_kernels(url: str, cluster: str) -> dict[str, str]:
     """kernel name -> agent, of the cluster's kernels in state `running`."""
     with redis.Redis.from_url(url, decode_responses=True, socket_timeout=2) as r:
         out = {}
-        for name in r.smembers(f"kcp:cluster:{cluster}:kernels"):  # type: ignore[union-attr]
-            state, agent = r.hmget(f"kcp:kernel:{cluster}:{name}", ["state", "agent"])  # type: ignore[misc]
+        for name in r.smembers(KEYS.cluster_kernels(cluster)):  # type: ignore[union-attr]
+            state, agent = r.hmget(KEYS.kernel(cluster, name), ["state", "agent"])  # type: ignore[misc]
             if state == "running":
                 out[str(name)] = str(agent)
         return out
@@ -217,7 +222,7 @@ def running_kernels(url: str, cluster: str) -> dict[str, str]:
 
 def registered_agents(url: str) -> set[str]:
     with redis.Redis.from_url(url, decode_responses=True, socket_timeout=2) as r:
-        return set(r.smembers("kcp:agents"))  # type: ignore[arg-type]
+        return set(r.smembers(KEYS.agents()))  # type: ignore[arg-type]
 
 
 def create_cluster(url: str, name: str, kernels: int, config: dict[str, Any] | None = None) -> None:
@@ -235,7 +240,7 @@ def create_cluster(url: str, name: str, kernels: int, config: dict[str, Any] | N
 
 def cluster_stats(url: str, cluster: str) -> dict[str, float]:
     with redis.Redis.from_url(url, decode_responses=True) as r:
-        return {k: float(v) for k, v in r.hgetall(f"kcp:cluster:{cluster}:stats").items()}  # type: ignore[union-attr]
+        return {k: float(v) for k, v in r.hgetall(KEYS.cluster_stats(cluster)).items()}  # type: ignore[union-attr]
 
 
 class SentinelSetup:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from chaoslib import (
+    KEYS,
     Procs,
     collect,
     reliability,
@@ -33,7 +34,7 @@ def incarnations(url: str, cluster: str) -> dict[str, tuple[str, str]]:
     with redis.Redis.from_url(url, decode_responses=True, socket_timeout=2) as r:
         out = {}
         for name in running_kernels(url, cluster):
-            agent, epoch = r.hmget(f"kcp:kernel:{cluster}:{name}", ["agent", "epoch"])  # type: ignore[misc]
+            agent, epoch = r.hmget(KEYS.kernel(cluster, name), ["agent", "epoch"])  # type: ignore[misc]
             out[name] = (str(agent), str(epoch))
         return out
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from chaoslib import (
+    KEYS,
     Procs,
     cluster_stats,
     collect,
@@ -54,7 +55,7 @@ def test_redis_sigkill_and_restart_with_aof(redis_server_factory: object, tmp_pa
         stats = cluster_stats(url, "aof")
         settle = time.monotonic() + 10
         with redis.Redis.from_url(url, decode_responses=True) as r:
-            while (left := list(r.scan_iter("kcp:job:{aof}:*"))) and time.monotonic() < settle:
+            while (left := list(r.scan_iter(KEYS.job_pattern("aof")))) and time.monotonic() < settle:
                 time.sleep(0.2)
             agents_dead = int(r.hget("kcp:reliability", "agents_dead_total") or 0)
     finally:
