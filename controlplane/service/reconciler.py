@@ -508,12 +508,13 @@ class Reconciler:
             entry = self._lapsed(last_seen, host=record.host, slots=record.slots)
         async with self._fleet_writes() as pipe:
             self._lapse(pipe, self.keys.lapsed_agents(), agent, entry)
-            pipe.delete(
+            for key in (
                 self.keys.agent(agent),
                 self.keys.agent_kernels(agent),
                 self.keys.agent_wake(agent),
                 self.keys.agent_running(agent),
-            )
+            ):
+                pipe.delete(key)  # one DEL each: the keys are in several slots
             pipe.srem(self.keys.agents(), agent)
             pipe.hdel(self.keys.heartbeats(), agent)
             await pipe.execute()
