@@ -11,6 +11,9 @@
 -- Returns 'ok' (all written, the cluster's term now the caller's), 'fenced' (the stored term
 -- is greater: a newer leader wrote here; nothing written) or 'guarded' (the guard refused;
 -- nothing written).
+--
+-- Fields read:    none; the guard's hash and field are the caller's
+-- Fields written: none; the writes are the caller's, built by FencedWrite
 local ALLOWED = {HSET = 1, HDEL = 1, DEL = 1, SADD = 1, SREM = 1, INCR = 1, ZREM = 1,
                  ZUNIONSTORE = 1, RPUSH = 1, PEXPIRE = 1}
 local term = tonumber(ARGV[1])
