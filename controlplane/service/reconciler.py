@@ -71,6 +71,7 @@ class Reconciler:
         self._passes = 0
         self._cursor = 0  # the rolling sweep's position (passes since the set was read)
         self._termed: set[str] = set()  # clusters whose term we lifted to `_term`
+        self._assigned: dict[str, set[tuple[str, str]]] = {}  # see `_assignments_by_cluster`
         self._term = 0
         #: clusters reconciled by the latest pass (tests and `bench/fleet.py` read it)
         self.reconciled = 0
@@ -130,6 +131,7 @@ class Reconciler:
             await self.lease.raise_terms(sorted(dirty - self._termed))
             self._termed |= dirty
             clusters = await self.state.clusters(sorted(dirty))
+            self._assigned = self._assignments_by_cluster()
             self.reconciled = len(clusters)
             for name in dirty - {c.name for c in clusters}:  # gone (destroyed, or malformed)
                 self._unsettled.discard(name)
@@ -192,6 +194,7 @@ class Reconciler:
                 changed = True
             else:
                 kernels.append(k)
+        changed |= await self._repair_assignments(name, kernels, fleet)
         cluster = await self.autoscaler.evaluate(cluster, kernels)
         active = [k for k in kernels if k.state in ACTIVE_KERNEL_STATES]
         reason = ""
@@ -222,6 +225,47 @@ class Reconciler:
             and all(k.state is KernelState.RUNNING and fleet.hosts(k.agent) for k in now)
             and not any(f"{name}/{k.name}" in missing for k in now)
         )
+
+    def _assignments_by_cluster(self) -> dict[str, set[tuple[str, str]]]:
+        """cluster -> (agent, ``cluster/kernel``) of the assignments as the detector holds them
+        (read at the start of a pass; a cluster's own are only written while it is reconciled)."""
+        out: dict[str, set[tuple[str, str]]] = {}
+        for agent, refs in self.detector.assignments.items():
+            for ref in refs:
+                out.setdefault(ref.partition("/")[0], set()).add((agent, ref))
+        return out
+
+    async def _repair_assignments(self, cluster: str, kernels: list[KernelRecord], fleet: Fleet) -> bool:
+        """Make the agents' assignments match the kernel records: a decision's fleet-wide writes
+        follow its fenced one, so a leader killed or deposed between the two leaves one missing
+        or stray (docs/reliability.md, "Fencing"). True when something was rewritten."""
+        want = {f"{cluster}/{k.name}": k for k in kernels}
+        held = self._assigned.get(cluster, set())
+        stray = sorted((a, ref) for a, ref in held if ref not in want or want[ref].agent != a)
+        missing = [k for ref, k in want.items() if (k.agent, ref) not in held]
+        if not stray and not missing:
+            return False
+        async with self._fleet_writes() as pipe:
+            for agent, ref in stray:
+                pipe.hdel(self.keys.agent_kernels(agent), ref)
+                self._wake(pipe, agent, "remove")
+            for k in missing:
+                mode = ASSIGN_DRAIN if k.state is KernelState.DRAINING else ASSIGN_RUN
+                pipe.hset(self.keys.agent_kernels(k.agent), f"{cluster}/{k.name}", mode)
+                self._wake(pipe, k.agent, "place")
+            await pipe.execute()
+        for agent, ref in stray:
+            self.detector.unassign(agent, ref)
+            fleet.assigned[agent] -= 1
+        for k in missing:
+            self.detector.assign(k.agent, f"{cluster}/{k.name}")
+            fleet.assigned[k.agent] += 1
+        logger.warning(
+            "cluster %s: rewrote %d assignment(s) the kernel records did not match",
+            cluster,
+            len(stray) + len(missing),
+        )
+        return True
 
     async def _place(
         self,
