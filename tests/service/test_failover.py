@@ -107,6 +107,32 @@ async def test_a_deposed_leaders_writes_are_refused_once_a_new_one_leads(redis: 
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: AsyncRedis) -> None:
+    state = State(redis, KEYS)
+    await state.create_cluster("web", ClusterConfig(), 1)
+    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
+    await redis.sadd(KEYS.agents(), "a1")
+    seconds, micros = await redis.time()
+    await redis.set(
+        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
+    )
+    first = await _lead(redis, "first", ttl=3.0)
+    await first.reconcile_all()
+    assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
+
+    # the leader dies between the kernel's (fenced) record and its agent's assignment, and a
+    # stray assignment of a kernel it never kept is left behind
+    await redis.delete(KEYS.agent_kernels("a1"))
+    await redis.hset(KEYS.agent_kernels("a1"), "web/worker-7", ASSIGN_RUN)
+    await first.lease.release()
+    second = await _lead(redis, "second", ttl=3.0)
+    await second.reconcile_all()
+    assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
+    assert await state.kernels("web") == await first.state.kernels("web")
+
+
+@pytest.mark.integration
 async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(redis: AsyncRedis) -> None:
     settings = Settings(heartbeat_interval=0.1, lease_ttl=0.4)
     state = State(redis, KEYS)
