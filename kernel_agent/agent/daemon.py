@@ -480,10 +480,11 @@ class Agent(Service):
                     pipe.delete(key)
                 await pipe.execute()
             try:
-                async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-                    pipe.srem(k.agents(), name)
-                    pipe.delete(k.agent(name))
-                    await pipe.execute()
+                # one after the other (two slots, no MULTI): the record goes only once we left
+                # the set, so a refused SREM leaves the record the leader forgets us by
+                async with amap_redis_errors():
+                    await self.redis.srem(k.agents(), name)
+                    await self.redis.delete(k.agent(name))
             except PermissionDenied:
                 # The per-agent ACL (docs/security.md) lets an agent join the agent set but not
                 # remove names from it (it could evict another agent): the record stays, and the
