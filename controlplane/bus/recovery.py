@@ -45,7 +45,7 @@ async def dead_letter(
     deliveries: int,
     reason: str,
 ) -> None:
-    """Move an entry to the dead-letter stream, with why, and acknowledge it: one MULTI/EXEC."""
+    """Move an entry to the dead-letter stream, with why, and acknowledge it."""
     record = {
         **as_dict(fields),
         "stream": stream,
