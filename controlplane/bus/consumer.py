@@ -13,7 +13,7 @@ on every topic stream and on its inbox, and so is its consumer). The loop:
 An entry is acknowledged only after its handler returned: a batch's `XACK`s go in the same
 pipeline as the next `XREADGROUP` (one round trip), and within a long batch every 50 ms.
 An entry delivered more than `max_deliveries` times goes to the dead-letter stream with the last
-error as its reason, and is acknowledged there in the same MULTI/EXEC.
+error as its reason, and is acknowledged after it (`recovery.dead_letter`).
 """
 
 from __future__ import annotations

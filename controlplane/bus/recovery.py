@@ -45,7 +45,7 @@ async def dead_letter(
     deliveries: int,
     reason: str,
 ) -> None:
-    """Move an entry to the dead-letter stream, with why, and acknowledge it: one MULTI/EXEC."""
+    """Move an entry to the dead-letter stream, with why, and acknowledge it."""
     record = {
         **as_dict(fields),
         "stream": stream,
@@ -55,7 +55,9 @@ async def dead_letter(
         "reason": reason,
         "dead_at": repr(time.time()),
     }
-    pipe = redis.pipeline(transaction=True)
+    # not a transaction (the streams are in several slots): dead-lettered first, then acked, so
+    # a cut-short call dead-letters the entry again at worst, never loses it
+    pipe = redis.pipeline(transaction=False)
     pipe.xadd(keys.bus_dead(), record, maxlen=config.dead_max_len, approximate=True)  # type: ignore[arg-type]
     pipe.xack(stream, group, entry_id)
     pipe.hincrby(keys.bus_stats(), f"dead:{label}", 1)

@@ -248,12 +248,14 @@ class Job:
         return self._status(*await self._read())
 
     async def _read(self) -> tuple[str | None, str | None, float | None]:
-        """(kept result, job state, deferred score) in one consistent read."""
-        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=True) as pipe:
-            pipe.get(self._result)
-            pipe.hget(self._job, "state")
+        """(kept result, job state, deferred score). Not a transaction: read in the order a job
+        moves through them (deferred, queued or running, finished), so a job that moves between
+        the reads is still seen in one of them (its later stage, which `_status` prefers)."""
+        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self._deferred_set, self.job_id)
-            result, state, score = await pipe.execute()
+            pipe.hget(self._job, "state")
+            pipe.get(self._result)
+            score, state, result = await pipe.execute()
         return result, state, score
 
     @staticmethod
@@ -279,14 +281,16 @@ class Job:
         done = await self.result_info()
         if done is not None:
             return done
-        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self._job, "job")
-            pipe.hget(self._deferred, "job")
+        # not a transaction: in the order a job moves (deferred, then live), and a job that
+        # finished meanwhile is found by its result
+        async with amap_redis_errors(), self._arq.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self._deferred_set, self.job_id)
-            live, waiting, score = await pipe.execute()
+            pipe.hget(self._deferred, "job")
+            pipe.hget(self._job, "job")
+            score, waiting, live = await pipe.execute()
         raw = live or waiting
         if raw is None:
-            return None
+            return await self.result_info()
         info = arq_protocol.job_def(raw, self.job_id, None)
         info.score = int(score) if score is not None else decode_job(raw)[0].get("score")
         return info

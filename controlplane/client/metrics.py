@@ -82,9 +82,11 @@ class ClusterMetricsCollector:
             raise InvalidRequest(f"metric {metric_name!r}: value is not JSON-serializable: {exc}") from None
         if len(encoded) > MAX_VALUE_BYTES:
             raise InvalidRequest(f"metric {metric_name!r}: value exceeds {MAX_VALUE_BYTES} bytes as JSON")
-        with map_redis_errors(), self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._values, field, encoded)
+        # not a transaction: the type first, so an export (which reads the values, then the
+        # types) never sees a value without its type
+        with map_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._types, metric_name, GAUGE)
+            pipe.hset(self._values, field, encoded)
             pipe.zadd(self._kernels, {kernel_name: time.time()})
             pipe.execute()
 
@@ -169,7 +171,9 @@ class ClusterMetricsCollector:
 
         Counters get `_total`; a metric named `*_ms` is exported in seconds (`*_seconds`);
         non-numeric values are left out. `promtool check metrics` accepts the output."""
-        with map_redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+        # not a transaction: the values, then the types (written first), so each value's type
+        # is there
+        with map_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self._values)
             pipe.hgetall(self._types)
             raw, types = pipe.execute()

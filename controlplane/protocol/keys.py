@@ -48,6 +48,11 @@ class Keys:
         kernels and clients re-read the records only when it moved."""
         return f"{self.prefix}cluster:{{{cluster}}}:version"
 
+    def cluster_term(self, cluster: str) -> str:
+        """STRING: the highest leader term that wrote to the cluster (fence.lua refuses a lower
+        one), in the cluster's slot."""
+        return f"{self.prefix}cluster:{{{cluster}}}:term"
+
     def cluster_ejected(self, cluster: str) -> str:
         """ZSET kernel -> ejected-until ms: kernels outlier detection keeps out of routing."""
         return f"{self.prefix}cluster:{{{cluster}}}:ejected"
@@ -199,6 +204,12 @@ class Keys:
     def leader(self) -> str:
         """STRING with a TTL: the token of the leading `kcp serve`."""
         return f"{self.prefix}leader"
+
+    def leader_term(self) -> str:
+        """STRING counter: INCR by leader.lua whenever a `kcp serve` takes the lease afresh. Its
+        hash tag is the whole leader key, so both share a slot (one script updates both) and
+        the name still starts with the prefix (the ACL patterns)."""
+        return f"{self.prefix}leader:term:{{{self.prefix}leader}}"
 
     def service_wake(self) -> str:
         """LIST clients and agents push to so the leader reconciles at once: ``client`` (a cluster

@@ -33,12 +33,14 @@ class State:
         async with amap_redis_errors():
             if not await self.redis.hsetnx(key, ClusterRecord.NAME, name):
                 raise ClusterExists(name)
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # not a transaction (several slots); ordered: the record and its version before the
+            # cluster set and the wake, so the leader never reads a listed cluster half-written
+            async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(key, mapping=record.to_fields())
-                pipe.sadd(self.keys.clusters(), name)
                 # a new cluster's versions start at the clock (ms), so one created again under a
                 # destroyed one's name never repeats a version a reader cached
                 pipe.set(self.keys.cluster_version(name), now_ms())
+                pipe.sadd(self.keys.clusters(), name)
                 pipe.lpush(self.keys.service_wake(), f"cluster {name}")  # the leader re-reads the set
                 await pipe.execute()
         return record
@@ -92,7 +94,8 @@ class State:
 
     async def update_cluster(self, name: str, **fields: str | int | float) -> None:
         """Set some fields of the cluster record (names checked against `ClusterRecord`)."""
-        async with amap_redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+        # not a transaction: the record first, then the version that tells readers it moved
+        async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.cluster(name), mapping=ClusterRecord.fields(**fields))
             pipe.incr(self.keys.cluster_version(name))  # routing and the leader see it moved
             await pipe.execute()

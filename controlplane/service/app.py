@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: How many of the latest pass durations `ControlPlane.passes` keeps.
 PASSES_KEPT = 4096
+#: `service:wake` messages one wake takes at most (the rest at the next wait)
+WAKE_BURST = 4096
 
 
 class ControlPlane(Service):
@@ -96,11 +98,10 @@ class ControlPlane(Service):
             results = await asyncio.gather(*waiters, return_exceptions=True)
         popped = [r for r in results if isinstance(r, list | tuple)]
         if wake and popped:
-            # take the whole burst at once: the pass reads what each message names
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lrange(self.keys.service_wake(), 0, -1)
-                pipe.delete(self.keys.service_wake())
-                rest, _ = await pipe.execute()
+            # take the burst at once: the pass reads what each message names. One LPOP with a
+            # count is atomic by itself (no MULTI: a message pushed meanwhile is never lost);
+            # what a huge burst leaves is popped at the next wait, at once
+            rest = await self.redis.lpop(self.keys.service_wake(), WAKE_BURST) or []
             self.reconciler.announced += [str(popped[0][1]), *map(str, rest)]
         for r in results:
             if isinstance(r, Exception):  # the pop's Redis error, for the caller's error mapping

@@ -14,7 +14,7 @@ over its running kernels that have a fresh record.
 
 The decision state lives in the cluster record (`autoscale_dir`, `autoscale_since`,
 `autoscale_at`, `load`), so a new leader carries on where the last one stopped. Each step is
-written in one leader-fenced transaction that also sets the status to `scaling`.
+written in one leader-fenced write (fence.lua) that also sets the status to `scaling`.
 """
 
 from __future__ import annotations
@@ -137,12 +137,10 @@ class Autoscaler:
         if len(fields) == 1:  # only the measured load changed: for operators, no decision to fence
             await self.redis.hset(key, mapping=fields)
             return cluster
-        async with self.lease.fenced() as pipe:
-            pipe.hset(key, mapping=fields)
-            if desired != cluster.desired:
-                step = stats.AUTOSCALE_UP if desired > cluster.desired else stats.AUTOSCALE_DOWN
-                pipe.hincrby(self.keys.reliability(), step, 1)
-            await pipe.execute()
+        await self.lease.commit(self.lease.write(cluster.name).hset(key, fields))
+        if desired != cluster.desired:  # fleet-wide counter: after the fenced decision
+            step = stats.AUTOSCALE_UP if desired > cluster.desired else stats.AUTOSCALE_DOWN
+            await self.redis.hincrby(self.keys.reliability(), step, 1)
         if desired == cluster.desired:
             return cluster
         logger.info(

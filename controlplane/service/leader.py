@@ -1,37 +1,35 @@
-"""One `kcp serve` leads at a time, through a TTL lease in Redis; its writes are fenced by it.
+"""One `kcp serve` leads at a time, through a TTL lease in Redis; its writes are fenced by terms.
 
-Every reconcile decision runs in `LeaderLease.fenced()`: a MULTI/EXEC that WATCHes the lease
-key after checking that it still holds our token. If the lease expired or moved to another
-instance before EXEC (a slow pass, a paused process), Redis discards the whole transaction,
-so a former leader can never overwrite the decisions of the current one.
+Taking the lease afresh hands out a new, higher term (leader.lua INCRs `leader:term`). Every
+leader write to a cluster's keys is one fence.lua call in the cluster's slot
+(`LeaderLease.commit`): it is refused, whole, when the cluster's stored term
+(`cluster:{c}:term`) is above the caller's, and otherwise lifts it to the caller's. A new leader
+lifts the term of every cluster before it reads what it decides on (`raise_terms`), so from then
+on nothing a deposed leader sends to that cluster is written. No MULTI/EXEC and no WATCH of a
+global key: each write stays in one slot (Redis Cluster). docs/reliability.md has the argument.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
-from controlplane.redis.connect import AsyncPipeline, AsyncRedis
+from controlplane.redis.connect import AsyncRedis
+from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts.fenced import Fence, FencedWrite
 from controlplane.redis.scripts.kernels import leader
-from controlplane.redis.transaction import Conflict, watch_conflicts
 
 logger = logging.getLogger(__name__)
 
 
 class NotLeader(Exception):
     """Internal: this instance no longer holds the leader lease; the pass stops here."""
-
-
-def begin_writes(pipe: AsyncPipeline) -> None:
-    """Switch a `fenced(..., multi=False)` pipeline from reading to queueing writes (MULTI)."""
-    pipe.multi()  # type: ignore[no-untyped-call]
 
 
 class LeaderLease:
@@ -44,51 +42,70 @@ class LeaderLease:
         self.ttl_ms = max(int(ttl * 1000), 1)
         # host:pid:random, so `redis-cli GET kcp:leader` tells an operator who leads
         self.token = token or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        self.leading = False
+        self.term = 0  # the term we lead in; 0 while we do not
         self._renewed_at = 0.0
 
+    @property
+    def leading(self) -> bool:
+        return self.term > 0
+
     async def acquire(self) -> bool:
-        """Take or renew the lease; True while we lead."""
-        leading = await leader(self.keys, token=self.token, ttl_ms=self.ttl_ms).run(self.redis)
-        if leading != self.leading:
-            logger.info("%s leadership (token %s)", "took" if leading else "lost", self.token)
-        self.leading = leading
-        if leading:
+        """Take or renew the lease; True while we lead. A lease taken afresh comes with a new
+        term: the caller lifts the clusters' terms (`raise_terms`) before deciding anything."""
+        term = await leader(self.keys, token=self.token, ttl_ms=self.ttl_ms, term=self.term).run(self.redis)
+        if term != self.term:
+            logger.info("%s leadership (token %s, term %d)", "took" if term else "lost", self.token, term)
+        self.term = term
+        if term:
             self._renewed_at = time.monotonic()
-        return leading
+        return self.leading
 
     async def release(self) -> None:
         await leader(self.keys, token=self.token, ttl_ms=0).run(self.redis)
-        self.leading = False
+        self.term = 0
 
-    @contextlib.asynccontextmanager
-    async def fenced(self, *watch: str, multi: bool = True) -> AsyncIterator[AsyncPipeline]:
-        """A transaction that commits only while we still lead.
+    def write(self, cluster: str) -> FencedWrite:
+        """A fenced write to `cluster`'s keys; send it with `commit`."""
+        return FencedWrite(self.keys, cluster)
 
-        Yields a pipeline that WATCHes the lease (and the `watch` keys) in MULTI mode: the caller
-        queues its writes and awaits `pipe.execute()`. With `multi=False` the pipeline is still in
-        immediate mode, so the caller can read the watched keys first, then `begin_writes(pipe)`.
-        Raises `NotLeader` when the lease is not ours, or stopped being ours before EXEC (nothing
-        is written then); `Conflict` when only a watched key changed."""
+    async def check(self) -> int:
+        """Our term, the lease renewed if due; raises `NotLeader` when we do not lead."""
         if not self.leading:
             raise NotLeader("not leading")
         if time.monotonic() - self._renewed_at > self.ttl / 3 and not await self.acquire():
             raise NotLeader("lease lost during the pass")
-        key = self.keys.leader()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(key, *watch)
-            if await pipe.get(key) != self.token:
-                self.leading = False
-                raise NotLeader("lease held by another instance")
-            if multi:
-                begin_writes(pipe)
-            try:
-                async with watch_conflicts():
-                    yield pipe
-            except Conflict:
-                holder = await self.redis.get(key)
-                if holder == self.token:  # only a watched record changed: the caller's decision is stale
-                    raise
-                self.leading = False
-                await self.redis.hincrby(self.keys.reliability(), stats.LEADER_FENCED_WRITES, 1)
-                raise NotLeader("lease lost before the write") from None
+        return self.term
+
+    async def commit(self, write: FencedWrite) -> Fence:
+        """Send `write` in our term: `Fence.OK` (written) or `Fence.GUARDED` (its guard refused;
+        nothing written). Raises `NotLeader` when a newer leader wrote to the cluster (nothing
+        written; counted in `leader_fenced_writes_total`)."""
+        term = await self.check()
+        async with amap_redis_errors():
+            result = await write.call(term).run(self.redis)
+        if result is Fence.FENCED:
+            await self._deposed(1)
+        return result
+
+    async def raise_terms(self, clusters: Iterable[str]) -> None:
+        """Lift the term of `clusters` to ours (pipelined, not a transaction: each call is one
+        script on its own cluster's slot, atomic by itself, and the calls are independent)."""
+        term = await self.check()
+        calls = [FencedWrite(self.keys, c).call(term) for c in clusters]
+        if not calls:
+            return
+        async with amap_redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    pipe.execute_command(*call.command)
+                replies = await pipe.execute(raise_on_error=False)
+            results = [
+                await call.settle(reply, self.redis) for call, reply in zip(calls, replies, strict=True)
+            ]
+        if fenced := sum(r is Fence.FENCED for r in results):
+            await self._deposed(fenced)
+
+    async def _deposed(self, writes: int) -> None:
+        self.term = 0
+        await self.redis.hincrby(self.keys.reliability(), stats.LEADER_FENCED_WRITES, writes)
+        raise NotLeader("a newer leader took over: write refused")

@@ -9,14 +9,16 @@ in the rolling sweep, which reaches every cluster and agent once per `full_sweep
 (the safety net for a lost announcement). At idle a pass costs one MGET of the agents' leases
 and one of the clusters' versions, whatever the fleet's size.
 
-Each decision is written in one MULTI/EXEC fenced by the leader lease (`LeaderLease.fenced`),
-so a control plane killed mid-pass leaves nothing half-placed, a deposed one cannot write, and
-the next leader reads everything afresh and carries on.
+Each decision's writes to a cluster are one fence.lua call in the cluster's slot, refused once
+a newer leader took over (`LeaderLease.commit`), so a control plane killed mid-pass leaves
+nothing half-written in a cluster, a deposed one cannot write to it, and the next leader reads
+everything afresh and carries on. The fleet-wide writes that go with a decision (an agent's
+assignment and wake list, the lapsed lists) follow it, only once it was written; why a deposed
+leader's late one is harmless is in docs/reliability.md ("Fencing").
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
 import math
@@ -29,14 +31,14 @@ from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
 from controlplane.protocol.records import AgentRecord, ClusterRecord, JobRecord, KernelRecord, LapsedRecord
-from controlplane.redis.connect import AsyncPipeline
+from controlplane.redis.connect import AsyncPipeline, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts.fenced import Fence
 from controlplane.redis.scripts.kernels import rebind
 from controlplane.redis.state import State, now_ms
-from controlplane.redis.transaction import Conflict
 from controlplane.service.autoscaler import Autoscaler
 from controlplane.service.detector import FailureDetector, Fleet
-from controlplane.service.leader import LeaderLease, NotLeader, begin_writes
+from controlplane.service.leader import LeaderLease, NotLeader
 from controlplane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class Reconciler:
         self._reconciled_at: dict[str, int] = {}  # cluster -> the pass that last reconciled it
         self._passes = 0
         self._cursor = 0  # the rolling sweep's position (passes since the set was read)
+        self._termed: set[str] = set()  # clusters whose term we lifted to `_term`
+        self._assigned: dict[str, set[tuple[str, str]]] = {}  # see `_assignments_by_cluster`
+        self._term = 0
         #: clusters reconciled by the latest pass (tests and `bench/fleet.py` read it)
         self.reconciled = 0
 
@@ -120,7 +125,13 @@ class Reconciler:
             self._passes += 1
             for name in dirty:
                 done[name] = self._passes
+            # lift the terms first: what a deposed leader sends from now on is refused
+            if self._term != self.lease.term:
+                self._termed, self._term = set(), self.lease.term
+            await self.lease.raise_terms(sorted(dirty - self._termed))
+            self._termed |= dirty
             clusters = await self.state.clusters(sorted(dirty))
+            self._assigned = self._assignments_by_cluster()
             self.reconciled = len(clusters)
             for name in dirty - {c.name for c in clusters}:  # gone (destroyed, or malformed)
                 self._unsettled.discard(name)
@@ -183,6 +194,7 @@ class Reconciler:
                 changed = True
             else:
                 kernels.append(k)
+        changed |= await self._repair_assignments(name, kernels, fleet)
         cluster = await self.autoscaler.evaluate(cluster, kernels)
         active = [k for k in kernels if k.state in ACTIVE_KERNEL_STATES]
         reason = ""
@@ -213,6 +225,47 @@ class Reconciler:
             and all(k.state is KernelState.RUNNING and fleet.hosts(k.agent) for k in now)
             and not any(f"{name}/{k.name}" in missing for k in now)
         )
+
+    def _assignments_by_cluster(self) -> dict[str, set[tuple[str, str]]]:
+        """cluster -> (agent, ``cluster/kernel``) of the assignments as the detector holds them
+        (read at the start of a pass; a cluster's own are only written while it is reconciled)."""
+        out: dict[str, set[tuple[str, str]]] = {}
+        for agent, refs in self.detector.assignments.items():
+            for ref in refs:
+                out.setdefault(ref.partition("/")[0], set()).add((agent, ref))
+        return out
+
+    async def _repair_assignments(self, cluster: str, kernels: list[KernelRecord], fleet: Fleet) -> bool:
+        """Make the agents' assignments match the kernel records: a decision's fleet-wide writes
+        follow its fenced one, so a leader killed or deposed between the two leaves one missing
+        or stray (docs/reliability.md, "Fencing"). True when something was rewritten."""
+        want = {f"{cluster}/{k.name}": k for k in kernels}
+        held = self._assigned.get(cluster, set())
+        stray = sorted((a, ref) for a, ref in held if ref not in want or want[ref].agent != a)
+        missing = [k for ref, k in want.items() if (k.agent, ref) not in held]
+        if not stray and not missing:
+            return False
+        async with self._fleet_writes() as pipe:
+            for agent, ref in stray:
+                pipe.hdel(self.keys.agent_kernels(agent), ref)
+                self._wake(pipe, agent, "remove")
+            for k in missing:
+                mode = ASSIGN_DRAIN if k.state is KernelState.DRAINING else ASSIGN_RUN
+                pipe.hset(self.keys.agent_kernels(k.agent), f"{cluster}/{k.name}", mode)
+                self._wake(pipe, k.agent, "place")
+            await pipe.execute()
+        for agent, ref in stray:
+            self.detector.unassign(agent, ref)
+            fleet.assigned[agent] -= 1
+        for k in missing:
+            self.detector.assign(k.agent, f"{cluster}/{k.name}")
+            fleet.assigned[k.agent] += 1
+        logger.warning(
+            "cluster %s: rewrote %d assignment(s) the kernel records did not match",
+            cluster,
+            len(stray) + len(missing),
+        )
+        return True
 
     async def _place(
         self,
@@ -259,15 +312,16 @@ class Reconciler:
                 max_deliveries=self.settings.max_deliveries,
                 placed_at=round(time.time(), 6),
             )
-            async with self.lease.fenced() as pipe:
-                pipe.delete(self.keys.kernel(cluster.name, kernel))
-                pipe.hset(self.keys.kernel(cluster.name, kernel), mapping=record.to_fields())
-                pipe.sadd(self.keys.cluster_kernels(cluster.name), kernel)
+            write = self.lease.write(cluster.name)
+            write.delete(self.keys.kernel(cluster.name, kernel))
+            write.hset(self.keys.kernel(cluster.name, kernel), record.to_fields())
+            write.sadd(self.keys.cluster_kernels(cluster.name), kernel)
+            write.incr(self.keys.cluster_version(cluster.name))
+            await self.lease.commit(write)
+            async with self._fleet_writes() as pipe:
                 pipe.hset(self.keys.agent_kernels(agent.name), f"{cluster.name}/{kernel}", ASSIGN_RUN)
                 pipe.hdel(self.keys.lapsed_kernels(), f"{cluster.name}/{kernel}")
-                pipe.lpush(self.keys.agent_wake(agent.name), "place")
-                pipe.pexpire(self.keys.agent_wake(agent.name), 60_000)
-                pipe.incr(self.keys.cluster_version(cluster.name))
+                self._wake(pipe, agent.name, "place")
                 await pipe.execute()
             logger.info("placed %s/%s on agent %s", cluster.name, kernel, agent.name)
             here[agent.name] += 1
@@ -284,16 +338,26 @@ class Reconciler:
         if k.state is KernelState.PENDING:  # never started, so it holds no work
             await self._remove_kernel(k)
             return
-        async with self.lease.fenced() as pipe:
-            pipe.hset(
-                self.keys.kernel(k.cluster, k.name), mapping=KernelRecord.fields(state=KernelState.DRAINING)
-            )
+        write = self.lease.write(k.cluster)
+        write.hset(self.keys.kernel(k.cluster, k.name), KernelRecord.fields(state=KernelState.DRAINING))
+        write.incr(self.keys.cluster_version(k.cluster))
+        await self.lease.commit(write)
+        async with self._fleet_writes() as pipe:
             pipe.hset(self.keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}", ASSIGN_DRAIN)
-            pipe.lpush(self.keys.agent_wake(k.agent), "drain")
-            pipe.pexpire(self.keys.agent_wake(k.agent), 60_000)
-            pipe.incr(self.keys.cluster_version(k.cluster))
+            self._wake(pipe, k.agent, "drain")
             await pipe.execute()
         logger.info("draining %s/%s on agent %s", k.cluster, k.name, k.agent)
+
+    def _fleet_writes(self) -> AsyncPipeline:
+        """A pipeline for the fleet-wide writes that follow a committed decision; not a
+        transaction: its keys are in several slots, and each write is idempotent and repaired
+        by the next pass if a crash cuts the pipeline short (docs/reliability.md)."""
+        redis: AsyncRedis = self.redis
+        return redis.pipeline(transaction=False)
+
+    def _wake(self, pipe: AsyncPipeline, agent: str, why: str) -> None:
+        pipe.lpush(self.keys.agent_wake(agent), why)
+        pipe.pexpire(self.keys.agent_wake(agent), 60_000)
 
     def _lapse(self, pipe: AsyncPipeline, key: str, name: str, record: LapsedRecord | None) -> None:
         """List `name` in the lapsed hash `key` (shown as down until the retention passes), or,
@@ -316,28 +380,27 @@ class Reconciler:
         A `lapsed` kernel (its lease or its agent's expired) stays listed as down for a while."""
         keys = self.keys
         inflight = keys.inflight(k.cluster, k.name)
-        async with self.lease.fenced() as pipe:
-            pipe.zunionstore(
-                keys.cluster_orphans(k.cluster), [keys.cluster_orphans(k.cluster), inflight], aggregate="MIN"
-            )
-            pipe.delete(
-                keys.kernel(k.cluster, k.name),
-                keys.queue(k.cluster, k.name),
-                inflight,
-                keys.kernel_wake(k.cluster, k.name),
-                keys.kernel_stats(k.cluster, k.name),
-                keys.kernel_lease(k.cluster, k.name),
-                keys.load(k.agent, k.cluster, k.name),
-            )
-            pipe.srem(keys.cluster_kernels(k.cluster), k.name)
+        orphans = keys.cluster_orphans(k.cluster)
+        write = self.lease.write(k.cluster).zunionstore_min(orphans, orphans, inflight)
+        write.delete(
+            keys.kernel(k.cluster, k.name),
+            keys.queue(k.cluster, k.name),
+            inflight,
+            keys.kernel_wake(k.cluster, k.name),
+            keys.kernel_stats(k.cluster, k.name),
+            keys.kernel_lease(k.cluster, k.name),
+            keys.load(k.agent, k.cluster, k.name),
+        )
+        write.srem(keys.cluster_kernels(k.cluster), k.name)
+        write.incr(keys.cluster_version(k.cluster))
+        await self.lease.commit(write)
+        async with self._fleet_writes() as pipe:
             pipe.hdel(keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}")
             last_seen = time.time() - self.settings.lease_ttl
             entry = self._lapsed(last_seen, k.agent, k.host) if lapsed else None
             self._lapse(pipe, keys.lapsed_kernels(), f"{k.cluster}/{k.name}", entry)
             if wake_agent:  # it still runs: let it drop the kernel at once
-                pipe.lpush(keys.agent_wake(k.agent), "remove")
-                pipe.pexpire(keys.agent_wake(k.agent), 60_000)
-            pipe.incr(keys.cluster_version(k.cluster))
+                self._wake(pipe, k.agent, "remove")
             await pipe.execute()
         self.detector.unassign(k.agent, f"{k.cluster}/{k.name}")
 
@@ -376,19 +439,16 @@ class Reconciler:
         if status is cluster.status and reason == cluster.reason:
             return status
         key = self.keys.cluster(cluster.name)
-        # WATCHed and re-read: a destroy (status `stopped`) that lands during the pass must win
-        with contextlib.suppress(Conflict):
-            async with self.lease.fenced(key, multi=False) as pipe:
-                if await pipe.hget(key, ClusterRecord.STATUS) in (None, ClusterStatus.STOPPED.value):
-                    return ClusterStatus.STOPPED
-                begin_writes(pipe)
-                pipe.hset(key, mapping=ClusterRecord.fields(status=status, reason=reason))
-                pipe.publish(self.keys.notify(), cluster.name)
-                pipe.incr(self.keys.cluster_version(cluster.name))
-                await pipe.execute()
-            logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
-            return status
-        return ClusterStatus.SCALING  # lost to a concurrent write: looked at again
+        # guarded in the script: a destroy (status `stopped`, or the record gone) that landed
+        # during the pass wins
+        write = self.lease.write(cluster.name).guard(key, ClusterRecord.STATUS, ClusterStatus.STOPPED.value)
+        write.hset(key, ClusterRecord.fields(status=status, reason=reason))
+        write.incr(self.keys.cluster_version(cluster.name))
+        if await self.lease.commit(write) is Fence.GUARDED:
+            return ClusterStatus.STOPPED
+        await self.redis.publish(self.keys.notify(), cluster.name)
+        logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
+        return status
 
     # ------------------------------------------------------------ destroy
     async def _teardown(self, cluster: ClusterRecord, fleet: Fleet) -> None:
@@ -416,24 +476,24 @@ class Reconciler:
         leftovers += [
             key async for key in self.redis.scan_iter(match=self.keys.kernel_pattern(name), count=500)
         ]
-        async with self.lease.fenced() as pipe:
-            pipe.delete(
-                self.keys.cluster(name),
-                self.keys.cluster_kernels(name),
-                self.keys.cluster_stats(name),
-                self.keys.cluster_orphans(name),
-                self.keys.cluster_deferred(name),
-                self.keys.cluster_rr(name),
-                self.keys.cluster_ejected(name),
-                self.keys.collector_values(name),
-                self.keys.collector_kernels(name),
-                self.keys.collector_types(name),
-                *leftovers,
-            )
-            pipe.srem(self.keys.clusters(), name)
-            # gone with the cluster; one created again under the name starts at the clock
-            pipe.delete(self.keys.cluster_version(name))
-            await pipe.execute()
+        # the term stays (it only orders leaders); the version goes with the cluster: one
+        # created again under the name starts at the clock
+        write = self.lease.write(name).delete(
+            self.keys.cluster(name),
+            self.keys.cluster_kernels(name),
+            self.keys.cluster_stats(name),
+            self.keys.cluster_orphans(name),
+            self.keys.cluster_deferred(name),
+            self.keys.cluster_rr(name),
+            self.keys.cluster_ejected(name),
+            self.keys.collector_values(name),
+            self.keys.collector_kernels(name),
+            self.keys.collector_types(name),
+            self.keys.cluster_version(name),
+            *leftovers,
+        )
+        await self.lease.commit(write)
+        await self.redis.srem(self.keys.clusters(), name)
         await self.redis.publish(self.keys.notify(), name)
         if self._names is not None and name in self._names:
             self._names.remove(name)
@@ -447,57 +507,58 @@ class Reconciler:
                     pipe.hget(self.keys.job(cluster, job_id), JobRecord.REPLY)
                 replies = await pipe.execute()
             now = now_ms()
-            async with self.lease.fenced() as pipe:
-                for job_id, reply in zip(ids, replies, strict=True):
-                    pipe.zrem(source, job_id)
-                    pipe.delete(self.keys.job(cluster, job_id))
-                    if reply:
-                        pipe.rpush(
-                            reply,
-                            encode_result(
-                                job_id=job_id,
-                                function="?",
-                                kernel="",
-                                queue=source,
-                                attempt=0,
-                                enqueue_ms=now,
-                                start_ms=now,
-                                finish_ms=now,
-                                value=None,
-                                error=why,
-                                error_type="ClusterDestroyed",
-                            ),
-                        )
-                        pipe.pexpire(reply, REPLY_TTL_MS)
-                await pipe.execute()
+            write = self.lease.write(cluster)
+            for job_id, reply in zip(ids, replies, strict=True):
+                write.zrem(source, job_id)
+                write.delete(self.keys.job(cluster, job_id))
+                if reply:  # the reply list is in the cluster's slot (kcp:reply:{c}:CLIENT)
+                    write.rpush(
+                        reply,
+                        encode_result(
+                            job_id=job_id,
+                            function="?",
+                            kernel="",
+                            queue=source,
+                            attempt=0,
+                            enqueue_ms=now,
+                            start_ms=now,
+                            finish_ms=now,
+                            value=None,
+                            error=why,
+                            error_type="ClusterDestroyed",
+                        ),
+                    )
+                    write.pexpire(reply, REPLY_TTL_MS)
+            await self.lease.commit(write)
 
     async def _forget_dead_agents(self, fleet: Fleet) -> None:
         """Deregister agents whose lease expired once none of their kernels is left."""
         for agent in fleet.agents.values():
             if agent.name in fleet.alive or fleet.assigned[agent.name] > 0:
                 continue
-            # WATCH the lease: an agent that came back meanwhile is not forgotten
-            with contextlib.suppress(Conflict):
-                await self._forget(agent)
+            await self._forget(agent)
 
     async def _forget(self, record: AgentRecord) -> None:
+        """Deregister `record`'s agent, unless its lease came back. Its keys are fleet-wide (no
+        cluster's term fences them): the lease is checked just before (docs/reliability.md)."""
         agent = record.name
-        async with self.lease.fenced(self.keys.agent_lease(agent), multi=False) as pipe:
-            if await pipe.exists(self.keys.agent_lease(agent)):
-                return
-            begin_writes(pipe)
-            # an agent that stopped on purpose said so (draining) and is simply gone
-            entry = None
-            if not record.draining:
-                last_seen = self.detector.last_seen(agent) or time.time() - self.settings.lease_ttl
-                entry = self._lapsed(last_seen, host=record.host, slots=record.slots)
+        await self.lease.check()
+        if await self.redis.exists(self.keys.agent_lease(agent)):
+            return
+        # an agent that stopped on purpose said so (draining) and is simply gone
+        entry = None
+        if not record.draining:
+            last_seen = self.detector.last_seen(agent) or time.time() - self.settings.lease_ttl
+            entry = self._lapsed(last_seen, host=record.host, slots=record.slots)
+        async with self._fleet_writes() as pipe:
             self._lapse(pipe, self.keys.lapsed_agents(), agent, entry)
-            pipe.delete(
+            for key in (
                 self.keys.agent(agent),
                 self.keys.agent_kernels(agent),
                 self.keys.agent_wake(agent),
                 self.keys.agent_running(agent),
-            )
+            ):
+                pipe.delete(key)  # one DEL each: the keys are in several slots
             pipe.srem(self.keys.agents(), agent)
             pipe.hdel(self.keys.heartbeats(), agent)
             await pipe.execute()

@@ -247,8 +247,12 @@ class Agent(Service):
             draining=False,
             started_at=round(time.time(), 3),
         )
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # Not a transaction (the keys are in several slots): ordered instead, the lease last, so
+        # the leader sees the agent alive only once its record is written and the previous
+        # incarnation's running kernels are gone. Cut short, there is no lease: nothing to undo.
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(k.agent(c.name), mapping=record.to_fields())
+            pipe.delete(k.agent_running(c.name))  # a new incarnation runs nothing yet
             pipe.sadd(k.agents(), c.name)
             pipe.hdel(k.lapsed_agents(), c.name)  # back: no longer shown as a lapsed agent
             # alive from now on; the heartbeat's first beat writes the Redis-clock time
@@ -257,7 +261,6 @@ class Agent(Service):
                 AgentLease(0, self._next_version()).encode(),
                 px=int(self.settings.lease_ttl * 1000),
             )
-            pipe.delete(k.agent_running(c.name))  # a new incarnation runs nothing yet
             await pipe.execute()
         self._running = {}
         await self.redis.lpush(k.service_wake(), f"agent {c.name}")
@@ -291,10 +294,16 @@ class Agent(Service):
         if running == self._running:
             return
         key = self.keys.agent_running(self.config.name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
+        # one key, so no transaction: the new entries first, then the gone ones out, so a
+        # reader never sees a running kernel missing (at most one that just exited, still listed);
+        # when what the record holds is not known (Redis was away), it is rewritten whole
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if self._running is None:
+                pipe.delete(key)
             if running:
                 pipe.hset(key, mapping={ref: str(pid) for ref, pid in running.items()})
+            if gone := [ref for ref in self._running or () if ref not in running]:
+                pipe.hdel(key, *gone)
             await pipe.execute()
         self._running = running
         self._next_version()
@@ -463,15 +472,19 @@ class Agent(Service):
         await asyncio.to_thread(self.heartbeat.stop)
         k = self.keys
         async with best_effort():
-            async with self.redis.pipeline(transaction=True) as pipe:
+            # not transactions (several slots, one DEL each): the lease first, so the leader
+            # sees us gone at once; what a cut-short stop leaves, the leader's forget clears
+            async with self.redis.pipeline(transaction=False) as pipe:
                 # the assignment hash stays: the control plane owns it and clears it
-                pipe.delete(k.agent_lease(name), k.agent_wake(name), k.agent_running(name))
+                for key in (k.agent_lease(name), k.agent_wake(name), k.agent_running(name)):
+                    pipe.delete(key)
                 await pipe.execute()
             try:
-                async with amap_redis_errors(), self.redis.pipeline(transaction=True) as pipe:
-                    pipe.srem(k.agents(), name)
-                    pipe.delete(k.agent(name))
-                    await pipe.execute()
+                # one after the other (two slots, no MULTI): the record goes only once we left
+                # the set, so a refused SREM leaves the record the leader forgets us by
+                async with amap_redis_errors():
+                    await self.redis.srem(k.agents(), name)
+                    await self.redis.delete(k.agent(name))
             except PermissionDenied:
                 # The per-agent ACL (docs/security.md) lets an agent join the agent set but not
                 # remove names from it (it could evict another agent): the record stays, and the

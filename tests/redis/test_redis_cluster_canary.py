@@ -36,6 +36,7 @@ from controlplane.errors import (
 )
 from controlplane.ops.cli.main import main as kcp_main
 from controlplane.ops.redis_server import RedisClusterProcess, start_redis_cluster
+from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import (
     CLUSTER_UNSUPPORTED,
     RESP,
@@ -48,7 +49,10 @@ from controlplane.redis.connect import (
 )
 from controlplane.redis.errors import amap_redis_errors, map_redis_errors, translate
 from controlplane.redis.lua import Script
+from controlplane.redis.scripts import kernels
 from controlplane.redis.scripts.call import Call
+from controlplane.redis.scripts.fenced import FENCE, Fence, FencedWrite
+from controlplane.redis.scripts.kernels import LEADER
 from controlplane.settings import Settings
 
 pytestmark = [pytest.mark.redis_cluster, pytest.mark.timeout(60)]
@@ -466,3 +470,22 @@ def test_the_cluster_fixture_names_every_node_in_its_url(redis_cluster: RedisClu
     assert [port for _, port in spec.nodes] == [node.port for node in redis_cluster.nodes]
     assert len(redis_cluster.masters()) == 3 and len(redis_cluster.replicas()) == 3
     assert 6379 not in {node.port for node in redis_cluster.nodes}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_the_leader_term_and_a_fenced_write_each_stay_in_one_slot(redis_cluster_url: str) -> None:
+    keys = Keys()
+    r = await _cluster_client(redis_cluster_url)
+    try:
+        for script in (LEADER, FENCE):
+            assert await r.execute_command("SCRIPT LOAD", script.source) == script.sha
+        assert await kernels.leader(keys, token="a", ttl_ms=5_000).run(r) == 1  # type: ignore[arg-type]
+        record = "kcp:kernel:{web}:w1"  # a cluster key in the tagged form (issue 20's convention)
+        write = FencedWrite(keys, "web").hset(record, {"state": "running"}).incr("kcp:cluster:{web}:version")
+        assert await write.call(2).run(r) is Fence.OK  # type: ignore[arg-type]
+        assert await write.call(1).run(r) is Fence.FENCED  # type: ignore[arg-type]
+        assert await r.get(keys.cluster_term("web")) == "2"
+        assert await r.get("kcp:cluster:{web}:version") == "1", "the refused write wrote nothing"
+    finally:
+        await r.aclose()

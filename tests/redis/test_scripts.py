@@ -177,8 +177,8 @@ class Lua:
     async def rebind(self, source: str, target: str, ids: list[str]) -> Any:
         return await self.call(kernels.rebind(KEYS, CLUSTER, target, source=source, job_ids=ids))
 
-    async def leader(self, token: str, ttl_ms: int) -> Any:
-        return await self.call(kernels.leader(KEYS, token=token, ttl_ms=ttl_ms))
+    async def leader(self, token: str, ttl_ms: int, term: int = 0) -> Any:
+        return await self.call(kernels.leader(KEYS, token=token, ttl_ms=ttl_ms, term=term))
 
 
 @pytest.fixture
@@ -715,18 +715,20 @@ async def test_take_replies_keeps_what_it_took_until_the_next_take(lua: Lua) -> 
 
 async def test_leader_take_renew_refuse_release(lua: Lua) -> None:
     key = KEYS.leader()
-    assert await lua.leader("t1", 10_000) == 1
+    assert await lua.leader("t1", 10_000) == 1  # taken afresh: term 1
     assert await lua.r.get(key) == "t1"
     assert await lua.leader("t2", 10_000) == 0
     await lua.r.pexpire(key, 1_000)
-    assert await lua.leader("t1", 10_000) == 1  # renewed: the TTL is back up
+    assert await lua.leader("t1", 10_000, term=1) == 1  # renewed in its term: the TTL is back up
     assert await lua.r.pttl(key) > 1_000
     assert await lua.leader("t2", 0) == 0  # a non-holder cannot release
     assert await lua.r.get(key) == "t1"
     assert await lua.leader("t1", 0) == 0  # the holder releases
     assert await lua.r.get(key) is None
-    assert await lua.leader("t2", 10_000) == 1
+    assert await lua.leader("t2", 10_000) == 2  # each fresh take is a new, higher term
     assert await lua.r.get(key) == "t2"
+    assert await lua.leader("t2", 10_000) == 3  # the holder that lost its term takes a new one
+    assert await lua.r.get(KEYS.leader_term()) == "3"
 
 
 async def test_leader_lease_expires(lua: Lua) -> None:
@@ -736,7 +738,7 @@ async def test_leader_lease_expires(lua: Lua) -> None:
     while await lua.r.exists(KEYS.leader()):
         assert time.monotonic() < give_up, "the lease did not expire"
         await asyncio.sleep(0.02)
-    assert await lua.leader("t2", 10_000) == 1
+    assert await lua.leader("t2", 10_000) == 2, "taken afresh after the lapse: the next term"
     assert await lua.leader("t1", 10_000) == 0
 
 

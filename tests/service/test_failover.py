@@ -8,18 +8,21 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 
 import pytest
 from conftest import ProcessStack, wait_for
 from redis.asyncio import Redis as AsyncRedis
 
-from controlplane import KcpClient, KernelError, KernelGone, OrchestrationConfig, Settings
+from controlplane import ClusterConfig, KcpClient, KernelError, KernelGone, OrchestrationConfig, Settings
 from controlplane.protocol.keys import ASSIGN_RUN, Keys
-from controlplane.protocol.records import AgentLease
+from controlplane.protocol.models import ClusterStatus
+from controlplane.protocol.records import AgentLease, AgentRecord, ClusterRecord
 from controlplane.redis.connect import parse_sentinel_url
 from controlplane.redis.state import State
-from controlplane.service.detector import FailureDetector
-from controlplane.service.leader import LeaderLease, NotLeader, begin_writes
+from controlplane.service.detector import FailureDetector, Fleet
+from controlplane.service.leader import LeaderLease, NotLeader
+from controlplane.service.reconciler import Reconciler
 from kernel_agent.agent.daemon import Agent, AgentConfig, _Child
 from kernel_agent.agent.heartbeat import Heartbeat
 
@@ -54,28 +57,79 @@ def test_settings_refuse_a_lease_shorter_than_two_heartbeats() -> None:
 # ---------------------------------------------------------------- integration (real Redis)
 
 
-@pytest.mark.integration
-async def test_fenced_write_is_discarded_once_the_lease_moves(redis: AsyncRedis) -> None:
-    lease = LeaderLease(redis, KEYS, ttl=3.0, token="a")
+async def _lead(redis: AsyncRedis, token: str, ttl: float) -> Reconciler:
+    lease = LeaderLease(redis, KEYS, ttl=ttl, token=token)
     assert await lease.acquire()
-    async with lease.fenced() as pipe:
-        pipe.set("decision-1", "written")
-        await pipe.execute()
-    assert await redis.get("decision-1") == "written"
+    return Reconciler(State(redis, KEYS), Settings(), lease)
 
-    # the lease moves between the check and EXEC (a paused leader, an expired lease)
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_a_deposed_leaders_writes_are_refused_once_a_new_one_leads(redis: AsyncRedis) -> None:
+    state = State(redis, KEYS)
+    await state.create_cluster("web", ClusterConfig(), 2)
+    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
+    old = await _lead(redis, "old", ttl=0.3)
+    await old.lease.raise_terms(["web"])
+    cluster = await state.get_cluster("web")
+    assert cluster is not None
+    fleet = Fleet(agents={"a1": AgentRecord(name="a1", slots=4)}, alive=frozenset({"a1"}), assigned=Counter())
+    assert (await old._place(cluster, [], 1, fleet))[0] == 1, "the leader writes"
+    (kernel,) = await state.kernels("web")
+
+    # the old leader pauses; its lease lapses and another instance takes over, in a newer term
+    await asyncio.sleep(0.4)
+    new = await _lead(redis, "new", ttl=3.0)
+    assert new.lease.term > old.lease.term
+    await new.lease.raise_terms(["web"])  # what the new leader's first pass does before reading
+    before = await redis.hgetall(KEYS.cluster("web")), await redis.smembers(KEYS.cluster_kernels("web"))
+
+    old.lease._renewed_at = time.monotonic()  # it resumes believing it still leads
     with pytest.raises(NotLeader):
-        async with lease.fenced(multi=False) as pipe:
-            await redis.set(KEYS.leader(), "b", px=3000)
-            begin_writes(pipe)
-            pipe.set("decision-2", "written")
-            await pipe.execute()
-    assert not await redis.exists("decision-2"), "a deposed leader wrote nothing"
-    assert not lease.leading
-    with pytest.raises(NotLeader):  # and it stays out until it takes the lease again
-        async with lease.fenced() as pipe:
-            pipe.set("decision-3", "written")
-    assert await redis.hget(KEYS.reliability(), "leader_fenced_writes_total") == "1"
+        await old._place(cluster, [kernel], 1, fleet)
+    assert not old.lease.leading, "refused once, it stops leading"
+    for attempt in (old._set_status(cluster, [kernel], "a stale reason"), old._remove_kernel(kernel)):
+        old.lease.term, old.lease._renewed_at = 1, time.monotonic()  # and tries again, still deposed
+        with pytest.raises(NotLeader):
+            await attempt
+    after = await redis.hgetall(KEYS.cluster("web")), await redis.smembers(KEYS.cluster_kernels("web"))
+    assert after == before, "nothing of a deposed leader's placement, status or removal was written"
+    assert await state.kernels("web") == [kernel]
+    assert not await redis.hexists(KEYS.agent_kernels("a1"), "web/worker-1"), "nor its agent writes"
+    assert await redis.hget(KEYS.reliability(), "leader_fenced_writes_total") == "3"
+
+    # the new leader writes; a status guard (a destroy landed meanwhile) refuses its write
+    assert await new._set_status(cluster, [kernel], "waiting") is ClusterStatus.ERROR
+    assert await redis.hget(KEYS.cluster("web"), "reason") == "waiting"
+    await redis.hset(KEYS.cluster("web"), ClusterRecord.STATUS, ClusterStatus.STOPPED.value)
+    assert await new._set_status(cluster, [kernel], "x") is ClusterStatus.STOPPED
+    assert await redis.hget(KEYS.cluster("web"), "reason") == "waiting", "nothing written over a destroy"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(30)
+async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: AsyncRedis) -> None:
+    state = State(redis, KEYS)
+    await state.create_cluster("web", ClusterConfig(), 1)
+    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
+    await redis.sadd(KEYS.agents(), "a1")
+    seconds, micros = await redis.time()
+    await redis.set(
+        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
+    )
+    first = await _lead(redis, "first", ttl=3.0)
+    await first.reconcile_all()
+    assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
+
+    # the leader dies between the kernel's (fenced) record and its agent's assignment, and a
+    # stray assignment of a kernel it never kept is left behind
+    await redis.delete(KEYS.agent_kernels("a1"))
+    await redis.hset(KEYS.agent_kernels("a1"), "web/worker-7", ASSIGN_RUN)
+    await first.lease.release()
+    second = await _lead(redis, "second", ttl=3.0)
+    await second.reconcile_all()
+    assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
+    assert [k.name for k in await state.kernels("web")] == ["worker-0"], "repaired, not replaced"
 
 
 @pytest.mark.integration
@@ -290,12 +344,22 @@ async def test_leader_killed_mid_reconcile_leaves_no_half_placed_kernel(
             kills += 1
             new = stack.serve()
             serves[new.pid] = new
-            await _assert_consistent(redis, "churn")
+            # the cluster's keys are whole at once (one script); an assignment written after
+            # them is repaired by the next leader's first pass
+            await wait_for(lambda: _consistent(redis, "churn"), 20, "every kernel whole")
         await wait_for(lambda: _running(kcp, "churn", 6), 40, "convergence on 6 kernels")
         await _assert_consistent(redis, "churn")
         assert (await kcp.dispatch("churn", {"type": "PING"})).result["pong"] is True
     print(f"\nkilled the leader {kills} times mid-reconcile")
     assert kills == 5
+
+
+async def _consistent(redis: AsyncRedis, cluster: str) -> bool:
+    try:
+        await _assert_consistent(redis, cluster)
+    except AssertionError:
+        return False
+    return True
 
 
 async def _assert_consistent(redis: AsyncRedis, cluster: str) -> None:

@@ -132,10 +132,7 @@ def _health(reply: Any) -> Health:
     return Health(bool(int(ejected)), int(until), int(consecutive))
 
 
-def leader(keys: Keys, *, token: str, ttl_ms: int) -> Call[bool]:
-    """leader.lua: take or renew the lease (`ttl_ms` 0 releases it); True while `token` leads."""
-    return Call(LEADER, [keys.leader()], [token, ttl_ms], _leads)
-
-
-def _leads(reply: Any) -> bool:
-    return bool(int(reply))
+def leader(keys: Keys, *, token: str, ttl_ms: int, term: int = 0) -> Call[int]:
+    """leader.lua: take or renew the lease (`ttl_ms` 0 releases it), `term` the one held (0 when
+    not leading). The term `token` leads in (a new one when taken afresh); 0 when it does not."""
+    return Call(LEADER, [keys.leader(), keys.leader_term()], [token, ttl_ms, term], int)
