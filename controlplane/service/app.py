@@ -78,9 +78,11 @@ class ControlPlane(Service):
             await self._wait(self.settings.leader_ttl / 3, wake=False)
 
     def _lost(self, exc: RedisError) -> None:
+        # a pass cut off by any Redis error (an outage, or a refused command such as WRONGTYPE on
+        # one bad key) may have taken announcements it never acted on: the next pass reads it all
+        self.reconciler.invalidate()
         if isinstance(exc, RedisUnavailable):  # leases could not be renewed meanwhile either
             self.reconciler.detector.grace()
-            self.reconciler.invalidate()  # and announcements may be lost
 
     async def _wait(self, seconds: float, *, wake: bool) -> None:
         """Sleep up to `seconds`; a leader also wakes on `service:wake` pushes, or on stop."""
