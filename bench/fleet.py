@@ -4,6 +4,7 @@
                                     [--dispatches 300] [--repeat 3] [--busy 64] [--busy-rate 100]
                                     [--skip-startup | --only-startup] [--place 64]
                                     [--procs 1] [--real 1x8,4x8,8x8] [--real-only]
+    .venv/bin/python bench/fleet.py --cluster [--clusters 30] [--cluster-seconds 10] [--repeat 3]
 
 Every figure comes from the private redis-server this script starts (never 127.0.0.1:6379):
 commands from `INFO commandstats` deltas (commands that Lua scripts run inside Redis included),
@@ -38,12 +39,21 @@ Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
    processes, K per agent (clusters of 8): idle commands/s of the whole stack with the agents
    alone, then with their kernels, against the budget of issue 19 (the leader alone, plus 4 per
    agent, plus 1 per kernel).
+6. Redis Cluster (`--cluster`, this stage alone): a private 3-master Redis Cluster and a private
+   single Redis, each with its own leader (child process) and real agents with in-process
+   kernels. `--clusters` kcp clusters of 2 kernels each (their slots spread over the masters by
+   their names' hash). Per round, on each deployment in turn: sequential dispatches of PING
+   spread over the kcp clusters (p50, p99), then `--cluster-seconds` of load (8 concurrent
+   dispatch loops over the kcp clusters) during which every master's `INFO commandstats` delta
+   gives its commands/s; the ratio of the busiest master to the idlest, and the cluster's
+   dispatch p50 against single Redis's in the same round. Medians over `--repeat` rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -67,11 +77,11 @@ from typing import Any
 import psutil
 
 from controlplane import KcpClient, Settings
-from controlplane.ops.redis_server import free_port, start_redis_server
+from controlplane.ops.redis_server import free_port, start_redis_cluster, start_redis_server
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
-from controlplane.redis.connect import AsyncRedis, connect
+from controlplane.redis.connect import AsyncRedis, connect, connect_sync
 from controlplane.redis.scripts.kernels import NotStarted, kernel_start
 from controlplane.redis.state import State
 from controlplane.service.app import ControlPlane
@@ -896,6 +906,145 @@ async def startup(url: str, port: int, place: int) -> None:
         leader.stop()
 
 
+# ------------------------------------------------------------------ 6. Redis Cluster
+SPREAD_KERNELS = 2  # kernels per kcp cluster in the Redis Cluster stage
+SPREAD_LOOPS = 8  # concurrent dispatch loops of its load window
+
+
+@dataclass
+class Spread:
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    rate: float = math.nan  # dispatches/s in the load window
+    per_master: list[float] = field(default_factory=list)  # commands/s of each master meanwhile
+
+
+def master_counts(urls: list[str]) -> list[int]:
+    """Total commands each node has served (`INFO commandstats`, Lua's inner commands included)."""
+    totals = []
+    for url in urls:
+        with connect_sync(url, timeout=5.0) as r:
+            totals.append(sum(int(v["calls"]) for v in r.info("commandstats").values()))
+    return totals
+
+
+async def spread_round(
+    kcp: KcpClient, names: list[str], masters: list[str], args: argparse.Namespace
+) -> Spread:
+    """Sequential dispatches spread over `names`, then the load window: one round's figures."""
+    out = Spread()
+    latencies = []
+    for i in range(args.dispatches):
+        t = time.perf_counter()
+        await kcp.dispatch(names[i % len(names)], {"type": "PING"})
+        latencies.append(time.perf_counter() - t)
+    q = statistics.quantiles(latencies, n=100)
+    out.p50_ms, out.p99_ms = q[49] * 1000, q[98] * 1000
+    before = await asyncio.to_thread(master_counts, masters)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end, done = start + args.cluster_seconds, 0
+
+    async def dispatching(offset: int) -> None:
+        nonlocal done
+        i = offset
+        while loop.time() < end:
+            await kcp.dispatch(names[i % len(names)], {"type": "PING"})
+            i += SPREAD_LOOPS
+            done += 1
+
+    await asyncio.gather(*(dispatching(k) for k in range(SPREAD_LOOPS)))
+    took = loop.time() - start
+    after = await asyncio.to_thread(master_counts, masters)
+    out.rate = done / took
+    out.per_master = [(b - a) / took for a, b in zip(before, after, strict=True)]
+    return out
+
+
+@dataclass
+class SpreadStack:
+    """A leader, real agents with in-process kernels and `clusters` running kcp clusters on `url`."""
+
+    url: str
+    masters: list[str]  # the nodes whose commands are counted
+    clusters: int
+    rounds: list[Spread] = field(default_factory=list)
+
+    async def start(self) -> None:
+        self.leader = Leader(self.url)
+        self.fleet = Fleet(self.url, kernels=True)
+        self.fleet.add(math.ceil(self.clusters * SPREAD_KERNELS / DISPATCH_SLOTS), DISPATCH_SLOTS, "spread")
+        self.kcp = KcpClient(Settings(redis_url=self.url, ready_timeout=180))
+        await self.kcp.__aenter__()
+        self.names = [f"s{i}" for i in range(self.clusters)]
+        for name in self.names:
+            await self.kcp.create_cluster(name, SPREAD_KERNELS, wait=0)
+        await until(lambda: _statuses_running(self.kcp.redis, self.names), 180, "kcp clusters running")
+        for name in self.names:  # warm up: every kernel has worked, every view is cached
+            for _ in range(10):
+                await self.kcp.dispatch(name, {"type": "PING"})
+
+    async def round(self, args: argparse.Namespace) -> Spread:
+        self.rounds.append(await spread_round(self.kcp, self.names, self.masters, args))
+        return self.rounds[-1]
+
+    async def stop(self) -> None:
+        await self.kcp.__aexit__(None, None, None)
+        await self.fleet.stop()
+        self.leader.stop()
+
+    def p50(self) -> float:
+        return statistics.median(r.p50_ms for r in self.rounds)
+
+
+async def cluster_stage(args: argparse.Namespace, tmp: Path) -> None:
+    single = start_redis_server(data_dir=tmp / "single", extra_args=["--maxclients", "20000"])
+    cluster = start_redis_cluster(data_dir=tmp / "cluster", masters=3)
+    stacks = {
+        "single Redis": SpreadStack(single.url, [single.url], args.clusters),
+        "Redis Cluster": SpreadStack(cluster.url, [m.url for m in cluster.masters()], args.clusters),
+    }
+    try:
+        for stack in stacks.values():
+            await stack.start()
+        owners = collections.Counter(
+            cluster.master_of_key(KEYS.cluster(n)).port for n in stacks["Redis Cluster"].names
+        )
+        print(
+            f"  {args.clusters} kcp clusters of {SPREAD_KERNELS}; "
+            f"per master (port: clusters): {dict(sorted(owners.items()))}"
+        )
+        for i in range(args.repeat):
+            for name, stack in stacks.items():
+                r = await stack.round(args)
+                per = ", ".join(f"{c:.0f}" for c in r.per_master)
+                print(
+                    f"  round {i + 1} {name}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms; "
+                    f"load {r.rate:.0f} dispatches/s, commands/s per master {per}",
+                    flush=True,
+                )
+    finally:
+        for stack in stacks.values():
+            with contextlib.suppress(Exception):
+                await stack.stop()
+        cluster.stop()
+        single.stop()
+    print(f"uptime: {uptime()}")
+    one, many = stacks["single Redis"], stacks["Redis Cluster"]
+    ratios = [b.p50_ms / a.p50_ms for a, b in zip(one.rounds, many.rounds, strict=True)]
+    spread = [max(r.per_master) / min(r.per_master) for r in many.rounds]
+    print(f"\nmedians of {args.repeat} rounds:")
+    print(
+        f"  dispatch p50: single Redis {one.p50():.3f} ms, Redis Cluster {many.p50():.3f} ms: "
+        f"{statistics.median(ratios):.2f}x (by round {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+    print(
+        f"  load ({SPREAD_LOOPS} loops): {statistics.median(r.rate for r in one.rounds):.0f} dispatches/s "
+        f"on single Redis, {statistics.median(r.rate for r in many.rounds):.0f} on the cluster; busiest "
+        f"master / idlest {statistics.median(spread):.2f}x (by round {', '.join(f'{x:.2f}' for x in spread)})"
+    )
+
+
 async def amain(args: argparse.Namespace, url: str, port: int) -> None:
     print(f"uptime: {uptime()}", flush=True)
     if args.real:
@@ -962,10 +1111,17 @@ def main() -> None:
         help="real idle stacks, agents x kernels each, e.g. 1x8,4x8,8x8",
     )
     parser.add_argument("--real-only", action="store_true", help="only the real idle stacks")
+    parser.add_argument("--cluster", action="store_true", help="only the Redis Cluster stage (6)")
+    parser.add_argument("--clusters", type=int, default=30, help="kcp clusters in the Redis Cluster stage")
+    parser.add_argument("--cluster-seconds", type=float, default=10.0, help="its load window per round, s")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server too
     with TemporaryDirectory(prefix="kcp-fleet-") as tmp:
+        if args.cluster:
+            print(f"uptime: {uptime()}", flush=True)
+            asyncio.run(cluster_stage(args, Path(tmp)))
+            return
         port = free_port()
         server = start_redis_server(port=port, data_dir=Path(tmp), extra_args=["--maxclients", "20000"])
         try:
