@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import connect_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("client_worker.py")
@@ -191,7 +192,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def reliability(url: str) -> dict[str, str]:
-    with redis.Redis.from_url(url, decode_responses=True) as r:
+    with connect_sync(url) as r:
         return r.hgetall(KEYS.reliability())  # type: ignore[return-value]
 
 
@@ -211,7 +212,7 @@ def wait_until(predicate: Any, limit: float, what: str, step: float = 0.02) -> f
 
 def running_kernels(url: str, cluster: str) -> dict[str, str]:
     """kernel name -> agent, of the cluster's kernels in state `running`."""
-    with redis.Redis.from_url(url, decode_responses=True, socket_timeout=2) as r:
+    with connect_sync(url, timeout=2) as r:
         out = {}
         for name in r.smembers(KEYS.cluster_kernels(cluster)):  # type: ignore[union-attr]
             state, agent = r.hmget(KEYS.kernel(cluster, name), ["state", "agent"])  # type: ignore[misc]
@@ -221,7 +222,7 @@ def running_kernels(url: str, cluster: str) -> dict[str, str]:
 
 
 def registered_agents(url: str) -> set[str]:
-    with redis.Redis.from_url(url, decode_responses=True, socket_timeout=2) as r:
+    with connect_sync(url, timeout=2) as r:
         return set(r.smembers(KEYS.agents()))  # type: ignore[arg-type]
 
 
@@ -239,7 +240,7 @@ def create_cluster(url: str, name: str, kernels: int, config: dict[str, Any] | N
 
 
 def cluster_stats(url: str, cluster: str) -> dict[str, float]:
-    with redis.Redis.from_url(url, decode_responses=True) as r:
+    with connect_sync(url) as r:
         return {k: float(v) for k, v in r.hgetall(KEYS.cluster_stats(cluster)).items()}  # type: ignore[union-attr]
 
 
