@@ -41,19 +41,19 @@ Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
    agent, plus 1 per kernel).
 6. Redis Cluster (`--cluster`, this stage alone): a private 3-master Redis Cluster and a private
    single Redis, each with its own leader (child process) and real agents with in-process
-   kernels. `--clusters` kcp clusters of 2 kernels each (their slots spread over the masters by
-   their names' hash). Per round, on each deployment in turn: sequential dispatches of PING
-   spread over the kcp clusters (p50, p99), then `--cluster-seconds` of load (8 concurrent
-   dispatch loops over the kcp clusters) during which every master's `INFO commandstats` delta
-   gives its commands/s; the ratio of the busiest master to the idlest, and the cluster's
-   dispatch p50 against single Redis's in the same round. Medians over `--repeat` rounds.
+   kernels, `--clusters` kcp clusters of 2 kernels each. Two phases: the kcp clusters where
+   their names' hash puts them, then rebalanced (their slots moved live, keys and all, until the
+   masters hold as many kcp clusters each, give or take one). Per round of a phase, on each
+   deployment in turn: sequential dispatches of PING spread over the kcp clusters (p50, p99),
+   then `--cluster-seconds` of load (8 concurrent dispatch loops) during which every master's
+   `INFO commandstats` delta gives its commands/s: the busiest master against the idlest, and
+   the cluster's dispatch p50 against single Redis's in the same round. Medians over `--repeat`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import functools
 import itertools
@@ -77,7 +77,12 @@ from typing import Any
 import psutil
 
 from controlplane import KcpClient, Settings
-from controlplane.ops.redis_server import free_port, start_redis_cluster, start_redis_server
+from controlplane.ops.redis_server import (
+    RedisClusterProcess,
+    free_port,
+    start_redis_cluster,
+    start_redis_server,
+)
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
@@ -968,7 +973,6 @@ class SpreadStack:
     url: str
     masters: list[str]  # the nodes whose commands are counted
     clusters: int
-    rounds: list[Spread] = field(default_factory=list)
 
     async def start(self) -> None:
         self.leader = Leader(self.url)
@@ -985,64 +989,83 @@ class SpreadStack:
                 await self.kcp.dispatch(name, {"type": "PING"})
 
     async def round(self, args: argparse.Namespace) -> Spread:
-        self.rounds.append(await spread_round(self.kcp, self.names, self.masters, args))
-        return self.rounds[-1]
+        return await spread_round(self.kcp, self.names, self.masters, args)
 
     async def stop(self) -> None:
         await self.kcp.__aexit__(None, None, None)
         await self.fleet.stop()
         self.leader.stop()
 
-    def p50(self) -> float:
-        return statistics.median(r.p50_ms for r in self.rounds)
+
+def homes(cluster: RedisClusterProcess, names: list[str]) -> dict[int, list[str]]:
+    """Master port -> the kcp clusters whose slot it serves."""
+    out: dict[int, list[str]] = {m.port: [] for m in cluster.masters()}
+    for name in names:
+        out[cluster.master_of_key(KEYS.cluster(name)).port].append(name)
+    return out
+
+
+def rebalance(cluster: RedisClusterProcess, names: list[str]) -> int:
+    """Move kcp clusters' slots (keys and all, live) from the fullest master to the emptiest
+    until their counts differ by one at most, as an operator would with `redis-cli --cluster
+    reshard`; the number of slots moved."""
+    moved = 0
+    while True:
+        by_port = homes(cluster, names)
+        full = max(by_port, key=lambda p: len(by_port[p]))
+        empty = min(by_port, key=lambda p: len(by_port[p]))
+        if len(by_port[full]) - len(by_port[empty]) <= 1:
+            return moved
+        target = next(m for m in cluster.masters() if m.port == empty)
+        cluster.move_slot(cluster.keyslot(KEYS.cluster(by_port[full][0])), target)
+        moved += 1
 
 
 async def cluster_stage(args: argparse.Namespace, tmp: Path) -> None:
     single = start_redis_server(data_dir=tmp / "single", extra_args=["--maxclients", "20000"])
     cluster = start_redis_cluster(data_dir=tmp / "cluster", masters=3)
-    stacks = {
-        "single Redis": SpreadStack(single.url, [single.url], args.clusters),
-        "Redis Cluster": SpreadStack(cluster.url, [m.url for m in cluster.masters()], args.clusters),
-    }
+    one = SpreadStack(single.url, [single.url], args.clusters)
+    many = SpreadStack(cluster.url, [m.url for m in cluster.masters()], args.clusters)
+    phases: dict[str, list[tuple[Spread, Spread]]] = {"as hashed": [], "rebalanced": []}
     try:
-        for stack in stacks.values():
+        for stack in (one, many):
             await stack.start()
-        owners = collections.Counter(
-            cluster.master_of_key(KEYS.cluster(n)).port for n in stacks["Redis Cluster"].names
-        )
-        print(
-            f"  {args.clusters} kcp clusters of {SPREAD_KERNELS}; "
-            f"per master (port: clusters): {dict(sorted(owners.items()))}"
-        )
-        for i in range(args.repeat):
-            for name, stack in stacks.items():
-                r = await stack.round(args)
-                per = ", ".join(f"{c:.0f}" for c in r.per_master)
-                print(
-                    f"  round {i + 1} {name}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms; "
-                    f"load {r.rate:.0f} dispatches/s, commands/s per master {per}",
-                    flush=True,
-                )
+        for phase, rounds in phases.items():
+            if phase == "rebalanced":
+                t0 = time.monotonic()
+                moved = await asyncio.to_thread(rebalance, cluster, many.names)
+                print(f"  moved {moved} slot(s) live in {time.monotonic() - t0:.1f}s", flush=True)
+            counts = {port: len(names) for port, names in sorted(homes(cluster, many.names).items())}
+            print(f"  {phase}: {args.clusters} kcp clusters of {SPREAD_KERNELS}, per master {counts}")
+            for i in range(args.repeat):
+                pair = (await one.round(args), await many.round(args))
+                rounds.append(pair)
+                for name, r in zip(("single Redis", "Redis Cluster"), pair, strict=True):
+                    print(
+                        f"  {phase} round {i + 1} {name}: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms; "
+                        f"load {r.rate:.0f} dispatches/s, commands/s per master "
+                        + ", ".join(f"{c:.0f}" for c in r.per_master),
+                        flush=True,
+                    )
     finally:
-        for stack in stacks.values():
+        for stack in (one, many):
             with contextlib.suppress(Exception):
                 await stack.stop()
         cluster.stop()
         single.stop()
     print(f"uptime: {uptime()}")
-    one, many = stacks["single Redis"], stacks["Redis Cluster"]
-    ratios = [b.p50_ms / a.p50_ms for a, b in zip(one.rounds, many.rounds, strict=True)]
-    spread = [max(r.per_master) / min(r.per_master) for r in many.rounds]
-    print(f"\nmedians of {args.repeat} rounds:")
-    print(
-        f"  dispatch p50: single Redis {one.p50():.3f} ms, Redis Cluster {many.p50():.3f} ms: "
-        f"{statistics.median(ratios):.2f}x (by round {', '.join(f'{x:.2f}' for x in ratios)})"
-    )
-    print(
-        f"  load ({SPREAD_LOOPS} loops): {statistics.median(r.rate for r in one.rounds):.0f} dispatches/s "
-        f"on single Redis, {statistics.median(r.rate for r in many.rounds):.0f} on the cluster; busiest "
-        f"master / idlest {statistics.median(spread):.2f}x (by round {', '.join(f'{x:.2f}' for x in spread)})"
-    )
+    print(f"\nmedians of {args.repeat} rounds per phase:")
+    for phase, rounds in phases.items():
+        ratios = [b.p50_ms / a.p50_ms for a, b in rounds]
+        spread = [max(b.per_master) / min(b.per_master) for _, b in rounds]
+        p50 = (statistics.median(a.p50_ms for a, _ in rounds), statistics.median(b.p50_ms for _, b in rounds))
+        rates = (statistics.median(a.rate for a, _ in rounds), statistics.median(b.rate for _, b in rounds))
+        print(
+            f"  {phase}: dispatch p50 single Redis {p50[0]:.3f} ms, Redis Cluster {p50[1]:.3f} ms: "
+            f"{statistics.median(ratios):.2f}x (by round {', '.join(f'{x:.2f}' for x in ratios)}); "
+            f"load ({SPREAD_LOOPS} loops) {rates[0]:.0f} / {rates[1]:.0f} dispatches/s; busiest master / "
+            f"idlest {statistics.median(spread):.2f}x (by round {', '.join(f'{x:.2f}' for x in spread)})"
+        )
 
 
 async def amain(args: argparse.Namespace, url: str, port: int) -> None:
