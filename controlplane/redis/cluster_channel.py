@@ -1,0 +1,391 @@
+"""The hot path's transport on Redis Cluster: one `Channel` per master node, commands routed by slot.
+
+A `ClusterChannel` has the interface of a `Channel` (`execute`, `execute_many`, `send`, `reset`,
+`aclose`, `load_script`) over redis-py's asyncio `RedisCluster`, which has no connection pool
+to take a connection from. For each master it reaches it keeps a `Channel` of its own, made
+lazily from that node's connection settings (so TLS, ACL user, RESP2 and decoding are the
+cluster client's) and preloading the same scripts on every connect. Each command goes to the
+master of its slot: the slot of its first key (EVAL/EVALSHA: KEYS[1], after numkeys; XREAD:
+the first stream), by redis-py's `keyslot` and slot table (`nodes_manager`). A batch is split
+by node; each node's part is written in order on that node's channel (as one write, with the
+others of the loop step), and the replies come back in the caller's order. Commands of one
+slot thus always share one connection, in order, and a blocking command holds up only the
+channel of its node: a channel carrying one kcp cluster's commands (a kernel's) is a channel
+to one node, so the rule "a blocking reader gets a channel of its own" is unchanged. A command
+without a key (PING, PUBLISH, SCRIPT) goes to the node used last, else to any master.
+
+Topology changes. A MOVED reply (the slot is served elsewhere: resharding, failover; the
+command was not run) re-reads the slot table and sends the command again to the node the reply
+named; ASK sends it there once behind ASKING; TRYAGAIN is sent again after a short pause. At
+most `MAX_REDIRECTIONS` times, then the last error reply is the command's (errors.py maps all
+of them to `RedisUnavailable`). A lost node fails its waiting calls with ConnectionError, as a
+`Channel` does, and marks the slot table stale: the next call re-reads it first, so once a
+replica is promoted the next call reaches it. CLUSTERDOWN is returned as it came (transient,
+`RedisUnavailable`) and also marks the table stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import redis.exceptions as rex
+from redis.asyncio.cluster import ClusterNode, ClusterParser, RedisCluster
+
+from controlplane.redis.channel import Channel, Command
+from controlplane.redis.errors import Where, annotate
+
+#: How many times one command follows MOVED / ASK / TRYAGAIN before its error reply is returned.
+MAX_REDIRECTIONS = 5
+#: Pause before a command refused with TRYAGAIN (a multi-key command during a migration) is sent again.
+TRYAGAIN_PAUSE = 0.05
+#: Commands without a key: they go to any master (the one used last).
+KEYLESS = frozenset(
+    {
+        "PING", "ECHO", "PUBLISH", "SCRIPT", "TIME", "INFO", "CLIENT", "CLUSTER", "WAIT", "COMMAND",
+        "CONFIG", "DBSIZE", "FLUSHALL", "FLUSHDB", "HELLO", "AUTH", "SELECT", "READONLY", "ASKING",
+        "FUNCTION", "LASTSAVE", "MEMORY", "SLOWLOG", "LATENCY",
+    }
+)  # fmt: skip
+_SCRIPTED = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+_STREAMS = frozenset({"XREAD", "XREADGROUP"})
+#: Connection arguments of a cluster client that are not a connection's own (ClusterNode's).
+_NOT_CONNECTION_KWARGS = ("max_connections", "connection_class", "response_callbacks")
+
+
+def _text(arg: str | int | float | bytes) -> str:
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+def first_key(command: Command) -> str | int | float | bytes | None:
+    """The key a command is routed by, or None for a keyless one."""
+    name = _text(command[0]).upper()
+    if name in _SCRIPTED:
+        if len(command) > 3 and int(command[2]) > 0:
+            return command[3]
+        return None
+    if name in _STREAMS:
+        for i in range(1, len(command) - 1):
+            if _text(command[i]).upper() == "STREAMS":
+                return command[i + 1]
+        return None
+    if name in KEYLESS or len(command) < 2:
+        return None
+    return command[1]
+
+
+class _Redirect:
+    """Where a command refused with MOVED/ASK/TRYAGAIN goes next."""
+
+    __slots__ = ("asking", "node")
+
+    def __init__(self, node: str | None, asking: bool) -> None:
+        self.node = node  # "host:port", or None: by the slot table
+        self.asking = asking
+
+
+class ClusterChannel(Channel):
+    """Commands pipelined on one connection per master of `redis`, routed by slot.
+
+    A `Channel` subclass so that code typed for a channel takes one; nothing of a single
+    connection's state is used (every public method is its own)."""
+
+    def __init__(self, redis: RedisCluster, *, preload: Sequence[str] = ()) -> None:
+        """`preload`: Lua sources loaded on every connect of every node's channel."""
+        self._cluster = redis
+        self._preload = tuple(preload)
+        known: Where | None = getattr(redis, "kcp_where", None)
+        self._where = known if known is not None and known.url is not None else Where(url=None)
+        self._nodes: dict[str, Channel] = {}  # "host:port" -> its channel
+        self._last: str | None = None  # the node keyless commands go to
+        self._stale = False  # the slot table is re-read before the next command is routed
+        self._generation = 0  # slot table reads done, so concurrent callers share one
+        self._refreshing: asyncio.Lock | None = None
+        self._resends: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ the Channel interface
+    async def execute(self, *command: str | int | float | bytes) -> Any:
+        """Run one command on its slot's master; raise its error reply as redis-py would."""
+        (reply,) = await self.execute_many([command])
+        if isinstance(reply, Exception):
+            annotate(reply, self._where, command)
+            raise reply
+        return reply
+
+    async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
+        """Send `commands`, each to its slot's master (each node's part in one write, in
+        order), and return their replies in the caller's order; an error reply is returned as
+        its exception. A lost node raises ConnectionError (the others' replies are dropped)."""
+        replies: list[Any] = [None] * len(commands)
+        await self._run(list(enumerate(commands)), replies, None)
+        return replies
+
+    async def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        """Write `commands` (each node's part with the others of this loop step) and return
+        one future per reply: a node's replies resolve in order as they come (a caller may act
+        on the first before a later, blocking one returns). A redirected command's future
+        resolves once it has run where the slot is now."""
+        loop = asyncio.get_running_loop()
+        outer: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        groups = await self._route(list(enumerate(commands)), None)
+        for name, items in groups.items():
+            try:
+                inner = await self._channel(name).send([command for _, command in items])
+            except rex.ConnectionError as exc:
+                self._node_lost(name)
+                for index, _ in items:
+                    if not outer[index].done():
+                        outer[index].set_exception(exc)
+                continue
+            _Relay(self, items, inner, outer)
+        return outer
+
+    async def reset(self, why: str) -> None:
+        """Drop every node's connection: waiting calls fail with ConnectionError(`why`); the
+        next call reconnects."""
+        for channel in list(self._nodes.values()):
+            await channel.reset(why)
+
+    async def aclose(self) -> None:
+        await self.reset("closed")
+        self._nodes.clear()
+
+    async def load_script(self, source: str, key: str | None = None) -> Any:
+        """SCRIPT LOAD `source` on the master of `key`'s slot (any master without a key)."""
+        command: Command = ("SCRIPT", "LOAD", source)
+        if key is None:
+            return await self.execute(*command)
+        groups = await self._route([(0, ("GET", key))], None)
+        (name,) = groups
+        return await self._channel(name).execute(*command)
+
+    # ------------------------------------------------------------------ internals
+    async def _run(
+        self, items: list[tuple[int, Command]], replies: list[Any], to: dict[int, _Redirect] | None
+    ) -> None:
+        """Run `items` (index into `replies`, command), `to` where redirections said, and store
+        each reply at its index, following redirections up to `MAX_REDIRECTIONS` times."""
+        for hop in range(MAX_REDIRECTIONS + 1):
+            groups = await self._route(items, to)
+            parts: list[tuple[str, list[tuple[int, Command]], list[asyncio.Future[Any]], list[int]]] = []
+            try:
+                for name, group in groups.items():
+                    sent, positions = _asking(group, to)
+                    try:
+                        futures = await self._channel(name).send(sent)
+                    except rex.ConnectionError:
+                        self._node_lost(name)
+                        raise
+                    parts.append((name, group, futures, positions))
+                every = [f for part in parts for f in part[2]]
+                await (every[0] if len(every) == 1 else asyncio.gather(*every))
+            except asyncio.CancelledError:
+                for part in parts:
+                    for fut in part[2]:
+                        fut.cancel()
+                raise
+            except rex.ConnectionError:
+                for name, _, futures, _ in parts:
+                    if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+                        self._node_lost(name)
+                raise
+            again: list[tuple[int, Command]] = []
+            to = {}
+            for _, group, futures, positions in parts:
+                for (index, command), position in zip(group, positions, strict=True):
+                    reply = futures[position].result()
+                    redirect = self._redirect(reply) if hop < MAX_REDIRECTIONS else None
+                    if redirect is None:
+                        replies[index] = reply
+                    else:
+                        again.append((index, command))
+                        to[index] = redirect
+            if not again:
+                return
+            if any(r.node is None for r in to.values()):  # TRYAGAIN
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+            items = again
+
+    def _redirect(self, reply: Any) -> _Redirect | None:
+        """Where to send a command again after `reply`, or None: `reply` is its answer."""
+        if isinstance(reply, rex.MovedError):  # before AskError: MovedError is one
+            self._stale = True  # re-read the table before routing anything else
+            return _Redirect(f"{reply.host}:{reply.port}", asking=False)
+        if isinstance(reply, rex.AskError):
+            return _Redirect(f"{reply.host}:{reply.port}", asking=True)
+        if isinstance(reply, rex.TryAgainError):
+            return _Redirect(None, asking=False)
+        if isinstance(reply, rex.ClusterDownError):
+            self._stale = True
+        return None
+
+    async def _route(
+        self, items: list[tuple[int, Command]], to: dict[int, _Redirect] | None
+    ) -> dict[str, list[tuple[int, Command]]]:
+        """`items` grouped by the node each goes to, in their order."""
+        manager = self._cluster.nodes_manager
+        if self._stale or not manager.slots_cache:
+            await self._refresh()
+        groups: dict[str, list[tuple[int, Command]]] = {}
+        for index, command in items:
+            redirect = to.get(index) if to is not None else None
+            if redirect is not None and redirect.node is not None:
+                name = redirect.node
+            else:
+                key = first_key(command)
+                if key is None:
+                    name = self._keyless()
+                else:
+                    try:
+                        name = manager.get_node_from_slot(self._cluster.keyslot(key)).name
+                    except rex.SlotNotCoveredError:
+                        self._stale = True
+                        raise
+            groups.setdefault(name, []).append((index, command))
+        if len(groups) == 1 and items and first_key(items[0][1]) is not None:
+            (self._last,) = groups
+        return groups
+
+    def _keyless(self) -> str:
+        if self._last is not None:
+            return self._last
+        manager = self._cluster.nodes_manager
+        node = manager.default_node or manager.get_node_from_slot(0)
+        return str(node.name)
+
+    async def _refresh(self) -> None:
+        """Re-read the slot table (one read for concurrent callers) and close the channels of
+        nodes that are no longer masters."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        generation = self._generation
+        async with self._refreshing:
+            if self._generation != generation:  # another caller read it meanwhile
+                return
+            manager = self._cluster.nodes_manager
+            try:
+                if not manager.slots_cache:
+                    await self._cluster.initialize()
+                else:
+                    await manager.initialize()
+            except rex.RedisClusterException as exc:  # no startup node answered
+                raise rex.ConnectionError(f"Redis Cluster slot table not read: {exc}") from exc
+            self._generation += 1
+            self._stale = False
+            masters = {node.name for node in self._cluster.get_primaries()}
+            for name in [n for n in self._nodes if n not in masters]:
+                await self._nodes.pop(name).aclose()
+            if self._last not in masters:
+                self._last = None
+
+    def _node_lost(self, name: str) -> None:
+        """`name`'s connection failed: read the slot table again before the next command."""
+        self._stale = True
+        if self._last == name:
+            self._last = None
+
+    def _channel(self, name: str) -> Channel:
+        channel = self._nodes.get(name)
+        if channel is None:
+            manager = self._cluster.nodes_manager
+            node = manager.get_node(node_name=name)
+            if node is None:  # a node the slot table does not know yet (named by MOVED/ASK)
+                host, _, port = name.rpartition(":")
+                node = ClusterNode(host, int(port), **manager.connection_kwargs)
+            kwargs = {k: v for k, v in node.connection_kwargs.items() if k not in _NOT_CONNECTION_KWARGS}
+            channel = Channel.to_node(
+                node.connection_class,
+                kwargs,
+                replace(self._where, url=self._where.url or f"redis+cluster://{name}"),
+                preload=self._preload,
+                parse_error=ClusterParser.parse_error,
+            )
+            self._nodes[name] = channel
+        return channel
+
+
+def _asking(
+    group: list[tuple[int, Command]], to: dict[int, _Redirect] | None
+) -> tuple[list[Command], list[int]]:
+    """What to write for `group`: its commands, each one redirected by ASK behind an ASKING;
+    and where each command's reply is among the replies."""
+    if to is None or not any((r := to.get(i)) is not None and r.asking for i, _ in group):
+        return [command for _, command in group], list(range(len(group)))
+    sent: list[Command] = []
+    positions: list[int] = []
+    for index, command in group:
+        redirect = to.get(index)
+        if redirect is not None and redirect.asking:
+            sent.append(("ASKING",))
+        positions.append(len(sent))
+        sent.append(command)
+    return sent, positions
+
+
+class _Relay:
+    """Hands a node's replies to `send`'s futures as they come; the commands refused with
+    MOVED/ASK/TRYAGAIN are run again (in their order) once the node's part has all its replies."""
+
+    __slots__ = ("channel", "items", "left", "outer", "redirected")
+
+    def __init__(
+        self,
+        channel: ClusterChannel,
+        items: list[tuple[int, Command]],
+        inner: list[asyncio.Future[Any]],
+        outer: list[asyncio.Future[Any]],
+    ) -> None:
+        self.channel = channel
+        self.items = items
+        self.outer = outer
+        self.left = len(inner)
+        self.redirected: dict[int, _Redirect] = {}
+        for position, fut in enumerate(inner):
+            fut.add_done_callback(functools.partial(self.done, position))
+
+    def done(self, position: int, fut: asyncio.Future[Any]) -> None:
+        index, _ = self.items[position]
+        target = self.outer[index]
+        self.left -= 1
+        if fut.cancelled():
+            target.cancel()
+        elif (exc := fut.exception()) is not None:
+            if isinstance(exc, rex.ConnectionError):
+                self.channel._stale = True
+            if not target.done():
+                target.set_exception(exc)
+        elif not target.done():
+            reply = fut.result()
+            redirect = self.channel._redirect(reply)
+            if redirect is None:
+                target.set_result(reply)
+            else:
+                self.redirected[index] = redirect
+        if self.left == 0 and self.redirected:
+            task = asyncio.get_running_loop().create_task(self._again())
+            self.channel._resends.add(task)
+            task.add_done_callback(self.channel._resends.discard)
+
+    async def _again(self) -> None:
+        """Run the redirected commands where they were sent, and resolve their futures."""
+        items = [item for item in self.items if item[0] in self.redirected]
+        store: list[Any] = [None] * len(self.outer)
+        try:
+            if any(r.node is None for r in self.redirected.values()):  # TRYAGAIN
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+            await self.channel._run(items, store, self.redirected)
+        except asyncio.CancelledError:
+            for index, _ in items:
+                self.outer[index].cancel()
+            raise
+        except Exception as exc:
+            for index, _ in items:
+                if not self.outer[index].done():
+                    self.outer[index].set_exception(exc)
+            return
+        for index, _ in items:
+            if not self.outer[index].done():
+                self.outer[index].set_result(store[index])
