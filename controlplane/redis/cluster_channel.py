@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import redis.exceptions as rex
 from redis.asyncio.cluster import ClusterNode, ClusterParser, RedisCluster
+from redis.crc import key_slot
 
 from controlplane.redis.channel import Channel, Command
 from controlplane.redis.errors import Where, annotate
@@ -60,21 +61,37 @@ def _text(arg: str | int | float | bytes) -> str:
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
+#: How a command's name says where its key is (`first_key`), by the name as callers spell it.
+_KEY_AT: dict[str | int | float | bytes, int] = {}
+_AFTER_NUMKEYS, _AFTER_STREAMS, _NO_KEY, _SECOND = range(4)
+
+
+def _key_at(name: str | int | float | bytes) -> int:
+    upper = _text(name).upper()
+    if upper in _SCRIPTED:
+        return _AFTER_NUMKEYS
+    if upper in _STREAMS:
+        return _AFTER_STREAMS
+    return _NO_KEY if upper in KEYLESS else _SECOND
+
+
 def first_key(command: Command) -> str | int | float | bytes | None:
     """The key a command is routed by, or None for a keyless one."""
-    name = _text(command[0]).upper()
-    if name in _SCRIPTED:
-        if len(command) > 3 and int(command[2]) > 0:
-            return command[3]
-        return None
-    if name in _STREAMS:
+    name = command[0]
+    kind = _KEY_AT.get(name)
+    if kind is None:
+        kind = _key_at(name)
+        if len(_KEY_AT) < 1024:  # callers' command names: a few dozen
+            _KEY_AT[name] = kind
+    if kind == _SECOND:
+        return command[1] if len(command) > 1 else None
+    if kind == _AFTER_NUMKEYS:
+        return command[3] if len(command) > 3 and int(command[2]) > 0 else None
+    if kind == _AFTER_STREAMS:
         for i in range(1, len(command) - 1):
             if _text(command[i]).upper() == "STREAMS":
                 return command[i + 1]
-        return None
-    if name in KEYLESS or len(command) < 2:
-        return None
-    return command[1]
+    return None
 
 
 class _Redirect:
@@ -105,21 +122,49 @@ class ClusterChannel(Channel):
         self._generation = 0  # slot table reads done, so concurrent callers share one
         self._refreshing: asyncio.Lock | None = None
         self._resends: set[asyncio.Task[None]] = set()
+        self._encode: Callable[[object], bytes] = redis.encoder.encode
 
     # ------------------------------------------------------------------ the Channel interface
     async def execute(self, *command: str | int | float | bytes) -> Any:
         """Run one command on its slot's master; raise its error reply as redis-py would."""
-        (reply,) = await self.execute_many([command])
-        if isinstance(reply, Exception):
-            annotate(reply, self._where, command)
-            raise reply
+        if self._stale or not self._cluster.nodes_manager.slots_cache:
+            await self._refresh()
+        name = self._node_of(command)
+        try:
+            (reply,) = await self._channel(name).execute_many([command])
+        except rex.ConnectionError:
+            self._node_lost(name)
+            raise
+        if isinstance(reply, rex.ResponseError):
+            if _redirected(reply):  # MOVED, ASK, TRYAGAIN: sent again where it says
+                replies = [reply]
+                await self._follow([command], replies)
+                (reply,) = replies
+            if isinstance(reply, Exception):
+                annotate(reply, self._where, command)
+                raise reply
         return reply
 
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands`, each to its slot's master (each node's part in one write, in
         order), and return their replies in the caller's order; an error reply is returned as
         its exception. A lost node raises ConnectionError (the others' replies are dropped)."""
-        replies: list[Any] = [None] * len(commands)
+        if not commands:
+            return []
+        if self._stale or not self._cluster.nodes_manager.slots_cache:
+            await self._refresh()
+        names = [self._node_of(command) for command in commands]
+        name = names[0]
+        if names.count(name) == len(names):  # one node (a kernel's step): its channel as such
+            try:
+                replies = await self._channel(name).execute_many(commands)
+            except rex.ConnectionError:
+                self._node_lost(name)
+                raise
+            if any(isinstance(r, rex.ResponseError) and _redirected(r) for r in replies):
+                await self._follow(commands, replies)
+            return replies
+        replies = [None] * len(commands)
         await self._run(list(enumerate(commands)), replies, None)
         return replies
 
@@ -209,6 +254,18 @@ class ClusterChannel(Channel):
                 await asyncio.sleep(TRYAGAIN_PAUSE)
             items = again
 
+    async def _follow(self, commands: Sequence[Command], replies: list[Any]) -> None:
+        """Run again the `commands` whose `replies` redirect them (they did not run), where
+        the replies say; the others' replies stay."""
+        to: dict[int, _Redirect] = {}
+        for index, reply in enumerate(replies):
+            redirect = self._redirect(reply)
+            if redirect is not None:
+                to[index] = redirect
+        if any(r.node is None for r in to.values()):  # TRYAGAIN
+            await asyncio.sleep(TRYAGAIN_PAUSE)
+        await self._run([(i, commands[i]) for i in to], replies, to)
+
     def _redirect(self, reply: Any) -> _Redirect | None:
         """Where to send a command again after `reply`, or None: `reply` is its answer."""
         if isinstance(reply, rex.MovedError):  # before AskError: MovedError is one
@@ -226,8 +283,7 @@ class ClusterChannel(Channel):
         self, items: list[tuple[int, Command]], to: dict[int, _Redirect] | None
     ) -> dict[str, list[tuple[int, Command]]]:
         """`items` grouped by the node each goes to, in their order."""
-        manager = self._cluster.nodes_manager
-        if self._stale or not manager.slots_cache:
+        if self._stale or not self._cluster.nodes_manager.slots_cache:
             await self._refresh()
         groups: dict[str, list[tuple[int, Command]]] = {}
         for index, command in items:
@@ -235,19 +291,24 @@ class ClusterChannel(Channel):
             if redirect is not None and redirect.node is not None:
                 name = redirect.node
             else:
-                key = first_key(command)
-                if key is None:
-                    name = self._keyless()
-                else:
-                    try:
-                        name = manager.get_node_from_slot(self._cluster.keyslot(key)).name
-                    except rex.SlotNotCoveredError:
-                        self._stale = True
-                        raise
+                name = self._node_of(command)
             groups.setdefault(name, []).append((index, command))
-        if len(groups) == 1 and items and first_key(items[0][1]) is not None:
-            (self._last,) = groups
         return groups
+
+    def _node_of(self, command: Command) -> str:
+        """The master of `command`'s slot by the slot table ("host:port"); a keyless command's
+        is the node used last."""
+        key = first_key(command)
+        if key is None:
+            return self._keyless()
+        try:
+            slots = self._cluster.nodes_manager.slots_cache[key_slot(self._encode(key))]
+            name: str = slots[0].name
+        except (KeyError, IndexError):
+            self._stale = True
+            raise rex.SlotNotCoveredError(f"slot of {key!r} not covered by the cluster") from None
+        self._last = name
+        return name
 
     def _keyless(self) -> str:
         if self._last is not None:
@@ -305,6 +366,11 @@ class ClusterChannel(Channel):
             )
             self._nodes[name] = channel
         return channel
+
+
+def _redirected(reply: rex.ResponseError) -> bool:
+    """Whether `reply` sends its command elsewhere (MOVED is an AskError) or again."""
+    return isinstance(reply, rex.AskError | rex.TryAgainError)
 
 
 def _asking(
