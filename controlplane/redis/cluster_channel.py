@@ -172,20 +172,20 @@ class ClusterChannel(Channel):
         """Write `commands` (each node's part with the others of this loop step) and return
         one future per reply: a node's replies resolve in order as they come (a caller may act
         on the first before a later, blocking one returns). A redirected command's future
-        resolves once it has run where the slot is now."""
+        resolves once it has run where the slot is now. A node that cannot be reached raises
+        ConnectionError (as a `Channel` does; what went to other nodes then has no reader)."""
         loop = asyncio.get_running_loop()
         outer: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
         groups = await self._route(list(enumerate(commands)), None)
         for name, items in groups.items():
             try:
                 inner = await self._channel(name).send([command for _, command in items])
-            except rex.ConnectionError as exc:
+            except rex.ConnectionError:
                 self._node_lost(name)
-                for index, _ in items:
-                    if not outer[index].done():
-                        outer[index].set_exception(exc)
-                continue
-            _Relay(self, items, inner, outer)
+                for fut in outer:
+                    fut.cancel()
+                raise
+            _Relay(self, name, items, inner, outer)
         return outer
 
     async def reset(self, why: str) -> None:
@@ -395,16 +395,18 @@ class _Relay:
     """Hands a node's replies to `send`'s futures as they come; the commands refused with
     MOVED/ASK/TRYAGAIN are run again (in their order) once the node's part has all its replies."""
 
-    __slots__ = ("channel", "items", "left", "outer", "redirected")
+    __slots__ = ("channel", "items", "left", "name", "outer", "redirected")
 
     def __init__(
         self,
         channel: ClusterChannel,
+        name: str,
         items: list[tuple[int, Command]],
         inner: list[asyncio.Future[Any]],
         outer: list[asyncio.Future[Any]],
     ) -> None:
         self.channel = channel
+        self.name = name
         self.items = items
         self.outer = outer
         self.left = len(inner)
@@ -420,7 +422,7 @@ class _Relay:
             target.cancel()
         elif (exc := fut.exception()) is not None:
             if isinstance(exc, rex.ConnectionError):
-                self.channel._stale = True
+                self.channel._node_lost(self.name)
             if not target.done():
                 target.set_exception(exc)
         elif not target.done():
