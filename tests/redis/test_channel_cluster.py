@@ -86,6 +86,9 @@ async def test_a_batch_over_many_slots_lands_on_the_owning_masters_and_returns_i
             with _plain(master) as node:
                 mine = [c for c in node.client_list() if c["cmd"] in ("get", "strlen", "echo", "set")]
                 assert len(mine) == 1, mine
+        # the futures interface: one future per command, in the caller's order, over every node
+        futures = await channel.send([("GET", k) for k in keys])
+        assert [await f for f in futures] == [f"v{i}" for i in range(len(keys))]
         # an error reply is the command's, raised by execute, handed back by execute_many
         wrong = await channel.execute_many([("GET", keys[0]), ("HGET", keys[1], "f"), ("GET", keys[2])])
         assert wrong[0] == "v0" and isinstance(wrong[1], rex.ResponseError) and wrong[2] == "v2"
@@ -233,3 +236,33 @@ async def test_after_a_master_is_killed_the_channel_reaches_the_promoted_replica
         await r.aclose()
         redis_cluster.restart(master)  # it rejoins as the new master's replica
     assert master in redis_cluster.replicas()
+
+
+@pytest.mark.integration
+async def test_tryagain_is_retried_briefly_then_a_transient_typed_error(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    a, b = "kcp:job:{migrating}:a", "kcp:job:{migrating}:b"
+    slot = redis_cluster.keyslot(a)
+    home = redis_cluster.master_of_slot(slot)
+    target = next(m for m in redis_cluster.masters() if m is not home)
+    r = _client(redis_cluster_url)
+    channel = preloading(r)
+    try:
+        await channel.execute_many([("SET", a, "1"), ("SET", b, "2")])
+        with _plain(home) as src, _plain(target) as dst:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", redis_cluster.node_id(home))
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", redis_cluster.node_id(target))
+            src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", a)
+        start = time.monotonic()
+        with pytest.raises(RedisUnavailable):  # half the keys moved: TRYAGAIN, every time
+            async with amap_redis_errors():
+                await channel.execute("MGET", a, b)
+        assert 0.2 < time.monotonic() - start < 3, "retried a few times, briefly"
+        assert await channel.execute("GET", b) == "2"  # one key still here: served as usual
+        assert await channel.execute("GET", a) == "1"  # moved: ASK followed
+    finally:
+        await channel.aclose()
+        await r.aclose()
+        redis_cluster.move_slot(slot, target)  # finish the migration, then move it back
+        redis_cluster.move_slot(slot, home)
