@@ -17,6 +17,9 @@ transport over from redis-py's stream (`_Link`). Replies are decoded as the clie
 A lost connection fails every waiting call with `redis.exceptions.ConnectionError`; the
 next call reconnects. A channel carrying a blocking command (BZPOPMIN, BLPOP) is blocked
 for everyone until it returns, so blocking readers get a channel of their own.
+
+Redis Cluster's client has no pool: `cluster_channel.ClusterChannel` keeps one `Channel` per
+master (`Channel.to_node`, from the node's connection settings) and routes by slot.
 """
 
 from __future__ import annotations
