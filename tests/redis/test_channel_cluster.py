@@ -13,6 +13,7 @@ import redis.exceptions as rex
 
 from controlplane.errors import RedisUnavailable
 from controlplane.ops.redis_server import RedisClusterProcess, RedisServerProcess
+from controlplane.protocol.keys import Keys
 from controlplane.redis.channel import Channel
 from controlplane.redis.cluster_channel import ClusterChannel, first_key
 from controlplane.redis.connect import AsyncRedisCluster, connect
@@ -119,6 +120,37 @@ async def test_preloaded_scripts_run_on_the_right_node_and_noscript_is_loaded_th
         assert [await Call(other, [k], [], int).run(channel) for k in keys] == [11] * len(keys)
         with _plain(redis_cluster.master_of_key(keys[0])) as node:
             assert node.script_exists(other.sha) == [True]
+    finally:
+        await channel.aclose()
+        await r.aclose()
+
+
+@pytest.mark.integration
+async def test_enqueues_for_many_kcp_clusters_pipeline_each_to_its_clusters_master(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    """What the dispatcher's channel does: enqueue.lua for jobs of many kcp clusters at once."""
+    keys = Keys()
+    r = _client(redis_cluster_url)
+    channel = preloading(r, jobs.ENQUEUE, jobs.CANCEL)
+    clusters = [f"c{i}" for i in range(24)]
+    try:
+        await channel.execute_many(
+            [("HSET", keys.kernel(c, "k0"), "state", "running", "epoch", 1) for c in clusters]
+        )
+        calls = [
+            jobs.enqueue(
+                keys, c, "k0", job_id=f"j-{c}", payload="{}", reply_key=keys.reply("client"),
+                now_ms=1, deadline_ms=10**13, ttl_ms=60_000, strategy="pinned",
+            )
+            for c in clusters
+        ]  # fmt: skip
+        results = await asyncio.gather(*(call.run(channel) for call in calls))
+        assert all(isinstance(res, jobs.Enqueued) and res.inflight == 1 for res in results), results
+        for c in clusters:
+            with _plain(redis_cluster.master_of_key(keys.queue(c, "k0"))) as node:
+                assert node.zrange(keys.queue(c, "k0"), 0, -1) == [f"j-{c}"]
+        assert len({redis_cluster.master_of_key(keys.queue(c, "k0")).port for c in clusters}) == 3
     finally:
         await channel.aclose()
         await r.aclose()
