@@ -178,6 +178,13 @@ async def test_a_blocking_pop_holds_up_only_its_nodes_channel(
             node.zadd(pop_key, {"w": 1})
         assert await asyncio.wait_for(pop, 3) == [pop_key, "w", "1"]
         assert await after == 0  # written behind the pop, on the same connection, run after it
+        # a drain resets the channel: a blocked pop fails with ConnectionError, the next call reconnects
+        (pop,) = await channel.send([("BZPOPMIN", pop_key, 5)])
+        await asyncio.sleep(0.05)
+        await channel.reset("kernel draining")
+        with pytest.raises(rex.ConnectionError, match="kernel draining"):
+            await asyncio.wait_for(pop, 1)
+        assert await channel.execute("ZCARD", pop_key) == 0
     finally:
         await channel.aclose()
         await r.aclose()
