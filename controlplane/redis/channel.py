@@ -113,11 +113,19 @@ class Channel:
         future per reply, resolved in order (for a caller that acts on the first replies
         before a later, blocking one returns). A lost connection fails them with
         ConnectionError."""
+        return await self._send(commands, None)
+
+    async def _send(
+        self, commands: Sequence[Command], futures: list[asyncio.Future[Any]] | None
+    ) -> list[asyncio.Future[Any]]:
+        """`send`, resolving `futures` (one per command: a cluster channel's, which see their
+        reply first) rather than new ones."""
         link = self._link or await self._connect()
         if link.closed:  # lost while we connected: its waiters were failed already
             raise redis.exceptions.ConnectionError("connection to Redis lost")
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
+        if futures is None:
+            futures = [loop.create_future() for _ in commands]
         link.waiters.extend(futures)  # in the order of the writes: replies come in this order
         self._out.append(_pack(commands))
         if not self._batching:

@@ -27,7 +27,6 @@ replica is promoted the next call reaches it. CLUSTERDOWN is returned as it came
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -122,6 +121,7 @@ class ClusterChannel(Channel):
         self._generation = 0  # slot table reads done, so concurrent callers share one
         self._refreshing: asyncio.Lock | None = None
         self._resends: set[asyncio.Task[None]] = set()
+        self._pending: list[tuple[_Routed, _Redirect]] = []  # redirected by a reply, to send again
         self._encode: Callable[[object], bytes] = redis.encoder.encode
 
     # ------------------------------------------------------------------ the Channel interface
@@ -175,18 +175,23 @@ class ClusterChannel(Channel):
         resolves once it has run where the slot is now. A node that cannot be reached raises
         ConnectionError (as a `Channel` does; what went to other nodes then has no reader)."""
         loop = asyncio.get_running_loop()
-        outer: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
         groups = await self._route(list(enumerate(commands)), None)
+        futures: list[asyncio.Future[Any]] = [None] * len(commands)  # type: ignore[list-item]
+        for name, items in groups.items():
+            part: list[asyncio.Future[Any]] = [_Routed(self, name, command, loop) for _, command in items]
+            for (index, _), fut in zip(items, part, strict=True):
+                futures[index] = fut
         for name, items in groups.items():
             try:
-                inner = await self._channel(name).send([command for _, command in items])
+                await self._channel(name)._send(
+                    [command for _, command in items], [futures[index] for index, _ in items]
+                )
             except rex.ConnectionError:
                 self._node_lost(name)
-                for fut in outer:
+                for fut in futures:
                     fut.cancel()
                 raise
-            _Relay(self, name, items, inner, outer)
-        return outer
+        return futures
 
     async def reset(self, why: str) -> None:
         """Drop every node's connection: waiting calls fail with ConnectionError(`why`); the
@@ -253,6 +258,39 @@ class ClusterChannel(Channel):
             if any(r.node is None for r in to.values()):  # TRYAGAIN
                 await asyncio.sleep(TRYAGAIN_PAUSE)
             items = again
+
+    def _again(self, fut: _Routed, redirect: _Redirect) -> None:
+        """Queue `fut`'s command to run again where `redirect` says; the commands redirected in
+        one step of the loop are sent again together, in the order their replies came."""
+        self._pending.append((fut, redirect))
+        if len(self._pending) == 1:
+            fut.get_loop().call_soon(self._resend)
+
+    def _resend(self) -> None:
+        pending, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._rerun(pending))
+        self._resends.add(task)
+        task.add_done_callback(self._resends.discard)
+
+    async def _rerun(self, pending: list[tuple[_Routed, _Redirect]]) -> None:
+        replies: list[Any] = [None] * len(pending)
+        to = {index: redirect for index, (_, redirect) in enumerate(pending)}
+        try:
+            if any(r.node is None for r in to.values()):  # TRYAGAIN
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+            await self._run([(i, fut.command) for i, (fut, _) in enumerate(pending)], replies, to)
+        except asyncio.CancelledError:
+            for fut, _ in pending:
+                fut.cancel()
+            raise
+        except Exception as exc:
+            for fut, _ in pending:
+                if not fut.done():
+                    asyncio.Future.set_exception(fut, exc)
+            return
+        for (fut, _), reply in zip(pending, replies, strict=True):
+            if not fut.done():
+                asyncio.Future.set_result(fut, reply)  # as it is: redirections were followed
 
     async def _follow(self, commands: Sequence[Command], replies: list[Any]) -> None:
         """Run again the `commands` whose `replies` redirect them (they did not run), where
@@ -391,69 +429,28 @@ def _asking(
     return sent, positions
 
 
-class _Relay:
-    """Hands a node's replies to `send`'s futures as they come; the commands refused with
-    MOVED/ASK/TRYAGAIN are run again (in their order) once the node's part has all its replies."""
-
-    __slots__ = ("channel", "items", "left", "name", "outer", "redirected")
+class _Routed(asyncio.Future[Any]):
+    """The future of one command `send` wrote: the node's channel resolves it in place with
+    the reply, unless the reply redirects the command (MOVED/ASK/TRYAGAIN): then the command is
+    queued to run again (`ClusterChannel._redirected`) and the future waits for that reply."""
 
     def __init__(
-        self,
-        channel: ClusterChannel,
-        name: str,
-        items: list[tuple[int, Command]],
-        inner: list[asyncio.Future[Any]],
-        outer: list[asyncio.Future[Any]],
+        self, owner: ClusterChannel, node: str, command: Command, loop: asyncio.AbstractEventLoop
     ) -> None:
-        self.channel = channel
-        self.name = name
-        self.items = items
-        self.outer = outer
-        self.left = len(inner)
-        self.redirected: dict[int, _Redirect] = {}
-        for position, fut in enumerate(inner):
-            fut.add_done_callback(functools.partial(self.done, position))
+        super().__init__(loop=loop)
+        self.owner = owner
+        self.node = node
+        self.command = command
 
-    def done(self, position: int, fut: asyncio.Future[Any]) -> None:
-        index, _ = self.items[position]
-        target = self.outer[index]
-        self.left -= 1
-        if fut.cancelled():
-            target.cancel()
-        elif (exc := fut.exception()) is not None:
-            if isinstance(exc, rex.ConnectionError):
-                self.channel._node_lost(self.name)
-            if not target.done():
-                target.set_exception(exc)
-        elif not target.done():
-            reply = fut.result()
-            redirect = self.channel._redirect(reply)
-            if redirect is None:
-                target.set_result(reply)
-            else:
-                self.redirected[index] = redirect
-        if self.left == 0 and self.redirected:
-            task = asyncio.get_running_loop().create_task(self._again())
-            self.channel._resends.add(task)
-            task.add_done_callback(self.channel._resends.discard)
+    def set_result(self, result: Any, /) -> None:
+        if isinstance(result, rex.ResponseError) and _redirected(result):
+            redirect = self.owner._redirect(result)
+            if redirect is not None:
+                self.owner._again(self, redirect)
+                return
+        super().set_result(result)
 
-    async def _again(self) -> None:
-        """Run the redirected commands where they were sent, and resolve their futures."""
-        items = [item for item in self.items if item[0] in self.redirected]
-        store: list[Any] = [None] * len(self.outer)
-        try:
-            if any(r.node is None for r in self.redirected.values()):  # TRYAGAIN
-                await asyncio.sleep(TRYAGAIN_PAUSE)
-            await self.channel._run(items, store, self.redirected)
-        except asyncio.CancelledError:
-            for index, _ in items:
-                self.outer[index].cancel()
-            raise
-        except Exception as exc:
-            for index, _ in items:
-                if not self.outer[index].done():
-                    self.outer[index].set_exception(exc)
-            return
-        for index, _ in items:
-            if not self.outer[index].done():
-                self.outer[index].set_result(store[index])
+    def set_exception(self, exception: type | BaseException, /) -> None:
+        if isinstance(exception, rex.ConnectionError):
+            self.owner._node_lost(self.node)
+        super().set_exception(exception)
