@@ -123,6 +123,7 @@ class ClusterChannel(Channel):
         self._resends: set[asyncio.Task[None]] = set()
         self._pending: list[tuple[_Routed, _Redirect]] = []  # redirected by a reply, to send again
         self._encode: Callable[[object], bytes] = redis.encoder.encode
+        self._encoding: str = redis.encoder.encoding
 
     # ------------------------------------------------------------------ the Channel interface
     async def execute(self, *command: str | int | float | bytes) -> Any:
@@ -175,17 +176,24 @@ class ClusterChannel(Channel):
         resolves once it has run where the slot is now. A node that cannot be reached raises
         ConnectionError (as a `Channel` does; what went to other nodes then has no reader)."""
         loop = asyncio.get_running_loop()
-        groups = await self._route(list(enumerate(commands)), None)
-        futures: list[asyncio.Future[Any]] = [None] * len(commands)  # type: ignore[list-item]
-        for name, items in groups.items():
-            part: list[asyncio.Future[Any]] = [_Routed(self, name, command, loop) for _, command in items]
-            for (index, _), fut in zip(items, part, strict=True):
-                futures[index] = fut
-        for name, items in groups.items():
+        if self._stale or not self._cluster.nodes_manager.slots_cache:
+            await self._refresh()
+        names = [self._node_of(command) for command in commands]
+        futures: list[asyncio.Future[Any]] = [
+            _Routed(self, name, command, loop) for name, command in zip(names, commands, strict=True)
+        ]
+        if not names:
+            return futures
+        first = names[0]
+        if names.count(first) == len(names):  # one node (a kernel's step): as it is
+            groups = {first: list(range(len(names)))}
+        else:
+            groups = {}
+            for index, name in enumerate(names):
+                groups.setdefault(name, []).append(index)
+        for name, indices in groups.items():
             try:
-                await self._channel(name)._send(
-                    [command for _, command in items], [futures[index] for index, _ in items]
-                )
+                await self._channel(name)._send([commands[i] for i in indices], [futures[i] for i in indices])
             except rex.ConnectionError:
                 self._node_lost(name)
                 for fut in futures:
@@ -340,7 +348,8 @@ class ClusterChannel(Channel):
         if key is None:
             return self._keyless()
         try:
-            slots = self._cluster.nodes_manager.slots_cache[key_slot(self._encode(key))]
+            raw = key.encode(self._encoding) if isinstance(key, str) else self._encode(key)
+            slots = self._cluster.nodes_manager.slots_cache[key_slot(raw)]
             name: str = slots[0].name
         except (KeyError, IndexError):
             self._stale = True
