@@ -305,3 +305,54 @@ async def test_tryagain_is_retried_briefly_then_a_transient_typed_error(
         await r.aclose()
         redis_cluster.move_slot(slot, target)  # finish the migration, then move it back
         redis_cluster.move_slot(slot, home)
+
+
+@pytest.mark.integration
+async def test_a_kernel_serves_jobs_over_its_cluster_channel(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    """A real `KernelProcess` on the cluster client: start, claims behind blocking pops, results
+    (the reply list is put in the kcp cluster's slot: finish.lua's reply key in another slot is
+    the reply path's work, not the transport's), drain; its channels reach that master only."""
+    from controlplane.protocol.jobs import encode_job
+    from controlplane.protocol.models import ClusterConfig
+    from controlplane.protocol.records import ClusterRecord, KernelRecord
+    from kernel_agent.kernel.worker import KernelProcess
+    from kernel_agent.syscalls import builtin_registry
+
+    keys, cluster = Keys(), "kc"
+    home = redis_cluster.master_of_key(keys.cluster(cluster))
+    reply = keys.reply(cluster)  # a client id equal to the cluster's name: its reply list in the same slot
+    r = _client(redis_cluster_url)
+    own = _client(redis_cluster_url)
+    channel = preloading(r, jobs.ENQUEUE)
+    record = ClusterRecord(name=cluster, config=ClusterConfig(), desired=1)
+    await r.hset(keys.cluster(cluster), mapping=record.to_fields())
+    fields = KernelRecord(cluster=cluster, name="k0", agent="a", state="pending", epoch=100).to_fields()
+    await r.hset(keys.kernel(cluster, "k0"), mapping={**fields, "syscalls": "PING", "capabilities": ""})
+    await r.sadd(keys.cluster_kernels(cluster), "k0")
+    process = KernelProcess(own, keys, cluster=cluster, name="k0", agent="a", registry=builtin_registry())
+    task = asyncio.create_task(process.run())
+    try:
+        assert isinstance(process.channel, ClusterChannel)
+        deadline = time.monotonic() + 10
+        while await r.hget(keys.kernel(cluster, "k0"), "state") != "running":
+            assert time.monotonic() < deadline, "the kernel did not start"
+            await asyncio.sleep(0.05)
+        for n in range(5):
+            now = int(time.time() * 1000)
+            call = jobs.enqueue(
+                keys, cluster, "k0", job_id=f"j{n}",
+                payload=encode_job({"type": "PING"}, job_try=1, enqueue_ms=now), reply_key=reply,
+                now_ms=now, deadline_ms=now + 10_000, ttl_ms=60_000, strategy="random",
+            )  # fmt: skip
+            assert isinstance(await call.run(channel), jobs.Enqueued)
+            popped = await channel.execute("BLPOP", reply, 10)
+            assert popped is not None and f'"j{n}"' in popped[1]
+        assert set(process.channel._nodes) == {f"{home.host}:{home.port}"}
+    finally:
+        process.drain()
+        await asyncio.wait_for(task, 20)
+        await channel.aclose()
+        await own.aclose()
+        await r.aclose()
