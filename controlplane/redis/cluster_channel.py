@@ -137,7 +137,7 @@ class ClusterChannel(Channel):
             self._node_lost(name)
             raise
         if isinstance(reply, rex.ResponseError):
-            if _redirected(reply):  # MOVED, ASK, TRYAGAIN: sent again where it says
+            if self._redirect(reply) is not None:  # MOVED, ASK, TRYAGAIN: sent again where it says
                 replies = [reply]
                 await self._follow([command], replies)
                 (reply,) = replies
@@ -162,7 +162,7 @@ class ClusterChannel(Channel):
             except rex.ConnectionError:
                 self._node_lost(name)
                 raise
-            if any(isinstance(r, rex.ResponseError) and _redirected(r) for r in replies):
+            if any(isinstance(r, rex.ResponseError) and self._redirect(r) for r in replies):
                 await self._follow(commands, replies)
             return replies
         replies = [None] * len(commands)
@@ -415,11 +415,6 @@ class ClusterChannel(Channel):
         return channel
 
 
-def _redirected(reply: rex.ResponseError) -> bool:
-    """Whether `reply` sends its command elsewhere (MOVED is an AskError) or again."""
-    return isinstance(reply, rex.AskError | rex.TryAgainError)
-
-
 def _asking(
     group: list[tuple[int, Command]], to: dict[int, _Redirect] | None
 ) -> tuple[list[Command], list[int]]:
@@ -441,7 +436,7 @@ def _asking(
 class _Routed(asyncio.Future[Any]):
     """The future of one command `send` wrote: the node's channel resolves it in place with
     the reply, unless the reply redirects the command (MOVED/ASK/TRYAGAIN): then the command is
-    queued to run again (`ClusterChannel._redirected`) and the future waits for that reply."""
+    queued to run again (`ClusterChannel._again`) and the future waits for that reply."""
 
     def __init__(
         self, owner: ClusterChannel, node: str, command: Command, loop: asyncio.AbstractEventLoop
@@ -452,7 +447,7 @@ class _Routed(asyncio.Future[Any]):
         self.command = command
 
     def set_result(self, result: Any, /) -> None:
-        if isinstance(result, rex.ResponseError) and _redirected(result):
+        if isinstance(result, rex.ResponseError):
             redirect = self.owner._redirect(result)
             if redirect is not None:
                 self.owner._again(self, redirect)
