@@ -438,6 +438,8 @@ class _Routed(asyncio.Future[Any]):
     the reply, unless the reply redirects the command (MOVED/ASK/TRYAGAIN): then the command is
     queued to run again (`ClusterChannel._again`) and the future waits for that reply."""
 
+    __slots__ = ("command", "node", "owner")
+
     def __init__(
         self, owner: ClusterChannel, node: str, command: Command, loop: asyncio.AbstractEventLoop
     ) -> None:
