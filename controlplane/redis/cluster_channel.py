@@ -315,7 +315,7 @@ class ClusterChannel(Channel):
     def _redirect(self, reply: Any) -> _Redirect | None:
         """Where to send a command again after `reply`, or None: `reply` is its answer."""
         if isinstance(reply, rex.MovedError):  # before AskError: MovedError is one
-            self._stale = True  # re-read the table before routing anything else
+            self._moved(reply)
             return _Redirect(f"{reply.host}:{reply.port}", asking=False)
         if isinstance(reply, rex.AskError):
             return _Redirect(f"{reply.host}:{reply.port}", asking=True)
@@ -324,6 +324,18 @@ class ClusterChannel(Channel):
         if isinstance(reply, rex.ClusterDownError):
             self._stale = True
         return None
+
+    def _moved(self, reply: rex.MovedError) -> None:
+        """Patch the slot table with what MOVED said, as redis-py's client does (a whole re-read
+        would replace every node object and drop the client's pooled connections); if that
+        fails, re-read it before the next command."""
+        manager = self._cluster.nodes_manager
+        try:
+            manager._moved_exception = reply  # what redis-py's own MOVED handling sets
+            manager.get_node_from_slot(reply.slot_id)  # which applies it
+        except Exception:  # a slot the table does not hold, ...: the whole table then
+            manager._moved_exception = None  # type: ignore[assignment]  # redis-py resets it so
+            self._stale = True
 
     async def _route(
         self, items: list[tuple[int, Command]], to: dict[int, _Redirect] | None
