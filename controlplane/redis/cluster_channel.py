@@ -14,14 +14,14 @@ channel of its node: a channel carrying one kcp cluster's commands (a kernel's) 
 to one node, so the rule "a blocking reader gets a channel of its own" is unchanged. A command
 without a key (PING, PUBLISH, SCRIPT) goes to the node used last, else to any master.
 
-Topology changes. A MOVED reply (the slot is served elsewhere: resharding, failover; the
-command was not run) patches the slot table (as redis-py does) and sends the command again to
-the node the reply named; ASK sends it there once behind ASKING; TRYAGAIN is sent again after
-a short pause. At most `MAX_REDIRECTIONS` times, then the last error reply is the command's (errors.py maps all
-of them to `RedisUnavailable`). A lost node fails its waiting calls with ConnectionError, as a
-`Channel` does, and marks the slot table stale: the next call re-reads it first, so once a
-replica is promoted the next call reaches it. CLUSTERDOWN is returned as it came (transient,
-`RedisUnavailable`) and also marks the table stale.
+Topology changes. A MOVED reply (the slot is served elsewhere: resharding, failover; the command
+was not run) patches the slot table (as redis-py does) and sends the command again to the node
+the reply named; ASK sends it there once behind ASKING; TRYAGAIN is sent again after a short
+pause. At most `MAX_REDIRECTIONS` times, then the last error reply is the command's (errors.py
+maps all of them to `RedisUnavailable`). A lost node fails its waiting calls with
+ConnectionError, as a `Channel` does, and marks the slot table stale: the next call re-reads it
+first, so once a replica is promoted the next call reaches it. CLUSTERDOWN is returned as it
+came (transient, `RedisUnavailable`) and also marks the table stale.
 """
 
 from __future__ import annotations
