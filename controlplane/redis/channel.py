@@ -17,6 +17,9 @@ transport over from redis-py's stream (`_Link`). Replies are decoded as the clie
 A lost connection fails every waiting call with `redis.exceptions.ConnectionError`; the
 next call reconnects. A channel carrying a blocking command (BZPOPMIN, BLPOP) is blocked
 for everyone until it returns, so blocking readers get a channel of their own.
+
+Redis Cluster's client has no pool: `cluster_channel.ClusterChannel` keeps one `Channel` per
+master (`Channel.to_node`, from the node's connection settings) and routes by slot.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import redis.exceptions
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 
-from controlplane.redis.errors import annotate, where_of
+from controlplane.redis.errors import Where, annotate, where_of
 
 Command = Sequence[str | int | float | bytes]
 #: Bytes waiting in the socket's write buffer above which `send` waits for the peer to read.
@@ -45,8 +48,38 @@ class Channel:
 
     def __init__(self, redis: aioredis.Redis, *, preload: Sequence[str] = ()) -> None:
         """`preload`: Lua sources loaded on every connect (see `scripts.call.preloading`)."""
-        self._pool = redis.connection_pool
-        self._where = where_of(redis)  # for the errors' messages (`annotate`)
+        pool = redis.connection_pool
+        self._setup(pool.connection_class, pool.connection_kwargs, where_of(redis), preload)
+
+    @classmethod
+    def to_node(
+        cls,
+        connection_class: type[AbstractConnection],
+        connection_kwargs: dict[str, Any],
+        where: Where,
+        *,
+        preload: Sequence[str] = (),
+        parse_error: Callable[[str], Exception] = BaseParser.parse_error,
+    ) -> Channel:
+        """A channel whose connections are `connection_class(**connection_kwargs)`: a Redis
+        Cluster node's settings (`cluster_channel`), whose error replies `parse_error` types
+        (MOVED, ASK, TRYAGAIN, CLUSTERDOWN with redis-py's `ClusterParser`)."""
+        channel = cls.__new__(cls)
+        channel._setup(connection_class, connection_kwargs, where, preload, parse_error)
+        return channel
+
+    def _setup(
+        self,
+        connection_class: type[AbstractConnection],
+        connection_kwargs: dict[str, Any],
+        where: Where,
+        preload: Sequence[str],
+        parse_error: Callable[[str], Exception] = BaseParser.parse_error,
+    ) -> None:
+        self._connection_class = connection_class
+        self._connection_kwargs = connection_kwargs
+        self._parse_error = parse_error
+        self._where = where  # for the errors' messages (`annotate`)
         self._preload = preload
         self._link: _Link | None = None
         self._connecting: asyncio.Lock | None = None
@@ -80,11 +113,19 @@ class Channel:
         future per reply, resolved in order (for a caller that acts on the first replies
         before a later, blocking one returns). A lost connection fails them with
         ConnectionError."""
+        return await self._send(commands, None)
+
+    async def _send(
+        self, commands: Sequence[Command], futures: list[asyncio.Future[Any]] | None
+    ) -> list[asyncio.Future[Any]]:
+        """`send`, resolving `futures` (one per command: a cluster channel's, which see their
+        reply first) rather than new ones."""
         link = self._link or await self._connect()
         if link.closed:  # lost while we connected: its waiters were failed already
             raise redis.exceptions.ConnectionError("connection to Redis lost")
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
+        if futures is None:
+            futures = [loop.create_future() for _ in commands]
         link.waiters.extend(futures)  # in the order of the writes: replies come in this order
         self._out.append(_pack(commands))
         if not self._batching:
@@ -103,6 +144,11 @@ class Channel:
     async def aclose(self) -> None:
         await self.reset("closed")
 
+    async def load_script(self, source: str, key: str | None = None) -> Any:
+        """SCRIPT LOAD `source` where a call of it with first key `key` runs (here: this
+        channel's server; a cluster channel picks the key's node)."""
+        return await self.execute("SCRIPT", "LOAD", source)
+
     # ------------------------------------------------------------------ internals
     async def _connect(self) -> _Link:
         if self._connecting is None:
@@ -111,8 +157,8 @@ class Channel:
             if self._link is None:
                 # no socket timeout on reads: a blocking command may legitimately take its
                 # whole timeout; callers bound their waits, and keepalive finds dead peers
-                kwargs = {**self._pool.connection_kwargs, "socket_timeout": None}
-                conn: AbstractConnection = self._pool.connection_class(**kwargs)
+                kwargs = {**self._connection_kwargs, "socket_timeout": None}
+                conn: AbstractConnection = self._connection_class(**kwargs)
                 try:
                     await conn.connect()  # type: ignore[no-untyped-call]
                 except redis.exceptions.RedisError as exc:  # e.g. a wrong password
@@ -126,7 +172,7 @@ class Channel:
                         )
                         for _ in self._preload:
                             await conn.read_response()
-                    self._link = _Link(conn, self._lost)
+                    self._link = _Link(conn, self._lost, self._parse_error)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         await conn.disconnect(nowait=True)
@@ -166,7 +212,12 @@ class _Link(asyncio.Protocol):
     the order of the writes. redis-py's stream is bypassed from then on; its connection
     object is kept only to close it."""
 
-    def __init__(self, conn: AbstractConnection, on_lost: Callable[[_Link], None]) -> None:
+    def __init__(
+        self,
+        conn: AbstractConnection,
+        on_lost: Callable[[_Link], None],
+        parse_error: Callable[[str], Exception] = BaseParser.parse_error,
+    ) -> None:
         encoder = conn.encoder
         self.conn = conn
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
@@ -175,7 +226,7 @@ class _Link(asyncio.Protocol):
         self._closed = False
         self._parser = hiredis.Reader(
             protocolError=redis.exceptions.InvalidResponse,
-            replyError=BaseParser.parse_error,
+            replyError=parse_error,
             notEnoughData=_MORE,
             **(
                 {"encoding": encoder.encoding, "errors": encoder.encoding_errors}

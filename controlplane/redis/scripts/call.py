@@ -9,7 +9,8 @@ such channels load their scripts on every connect (`preloading`).
 
 On a Redis Cluster client (`AsyncRedisCluster`) redis-py routes the EVALSHA by its KEYS (which
 must hash to one slot: `protocol/keys.py` tags them), and a NOSCRIPT is answered by loading the
-script on the node that owns the first key's slot only.
+script on the node that owns the first key's slot only. `preloading` on such a client gives a
+`ClusterChannel` (a channel per master, routed by slot), whose NOSCRIPT is answered the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from controlplane.redis.channel import Channel, Command
+from controlplane.redis.cluster_channel import ClusterChannel
 from controlplane.redis.connect import AsyncRedisCluster
 from controlplane.redis.lua import Script
 
@@ -53,7 +55,9 @@ class Call(Generic[R]):
         try:
             return await execute(*self.command)
         except redis.exceptions.NoScriptError:
-            if isinstance(conn, AsyncRedisCluster) and self.keys:
+            if isinstance(conn, Channel):  # a cluster channel loads it on the first key's node
+                await conn.load_script(self.script.source, self.keys[0] if self.keys else None)
+            elif isinstance(conn, AsyncRedisCluster) and self.keys:
                 node = conn.get_node_from_key(self.keys[0])
                 await conn.execute_command("SCRIPT", "LOAD", self.script.source, target_nodes=node)
             else:
@@ -81,7 +85,12 @@ class Call(Generic[R]):
         return self.parse(reply)
 
 
-def preloading(redis: aioredis.Redis, *scripts: Script) -> Channel:
+def preloading(redis: aioredis.Redis | AsyncRedisCluster, *scripts: Script) -> Channel:
     """A channel that loads `scripts` whenever it connects, so pipelined calls of them never
-    meet NOSCRIPT (and what is written behind them is not run against a failed call)."""
-    return Channel(redis, preload=tuple(s.source for s in scripts))
+    meet NOSCRIPT (and what is written behind them is not run against a failed call). On a
+    Redis Cluster client: a `ClusterChannel`, one channel per master, each loading `scripts`
+    whenever it connects."""
+    preload = tuple(s.source for s in scripts)
+    if isinstance(redis, aioredis.Redis):
+        return Channel(redis, preload=preload)
+    return ClusterChannel(redis, preload=preload)
