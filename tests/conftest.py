@@ -90,7 +90,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[AsyncRedis]:
     """An asyncio client (decode_responses=True) on the emptied session server (with
     `--redis-cluster`: kcp's cluster client on the session's Redis Cluster)."""
     client = (
-        connect(redis_url, allow_cluster=True)
+        connect(redis_url)
         if is_cluster_url(redis_url)
         else AsyncRedis.from_url(redis_url, decode_responses=True)
     )

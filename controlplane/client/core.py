@@ -153,11 +153,19 @@ class KcpClient:
         self._own_redis = redis is None
         self.redis = redis if redis is not None else connect(self.settings.redis_url)
         self.state = State(self.redis, self.keys)
-        self.dispatcher = Dispatcher(self.redis, self.keys)
+        self._dispatcher: Dispatcher | None = None  # made by the first dispatch (`dispatcher`)
         self.views = ClusterViews(self.state)
         self.engine = OrchestrationEngine(orchestration)
         self.phase = Phase.NEW
         self._arq: ArqContext | None = None  # made by the first enqueue_job or job
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The reply listener and enqueue channels, made on first use: a client that only reads
+        or manages clusters (the CLI, the exporter, `kcp serve`) opens no dispatch connections."""
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.redis, self.keys)
+        return self._dispatcher
 
     def _require_open(self) -> None:
         """Refuse to work after `aclose`: redis-py's pool would quietly reconnect."""
@@ -182,7 +190,8 @@ class KcpClient:
                 if self._arq is not None:
                     await self._arq.mover.stop()
                 await self.views.stop()
-                await self.dispatcher.stop()
+                if self._dispatcher is not None:
+                    await self._dispatcher.stop()
         finally:
             self.phase = Phase.STOPPED
             if self._own_redis:

@@ -31,6 +31,7 @@ from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
 from controlplane.protocol.records import AgentRecord, ClusterRecord, JobRecord, KernelRecord, LapsedRecord
+from controlplane.redis import portable
 from controlplane.redis.connect import AsyncPipeline, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.scripts.fenced import Fence
@@ -109,7 +110,7 @@ class Reconciler:
             self._cursor += 1
             if names:
                 async with amap_redis_errors():
-                    versions = await self.redis.mget([self.keys.cluster_version(n) for n in names])
+                    versions = await portable.mget(self.redis, [self.keys.cluster_version(n) for n in names])
                 for name, version in zip(names, versions, strict=True):
                     if self._versions.get(name, "") != version:
                         dirty.add(name)
@@ -213,7 +214,7 @@ class Reconciler:
         now = await self.state.kernels(name) if changed else kernels
         status = await self._set_status(cluster, now, reason)
         if changed:
-            await self.redis.publish(self.keys.notify(), name)
+            await portable.publish(self.redis, self.keys.notify(), name)
         missing = self.detector.missing
         return (
             not changed
@@ -446,7 +447,7 @@ class Reconciler:
         write.incr(self.keys.cluster_version(cluster.name))
         if await self.lease.commit(write) is Fence.GUARDED:
             return ClusterStatus.STOPPED
-        await self.redis.publish(self.keys.notify(), cluster.name)
+        await portable.publish(self.redis, self.keys.notify(), cluster.name)
         logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
         return status
 
@@ -494,7 +495,7 @@ class Reconciler:
         )
         await self.lease.commit(write)
         await self.redis.srem(self.keys.clusters(), name)
-        await self.redis.publish(self.keys.notify(), name)
+        await portable.publish(self.redis, self.keys.notify(), name)
         if self._names is not None and name in self._names:
             self._names.remove(name)
         logger.info("cluster %s destroyed", name)

@@ -198,7 +198,7 @@ async def test_the_scripts_give_on_a_redis_cluster_what_they_give_on_one_redis(
     with SyncRedis.from_url(redis_server.url) as s:
         s.flushall()
     one = AsyncRedis.from_url(redis_server.url, decode_responses=True)
-    many = connect(redis_cluster_url, allow_cluster=True)
+    many = connect(redis_cluster_url)
     assert isinstance(many, AsyncRedisCluster)
     try:
         expected = await _run_all(one, NAMES)
