@@ -226,7 +226,7 @@ class KernelConsumer:
     async def _claim(self, streams: dict[str, str | BusTopic]) -> None:
         """Take over entries pending for longer than `claim_idle` (XAUTOCLAIM) and retry them."""
         assert self._redis is not None
-        labels = [kind.value if isinstance(kind, BusTopic) else INBOX for kind in streams.values()]
+        labels = {s: kind.value if isinstance(kind, BusTopic) else INBOX for s, kind in streams.items()}
         self.counters["gaps"] += await unseen_gaps(self._redis, self.host.keys, self.kernel, labels)
         idle_ms = int(self.host.config.claim_idle * 1000)
         for stream in streams:

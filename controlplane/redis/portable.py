@@ -84,9 +84,7 @@ async def publish(redis: AsyncRedis, channel: str, message: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(
-    redis: AsyncRedis, channel: str, *, attempt: int = 0
-) -> AsyncIterator[AsyncPubSub]:
+async def subscribed(redis: AsyncRedis, channel: str, *, attempt: int = 0) -> AsyncIterator[AsyncPubSub]:
     """A subscription to `channel`, closed on exit. On a cluster it is held on one node (its
     masters and replicas in name order, the `attempt`-th modulo their number): a caller that
     subscribes again after a failure passes the next attempt, and so moves to another node."""

@@ -137,7 +137,7 @@ async def test_trim_keeps_what_the_slowest_group_needs_and_counts_cap_losses(
     await writer.trim(stream, "metrics")
     assert await fake_redis.xlen(stream) == 300
     first_seq = int((await fake_redis.xrange(stream, count=1))[0][1]["seq"])
-    stats = await fake_redis.hgetall(keys.bus_stats())
+    stats = await fake_redis.hgetall(keys.bus_gaps(stream))
     assert int(stats["gaps:metrics:slow"]) == first_seq - 51  # slow had read up to seq 50
     assert int(stats.get("gaps:metrics:fast", 0)) == first_seq - 251  # fast had read up to seq 250
 

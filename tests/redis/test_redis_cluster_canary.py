@@ -437,6 +437,8 @@ def test_kcp_serve_and_agent_accept_a_cluster_url_and_wait_for_it(command: list[
     finally:
         proc.terminate()
         proc.wait(15)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 @pytest.mark.integration
