@@ -17,13 +17,19 @@ splits them by node). What is left, each in one function used by both deployment
   asyncio cluster client has neither, so the subscriber gets a plain client for one node, with
   the cluster's connection settings (TLS, ACL user), and the next attempt after a failure takes
   the next node.
+- `xreadgroup`: one consumer's read of several streams (a bus kernel's inbox and topics). One
+  XREADGROUP on one Redis (BLOCK included); on a cluster, when the streams are in several slots,
+  one non-blocking XREADGROUP per stream in a pipeline, and when none had anything a pause of
+  `CLUSTER_POLL_S` (at most the block) before the caller reads again: Redis cannot block one
+  command on streams of several nodes, so there a quiet kernel polls.
 - `drop_connections`: close a client's connections so the next command reconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,6 +41,11 @@ from controlplane.redis.connect import AsyncPipeline, AsyncRedis, AsyncRedisClus
 AsyncPubSub = PubSub
 #: Something that queues commands into a pipeline (one step of `in_order`).
 Step = Callable[[AsyncPipeline], object]
+
+
+#: On a cluster, how long a consumer whose streams are in several slots waits after a read that
+#: found nothing, seconds (the latency a message to a quiet kernel may get there).
+CLUSTER_POLL_S = 0.05
 
 
 def is_cluster(redis: AsyncRedis) -> bool:
@@ -114,3 +125,41 @@ async def drop_connections(redis: AsyncRedis) -> None:
         await redis.aclose()
     else:
         await redis.connection_pool.disconnect()
+
+
+async def xreadgroup(
+    redis: AsyncRedis,
+    group: str,
+    consumer: str,
+    streams: Mapping[str, str],
+    *,
+    count: int,
+    block_ms: int | None = None,
+    acks: Mapping[str, Sequence[str]] | None = None,
+) -> Any:
+    """XREADGROUP of `streams` (stream -> cursor: `>` or an id) for `consumer` of `group`, after
+    XACKing `acks` (stream -> ids) in the same round trip; the reply as the client's XREADGROUP
+    callback makes it ([[stream, entries], ...], or None/empty for nothing)."""
+    todo = {stream: ids for stream, ids in (acks or {}).items() if ids}
+    several = isinstance(redis, AsyncRedisCluster) and len({redis.keyslot(s) for s in streams}) > 1
+    wanted: dict[Any, Any] = dict(streams)  # redis-py's parameter type, read-only here
+    options: dict[str, Any] = {"count": count}
+    if block_ms is not None and not several:
+        options["block"] = block_ms
+    if not todo and not several:
+        return await redis.xreadgroup(group, consumer, wanted, **options)
+    pipe = redis.pipeline(transaction=False)
+    for stream, ids in todo.items():
+        pipe.xack(stream, group, *ids)
+    if several:
+        for stream, cursor in streams.items():
+            pipe.xreadgroup(group, consumer, {stream: cursor}, **options)
+    else:
+        pipe.xreadgroup(group, consumer, wanted, **options)
+    replies = (await pipe.execute())[len(todo) :]
+    if not several:
+        return replies[0]
+    response = [item for reply in replies if reply for item in reply]
+    if not response and block_ms:
+        await asyncio.sleep(min(block_ms / 1000, CLUSTER_POLL_S))
+    return response

@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 
 from controlplane import BusConfig, BusMessage, BusTopic, InterKernelBus, RedisUnavailable
+from controlplane.redis.connect import connect_sync
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.system, pytest.mark.redis_cluster, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,7 +149,7 @@ async def test_poison_message_is_dead_lettered_after_n_tries(
         wait_for(lambda: bus.get_stats()["dead_letters"]["control"] == 1, what="dead letter")
         assert sorted(sub.handled()) == list(range(20))
         assert bus.get_stats()["pending"]["control"] == 0
-    with sync_redis.Redis.from_url(redis_url, decode_responses=True) as client:
+    with connect_sync(redis_url) as client:
         [(_, dead)] = client.xrange("kcp:bus:dead")
     assert dead["reason"] == "RuntimeError: poison message"
     assert int(dead["deliveries"]) == SUBSCRIBER_CONFIG.max_deliveries + 1
