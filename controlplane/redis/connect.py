@@ -263,6 +263,37 @@ def node_client(cluster: AsyncRedisCluster, node: redis.asyncio.cluster.ClusterN
 
 
 @contextlib.contextmanager
+def every_node_sync(client: redis.Redis) -> Iterator[list[redis.Redis]]:
+    """`[client]` for one Redis; for a Redis Cluster a plain blocking client for each of its
+    nodes, replicas too (from CLUSTER NODES; redis-py's cluster client knows only the masters
+    unless it reads from replicas), with the cluster's connection settings, closed on exit: for
+    what each node keeps to itself (ACL users)."""
+    if not isinstance(client, SyncRedisCluster):
+        yield [client]
+        return
+    settings = dict(client.get_default_node().redis_connection.connection_pool.connection_kwargs)
+    for key in ("host", "port"):
+        settings.pop(key, None)
+    # redis-py parses the reply: {"host:port": {"flags": "myself,master", ...}, ...}
+    listing = client.execute_command("CLUSTER NODES", target_nodes=SyncRedisCluster.DEFAULT_NODE)
+    addresses = []
+    for address, node in dict(listing).items():
+        if not {"fail", "noaddr", "handshake"} & set(str(node.get("flags", "")).split(",")):
+            host, _, port = str(address).partition("@")[0].rpartition(":")
+            addresses.append((host, int(port)))
+    kind = client.get_default_node().redis_connection.connection_pool.connection_class
+    nodes = [
+        redis.Redis(connection_pool=redis.ConnectionPool(connection_class=kind, host=h, port=p, **settings))
+        for h, p in addresses
+    ]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@contextlib.contextmanager
 def _url_checked(url: str) -> Iterator[None]:
     """redis-py's ValueError for a URL it cannot parse (or its cluster client's refusal of an
     argument, e.g. a unix socket), as kcp's bad-input error."""
