@@ -23,7 +23,7 @@ import pytest
 from controlplane import BusConfig, BusMessage, BusTopic, InterKernelBus, RedisUnavailable
 from controlplane.redis.connect import connect_sync
 
-pytestmark = [pytest.mark.system, pytest.mark.redis_cluster, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +94,7 @@ def messages(topic: BusTopic, start: int, stop: int, **extra: object) -> list[Bu
     ]
 
 
+@pytest.mark.redis_cluster
 async def test_fan_out_to_three_subscriber_processes_and_direct_delivery(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
@@ -113,6 +114,7 @@ async def test_fan_out_to_three_subscriber_processes_and_direct_delivery(
     assert subs[0].handled("direct") == subs[2].handled("direct") == []
 
 
+@pytest.mark.redis_cluster
 async def test_sigkilled_subscriber_restarts_and_handles_every_message(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
@@ -136,6 +138,7 @@ async def test_sigkilled_subscriber_restarts_and_handles_every_message(
     )
 
 
+@pytest.mark.redis_cluster
 async def test_poison_message_is_dead_lettered_after_n_tries(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
@@ -186,6 +189,7 @@ async def test_redis_restart_with_aof_mid_stream(
 
 
 # ---------------------------------------------------------------- the subscriber program
+@pytest.mark.redis_cluster
 async def test_a_sigkilled_process_s_kernels_leave_the_stats_and_come_back_to_their_messages(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
