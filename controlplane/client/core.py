@@ -401,8 +401,10 @@ class KcpClient:
         serve` runs every 2 s while it leads, so deferred jobs run at their time
         even when no client of their cluster is left."""
         self._require_open()
-        mover = self._arq_context().mover
         heads = await self.state.deferred_heads()
+        if not heads and self._arq is None:
+            return  # nothing deferred, nothing watched: no dispatch connections opened
+        mover = self._arq_context().mover
         for done in mover.watched - heads.keys():
             mover.unwatch(done)
         for name, due_ms in heads.items():

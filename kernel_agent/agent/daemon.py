@@ -279,12 +279,17 @@ class Agent(Service):
         and converge on it."""
         name, k = self.config.name, self.keys
         key = k.agent_kernels(name)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if self._woken:  # the pushes so far are all answered by the read below
+        woken = self._woken
+
+        def answered(pipe: AsyncPipeline) -> None:
+            if woken:  # the pushes so far are all answered by the read below (so: before it)
                 pipe.delete(k.agent_wake(name))
+
+        def read(pipe: AsyncPipeline) -> None:
             pipe.exists(k.agent(name))
             pipe.hgetall(key)
-            *_, registered, raw = await pipe.execute()
+
+        *_, registered, raw = await portable.in_order(self.redis, answered, read)
         self._woken = False
         if not registered:  # forgotten while unreachable (paused, partitioned): register again
             logger.warning("agent %s was deregistered by the control plane; registering again", name)
