@@ -13,7 +13,7 @@ splits them by node). What is left, each in one function used by both deployment
   the lease last). A cluster pipeline runs its per-node parts concurrently, so each step is its
   own pipeline there; on one Redis all steps go in one pipeline, which keeps their order.
 - `publish` / `subscribed`: classic pub/sub (`kcp:notify`). A Redis Cluster forwards a PUBLISH
-  to every node, so it is sent to one node, and a subscriber listens on one node; redis-py 5's
+  to every node, so it is sent to one node, and a subscriber listens on one master; redis-py 5's
   asyncio cluster client has neither, so the subscriber gets a plain client for one node, with
   the cluster's connection settings (TLS, ACL user), and the next attempt after a failure takes
   the next node.
@@ -96,9 +96,10 @@ async def publish(redis: AsyncRedis, channel: str, message: str) -> int:
 
 @contextlib.asynccontextmanager
 async def subscribed(redis: AsyncRedis, channel: str, *, attempt: int = 0) -> AsyncIterator[AsyncPubSub]:
-    """A subscription to `channel`, closed on exit. On a cluster it is held on one node (its
-    masters and replicas in name order, the `attempt`-th modulo their number): a caller that
-    subscribes again after a failure passes the next attempt, and so moves to another node."""
+    """A subscription to `channel`, closed on exit. On a cluster it is held on one node (of the
+    nodes the cluster client knows, i.e. its masters, in name order, the `attempt`-th modulo their
+    number): a caller that subscribes again after a failure passes the next attempt, and so moves
+    to another node."""
     node: aioredis.Redis | None = None
     if isinstance(redis, AsyncRedisCluster):
         await redis.initialize()
