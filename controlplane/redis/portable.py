@@ -48,10 +48,6 @@ Step = Callable[[AsyncPipeline], object]
 CLUSTER_POLL_S = 0.05
 
 
-def is_cluster(redis: AsyncRedis) -> bool:
-    return isinstance(redis, AsyncRedisCluster)
-
-
 async def mget(redis: AsyncRedis, keys: Sequence[str]) -> list[Any]:
     """The values of `keys` (None for a missing one), in order, whatever their slots."""
     if not keys:

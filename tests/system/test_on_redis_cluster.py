@@ -4,14 +4,18 @@ masters, every kernel placed on an agent and running."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import ProcessStack, wait_for
 
 from controlplane import KcpClient, Settings
+from controlplane.errors import RedisUnavailable
 from controlplane.ops.redis_server import RedisClusterProcess
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.redis.connect import connect
+from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.state import State
 
 pytestmark = [pytest.mark.system, pytest.mark.redis_cluster, pytest.mark.timeout(120)]
@@ -110,3 +114,42 @@ async def test_every_placed_kernel_runs(
     finally:
         cluster_stack.stop()
         await redis.aclose()
+
+
+@pytest.mark.timeout(150)
+async def test_the_control_plane_survives_a_master_failover_and_places_again(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str, cluster_stack: ProcessStack
+) -> None:
+    """SIGKILL the master of the leader key's slot (its replica has AOF always) while `kcp serve`
+    and two agents run: a leader again, both agents alive again, and a kcp cluster created after
+    the promotion is placed. Says how long each took (no job runs on a cluster yet)."""
+    redis = connect(redis_cluster_url)
+    state = State(redis, KEYS)
+    victim = redis_cluster.master_of_key(KEYS.leader())
+    try:
+        names = await _place_three_clusters(redis_cluster, redis_cluster_url, cluster_stack, state)
+        redis_cluster.kill(victim)
+        killed = time.monotonic()
+
+        async def settled() -> bool:
+            try:
+                async with amap_redis_errors():
+                    alive = {a.name for a, ok in await state.agents() if ok}
+                    return alive == {"a1", "a2"} and await state.has_leader()
+            except RedisUnavailable:
+                return False
+
+        await wait_for(settled, 30, "a leader and both agents alive after the failover")
+        settled_after = time.monotonic() - killed
+        later = next(n for n in (f"d{i}" for i in range(100)) if n not in names)
+        async with KcpClient(Settings(redis_url=redis_cluster_url)) as kcp:
+            await kcp.create_cluster(later, KERNELS, wait=0.0)
+        await wait_for(lambda: _placed(state, [*names, later]), 30, "the new cluster placed")
+        placed_after = time.monotonic() - killed
+        back, placed = f"{settled_after:.2f}s", f"{placed_after:.2f}s"
+        print(f"\nfailover: leader and agents back {back}, new cluster placed {placed} after the kill")
+        assert victim not in redis_cluster.masters()
+    finally:
+        cluster_stack.stop()
+        await redis.aclose()
+        redis_cluster.restart(victim)
