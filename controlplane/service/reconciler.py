@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 
+from controlplane.errors import RedisUnavailable
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
@@ -140,12 +141,15 @@ class Reconciler:
             for cluster in clusters:
                 settled = False
                 try:
-                    if cluster.status is ClusterStatus.STOPPED:
-                        await self._teardown(cluster, fleet)
-                    else:
-                        settled = await self._reconcile(cluster, fleet)
+                    async with amap_redis_errors():
+                        if cluster.status is ClusterStatus.STOPPED:
+                            await self._teardown(cluster, fleet)
+                        else:
+                            settled = await self._reconcile(cluster, fleet)
                 except NotLeader:
                     raise
+                except RedisUnavailable as exc:  # e.g. its master is failing over (a Redis Cluster)
+                    logger.warning("reconciling cluster %s: %s; again at the next pass", cluster.name, exc)
                 except Exception:  # one broken cluster must not stop the others
                     logger.exception("reconciling cluster %s failed", cluster.name)
                 if settled:

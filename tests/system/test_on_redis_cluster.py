@@ -12,6 +12,7 @@ from conftest import ProcessStack, wait_for
 from controlplane import KcpClient, Settings
 from controlplane.errors import RedisUnavailable
 from controlplane.ops.redis_server import RedisClusterProcess
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.redis.connect import connect
@@ -149,6 +150,8 @@ async def test_the_control_plane_survives_a_master_failover_and_places_again(
         back, placed = f"{settled_after:.2f}s", f"{placed_after:.2f}s"
         print(f"\nfailover: leader and agents back {back}, new cluster placed {placed} after the kill")
         assert victim not in redis_cluster.masters()
+        dead = await redis.hget(KEYS.reliability(), stats.AGENTS_DEAD)
+        assert int(dead or 0) == 0, "the outage of one master is no agent's death"
     finally:
         cluster_stack.stop()
         await redis.aclose()
