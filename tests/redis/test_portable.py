@@ -57,12 +57,13 @@ async def test_a_publish_reaches_a_subscriber_wherever_it_listens(redis: Any) ->
     for attempt in range(nodes):
         async with portable.subscribed(redis, "kcp:notify", attempt=attempt) as pubsub:
             await portable.publish(redis, "kcp:notify", f"web{attempt}")
-            message = None
-            for _ in range(40):
+            got = []
+            for _ in range(40):  # an earlier attempt's message may reach this node late (the cluster bus)
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
-                if message:
+                got += [message["data"]] if message else []
+                if f"web{attempt}" in got:
                     break
-            assert message is not None and message["data"] == f"web{attempt}", attempt
+            assert f"web{attempt}" in got, (attempt, got)
 
 
 async def test_drop_connections_then_the_client_reconnects(redis: Any) -> None:

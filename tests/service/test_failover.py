@@ -218,7 +218,9 @@ async def test_heartbeat_thread_renews_leases_and_stops_when_the_agent_stalls(
         lease = AgentLease.decode(await redis.get(KEYS.agent_lease("a1")))
         seconds, micros = await redis.time()
         assert lease is not None and lease.version == "7.3"
-        assert 0 <= seconds * 1000 + micros / 1000 - lease.beat_ms < 300, "the beat is in Redis's clock"
+        # the beat is Redis's clock as the heartbeat estimates it (its offset taken at the middle
+        # of a TIME round trip, on a cluster from another node than this TIME): within a few ms
+        assert -5 <= seconds * 1000 + micros / 1000 - lease.beat_ms < 300, "the beat is in Redis's clock"
         await asyncio.sleep(1.6)  # nobody called touch(): the main loop looks wedged
         assert not await redis.exists(KEYS.agent_lease("a1")), "a stalled agent lets its lease lapse"
     finally:
