@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 CA_PARAM, CERT_PARAM, KEY_PARAM = "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"
 CHECK_HOSTNAME_PARAM = "ssl_check_hostname"
 #: The URL schemes kcp connects with (redis-py's, and Sentinel's and Cluster's in
-#: `controlplane.redis.connect`, which parses those; a cluster URL is refused there until issue 20).
+#: `controlplane.redis.connect`, which parses those).
 URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
 #: The schemes that connect with TLS.
 TLS_SCHEMES = ("rediss", "rediss+cluster")

@@ -90,7 +90,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[AsyncRedis]:
     """An asyncio client (decode_responses=True) on the emptied session server (with
     `--redis-cluster`: kcp's cluster client on the session's Redis Cluster)."""
     client = (
-        connect(redis_url, allow_cluster=True)
+        connect(redis_url)
         if is_cluster_url(redis_url)
         else AsyncRedis.from_url(redis_url, decode_responses=True)
     )
@@ -181,9 +181,8 @@ async def agents_up(redis: AsyncRedis, n: int, prefix: str = "kcp:") -> None:
 
 # ------------------------------------------------------------------ Redis Cluster
 #: `pytest --redis-cluster` runs the tests marked `redis_cluster` with `redis_url` (and so `redis`,
-#: `stack`) pointing at a local 3-master Redis Cluster, and deselects every other test. Today only
-#: tests/redis/test_redis_cluster_canary.py carries the marker: kcp refuses cluster URLs until its
-#: keys are sharded (issue 20); the sharded suite adds the marker to the tests that run on both.
+#: `stack`) pointing at a local 3-master Redis Cluster, and deselects every other test. The marked
+#: tests run on both; those that dispatch jobs or need kernel processes are not marked yet (issue 20).
 REDIS_CLUSTER_OPTION = "--redis-cluster"
 REDIS_CLUSTER_MARKER = "redis_cluster"
 

@@ -2,7 +2,8 @@
 """One kernel's consumer loop: read its topic streams and inbox, run handlers, ack, retry, dead-letter.
 
 A kernel reads every stream it listens to with one `XREADGROUP` (its group is named after it
-on every topic stream and on its inbox, and so is its consumer). The loop:
+on every topic stream and on its inbox, and so is its consumer; on a Redis Cluster, where the
+streams are in several slots, one per stream: `portable.xreadgroup`). The loop:
 
 1. drains its own pending entries first (`XREADGROUP ... 0`): what a previous incarnation read
    and never acknowledged, e.g. because it was SIGKILLed in the middle of a handler;
@@ -34,6 +35,7 @@ from controlplane.errors import KcpError, RedisError
 from controlplane.lifecycle import finish
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import BusMessage, BusTopic
+from controlplane.redis import portable
 from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors, redis_said
 from controlplane.redis.retry import Backoff, best_effort
@@ -185,17 +187,17 @@ class KernelConsumer:
         """XACK what was handled and XREADGROUP new entries in one round trip (one pipeline)."""
         assert self._redis is not None
         todo = {stream: ids for stream, ids in acks.items() if ids}
-        read_args: tuple[Any, ...] = (self.kernel, self.kernel, dict.fromkeys(streams, ">"))
-        options: dict[str, Any] = {"count": self.host.config.read_count, "block": int(block * 1000)}
-        if not todo:
-            return await self._redis.xreadgroup(*read_args, **options)
-        pipe = self._redis.pipeline(transaction=False)
-        for stream, ids in todo.items():
-            pipe.xack(stream, self.kernel, *ids)
-        pipe.xreadgroup(*read_args, **options)
-        results = await pipe.execute()
+        response = await portable.xreadgroup(
+            self._redis,
+            self.kernel,
+            self.kernel,
+            dict.fromkeys(streams, ">"),
+            count=self.host.config.read_count,
+            block_ms=int(block * 1000),
+            acks=todo,
+        )
         self._forget(todo)
-        return results[-1]
+        return response
 
     async def _recreate_groups(self, streams: dict[str, str | BusTopic]) -> None:
         assert self._redis is not None
@@ -214,8 +216,8 @@ class KernelConsumer:
         assert self._redis is not None
         cursors: dict[Any, Any] = dict.fromkeys(streams, "0")
         while cursors:
-            response = await self._redis.xreadgroup(
-                self.kernel, self.kernel, cursors, count=self.host.config.read_count
+            response = await portable.xreadgroup(
+                self._redis, self.kernel, self.kernel, cursors, count=self.host.config.read_count
             )
             cursors = {stream: entries[-1][0] for stream, entries in response or [] if entries}
             if cursors:
@@ -226,7 +228,7 @@ class KernelConsumer:
     async def _claim(self, streams: dict[str, str | BusTopic]) -> None:
         """Take over entries pending for longer than `claim_idle` (XAUTOCLAIM) and retry them."""
         assert self._redis is not None
-        labels = [kind.value if isinstance(kind, BusTopic) else INBOX for kind in streams.values()]
+        labels = {s: kind.value if isinstance(kind, BusTopic) else INBOX for s, kind in streams.items()}
         self.counters["gaps"] += await unseen_gaps(self._redis, self.host.keys, self.kernel, labels)
         idle_ms = int(self.host.config.claim_idle * 1000)
         for stream in streams:

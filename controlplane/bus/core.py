@@ -226,7 +226,10 @@ class InterKernelBus:
                 pipe.srem(self.keys.bus_subscribers(topic.value), kernel)
                 pipe.xgroup_destroy(self.keys.bus_topic(topic.value), kernel)
             inbox = self.keys.bus_inbox(kernel)
-            pipe.delete(inbox, self.keys.bus_seq(inbox), self.keys.bus_lease(kernel))
+            # the inbox first: from its deletion on, bus_publish.lua refuses direct messages
+            k = self.keys
+            for key in (inbox, k.bus_seq(inbox), k.bus_gaps(inbox), k.bus_lease(kernel)):
+                pipe.delete(key)  # one DEL each: a cluster pipeline takes no other kind
             pipe.hdel(self.keys.bus_kernels(), kernel)
             self._check_results(pipe.execute(raise_on_error=False))
 

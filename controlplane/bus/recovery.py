@@ -67,21 +67,22 @@ async def dead_letter(
     )
 
 
-async def unseen_gaps(redis: AsyncRedis, keys: Keys, group: str, labels: list[str]) -> int:
-    """Entries the hard cap removed before `group` read them and that it was not told about yet.
+async def unseen_gaps(redis: AsyncRedis, keys: Keys, group: str, streams: dict[str, str]) -> int:
+    """Entries the hard cap removed before `group` read them and that it was not told about yet;
+    `streams`: each stream the group reads, with its label (topic name, or "inbox").
 
-    `bus_trim.lua` counts them in `gaps:{label}:{group}` (also while the kernel is down); this
-    logs the news and marks it seen in `gaps:{label}:{group}:seen`. Returns how many were new."""
-    fields = [f"gaps:{label}:{group}" for label in labels]
-    stats = keys.bus_stats()
-    values = await redis.hmget(stats, [*fields, *(f"{f}:seen" for f in fields)])
+    `bus_trim.lua` counts them in `gaps:{label}:{group}` of the stream's `bus_gaps` hash (also
+    while the kernel is down); this logs the news and marks it seen in `gaps:{label}:{group}:seen`.
+    Returns how many were new."""
+    pipe = redis.pipeline(transaction=False)
+    for stream, label in streams.items():
+        field = f"gaps:{label}:{group}"
+        pipe.hmget(keys.bus_gaps(stream), [field, f"{field}:seen"])
     new = 0
-    for i, label in enumerate(labels):
-        total, seen = int(values[i] or 0), int(values[len(labels) + i] or 0)
-        if total > seen:
-            new += total - seen
-            logger.warning(
-                "bus: %s lost %d unread %s entries to the hard cap (max_len)", group, total - seen, label
-            )
-            await redis.hset(stats, f"{fields[i]}:seen", str(total))
+    for (stream, label), (total, seen) in zip(streams.items(), await pipe.execute(), strict=True):
+        lost = int(total or 0) - int(seen or 0)
+        if lost > 0:
+            new += lost
+            logger.warning("bus: %s lost %d unread %s entries to the hard cap (max_len)", group, lost, label)
+            await redis.hset(keys.bus_gaps(stream), f"gaps:{label}:{group}:seen", str(total))
     return new

@@ -153,11 +153,19 @@ class KcpClient:
         self._own_redis = redis is None
         self.redis = redis if redis is not None else connect(self.settings.redis_url)
         self.state = State(self.redis, self.keys)
-        self.dispatcher = Dispatcher(self.redis, self.keys)
+        self._dispatcher: Dispatcher | None = None  # made by the first dispatch (`dispatcher`)
         self.views = ClusterViews(self.state)
         self.engine = OrchestrationEngine(orchestration)
         self.phase = Phase.NEW
         self._arq: ArqContext | None = None  # made by the first enqueue_job or job
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The reply listener and enqueue channels, made on first use: a client that only reads
+        or manages clusters (the CLI, the exporter, `kcp serve`) opens no dispatch connections."""
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.redis, self.keys)
+        return self._dispatcher
 
     def _require_open(self) -> None:
         """Refuse to work after `aclose`: redis-py's pool would quietly reconnect."""
@@ -182,7 +190,8 @@ class KcpClient:
                 if self._arq is not None:
                     await self._arq.mover.stop()
                 await self.views.stop()
-                await self.dispatcher.stop()
+                if self._dispatcher is not None:
+                    await self._dispatcher.stop()
         finally:
             self.phase = Phase.STOPPED
             if self._own_redis:
@@ -392,8 +401,10 @@ class KcpClient:
         serve` runs every 2 s while it leads, so deferred jobs run at their time
         even when no client of their cluster is left."""
         self._require_open()
-        mover = self._arq_context().mover
         heads = await self.state.deferred_heads()
+        if not heads and self._arq is None:
+            return  # nothing deferred, nothing watched: no dispatch connections opened
+        mover = self._arq_context().mover
         for done in mover.watched - heads.keys():
             mover.unwatch(done)
         for name, due_ms in heads.items():

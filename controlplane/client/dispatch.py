@@ -32,6 +32,7 @@ from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelLoad, KernelState
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
+from controlplane.redis import portable
 from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors, redis_said
 from controlplane.redis.retry import Backoff, best_effort, periodically
@@ -324,6 +325,7 @@ class ClusterViews:
         self._changed = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._attempt = 0  # subscriptions so far (on a cluster, which node the next one is on)
 
     def _watch_notifications(self) -> None:
         """Subscribe to `notify` with the first read of a view or wait for a change."""
@@ -396,10 +398,11 @@ class ClusterViews:
         )
 
     async def _subscribed(self, backoff: Backoff) -> None:
-        """One subscription to `notify`, until it fails or the watcher stops."""
-        pubsub = self.state.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.state.keys.notify())
+        """One subscription to `notify`, until it fails or the watcher stops (on a Redis
+        Cluster: on one node, the next one after a failure)."""
+        self._attempt += 1
+        notify, attempt = self.state.keys.notify(), self._attempt
+        async with portable.subscribed(self.state.redis, notify, attempt=attempt) as pubsub:
             backoff.reset()  # subscribed: the next outage starts from the shortest pause again
             while not self._stopping:
                 # a bounded wait, so an idle subscription never hits the socket timeout
@@ -408,9 +411,6 @@ class ClusterViews:
                 if isinstance(cluster, str):
                     self.invalidate(cluster)
                     self._changed.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 class DispatchTarget:

@@ -37,7 +37,7 @@ from pathlib import Path
 from controlplane.errors import InvalidRequest
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import NAME_PATTERN
-from controlplane.redis.connect import SyncRedis, connect_sync
+from controlplane.redis.connect import SyncRedis, connect_sync, every_node_sync
 from controlplane.redis.errors import map_redis_errors, where_from_url
 from controlplane.settings import Settings
 from controlplane.tls import redact_url
@@ -60,6 +60,7 @@ BASE_COMMANDS = (
     "-script|debug",
     "+acl|whoami",  # so an operator can check which user a credential logs in as
     "+time",  # claim.lua and rebind.lua read the server's clock
+    "+cluster|slots",  # a Redis Cluster client reads the slot table (harmless on one Redis)
 )
 
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "_.-")
@@ -240,9 +241,13 @@ def command_line(user: AclUser, password: str) -> str:
 
 
 def apply(client: SyncRedis, users: Sequence[AclUser], passwords: dict[str, str]) -> None:
-    """Create or replace the users on a live server (needs an admin connection)."""
-    for user in users:
-        client.execute_command("ACL", "SETUSER", *setuser_args(user, passwords[user.name]))  # type: ignore[no-untyped-call]
+    """Create or replace the users on a live server, or on every node of a Redis Cluster,
+    replicas too: ACL users are per node, and a replica promoted after a failover must know
+    them (needs an admin connection)."""
+    with every_node_sync(client) as nodes:
+        for node in nodes:
+            for user in users:
+                node.execute_command("ACL", "SETUSER", *setuser_args(user, passwords[user.name]))  # type: ignore[no-untyped-call]
 
 
 # ------------------------------------------------------------------ `kcp acl`
@@ -294,7 +299,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ):
             apply(client, users, passwords)
             if args.disable_default:
-                client.execute_command("ACL", "SETUSER", "default", "off")
+                with every_node_sync(client) as nodes:
+                    for node in nodes:
+                        node.execute_command("ACL", "SETUSER", "default", "off")  # type: ignore[no-untyped-call]
         if args.json:
             print(json.dumps({"applied": [u.name for u in users], "url": redact_url(settings.redis_url)}))
         else:

@@ -242,12 +242,19 @@ class Keys:
         """STRING counter: the last sequence number given to an entry of `stream` (a bus stream key)."""
         return f"{stream}:seq"
 
+    def bus_gaps(self, stream: str) -> str:
+        """HASH of `stream`'s hard-cap counters (`bus_trim.lua`, in the stream's slot):
+        `gaps:{label}:{group}` entries a group lost unread, `:seen` what its consumer logged,
+        `capped:{label}` entries the cap removed."""
+        return f"{stream}:gaps"
+
     def bus_subscribers(self, topic: str) -> str:
         """SET of the kernels subscribed to a topic (their groups on the topic stream)."""
         return f"{self.prefix}bus:topic:{{{topic}}}:subscribers"
 
     def bus_kernels(self) -> str:
-        """HASH kernel -> JSON {host, pid, registered_at}: kernels registered on the bus."""
+        """HASH kernel -> JSON {host, pid, registered_at}: kernels registered on the bus (the
+        list `get_stats()` reads; `bus_publish.lua` checks the kernel's inbox instead)."""
         return f"{self.prefix}bus:kernels"
 
     def bus_lease(self, kernel: str) -> str:
@@ -259,5 +266,5 @@ class Keys:
         return f"{self.prefix}bus:dead"
 
     def bus_stats(self) -> str:
-        """HASH of counters: dead:{stream kind}, gaps:{topic}:{kernel}, trimmed:{topic}."""
+        """HASH of fleet-wide counters: dead:{stream kind} (the cap's gaps are per stream: `bus_gaps`)."""
         return f"{self.prefix}bus:stats"

@@ -4,10 +4,9 @@ The one place kcp makes a redis-py client (asyncio `connect`, blocking `connect_
 RESP2 whatever redis-py's default: the bus reads stream replies in their RESP2 shapes, and redis-py
 8 defaults to RESP3 (`tests/redis/test_redis_py_canary.py` pins this).
 
-`redis+cluster://` and `rediss+cluster://` URLs select redis-py's cluster client, but only for a
-caller that says it can use one (`allow_cluster=True`): kcp's keys and scripts are not sharded
-yet (issue 20), so every kcp process refuses such a URL at start-up with `CLUSTER_UNSUPPORTED`
-rather than failing later on MOVED or CROSSSLOT. `tests/redis/test_redis_cluster_canary.py`
+`redis+cluster://` and `rediss+cluster://` URLs select redis-py's cluster client (issue 20: kcp's
+keys are sharded by kcp cluster, its scripts run in one slot). The few commands whose form differs
+on a cluster go through `controlplane/redis/portable.py`. `tests/redis/test_redis_cluster_canary.py`
 pins what the cluster client gives (docs/architecture.md, "Redis Cluster: what the client gives").
 """
 
@@ -19,7 +18,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
@@ -76,11 +75,6 @@ class SentinelUrl:
 
 #: `redis+cluster://[[user]:password@]host:port[,host:port...][/0][?ssl_...]`, and `rediss+cluster://` (TLS).
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-#: Why every kcp process refuses a cluster URL today, and where the work is tracked.
-CLUSTER_UNSUPPORTED = (
-    "Redis Cluster is not supported yet: kcp's keys and Lua scripts span hash slots (issue 20, "
-    "sharding by kcp cluster); use a redis://, rediss:// or redis+sentinel:// URL"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,29 +198,21 @@ class _RedisCluster(AsyncRedisCluster):
             raise
 
 
-@overload
-def connect(
-    url: str, *, max_connections: int = 64, allow_cluster: Literal[False] = False
-) -> aioredis.Redis: ...
-@overload
-def connect(
-    url: str, *, max_connections: int = 64, allow_cluster: bool
-) -> aioredis.Redis | AsyncRedisCluster: ...
-def connect(
-    url: str, *, max_connections: int = 64, allow_cluster: bool = False
-) -> aioredis.Redis | AsyncRedisCluster:
-    """An asyncio Redis client for `url` (redis://, rediss://, unix://, redis+sentinel://, and with
-    `allow_cluster` redis+cluster:// / rediss+cluster://), decoding responses as UTF-8.
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis://, rediss://, unix://, redis+sentinel://,
+    redis+cluster://, rediss+cluster://), decoding responses as UTF-8.
 
     The socket timeout is longer than any blocking read kcp issues, so a blocked BZPOPMIN is never
     mistaken for a dead server; keepalive notices a silently dropped connection. With
     `redis+sentinel://` every new connection asks the sentinels for the current master, so after a
     failover the callers' reconnect-with-backoff loops land on the new master.
 
-    A cluster URL without `allow_cluster` is refused (InvalidRequest, `CLUSTER_UNSUPPORTED`): the
-    rest of kcp cannot run on a cluster client yet. With it, the client is redis-py's asyncio
-    `RedisCluster` (`max_connections` per node), which follows MOVED/ASK and re-reads the slot
-    table after a failover; it has no MULTI/EXEC pipelines and no pub/sub (redis-py 5).
+    For a cluster URL the client is redis-py's asyncio `RedisCluster` (`max_connections` per
+    node), which follows MOVED/ASK and re-reads the slot table after a failover; it has no
+    MULTI/EXEC pipelines (kcp uses none) and no pub/sub (`portable.subscribed` has one). It is
+    typed as `AsyncRedis` here: it serves the same command methods kcp calls, and what differs
+    (MGET across slots, pub/sub, connection pools) is only reached through `portable.py`, which
+    tells the two apart at run time.
     """
     keepalive: dict[int, int | bytes] = {}
     for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
@@ -245,20 +231,13 @@ def connect(
     client: _Redis | _RedisCluster
     with _url_checked(url):
         if is_cluster_url(url):
-            spec = parse_cluster_url(url)
-            _refuse_cluster(url, allow_cluster)
-            client = _connect_cluster(spec, options)
+            client = _connect_cluster(parse_cluster_url(url), options)
         elif url.startswith(f"{SENTINEL_SCHEME}://"):
             client = _connect_sentinel(parse_sentinel_url(url), {**options, "retry_on_timeout": False})
         else:
             client = _Redis.from_url(url, **options, retry_on_timeout=False)
     client.kcp_where = where_from_url(url)
-    return client
-
-
-def _refuse_cluster(url: str, allow_cluster: bool) -> None:
-    if not allow_cluster:
-        raise InvalidRequest(f"{CLUSTER_UNSUPPORTED} (got {redact_url(url)!r})")
+    return cast(aioredis.Redis, client)  # the cluster client too: see above
 
 
 def _connect_cluster(spec: ClusterUrl, options: dict[str, Any]) -> _RedisCluster:
@@ -269,6 +248,49 @@ def _connect_cluster(spec: ClusterUrl, options: dict[str, Any]) -> _RedisCluster
         spec.node_url, startup_nodes=nodes, require_full_coverage=True, **options
     )
     return client
+
+
+def node_client(cluster: AsyncRedisCluster, node: redis.asyncio.cluster.ClusterNode) -> aioredis.Redis:
+    """A plain asyncio client for one node of `cluster`, with the cluster's connection settings
+    (TLS, ACL user, timeouts, RESP2): for what the cluster client has no form of (pub/sub).
+    The caller closes it."""
+    settings = {k: v for k, v in node.connection_kwargs.items() if k != "event_dispatcher"}
+    pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=4, **settings)
+    client = _Redis(connection_pool=pool)
+    where = where_of(cluster)
+    client.kcp_where = Where(url=f"{where.url} (node {node.name})", user=where.user)
+    return client
+
+
+@contextlib.contextmanager
+def every_node_sync(client: redis.Redis) -> Iterator[list[redis.Redis]]:
+    """`[client]` for one Redis; for a Redis Cluster a plain blocking client for each of its
+    nodes, replicas too (from CLUSTER NODES; redis-py's cluster client knows only the masters
+    unless it reads from replicas), with the cluster's connection settings, closed on exit: for
+    what each node keeps to itself (ACL users)."""
+    if not isinstance(client, SyncRedisCluster):
+        yield [client]
+        return
+    settings = dict(client.get_default_node().redis_connection.connection_pool.connection_kwargs)
+    for key in ("host", "port"):
+        settings.pop(key, None)
+    # redis-py parses the reply: {"host:port": {"flags": "myself,master", ...}, ...}
+    listing = client.execute_command("CLUSTER NODES", target_nodes=SyncRedisCluster.DEFAULT_NODE)
+    addresses = []
+    for address, node in dict(listing).items():
+        if not {"fail", "noaddr", "handshake"} & set(str(node.get("flags", "")).split(",")):
+            host, _, port = str(address).partition("@")[0].rpartition(":")
+            addresses.append((host, int(port)))
+    kind = client.get_default_node().redis_connection.connection_pool.connection_class
+    nodes = [
+        redis.Redis(connection_pool=redis.ConnectionPool(connection_class=kind, host=h, port=p, **settings))
+        for h, p in addresses
+    ]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
 
 
 @contextlib.contextmanager
@@ -302,28 +324,15 @@ def _connect_sentinel(spec: SentinelUrl, options: dict[str, Any]) -> _SentinelRe
     return client
 
 
-@overload
-def connect_sync(
-    url: str,
-    *,
-    timeout: float | None = 5.0,
-    decode_responses: bool = True,
-    allow_cluster: Literal[False] = False,
-) -> redis.Redis: ...
-@overload
-def connect_sync(
-    url: str, *, timeout: float | None = 5.0, decode_responses: bool = True, allow_cluster: bool
-) -> redis.Redis | SyncRedisCluster: ...
-def connect_sync(
-    url: str, *, timeout: float | None = 5.0, decode_responses: bool = True, allow_cluster: bool = False
-) -> redis.Redis | SyncRedisCluster:
-    """A blocking client for `url` (redis://, rediss://, unix://, and with `allow_cluster`
-    redis+cluster:// / rediss+cluster://): for the synchronous API of the spec's collector and bus,
-    the exporter's scrape thread and operator tools. `timeout` bounds connecting and each reply,
-    seconds (None: a reply may take any time). InvalidRequest for a scheme it cannot serve
-    (redis+sentinel:// has no blocking client here) and, without `allow_cluster`, for a cluster URL.
-    redis-py's blocking cluster client reads the slot table in its constructor, so for a cluster
-    this connects (RedisUnavailable, AuthenticationFailed... if it cannot); a plain one connects lazily."""
+def connect_sync(url: str, *, timeout: float | None = 5.0, decode_responses: bool = True) -> redis.Redis:
+    """A blocking client for `url` (redis://, rediss://, unix://, redis+cluster://,
+    rediss+cluster://): for the synchronous API of the spec's collector and bus, the exporter's
+    scrape thread and operator tools. `timeout` bounds connecting and each reply, seconds (None:
+    a reply may take any time). InvalidRequest for a scheme it cannot serve (redis+sentinel://
+    has no blocking client here). redis-py's blocking cluster client reads the slot table in its
+    constructor, so for a cluster this connects (RedisUnavailable, AuthenticationFailed... if it
+    cannot); a plain one connects lazily. The cluster client is typed as `SyncRedis`, as
+    `connect`'s is (its pipelines take one-key DELs only; kcp sends no other kind)."""
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         raise InvalidRequest(f"no blocking client for {SENTINEL_SCHEME}:// URLs")
     options: dict[str, Any] = {
@@ -336,7 +345,6 @@ def connect_sync(
     with _url_checked(url):
         if is_cluster_url(url):
             spec = parse_cluster_url(url)
-            _refuse_cluster(url, allow_cluster)
             nodes = [redis.cluster.ClusterNode(host, port) for host, port in spec.nodes[1:]]  # type: ignore[no-untyped-call]
             with map_redis_errors(where_from_url(url)):  # it connects at once: RedisUnavailable if it cannot
                 cluster = SyncRedisCluster.from_url(
@@ -346,7 +354,7 @@ def connect_sync(
             client = cluster
         else:
             client = redis.Redis.from_url(url, **options)
-    return client
+    return cast(redis.Redis, client)  # the cluster client too: see above
 
 
 async def wait_for_redis(

@@ -15,6 +15,8 @@ from controlplane.errors import ClusterExists, ClusterNotFound
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig, ClusterStatus, KernelLoad
 from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord, LoadRecord, parse_counters
+from controlplane.redis import portable
+from controlplane.redis.connect import AsyncPipeline
 from controlplane.redis.errors import amap_redis_errors
 
 
@@ -33,16 +35,20 @@ class State:
         async with amap_redis_errors():
             if not await self.redis.hsetnx(key, ClusterRecord.NAME, name):
                 raise ClusterExists(name)
+
             # not a transaction (several slots); ordered: the record and its version before the
             # cluster set and the wake, so the leader never reads a listed cluster half-written
-            async with self.redis.pipeline(transaction=False) as pipe:
+            def record_(pipe: AsyncPipeline) -> None:
                 pipe.hset(key, mapping=record.to_fields())
                 # a new cluster's versions start at the clock (ms), so one created again under a
                 # destroyed one's name never repeats a version a reader cached
                 pipe.set(self.keys.cluster_version(name), now_ms())
+
+            def listed(pipe: AsyncPipeline) -> None:
                 pipe.sadd(self.keys.clusters(), name)
                 pipe.lpush(self.keys.service_wake(), f"cluster {name}")  # the leader re-reads the set
-                await pipe.execute()
+
+            await portable.in_order(self.redis, record_, listed)
         return record
 
     async def get_cluster(self, name: str) -> ClusterRecord | None:

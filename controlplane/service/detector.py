@@ -39,6 +39,7 @@ from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.protocol.records import AgentLease, AgentRecord, KernelRecord, parse_assignment
+from controlplane.redis import portable
 from controlplane.redis.connect import AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.state import State, clock_offset
@@ -152,7 +153,7 @@ class FailureDetector:
         leases: list[AgentLease | None] = []
         if names_sorted:
             async with amap_redis_errors():
-                raw = await self.redis.mget([self.keys.agent_lease(n) for n in names_sorted])
+                raw = await portable.mget(self.redis, [self.keys.agent_lease(n) for n in names_sorted])
             leases = [AgentLease.decode(v) for v in raw]
         now_redis = await self._redis_now()
         moved = {

@@ -26,12 +26,14 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 
+from controlplane.errors import RedisUnavailable
 from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, encode_result
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ACTIVE_KERNEL_STATES, ClusterStatus, KernelState
 from controlplane.protocol.records import AgentRecord, ClusterRecord, JobRecord, KernelRecord, LapsedRecord
-from controlplane.redis.connect import AsyncPipeline, AsyncRedis
+from controlplane.redis import portable
+from controlplane.redis.connect import AsyncPipeline
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.scripts.fenced import Fence
 from controlplane.redis.scripts.kernels import rebind
@@ -109,7 +111,7 @@ class Reconciler:
             self._cursor += 1
             if names:
                 async with amap_redis_errors():
-                    versions = await self.redis.mget([self.keys.cluster_version(n) for n in names])
+                    versions = await portable.mget(self.redis, [self.keys.cluster_version(n) for n in names])
                 for name, version in zip(names, versions, strict=True):
                     if self._versions.get(name, "") != version:
                         dirty.add(name)
@@ -139,12 +141,15 @@ class Reconciler:
             for cluster in clusters:
                 settled = False
                 try:
-                    if cluster.status is ClusterStatus.STOPPED:
-                        await self._teardown(cluster, fleet)
-                    else:
-                        settled = await self._reconcile(cluster, fleet)
+                    async with amap_redis_errors():
+                        if cluster.status is ClusterStatus.STOPPED:
+                            await self._teardown(cluster, fleet)
+                        else:
+                            settled = await self._reconcile(cluster, fleet)
                 except NotLeader:
                     raise
+                except RedisUnavailable as exc:  # e.g. its master is failing over (a Redis Cluster)
+                    logger.warning("reconciling cluster %s: %s; again at the next pass", cluster.name, exc)
                 except Exception:  # one broken cluster must not stop the others
                     logger.exception("reconciling cluster %s failed", cluster.name)
                 if settled:
@@ -213,7 +218,7 @@ class Reconciler:
         now = await self.state.kernels(name) if changed else kernels
         status = await self._set_status(cluster, now, reason)
         if changed:
-            await self.redis.publish(self.keys.notify(), name)
+            await portable.publish(self.redis, self.keys.notify(), name)
         missing = self.detector.missing
         return (
             not changed
@@ -245,15 +250,17 @@ class Reconciler:
         missing = [k for ref, k in want.items() if (k.agent, ref) not in held]
         if not stray and not missing:
             return False
-        async with self._fleet_writes() as pipe:
+
+        def write(pipe: AsyncPipeline) -> None:
             for agent, ref in stray:
                 pipe.hdel(self.keys.agent_kernels(agent), ref)
-                self._wake(pipe, agent, "remove")
             for k in missing:
                 mode = ASSIGN_DRAIN if k.state is KernelState.DRAINING else ASSIGN_RUN
                 pipe.hset(self.keys.agent_kernels(k.agent), f"{cluster}/{k.name}", mode)
-                self._wake(pipe, k.agent, "place")
-            await pipe.execute()
+
+        await self._fleet_write(
+            write, [(a, "remove") for a, _ in stray] + [(k.agent, "place") for k in missing]
+        )
         for agent, ref in stray:
             self.detector.unassign(agent, ref)
             fleet.assigned[agent] -= 1
@@ -318,11 +325,13 @@ class Reconciler:
             write.sadd(self.keys.cluster_kernels(cluster.name), kernel)
             write.incr(self.keys.cluster_version(cluster.name))
             await self.lease.commit(write)
-            async with self._fleet_writes() as pipe:
-                pipe.hset(self.keys.agent_kernels(agent.name), f"{cluster.name}/{kernel}", ASSIGN_RUN)
-                pipe.hdel(self.keys.lapsed_kernels(), f"{cluster.name}/{kernel}")
-                self._wake(pipe, agent.name, "place")
-                await pipe.execute()
+            ref = f"{cluster.name}/{kernel}"
+
+            def assign(pipe: AsyncPipeline, agent: str = agent.name, ref: str = ref) -> None:
+                pipe.hset(self.keys.agent_kernels(agent), ref, ASSIGN_RUN)
+                pipe.hdel(self.keys.lapsed_kernels(), ref)
+
+            await self._fleet_write(assign, [(agent.name, "place")])
             logger.info("placed %s/%s on agent %s", cluster.name, kernel, agent.name)
             here[agent.name] += 1
             fleet.assigned[agent.name] += 1
@@ -342,18 +351,26 @@ class Reconciler:
         write.hset(self.keys.kernel(k.cluster, k.name), KernelRecord.fields(state=KernelState.DRAINING))
         write.incr(self.keys.cluster_version(k.cluster))
         await self.lease.commit(write)
-        async with self._fleet_writes() as pipe:
+
+        def drain(pipe: AsyncPipeline) -> None:
             pipe.hset(self.keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}", ASSIGN_DRAIN)
-            self._wake(pipe, k.agent, "drain")
-            await pipe.execute()
+
+        await self._fleet_write(drain, [(k.agent, "drain")])
         logger.info("draining %s/%s on agent %s", k.cluster, k.name, k.agent)
 
-    def _fleet_writes(self) -> AsyncPipeline:
-        """A pipeline for the fleet-wide writes that follow a committed decision; not a
-        transaction: its keys are in several slots, and each write is idempotent and repaired
-        by the next pass if a crash cuts the pipeline short (docs/reliability.md)."""
-        redis: AsyncRedis = self.redis
-        return redis.pipeline(transaction=False)
+    async def _fleet_write(self, write: portable.Step, wakes: Iterable[tuple[str, str]] = ()) -> None:
+        """The fleet-wide writes that follow a committed decision, then the wake-ups of the
+        agents they concern (`wakes`: agent, why), in that order (`portable.in_order`: one round
+        trip on one Redis), so a woken agent reads its new assignment. Not a transaction: the
+        keys are in several slots, and each write is idempotent and repaired by the next pass if
+        a crash cuts them short (docs/reliability.md)."""
+        wakes = list(wakes)
+
+        def wake(pipe: AsyncPipeline) -> None:
+            for agent, why in wakes:
+                self._wake(pipe, agent, why)
+
+        await portable.in_order(self.redis, write, wake)  # an empty step sends nothing
 
     def _wake(self, pipe: AsyncPipeline, agent: str, why: str) -> None:
         pipe.lpush(self.keys.agent_wake(agent), why)
@@ -394,14 +411,15 @@ class Reconciler:
         write.srem(keys.cluster_kernels(k.cluster), k.name)
         write.incr(keys.cluster_version(k.cluster))
         await self.lease.commit(write)
-        async with self._fleet_writes() as pipe:
+        last_seen = time.time() - self.settings.lease_ttl
+        entry = self._lapsed(last_seen, k.agent, k.host) if lapsed else None
+
+        def unassign(pipe: AsyncPipeline) -> None:
             pipe.hdel(keys.agent_kernels(k.agent), f"{k.cluster}/{k.name}")
-            last_seen = time.time() - self.settings.lease_ttl
-            entry = self._lapsed(last_seen, k.agent, k.host) if lapsed else None
             self._lapse(pipe, keys.lapsed_kernels(), f"{k.cluster}/{k.name}", entry)
-            if wake_agent:  # it still runs: let it drop the kernel at once
-                self._wake(pipe, k.agent, "remove")
-            await pipe.execute()
+
+        # it still runs: let it drop the kernel at once
+        await self._fleet_write(unassign, [(k.agent, "remove")] if wake_agent else [])
         self.detector.unassign(k.agent, f"{k.cluster}/{k.name}")
 
     async def _adopt_orphans(self, cluster: str, running: list[KernelRecord]) -> bool:
@@ -446,7 +464,7 @@ class Reconciler:
         write.incr(self.keys.cluster_version(cluster.name))
         if await self.lease.commit(write) is Fence.GUARDED:
             return ClusterStatus.STOPPED
-        await self.redis.publish(self.keys.notify(), cluster.name)
+        await portable.publish(self.redis, self.keys.notify(), cluster.name)
         logger.info("cluster %s: %s%s", cluster.name, status.value, f" ({reason})" if reason else "")
         return status
 
@@ -494,7 +512,7 @@ class Reconciler:
         )
         await self.lease.commit(write)
         await self.redis.srem(self.keys.clusters(), name)
-        await self.redis.publish(self.keys.notify(), name)
+        await portable.publish(self.redis, self.keys.notify(), name)
         if self._names is not None and name in self._names:
             self._names.remove(name)
         logger.info("cluster %s destroyed", name)
@@ -550,18 +568,15 @@ class Reconciler:
         if not record.draining:
             last_seen = self.detector.last_seen(agent) or time.time() - self.settings.lease_ttl
             entry = self._lapsed(last_seen, host=record.host, slots=record.slots)
-        async with self._fleet_writes() as pipe:
+
+        def forget(pipe: AsyncPipeline) -> None:
             self._lapse(pipe, self.keys.lapsed_agents(), agent, entry)
-            for key in (
-                self.keys.agent(agent),
-                self.keys.agent_kernels(agent),
-                self.keys.agent_wake(agent),
-                self.keys.agent_running(agent),
-            ):
-                pipe.delete(key)  # one DEL each: the keys are in several slots
+            keys = (self.keys.agent(agent), self.keys.agent_kernels(agent))
+            portable.delete_each(pipe, (*keys, self.keys.agent_wake(agent), self.keys.agent_running(agent)))
             pipe.srem(self.keys.agents(), agent)
             pipe.hdel(self.keys.heartbeats(), agent)
-            await pipe.execute()
+
+        await self._fleet_write(forget)
         await self.detector.forget(agent)
         logger.info("forgot agent %s (lease expired)", agent)
 

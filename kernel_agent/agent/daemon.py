@@ -32,7 +32,8 @@ from controlplane.lifecycle import Service
 from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import Capability, Name
 from controlplane.protocol.records import AgentLease, AgentRecord, KernelRecord, LoadRecord, parse_assignment
-from controlplane.redis.connect import AsyncRedis
+from controlplane.redis import portable
+from controlplane.redis.connect import AsyncPipeline, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.settings import Settings
@@ -247,21 +248,25 @@ class Agent(Service):
             draining=False,
             started_at=round(time.time(), 3),
         )
+
         # Not a transaction (the keys are in several slots): ordered instead, the lease last, so
         # the leader sees the agent alive only once its record is written and the previous
         # incarnation's running kernels are gone. Cut short, there is no lease: nothing to undo.
-        async with self.redis.pipeline(transaction=False) as pipe:
+        def listed(pipe: AsyncPipeline) -> None:
             pipe.hset(k.agent(c.name), mapping=record.to_fields())
             pipe.delete(k.agent_running(c.name))  # a new incarnation runs nothing yet
             pipe.sadd(k.agents(), c.name)
             pipe.hdel(k.lapsed_agents(), c.name)  # back: no longer shown as a lapsed agent
+
+        def alive(pipe: AsyncPipeline) -> None:
             # alive from now on; the heartbeat's first beat writes the Redis-clock time
             pipe.set(
                 k.agent_lease(c.name),
                 AgentLease(0, self._next_version()).encode(),
                 px=int(self.settings.lease_ttl * 1000),
             )
-            await pipe.execute()
+
+        await portable.in_order(self.redis, listed, alive)
         self._running = {}
         await self.redis.lpush(k.service_wake(), f"agent {c.name}")
 
@@ -274,12 +279,17 @@ class Agent(Service):
         and converge on it."""
         name, k = self.config.name, self.keys
         key = k.agent_kernels(name)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if self._woken:  # the pushes so far are all answered by the read below
+        woken = self._woken
+
+        def answered(pipe: AsyncPipeline) -> None:
+            if woken:  # the pushes so far are all answered by the read below (so: before it)
                 pipe.delete(k.agent_wake(name))
+
+        def read(pipe: AsyncPipeline) -> None:
             pipe.exists(k.agent(name))
             pipe.hgetall(key)
-            *_, registered, raw = await pipe.execute()
+
+        *_, registered, raw = await portable.in_order(self.redis, answered, read)
         self._woken = False
         if not registered:  # forgotten while unreachable (paused, partitioned): register again
             logger.warning("agent %s was deregistered by the control plane; registering again", name)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.records import AgentLease
+from controlplane.redis import portable
 from controlplane.redis.connect import AsyncRedis, connect
 from controlplane.redis.errors import redis_said
 from controlplane.redis.retry import Backoff, periodically
@@ -101,7 +102,7 @@ class Heartbeat:
         async def lost(exc: RedisError) -> None:
             if isinstance(exc, RedisUnavailable) and not redis_said(exc, "LOADING"):  # that link is fine
                 with contextlib.suppress(Exception):
-                    await client.connection_pool.disconnect()  # drop a half-read connection
+                    await portable.drop_connections(client)  # drop a half-read connection
 
         try:
             await periodically(

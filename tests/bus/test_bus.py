@@ -10,7 +10,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import BusConfig, BusMessage, BusTopic, InterKernelBus, InvalidRequest, ReceivedMessage
@@ -18,6 +17,7 @@ from controlplane.bus.codec import encode
 from controlplane.bus.publisher import StreamWriter
 from controlplane.errors import DispatchTimeout
 from controlplane.protocol.keys import Keys
+from controlplane.redis.connect import connect_sync
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -137,13 +137,14 @@ async def test_trim_keeps_what_the_slowest_group_needs_and_counts_cap_losses(
     await writer.trim(stream, "metrics")
     assert await fake_redis.xlen(stream) == 300
     first_seq = int((await fake_redis.xrange(stream, count=1))[0][1]["seq"])
-    stats = await fake_redis.hgetall(keys.bus_stats())
+    stats = await fake_redis.hgetall(keys.bus_gaps(stream))
     assert int(stats["gaps:metrics:slow"]) == first_seq - 51  # slow had read up to seq 50
     assert int(stats.get("gaps:metrics:fast", 0)) == first_seq - 251  # fast had read up to seq 250
 
 
 # ---------------------------------------------------------------- integration: real Redis
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_fan_out_every_subscriber_gets_every_message_but_not_its_own(bus: InterKernelBus) -> None:
     got = {name: collector() for name in ("k1", "k2", "k3")}
     for name, (_, handler) in got.items():
@@ -169,6 +170,7 @@ async def test_fan_out_every_subscriber_gets_every_message_but_not_its_own(bus: 
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_direct_messages_and_request_reply(bus: InterKernelBus) -> None:
     got_a, handler_a = collector()
 
@@ -193,6 +195,7 @@ async def test_direct_messages_and_request_reply(bus: InterKernelBus) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_request_times_out_when_nobody_answers(bus: InterKernelBus) -> None:
     bus.register("a", lambda m: None)
     bus.register("mute", lambda m: None)  # returns None: no reply
@@ -201,6 +204,7 @@ async def test_request_times_out_when_nobody_answers(bus: InterKernelBus) -> Non
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_failing_handler_is_retried_then_dead_lettered_with_reason(
     bus: InterKernelBus, redis: AsyncRedis
 ) -> None:
@@ -227,6 +231,7 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_reason(
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_malformed_entry_goes_to_dead_letters_and_the_loop_goes_on(
     bus: InterKernelBus, redis: AsyncRedis
 ) -> None:
@@ -240,6 +245,7 @@ async def test_malformed_entry_goes_to_dead_letters_and_the_loop_goes_on(
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_a_restarted_subscriber_gets_what_was_published_while_it_was_down(redis_url: str) -> None:
     got, handler = collector()
     async with InterKernelBus(redis_url=redis_url, config=FAST) as first:
@@ -262,6 +268,7 @@ async def test_a_restarted_subscriber_gets_what_was_published_while_it_was_down(
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_unsubscribe_and_unregister(bus: InterKernelBus) -> None:
     got, handler = collector()
     bus.register("k", handler)
@@ -278,6 +285,7 @@ async def test_unsubscribe_and_unregister(bus: InterKernelBus) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_bad_input_is_refused_with_a_clear_error_and_changes_nothing(
     bus: InterKernelBus, redis_url: str
 ) -> None:
@@ -297,11 +305,12 @@ async def test_bad_input_is_refused_with_a_clear_error_and_changes_nothing(
         await bus.publish(BusMessage(from_kernel="k", topic=BusTopic.DATA, payload={"x": "y" * (2 << 20)}))
     with pytest.raises(InvalidRequest):
         await bus.send_direct("k", "k2", "not a dict")  # type: ignore[arg-type]
-    with sync_redis.Redis.from_url(redis_url) as client:
+    with connect_sync(redis_url) as client:
         assert client.keys("*") == []
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_spec_stats_shape(bus: InterKernelBus) -> None:
     async def kernel1_handler(message: BusMessage) -> None: ...
 
@@ -317,6 +326,7 @@ async def test_spec_stats_shape(bus: InterKernelBus) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_payloads_round_trip_exactly(bus: InterKernelBus) -> None:
     got, handler = collector()
     bus.subscribe("k", BusTopic.DATA, handler)
@@ -331,6 +341,7 @@ async def test_payloads_round_trip_exactly(bus: InterKernelBus) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_entries_of_a_dead_consumer_of_another_name_are_reclaimed(
     bus: InterKernelBus, redis: AsyncRedis
 ) -> None:
@@ -350,6 +361,7 @@ async def test_entries_of_a_dead_consumer_of_another_name_are_reclaimed(
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_hard_cap_drops_what_a_dead_subscriber_did_not_read_and_counts_it(redis_url: str) -> None:
     config = BusConfig(keep=10, max_len=50, trim_every=10, claim_idle=0.2, block=1.0)
     got, handler = collector()

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 from conftest import ProcessStack
+
+from controlplane.redis.connect import connect_sync
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
 
@@ -121,6 +122,7 @@ def run_program(source: str, redis_url: str, tmp_path: Path) -> subprocess.Compl
     return subprocess.run([sys.executable, str(program)], env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.redis_cluster  # no job is dispatched (test_complete_example dispatches: not yet on a cluster)
 def test_inter_kernel_communication_snippets(redis_url: str, tmp_path: Path) -> None:
     body = PUBLISHING + "await asyncio.sleep(0.5)  # let the consumers run\n" + STATS
     source = (
@@ -150,7 +152,7 @@ def test_complete_example(stack: ProcessStack, redis_url: str, tmp_path: Path) -
     handled = out.count("Received: {'type': 'COMPUTE', 'data': [1, 2, 3, 4, 5]}")
     # at-least-once: a worker that had no time to handle the message before the program ended still
     # has it in Redis (unread or pending for its group), for its next incarnation
-    with sync_redis.Redis.from_url(redis_url, decode_responses=True) as client:
+    with connect_sync(redis_url) as client:
         groups = {g["name"]: g for g in client.xinfo_groups("kcp:bus:topic:{data}")}
     assert set(groups) == {"worker-0", "worker-1", "worker-2"}
     # a handler cut short by the end of the program printed but did not acknowledge: it stays pending

@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis as sync_redis
 
 from controlplane import BusConfig, BusMessage, BusTopic, InterKernelBus, RedisUnavailable
+from controlplane.redis.connect import connect_sync
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
@@ -94,6 +94,7 @@ def messages(topic: BusTopic, start: int, stop: int, **extra: object) -> list[Bu
     ]
 
 
+@pytest.mark.redis_cluster
 async def test_fan_out_to_three_subscriber_processes_and_direct_delivery(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
@@ -113,6 +114,7 @@ async def test_fan_out_to_three_subscriber_processes_and_direct_delivery(
     assert subs[0].handled("direct") == subs[2].handled("direct") == []
 
 
+@pytest.mark.redis_cluster
 async def test_sigkilled_subscriber_restarts_and_handles_every_message(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
@@ -136,6 +138,7 @@ async def test_sigkilled_subscriber_restarts_and_handles_every_message(
     )
 
 
+@pytest.mark.redis_cluster
 async def test_poison_message_is_dead_lettered_after_n_tries(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:
@@ -149,7 +152,7 @@ async def test_poison_message_is_dead_lettered_after_n_tries(
         wait_for(lambda: bus.get_stats()["dead_letters"]["control"] == 1, what="dead letter")
         assert sorted(sub.handled()) == list(range(20))
         assert bus.get_stats()["pending"]["control"] == 0
-    with sync_redis.Redis.from_url(redis_url, decode_responses=True) as client:
+    with connect_sync(redis_url) as client:
         [(_, dead)] = client.xrange("kcp:bus:dead")
     assert dead["reason"] == "RuntimeError: poison message"
     assert int(dead["deliveries"]) == SUBSCRIBER_CONFIG.max_deliveries + 1
@@ -186,6 +189,7 @@ async def test_redis_restart_with_aof_mid_stream(
 
 
 # ---------------------------------------------------------------- the subscriber program
+@pytest.mark.redis_cluster
 async def test_a_sigkilled_process_s_kernels_leave_the_stats_and_come_back_to_their_messages(
     redis_url: str, subscribers: Callable[..., Subscriber]
 ) -> None:

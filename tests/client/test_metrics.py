@@ -18,6 +18,7 @@ from controlplane import (
     RedisUnavailable,
 )
 from controlplane.protocol import stats
+from controlplane.redis.connect import connect_sync
 from controlplane.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
@@ -28,12 +29,12 @@ Connect = Callable[[], redis.Redis]
 @pytest.fixture(
     params=[
         pytest.param("fake", marks=pytest.mark.unit),
-        pytest.param("real", marks=pytest.mark.integration),
+        pytest.param("real", marks=[pytest.mark.integration, pytest.mark.redis_cluster]),
     ]
 )
 def server(request: pytest.FixtureRequest) -> Iterator[Connect]:
     """`connect()` gives a new client of one store, as separate processes would have: fakeredis, or
-    the private redis-server (the same contract on both)."""
+    the private redis-server (with `--redis-cluster`: the Redis Cluster; the same contract on all)."""
     clients: list[redis.Redis] = []
     if request.param == "fake":
         fake = fakeredis.FakeServer(version=(7,))
@@ -46,7 +47,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[Connect]:
         url = request.getfixturevalue("redis_url")
 
         def connect() -> redis.Redis:
-            clients.append(redis.Redis.from_url(url, decode_responses=True))
+            clients.append(connect_sync(url))
             return clients[-1]
 
     yield connect

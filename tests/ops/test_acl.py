@@ -24,9 +24,10 @@ from controlplane import KcpClient, Settings
 from controlplane.errors import InvalidRequest
 from controlplane.ops.acl import AclUser, build_users, passwords_for, setuser_args
 from controlplane.ops.cli.main import main as kcp_main
-from controlplane.ops.redis_server import RedisServerProcess
+from controlplane.ops.redis_server import RedisClusterProcess, RedisServerProcess
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import NAME_PATTERN
+from controlplane.redis.connect import connect_sync
 
 KEYS = Keys()
 AGENTS = ("a1", "a2")
@@ -333,3 +334,42 @@ def test_command_format_pipes_into_redis_cli(
     with redis.Redis.from_url(server.url, decode_responses=True) as admin:
         rules = admin.acl_getuser("kcp-agent-a1")
         assert "~kcp:agent:a1:lease" in rules["keys"] and rules["selectors"], rules
+
+
+@pytest.mark.integration
+@pytest.mark.redis_cluster
+@pytest.mark.timeout(30)
+def test_kcp_acl_apply_on_a_redis_cluster_sets_the_users_on_every_node(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    argv = [
+        "--redis-url",
+        redis_cluster_url,
+        "acl",
+        "--agent",
+        "a1",
+        "--apply",
+        "--secrets-dir",
+        str(secrets),
+    ]
+    try:
+        assert kcp_main(argv) == 0
+        users = {u.name for u in build_users(KEYS, ["a1"])}
+        for node in redis_cluster.nodes:  # ACL users are per node: masters and replicas alike
+            with redis.Redis.from_url(node.url, decode_responses=True) as admin:
+                assert users <= set(admin.acl_users()), node.port
+        env = dict(line.split("=", 1) for line in (secrets / "kcp-agent-a1.env").read_text().splitlines())
+        user_url = redis_cluster_url.replace(
+            "redis+cluster://", f"redis+cluster://{env['KCP_REDIS_USERNAME']}:{env['KCP_REDIS_PASSWORD']}@"
+        )
+        with connect_sync(user_url) as a1:
+            a1.set(KEYS.agent_lease("a1"), "1")
+            a1.sadd(KEYS.agents(), "a1")
+            assert _denied(lambda: a1.set(KEYS.agent_lease("a2"), "1"))
+    finally:
+        for node in redis_cluster.nodes:
+            with redis.Redis.from_url(node.url, decode_responses=True) as admin:
+                for name in admin.acl_users():
+                    if name.startswith("kcp-"):
+                        admin.acl_deluser(name)

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from conftest import ProcessStack, RedisServerFactory
 from promtool import promtool_check
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import (
@@ -40,7 +39,7 @@ from controlplane.protocol.jobs import REPLY_TTL_MS
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig
 from controlplane.protocol.records import LapsedRecord
-from controlplane.redis.connect import connect
+from controlplane.redis.connect import connect, connect_sync
 from controlplane.redis.scripts import jobs
 from controlplane.redis.snapshot import read_snapshot
 from controlplane.redis.state import State
@@ -306,6 +305,7 @@ async def test_clients_count_retries_failovers_and_scale_requests(redis: AsyncRe
 
 @pytest.mark.integration
 @pytest.mark.timeout(30)
+@pytest.mark.redis_cluster
 async def test_exporter_reads_bus_counters(redis: AsyncRedis, redis_url: str) -> None:
     events = KEYS.bus_topic("events")
     for i in range(3):
@@ -316,7 +316,7 @@ async def test_exporter_reads_bus_counters(redis: AsyncRedis, redis_url: str) ->
     await redis.xgroup_create(events, "k1", id="0")
     await redis.xreadgroup("k1", "c", {events: ">"}, count=2)  # delivered 2, not acknowledged
     await redis.hincrby(KEYS.bus_stats(), "dead:events", 1)
-    with SyncRedis.from_url(redis_url, decode_responses=True) as bus_client:
+    with connect_sync(redis_url) as bus_client:
         text = await exposition(redis, SETTINGS, bus_client=bus_client)
     s = samples(text)
     assert s['kcp_bus_published_total{topic="events"}'] == 3

@@ -3,8 +3,7 @@ replica each (the session's `redis_cluster` fixture), so that the sharding desig
 on facts and an upgrade of redis-py that changes one fails here.
 
 docs/architecture.md ("Redis Cluster: what the client gives") lists these facts; each names the
-test that backs it. Until kcp's keys are sharded every kcp process refuses a cluster URL at
-start-up (the last tests), and only this file runs with `pytest --redis-cluster`.
+test that backs it. Every kcp process accepts a cluster URL (the last tests).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from controlplane.ops.cli.main import main as kcp_main
 from controlplane.ops.redis_server import RedisClusterProcess, start_redis_cluster
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import (
-    CLUSTER_UNSUPPORTED,
     RESP,
     AsyncRedisCluster,
     SyncRedisCluster,
@@ -64,7 +62,7 @@ NOWHERE = "redis+cluster://127.0.0.1:1,127.0.0.1:2"
 
 
 async def _cluster_client(url: str) -> AsyncRedisCluster:
-    client = connect(url, allow_cluster=True)
+    client = connect(url)
     assert isinstance(client, AsyncRedisCluster)
     return client
 
@@ -123,11 +121,9 @@ def test_a_cluster_url_names_its_startup_nodes(url: str, nodes: tuple[Any, ...],
 def test_a_bad_cluster_url_is_bad_input_that_says_what_to_fix(url: str, message: str) -> None:
     for make in (connect, connect_sync):
         with pytest.raises(InvalidRequest, match=message) as caught:
-            make(url, allow_cluster=True)
+            make(url)
         assert "hunter2" not in str(caught.value)
         assert exit_code(caught.value) == EXIT_BAD_INPUT
-        with pytest.raises(InvalidRequest, match=message):  # the URL's fault first, not "unsupported"
-            make(url)
 
 
 @pytest.mark.unit
@@ -137,7 +133,7 @@ def test_the_cluster_client_asks_for_resp2_and_carries_the_tls_settings(tmp_path
     settings = Settings(redis_url="rediss+cluster://u:pw@h1:7000,h2:7001", redis_tls_ca_file=ca)
     assert settings.redis_url.startswith("rediss+cluster://u:pw@h1:7000,h2:7001")
     assert "ssl_check_hostname=true" in settings.redis_url
-    client = connect(settings.redis_url, allow_cluster=True)
+    client = connect(settings.redis_url)
     assert isinstance(client, AsyncRedisCluster)
     kwargs = client.connection_kwargs
     assert (kwargs["protocol"], kwargs["decode_responses"]) == (RESP, True)
@@ -147,20 +143,17 @@ def test_the_cluster_client_asks_for_resp2_and_carries_the_tls_settings(tmp_path
     assert sorted(client.nodes_manager.startup_nodes) == ["h1:7000", "h2:7001"]
     # the blocking cluster client reads the slot table in its constructor (the asyncio one on first use)
     with pytest.raises(RedisUnavailable, match="Connection refused"):
-        connect_sync(NOWHERE, allow_cluster=True)
+        connect_sync(NOWHERE)
     with pytest.raises(ValueError, match="need a rediss:// URL"):
         Settings(redis_url="redis+cluster://h1:7000", redis_tls_ca_file=ca)
 
 
 @pytest.mark.unit
-def test_kcp_refuses_a_cluster_url_until_its_keys_are_sharded() -> None:
-    for make in (connect, connect_sync):
-        with pytest.raises(InvalidRequest) as caught:
-            make(NOWHERE)
-        assert str(caught.value).startswith(CLUSTER_UNSUPPORTED)
-        assert "issue 20" in str(caught.value)
-    with pytest.raises(InvalidRequest, match="Redis Cluster is not supported yet"):
-        KcpClient(Settings(redis_url=NOWHERE))
+def test_kcp_accepts_a_cluster_url_and_connects_lazily() -> None:
+    client = connect(NOWHERE)  # nothing listens: the asyncio client connects on first use
+    assert isinstance(client, AsyncRedisCluster)
+    kcp = KcpClient(Settings(redis_url=NOWHERE))
+    assert isinstance(kcp.redis, AsyncRedisCluster)
 
 
 @pytest.mark.unit
@@ -218,7 +211,7 @@ async def test_a_cluster_url_reaches_every_master_and_every_connection_speaks_re
         assert len(infos) == 3 and all("resp=2" in info for info in infos.values())
     finally:
         await r.aclose()
-    with connect_sync(redis_cluster_url, allow_cluster=True) as sync:
+    with connect_sync(redis_cluster_url) as sync:
         assert isinstance(sync, SyncRedisCluster)
         infos = sync.execute_command("CLIENT", "INFO", target_nodes=SyncRedisCluster.PRIMARIES)
         assert len(infos) == 3 and all("resp=2" in info for info in infos.values())
@@ -308,7 +301,7 @@ async def test_no_multi_exec_no_pubsub_but_plain_pipelines_across_nodes(redis_cl
         assert await r.execute_command("SPUBLISH", "canary", "x") == 0
     finally:
         await r.aclose()
-    with connect_sync(redis_cluster_url, allow_cluster=True) as sync:
+    with connect_sync(redis_cluster_url) as sync:
         assert isinstance(sync, SyncRedisCluster)
         pubsub = sync.pubsub()  # the blocking client has one
         pubsub.close()
@@ -419,31 +412,39 @@ async def test_after_a_master_failover_the_client_recovers_with_the_data_and_scr
     assert master in redis_cluster.replicas()
 
 
-# ------------------------------------------------------------------ kcp processes today
-@pytest.mark.integration  # runs `kcp` in subprocesses, no Redis: refused before connecting
-@pytest.mark.parametrize("command", [["serve"], ["agent", "--name", "a1"], ["up", "--agents", "1"]])
-def test_kcp_serve_agent_and_up_exit_2_with_one_line_on_a_cluster_url(command: list[str]) -> None:
+# ------------------------------------------------------------------ kcp processes on a cluster URL
+@pytest.mark.integration  # runs `kcp` in subprocesses against nothing: they wait for the cluster
+@pytest.mark.parametrize("command", [["serve"], ["agent", "--name", "a1"]])
+def test_kcp_serve_and_agent_accept_a_cluster_url_and_wait_for_it(command: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KCP_REDIS_URL": NOWHERE}
-    proc = subprocess.run(
-        [sys.executable, "-m", "controlplane.ops.cli", *command],
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.ops.cli", "--log-level", "INFO", *command],
         env=env,
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=30,
     )
-    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Redis Cluster is not supported yet" in lines[0] and "issue 20" in lines[0]
-    assert "Traceback" not in proc.stderr
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 20
+        seen = ""
+        while "waiting for Redis" not in seen:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, f"exited {proc.returncode}: {seen}"
+            seen += line
+            assert time.monotonic() < deadline, seen
+        assert "Traceback" not in seen and "not supported" not in seen
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
-@pytest.mark.unit
-def test_kcp_commands_report_the_cluster_url_as_bad_input_in_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert kcp_main(["--redis-url", NOWHERE, "--json", "cluster", "list"]) == EXIT_BAD_INPUT
-    error = json.loads(capsys.readouterr().out)
-    assert error["error_type"] == "InvalidRequest" and error["exit_code"] == EXIT_BAD_INPUT
-    assert "Redis Cluster is not supported yet" in error["error"]
+@pytest.mark.integration
+def test_kcp_commands_reach_the_cluster(redis_cluster_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert kcp_main(["--redis-url", redis_cluster_url, "--json", "cluster", "list"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
 
 
 @pytest.mark.integration

@@ -3,8 +3,8 @@ by computing the slots), and the scripts give on a 3-master cluster what they gi
 for kcp clusters whose names hash to different masters (`pytest --redis-cluster`).
 
 Known exceptions, asserted so that a change shows: finish.lua declares the client's reply list
-(``kcp:reply:{client}``, not in the cluster's slot) and rebind.lua pushes to it from data;
-bus_publish.lua and bus_trim.lua declare a fleet-wide bus hash beside the stream.
+(``kcp:reply:{client}``, not in the cluster's slot) and rebind.lua pushes to it from data.
+bus_publish.lua and bus_trim.lua run in their stream's slot (a topic's or a kernel's inbox).
 """
 
 from __future__ import annotations
@@ -117,8 +117,14 @@ def _cross_slot(cluster: str) -> dict[str, Call[Any]]:
             latency_ms=1,
             reply_ttl_ms=1_000,
         ),
-        "bus_publish": bus.bus_publish(KEYS, KEYS.bus_topic(cluster), target="", topic=cluster, batch=b"[]"),
-        "bus_trim": bus.bus_trim(KEYS, KEYS.bus_inbox(cluster), keep=1, cap=2, label="inbox"),
+    }
+
+
+def _bus(stream: str) -> dict[str, Call[Any]]:
+    """The bus's scripts on one stream (named here after a kcp cluster, for its slot)."""
+    return {
+        "bus_publish": bus.bus_publish(KEYS, KEYS.bus_topic(stream), target="", topic=stream, batch=b"[]"),
+        "bus_trim": bus.bus_trim(KEYS, KEYS.bus_inbox(stream), keep=1, cap=2, label="inbox"),
     }
 
 
@@ -136,7 +142,7 @@ def test_every_script_of_a_cluster_runs_in_the_cluster_slot(cluster: str) -> Non
     slot = key_slot(KEYS.cluster(cluster).encode())
     for name, call in _calls(cluster).items():
         assert {key_slot(k.encode()) for k in call.keys} == {slot}, name
-    for name, call in _fleet().items():
+    for name, call in [*_fleet().items(), *_bus(cluster).items()]:
         assert len({key_slot(k.encode()) for k in call.keys}) == 1, name
     for name, call in _cross_slot(cluster).items():
         assert len({key_slot(k.encode()) for k in call.keys}) == 2, f"{name} is single-slot now: move it up"
@@ -179,7 +185,7 @@ async def _run_all(r: Any, clusters: tuple[str, ...]) -> list[Any]:
             out.append((cluster, name, await call.reply(r)))
             if name == "kernel_start":  # what the agent does once the process is up
                 await r.hset(KEYS.kernel(cluster, "k1"), "state", "running")
-        for name, call in _fleet().items():
+        for name, call in [*_fleet().items(), *_bus(cluster).items()]:
             out.append((cluster, name, await call.reply(r)))
         for key in sorted([KEYS.kernel(cluster, "k1"), KEYS.kernel(cluster, "k2"), KEYS.job(cluster, "j2")]):
             out.append((key, await r.hgetall(key)))
@@ -198,7 +204,7 @@ async def test_the_scripts_give_on_a_redis_cluster_what_they_give_on_one_redis(
     with SyncRedis.from_url(redis_server.url) as s:
         s.flushall()
     one = AsyncRedis.from_url(redis_server.url, decode_responses=True)
-    many = connect(redis_cluster_url, allow_cluster=True)
+    many = connect(redis_cluster_url)
     assert isinstance(many, AsyncRedisCluster)
     try:
         expected = await _run_all(one, NAMES)

@@ -14,6 +14,7 @@ from controlplane.service.app import PASSES_KEPT, ControlPlane
 
 @pytest.mark.integration
 @pytest.mark.timeout(20)
+@pytest.mark.redis_cluster
 async def test_the_leader_records_each_pass_duration(redis_url: str) -> None:
     redis = connect(redis_url)
     try:

@@ -92,6 +92,7 @@ async def test_an_idle_pass_costs_the_same_few_commands_whatever_the_fleet(redis
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.redis_cluster
 async def test_a_pass_is_bounded_and_the_rest_waits_for_the_next(
     redis: AsyncRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,6 +109,7 @@ async def test_a_pass_is_bounded_and_the_rest_waits_for_the_next(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.redis_cluster
 async def test_changes_bring_clusters_back_into_view(redis: AsyncRedis) -> None:
     reconciler, state = await _fleet(redis, agents=3, clusters=3, size=2)
     await reconciler.reconcile_all()
@@ -137,6 +139,7 @@ async def test_changes_bring_clusters_back_into_view(redis: AsyncRedis) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.redis_cluster
 async def test_a_kernel_death_is_confirmed_from_the_agents_record(redis: AsyncRedis) -> None:
     """The leader's copy of a running record follows the agent's beats; a kernel listed again
     before the next beat (a slow beat, a restart) must not be declared dead on the old copy."""

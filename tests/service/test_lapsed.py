@@ -32,6 +32,7 @@ async def agent(redis: AsyncRedis, name: str, *, alive: bool, draining: bool = F
 
 @pytest.mark.integration
 @pytest.mark.timeout(30)
+@pytest.mark.redis_cluster
 async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
     redis: AsyncRedis, redis_url: str
 ) -> None:

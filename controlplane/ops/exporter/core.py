@@ -45,7 +45,7 @@ from controlplane.ops.exporter.bus import bus_families
 from controlplane.ops.exporter.families import Families
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.records import parse_counters
-from controlplane.redis.connect import AsyncRedis, SyncRedis, connect_sync
+from controlplane.redis.connect import SENTINEL_SCHEME, AsyncRedis, SyncRedis, connect_sync
 from controlplane.redis.errors import amap_redis_errors, map_redis_errors
 from controlplane.redis.snapshot import Snapshot, read_snapshot
 from controlplane.redis.state import State
@@ -152,20 +152,39 @@ def registry_for(collector: KcpCollector, *, process: bool = False) -> Collector
     return registry
 
 
-def _bus_reader(client: SyncRedis | None, keys: Keys) -> Callable[[], Iterable[Metric]] | None:
+def _bus_reader(client: Callable[[], SyncRedis] | None, keys: Keys) -> Callable[[], Iterable[Metric]] | None:
     if client is None:
         return None
-    return lambda: bus_families(client, keys)
+    return lambda: bus_families(client(), keys)
 
 
-def _sync_client(settings: Settings) -> SyncRedis | None:
-    """A blocking client for the bus statistics (read on the scrape thread); None if the URL
-    scheme has no blocking client here (e.g. redis+sentinel://): the bus is left out."""
-    try:
-        return connect_sync(settings.redis_url, timeout=settings.scrape_timeout)
-    except ValueError as exc:
-        logger.warning("bus metrics disabled: %s", exc)
+class _SyncOnDemand:
+    """The scrape thread's blocking client for the bus statistics, made at the first scrape that
+    needs it and again after one that could not connect: a Redis Cluster client connects in its
+    constructor, and Redis down when `kcp serve` starts must not stop it (the scrape reports it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client: SyncRedis | None = None
+
+    def __call__(self) -> SyncRedis:
+        if self.client is None:
+            self.client = connect_sync(self.settings.redis_url, timeout=self.settings.scrape_timeout)
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def _sync_client(settings: Settings) -> _SyncOnDemand | None:
+    """The blocking client for the bus statistics (read on the scrape thread); None if the URL
+    scheme has no blocking client here (redis+sentinel://): the bus is left out."""
+    if settings.redis_url.startswith(f"{SENTINEL_SCHEME}://"):
+        logger.warning("bus metrics disabled: no blocking client for %s:// URLs", SENTINEL_SCHEME)
         return None
+    return _SyncOnDemand(settings)
 
 
 async def exposition(
@@ -186,7 +205,7 @@ async def exposition(
         def read() -> Reading:
             return got
 
-    bus = _bus_reader(bus_client, Keys(settings.prefix))
+    bus = _bus_reader(None if bus_client is None else lambda: bus_client, Keys(settings.prefix))
     return generate_latest(registry_for(KcpCollector(read, lease_ttl=settings.lease_ttl, bus=bus))).decode()
 
 

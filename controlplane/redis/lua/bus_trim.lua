@@ -6,11 +6,12 @@
 -- group at all the stream keeps about `keep` recent entries (for `kcp bus tail`/XRANGE).
 -- Hard cap: if more than `cap` entries remain (a dead or stuck subscriber), the oldest are
 -- dropped exactly, and every group that had not read some of them gets the number it lost
--- added to stats field `gaps:{label}:{group}` (counted, never hidden; the group's consumer
--- marks what it has been told in `gaps:{label}:{group}:seen`).
+-- added to field `gaps:{label}:{group}` of the stream's own counters (counted, never hidden;
+-- the group's consumer marks what it has been told in `gaps:{label}:{group}:seen`). Both keys
+-- share the stream's hash tag: one slot on a Redis Cluster (`get_stats()` sums the streams').
 --
 -- KEYS[1]  STREAM  the bus stream                           (kcp:bus:topic:{topic} | kcp:bus:inbox:{kernel})
--- KEYS[2]  HASH    bus counters                             (kcp:bus:stats)
+-- KEYS[2]  HASH    the stream's cap counters                (<KEYS[1]>:gaps)
 -- ARGV[1]  keep: entries below which no safe trim is done
 -- ARGV[2]  cap: hard maximum length
 -- ARGV[3]  label for the counters (topic name, or "inbox")

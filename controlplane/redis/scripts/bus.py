@@ -22,8 +22,8 @@ class Appended:
 
 def bus_publish(keys: Keys, stream: str, *, target: str, topic: str, batch: bytes) -> Call[Appended | None]:
     """bus_publish.lua: append `batch` (a JSON array of messages) to `stream`; with `target`,
-    only while that kernel is registered (None: nothing written)."""
-    klist = [stream, keys.bus_seq(stream), keys.bus_kernels()]
+    only while that kernel is registered, i.e. its inbox exists (None: nothing written)."""
+    klist = [stream, keys.bus_seq(stream)]
     return Call(BUS_PUBLISH, klist, [target, topic, batch], _appended)
 
 
@@ -40,8 +40,8 @@ class Trimmed:
 
 def bus_trim(keys: Keys, stream: str, *, keep: int, cap: int, label: str) -> Call[Trimmed]:
     """bus_trim.lua: trim `stream` below its slowest group past `keep` entries, then to `cap`
-    (counting what each group lost under `label`)."""
-    return Call(BUS_TRIM, [stream, keys.bus_stats()], [keep, cap, label], _trimmed)
+    (counting what each group lost under `label`, in the stream's `bus_gaps` hash)."""
+    return Call(BUS_TRIM, [stream, keys.bus_gaps(stream)], [keep, cap, label], _trimmed)
 
 
 def _trimmed(reply: Any) -> Trimmed:
