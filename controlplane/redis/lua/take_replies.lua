@@ -2,10 +2,12 @@
 -- the next ones, without losing any to a crash: a reply leaves the reply list only into the
 -- `taken` list, and leaves that only here, after the listener delivered it. After an outage the
 -- listener first reads `taken` again (its last take may have been executed and logged, but its
--- answer lost with the connection). Idle, the listener blocks on `BLMOVE reply taken` instead.
+-- answer lost with the connection). One call takes from one kcp cluster's lists (one slot);
+-- idle, the listener blocks on its bell ({prefix}reply:{client}:bell, in the client's slot),
+-- which names the clusters to take from.
 --
--- KEYS[1] reply list  LIST  {prefix}reply:{client}
--- KEYS[2] taken list  LIST  {prefix}reply:{client}:taken
+-- KEYS[1] reply list  LIST  {prefix}reply:{cluster}:{client}
+-- KEYS[2] taken list  LIST  {prefix}reply:{cluster}:{client}:taken
 -- ARGV[1] how many replies to take at most
 -- ARGV[2] TTL of the taken list, ms (a client that dies leaves nothing behind for long)
 -- Returns the replies taken (oldest first), now in the taken list; an empty list when none wait.

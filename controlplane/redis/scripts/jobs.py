@@ -139,7 +139,7 @@ class Skip(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     job: str  # the arq-serialized job
-    reply: str  # the waiting client's reply list key
+    reply: str  # the waiting client's reply list key (`Keys.reply`, in the cluster's slot)
     attempt: int
     id: str
     #: jobs still queued on the caller's queue or, when it has none, on its siblings' (work it may take next)
@@ -230,7 +230,8 @@ def finish(
     keep_ms: int = 0,
 ) -> Call[bool]:
     """finish.lua: deliver `message` to `reply_key`; True when delivered, False when rejected
-    (the job is gone or belongs to someone else). `buckets`: histogram fields to count, which
+    (the job is gone or belongs to someone else). Once delivered, ring the client's bell
+    (`ring`): not in this call, the bell is in the client's slot. `buckets`: histogram fields to count, which
     need `queue_ms`. `keep_ms` > 0 (arq jobs) also keeps the result at `Keys.job_result` for
     that long."""
     klist = [
@@ -260,6 +261,15 @@ def _flag(reply: Any) -> bool:
 
 
 # ---------------------------------------------------------------- the client's replies
-def take_replies(keys: Keys, client_id: str, *, count: int, ttl_ms: int) -> Call[list[str]]:
-    """take_replies.lua: drop the replies taken last time (delivered), take up to `count` more."""
-    return Call(TAKE_REPLIES, [keys.reply(client_id), keys.reply_taken(client_id)], [count, ttl_ms], list)
+def take_replies(keys: Keys, cluster: str, client_id: str, *, count: int, ttl_ms: int) -> Call[list[str]]:
+    """take_replies.lua on the client's lists of `cluster`: drop the replies taken last time
+    (delivered), take up to `count` more."""
+    klist = [keys.reply(cluster, client_id), keys.reply_taken(cluster, client_id)]
+    return Call(TAKE_REPLIES, klist, [count, ttl_ms], list)
+
+
+def ring(keys: Keys, cluster: str, reply_key: str, now_ms: int) -> tuple[str | int, ...] | None:
+    """The ZADD that rings the bell of the client whose reply list of `cluster` is `reply_key`,
+    to send once a push there is known to have happened (None: not a list with a bell)."""
+    bell = keys.reply_bell_for(reply_key)
+    return None if bell is None else ("ZADD", bell, now_ms, cluster)
