@@ -735,8 +735,11 @@ async def test_take_replies_keeps_what_it_took_until_the_next_take(lua: Lua) -> 
     assert await lua.call(take()) == ["r1", "r2"]
     assert await lua.r.lrange(taken, 0, -1) == ["r1", "r2"], "read again after a lost answer"
     assert 0 < await lua.r.pttl(taken) <= 60_000
+    await lua.r.pexpire(reply, 5)  # the list the last take empties becomes the taken list ...
     assert await lua.call(take()) == ["r3"]
     assert await lua.r.lrange(taken, 0, -1) == ["r3"]
+    assert 5_000 < await lua.r.pttl(taken) <= 60_000, "... with the taken list's TTL"
+    assert await lua.r.exists(reply) == 0
     assert await lua.call(take()) == []
     assert await lua.r.exists(reply, taken) == 0
 
