@@ -275,8 +275,8 @@ class Dispatcher:
 
     async def _taken(self, cluster: str, batch: list[str]) -> None:
         """Deliver what a take from `cluster` returned."""
-        self._last = cluster
         if batch:
+            self._last = cluster
             self._acked.add(cluster)  # delivered below: dropped by the next step
         else:
             self._acked.discard(cluster)  # the take dropped the taken list
@@ -287,8 +287,8 @@ class Dispatcher:
     async def _wait_for_bell(self) -> None:
         waited = self._waited_on()
         bet: str | None = None
-        if self._ordered:
-            bet = next(iter(waited)) if len(waited) == 1 else self._last if self._last in waited else None
+        if self._ordered:  # the one cluster waited on, else the last one a reply came from
+            bet = next(iter(waited)) if len(waited) == 1 else self._last or None
         acks = [("DEL", self.keys.reply_taken(c, self.client_id)) for c in sorted(self._acked) if c != bet]
         self._acked.clear()  # a failed step ends in `_recover`, which takes from every cluster
         take = self._take_call(bet) if bet is not None else None
@@ -306,6 +306,8 @@ class Dispatcher:
         finally:
             _drop(futures)
         if popped is None:  # idle for a whole pop: take from every cluster waited on ...
+            if not waited:
+                self._last = ""  # and bet no more: an idle client's pop goes alone
             full = bet is not None and bet in self._due
             self._sweep()
             if bet is not None and not full:  # ... but the one the take behind the pop swept
