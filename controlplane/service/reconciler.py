@@ -547,7 +547,9 @@ class Reconciler:
         """Ring the bells of the clients whose reply lists of `cluster` were just pushed to (each
         bell is in its client's slot: rung once the push is done). Best effort: a lost ring
         only delays the reply until the listener's next sweep."""
-        rings = [r for key in reply_keys if (r := ring(self.keys, cluster, key, now_ms()))]
+        rings = [
+            c for key in reply_keys for c in ring(self.keys, cluster, key, now_ms(), ttl_ms=REPLY_TTL_MS)
+        ]
         if rings:
             async with best_effort(), self.redis.pipeline(transaction=False) as pipe:
                 for command in rings:

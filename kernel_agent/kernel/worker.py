@@ -72,8 +72,8 @@ MIN_BLOCK = 0.05
 #: How long a deferred job's keys outlive its deadline, ms (a safety net, as for queued jobs).
 DEFERRED_TTL_EXTRA_MS = 3_600_000
 #: A finished job's id, its finish.lua call (defer.lua for a job an arq `Retry` defers) and the
-#: ZADD that rings its client's bell once the result is delivered (None: no bell to ring).
-Finish = tuple[str, Call[bool] | Call[int], Command | None]
+#: commands that ring its client's bell once the result is delivered (none: no bell to ring).
+Finish = tuple[str, Call[bool] | Call[int], tuple[Command, ...]]
 
 
 class KernelProcess(Service):
@@ -177,8 +177,11 @@ class KernelProcess(Service):
             )
             rebound = await call.run(channel)
             moved += max(rebound.moved, 0)
+            now = _now_ms()
             rings = [
-                r for key in rebound.answered if (r := jobs.ring(self.keys, self.cluster, key, _now_ms()))
+                c
+                for key in rebound.answered
+                for c in jobs.ring(self.keys, self.cluster, key, now, ttl_ms=REPLY_TTL_MS)
             ]
             if rings:  # rebind.lua replied: its pushes are done (best effort: a lost ring only delays)
                 await channel.execute_many(rings)
@@ -209,8 +212,8 @@ class KernelProcess(Service):
         while self._undelivered:
             _, call, ring = self._undelivered[-1]
             await call.run(self.channel)
-            if ring is not None:  # delivered now or before the outage (then its ring may be lost)
-                await self.channel.execute_many([ring])  # best effort: an error reply is returned
+            if ring:  # delivered now or before the outage (then its ring may be lost)
+                await self.channel.execute_many(ring)  # best effort: an error reply is returned
             self._undelivered.pop()
         self._busy = 0
         await self.requeue_own(self.channel)
@@ -380,7 +383,7 @@ class KernelProcess(Service):
                 ctx = dataclasses.replace(self.ctx, job=job)
             value = await self.registry.execute(ctx, request)
         except Deferral as exc:
-            return job_id, self._defer(job_id, request, enqueue_ms, exc), None
+            return job_id, self._defer(job_id, request, enqueue_ms, exc), ()
         except SyscallError as exc:
             error, error_type = str(exc), exc.error_type
         except Exception as exc:  # a corrupt job must not kill the kernel
@@ -423,7 +426,7 @@ class KernelProcess(Service):
         )
         self.load.finished(latency_ms, failed=bool(error_type), queued=getattr(claimed, "queued", 0))
         self._busy += 1  # until `_delivered` has finish.lua's reply
-        return job_id, call, jobs.ring(self.keys, self.cluster, claimed.reply, finish_ms)
+        return job_id, call, jobs.ring(self.keys, self.cluster, claimed.reply, finish_ms, ttl_ms=REPLY_TTL_MS)
 
     def _defer(self, job_id: str, request: dict[str, Any], enqueue_ms: int, exc: Deferral) -> Call[int]:
         """defer.lua for a job whose arq function raised `Retry`: back to the cluster's deferred
@@ -453,7 +456,7 @@ class KernelProcess(Service):
         """The commands that deliver `finish`: its call, and its ring behind it when they go
         to one Redis on one connection (else `_delivered` rings once the call replied)."""
         _, call, ring = finish
-        return [call.command, ring] if ring is not None and self._ring_behind else [call.command]
+        return [call.command, *ring] if self._ring_behind else [call.command]
 
     async def _delivered(self, finish: Finish, replies: Sequence[asyncio.Future[Any]]) -> None:
         """Account for the replies of `_finish_steps(finish)`, sent together with the next pop."""
@@ -468,10 +471,11 @@ class KernelProcess(Service):
             self._busy -= 1
         if not delivered:
             logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", job_id)
-        elif ring is not None and not self._ring_behind:
-            _, bell, ms, cluster = ring
-            async with best_effort():
-                await self.redis.zadd(str(bell), {str(cluster): float(ms)})
+        elif ring and not self._ring_behind:
+            async with best_effort(), self.redis.pipeline(transaction=False) as pipe:
+                for command in ring:
+                    pipe.execute_command(*command)
+                await pipe.execute()
 
 
 def _now_ms() -> int:

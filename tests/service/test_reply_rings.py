@@ -65,6 +65,7 @@ async def test_orphans_answered_on_rebind_ring_their_clients_bell(redis: AsyncRe
     (raw,) = await redis.lrange(KEYS.reply("web", CLIENT), 0, -1)
     assert (decode_result(raw).job_id, decode_result(raw).error_type) == ("pin", "KernelGone")
     assert list(await redis.zrange(KEYS.reply_bell(CLIENT), 0, -1)) == ["web"]
+    assert 0 < await redis.pttl(KEYS.reply_bell(CLIENT)) <= 60_000, "a dead client's bell expires"
     assert (await redis.hgetall(KEYS.job("web", "free")))["kernel"] == "k2"
 
 

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from controlplane.protocol.keys import Keys
+from controlplane.redis.channel import Command
 from controlplane.redis.lua import Script
 from controlplane.redis.scripts.call import Arg, Call
 
@@ -268,8 +269,9 @@ def take_replies(keys: Keys, cluster: str, client_id: str, *, count: int, ttl_ms
     return Call(TAKE_REPLIES, klist, [count, ttl_ms], list)
 
 
-def ring(keys: Keys, cluster: str, reply_key: str, now_ms: int) -> tuple[str | int, ...] | None:
-    """The ZADD that rings the bell of the client whose reply list of `cluster` is `reply_key`,
-    to send once a push there is known to have happened (None: not a list with a bell)."""
+def ring(keys: Keys, cluster: str, reply_key: str, now_ms: int, *, ttl_ms: int) -> tuple[Command, ...]:
+    """The commands that ring the bell of the client whose reply list of `cluster` is
+    `reply_key` (a ZADD, and a PEXPIRE so a dead client's bell goes like its lists), to send
+    once a push there is known to have happened; none for a list with no bell."""
     bell = keys.reply_bell_for(reply_key)
-    return None if bell is None else ("ZADD", bell, now_ms, cluster)
+    return () if bell is None else (("ZADD", bell, now_ms, cluster), ("PEXPIRE", bell, ttl_ms))
