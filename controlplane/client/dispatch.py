@@ -90,7 +90,7 @@ class Dispatcher:
         self._due: set[str] = set()  # clusters the next step takes from, without blocking
         #: clusters whose taken list holds replies delivered already (dropped by the next step)
         self._acked: set[str] = set()
-        self._last = ""  # the cluster taken from last (the one the next bell pop bets on)
+        self._last = ""  # the last cluster a take found replies in (the next bell pop bets on it)
         self._swept = time.monotonic()
 
     def reply_key(self, cluster: str) -> str:
