@@ -50,7 +50,7 @@ async def finish_run(r: aioredis.Redis, jobs: int, buckets: bool, tag: str) -> f
                     "k",
                     job_id=f"{tag}{i}",
                     epoch="1",
-                    reply_key=KEYS.reply("b"),
+                    reply_key=KEYS.reply("c", "b"),
                     message="{}",
                     success=True,
                     latency_ms=1.234,
@@ -65,7 +65,7 @@ async def finish_run(r: aioredis.Redis, jobs: int, buckets: bool, tag: str) -> f
                 pipe.execute_command(*call.command)
             await pipe.execute()
     elapsed = time.perf_counter() - t0
-    await r.delete(KEYS.reply("b"))
+    await r.delete(KEYS.reply("c", "b"))
     return elapsed / jobs * 1e6
 
 

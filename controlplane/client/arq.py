@@ -145,7 +145,7 @@ async def enqueue_job(
     payload = encode_job(request.model_dump(mode="json", exclude_defaults=True), job_try=1, enqueue_ms=now)
     if explicit_id and await Job(arq, cluster, job_id).exists():
         return None
-    pushed = arq.dispatcher.watch(job_id)  # before it can finish: its pushed result is not missed
+    pushed = arq.dispatcher.watch(job_id, cluster)  # before it can finish: its pushed result is not missed
     try:
         if due > now:
             call = deferred.defer(
@@ -156,7 +156,7 @@ async def enqueue_job(
                 now_ms=now,
                 due_ms=due,
                 ttl_extra_ms=JOB_TTL_EXTRA_MS,
-                reply_key=arq.dispatcher.reply_key,
+                reply_key=arq.dispatcher.reply_key(cluster),
                 deadline_ms=deadline,
                 strategy=arq.engine.config.strategy.value,
             )
@@ -210,7 +210,7 @@ async def route(
                     plan,
                     job_id=job_id,
                     payload=payload,
-                    reply_key=reply_key or arq.dispatcher.reply_key,
+                    reply_key=reply_key or arq.dispatcher.reply_key(cluster),
                     now_ms=now,
                     deadline_ms=deadline_ms,
                     ttl_ms=max(deadline_ms - now, 0) + JOB_TTL_EXTRA_MS,
@@ -305,7 +305,11 @@ class Job:
         every `poll_delay` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         own = self._pushed is not None and not self._pushed.cancelled()
-        fut = self._pushed if own and self._pushed is not None else self._arq.dispatcher.watch(self.job_id)
+        fut = (
+            self._pushed
+            if own and self._pushed is not None
+            else self._arq.dispatcher.watch(self.job_id, self.cluster)
+        )
         read = not own  # our own job's result is pushed to us: wait for it before reading
         try:
             while True:

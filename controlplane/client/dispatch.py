@@ -1,17 +1,23 @@
 """The fast path: enqueue a job on a kernel in one round trip and await its pushed result.
 
-Each client process owns one reply list (`reply:{client_id}`) and one listener task that
-blocks on it and resolves the future of each job id: no polling anywhere. A cached view of
-each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing from reading
-Redis on every dispatch.
+Each client process owns one reply list per kcp cluster it dispatches to
+(`reply:{cluster}:client_id`, in the cluster's slot, so finish.lua pushes there in one slot with
+the job), one doorbell (`reply:{client_id}:bell`, a ZSET of cluster names in the client's slot:
+whoever pushed a reply rings it, after the push) and one listener task that blocks on the bell,
+takes from the lists of the clusters it names and resolves the future of each job id: no
+polling, and one blocking connection per client whatever the number of clusters and wherever
+their slots live. A ring is a hint: the listener also sweeps (takes from) every cluster it
+waits on at each idle timeout and every `SWEEP_SECONDS`, so a lost ring only delays a reply. A
+cached view of each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing
+from reading Redis on every dispatch.
 
-No reply is lost to a Redis crash: the listener moves replies to `reply:{client_id}:taken`
-(`BLMOVE`, `take_replies.lua`) and drops them from there only at its next step, after it
-delivered them. After an outage it reads `taken` again, then asks Redis for the fate of every
-job it was waiting for (`_recover`): a result is delivered, a job still queued or running is
-waited for, and a job that is gone without a result (its enqueue was lost, e.g. by a Sentinel
-failover) ends its attempt at once, so the engine submits it again without waiting out its
-deadline.
+No reply is lost to a Redis crash: a take (`take_replies.lua`) moves replies to the cluster's
+`reply:{cluster}:client_id:taken` and drops them from there only at the next take there (or a
+`DEL` once they are delivered), after it delivered them. After an outage it reads each taken
+list again, then asks Redis for the fate of every job it was waiting for (`_recover`): a result
+is delivered, a job still queued or running is waited for, and a job that is gone without a
+result (its enqueue was lost, e.g. by a Sentinel failover) ends its attempt at once, so the
+engine submits it again without waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,21 +36,25 @@ from controlplane.errors import ClusterNotFound, DispatchTimeout, RedisError, Re
 from controlplane.lifecycle import finish
 from controlplane.protocol.jobs import REPLY_TTL_MS, Outcome, decode_result, encode_job
 from controlplane.protocol.keys import Keys
-from controlplane.protocol.models import KernelLoad, KernelState
+from controlplane.protocol.models import NAME_PATTERN, KernelLoad, KernelState
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis import portable
-from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis
-from controlplane.redis.errors import amap_redis_errors, redis_said
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis, AsyncRedisCluster
+from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.redis.scripts import jobs
-from controlplane.redis.scripts.call import preloading
+from controlplane.redis.scripts.call import Call, preloading
 from controlplane.redis.state import State, now_ms
 
 logger = logging.getLogger(__name__)
 
-#: Replies the listener takes per blocking pop, at most.
+#: Replies the listener takes per take (one cluster's list), at most.
 REPLY_BATCH = 512
+#: How often the listener takes from every cluster it waits on, whatever its bell says, seconds
+#: (and at each idle timeout of its bell pop): a reply whose ring was lost waits no longer.
+SWEEP_SECONDS = float(MAX_BLOCK_SECONDS)
+_NAME = re.compile(NAME_PATTERN)
 #: How long an unfinished job key lives at most, beyond its deadline, ms (a safety net).
 JOB_TTL_EXTRA_MS = 3_600_000
 #: How long a cached kernel list is trusted without a change notification, seconds; then the
@@ -61,20 +72,33 @@ class Dispatcher:
         self.redis = redis
         self.keys = keys
         self.client_id = uuid.uuid4().hex
-        self.reply_key = keys.reply(self.client_id)
-        self.taken_key = keys.reply_taken(self.client_id)
+        self.bell_key = keys.reply_bell(self.client_id)
         # enqueue and cancel, pipelined across concurrent dispatches
         self.channel = preloading(redis, jobs.ENQUEUE, jobs.CANCEL)
         self._replies = preloading(redis, jobs.TAKE_REPLIES)  # the reply listener's takes and waits
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
         #: job id -> cluster, of the jobs enqueued and not answered yet
         self._queued: dict[str, str] = {}
+        #: job id -> cluster, of the jobs `watch`ed (their result comes to the cluster's list)
+        self._watched: dict[str, str] = {}
+        #: every cluster whose reply list this client handed out (`stop` deletes them)
+        self._clusters: set[str] = set()
         #: the jobs queued when the listener lost Redis: their fate is read back when it returns
         self._unsure: dict[str, str] | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._blmove = True  # BLMOVE is Redis 6.2's; BRPOPLPUSH before
-        self._batch = True  # the listener's next step takes a batch (else it blocks for one reply)
-        self._delivered = False  # the taken list holds a reply delivered already (dropped next step)
+        #: one connection to one Redis: a take written behind the bell pop runs when it returns
+        self._ordered = not isinstance(redis, AsyncRedisCluster)
+        self._due: set[str] = set()  # clusters the next step takes from, without blocking
+        #: clusters whose taken list holds replies delivered already (dropped by the next step)
+        self._acked: set[str] = set()
+        self._last = ""  # the last cluster a take found replies in (the next bell pop bets on it)
+        self._swept = time.monotonic()
+
+    def reply_key(self, cluster: str) -> str:
+        """This client's reply list of `cluster`, for a job enqueued or deferred there (its
+        result is pushed to it)."""
+        self._clusters.add(cluster)
+        return self.keys.reply(cluster, self.client_id)
 
     def _listen_for_replies(self) -> None:
         """Start the reply listener with the first job: a client that never dispatches (`kcp
@@ -91,8 +115,13 @@ class Dispatcher:
             if not fut.done():
                 fut.cancel()
         await self._replies.aclose()
+        # one DEL per cluster: its lists share its slot, the bell is in ours
+        lists = [
+            ("DEL", self.keys.reply(c, self.client_id), self.keys.reply_taken(c, self.client_id))
+            for c in sorted(self._clusters)
+        ]
         async with best_effort():
-            await self.channel.execute("DEL", self.reply_key, self.taken_key)
+            await self.channel.execute_many([("DEL", self.bell_key), *lists])
         await self.channel.aclose()
 
     async def submit(
@@ -126,7 +155,7 @@ class Dispatcher:
                 plan,
                 job_id=job_id,
                 payload=payload,
-                reply_key=self.reply_key,
+                reply_key=self.reply_key(plan.cluster),
                 now_ms=now,
                 deadline_ms=now + int(wait_s * 1000),
                 ttl_ms=int(wait_s * 1000) + JOB_TTL_EXTRA_MS,
@@ -163,11 +192,13 @@ class Dispatcher:
             self._waiting.pop(job_id, None)
             self._queued.pop(job_id, None)
 
-    def watch(self, job_id: str) -> asyncio.Future[Outcome]:
-        """A future for the result of `job_id` pushed to this client's reply list (a job queued
-        without `submit`, e.g. an arq job). It is forgotten once resolved; `unwatch` it to stop
-        waiting before."""
+    def watch(self, job_id: str, cluster: str) -> asyncio.Future[Outcome]:
+        """A future for the result of `job_id` of `cluster` pushed to this client's reply list
+        there (a job queued without `submit`, e.g. an arq job). It is forgotten once resolved;
+        `unwatch` it to stop waiting before."""
         self._listen_for_replies()
+        self._clusters.add(cluster)
+        self._watched[job_id] = cluster
         fut = self._waiting.get(job_id)
         if fut is None or fut.done():
             fut = self._waiting[job_id] = asyncio.get_running_loop().create_future()
@@ -177,6 +208,7 @@ class Dispatcher:
     def unwatch(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
         if self._waiting.get(job_id) is fut:
             del self._waiting[job_id]
+            self._watched.pop(job_id, None)
 
     def _overdue(self, job_id: str, fut: asyncio.Future[Outcome]) -> None:
         """`submit`'s wait for `job_id` is over: fail `fut`, and leave a fresh future in its
@@ -196,57 +228,100 @@ class Dispatcher:
         )
 
     async def _take_replies(self) -> None:
-        """One step of the reply listener. Under load (`_batch`) a step is one take of up to
-        `REPLY_BATCH` replies (`take_replies.lua`, which first drops those delivered last
-        time). Otherwise it blocks until the next reply comes, in one write: drop what the last
-        step delivered from the taken list, `BLMOVE` the next reply into it, renew its TTL and
-        count what waits behind it (`LLEN`: more waiting means a take next). So an idle reply
-        costs one round trip and four commands, and a reply leaves the taken list only after
-        it was delivered."""
-        futures: list[asyncio.Future[Any]] = []
+        """One step of the reply listener: a take from each cluster due (`take_replies.lua`,
+        which first drops what the last take there delivered), or else one blocking pop of the
+        bell (`BZPOPMIN`, behind the `DEL` of the taken lists whose replies are delivered), whose
+        member names the cluster to take from next. A take that filled a batch is followed by
+        another there at once; otherwise the next ring says when more came (the pusher rings
+        after its push). With one connection to one Redis, a take from the cluster the listener
+        bets on (the only one it waits on, or the last it took from) rides behind the pop and
+        runs when it returns: an idle reply then costs one round trip and two commands. At each
+        idle timeout, and every `SWEEP_SECONDS`, it takes from every cluster it waits on."""
         try:
             async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS), amap_redis_errors():
                 if self._unsure is not None:
                     await self._recover(self._unsure)
                     self._unsure = None
-                    self._batch = True  # a take next: it drops the taken list `_recover` delivered
-                if self._batch:
-                    take = jobs.take_replies(
-                        self.keys, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS
-                    )
-                    self._batch = bool(await self._deliver_all(await take.run(self._replies)))
-                    self._delivered = False  # what it took is dropped by the next take (batch) or is none
-                    return
-                wait: tuple[str | int, ...] = (
-                    ("BLMOVE", self.reply_key, self.taken_key, "LEFT", "RIGHT", MAX_BLOCK_SECONDS)
-                    if self._blmove
-                    else ("BRPOPLPUSH", self.reply_key, self.taken_key, MAX_BLOCK_SECONDS)
-                )
-                # the TTL behind the move: a client killed while it blocks leaves no list behind
-                step: list[tuple[str | int, ...]] = [("DEL", self.taken_key)] if self._delivered else []
-                step += [wait, ("PEXPIRE", self.taken_key, REPLY_TTL_MS), ("LLEN", self.reply_key)]
-                futures = await self._replies.send(step)
-                moved = await futures[-3]
-                if isinstance(moved, Exception):
-                    raise moved
-                self._delivered = bool(moved)
-                if moved:
-                    await self._deliver_all([moved])
-                behind = await futures[-1]
-                self._batch = not isinstance(behind, Exception) and int(behind) > 0
+                    self._due |= self._clusters  # takes next: they drop the taken lists `_recover` delivered
+                if time.monotonic() - self._swept >= SWEEP_SECONDS:
+                    self._sweep()
+                if self._due:
+                    await self._take(sorted(self._due))
+                else:
+                    await self._wait_for_bell()
         except TimeoutError:
             raise RedisUnavailable("reply pop overdue") from None
-        except RedisError as exc:
-            if self._blmove and redis_said(exc, "unknown command"):
-                self._blmove = False  # BLMOVE is Redis 6.2's; BRPOPLPUSH before
-                return
-            raise
+
+    def _waited_on(self) -> set[str]:
+        """The clusters of the jobs this client waits for."""
+        return {*self._queued.values(), *self._watched.values()}
+
+    def _sweep(self) -> None:
+        self._due |= self._waited_on()
+        self._swept = time.monotonic()
+
+    def _take_call(self, cluster: str) -> Call[list[str]]:
+        return jobs.take_replies(self.keys, cluster, self.client_id, count=REPLY_BATCH, ttl_ms=REPLY_TTL_MS)
+
+    async def _take(self, clusters: list[str]) -> None:
+        """One take from each of `clusters`, in one write."""
+        calls = [self._take_call(c) for c in clusters]
+        self._due.difference_update(clusters)
+        futures = await self._replies.send([call.command for call in calls])
+        try:
+            for cluster, call, fut in zip(clusters, calls, futures, strict=True):
+                await self._taken(cluster, await call.settle(await fut, self._replies))
         finally:
-            for fut in futures:  # a failed step leaves the others' replies unread: drop them
-                if not fut.done():
-                    fut.cancel()
-                elif not fut.cancelled():
-                    fut.exception()
+            _drop(futures)
+
+    async def _taken(self, cluster: str, batch: list[str]) -> None:
+        """Deliver what a take from `cluster` returned."""
+        if batch:
+            self._last = cluster
+            self._acked.add(cluster)  # delivered below: dropped by the next step
+        else:
+            self._acked.discard(cluster)  # the take dropped the taken list
+        if len(batch) >= REPLY_BATCH:
+            self._due.add(cluster)  # more may wait behind
+        await self._deliver_all(batch)
+
+    async def _wait_for_bell(self) -> None:
+        waited = self._waited_on()
+        bet: str | None = None
+        if self._ordered:  # the one cluster waited on, else the last one a reply came from
+            bet = next(iter(waited)) if len(waited) == 1 else self._last or None
+        acks = [("DEL", self.keys.reply_taken(c, self.client_id)) for c in sorted(self._acked) if c != bet]
+        self._acked.clear()  # a failed step ends in `_recover`, which takes from every cluster
+        take = self._take_call(bet) if bet is not None else None
+        step: list[tuple[str | int, ...]] = [*acks, ("BZPOPMIN", self.bell_key, MAX_BLOCK_SECONDS)]
+        futures = await self._replies.send(step + ([take.command] if take is not None else []))
+        try:
+            popped = await futures[len(acks)]
+            if isinstance(popped, Exception):
+                raise popped
+            if take is not None and bet is not None:
+                await self._taken(bet, await take.settle(await futures[-1], self._replies))
+            for fut in futures[: len(acks)]:
+                if isinstance(await fut, Exception):
+                    raise await fut
+        finally:
+            _drop(futures)
+        if popped is None:  # idle for a whole pop: take from every cluster waited on ...
+            if not waited:
+                self._last = ""  # and bet no more: an idle client's pop goes alone
+            full = bet is not None and bet in self._due
+            self._sweep()
+            if bet is not None and not full:  # ... but the one the take behind the pop swept
+                self._due.discard(bet)
+            return
+        cluster = popped[1]
+        cluster = cluster.decode() if isinstance(cluster, bytes) else str(cluster)
+        if cluster == bet:
+            return  # the take behind the pop ran after it: it took what the ring announced
+        if _NAME.match(cluster):
+            self._due.add(cluster)
+        else:
+            logger.warning("dropping a malformed ring on %s: %r", self.bell_key, cluster[:80])
 
     async def _deliver_all(self, replies: list[str]) -> int:
         for raw in replies:
@@ -256,18 +331,24 @@ class Dispatcher:
         return len(replies)
 
     async def _recover(self, unsure: dict[str, str]) -> None:
-        """After an outage: deliver what the last take moved (its answer may have been lost),
-        then settle the jobs queued before it. Existence is read first, the replies after, so
-        a job that finished in between has its reply read."""
+        """After an outage: deliver what the last takes moved (their answers may have been
+        lost) and what waits in each cluster's list, then settle the jobs queued before it.
+        Existence is read first, the replies after, so a job that finished in between has its
+        reply read."""
         ids = [j for j in unsure if j in self._waiting]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.exists(self.keys.job(unsure[job_id], job_id))
             exists = await pipe.execute()
-        for raw in await self._replies.execute("LRANGE", self.taken_key, 0, -1):
-            self._deliver(raw)
-        for raw in await self._replies.execute("LRANGE", self.reply_key, 0, -1):
-            self._deliver(raw)  # delivered again by the next take: a future resolves once
+        reads: list[tuple[str | int, ...]] = []
+        for cluster in sorted(self._clusters):
+            reads.append(("LRANGE", self.keys.reply_taken(cluster, self.client_id), 0, -1))
+            reads.append(("LRANGE", self.keys.reply(cluster, self.client_id), 0, -1))
+        for replies in await self._replies.execute_many(reads) if reads else []:
+            if isinstance(replies, Exception):
+                raise replies
+            for raw in replies:
+                self._deliver(raw)  # a listed one is delivered again by the next take: a future resolves once
         vanished = 0
         for job_id, found in zip(ids, exists, strict=True):
             fut = self._waiting.get(job_id)
@@ -289,11 +370,20 @@ class Dispatcher:
         try:
             outcome = decode_result(raw)
         except Exception:
-            logger.warning("dropping a malformed reply on %s", self.reply_key)
+            logger.warning("dropping a malformed reply to %s", self.client_id)
             return
         fut = self._waiting.get(outcome.job_id)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
+
+
+def _drop(futures: list[asyncio.Future[Any]]) -> None:
+    """A step's replies nobody reads now (it failed part way): drop them, quietly."""
+    for fut in futures:
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()
 
 
 class _Overdue(Exception):

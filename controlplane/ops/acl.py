@@ -89,7 +89,7 @@ def _shared_kernel_side(k: Keys) -> list[str]:
     return _rw(
         k.kernel_pattern("*"),  # kernel records and their queue/inflight/stats/lease/health keys
         k.job_pattern("*"),
-        k.reply("*"),
+        k.reply_pattern(),  # every client's reply lists (finish.lua, rebind.lua) and bell (ZADD)
         k.cluster_stats("*"),
         k.cluster_version("*"),  # kernel_start.lua and kernel_stop.lua INCR it
         k.cluster_deferred("*"),  # an arq function's Retry puts its job back there (defer.lua)
@@ -109,8 +109,7 @@ def client_rules(k: Keys) -> list[str]:
         f"{k.cluster('*')}:*",  # ... and every other key of the cluster
         k.kernel_pattern("*"),
         k.job_pattern("*"),
-        k.reply("*"),
-        k.reply_taken("*"),
+        k.reply_pattern(),  # its reply and taken lists in each cluster's slot, and its bell
         k.service_wake(),
         k.rejections(),
         f"{k.prefix}metrics:*",

@@ -124,16 +124,41 @@ class Keys:
     def job_pattern(self, cluster: str) -> str:
         return f"{self.prefix}job:{{{cluster}}}:*"
 
-    def reply(self, client_id: str) -> str:
-        """LIST: results pushed to one client process (expires when the client goes away).
-        Tagged by the client (one slot with its `reply_taken`), not by cluster: the scripts that
-        push to it (finish, rebind, abort) still span two slots on a Redis Cluster."""
-        return f"{self.prefix}reply:{{{client_id}}}"
+    def reply(self, cluster: str, client_id: str) -> str:
+        """LIST: results of `cluster`'s jobs pushed to one client process (expires when the client
+        goes away). In the cluster's slot, so the scripts that push to it (finish, rebind) and the
+        reconciler's fenced write run in one slot with the job; the client's `reply_bell` says
+        which of its clusters' lists to take from."""
+        return f"{self.prefix}reply:{{{cluster}}}:{client_id}"
 
-    def reply_taken(self, client_id: str) -> str:
-        """LIST: results the client's listener took off its reply list and is delivering (kept
-        until the next take, so a take whose answer a Redis crash lost is read again)."""
-        return f"{self.prefix}reply:{{{client_id}}}:taken"
+    def reply_taken(self, cluster: str, client_id: str) -> str:
+        """LIST: results the client's listener took off its `reply` list of `cluster` and is
+        delivering (kept until its next take there, so a take whose answer a Redis crash lost
+        is read again)."""
+        return f"{self.prefix}reply:{{{cluster}}}:{client_id}:taken"
+
+    def reply_bell(self, client_id: str) -> str:
+        """ZSET cluster -> ms: the client's doorbell, in the client's own slot. Whoever pushed to
+        one of its `reply` lists rings it (ZADD, after the push) with the cluster's name, so one
+        blocking pop per client serves every cluster, wherever their slots live. A hint: the
+        listener also takes, now and then, from every cluster it waits on."""
+        return f"{self.prefix}reply:{{{client_id}}}:bell"
+
+    def reply_bell_for(self, reply_key: str) -> str | None:
+        """The bell to ring after pushing to `reply_key` (a `reply` list read from a job hash);
+        None when it is not one (a list of another form, e.g. an older client's
+        `reply:{client}`, which that client blocks on itself)."""
+        head = f"{self.prefix}reply:{{"
+        if not reply_key.startswith(head):
+            return None
+        cluster, sep, client_id = reply_key[len(head) :].partition("}:")
+        if not (sep and cluster and client_id) or "{" in cluster or any(c in client_id for c in ":{}*?["):
+            return None
+        return self.reply_bell(client_id)
+
+    def reply_pattern(self) -> str:
+        """Glob of every reply list, taken list and bell (ACL rules)."""
+        return f"{self.prefix}reply:*"
 
     # ------------------------------------------------------------ agents
     def agents(self) -> str:

@@ -35,8 +35,10 @@ from controlplane.protocol.records import AgentRecord, ClusterRecord, JobRecord,
 from controlplane.redis import portable
 from controlplane.redis.connect import AsyncPipeline
 from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.retry import best_effort
 from controlplane.redis.scripts.fenced import Fence
-from controlplane.redis.scripts.kernels import rebind
+from controlplane.redis.scripts.jobs import ring
+from controlplane.redis.scripts.kernels import rebind, reply_fields
 from controlplane.redis.state import State, now_ms
 from controlplane.service.autoscaler import Autoscaler
 from controlplane.service.detector import FailureDetector, Fleet
@@ -433,7 +435,14 @@ class Reconciler:
             chunk = ids[i * share : (i + 1) * share]
             if not chunk:
                 break
-            moved = await rebind(self.keys, cluster, k.name, source=orphans, job_ids=chunk).run(self.redis)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in reply_fields(self.keys, cluster, chunk):
+                    pipe.execute_command(*command)
+                replies = await pipe.execute()
+            call = rebind(self.keys, cluster, k.name, source=orphans, job_ids=chunk, replies=replies)
+            rebound = await call.run(self.redis)
+            await self._ring(cluster, rebound.answered)
+            moved = rebound.moved
             if moved > 0:
                 await self.redis.hincrby(self.keys.cluster_stats(cluster), stats.JOBS_REQUEUED, moved)
                 logger.info("moved %s orphaned job(s) of %s to %s", moved, cluster, k.name)
@@ -520,6 +529,7 @@ class Reconciler:
     async def _fail_queued(self, cluster: str, source: str, why: str) -> None:
         """Answer every job still waiting in `source` with an error, and drop it."""
         while ids := await self.redis.zrange(source, 0, 255):
+            answered: set[str] = set()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in ids:
                     pipe.hget(self.keys.job(cluster, job_id), JobRecord.REPLY)
@@ -547,7 +557,22 @@ class Reconciler:
                         ),
                     )
                     write.pexpire(reply, REPLY_TTL_MS)
+                    answered.add(reply)
             await self.lease.commit(write)
+            await self._ring(cluster, answered)
+
+    async def _ring(self, cluster: str, reply_keys: Iterable[str]) -> None:
+        """Ring the bells of the clients whose reply lists of `cluster` were just pushed to (each
+        bell is in its client's slot: rung once the push is done). Best effort: a lost ring
+        only delays the reply until the listener's next sweep."""
+        rings = [
+            c for key in reply_keys for c in ring(self.keys, cluster, key, now_ms(), ttl_ms=REPLY_TTL_MS)
+        ]
+        if rings:
+            async with best_effort(), self.redis.pipeline(transaction=False) as pipe:
+                for command in rings:
+                    pipe.execute_command(*command)
+                await pipe.execute()
 
     async def _forget_dead_agents(self, fleet: Fleet) -> None:
         """Deregister agents whose lease expired once none of their kernels is left."""

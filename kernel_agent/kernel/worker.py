@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from controlplane.errors import RedisError, RedisUnavailable
@@ -32,9 +32,9 @@ from controlplane.protocol import stats
 from controlplane.protocol.jobs import REPLY_TTL_MS, decode_job, encode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.redis.channel import Channel, Command
-from controlplane.redis.connect import BLOCK_GRACE_SECONDS, AsyncRedis
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, AsyncRedis, AsyncRedisCluster
 from controlplane.redis.errors import amap_redis_errors, error_reply
-from controlplane.redis.retry import retry
+from controlplane.redis.retry import best_effort, retry
 from controlplane.redis.scripts import deferred, jobs
 from controlplane.redis.scripts.call import Call, preloading
 from controlplane.redis.scripts.kernels import (
@@ -46,6 +46,7 @@ from controlplane.redis.scripts.kernels import (
     kernel_start,
     kernel_stop,
     rebind,
+    reply_fields,
 )
 from kernel_agent.kernel.load_report import LoadReporter
 from kernel_agent.kernel.siblings import Siblings
@@ -70,8 +71,9 @@ DRAIN_BLOCK = 0.2
 MIN_BLOCK = 0.05
 #: How long a deferred job's keys outlive its deadline, ms (a safety net, as for queued jobs).
 DEFERRED_TTL_EXTRA_MS = 3_600_000
-#: A finished job's id and its finish.lua call (defer.lua for a job an arq `Retry` defers).
-Finish = tuple[str, Call[bool] | Call[int]]
+#: A finished job's id, its finish.lua call (defer.lua for a job an arq `Retry` defers) and the
+#: commands that ring its client's bell once the result is delivered (none: no bell to ring).
+Finish = tuple[str, Call[bool] | Call[int], tuple[Command, ...]]
 
 
 class KernelProcess(Service):
@@ -108,6 +110,10 @@ class KernelProcess(Service):
         self._undelivered: list[Finish] = []  # results an outage kept from finish.lua
         self._draining = asyncio.Event()
         self._superseded = False  # a newer incarnation owns our name: stop without touching its work
+        #: a worker's channel is one connection to the one Redis that holds the job and the
+        #: client's bell: a ring written behind finish.lua runs after it, in the same round trip.
+        #: On a Redis Cluster the bell may live on another node: it is rung once finish.lua replied
+        self._ring_behind = not isinstance(redis, AsyncRedisCluster)
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
@@ -165,8 +171,20 @@ class KernelProcess(Service):
         moved = 0
         for i in range(0, len(ids), 256):
             chunk = ids[i : i + 256]
-            call = rebind(self.keys, self.cluster, self.name, source=self.inflight_key, job_ids=chunk)
-            moved += max(await call.run(channel), 0)
+            replies = await channel.execute_many(reply_fields(self.keys, self.cluster, chunk))
+            call = rebind(
+                self.keys, self.cluster, self.name, source=self.inflight_key, job_ids=chunk, replies=replies
+            )
+            rebound = await call.run(channel)
+            moved += max(rebound.moved, 0)
+            now = _now_ms()
+            rings = [
+                c
+                for key in rebound.answered
+                for c in jobs.ring(self.keys, self.cluster, key, now, ttl_ms=REPLY_TTL_MS)
+            ]
+            if rings:  # rebind.lua replied: its pushes are done (best effort: a lost ring only delays)
+                await channel.execute_many(rings)
         return moved
 
     async def _loop(self) -> None:
@@ -192,8 +210,10 @@ class KernelProcess(Service):
         (finish.lua is fenced, so one that did arrive is not delivered twice), then put back
         the jobs whose claim was lost with the connection."""
         while self._undelivered:
-            _, call = self._undelivered[-1]
+            _, call, ring = self._undelivered[-1]
             await call.run(self.channel)
+            if ring:  # delivered now or before the outage (then its ring may be lost)
+                await self.channel.execute_many(ring)  # best effort: an error reply is returned
             self._undelivered.pop()
         self._busy = 0
         await self.requeue_own(self.channel)
@@ -228,7 +248,7 @@ class KernelProcess(Service):
             while not self._superseded:  # a newer incarnation owns our name: stop, touch nothing of it
                 draining = self._draining.is_set()
                 block = DRAIN_BLOCK if draining else IDLE_BLOCK
-                steps: list[Command] = [] if finish is None else [finish[1].command]
+                steps = [] if finish is None else self._finish_steps(finish)
                 first = len(steps)
                 steps += self.load.commands()  # our load record, when a report is due
                 reporting = len(steps) - first
@@ -244,7 +264,7 @@ class KernelProcess(Service):
                 replies = await channel.send(steps)
                 reported = replies[first : first + reporting]
                 if finish is not None:
-                    await self._delivered(finish, replies[0])
+                    await self._delivered(finish, replies[:first])
                     finish = None
                 claimed: jobs.Claimed | jobs.NotClaimed | None = None
                 if busy or await self._woken(channel, replies[-2], replies[-1], block):
@@ -261,8 +281,7 @@ class KernelProcess(Service):
                 busy = not isinstance(claimed, jobs.Claimed) or claimed.queued > 0
                 finish = await self._run(claimed)
             if finish is not None:  # still deliver it: finish.lua decides whether it may
-                (reply,) = await channel.send([finish[1].command])
-                await self._delivered(finish, reply)
+                await self._delivered(finish, await channel.send(self._finish_steps(finish)))
         except BaseException:
             if finish is not None:  # `_recover` delivers it once Redis is back
                 self._undelivered.append(finish)
@@ -364,7 +383,7 @@ class KernelProcess(Service):
                 ctx = dataclasses.replace(self.ctx, job=job)
             value = await self.registry.execute(ctx, request)
         except Deferral as exc:
-            return job_id, self._defer(job_id, request, enqueue_ms, exc)
+            return job_id, self._defer(job_id, request, enqueue_ms, exc), ()
         except SyscallError as exc:
             error, error_type = str(exc), exc.error_type
         except Exception as exc:  # a corrupt job must not kill the kernel
@@ -407,7 +426,7 @@ class KernelProcess(Service):
         )
         self.load.finished(latency_ms, failed=bool(error_type), queued=getattr(claimed, "queued", 0))
         self._busy += 1  # until `_delivered` has finish.lua's reply
-        return job_id, call
+        return job_id, call, jobs.ring(self.keys, self.cluster, claimed.reply, finish_ms, ttl_ms=REPLY_TTL_MS)
 
     def _defer(self, job_id: str, request: dict[str, Any], enqueue_ms: int, exc: Deferral) -> Call[int]:
         """defer.lua for a job whose arq function raised `Retry`: back to the cluster's deferred
@@ -433,17 +452,30 @@ class KernelProcess(Service):
             retry_of=(self.name, self.epoch),
         )
 
-    async def _delivered(self, finish: Finish, reply: asyncio.Future[Any]) -> None:
-        """Account for the reply of a finish.lua call sent together with the next pop."""
-        job_id, call = finish
+    def _finish_steps(self, finish: Finish) -> list[Command]:
+        """The commands that deliver `finish`: its call, and its ring behind it when they go
+        to one Redis on one connection (else `_delivered` rings once the call replied)."""
+        _, call, ring = finish
+        return [call.command, *ring] if self._ring_behind else [call.command]
+
+    async def _delivered(self, finish: Finish, replies: Sequence[asyncio.Future[Any]]) -> None:
+        """Account for the replies of `_finish_steps(finish)`, sent together with the next pop."""
+        job_id, call, ring = finish
+        for rang in replies[1:]:  # best effort: a lost ring only delays the reply
+            _forget(rang)
         try:
             # NOSCRIPT (SCRIPT FLUSH): again, not on the worker's channel: the blocking pop sent
             # after it holds that connection
-            delivered = await call.settle(await reply, self.redis)
+            delivered = await call.settle(await replies[0], self.redis)
         finally:
             self._busy -= 1
         if not delivered:
             logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", job_id)
+        elif ring and not self._ring_behind:
+            async with best_effort(), self.redis.pipeline(transaction=False) as pipe:
+                for command in ring:
+                    pipe.execute_command(*command)
+                await pipe.execute()
 
 
 def _now_ms() -> int:

@@ -1,14 +1,17 @@
 """The reply listener after an outage learns each waiting job's fate from Redis: a reply whose
 take was lost with the connection is delivered from the taken list, a job still queued is
-waited for, and a job gone without a result ends its attempt at once (it never ran)."""
+waited for, and a job gone without a result ends its attempt at once (it never ran). Rings of
+its bell name the clusters to take from; a reply whose ring was lost is still delivered."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
+from controlplane.client import dispatch
 from controlplane.client.dispatch import Dispatcher, _Vanished
 from controlplane.errors import RedisUnavailable
 from controlplane.protocol.jobs import Outcome, encode_result
@@ -46,8 +49,9 @@ async def test_after_an_outage_the_listener_reads_each_jobs_fate(redis: AsyncRed
     # `taken` finished and its reply was moved to the taken list by a take whose answer the
     # crash lost; `listed` finished and its reply waits; `queued` still waits for a kernel;
     # `vanished` is gone (its enqueue was lost with a failover) and no reply will come
-    await redis.rpush(KEYS.reply_taken(dispatcher.client_id), result("taken"))
-    await redis.rpush(KEYS.reply(dispatcher.client_id), result("listed"))
+    dispatcher.reply_key("c")  # handed out with the enqueues
+    await redis.rpush(KEYS.reply_taken("c", dispatcher.client_id), result("taken"))
+    await redis.rpush(KEYS.reply("c", dispatcher.client_id), result("listed"))
     await redis.hset(KEYS.job("c", "queued"), mapping={"state": "queued"})
     await dispatcher._lost(RedisUnavailable("connection lost"))
     dispatcher._listen_for_replies()
@@ -64,14 +68,80 @@ async def test_after_an_outage_the_listener_reads_each_jobs_fate(redis: AsyncRed
         assert isinstance(futures["vanished"].exception(), _Vanished)
         assert not futures["queued"].done(), "a job still in Redis is waited for"
         # every reply taken is dropped at the next take: nothing is left behind
-        await redis.rpush(KEYS.reply(dispatcher.client_id), result("queued"))
+        await redis.rpush(KEYS.reply("c", dispatcher.client_id), result("queued"))
+        await redis.zadd(KEYS.reply_bell(dispatcher.client_id), {"c": 1})
         assert (await asyncio.wait_for(futures["queued"], 5)).value == {"job": "queued"}
         for _ in range(50):
-            if not await redis.exists(KEYS.reply(dispatcher.client_id)):
+            if not await redis.exists(KEYS.reply("c", dispatcher.client_id)):
                 break
             await asyncio.sleep(0.02)
-        assert await redis.llen(KEYS.reply(dispatcher.client_id)) == 0
+        assert await redis.llen(KEYS.reply("c", dispatcher.client_id)) == 0
     finally:
         await dispatcher.stop()
         await client.aclose()
-    assert await redis.exists(KEYS.reply_taken(dispatcher.client_id), KEYS.reply(dispatcher.client_id)) == 0
+    assert await redis.keys("kcp:reply:*") == [], "stop deletes the bell and every list it used"
+
+
+async def _waiting(dispatcher: Dispatcher, job_id: str, cluster: str) -> asyncio.Future[Outcome]:
+    fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    dispatcher._waiting[job_id] = fut
+    dispatcher._queued[job_id] = cluster
+    dispatcher.reply_key(cluster)
+    return fut
+
+
+async def test_rings_of_two_clusters_deliver_both_at_once(redis: AsyncRedis, redis_url: str) -> None:
+    """Replies of two kcp clusters, each rung: both delivered well before any sweep."""
+    client = connect(redis_url)
+    dispatcher = Dispatcher(client, KEYS)
+    try:
+        futures = {c: await _waiting(dispatcher, f"j-{c}", c) for c in ("web", "train")}
+        dispatcher._listen_for_replies()
+        await asyncio.sleep(0.2)  # the listener blocks on its bell
+        started = time.monotonic()
+        for cluster in ("web", "train"):
+            await redis.rpush(KEYS.reply(cluster, dispatcher.client_id), result(f"j-{cluster}"))
+            await redis.zadd(KEYS.reply_bell(dispatcher.client_id), {cluster: 1})
+        done = await asyncio.wait_for(asyncio.gather(*futures.values()), 3)
+        assert [o.value for o in done] == [{"job": "j-web"}, {"job": "j-train"}]
+        assert time.monotonic() - started < 1.0, "rung: no sweep needed"
+        assert await redis.zcard(KEYS.reply_bell(dispatcher.client_id)) == 0
+    finally:
+        await dispatcher.stop()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("busy_bell", [False, True], ids=["idle", "other-cluster-ringing"])
+async def test_a_reply_whose_ring_was_lost_is_delivered_by_the_sweep(
+    redis: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch, busy_bell: bool
+) -> None:
+    """No ring for `train`'s reply (the pusher died between its push and its ring): the sweep
+    takes from every cluster with a job waiting, at the bell pop's idle timeout, or every
+    `SWEEP_SECONDS` while another cluster keeps the bell ringing."""
+    monkeypatch.setattr(dispatch, "MAX_BLOCK_SECONDS", 1)
+    monkeypatch.setattr(dispatch, "SWEEP_SECONDS", 1.0)
+    client = connect(redis_url)
+    dispatcher = Dispatcher(client, KEYS)
+    ringing = True
+
+    async def ring_web() -> None:
+        while ringing:
+            await redis.zadd(KEYS.reply_bell(dispatcher.client_id), {"web": time.time()})
+            await asyncio.sleep(0.05)
+
+    ringer = asyncio.create_task(ring_web()) if busy_bell else None
+    try:
+        await _waiting(dispatcher, "other", "web")
+        lost = await _waiting(dispatcher, "lost", "train")
+        dispatcher._listen_for_replies()
+        await asyncio.sleep(0.2)
+        await redis.rpush(KEYS.reply("train", dispatcher.client_id), result("lost"))
+        started = time.monotonic()
+        assert (await asyncio.wait_for(lost, 4)).value == {"job": "lost"}
+        assert 0.3 < time.monotonic() - started < 2.5, "delivered by the sweep, not by a ring"
+    finally:
+        ringing = False
+        if ringer is not None:
+            await ringer
+        await dispatcher.stop()
+        await client.aclose()

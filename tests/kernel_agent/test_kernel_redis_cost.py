@@ -122,3 +122,37 @@ async def test_siblings_are_read_again_only_when_the_version_moves(
 
 async def _listed(kernel: KernelProcess, n: int) -> bool:
     return len(kernel.siblings.for_claim()) == n
+
+
+@pytest.mark.parametrize("behind", [True, False], ids=["one-redis", "cluster-order"])
+async def test_a_result_rings_its_clients_bell_after_the_push(
+    redis: AsyncRedis, kernel: KernelProcess, behind: bool
+) -> None:
+    """The kernel rings the client's bell (issue 20, Replies) once its result is on the list:
+    written behind finish.lua on one Redis, sent after finish.lua's reply where the bell may be on
+    another node (`_ring_behind` False, as on a Redis Cluster). Popping the ring finds the result."""
+    kernel._ring_behind = behind
+    reply, bell = KEYS.reply(CLUSTER, "cl1"), KEYS.reply_bell("cl1")
+    now = int(time.time() * 1000)
+    for n in range(2):
+        call = jobs.enqueue(
+            KEYS,
+            CLUSTER,
+            "k0",
+            job_id=f"r{n}",
+            payload=encode_job({"type": "PING"}, job_try=1, enqueue_ms=now),
+            reply_key=reply,
+            now_ms=now,
+            deadline_ms=now + 10_000,
+            ttl_ms=60_000,
+            strategy="random",
+        )
+        assert isinstance(await call.run(redis), jobs.Enqueued)
+        await wait_for(lambda: _rung(redis, bell), 10, "the ring, with its TTL (a dead client's bell goes)")
+        assert [m for m, _ in await redis.zpopmin(bell)] == [CLUSTER]
+        raw = await redis.lpop(reply)
+        assert raw is not None and json.loads(raw)["id"] == f"r{n}", "rung after the push"
+
+
+async def _rung(redis: AsyncRedis, bell: str) -> bool:
+    return 0 < await redis.pttl(bell) <= 60_000

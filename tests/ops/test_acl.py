@@ -137,6 +137,9 @@ def test_agent_a_gets_noperm_on_agent_b_keys(acl_server: tuple[RedisServerProces
         a1.hset(KEYS.agent_running("a1"), "c/worker-0", "1")
         a1.time()  # its heartbeat measures its offset to Redis's clock
         a1.sadd(KEYS.agents(), "a1")
+        # its kernels push results to any client's reply list of a cluster and ring its bell
+        a1.rpush(KEYS.reply("c", "client-1"), "r")
+        a1.zadd(KEYS.reply_bell("client-1"), {"c": 1})
         # agent B's load record, lease, running kernels, record, wake list and assignment: refused
         assert _denied(lambda: a1.hset(KEYS.agent_running("a2"), "c/worker-0", "1"))
         assert _denied(lambda: a1.delete(KEYS.agent_running("a2")))
@@ -180,7 +183,9 @@ def test_agent_a_gets_noperm_on_agent_b_keys(acl_server: tuple[RedisServerProces
         assert _denied(lambda: client.hset(KEYS.reliability(), "x", 1))
         client.incr(KEYS.cluster_rr("c"))  # the tagged shapes: kcp:cluster:{c}:rr ...
         client.hset(KEYS.cluster("c"), "status", "ready")  # ... kcp:cluster:{c}
-        client.rpush(KEYS.reply_taken("client-1"), "r")  # ... kcp:reply:{client-1}:taken
+        client.rpush(KEYS.reply_taken("c", "client-1"), "r")  # ... kcp:reply:{c}:client-1:taken
+        client.zadd(KEYS.reply_bell("client-1"), {"c": 1})  # ... kcp:reply:{client-1}:bell
+        client.bzpopmin(KEYS.reply_bell("client-1"), 1)
     with _login(server, "kcp-service", passwords) as service:
         service.set(KEYS.leader(), "token", px=1000)
         assert _denied(lambda: service.set("not-kcp:key", "x"))

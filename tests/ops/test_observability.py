@@ -104,7 +104,7 @@ async def finish(
         kernel,
         job_id=job,
         epoch="1",
-        reply_key=KEYS.reply("c"),
+        reply_key=KEYS.reply(cluster, "client-1"),
         message="{}",
         success=ok,
         latency_ms=latency_ms,

@@ -66,7 +66,7 @@ async def _put_job(redis: AsyncRedis, job_id: str, **fields: str) -> None:
         "kernel": "k1",
         "epoch": "5",
         "job": "{}",
-        "reply": KEYS.reply("c"),
+        "reply": KEYS.reply("c", "client-1"),
         "deadline_ms": str(NOW + 1000),
     }
     base.update(fields)

@@ -28,7 +28,7 @@ INCR = Script.of("channel-cluster-incr", "return redis.call('INCR', KEYS[1])")
 
 
 def _client(url: str) -> AsyncRedisCluster:
-    client = connect(url, allow_cluster=True)
+    client = connect(url)
     assert isinstance(client, AsyncRedisCluster)
     return client
 
@@ -140,7 +140,7 @@ async def test_enqueues_for_many_kcp_clusters_pipeline_each_to_its_clusters_mast
         )
         calls = [
             jobs.enqueue(
-                keys, c, "k0", job_id=f"j-{c}", payload="{}", reply_key=keys.reply("client"),
+                keys, c, "k0", job_id=f"j-{c}", payload="{}", reply_key=keys.reply(c, "client"),
                 now_ms=1, deadline_ms=10**13, ttl_ms=60_000, strategy="pinned",
             )
             for c in clusters

@@ -16,7 +16,7 @@ from controlplane.redis.scripts import deferred, jobs
 C = "c1"
 NOW = 1_700_000_000_000
 KEYS = Keys()
-REPLY = KEYS.reply("client-1")
+REPLY = KEYS.reply(C, "client-1")
 
 
 @pytest.fixture(

@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(180 + 2 * SECONDS)]
 KEYS = Keys()
 AGENTS = ("fz-a", "fz-b")
 CLUSTER = "fz"
-SINK = KEYS.reply("fuzz-sink")
+SINK = KEYS.reply(CLUSTER, "fuzz-sink")
 
 
 def garbage(rng: random.Random) -> str:

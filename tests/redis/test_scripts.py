@@ -107,7 +107,7 @@ class Lua:
                 kernel,
                 job_id=job_id,
                 payload=payload,
-                reply_key=KEYS.reply(CLIENT),
+                reply_key=KEYS.reply(CLUSTER, CLIENT),
                 now_ms=now,
                 deadline_ms=deadline_ms,
                 ttl_ms=ttl_ms,
@@ -145,7 +145,7 @@ class Lua:
                 kernel,
                 job_id=job_id,
                 epoch=epoch,
-                reply_key=KEYS.reply(CLIENT),
+                reply_key=KEYS.reply(CLUSTER, CLIENT),
                 message=message,
                 success=success,
                 latency_ms=latency_ms,
@@ -174,8 +174,16 @@ class Lua:
     async def kernel_stop(self, kernel: str = "k1", *, epoch: int = 1) -> Any:
         return await self.call(kernels.kernel_stop(KEYS, CLUSTER, kernel, epoch=epoch))
 
-    async def rebind(self, source: str, target: str, ids: list[str]) -> Any:
-        return await self.call(kernels.rebind(KEYS, CLUSTER, target, source=source, job_ids=ids))
+    async def rebind(self, source: str, target: str, ids: list[str], *, declare: bool = True) -> Any:
+        """rebind.lua as its callers run it: the jobs' reply fields read first (`declare`), and
+        declared."""
+        replies = [
+            await self.r.hget(key, field) for _, key, field in kernels.reply_fields(KEYS, CLUSTER, ids)
+        ]
+        call = kernels.rebind(
+            KEYS, CLUSTER, target, source=source, job_ids=ids, replies=replies if declare else ()
+        )
+        return await self.call(call)
 
     async def leader(self, token: str, ttl_ms: int, term: int = 0) -> Any:
         return await self.call(kernels.leader(KEYS, token=token, ttl_ms=ttl_ms, term=term))
@@ -213,7 +221,7 @@ async def test_enqueue_writes_the_job_and_routes_it(lua: Lua) -> None:
     job = await lua.job("j1")
     assert {k: job[k] for k in ("job", "reply", "kernel", "epoch", "attempt", "deadline_ms")} == {
         "job": "payload-1",
-        "reply": KEYS.reply(CLIENT),
+        "reply": KEYS.reply(CLUSTER, CLIENT),
         "kernel": "k1",
         "epoch": "7",
         "attempt": "0",
@@ -235,7 +243,7 @@ async def test_claim_takes_the_oldest_queued_job_and_counts_its_attempts(lua: Lu
     await lua.enqueue("j2", payload="p2", now=NOW + 1)
     await lua.enqueue("j1", payload="p1")
     # the last field counts what still waits: j2
-    assert await lua.claim() == ["ok", "p1", KEYS.reply(CLIENT), 1, "j1", 1]
+    assert await lua.claim() == ["ok", "p1", KEYS.reply(CLUSTER, CLIENT), 1, "j1", 1]
     assert await lua.zset(KEYS.queue(CLUSTER, "k1")) == {"j2": NOW + 1}
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW, "j2": NOW + 1}
     job = await lua.job("j1")
@@ -336,7 +344,14 @@ async def test_an_idle_kernel_takes_the_oldest_queued_job_of_its_siblings(lua: L
     await lua.enqueue("j2", kernel="k3", payload="p2", now=NOW)
     siblings = [("k2", 2), ("k3", 3)]
     # the last field counts what still waits, here and on the siblings (j1 on k2): look again
-    assert await lua.claim(kernel="k1", siblings=siblings) == ["ok", "p2", KEYS.reply(CLIENT), 1, "j2", 1]
+    assert await lua.claim(kernel="k1", siblings=siblings) == [
+        "ok",
+        "p2",
+        KEYS.reply(CLUSTER, CLIENT),
+        1,
+        "j2",
+        1,
+    ]
     job = await lua.job("j2")
     assert (job["kernel"], job["epoch"], job["stolen_from"], job["state"]) == ("k1", "1", "k3", "running")
     assert await lua.zset(KEYS.queue(CLUSTER, "k3")) == {}
@@ -415,7 +430,7 @@ async def test_a_stolen_job_cancelled_while_it_runs_leaves_no_trace(lua: Lua) ->
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {"j1": NOW}
     assert await lua.finish("j1", kernel="k1") == 0  # rejected, and the thief forgets it
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
-    assert await lua.r.lrange(KEYS.reply(CLIENT), 0, -1) == []
+    assert await lua.r.lrange(KEYS.reply(CLUSTER, CLIENT), 0, -1) == []
 
 
 # ---------------------------------------------------------------- finish
@@ -428,7 +443,7 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     await lua.claim()
     assert await lua.finish("j1", message="r1", latency_ms=12) == 1
     assert await lua.finish("j1", message="r1-again", latency_ms=12) == 0
-    reply = KEYS.reply(CLIENT)
+    reply = KEYS.reply(CLUSTER, CLIENT)
     assert await lua.r.lrange(reply, 0, -1) == ["r1"]
     assert 0 < await lua.r.pttl(reply) <= REPLY_TTL_MS
     assert not await lua.r.exists(KEYS.job(CLUSTER, "j1"))
@@ -482,7 +497,7 @@ async def test_cancel_after_finish_returns_0(lua: Lua) -> None:
     await lua.claim()
     assert await lua.finish("j1") == 1
     assert await lua.cancel("j1") == 0
-    assert await lua.r.lrange(KEYS.reply(CLIENT), 0, -1) == ["result"]
+    assert await lua.r.lrange(KEYS.reply(CLUSTER, CLIENT), 0, -1) == ["result"]
 
 
 # ---------------------------------------------------------------- kernel_start
@@ -600,7 +615,7 @@ async def test_rebind_moves_orphans_to_a_running_kernel(lua: Lua) -> None:
     assert scores == {"j1": NOW, "j2": NOW + 1, "j3": NOW + 2}
     await lua.r.delete(KEYS.job(CLUSTER, "j3"))  # its job key expired meanwhile
 
-    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["j1", "j2", "j3"]) == 2
+    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["j1", "j2", "j3"]) == [2]
 
     for job_id in ("j1", "j2"):
         job = await lua.job(job_id)
@@ -624,7 +639,7 @@ async def test_rebind_refuses_a_target_that_takes_no_work(lua: Lua, state: str) 
     await lua.enqueue("j1")
     await orphan(lua, ["j1"])
     before = await lua.snapshot()
-    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["j1"]) == -1
+    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["j1"]) == [-1]
     assert await lua.snapshot() == before
 
 
@@ -637,7 +652,7 @@ async def test_a_restarted_kernel_rebinds_its_own_inflight(lua: Lua, state: str)
     await lua.r.hset(KEYS.kernel(CLUSTER, "k1"), mapping={"state": state, "epoch": 2})
     inflight = KEYS.inflight(CLUSTER, "k1")
 
-    assert await lua.rebind(inflight, "k1", ["j1", "j2"]) == 2
+    assert await lua.rebind(inflight, "k1", ["j1", "j2"]) == [2]
 
     assert (await lua.job("j1"))["epoch"] == "2"
     assert (await lua.job("j2"))["epoch"] == "2"
@@ -656,11 +671,14 @@ async def test_pinned_jobs_never_move_to_another_kernel_or_incarnation(lua: Lua)
     await lua.enqueue("pin", now=NOW + 1, strategy=PINNED)
     await orphan(lua, ["free", "pin"])
 
-    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["free", "pin"]) == 1
+    reply = KEYS.reply(CLUSTER, CLIENT)
+    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["free", "pin"]) == [1, reply], (
+        "the list answered is returned: the caller rings its bell"
+    )
     assert (await lua.job("free"))["kernel"] == "k2"
     assert await lua.job("pin") == {}, "answered and deleted"
     assert await lua.zset(KEYS.cluster_orphans(CLUSTER)) == {}
-    (raw,) = await lua.r.lrange(KEYS.reply(CLIENT), 0, -1)
+    (raw,) = await lua.r.lrange(KEYS.reply(CLUSTER, CLIENT), 0, -1)
     gone = decode_result(raw)
     assert (gone.job_id, gone.success, gone.error_type, gone.kernel, gone.epoch) == (
         "pin",
@@ -671,17 +689,30 @@ async def test_pinned_jobs_never_move_to_another_kernel_or_incarnation(lua: Lua)
     )
     assert "pinned to kernel k1@1, which is gone" in gone.error
 
-    await lua.r.delete(KEYS.reply(CLIENT))
+    await lua.r.delete(KEYS.reply(CLUSTER, CLIENT))
     inflight = KEYS.inflight(CLUSTER, "k2")
     await lua.enqueue("same", kernel="k2", now=NOW + 2, strategy=PINNED)
-    assert await lua.rebind(inflight, "k2", ["same"]) == 1, "the same incarnation takes it back"
+    assert await lua.rebind(inflight, "k2", ["same"]) == [1], "the same incarnation takes it back"
     await lua.r.hset(KEYS.kernel(CLUSTER, "k2"), "epoch", 6)  # restarted: a new process
-    assert await lua.rebind(inflight, "k2", ["same", "free"]) == 1
+    assert await lua.rebind(inflight, "k2", ["same", "free"]) == [1, reply]
     assert await lua.zset(inflight) == {"free": NOW}
-    (raw,) = await lua.r.lrange(KEYS.reply(CLIENT), 0, -1)
+    (raw,) = await lua.r.lrange(KEYS.reply(CLUSTER, CLIENT), 0, -1)
     replaced = decode_result(raw)
     assert (replaced.job_id, replaced.error_type) == ("same", "KernelGone")
     assert "was replaced by k2@6, which starts with empty memory" in replaced.error
+
+
+async def test_rebind_pushes_only_to_the_reply_lists_declared(lua: Lua) -> None:
+    """A job answered with an error whose reply list the caller did not declare (it read the
+    fields before another caller changed them: not in production, where a job's reply field is
+    written once) is deleted with no push: the script touches no undeclared key."""
+    await lua.put_kernel("k1", epoch=1)
+    await lua.put_kernel("k2", epoch=5)
+    await lua.enqueue("pin", strategy=PINNED)
+    await orphan(lua, ["pin"])
+    assert await lua.rebind(KEYS.cluster_orphans(CLUSTER), "k2", ["pin"], declare=False) == [0]
+    assert await lua.job("pin") == {}
+    assert await lua.r.exists(KEYS.reply(CLUSTER, CLIENT)) == 0
 
 
 async def test_enqueue_pinned_to_an_incarnation_refuses_another(lua: Lua) -> None:
@@ -695,17 +726,20 @@ async def test_enqueue_pinned_to_an_incarnation_refuses_another(lua: Lua) -> Non
 
 
 async def test_take_replies_keeps_what_it_took_until_the_next_take(lua: Lua) -> None:
-    reply, taken = KEYS.reply(CLIENT), KEYS.reply_taken(CLIENT)
+    reply, taken = KEYS.reply(CLUSTER, CLIENT), KEYS.reply_taken(CLUSTER, CLIENT)
     await lua.r.rpush(reply, "r1", "r2", "r3")
 
     def take() -> Call[list[str]]:
-        return jobs.take_replies(KEYS, CLIENT, count=2, ttl_ms=60_000)
+        return jobs.take_replies(KEYS, CLUSTER, CLIENT, count=2, ttl_ms=60_000)
 
     assert await lua.call(take()) == ["r1", "r2"]
     assert await lua.r.lrange(taken, 0, -1) == ["r1", "r2"], "read again after a lost answer"
     assert 0 < await lua.r.pttl(taken) <= 60_000
+    await lua.r.pexpire(reply, 5)  # the list the last take empties becomes the taken list ...
     assert await lua.call(take()) == ["r3"]
     assert await lua.r.lrange(taken, 0, -1) == ["r3"]
+    assert 5_000 < await lua.r.pttl(taken) <= 60_000, "... with the taken list's TTL"
+    assert await lua.r.exists(reply) == 0
     assert await lua.call(take()) == []
     assert await lua.r.exists(reply, taken) == 0
 
@@ -756,7 +790,7 @@ async def test_round_trip(lua: Lua) -> None:
     assert await lua.r.bzpopmin(wake, timeout=1) == (wake, "w", 0)
     status, job, reply, attempt, job_id, _queued = await lua.claim(epoch=3)
     assert (status, job_id) == ("ok", "j1")
-    assert reply == KEYS.reply(CLIENT)
+    assert reply == KEYS.reply(CLUSTER, CLIENT)
     kwargs, enqueue_ms, _try = decode_job(job)
     assert (kwargs, enqueue_ms) == (request, NOW)
 

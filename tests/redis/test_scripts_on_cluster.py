@@ -2,9 +2,11 @@
 by computing the slots), and the scripts give on a 3-master cluster what they give on one Redis,
 for kcp clusters whose names hash to different masters (`pytest --redis-cluster`).
 
-Known exceptions, asserted so that a change shows: finish.lua declares the client's reply list
-(``kcp:reply:{client}``, not in the cluster's slot) and rebind.lua pushes to it from data.
+A client's reply lists are per kcp cluster (``kcp:reply:{cluster}:client``), so finish.lua,
+rebind.lua and take_replies.lua run in the cluster's slot; the client's bell
+(``kcp:reply:{client}:bell``) is rung by a plain ZADD after the push, in the client's slot.
 bus_publish.lua and bus_trim.lua run in their stream's slot (a topic's or a kernel's inbox).
+No script spans slots.
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 from redis.crc import key_slot
 
-from controlplane.errors import RedisError
 from controlplane.ops.redis_server import RedisClusterProcess, RedisServerProcess
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import AsyncRedisCluster, connect
-from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.scripts import bus, deferred, jobs, kernels, metrics
 from controlplane.redis.scripts.call import Call
 from controlplane.redis.scripts.jobs import Routing
@@ -51,7 +51,7 @@ def _calls(cluster: str) -> dict[str, Call[Any]]:
             "k1",
             job_id="j1",
             payload="{}",
-            reply_key=KEYS.reply(CLIENT),
+            reply_key=KEYS.reply(cluster, CLIENT),
             now_ms=NOW,
             deadline_ms=NOW + 10_000,
             ttl_ms=60_000,
@@ -63,7 +63,7 @@ def _calls(cluster: str) -> dict[str, Call[Any]]:
             "k1",
             job_id="j2",
             payload="{}",
-            reply_key=KEYS.reply(CLIENT),
+            reply_key=KEYS.reply(cluster, CLIENT),
             now_ms=NOW,
             deadline_ms=NOW + 10_000,
             ttl_ms=60_000,
@@ -74,10 +74,28 @@ def _calls(cluster: str) -> dict[str, Call[Any]]:
         "claim_sibling": jobs.claim(
             KEYS, cluster, "k1", epoch=1, now_ms=NOW, siblings=siblings, version=True
         ),
+        "finish": jobs.finish(
+            KEYS,
+            cluster,
+            "k1",
+            job_id="j1",
+            epoch=1,
+            reply_key=KEYS.reply(cluster, CLIENT),
+            message="r",
+            success=True,
+            latency_ms=1,
+            reply_ttl_ms=1_000,
+        ),
+        "take_replies": jobs.take_replies(KEYS, cluster, CLIENT, count=10, ttl_ms=1_000),
         "cancel": jobs.cancel(KEYS, cluster, "k2", job_id="j2"),
         "kernel_stop": kernels.kernel_stop(KEYS, cluster, "k1", epoch=1),
         "rebind": kernels.rebind(
-            KEYS, cluster, "k2", source=KEYS.inflight(cluster, "k1"), job_ids=["j1", "j2"]
+            KEYS,
+            cluster,
+            "k2",
+            source=KEYS.inflight(cluster, "k1"),
+            job_ids=["j1", "j2"],
+            replies=[KEYS.reply(cluster, CLIENT)],
         ),
         "outlier": kernels.outlier(
             KEYS,
@@ -102,24 +120,6 @@ def _calls(cluster: str) -> dict[str, Call[Any]]:
     }
 
 
-def _cross_slot(cluster: str) -> dict[str, Call[Any]]:
-    """The calls whose KEYS still span slots (see the module docstring)."""
-    return {
-        "finish": jobs.finish(
-            KEYS,
-            cluster,
-            "k1",
-            job_id="j1",
-            epoch=1,
-            reply_key=KEYS.reply(CLIENT),
-            message="r",
-            success=True,
-            latency_ms=1,
-            reply_ttl_ms=1_000,
-        ),
-    }
-
-
 def _bus(stream: str) -> dict[str, Call[Any]]:
     """The bus's scripts on one stream (named here after a kcp cluster, for its slot)."""
     return {
@@ -130,7 +130,6 @@ def _bus(stream: str) -> dict[str, Call[Any]]:
 
 def _fleet() -> dict[str, Call[Any]]:
     return {
-        "take_replies": jobs.take_replies(KEYS, CLIENT, count=10, ttl_ms=1_000),
         "leader": kernels.leader(KEYS, token="t", ttl_ms=1_000),
     }
 
@@ -144,8 +143,6 @@ def test_every_script_of_a_cluster_runs_in_the_cluster_slot(cluster: str) -> Non
         assert {key_slot(k.encode()) for k in call.keys} == {slot}, name
     for name, call in [*_fleet().items(), *_bus(cluster).items()]:
         assert len({key_slot(k.encode()) for k in call.keys}) == 1, name
-    for name, call in _cross_slot(cluster).items():
-        assert len({key_slot(k.encode()) for k in call.keys}) == 2, f"{name} is single-slot now: move it up"
 
 
 @pytest.mark.unit
@@ -211,10 +208,6 @@ async def test_the_scripts_give_on_a_redis_cluster_what_they_give_on_one_redis(
         assert await _run_all(many, NAMES) == expected
         replies = {e[1]: e[2] for e in expected if isinstance(e, tuple) and len(e) == 3}
         assert replies["claim"][:2] == ["ok", "{}"], "claim built the job key from its prefix"
-        for call in _cross_slot("web").values():
-            with pytest.raises(RedisError, match="different Redis Cluster hash slots"):
-                async with amap_redis_errors():
-                    await call.reply(many)
     finally:
         await one.aclose()
         await many.aclose()
@@ -233,3 +226,89 @@ async def test_the_scan_patterns_match_the_tagged_keys(redis: Any) -> None:
     kernel_keys = sorted([k async for k in redis.scan_iter(match=KEYS.kernel_pattern("web"))])
     assert kernel_keys == [KEYS.kernel("web", "k1"), KEYS.queue("web", "k1")]
     assert [k async for k in redis.scan_iter(match=KEYS.job_pattern("web"))] == [KEYS.job("web", "j1")]
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_a_reply_list_names_its_bell_in_the_clients_slot() -> None:
+    """finish.lua's caller rings the bell `Keys.reply_bell_for` finds from the job's reply list:
+    the client's, in the client's slot (a list of another shape has none)."""
+    bell = KEYS.reply_bell(CLIENT)
+    assert key_slot(bell.encode()) == key_slot(CLIENT.encode())
+    for cluster in NAMES:
+        assert KEYS.reply_bell_for(KEYS.reply(cluster, CLIENT)) == bell
+        assert jobs.ring(KEYS, cluster, KEYS.reply(cluster, CLIENT), 7, ttl_ms=9) == (
+            ("ZADD", bell, 7, cluster),
+            ("PEXPIRE", bell, 9),
+        )
+    for other in (
+        "kcp:reply:{client-1}",
+        "kcp:job:{web}:j1",
+        KEYS.reply_taken("web", CLIENT),
+        "kcp:reply:{}:x",
+    ):
+        assert KEYS.reply_bell_for(other) is None, other
+        assert jobs.ring(KEYS, "web", other, 7, ttl_ms=9) == ()
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_client_gets_the_results_of_two_clusters_on_different_masters(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    """Two kcp clusters whose slots live on different masters finish a job each for one client:
+    each result goes to the client's list in its cluster's slot, each ring to the one bell, and
+    the listener's steps (a blocking pop of the bell, a take from the cluster it names) get both,
+    on one blocking connection."""
+    master = _master_of(redis_cluster)
+    web, train = "web", "train"
+    assert master(KEYS.cluster(web)) != master(KEYS.cluster(train))
+    r = connect(redis_cluster_url)
+    assert isinstance(r, AsyncRedisCluster)
+    try:
+        for cluster in (web, train):
+            await r.hset(KEYS.kernel(cluster, "k1"), mapping={"agent": "a1", "state": "running", "epoch": 1})
+            enqueued = await jobs.enqueue(
+                KEYS,
+                cluster,
+                "k1",
+                job_id=f"j-{cluster}",
+                payload="{}",
+                reply_key=KEYS.reply(cluster, CLIENT),
+                now_ms=NOW,
+                deadline_ms=NOW + 10_000,
+                ttl_ms=60_000,
+                strategy="adaptive",
+            ).run(r)
+            assert isinstance(enqueued, jobs.Enqueued)
+            claimed = await jobs.claim(KEYS, cluster, "k1", epoch=1, now_ms=NOW).run(r)
+            assert isinstance(claimed, jobs.Claimed) and claimed.reply == KEYS.reply(cluster, CLIENT)
+            delivered = await jobs.finish(
+                KEYS,
+                cluster,
+                "k1",
+                job_id=claimed.id,
+                epoch=1,
+                reply_key=claimed.reply,
+                message=f"result-{cluster}",
+                success=True,
+                latency_ms=1,
+                reply_ttl_ms=10_000,
+            ).run(r)
+            assert delivered
+            for command in jobs.ring(KEYS, cluster, claimed.reply, NOW, ttl_ms=60_000):
+                await r.execute_command(*command)  # the kernel rings, after the push
+        got: dict[str, list[str]] = {}
+        for _ in range(2):
+            popped = await r.bzpopmin([KEYS.reply_bell(CLIENT)], 1)
+            assert popped is not None
+            cluster = popped[1]
+            got[cluster] = await jobs.take_replies(KEYS, cluster, CLIENT, count=10, ttl_ms=10_000).run(r)
+        assert got == {web: [f"result-{web}"], train: [f"result-{train}"]}
+        assert await r.bzpopmin([KEYS.reply_bell(CLIENT)], 0.1) is None, "each cluster rang once"
+        for cluster in (web, train):  # the next take drops what was delivered
+            assert await jobs.take_replies(KEYS, cluster, CLIENT, count=10, ttl_ms=10_000).run(r) == []
+            assert await r.exists(KEYS.reply_taken(cluster, CLIENT)) == 0
+    finally:
+        await r.aclose()

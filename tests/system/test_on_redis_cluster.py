@@ -93,12 +93,6 @@ async def test_serve_and_two_agents_place_kernels_of_clusters_on_every_master(
         await redis.aclose()
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="a kernel process's Channel (controlplane/redis/channel.py) needs a connection_pool, "
-    "which RedisCluster has not: helper h-chan's branch; drop this mark when it is merged",
-)
 async def test_every_placed_kernel_runs(
     redis_cluster: RedisClusterProcess, redis_cluster_url: str, cluster_stack: ProcessStack
 ) -> None:

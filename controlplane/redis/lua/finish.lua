@@ -3,7 +3,10 @@
 --
 -- KEYS[1] job            HASH  {prefix}job:{cluster}:{id}
 -- KEYS[2] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
--- KEYS[3] reply          LIST  {prefix}reply:{client}
+-- KEYS[3] reply          LIST  {prefix}reply:{cluster}:{client} (the job's `reply` field, read by
+--                              claim.lua: in the cluster's slot). The caller rings the client's
+--                              bell, {prefix}reply:{client}:bell, once this call returned 1
+--                              (another slot: not touched here)
 -- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats
 -- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
 -- KEYS[6] result         STRING {prefix}job:{cluster}:{id}:result (optional: arq jobs keep their

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from controlplane.protocol.keys import Keys
+from controlplane.redis.channel import Command
 from controlplane.redis.lua import Script
 from controlplane.redis.scripts.call import Arg, Call
 
@@ -139,7 +140,7 @@ class Skip(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     job: str  # the arq-serialized job
-    reply: str  # the waiting client's reply list key
+    reply: str  # the waiting client's reply list key (`Keys.reply`, in the cluster's slot)
     attempt: int
     id: str
     #: jobs still queued on the caller's queue or, when it has none, on its siblings' (work it may take next)
@@ -230,7 +231,8 @@ def finish(
     keep_ms: int = 0,
 ) -> Call[bool]:
     """finish.lua: deliver `message` to `reply_key`; True when delivered, False when rejected
-    (the job is gone or belongs to someone else). `buckets`: histogram fields to count, which
+    (the job is gone or belongs to someone else). Once delivered, ring the client's bell
+    (`ring`): not in this call, the bell is in the client's slot. `buckets`: histogram fields to count, which
     need `queue_ms`. `keep_ms` > 0 (arq jobs) also keeps the result at `Keys.job_result` for
     that long."""
     klist = [
@@ -260,6 +262,16 @@ def _flag(reply: Any) -> bool:
 
 
 # ---------------------------------------------------------------- the client's replies
-def take_replies(keys: Keys, client_id: str, *, count: int, ttl_ms: int) -> Call[list[str]]:
-    """take_replies.lua: drop the replies taken last time (delivered), take up to `count` more."""
-    return Call(TAKE_REPLIES, [keys.reply(client_id), keys.reply_taken(client_id)], [count, ttl_ms], list)
+def take_replies(keys: Keys, cluster: str, client_id: str, *, count: int, ttl_ms: int) -> Call[list[str]]:
+    """take_replies.lua on the client's lists of `cluster`: drop the replies taken last time
+    (delivered), take up to `count` more."""
+    klist = [keys.reply(cluster, client_id), keys.reply_taken(cluster, client_id)]
+    return Call(TAKE_REPLIES, klist, [count, ttl_ms], list)
+
+
+def ring(keys: Keys, cluster: str, reply_key: str, now_ms: int, *, ttl_ms: int) -> tuple[Command, ...]:
+    """The commands that ring the bell of the client whose reply list of `cluster` is
+    `reply_key` (a ZADD, and a PEXPIRE so a dead client's bell goes like its lists), to send
+    once a push there is known to have happened; none for a list with no bell."""
+    bell = keys.reply_bell_for(reply_key)
+    return () if bell is None else (("ZADD", bell, now_ms, cluster), ("PEXPIRE", bell, ttl_ms))

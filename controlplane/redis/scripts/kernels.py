@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.records import JobRecord
 from controlplane.redis.lua import Script
 from controlplane.redis.scripts.call import Arg, Call
 
@@ -71,9 +72,29 @@ def _stop(reply: Any) -> Stop:
     return Stop(int(reply))
 
 
-def rebind(keys: Keys, cluster: str, target: str, *, source: str, job_ids: Sequence[str]) -> Call[int]:
-    """rebind.lua: move `job_ids` from the set `source` onto `target`'s queue. The number of
-    jobs queued on it; -1 when it takes no work."""
+@dataclass(frozen=True, slots=True)
+class Rebound:
+    """rebind.lua's reply."""
+
+    moved: int  # jobs queued on the target; -1 when it takes no work
+    #: the reply lists an error answer was pushed to (ring their clients' bells: `Keys.reply_bell_for`)
+    answered: tuple[str, ...] = ()
+
+
+def rebind(
+    keys: Keys,
+    cluster: str,
+    target: str,
+    *,
+    source: str,
+    job_ids: Sequence[str],
+    replies: Sequence[str | None] = (),
+) -> Call[Rebound]:
+    """rebind.lua: move `job_ids` from the set `source` onto `target`'s queue. `replies`: the
+    jobs' `reply` fields as read before (None or "" when a job had none), the lists a job
+    answered with an error (exhausted, or pinned to a kernel that is gone) is pushed to: a
+    job whose list is not among them gets no answer (read them with `reply_fields`)."""
+    lists = list(dict.fromkeys(r for r in replies if isinstance(r, str) and r))
     klist = [
         source,
         keys.kernel(cluster, target),
@@ -81,8 +102,18 @@ def rebind(keys: Keys, cluster: str, target: str, *, source: str, job_ids: Seque
         keys.inflight(cluster, target),
         keys.kernel_wake(cluster, target),
         *(keys.job(cluster, j) for j in job_ids),
+        *lists,
     ]
-    return Call(REBIND, klist, [target, *job_ids], int)
+    return Call(REBIND, klist, [target, *job_ids], _rebound)
+
+
+def reply_fields(keys: Keys, cluster: str, job_ids: Sequence[str]) -> list[tuple[str, ...]]:
+    """The commands that read each job's `reply` field (rebind's `replies`), one HGET a job."""
+    return [("HGET", keys.job(cluster, j), JobRecord.REPLY) for j in job_ids]
+
+
+def _rebound(reply: Any) -> Rebound:
+    return Rebound(int(reply[0]), tuple(str(r) for r in reply[1:]))
 
 
 @dataclass(frozen=True, slots=True)
