@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/kcp demo
 
+# Every test on single Redis, then the suites marked redis_cluster again on a local 3-master
+# Redis Cluster (README, "Redis Cluster").
 test: $(STAMP)
 	$(BIN)/pytest
+	$(BIN)/pytest --redis-cluster
 
 # The fuzz suites with long budgets: 3000 hypothesis examples per property, and malformed writes
 # into a live system's Redis for KCP_FUZZ_SECONDS (default 60).

@@ -180,9 +180,10 @@ async def agents_up(redis: AsyncRedis, n: int, prefix: str = "kcp:") -> None:
 
 
 # ------------------------------------------------------------------ Redis Cluster
-#: `pytest --redis-cluster` runs the tests marked `redis_cluster` with `redis_url` (and so `redis`,
-#: `stack`) pointing at a local 3-master Redis Cluster, and deselects every other test. The marked
-#: tests run on both; those that dispatch jobs or need kernel processes are not marked yet (issue 20).
+#: `pytest --redis-cluster` runs the tests marked `redis_cluster` that take `redis_url` (and so
+#: `redis`, `stack`), with it pointing at a local 3-master Redis Cluster, and deselects every other
+#: test: a test that starts its own Redis Cluster (the `redis_cluster` fixture) runs the same in
+#: the plain run. `make test` runs both. Which suites carry the marker: README, "Redis Cluster".
 REDIS_CLUSTER_OPTION = "--redis-cluster"
 REDIS_CLUSTER_MARKER = "redis_cluster"
 
@@ -191,7 +192,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         REDIS_CLUSTER_OPTION,
         action="store_true",
-        help=f"run only the tests marked {REDIS_CLUSTER_MARKER}, with redis_url on a local Redis Cluster",
+        help=f"run only the tests marked {REDIS_CLUSTER_MARKER} that take redis_url, on a local Redis Cluster",
     )
 
 
@@ -204,14 +205,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 class _RedisClusterSelection:
-    """With `--redis-cluster`, deselect the tests not marked `redis_cluster` (a plugin object, so
-    the module's own `pytest_collection_modifyitems` stays as it is)."""
+    """With `--redis-cluster`, deselect the tests not marked `redis_cluster` or not taking
+    `redis_url` (a plugin object, so the module's own `pytest_collection_modifyitems` stays as it is)."""
 
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         if not config.getoption(REDIS_CLUSTER_OPTION):
             return
-        kept = [item for item in items if item.get_closest_marker(REDIS_CLUSTER_MARKER)]
-        dropped = [item for item in items if not item.get_closest_marker(REDIS_CLUSTER_MARKER)]
+        def on_the_cluster(item: pytest.Item) -> bool:
+            uses = getattr(item, "fixturenames", ())
+            return item.get_closest_marker(REDIS_CLUSTER_MARKER) is not None and "redis_url" in uses
+
+        kept = [item for item in items if on_the_cluster(item)]
+        dropped = [item for item in items if not on_the_cluster(item)]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = kept

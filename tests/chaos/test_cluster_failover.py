@@ -28,7 +28,7 @@ from chaoslib import (
 
 from controlplane.ops.redis_server import start_redis_cluster
 
-pytestmark = [pytest.mark.chaos, pytest.mark.redis_cluster, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 
 #: the time kcp has to resume dispatching after the master is killed (issue 20's acceptance)
 RESUME_WITHIN_S = 10.0

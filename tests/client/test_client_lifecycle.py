@@ -8,7 +8,7 @@ from controlplane.client.core import KcpClient
 from controlplane.lifecycle import LifecycleError, Phase
 from controlplane.settings import Settings
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60), pytest.mark.redis_cluster]
 
 
 async def test_an_open_client_is_not_opened_twice_and_a_closed_one_not_reopened(redis_url: str) -> None:

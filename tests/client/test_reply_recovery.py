@@ -18,7 +18,7 @@ from controlplane.protocol.jobs import Outcome, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import connect
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(20), pytest.mark.redis_cluster]
 
 KEYS = Keys()
 

@@ -22,7 +22,7 @@ from kernel_agent.kernel.siblings import SIBLINGS_TTL
 from kernel_agent.kernel.worker import IDLE_BLOCK
 from tests.conftest import ProcessStack
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(60), pytest.mark.redis_cluster]
 
 SIM = {"type": "SIM", "requires": ["sim"], "ms": 1.0}
 KERNELS = ["worker-0", "worker-1", "worker-2"]

@@ -27,7 +27,7 @@ from controlplane import (
 )
 from controlplane.protocol.keys import Keys
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(90), pytest.mark.redis_cluster]
 
 KEYS = Keys()
 
