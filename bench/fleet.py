@@ -973,11 +973,12 @@ class SpreadStack:
     url: str
     masters: list[str]  # the nodes whose commands are counted
     clusters: int
+    label: str  # its agents' name prefix (the two stacks' logs tell them apart)
 
     async def start(self) -> None:
         self.leader = Leader(self.url)
         self.fleet = Fleet(self.url, kernels=True)
-        self.fleet.add(math.ceil(self.clusters * SPREAD_KERNELS / DISPATCH_SLOTS), DISPATCH_SLOTS, "spread")
+        self.fleet.add(math.ceil(self.clusters * SPREAD_KERNELS / DISPATCH_SLOTS), DISPATCH_SLOTS, self.label)
         self.kcp = KcpClient(Settings(redis_url=self.url, ready_timeout=180))
         await self.kcp.__aenter__()
         self.names = [f"s{i}" for i in range(self.clusters)]
@@ -1024,8 +1025,8 @@ def rebalance(cluster: RedisClusterProcess, names: list[str]) -> int:
 async def cluster_stage(args: argparse.Namespace, tmp: Path) -> None:
     single = start_redis_server(data_dir=tmp / "single", extra_args=["--maxclients", "20000"])
     cluster = start_redis_cluster(data_dir=tmp / "cluster", masters=3)
-    one = SpreadStack(single.url, [single.url], args.clusters)
-    many = SpreadStack(cluster.url, [m.url for m in cluster.masters()], args.clusters)
+    one = SpreadStack(single.url, [single.url], args.clusters, "single")
+    many = SpreadStack(cluster.url, [m.url for m in cluster.masters()], args.clusters, "cluster")
     phases: dict[str, list[tuple[Spread, Spread]]] = {"as hashed": [], "rebalanced": []}
     try:
         for stack in (one, many):
