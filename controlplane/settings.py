@@ -19,8 +19,8 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         repr=False,  # it may hold a password
-        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://; redis+cluster:// and "
-        "rediss+cluster:// parse but are refused until Redis Cluster is supported, issue 20); the "
+        description="Redis URL (redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// and "
+        "rediss+cluster://, docs/reliability.md says what each deployment guarantees); the "
         "redis_username/password/tls_* settings are folded into it (see controlplane/tls.py), so it is "
         "the complete connection string",
     )

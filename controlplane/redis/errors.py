@@ -20,7 +20,8 @@ Redis Cluster: redis-py's cluster client raises `RedisClusterException`, which i
 TRYAGAIN, a slot not covered, redirections exhausted) is `RedisUnavailable`; keys in different
 slots (CROSSSLOT, the client's own check, a script touching an undeclared key on another slot), a
 MOVED seen by a plain client and a MULTI/EXEC pipeline on the cluster client are the base
-`RedisError`, whose message says kcp does not support Redis Cluster yet (issue 20).
+`RedisError`, whose message says what to do (a plain URL at a cluster node: use redis+cluster://;
+keys across slots or a transaction: a kcp bug, every kcp script runs in one slot).
 """
 
 from __future__ import annotations
@@ -90,23 +91,25 @@ _RULES: tuple[tuple[type[Exception], re.Pattern[str] | None, type[RedisError]], 
 )
 
 #: Why a command failed on Redis Cluster that would succeed on one server, for the base RedisError:
-#: (what the text says, the label, what to do). kcp's keys are not sharded yet (issue 20).
+#: (what the text says, the label, what to do).
 _CLUSTER_HINTS: tuple[tuple[re.Pattern[str], str, str], ...] = (
     (
         re.compile(r"CROSSSLOT|don't hash to the same slot|must map to the same key slot|non local key"),
         "keys in different Redis Cluster hash slots",
-        "kcp's keys are not laid out for Redis Cluster yet (issue 20)",
+        "every kcp script and command keeps to one slot, so this is a kcp bug: please report it "
+        "with the command named here",
     ),
     (
         # alone, inside a script, or in a pipeline's "Command # 2 (SADD ...) of pipeline caused error: "
         re.compile(r"(?:^|: |\(')(?:MOVED|ASK) \d+ "),
         "the server is a Redis Cluster node",
-        "kcp does not support Redis Cluster yet (issue 20); point the URL at a single Redis or Sentinel",
+        "point the URL at the cluster with redis+cluster://host:port[,host:port...] (or rediss+cluster://)",
     ),
     (
         re.compile(r"transaction is deprecated in cluster mode|No way to dispatch this command"),
         "a command the Redis Cluster client does not send (MULTI/EXEC, or no key to route by)",
-        "kcp does not support Redis Cluster yet (issue 20)",
+        "kcp sends no transaction and no keyless command to a cluster client, so this is a kcp bug: "
+        "please report it",
     ),
     (
         re.compile(r"cluster support disabled"),
