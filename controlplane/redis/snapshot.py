@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from controlplane.protocol import stats
 from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
 from controlplane.protocol.records import AgentLease, AgentRecord, ClusterRecord, KernelRecord, LapsedRecord
 from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts import jobs
 from controlplane.redis.state import State
 
 #: Kernel states in which a kernel process is expected to be alive.
@@ -115,13 +117,18 @@ async def read_snapshot(state: State) -> Snapshot:
             pipe.get(keys.agent_lease(a.name))
             pipe.hkeys(keys.agent_running(a.name))
         for c in clusters:  # in the order the loop below reads them back
-            pipe.hgetall(keys.cluster_stats(c.name))
             pipe.zcard(keys.cluster_orphans(c.name))
             for k in kernels[c.name]:
-                pipe.hgetall(keys.kernel_stats(k.cluster, k.name))
                 pipe.zcard(keys.queue(k.cluster, k.name))
                 pipe.zcard(keys.inflight(k.cluster, k.name))
         rows = iter(await pipe.execute())
+    # a cluster's hash and its kernels' at one instant (a removed kernel's is folded into the
+    # cluster's: read apart, the totals could step back)
+    counters = {}
+    for c in clusters:
+        call = jobs.read_stats(keys, c.name, [k.name for k in kernels[c.name]])
+        async with amap_redis_errors():
+            counters[c.name] = [_floats(h) for h in await call.run(redis)]
     now = time.time()
     lapsed_agents = _lapsed(next(rows), keys.lapsed_agents(), {a.name for a, _ in agents}, now)
     present = {f"{c.name}/{k.name}" for c in clusters for k in kernels[c.name]}
@@ -135,10 +142,12 @@ async def read_snapshot(state: State) -> Snapshot:
         agent_views.append(AgentView(a, ok, pttl, beat))
     cluster_views = []
     for c in clusters:
-        stats, orphans = _floats(next(rows)), int(next(rows))
+        own, *theirs = counters[c.name]
+        orphans = int(next(rows))
         views = []
-        for k in kernels[c.name]:
-            kstats, queued, inflight = _floats(next(rows)), int(next(rows)), int(next(rows))
+        for k, kstats in zip(kernels[c.name], theirs, strict=True):
+            queued, inflight = int(next(rows)), int(next(rows))
+            kstats = stats.derive(kstats)
             lease = f"{c.name}/{k.name}" in running
             r = loads[c.name].get(k.name)
             load, rss = (r.to_load(k.name), r.memory_bytes) if r is not None else (None, None)
@@ -148,6 +157,6 @@ async def read_snapshot(state: State) -> Snapshot:
             for ref, entry in sorted(lapsed_kernels.items())
             if ref.partition("/")[0] == c.name
         ]
-        cluster_views.append(ClusterView(c, stats, orphans, views, lost))
+        cluster_views.append(ClusterView(c, stats.totals(own, theirs), orphans, views, lost))
     gone = [Lapsed(name, entry) for name, entry in sorted(lapsed_agents.items())]
     return Snapshot(now, cluster_views, agent_views, gone)

@@ -19,7 +19,10 @@ from typing import Any
 
 import redis
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.records import parse_counters
+from controlplane.redis.scripts import jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("client_worker.py")
@@ -239,8 +242,11 @@ def create_cluster(url: str, name: str, kernels: int, config: dict[str, Any] | N
 
 
 def cluster_stats(url: str, cluster: str) -> dict[str, float]:
+    """The cluster's counters as readers see them: its hash plus its kernels' (`stats.totals`)."""
     with redis.Redis.from_url(url, decode_responses=True) as r:
-        return {k: float(v) for k, v in r.hgetall(KEYS.cluster_stats(cluster)).items()}  # type: ignore[union-attr]
+        kernels = sorted(r.smembers(KEYS.cluster_kernels(cluster)))  # type: ignore[arg-type]
+        own, *theirs = jobs.read_stats(KEYS, cluster, kernels).run_sync(r)
+    return stats.totals(parse_counters(own, cluster), [parse_counters(h, cluster) for h in theirs])
 
 
 class SentinelSetup:

@@ -202,5 +202,5 @@ async def test_finish_keeps_an_arq_result_when_asked(r: AsyncRedis, keep_ms: int
     assert await r.get(KEYS.job_result(C, "j1")) == ("the result" if keep_ms else None)
     if keep_ms:
         assert 0 < await r.pttl(KEYS.job_result(C, "j1")) <= keep_ms
-    stats = await r.hgetall(KEYS.cluster_stats(C))
+    stats = await r.hgetall(KEYS.kernel_stats(C, "k1"))
     assert (stats["queue_ms_sum"], stats["latency_le_0.005"]) == ("3", "1")  # the ARGV after keep_ms

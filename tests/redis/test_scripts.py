@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
+from controlplane.protocol import stats
 from controlplane.protocol.jobs import decode_job, decode_result, encode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.stats import PINNED
 from controlplane.redis.scripts import jobs, kernels
 from controlplane.redis.scripts.call import Call
+from controlplane.redis.scripts.fenced import FencedWrite
 
 CLUSTER = "c1"
 CLIENT = "client-1"
@@ -438,14 +440,61 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     assert await lua.finish("j2", message="r2", success=False, latency_ms=8.5) == 1
     assert await lua.r.lrange(reply, 0, -1) == ["r1", "r2"]
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
-    for stats_key in (KEYS.cluster_stats(CLUSTER), KEYS.kernel_stats(CLUSTER, "k1")):
-        stats = await lua.r.hgetall(stats_key)
-        assert (stats["dispatches"], stats["errors"]) == ("2", "1")
-        assert float(stats["latency_ms_sum"]) == pytest.approx(20.5)
-    by_strategy = await lua.r.hgetall(KEYS.cluster_stats(CLUSTER))  # the cluster's only
-    assert (by_strategy["dispatches:round_robin"], by_strategy.get("errors:round_robin")) == ("1", None)
-    assert (by_strategy["dispatches:pinned"], by_strategy["errors:pinned"]) == ("1", "1")
-    assert "dispatches:pinned" not in await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
+    # the kernel's hash only, by strategy; readers sum the strategies into dispatches and errors
+    assert not await lua.r.exists(KEYS.cluster_stats(CLUSTER))
+    kernel = await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
+    assert (kernel["dispatches:round_robin"], kernel.get("errors:round_robin")) == ("1", None)
+    assert (kernel["dispatches:pinned"], kernel["errors:pinned"]) == ("1", "1")
+    assert float(kernel["latency_ms_sum"]) == pytest.approx(20.5)
+    assert "dispatches" not in kernel and "errors" not in kernel
+    own, theirs = await read_stats(lua, ["k1"])
+    derived = stats.totals(own, [theirs])
+    assert (derived[stats.DISPATCHES], derived[stats.ERRORS]) == (2, 1)
+    assert derived[stats.LATENCY_MS_SUM] == pytest.approx(20.5)
+    assert stats.derive(theirs)[stats.DISPATCHES] == 2
+
+
+async def read_stats(lua: Lua, kernels: list[str]) -> list[dict[str, float]]:
+    """stats_read.lua's hashes (the cluster's first) as numbers."""
+    call = jobs.read_stats(KEYS, CLUSTER, kernels)
+    return [{k: float(v) for k, v in h.items()} for h in call.parse(await lua.call(call))]
+
+
+async def test_a_removed_kernels_counts_stay_in_its_clusters_totals(lua: Lua) -> None:
+    """The reconciler folds a removed kernel's stats into the cluster's hash (fence.lua HFOLD),
+    in the same script that deletes the kernel: the cluster's totals never step back."""
+    for name in ("k1", "k2"):
+        await lua.put_kernel(name)
+    await lua.r.hset(KEYS.cluster_stats(CLUSTER), mapping={"steals": 2, "dispatches:adaptive": 1})
+    for n, name in enumerate(("k1", "k1", "k2")):
+        await lua.enqueue(f"j{n}", kernel=name, strategy="adaptive")
+        await lua.claim(kernel=name)
+        assert await lua.finish(f"j{n}", kernel=name, success=n != 1, latency_ms=1.25) == 1
+    own, *theirs = await read_stats(lua, ["k1", "k2"])
+    before = stats.totals(own, theirs)
+    assert (before[stats.DISPATCHES], before[stats.ERRORS], before[stats.STEALS]) == (4, 1, 2)
+    write = FencedWrite(KEYS, CLUSTER).hfold(KEYS.kernel_stats(CLUSTER, "k1"), KEYS.cluster_stats(CLUSTER))
+    assert await lua.call(write.call(1)) == "ok"
+    assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k1"))
+    own, k1, k2 = await read_stats(lua, ["k1", "k2"])
+    assert k1 == {}
+    assert stats.totals(own, [k1, k2]) == pytest.approx(before)
+    assert (own["dispatches:adaptive"], own["errors:adaptive"], own["steals"]) == (3, 1, 2)
+    assert own["latency_ms_sum"] == pytest.approx(2.5)
+    # garbage in the hash folded is dropped, never fails the removal
+    garbage = {"huge": "9" * 30, "inf": "1e400", "text": "x", "steals": "-1"}
+    await lua.r.hset(KEYS.kernel_stats(CLUSTER, "k2"), mapping=garbage)
+    write = FencedWrite(KEYS, CLUSTER).hfold(KEYS.kernel_stats(CLUSTER, "k2"), KEYS.cluster_stats(CLUSTER))
+    write.delete(KEYS.kernel(CLUSTER, "k2"))
+    assert await lua.call(write.call(1)) == "ok"
+    assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k2"), KEYS.kernel(CLUSTER, "k2"))
+    own, k1, k2 = await read_stats(lua, ["k1", "k2"])
+    after = stats.totals(own, [k1, k2])
+    assert {k: after[k] for k in before} == pytest.approx({**before, stats.STEALS: 1})
+    # folding again (a retried removal) adds nothing
+    assert await lua.call(write.call(1)) == "ok"
+    own, *theirs = await read_stats(lua, ["k1", "k2"])
+    assert stats.totals(own, theirs) == pytest.approx(after)
 
 
 @pytest.mark.parametrize(("kernel", "epoch"), [("k1", 1), ("k2", 2)], ids=["old-epoch", "other-kernel"])
@@ -783,7 +832,6 @@ async def test_round_trip(lua: Lua) -> None:
     assert (outcome.enqueue_ms, outcome.start_ms, outcome.finish_ms) == (NOW, NOW + 5, NOW + 9)
     # counters are created by their first increment: no errors, no queue wait so far
     assert await lua.snapshot() == {
-        KEYS.cluster_stats(CLUSTER): {"dispatches": "1", "latency_ms_sum": "9", "dispatches:adaptive": "1"},
         KEYS.kernel(CLUSTER, "k1"): {"state": "running", "epoch": "3", "agent": "a1"},
-        KEYS.kernel_stats(CLUSTER, "k1"): {"dispatches": "1", "latency_ms_sum": "9"},
+        KEYS.kernel_stats(CLUSTER, "k1"): {"dispatches:adaptive": "1", "latency_ms_sum": "9"},
     }

@@ -4,7 +4,8 @@
 -- KEYS[1] job            HASH  {prefix}job:{cluster}:{id}
 -- KEYS[2] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
 -- KEYS[3] reply          LIST  {prefix}reply:{client}
--- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats
+-- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats (not written: the cluster's dispatch
+--                        counters are its kernels' summed when read, see controlplane/protocol/stats.py)
 -- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
 -- KEYS[6] result         STRING {prefix}job:{cluster}:{id}:result (optional: arq jobs keep their
 --                        result there for ARGV[8] ms, for `Job.result()` and `Job.status()`)
@@ -19,14 +20,15 @@
 -- ARGV[9] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
 -- ARGV[10..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
--- The cluster's stats also count the job by the strategy that routed it (the job's `strategy`
--- field): dispatches:<strategy>, errors:<strategy>.
+-- The job is counted by the strategy that routed it (the job's `strategy` field):
+-- dispatches:<strategy>, errors:<strategy> (readers sum them into dispatches and errors).
 -- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
 -- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
 --
 -- Fields read:    job(kernel, epoch, strategy)
--- Fields written: stats(dispatches, errors, latency_ms_sum, queue_ms_sum; and the per-strategy and bucket fields)
+-- Fields written: stats(latency_ms_sum, queue_ms_sum; of the kernel's hash only, and its per-strategy and
+--                 bucket fields)
 local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch', 'strategy')
 if not f[1] then
     redis.call('ZREM', KEYS[2], ARGV[1])
@@ -47,25 +49,19 @@ local keep = tonumber(ARGV[8]) or 0
 if KEYS[6] and keep > 0 then
     redis.call('SET', KEYS[6], ARGV[4], 'PX', math.floor(keep))
 end
+-- the kernel's stats only (a cluster's are its kernels' summed when read, protocol/stats.py);
 -- increments of 0 are skipped (readers take a missing counter for 0): a job costs fewer calls
-local failed = ARGV[5] == '0'
-local queue_ms = tonumber(ARGV[9]) or 0
-for i = 4, 5 do
-    redis.call('HINCRBY', KEYS[i], 'dispatches', 1)
-    if failed then
-        redis.call('HINCRBY', KEYS[i], 'errors', 1)
-    end
-    redis.call('HINCRBYFLOAT', KEYS[i], 'latency_ms_sum', ARGV[6])
-    if queue_ms ~= 0 then
-        redis.call('HINCRBY', KEYS[i], 'queue_ms_sum', queue_ms)
-    end
-    for j = 10, #ARGV do
-        redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
-    end
-end
 local strategy = f[3] or 'unknown'
-redis.call('HINCRBY', KEYS[4], 'dispatches:' .. strategy, 1)
-if failed then
-    redis.call('HINCRBY', KEYS[4], 'errors:' .. strategy, 1)
+redis.call('HINCRBY', KEYS[5], 'dispatches:' .. strategy, 1)
+if ARGV[5] == '0' then
+    redis.call('HINCRBY', KEYS[5], 'errors:' .. strategy, 1)
+end
+redis.call('HINCRBYFLOAT', KEYS[5], 'latency_ms_sum', ARGV[6])
+local queue_ms = tonumber(ARGV[9]) or 0
+if queue_ms ~= 0 then
+    redis.call('HINCRBY', KEYS[5], 'queue_ms_sum', queue_ms)
+end
+for j = 10, #ARGV do
+    redis.call('HINCRBY', KEYS[5], ARGV[j], 1)
 end
 return 1

@@ -1,4 +1,5 @@
-"""A job's scripts: enqueue (the client's hot path), claim and finish (the kernel's), cancel."""
+"""A job's scripts: enqueue (the client's hot path), claim and finish (the kernel's), cancel; and
+the read of the stats finish writes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ CLAIM = Script.load("claim")
 FINISH = Script.load("finish")
 CANCEL = Script.load("cancel")
 TAKE_REPLIES = Script.load("take_replies")
+STATS_READ = Script.load("stats_read")
 
 _NONE_EJECTED: Mapping[str, int] = MappingProxyType({})
 
@@ -246,6 +248,18 @@ def finish(
     if queue_ms is not None:
         argv += [queue_ms, *buckets]
     return Call(FINISH, klist, argv, _flag)
+
+
+def read_stats(keys: Keys, cluster: str, kernels: Sequence[str]) -> Call[list[dict[str, str]]]:
+    """stats_read.lua: the cluster's stats hash, then each of `kernels`' (in that order, empty
+    when missing), read at one instant (a kernel's removal folds its hash into the cluster's:
+    `controlplane.protocol.stats.totals` sums them)."""
+    klist = [keys.cluster_stats(cluster), *(keys.kernel_stats(cluster, k) for k in kernels)]
+    return Call(STATS_READ, klist, [], _hashes)
+
+
+def _hashes(reply: Any) -> list[dict[str, str]]:
+    return [{str(f): str(v) for f, v in zip(flat[::2], flat[1::2], strict=True)} for flat in reply]
 
 
 def cancel(keys: Keys, cluster: str, kernel: str, *, job_id: str) -> Call[bool]:
