@@ -2,20 +2,20 @@
 
 `{prefix}cluster:{cluster}:stats` and `{prefix}kernel:{cluster}:{kernel}:stats` are hashes of
 cumulative counters. Kernels write the dispatch fields through `finish.lua`, into their own
-kernel's hash only: the jobs finished and failed by the strategy that routed them
-(``dispatches:<strategy>``, ``errors:<strategy>``), the latency and queue-wait sums and one
-bucket of each histogram; DISPATCHES and ERRORS are those per-strategy counts summed when read
-(`derive`). The control plane and clients add event counters to the cluster's hash with a
-single HINCRBY. A cluster's dispatch counters are its kernels' summed, plus those of the kernels
-it no longer has: the reconciler folds a removed kernel's hash into the cluster's, in the same
-script that removes it (`totals`, read in one script call: `controlplane/redis/scripts/jobs.py`
-`read_stats`). The exporter (`controlplane/ops/exporter`), `kcp top` and the clients' metrics
-read them. A new event needs a field here, an HINCRBY where it happens, and its metric in the
-exporter.
+kernel's hash only: the jobs finished by the strategy that routed them and by the bucket of
+each histogram they fell in, all in one field (``dispatches:<strategy>|<bucket>|<bucket>``),
+the jobs failed (``errors:<strategy>``), and the latency and queue-wait sums; `derive` splits
+the joined field and sums DISPATCHES and ERRORS from the per-strategy counts. The control
+plane and clients add event counters to the cluster's hash with a single HINCRBY. A cluster's
+dispatch counters are its kernels' summed, plus those of the kernels it no longer has: the
+reconciler folds a removed kernel's hash into the cluster's, in the same script that removes
+it (`totals`, read in one script call: `controlplane/redis/scripts/jobs.py` `read_stats`). The
+exporter (`controlplane/ops/exporter`), `kcp top` and the clients' metrics read them. A new
+event needs a field here, an HINCRBY where it happens, and its metric in the exporter.
 
-Histograms: `finish.lua` increments one *non-cumulative* bucket field per histogram (the
-smallest upper bound the observation fits under, e.g. ``latency_le_0.005``); readers make
-the buckets cumulative, as Prometheus expects.
+Histograms: `finish.lua` counts one *non-cumulative* bucket field per histogram (the
+smallest upper bound the observation fits under, e.g. ``latency_le_0.005``, part of the joined
+field); readers make the buckets cumulative, as Prometheus expects.
 """
 
 from __future__ import annotations
@@ -50,16 +50,25 @@ def by_strategy(field: str, strategy: str) -> str:
 
 _DISPATCHES_BY = by_strategy(DISPATCHES, "")
 _ERRORS_BY = by_strategy(ERRORS, "")
+#: Separates the parts of the one counter `finish.lua` increments per job:
+#: ``dispatches:<strategy>|<latency bucket>|<queue bucket>``.
+JOINED = "|"
 
 
 def derive(counters: Mapping[str, float]) -> dict[str, float]:
-    """`counters` read from a stats hash, with DISPATCHES and ERRORS: the per-strategy counts
-    summed (`finish.lua` writes only those). A hash without any keeps what it holds."""
-    out = dict(counters)
-    dispatches = [v for k, v in counters.items() if k.startswith(_DISPATCHES_BY)]
+    """`counters` read from a stats hash as readers want them: each joined counter
+    (``dispatches:adaptive|latency_le_0.001|queue_le_0.0005``) split into ``dispatches:adaptive``
+    and its bucket fields, and DISPATCHES and ERRORS, the per-strategy counts summed (`finish.lua`
+    writes only those). A hash without any keeps its DISPATCHES and ERRORS."""
+    out: dict[str, float] = {}
+    for field, value in counters.items():
+        parts = field.split(JOINED) if field.startswith(_DISPATCHES_BY) else (field,)
+        for part in parts:
+            out[part] = out.get(part, 0.0) + value
+    dispatches = [v for k, v in out.items() if k.startswith(_DISPATCHES_BY)]
     if dispatches:
         out[DISPATCHES] = float(sum(dispatches))
-        out[ERRORS] = float(sum(v for k, v in counters.items() if k.startswith(_ERRORS_BY)))
+        out[ERRORS] = float(sum(v for k, v in out.items() if k.startswith(_ERRORS_BY)))
     return out
 
 

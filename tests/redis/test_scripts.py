@@ -454,6 +454,61 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     assert stats.derive(theirs)[stats.DISPATCHES] == 2
 
 
+async def test_finish_counts_a_jobs_strategy_and_buckets_in_one_field(lua: Lua) -> None:
+    """One HINCRBY per job for its strategy and both histograms; readers split it back."""
+    await lua.put_kernel()
+    for n, (strategy, latency, queue) in enumerate(
+        [("adaptive", 0.7, 0), ("adaptive", 0.7, 0), ("a|b", 30, 2)]
+    ):
+        await lua.enqueue(f"j{n}", strategy=strategy)
+        await lua.claim()
+        buckets = (
+            stats.bucket_field(stats.LATENCY, latency / 1000),
+            stats.bucket_field(stats.QUEUE, queue / 1000),
+        )
+        call = jobs.finish(
+            KEYS,
+            CLUSTER,
+            "k1",
+            job_id=f"j{n}",
+            epoch=1,
+            reply_key=KEYS.reply(CLIENT),
+            message="r",
+            success=n != 2,
+            latency_ms=latency,
+            reply_ttl_ms=REPLY_TTL_MS,
+            queue_ms=queue,
+            buckets=buckets,
+        )
+        assert await lua.call(call) == 1
+    raw = await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
+    assert raw == {
+        "dispatches:adaptive|latency_le_0.001|queue_le_0.0005": "2",
+        "dispatches:a_b|latency_le_0.05|queue_le_0.0025": "1",  # a '|' in the strategy cannot split it
+        "errors:a_b": "1",
+        "latency_ms_sum": raw["latency_ms_sum"],  # HINCRBYFLOAT: float noise (fakeredis)
+        "queue_ms_sum": "2",
+    }
+    assert float(raw["latency_ms_sum"]) == pytest.approx(31.4)
+    derived = stats.derive({k: float(v) for k, v in raw.items()})
+    assert derived == pytest.approx(
+        {
+            "dispatches:adaptive": 2,
+            "dispatches:a_b": 1,
+            "errors:a_b": 1,
+            "latency_le_0.001": 2,
+            "latency_le_0.05": 1,
+            "queue_le_0.0005": 2,
+            "queue_le_0.0025": 1,
+            "latency_ms_sum": 31.4,
+            "queue_ms_sum": 2,
+            stats.DISPATCHES: 3,
+            stats.ERRORS: 1,
+        }
+    )
+    assert stats.histogram(derived, stats.LATENCY)[-1] == (float("inf"), 3)
+
+
 async def read_stats(lua: Lua, kernels: list[str]) -> list[dict[str, float]]:
     """stats_read.lua's hashes (the cluster's first) as numbers."""
     call = jobs.read_stats(KEYS, CLUSTER, kernels)

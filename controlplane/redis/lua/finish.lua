@@ -20,8 +20,10 @@
 -- ARGV[9] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
 -- ARGV[10..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
--- The job is counted by the strategy that routed it (the job's `strategy` field):
--- dispatches:<strategy>, errors:<strategy> (readers sum them into dispatches and errors).
+-- The job is counted by the strategy that routed it (the job's `strategy` field, '|' replaced by
+-- '_') together with its buckets, in one field 'dispatches:<strategy>|<ARGV[10]>|...', and when it
+-- failed in errors:<strategy>; readers split the first into dispatches:<strategy> and the bucket
+-- fields and sum those into dispatches and errors (controlplane/protocol/stats.py derive).
 -- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
 -- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
@@ -51,8 +53,14 @@ if KEYS[6] and keep > 0 then
 end
 -- the kernel's stats only (a cluster's are its kernels' summed when read, protocol/stats.py);
 -- increments of 0 are skipped (readers take a missing counter for 0): a job costs fewer calls
-local strategy = f[3] or 'unknown'
-redis.call('HINCRBY', KEYS[5], 'dispatches:' .. strategy, 1)
+-- one counter for the job's strategy and its buckets together, 'dispatches:<strategy>|<bucket>|...'
+-- (readers split it: protocol/stats.py derive), so a job costs one HINCRBY for all three
+local strategy = string.gsub(f[3] or 'unknown', '|', '_')
+local counter = {'dispatches:' .. strategy}
+for j = 10, #ARGV do
+    counter[#counter + 1] = ARGV[j]
+end
+redis.call('HINCRBY', KEYS[5], table.concat(counter, '|'), 1)
 if ARGV[5] == '0' then
     redis.call('HINCRBY', KEYS[5], 'errors:' .. strategy, 1)
 end
@@ -60,8 +68,5 @@ redis.call('HINCRBYFLOAT', KEYS[5], 'latency_ms_sum', ARGV[6])
 local queue_ms = tonumber(ARGV[9]) or 0
 if queue_ms ~= 0 then
     redis.call('HINCRBY', KEYS[5], 'queue_ms_sum', queue_ms)
-end
-for j = 10, #ARGV do
-    redis.call('HINCRBY', KEYS[5], ARGV[j], 1)
 end
 return 1
