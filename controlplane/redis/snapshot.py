@@ -123,12 +123,14 @@ async def read_snapshot(state: State) -> Snapshot:
                 pipe.zcard(keys.inflight(k.cluster, k.name))
         rows = iter(await pipe.execute())
     # a cluster's hash and its kernels' at one instant (a removed kernel's is folded into the
-    # cluster's: read apart, the totals could step back)
-    counters = {}
-    for c in clusters:
-        call = jobs.read_stats(keys, c.name, [k.name for k in kernels[c.name]])
-        async with amap_redis_errors():
-            counters[c.name] = [_floats(h) for h in await call.run(redis)]
+    # cluster's: read apart, the totals could step back); one more round trip for all clusters
+    calls = [jobs.read_stats(keys, c.name) for c in clusters]
+    async with amap_redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.execute_command(*call.command)
+            replies = await pipe.execute(raise_on_error=False)
+        reads = [await call.settle(reply, redis) for call, reply in zip(calls, replies, strict=True)]
     now = time.time()
     lapsed_agents = _lapsed(next(rows), keys.lapsed_agents(), {a.name for a, _ in agents}, now)
     present = {f"{c.name}/{k.name}" for c in clusters for k in kernels[c.name]}
@@ -141,13 +143,13 @@ async def read_snapshot(state: State) -> Snapshot:
         beat = beat_of.beat_ms / 1000 if beat_of is not None and beat_of.beat_ms else None
         agent_views.append(AgentView(a, ok, pttl, beat))
     cluster_views = []
-    for c in clusters:
-        own, *theirs = counters[c.name]
+    for c, read in zip(clusters, reads, strict=True):
+        theirs = {name: _floats(dict(h)) for name, h in read.kernels.items()}
         orphans = int(next(rows))
         views = []
-        for k, kstats in zip(kernels[c.name], theirs, strict=True):
+        for k in kernels[c.name]:
             queued, inflight = int(next(rows)), int(next(rows))
-            kstats = stats.derive(kstats)
+            kstats = stats.derive(theirs.get(k.name, {}))
             lease = f"{c.name}/{k.name}" in running
             r = loads[c.name].get(k.name)
             load, rss = (r.to_load(k.name), r.memory_bytes) if r is not None else (None, None)
@@ -157,6 +159,8 @@ async def read_snapshot(state: State) -> Snapshot:
             for ref, entry in sorted(lapsed_kernels.items())
             if ref.partition("/")[0] == c.name
         ]
-        cluster_views.append(ClusterView(c, stats.totals(own, theirs), orphans, views, lost))
+        cluster_views.append(
+            ClusterView(c, stats.totals(_floats(dict(read.cluster)), theirs.values()), orphans, views, lost)
+        )
     gone = [Lapsed(name, entry) for name, entry in sorted(lapsed_agents.items())]
     return Snapshot(now, cluster_views, agent_views, gone)

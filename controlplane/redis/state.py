@@ -106,14 +106,10 @@ class State:
         """The cluster's counters: its events, and its kernels' dispatch counters summed
         (`stats.totals`), DISPATCHES and ERRORS among them."""
         async with amap_redis_errors():
-            kernels = sorted(await self.redis.smembers(self.keys.cluster_kernels(name)))
-            own, *theirs = await jobs.read_stats(self.keys, name, kernels).run(self.redis)
+            read = await jobs.read_stats(self.keys, name).run(self.redis)
         return stats.totals(
-            parse_counters(own, self.keys.cluster_stats(name)),
-            (
-                parse_counters(h, self.keys.kernel_stats(name, k))
-                for k, h in zip(kernels, theirs, strict=True)
-            ),
+            parse_counters(read.cluster, self.keys.cluster_stats(name)),
+            (parse_counters(h, self.keys.kernel_stats(name, k)) for k, h in read.kernels.items()),
         )
 
     # ------------------------------------------------------------ kernels

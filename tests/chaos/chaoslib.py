@@ -244,9 +244,9 @@ def create_cluster(url: str, name: str, kernels: int, config: dict[str, Any] | N
 def cluster_stats(url: str, cluster: str) -> dict[str, float]:
     """The cluster's counters as readers see them: its hash plus its kernels' (`stats.totals`)."""
     with redis.Redis.from_url(url, decode_responses=True) as r:
-        kernels = sorted(r.smembers(KEYS.cluster_kernels(cluster)))  # type: ignore[arg-type]
-        own, *theirs = jobs.read_stats(KEYS, cluster, kernels).run_sync(r)
-    return stats.totals(parse_counters(own, cluster), [parse_counters(h, cluster) for h in theirs])
+        read = jobs.read_stats(KEYS, cluster).run_sync(r)
+    kernels = [parse_counters(h, cluster) for h in read.kernels.values()]
+    return stats.totals(parse_counters(read.cluster, cluster), kernels)
 
 
 class SentinelSetup:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -447,11 +448,12 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     assert (kernel["dispatches:pinned"], kernel["errors:pinned"]) == ("1", "1")
     assert float(kernel["latency_ms_sum"]) == pytest.approx(20.5)
     assert "dispatches" not in kernel and "errors" not in kernel
-    own, theirs = await read_stats(lua, ["k1"])
-    derived = stats.totals(own, [theirs])
+    await lua.r.sadd(KEYS.cluster_kernels(CLUSTER), "k1")
+    own, theirs = await read_stats(lua)
+    derived = stats.totals(own, theirs.values())
     assert (derived[stats.DISPATCHES], derived[stats.ERRORS]) == (2, 1)
     assert derived[stats.LATENCY_MS_SUM] == pytest.approx(20.5)
-    assert stats.derive(theirs)[stats.DISPATCHES] == 2
+    assert stats.derive(theirs["k1"])[stats.DISPATCHES] == 2
 
 
 async def test_finish_counts_a_jobs_strategy_and_buckets_in_one_field(lua: Lua) -> None:
@@ -509,10 +511,21 @@ async def test_finish_counts_a_jobs_strategy_and_buckets_in_one_field(lua: Lua) 
     assert stats.histogram(derived, stats.LATENCY)[-1] == (float("inf"), 3)
 
 
-async def read_stats(lua: Lua, kernels: list[str]) -> list[dict[str, float]]:
-    """stats_read.lua's hashes (the cluster's first) as numbers."""
-    call = jobs.read_stats(KEYS, CLUSTER, kernels)
-    return [{k: float(v) for k, v in h.items()} for h in call.parse(await lua.call(call))]
+async def read_stats(lua: Lua) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """stats_read.lua's hashes as numbers: the cluster's, and its kernels' by name."""
+    call = jobs.read_stats(KEYS, CLUSTER)
+    read = call.parse(await lua.call(call))
+
+    def numbers(h: Mapping[str, str]) -> dict[str, float]:
+        return {k: float(v) for k, v in h.items()}
+
+    return numbers(read.cluster), {name: numbers(h) for name, h in read.kernels.items()}
+
+
+def remove(kernel: str) -> FencedWrite:
+    """The reconciler's removal of `kernel`, as far as its stats go."""
+    write = FencedWrite(KEYS, CLUSTER).hfold(KEYS.kernel_stats(CLUSTER, kernel), KEYS.cluster_stats(CLUSTER))
+    return write.delete(KEYS.kernel(CLUSTER, kernel)).srem(KEYS.cluster_kernels(CLUSTER), kernel)
 
 
 async def test_a_removed_kernels_counts_stay_in_its_clusters_totals(lua: Lua) -> None:
@@ -520,36 +533,37 @@ async def test_a_removed_kernels_counts_stay_in_its_clusters_totals(lua: Lua) ->
     in the same script that deletes the kernel: the cluster's totals never step back."""
     for name in ("k1", "k2"):
         await lua.put_kernel(name)
+        await lua.r.sadd(KEYS.cluster_kernels(CLUSTER), name)
     await lua.r.hset(KEYS.cluster_stats(CLUSTER), mapping={"steals": 2, "dispatches:adaptive": 1})
     for n, name in enumerate(("k1", "k1", "k2")):
         await lua.enqueue(f"j{n}", kernel=name, strategy="adaptive")
         await lua.claim(kernel=name)
         assert await lua.finish(f"j{n}", kernel=name, success=n != 1, latency_ms=1.25) == 1
-    own, *theirs = await read_stats(lua, ["k1", "k2"])
-    before = stats.totals(own, theirs)
+    own, theirs = await read_stats(lua)
+    assert set(theirs) == {"k1", "k2"}
+    before = stats.totals(own, theirs.values())
     assert (before[stats.DISPATCHES], before[stats.ERRORS], before[stats.STEALS]) == (4, 1, 2)
-    write = FencedWrite(KEYS, CLUSTER).hfold(KEYS.kernel_stats(CLUSTER, "k1"), KEYS.cluster_stats(CLUSTER))
-    assert await lua.call(write.call(1)) == "ok"
+    assert await lua.call(remove("k1").call(1)) == "ok"
     assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k1"))
-    own, k1, k2 = await read_stats(lua, ["k1", "k2"])
-    assert k1 == {}
-    assert stats.totals(own, [k1, k2]) == pytest.approx(before)
+    own, theirs = await read_stats(lua)
+    assert set(theirs) == {"k2"}
+    assert stats.totals(own, theirs.values()) == pytest.approx(before)
     assert (own["dispatches:adaptive"], own["errors:adaptive"], own["steals"]) == (3, 1, 2)
     assert own["latency_ms_sum"] == pytest.approx(2.5)
     # garbage in the hash folded is dropped, never fails the removal
     garbage = {"huge": "9" * 30, "inf": "1e400", "text": "x", "steals": "-1"}
     await lua.r.hset(KEYS.kernel_stats(CLUSTER, "k2"), mapping=garbage)
-    write = FencedWrite(KEYS, CLUSTER).hfold(KEYS.kernel_stats(CLUSTER, "k2"), KEYS.cluster_stats(CLUSTER))
-    write.delete(KEYS.kernel(CLUSTER, "k2"))
+    write = remove("k2")
     assert await lua.call(write.call(1)) == "ok"
     assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k2"), KEYS.kernel(CLUSTER, "k2"))
-    own, k1, k2 = await read_stats(lua, ["k1", "k2"])
-    after = stats.totals(own, [k1, k2])
+    own, theirs = await read_stats(lua)
+    assert theirs == {}
+    after = stats.totals(own, theirs.values())
     assert {k: after[k] for k in before} == pytest.approx({**before, stats.STEALS: 1})
     # folding again (a retried removal) adds nothing
     assert await lua.call(write.call(1)) == "ok"
-    own, *theirs = await read_stats(lua, ["k1", "k2"])
-    assert stats.totals(own, theirs) == pytest.approx(after)
+    own, theirs = await read_stats(lua)
+    assert stats.totals(own, theirs.values()) == pytest.approx(after)
 
 
 @pytest.mark.parametrize(("kernel", "epoch"), [("k1", 1), ("k2", 2)], ids=["old-epoch", "other-kernel"])

@@ -250,16 +250,35 @@ def finish(
     return Call(FINISH, klist, argv, _flag)
 
 
-def read_stats(keys: Keys, cluster: str, kernels: Sequence[str]) -> Call[list[dict[str, str]]]:
-    """stats_read.lua: the cluster's stats hash, then each of `kernels`' (in that order, empty
-    when missing), read at one instant (a kernel's removal folds its hash into the cluster's:
-    `controlplane.protocol.stats.totals` sums them)."""
-    klist = [keys.cluster_stats(cluster), *(keys.kernel_stats(cluster, k) for k in kernels)]
-    return Call(STATS_READ, klist, [], _hashes)
+@dataclass(frozen=True, slots=True)
+class StatsRead:
+    """stats_read.lua's reply: the cluster's stats hash, and each of its kernels' by name."""
+
+    cluster: Mapping[str, str]
+    kernels: Mapping[str, Mapping[str, str]]
 
 
-def _hashes(reply: Any) -> list[dict[str, str]]:
-    return [{str(f): str(v) for f, v in zip(flat[::2], flat[1::2], strict=True)} for flat in reply]
+def read_stats(keys: Keys, cluster: str) -> Call[StatsRead]:
+    """stats_read.lua: the cluster's stats hash and those of every kernel in its kernel set, read
+    at one instant (a kernel's removal folds its hash into the cluster's and SREMs it in one
+    script: `controlplane.protocol.stats.totals` sums them)."""
+    prefix = keys.kernel(cluster, "")
+    suffix = keys.kernel_stats(cluster, "")[len(prefix) :]
+    return Call(
+        STATS_READ,
+        [keys.cluster_stats(cluster), keys.cluster_kernels(cluster)],
+        [prefix, suffix],
+        _stats_read,
+    )
+
+
+def _hash(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(f): str(v) for f, v in zip(flat[::2], flat[1::2], strict=True)}
+
+
+def _stats_read(reply: Any) -> StatsRead:
+    own, names, *theirs = reply
+    return StatsRead(_hash(own), {str(n): _hash(h) for n, h in zip(names, theirs, strict=True)})
 
 
 def cancel(keys: Keys, cluster: str, kernel: str, *, job_id: str) -> Call[bool]:
