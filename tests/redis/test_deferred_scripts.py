@@ -182,6 +182,7 @@ async def test_abort_stops_a_deferred_or_queued_job_but_not_a_running_one(r: Asy
 @pytest.mark.parametrize("keep_ms", [0, 30_000])
 async def test_finish_keeps_an_arq_result_when_asked(r: AsyncRedis, keep_ms: int) -> None:
     await r.hset(KEYS.job(C, "j1"), mapping={"job": "p", "reply": REPLY, "kernel": "k1", "epoch": "1"})
+    await r.zadd(KEYS.inflight(C, "k1"), {"j1": 1})
     call = jobs.finish(
         KEYS,
         C,

@@ -550,6 +550,21 @@ async def test_a_removed_kernels_counts_stay_in_its_clusters_totals(lua: Lua) ->
     assert stats.totals(own, theirs.values()) == pytest.approx(before)
     assert (own["dispatches:adaptive"], own["errors:adaptive"], own["steals"]) == (3, 1, 2)
     assert own["latency_ms_sum"] == pytest.approx(2.5)
+    # a job still assigned to a kernel removed meanwhile (its result is not fenced yet): its sets
+    # are gone and its hash folded, so the cluster's hash counts it
+    await lua.enqueue("late", kernel="k2", strategy="adaptive")
+    await lua.claim(kernel="k2")
+    await lua.r.delete(KEYS.inflight(CLUSTER, "k2"), KEYS.queue(CLUSTER, "k2"))
+    assert await lua.call(remove("k2").call(1)) == "ok"
+    assert await lua.finish("late", kernel="k2", latency_ms=1) == 1
+    assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k2"))
+    own, theirs = await read_stats(lua)
+    assert theirs == {}
+    late = stats.totals(own, theirs.values())
+    assert late[stats.DISPATCHES] == before[stats.DISPATCHES] + 1
+    await lua.put_kernel("k2")
+    await lua.r.sadd(KEYS.cluster_kernels(CLUSTER), "k2")
+    before = late
     # garbage in the hash folded is dropped, never fails the removal
     garbage = {"huge": "9" * 30, "inf": "1e400", "text": "x", "steals": "-1"}
     await lua.r.hset(KEYS.kernel_stats(CLUSTER, "k2"), mapping=garbage)

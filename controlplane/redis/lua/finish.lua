@@ -4,8 +4,9 @@
 -- KEYS[1] job            HASH  {prefix}job:{cluster}:{id}
 -- KEYS[2] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
 -- KEYS[3] reply          LIST  {prefix}reply:{client}
--- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats (not written: the cluster's dispatch
---                        counters are its kernels' summed when read, see controlplane/protocol/stats.py)
+-- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats (written only when KEYS[2] no longer
+--                        holds the job: the kernel was removed, its hash folded into this one; a
+--                        cluster's counters are this hash plus its kernels', controlplane/protocol/stats.py)
 -- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
 -- KEYS[6] result         STRING {prefix}job:{cluster}:{id}:result (optional: arq jobs keep their
 --                        result there for ARGV[8] ms, for `Job.result()` and `Job.status()`)
@@ -29,8 +30,8 @@
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
 --
 -- Fields read:    job(kernel, epoch, strategy)
--- Fields written: stats(latency_ms_sum, queue_ms_sum; of the kernel's hash only, and its per-strategy and
---                 bucket fields)
+-- Fields written: stats(latency_ms_sum, queue_ms_sum; of the kernel's hash, the cluster's once the kernel
+--                 is removed, and the per-strategy and bucket fields)
 local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch', 'strategy')
 if not f[1] then
     redis.call('ZREM', KEYS[2], ARGV[1])
@@ -40,7 +41,7 @@ if f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
     return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+local owned = redis.call('ZREM', KEYS[2], ARGV[1])
 -- the TTL is set when the push creates the list, and renewed while a backlog keeps it alive (the
 -- listener takes up to 512 at a time, so a list it keeps up with is created anew at each take)
 local waiting = redis.call('RPUSH', KEYS[3], ARGV[4])
@@ -51,8 +52,14 @@ local keep = tonumber(ARGV[8]) or 0
 if KEYS[6] and keep > 0 then
     redis.call('SET', KEYS[6], ARGV[4], 'PX', math.floor(keep))
 end
--- the kernel's stats only (a cluster's are its kernels' summed when read, protocol/stats.py);
--- increments of 0 are skipped (readers take a missing counter for 0): a job costs fewer calls
+-- the kernel's stats only (a cluster's are its kernels' summed when read, protocol/stats.py),
+-- unless its in-flight set no longer held the job: then the kernel was removed (its sets deleted,
+-- its hash folded into the cluster's, which readers would no longer sum) and the cluster's
+-- counts it. Increments of 0 are skipped (readers take a missing counter for 0).
+local stats = KEYS[5]
+if owned == 0 then
+    stats = KEYS[4]
+end
 -- one counter for the job's strategy and its buckets together, 'dispatches:<strategy>|<bucket>|...'
 -- (readers split it: protocol/stats.py derive), so a job costs one HINCRBY for all three
 local strategy = string.gsub(f[3] or 'unknown', '|', '_')
@@ -60,13 +67,13 @@ local counter = {'dispatches:' .. strategy}
 for j = 10, #ARGV do
     counter[#counter + 1] = ARGV[j]
 end
-redis.call('HINCRBY', KEYS[5], table.concat(counter, '|'), 1)
+redis.call('HINCRBY', stats, table.concat(counter, '|'), 1)
 if ARGV[5] == '0' then
-    redis.call('HINCRBY', KEYS[5], 'errors:' .. strategy, 1)
+    redis.call('HINCRBY', stats, 'errors:' .. strategy, 1)
 end
-redis.call('HINCRBYFLOAT', KEYS[5], 'latency_ms_sum', ARGV[6])
+redis.call('HINCRBYFLOAT', stats, 'latency_ms_sum', ARGV[6])
 local queue_ms = tonumber(ARGV[9]) or 0
 if queue_ms ~= 0 then
-    redis.call('HINCRBY', KEYS[5], 'queue_ms_sum', queue_ms)
+    redis.call('HINCRBY', stats, 'queue_ms_sum', queue_ms)
 end
 return 1
