@@ -52,7 +52,7 @@ _DISPATCHES_BY = by_strategy(DISPATCHES, "")
 _ERRORS_BY = by_strategy(ERRORS, "")
 #: Separates the parts of the one counter `finish.lua` increments per job:
 #: ``dispatches:<strategy>|<latency bucket>|<queue bucket>``.
-JOINED = "|"
+_JOINED = "|"
 
 
 def derive(counters: Mapping[str, float]) -> dict[str, float]:
@@ -62,7 +62,7 @@ def derive(counters: Mapping[str, float]) -> dict[str, float]:
     writes only those). A hash without any keeps its DISPATCHES and ERRORS."""
     out: dict[str, float] = {}
     for field, value in counters.items():
-        parts = field.split(JOINED) if field.startswith(_DISPATCHES_BY) else (field,)
+        parts = field.split(_JOINED) if field.startswith(_DISPATCHES_BY) else (field,)
         for part in parts:
             out[part] = out.get(part, 0.0) + value
     dispatches = [v for k, v in out.items() if k.startswith(_DISPATCHES_BY)]
