@@ -89,8 +89,8 @@ async def seed(r: aioredis.Redis, clusters: int, kernels: int) -> None:
             await r.sadd(KEYS.cluster_kernels(name), kernel)
             await r.hset(KEYS.load("a", name, kernel), mapping={"cpu": "0.1", "memory": "0.01"})
             fields = {stats.bucket_field(stats.LATENCY, b): 3 for b in stats.BUCKETS}
-            await r.hset(KEYS.kernel_stats(name, kernel), mapping={"dispatches": 45, **fields})
-            await r.hset(KEYS.cluster_stats(name), mapping={"dispatches": 45, **fields})
+            # the cluster's dispatch counters are its kernels' summed when read (protocol/stats.py)
+            await r.hset(KEYS.kernel_stats(name, kernel), mapping={"dispatches:adaptive": 45, **fields})
 
 
 async def scrape_run(r: aioredis.Redis, settings: Settings, n: int) -> tuple[float, float, int]:

@@ -211,6 +211,7 @@ class _RedisClusterSelection:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         if not config.getoption(REDIS_CLUSTER_OPTION):
             return
+
         def on_the_cluster(item: pytest.Item) -> bool:
             uses = getattr(item, "fixturenames", ())
             return item.get_closest_marker(REDIS_CLUSTER_MARKER) is not None and "redis_url" in uses

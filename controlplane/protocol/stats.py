@@ -1,20 +1,27 @@
 """Fields of the stats hashes, and the histograms counted in them.
 
 `{prefix}cluster:{cluster}:stats` and `{prefix}kernel:{cluster}:{kernel}:stats` are hashes of
-cumulative counters. Kernels write the dispatch fields through `finish.lua`; the control plane
-and clients add event counters with a single HINCRBY. The exporter (`controlplane/exporter.py`)
-and `kcp top` read them. A new event needs a field here, an HINCRBY where it happens, and its
-metric in the exporter.
+cumulative counters. Kernels write the dispatch fields through `finish.lua`, into their own
+kernel's hash only: the jobs finished by the strategy that routed them and by the bucket of
+each histogram they fell in, all in one field (``dispatches:<strategy>|<bucket>|<bucket>``),
+the jobs failed (``errors:<strategy>``), and the latency and queue-wait sums; `derive` splits
+the joined field and sums DISPATCHES and ERRORS from the per-strategy counts. The control
+plane and clients add event counters to the cluster's hash with a single HINCRBY. A cluster's
+dispatch counters are its kernels' summed, plus those of the kernels it no longer has: the
+reconciler folds a removed kernel's hash into the cluster's, in the same script that removes
+it (`totals`, read in one script call: `controlplane/redis/scripts/jobs.py` `read_stats`). The
+exporter (`controlplane/ops/exporter`), `kcp top` and the clients' metrics read them. A new
+event needs a field here, an HINCRBY where it happens, and its metric in the exporter.
 
-Histograms: `finish.lua` increments one *non-cumulative* bucket field per histogram (the
-smallest upper bound the observation fits under, e.g. ``latency_le_0.005``); readers make
-the buckets cumulative, as Prometheus expects.
+Histograms: `finish.lua` counts one *non-cumulative* bucket field per histogram (the
+smallest upper bound the observation fits under, e.g. ``latency_le_0.005``, part of the joined
+field); readers make the buckets cumulative, as Prometheus expects.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 # ---------------------------------------------------------------- dispatch (finish.lua)
 DISPATCHES = "dispatches"  #: jobs finished, successful or not
@@ -32,13 +39,47 @@ STEALS = "steals"  #: queued jobs an idle kernel took over from a busy sibling (
 SCALE_UP = "scale_up"  #: scale requests that raised the desired count (client or autoscaler)
 SCALE_DOWN = "scale_down"  #: scale requests that lowered it
 
-# ---------------------------------------------------------------- by strategy (finish.lua, cluster only)
+# ---------------------------------------------------------------- by strategy (finish.lua, kernel hashes)
 PINNED = "pinned"  #: the strategy of a job whose request named its kernel (nobody routed it)
 
 
 def by_strategy(field: str, strategy: str) -> str:
     """The `field` counter (DISPATCHES, ERRORS) of the jobs `strategy` routed: ``dispatches:adaptive``."""
     return f"{field}:{strategy}"
+
+
+_DISPATCHES_BY = by_strategy(DISPATCHES, "")
+_ERRORS_BY = by_strategy(ERRORS, "")
+#: Separates the parts of the one counter `finish.lua` increments per job:
+#: ``dispatches:<strategy>|<latency bucket>|<queue bucket>``.
+_JOINED = "|"
+
+
+def derive(counters: Mapping[str, float]) -> dict[str, float]:
+    """`counters` read from a stats hash as readers want them: each joined counter
+    (``dispatches:adaptive|latency_le_0.001|queue_le_0.0005``) split into ``dispatches:adaptive``
+    and its bucket fields, and DISPATCHES and ERRORS, the per-strategy counts summed (`finish.lua`
+    writes only those). A hash without any keeps its DISPATCHES and ERRORS."""
+    out: dict[str, float] = {}
+    for field, value in counters.items():
+        parts = field.split(_JOINED) if field.startswith(_DISPATCHES_BY) else (field,)
+        for part in parts:
+            out[part] = out.get(part, 0.0) + value
+    dispatches = [v for k, v in out.items() if k.startswith(_DISPATCHES_BY)]
+    if dispatches:
+        out[DISPATCHES] = float(sum(dispatches))
+        out[ERRORS] = float(sum(v for k, v in out.items() if k.startswith(_ERRORS_BY)))
+    return out
+
+
+def totals(cluster: Mapping[str, float], kernels: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """A cluster's counters: its own hash (events, and the dispatch counters of the kernels
+    folded into it when they were removed) plus its kernels' hashes, summed field by field."""
+    out = dict(cluster)
+    for counters in kernels:
+        for field, value in counters.items():
+            out[field] = out.get(field, 0.0) + value
+    return derive(out)
 
 
 # ---------------------------------------------------------------- the reliability hash (`Keys.reliability`)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from controlplane.protocol import stats
 from controlplane.protocol.models import ClusterStatus, KernelLoad, KernelState
 from controlplane.protocol.records import AgentLease, AgentRecord, ClusterRecord, KernelRecord, LapsedRecord
 from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts import jobs
 from controlplane.redis.state import State
 
 #: Kernel states in which a kernel process is expected to be alive.
@@ -115,13 +117,20 @@ async def read_snapshot(state: State) -> Snapshot:
             pipe.get(keys.agent_lease(a.name))
             pipe.hkeys(keys.agent_running(a.name))
         for c in clusters:  # in the order the loop below reads them back
-            pipe.hgetall(keys.cluster_stats(c.name))
             pipe.zcard(keys.cluster_orphans(c.name))
             for k in kernels[c.name]:
-                pipe.hgetall(keys.kernel_stats(k.cluster, k.name))
                 pipe.zcard(keys.queue(k.cluster, k.name))
                 pipe.zcard(keys.inflight(k.cluster, k.name))
         rows = iter(await pipe.execute())
+    # a cluster's hash and its kernels' at one instant (a removed kernel's is folded into the
+    # cluster's: read apart, the totals could step back); one more round trip for all clusters
+    calls = [jobs.read_stats(keys, c.name) for c in clusters]
+    async with amap_redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.execute_command(*call.command)
+            replies = await pipe.execute(raise_on_error=False)
+        reads = [await call.settle(reply, redis) for call, reply in zip(calls, replies, strict=True)]
     now = time.time()
     lapsed_agents = _lapsed(next(rows), keys.lapsed_agents(), {a.name for a, _ in agents}, now)
     present = {f"{c.name}/{k.name}" for c in clusters for k in kernels[c.name]}
@@ -134,11 +143,13 @@ async def read_snapshot(state: State) -> Snapshot:
         beat = beat_of.beat_ms / 1000 if beat_of is not None and beat_of.beat_ms else None
         agent_views.append(AgentView(a, ok, pttl, beat))
     cluster_views = []
-    for c in clusters:
-        stats, orphans = _floats(next(rows)), int(next(rows))
+    for c, read in zip(clusters, reads, strict=True):
+        theirs = {name: _floats(dict(h)) for name, h in read.kernels.items()}
+        orphans = int(next(rows))
         views = []
         for k in kernels[c.name]:
-            kstats, queued, inflight = _floats(next(rows)), int(next(rows)), int(next(rows))
+            queued, inflight = int(next(rows)), int(next(rows))
+            kstats = stats.derive(theirs.get(k.name, {}))
             lease = f"{c.name}/{k.name}" in running
             r = loads[c.name].get(k.name)
             load, rss = (r.to_load(k.name), r.memory_bytes) if r is not None else (None, None)
@@ -148,6 +159,8 @@ async def read_snapshot(state: State) -> Snapshot:
             for ref, entry in sorted(lapsed_kernels.items())
             if ref.partition("/")[0] == c.name
         ]
-        cluster_views.append(ClusterView(c, stats, orphans, views, lost))
+        cluster_views.append(
+            ClusterView(c, stats.totals(_floats(dict(read.cluster)), theirs.values()), orphans, views, lost)
+        )
     gone = [Lapsed(name, entry) for name, entry in sorted(lapsed_agents.items())]
     return Snapshot(now, cluster_views, agent_views, gone)

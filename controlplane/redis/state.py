@@ -12,12 +12,14 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from controlplane.errors import ClusterExists, ClusterNotFound
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig, ClusterStatus, KernelLoad
 from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord, LoadRecord, parse_counters
 from controlplane.redis import portable
 from controlplane.redis.connect import AsyncPipeline
 from controlplane.redis.errors import amap_redis_errors
+from controlplane.redis.scripts import jobs
 
 
 class State:
@@ -107,9 +109,14 @@ class State:
             await pipe.execute()
 
     async def cluster_stats(self, name: str) -> dict[str, float]:
+        """The cluster's counters: its events, and its kernels' dispatch counters summed
+        (`stats.totals`), DISPATCHES and ERRORS among them."""
         async with amap_redis_errors():
-            raw = await self.redis.hgetall(self.keys.cluster_stats(name))
-        return parse_counters(raw, self.keys.cluster_stats(name))
+            read = await jobs.read_stats(self.keys, name).run(self.redis)
+        return stats.totals(
+            parse_counters(read.cluster, self.keys.cluster_stats(name)),
+            (parse_counters(h, self.keys.kernel_stats(name, k)) for k, h in read.kernels.items()),
+        )
 
     # ------------------------------------------------------------ kernels
     async def kernels(self, cluster: str) -> list[KernelRecord]:

@@ -401,12 +401,13 @@ class Reconciler:
         inflight = keys.inflight(k.cluster, k.name)
         orphans = keys.cluster_orphans(k.cluster)
         write = self.lease.write(k.cluster).zunionstore_min(orphans, orphans, inflight)
+        # its dispatch counters stay in the cluster's totals (protocol/stats.py)
+        write.hfold(keys.kernel_stats(k.cluster, k.name), keys.cluster_stats(k.cluster))
         write.delete(
             keys.kernel(k.cluster, k.name),
             keys.queue(k.cluster, k.name),
             inflight,
             keys.kernel_wake(k.cluster, k.name),
-            keys.kernel_stats(k.cluster, k.name),
             keys.kernel_lease(k.cluster, k.name),
             keys.load(k.agent, k.cluster, k.name),
         )

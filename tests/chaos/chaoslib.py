@@ -19,8 +19,11 @@ from typing import Any
 
 import redis
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.records import parse_counters
 from controlplane.redis.connect import connect_sync
+from controlplane.redis.scripts import jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("client_worker.py")
@@ -240,8 +243,11 @@ def create_cluster(url: str, name: str, kernels: int, config: dict[str, Any] | N
 
 
 def cluster_stats(url: str, cluster: str) -> dict[str, float]:
+    """The cluster's counters as readers see them: its hash plus its kernels' (`stats.totals`)."""
     with connect_sync(url) as r:
-        return {k: float(v) for k, v in r.hgetall(KEYS.cluster_stats(cluster)).items()}  # type: ignore[union-attr]
+        read = jobs.read_stats(KEYS, cluster).run_sync(r)
+    kernels = [parse_counters(h, cluster) for h in read.kernels.values()]
+    return stats.totals(parse_counters(read.cluster, cluster), kernels)
 
 
 class SentinelSetup:

@@ -95,8 +95,10 @@ async def finish(
     ok: bool,
     strategy: str = "adaptive",
 ) -> None:
-    """A job routed by `strategy` finished through finish.lua, exactly as a kernel does it."""
+    """A job routed by `strategy` finished through finish.lua, exactly as a kernel does it (the
+    job in its kernel's in-flight set, as enqueue.lua leaves it)."""
     await redis.hset(KEYS.job(cluster, job), mapping={"kernel": kernel, "epoch": "1", "strategy": strategy})
+    await redis.zadd(KEYS.inflight(cluster, kernel), {job: 0})
     queue_ms = int(latency_ms / 2)
     delivered = await jobs.finish(
         KEYS,

@@ -182,6 +182,7 @@ async def test_abort_stops_a_deferred_or_queued_job_but_not_a_running_one(r: Asy
 @pytest.mark.parametrize("keep_ms", [0, 30_000])
 async def test_finish_keeps_an_arq_result_when_asked(r: AsyncRedis, keep_ms: int) -> None:
     await r.hset(KEYS.job(C, "j1"), mapping={"job": "p", "reply": REPLY, "kernel": "k1", "epoch": "1"})
+    await r.zadd(KEYS.inflight(C, "k1"), {"j1": 1})
     call = jobs.finish(
         KEYS,
         C,
@@ -202,5 +203,6 @@ async def test_finish_keeps_an_arq_result_when_asked(r: AsyncRedis, keep_ms: int
     assert await r.get(KEYS.job_result(C, "j1")) == ("the result" if keep_ms else None)
     if keep_ms:
         assert 0 < await r.pttl(KEYS.job_result(C, "j1")) <= keep_ms
-    stats = await r.hgetall(KEYS.cluster_stats(C))
-    assert (stats["queue_ms_sum"], stats["latency_le_0.005"]) == ("3", "1")  # the ARGV after keep_ms
+    stats = await r.hgetall(KEYS.kernel_stats(C, "k1"))
+    # the ARGV after keep_ms
+    assert (stats["queue_ms_sum"], stats["dispatches:unknown|latency_le_0.005"]) == ("3", "1")

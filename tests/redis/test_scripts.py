@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
+from controlplane.protocol import stats
 from controlplane.protocol.jobs import decode_job, decode_result, encode_job, encode_result
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.stats import PINNED
 from controlplane.redis.scripts import jobs, kernels
 from controlplane.redis.scripts.call import Call
+from controlplane.redis.scripts.fenced import FencedWrite
 
 CLUSTER = "c1"
 CLIENT = "client-1"
@@ -453,14 +456,144 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     assert await lua.finish("j2", message="r2", success=False, latency_ms=8.5) == 1
     assert await lua.r.lrange(reply, 0, -1) == ["r1", "r2"]
     assert await lua.zset(KEYS.inflight(CLUSTER, "k1")) == {}
-    for stats_key in (KEYS.cluster_stats(CLUSTER), KEYS.kernel_stats(CLUSTER, "k1")):
-        stats = await lua.r.hgetall(stats_key)
-        assert (stats["dispatches"], stats["errors"]) == ("2", "1")
-        assert float(stats["latency_ms_sum"]) == pytest.approx(20.5)
-    by_strategy = await lua.r.hgetall(KEYS.cluster_stats(CLUSTER))  # the cluster's only
-    assert (by_strategy["dispatches:round_robin"], by_strategy.get("errors:round_robin")) == ("1", None)
-    assert (by_strategy["dispatches:pinned"], by_strategy["errors:pinned"]) == ("1", "1")
-    assert "dispatches:pinned" not in await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
+    # the kernel's hash only, by strategy; readers sum the strategies into dispatches and errors
+    assert not await lua.r.exists(KEYS.cluster_stats(CLUSTER))
+    kernel = await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
+    assert (kernel["dispatches:round_robin"], kernel.get("errors:round_robin")) == ("1", None)
+    assert (kernel["dispatches:pinned"], kernel["errors:pinned"]) == ("1", "1")
+    assert float(kernel["latency_ms_sum"]) == pytest.approx(20.5)
+    assert "dispatches" not in kernel and "errors" not in kernel
+    await lua.r.sadd(KEYS.cluster_kernels(CLUSTER), "k1")
+    own, theirs = await read_stats(lua)
+    derived = stats.totals(own, theirs.values())
+    assert (derived[stats.DISPATCHES], derived[stats.ERRORS]) == (2, 1)
+    assert derived[stats.LATENCY_MS_SUM] == pytest.approx(20.5)
+    assert stats.derive(theirs["k1"])[stats.DISPATCHES] == 2
+
+
+async def test_finish_counts_a_jobs_strategy_and_buckets_in_one_field(lua: Lua) -> None:
+    """One HINCRBY per job for its strategy and both histograms; readers split it back."""
+    await lua.put_kernel()
+    for n, (strategy, latency, queue) in enumerate(
+        [("adaptive", 0.7, 0), ("adaptive", 0.7, 0), ("a|b", 30, 2)]
+    ):
+        await lua.enqueue(f"j{n}", strategy=strategy)
+        await lua.claim()
+        buckets = (
+            stats.bucket_field(stats.LATENCY, latency / 1000),
+            stats.bucket_field(stats.QUEUE, queue / 1000),
+        )
+        call = jobs.finish(
+            KEYS,
+            CLUSTER,
+            "k1",
+            job_id=f"j{n}",
+            epoch=1,
+            reply_key=KEYS.reply(CLUSTER, CLIENT),
+            message="r",
+            success=n != 2,
+            latency_ms=latency,
+            reply_ttl_ms=REPLY_TTL_MS,
+            queue_ms=queue,
+            buckets=buckets,
+        )
+        assert await lua.call(call) == 1
+    raw = await lua.r.hgetall(KEYS.kernel_stats(CLUSTER, "k1"))
+    assert raw == {
+        "dispatches:adaptive|latency_le_0.001|queue_le_0.0005": "2",
+        "dispatches:a_b|latency_le_0.05|queue_le_0.0025": "1",  # a '|' in the strategy cannot split it
+        "errors:a_b": "1",
+        "latency_ms_sum": raw["latency_ms_sum"],  # HINCRBYFLOAT: float noise (fakeredis)
+        "queue_ms_sum": "2",
+    }
+    assert float(raw["latency_ms_sum"]) == pytest.approx(31.4)
+    derived = stats.derive({k: float(v) for k, v in raw.items()})
+    assert derived == pytest.approx(
+        {
+            "dispatches:adaptive": 2,
+            "dispatches:a_b": 1,
+            "errors:a_b": 1,
+            "latency_le_0.001": 2,
+            "latency_le_0.05": 1,
+            "queue_le_0.0005": 2,
+            "queue_le_0.0025": 1,
+            "latency_ms_sum": 31.4,
+            "queue_ms_sum": 2,
+            stats.DISPATCHES: 3,
+            stats.ERRORS: 1,
+        }
+    )
+    assert stats.histogram(derived, stats.LATENCY)[-1] == (float("inf"), 3)
+
+
+async def read_stats(lua: Lua) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """stats_read.lua's hashes as numbers: the cluster's, and its kernels' by name."""
+    call = jobs.read_stats(KEYS, CLUSTER)
+    read = call.parse(await lua.call(call))
+
+    def numbers(h: Mapping[str, str]) -> dict[str, float]:
+        return {k: float(v) for k, v in h.items()}
+
+    return numbers(read.cluster), {name: numbers(h) for name, h in read.kernels.items()}
+
+
+def remove(kernel: str) -> FencedWrite:
+    """The reconciler's removal of `kernel`, as far as its stats go."""
+    write = FencedWrite(KEYS, CLUSTER).hfold(KEYS.kernel_stats(CLUSTER, kernel), KEYS.cluster_stats(CLUSTER))
+    return write.delete(KEYS.kernel(CLUSTER, kernel)).srem(KEYS.cluster_kernels(CLUSTER), kernel)
+
+
+async def test_a_removed_kernels_counts_stay_in_its_clusters_totals(lua: Lua) -> None:
+    """The reconciler folds a removed kernel's stats into the cluster's hash (fence.lua HFOLD),
+    in the same script that deletes the kernel: the cluster's totals never step back."""
+    for name in ("k1", "k2"):
+        await lua.put_kernel(name)
+        await lua.r.sadd(KEYS.cluster_kernels(CLUSTER), name)
+    await lua.r.hset(KEYS.cluster_stats(CLUSTER), mapping={"steals": 2, "dispatches:adaptive": 1})
+    for n, name in enumerate(("k1", "k1", "k2")):
+        await lua.enqueue(f"j{n}", kernel=name, strategy="adaptive")
+        await lua.claim(kernel=name)
+        assert await lua.finish(f"j{n}", kernel=name, success=n != 1, latency_ms=1.25) == 1
+    own, theirs = await read_stats(lua)
+    assert set(theirs) == {"k1", "k2"}
+    before = stats.totals(own, theirs.values())
+    assert (before[stats.DISPATCHES], before[stats.ERRORS], before[stats.STEALS]) == (4, 1, 2)
+    assert await lua.call(remove("k1").call(1)) == "ok"
+    assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k1"))
+    own, theirs = await read_stats(lua)
+    assert set(theirs) == {"k2"}
+    assert stats.totals(own, theirs.values()) == pytest.approx(before)
+    assert (own["dispatches:adaptive"], own["errors:adaptive"], own["steals"]) == (3, 1, 2)
+    assert own["latency_ms_sum"] == pytest.approx(2.5)
+    # a job still assigned to a kernel removed meanwhile (its result is not fenced yet): its sets
+    # are gone and its hash folded, so the cluster's hash counts it
+    await lua.enqueue("late", kernel="k2", strategy="adaptive")
+    await lua.claim(kernel="k2")
+    await lua.r.delete(KEYS.inflight(CLUSTER, "k2"), KEYS.queue(CLUSTER, "k2"))
+    assert await lua.call(remove("k2").call(1)) == "ok"
+    assert await lua.finish("late", kernel="k2", latency_ms=1) == 1
+    assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k2"))
+    own, theirs = await read_stats(lua)
+    assert theirs == {}
+    late = stats.totals(own, theirs.values())
+    assert late[stats.DISPATCHES] == before[stats.DISPATCHES] + 1
+    await lua.put_kernel("k2")
+    await lua.r.sadd(KEYS.cluster_kernels(CLUSTER), "k2")
+    before = late
+    # garbage in the hash folded is dropped, never fails the removal
+    garbage = {"huge": "9" * 30, "inf": "1e400", "text": "x", "steals": "-1"}
+    await lua.r.hset(KEYS.kernel_stats(CLUSTER, "k2"), mapping=garbage)
+    write = remove("k2")
+    assert await lua.call(write.call(1)) == "ok"
+    assert not await lua.r.exists(KEYS.kernel_stats(CLUSTER, "k2"), KEYS.kernel(CLUSTER, "k2"))
+    own, theirs = await read_stats(lua)
+    assert theirs == {}
+    after = stats.totals(own, theirs.values())
+    assert {k: after[k] for k in before} == pytest.approx({**before, stats.STEALS: 1})
+    # folding again (a retried removal) adds nothing
+    assert await lua.call(write.call(1)) == "ok"
+    own, theirs = await read_stats(lua)
+    assert stats.totals(own, theirs.values()) == pytest.approx(after)
 
 
 @pytest.mark.parametrize(("kernel", "epoch"), [("k1", 1), ("k2", 2)], ids=["old-epoch", "other-kernel"])
@@ -817,7 +950,6 @@ async def test_round_trip(lua: Lua) -> None:
     assert (outcome.enqueue_ms, outcome.start_ms, outcome.finish_ms) == (NOW, NOW + 5, NOW + 9)
     # counters are created by their first increment: no errors, no queue wait so far
     assert await lua.snapshot() == {
-        KEYS.cluster_stats(CLUSTER): {"dispatches": "1", "latency_ms_sum": "9", "dispatches:adaptive": "1"},
         KEYS.kernel(CLUSTER, "k1"): {"state": "running", "epoch": "3", "agent": "a1"},
-        KEYS.kernel_stats(CLUSTER, "k1"): {"dispatches": "1", "latency_ms_sum": "9"},
+        KEYS.kernel_stats(CLUSTER, "k1"): {"dispatches:adaptive": "1", "latency_ms_sum": "9"},
     }

@@ -25,6 +25,7 @@ from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import AsyncRedisCluster, connect
 from controlplane.redis.scripts import bus, deferred, jobs, kernels, metrics
 from controlplane.redis.scripts.call import Call
+from controlplane.redis.scripts.fenced import FencedWrite
 from controlplane.redis.scripts.jobs import Routing
 
 KEYS = Keys()
@@ -117,6 +118,12 @@ def _calls(cluster: str) -> dict[str, Call[Any]]:
         "metric_increment": metrics.metric_increment(
             KEYS, cluster, field="k1/m", kernel="k1", metric="m", amount="1", now_s="1"
         ),
+        "stats_read": jobs.read_stats(KEYS, cluster),
+        "fold": FencedWrite(KEYS, cluster)
+        .hfold(KEYS.kernel_stats(cluster, "k2"), KEYS.cluster_stats(cluster))
+        .srem(KEYS.cluster_kernels(cluster), "k2")
+        .call(1),
+        "stats_read_after_fold": jobs.read_stats(KEYS, cluster),
     }
 
 
@@ -152,6 +159,7 @@ def test_the_prefixes_scripts_build_keys_from_carry_the_cluster_tag() -> None:
     slot = key_slot(KEYS.cluster("web").encode())
     assert key_slot((KEYS.job("web", "") + "any-id").encode()) == slot
     assert key_slot((KEYS.kernel("web", "") + "k9:queue").encode()) == slot
+    assert key_slot((KEYS.kernel("web", "") + "k9:stats").encode()) == slot  # stats_read.lua
     assert key_slot(KEYS.load("a1", "web", "w1").encode()) == slot
     assert key_slot(KEYS.cluster_epoch("web").encode()) == slot
 
@@ -178,6 +186,10 @@ async def _run_all(r: Any, clusters: tuple[str, ...]) -> list[Any]:
         await r.hset(KEYS.kernel(cluster, "k1"), mapping={"agent": "a1", "state": "starting"})
         await r.hset(KEYS.kernel(cluster, "k2"), mapping={"agent": "a2", "state": "running", "epoch": 1})
         await r.hset(KEYS.agent_kernels("a1"), f"{cluster}/k1", "run")
+        await r.sadd(KEYS.cluster_kernels(cluster), "k1", "k2")
+        await r.hset(
+            KEYS.kernel_stats(cluster, "k2"), mapping={"dispatches:adaptive": 2, "latency_ms_sum": 1.5}
+        )
         for name, call in _calls(cluster).items():
             out.append((cluster, name, await call.reply(r)))
             if name == "kernel_start":  # what the agent does once the process is up
@@ -208,6 +220,12 @@ async def test_the_scripts_give_on_a_redis_cluster_what_they_give_on_one_redis(
         assert await _run_all(many, NAMES) == expected
         replies = {e[1]: e[2] for e in expected if isinstance(e, tuple) and len(e) == 3}
         assert replies["claim"][:2] == ["ok", "{}"], "claim built the job key from its prefix"
+        read = jobs.read_stats(KEYS, "web")
+        assert read.parse(replies["stats_read"]).kernels["k2"]["dispatches:adaptive"] == "2", (
+            "built from its prefix"
+        )
+        after = read.parse(replies["stats_read_after_fold"])
+        assert (after.cluster["dispatches:adaptive"], list(after.kernels)) == ("2", ["k1"])
     finally:
         await one.aclose()
         await many.aclose()

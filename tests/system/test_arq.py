@@ -20,6 +20,7 @@ from redis.asyncio import Redis as AsyncRedis
 from controlplane import InvalidRequest, KcpClient, KernelError, Settings
 from controlplane.protocol.arq import JobStatus, job_result
 from controlplane.protocol.keys import Keys
+from controlplane.redis.state import State
 from examples.arq_worker import WorkerSettings
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
@@ -208,7 +209,7 @@ async def test_arq_jobs_survive_a_killed_agent_and_report_their_status(
             status = await watched.status()
             if not seen or seen[-1] is not status:
                 seen.append(status)
-            stats = await redis.hgetall(KEYS.cluster_stats("jobs"))
+            stats = await State(redis, KEYS).cluster_stats("jobs")
             if not killed and int(stats.get("dispatches", 0)) >= 3:  # mid-run: jobs queued and running
                 doomed.kill()  # SIGKILL: its kernel dies with it (PDEATHSIG)
                 killed = True

@@ -24,10 +24,10 @@
 -- ARGV[7+2(i-1)..+1] sibling i: its name, and the epoch the caller last saw it with (the
 --         caller checked then that it runs every syscall and capability of the sibling)
 -- Returns {'ok', job, reply, attempt, id, queued[, version]} to run it (queued: jobs still
---           waiting on the caller's own queue, or when none is, on its siblings' (one ZCARD each
---           only then), so the caller knows whether to claim its next job at once or to block
---           on its wake token first; version: with
---           ARGV[5] = 1, the cluster's version, '' when it has none);
+--           waiting on the caller's own queue, or when none is, on its siblings' (then one
+--           EXISTS for all of them, and one ZCARD each only when it finds any), so the caller
+--           knows whether to claim its next job at once or to block on its wake token first;
+--           version: with ARGV[5] = 1, the cluster's version, '' when it has none);
 --         {'empty'[, version]} when there is nothing to take;
 --         {'gone', id} when the job no longer exists (cancelled, timed out, cluster destroyed);
 --         {'fenced', id} when the job now belongs to another kernel;
@@ -165,9 +165,17 @@ if queued > 0 then
 elseif ARGV[6] ~= '1' then
     redis.call('DEL', KEYS[3])
 end
-if queued == 0 then  -- its siblings' queues only matter to a caller with none of its own
+if queued == 0 and #KEYS > 7 then  -- its siblings' queues only matter to a caller with none of its own
+    -- one EXISTS tells whether any of them holds a job (an empty queue has no key); they are
+    -- counted one by one only then
+    local queues = {}
     for i = 1, (#KEYS - 7) / 3 do
-        queued = queued + redis.call('ZCARD', KEYS[7 + 3 * (i - 1) + 2])
+        queues[i] = KEYS[7 + 3 * (i - 1) + 2]
+    end
+    if redis.call('EXISTS', unpack(queues)) > 0 then
+        for i = 1, #queues do
+            queued = queued + redis.call('ZCARD', queues[i])
+        end
     end
 end
 return version({'ok', f[3], f[4], attempt, id, queued})

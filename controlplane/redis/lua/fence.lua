@@ -7,7 +7,9 @@
 --         forbidden value: nothing is written when the field is absent or holds it
 -- ARGV[5..] the writes, one after the other: command, n, then n (kind, value) pairs, kind
 --         'k' for KEYS[value], 'a' for the literal value. Commands: HSET HDEL DEL SADD SREM
---         INCR ZREM ZUNIONSTORE RPUSH PEXPIRE
+--         INCR ZREM ZUNIONSTORE RPUSH PEXPIRE, and HFOLD src dst: add every counter of hash
+--         src to the same field of hash dst (HINCRBY, HINCRBYFLOAT for a fractional value)
+--         and delete src (a removed kernel's stats go to its cluster's, protocol/stats.py)
 -- Returns 'ok' (all written, the cluster's term now the caller's), 'fenced' (the stored term
 -- is greater: a newer leader wrote here; nothing written) or 'guarded' (the guard refused;
 -- nothing written).
@@ -15,7 +17,21 @@
 -- Fields read:    none; the guard's hash and field are the caller's
 -- Fields written: none; the writes are the caller's, built by FencedWrite
 local ALLOWED = {HSET = 1, HDEL = 1, DEL = 1, SADD = 1, SREM = 1, INCR = 1, ZREM = 1,
-                 ZUNIONSTORE = 1, RPUSH = 1, PEXPIRE = 1}
+                 ZUNIONSTORE = 1, RPUSH = 1, PEXPIRE = 1, HFOLD = 1}
+
+-- a field that is no number, or whose sum would not be one Redis can store, is dropped
+local function hfold(src, dst)
+    local fields = redis.call('HGETALL', src)
+    for j = 1, #fields, 2 do
+        local value = fields[j + 1]
+        if string.match(value, '^-?%d+$') then
+            redis.pcall('HINCRBY', dst, fields[j], value)
+        elseif tonumber(value) then
+            redis.pcall('HINCRBYFLOAT', dst, fields[j], value)
+        end
+    end
+    redis.call('DEL', src)
+end
 local term = tonumber(ARGV[1])
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if stored > term then
@@ -42,7 +58,11 @@ while i <= #ARGV do
         local kind, value = ARGV[i + 2 * j], ARGV[i + 2 * j + 1]
         args[j] = kind == 'k' and KEYS[tonumber(value)] or value
     end
-    redis.call(command, unpack(args))
+    if command == 'HFOLD' then
+        hfold(args[1], args[2])
+    else
+        redis.call(command, unpack(args))
+    end
     i = i + 2 + 2 * n
 end
 return 'ok'

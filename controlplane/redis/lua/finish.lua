@@ -7,7 +7,9 @@
 --                              claim.lua: in the cluster's slot). The caller rings the client's
 --                              bell, {prefix}reply:{client}:bell, once this call returned 1
 --                              (another slot: not touched here)
--- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats
+-- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats (written only when KEYS[2] no longer
+--                        holds the job: the kernel was removed, its hash folded into this one; a
+--                        cluster's counters are this hash plus its kernels', controlplane/protocol/stats.py)
 -- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
 -- KEYS[6] result         STRING {prefix}job:{cluster}:{id}:result (optional: arq jobs keep their
 --                        result there for ARGV[8] ms, for `Job.result()` and `Job.status()`)
@@ -22,14 +24,17 @@
 -- ARGV[9] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
 -- ARGV[10..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
--- The cluster's stats also count the job by the strategy that routed it (the job's `strategy`
--- field): dispatches:<strategy>, errors:<strategy>.
+-- The job is counted by the strategy that routed it (the job's `strategy` field, '|' replaced by
+-- '_') together with its buckets, in one field 'dispatches:<strategy>|<ARGV[10]>|...', and when it
+-- failed in errors:<strategy>; readers split the first into dispatches:<strategy> and the bucket
+-- fields and sum those into dispatches and errors (controlplane/protocol/stats.py derive).
 -- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
 -- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
 --
 -- Fields read:    job(kernel, epoch, strategy)
--- Fields written: stats(dispatches, errors, latency_ms_sum, queue_ms_sum; and the per-strategy and bucket fields)
+-- Fields written: stats(latency_ms_sum, queue_ms_sum; of the kernel's hash, the cluster's once the kernel
+--                 is removed, and the per-strategy and bucket fields)
 local f = redis.call('HMGET', KEYS[1], 'kernel', 'epoch', 'strategy')
 if not f[1] then
     redis.call('ZREM', KEYS[2], ARGV[1])
@@ -39,7 +44,7 @@ if f[1] ~= ARGV[2] or f[2] ~= ARGV[3] then
     return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+local owned = redis.call('ZREM', KEYS[2], ARGV[1])
 -- the TTL is set when the push creates the list, and renewed while a backlog keeps it alive (the
 -- listener takes up to 512 at a time, so a list it keeps up with is created anew at each take)
 local waiting = redis.call('RPUSH', KEYS[3], ARGV[4])
@@ -50,25 +55,28 @@ local keep = tonumber(ARGV[8]) or 0
 if KEYS[6] and keep > 0 then
     redis.call('SET', KEYS[6], ARGV[4], 'PX', math.floor(keep))
 end
--- increments of 0 are skipped (readers take a missing counter for 0): a job costs fewer calls
-local failed = ARGV[5] == '0'
-local queue_ms = tonumber(ARGV[9]) or 0
-for i = 4, 5 do
-    redis.call('HINCRBY', KEYS[i], 'dispatches', 1)
-    if failed then
-        redis.call('HINCRBY', KEYS[i], 'errors', 1)
-    end
-    redis.call('HINCRBYFLOAT', KEYS[i], 'latency_ms_sum', ARGV[6])
-    if queue_ms ~= 0 then
-        redis.call('HINCRBY', KEYS[i], 'queue_ms_sum', queue_ms)
-    end
-    for j = 10, #ARGV do
-        redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
-    end
+-- the kernel's stats only (a cluster's are its kernels' summed when read, protocol/stats.py),
+-- unless its in-flight set no longer held the job: then the kernel was removed (its sets deleted,
+-- its hash folded into the cluster's, which readers would no longer sum) and the cluster's
+-- counts it. Increments of 0 are skipped (readers take a missing counter for 0).
+local stats = KEYS[5]
+if owned == 0 then
+    stats = KEYS[4]
 end
-local strategy = f[3] or 'unknown'
-redis.call('HINCRBY', KEYS[4], 'dispatches:' .. strategy, 1)
-if failed then
-    redis.call('HINCRBY', KEYS[4], 'errors:' .. strategy, 1)
+-- one counter for the job's strategy and its buckets together, 'dispatches:<strategy>|<bucket>|...'
+-- (readers split it: protocol/stats.py derive), so a job costs one HINCRBY for all three
+local strategy = string.gsub(f[3] or 'unknown', '|', '_')
+local counter = {'dispatches:' .. strategy}
+for j = 10, #ARGV do
+    counter[#counter + 1] = ARGV[j]
+end
+redis.call('HINCRBY', stats, table.concat(counter, '|'), 1)
+if ARGV[5] == '0' then
+    redis.call('HINCRBY', stats, 'errors:' .. strategy, 1)
+end
+redis.call('HINCRBYFLOAT', stats, 'latency_ms_sum', ARGV[6])
+local queue_ms = tonumber(ARGV[9]) or 0
+if queue_ms ~= 0 then
+    redis.call('HINCRBY', stats, 'queue_ms_sum', queue_ms)
 end
 return 1

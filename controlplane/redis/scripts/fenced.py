@@ -79,6 +79,10 @@ class FencedWrite:
     def pexpire(self, key: str, ms: int) -> FencedWrite:
         return self._op("PEXPIRE", (True, key), (False, ms))
 
+    def hfold(self, src: str, dst: str) -> FencedWrite:
+        """Add every counter of hash `src` to hash `dst` (field by field), then delete `src`."""
+        return self._op("HFOLD", (True, src), (True, dst))
+
     def zunionstore_min(self, dest: str, *sources: str) -> FencedWrite:
         """`dest` := the union of `sources` (the lowest score of a member kept)."""
         keys = [(True, s) for s in sources]

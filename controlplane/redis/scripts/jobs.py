@@ -1,4 +1,5 @@
-"""A job's scripts: enqueue (the client's hot path), claim and finish (the kernel's), cancel."""
+"""A job's scripts: enqueue (the client's hot path), claim and finish (the kernel's), cancel; and
+the read of the stats finish writes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ CLAIM = Script.load("claim")
 FINISH = Script.load("finish")
 CANCEL = Script.load("cancel")
 TAKE_REPLIES = Script.load("take_replies")
+STATS_READ = Script.load("stats_read")
 
 _NONE_EJECTED: Mapping[str, int] = MappingProxyType({})
 
@@ -248,6 +250,37 @@ def finish(
     if queue_ms is not None:
         argv += [queue_ms, *buckets]
     return Call(FINISH, klist, argv, _flag)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRead:
+    """stats_read.lua's reply: the cluster's stats hash, and each of its kernels' by name."""
+
+    cluster: Mapping[str, str]
+    kernels: Mapping[str, Mapping[str, str]]
+
+
+def read_stats(keys: Keys, cluster: str) -> Call[StatsRead]:
+    """stats_read.lua: the cluster's stats hash and those of every kernel in its kernel set, read
+    at one instant (a kernel's removal folds its hash into the cluster's and SREMs it in one
+    script: `controlplane.protocol.stats.totals` sums them)."""
+    prefix = keys.kernel(cluster, "")
+    suffix = keys.kernel_stats(cluster, "")[len(prefix) :]
+    return Call(
+        STATS_READ,
+        [keys.cluster_stats(cluster), keys.cluster_kernels(cluster)],
+        [prefix, suffix],
+        _stats_read,
+    )
+
+
+def _hash(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(f): str(v) for f, v in zip(flat[::2], flat[1::2], strict=True)}
+
+
+def _stats_read(reply: Any) -> StatsRead:
+    own, names, *theirs = reply
+    return StatsRead(_hash(own), {str(n): _hash(h) for n, h in zip(names, theirs, strict=True)})
 
 
 def cancel(keys: Keys, cluster: str, kernel: str, *, job_id: str) -> Call[bool]:
