@@ -192,7 +192,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         REDIS_CLUSTER_OPTION,
         action="store_true",
-        help=f"run only the tests marked {REDIS_CLUSTER_MARKER} that take redis_url, on a local Redis Cluster",
+        help=f"only the tests marked {REDIS_CLUSTER_MARKER} that take redis_url, on a local Redis Cluster",
     )
 
 
