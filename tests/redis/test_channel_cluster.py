@@ -322,7 +322,7 @@ async def test_a_kernel_serves_jobs_over_its_cluster_channel(
 
     keys, cluster = Keys(), "kc"
     home = redis_cluster.master_of_key(keys.cluster(cluster))
-    reply = keys.reply(cluster)  # a client id equal to the cluster's name: its reply list in the same slot
+    reply = keys.reply(cluster, "client-1")  # in the cluster's slot; the client's bell is in its own
     r = _client(redis_cluster_url)
     own = _client(redis_cluster_url)
     channel = preloading(r, jobs.ENQUEUE)
@@ -349,7 +349,10 @@ async def test_a_kernel_serves_jobs_over_its_cluster_channel(
             assert isinstance(await call.run(channel), jobs.Enqueued)
             popped = await channel.execute("BLPOP", reply, 10)
             assert popped is not None and f'"j{n}"' in popped[1]
+        # the kernel's channel holds its cluster's master only (it rings the bell, in another
+        # slot, on its cluster client after finish.lua replied)
         assert set(process.channel._nodes) == {f"{home.host}:{home.port}"}
+        assert await r.zscore(keys.reply_bell("client-1"), cluster) is not None, "the bell was rung"
     finally:
         process.drain()
         await asyncio.wait_for(task, 20)
