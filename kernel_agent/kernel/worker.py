@@ -113,7 +113,10 @@ class KernelProcess(Service):
         #: a worker's channel is one connection to the one Redis that holds the job and the
         #: client's bell: a ring written behind finish.lua runs after it, in the same round trip.
         #: On a Redis Cluster the bell may live on another node: it is rung once finish.lua replied
+        #: (a ring sent beside it could overtake the push), on a channel of its own (the worker's
+        #: channel to that node may be blocked in its pop)
         self._ring_behind = not isinstance(redis, AsyncRedisCluster)
+        self._ringer: Channel | None = None  # made at the first ring it sends
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
@@ -228,8 +231,8 @@ class KernelProcess(Service):
         except BaseExceptionGroup as group:  # the outage that stopped them, for `run`
             raise group.exceptions[0] from None
         finally:
-            for channel in channels:
-                await channel.aclose()  # the first reconnects if used again (after an outage)
+            for channel in [*channels, *([self._ringer] if self._ringer else [])]:
+                await channel.aclose()  # each reconnects if used again (after an outage)
 
     async def _work(self, channel: Channel) -> None:
         """One worker: claim, execute, deliver, on a connection of its own.
@@ -472,10 +475,10 @@ class KernelProcess(Service):
         if not delivered:
             logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", job_id)
         elif ring and not self._ring_behind:
-            async with best_effort(), self.redis.pipeline(transaction=False) as pipe:
-                for command in ring:
-                    pipe.execute_command(*command)
-                await pipe.execute()
+            if self._ringer is None:
+                self._ringer = preloading(self.redis)
+            async with best_effort():  # an error reply is returned, not raised: a lost ring only delays
+                await self._ringer.execute_many(ring)
 
 
 def _now_ms() -> int:

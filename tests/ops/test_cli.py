@@ -31,7 +31,7 @@ from controlplane.errors import (
 from controlplane.ops.cli.main import main
 from controlplane.ops.redis_server import RedisServerProcess, free_port, start_redis_server
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(60), pytest.mark.redis_cluster]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parents[2]
 OK = 0

@@ -15,7 +15,7 @@ from controlplane.errors import EXIT_AUTH, EXIT_PERMISSION
 from controlplane.ops.redis_server import RedisServerProcess
 from controlplane.protocol.keys import Keys
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60), pytest.mark.redis_cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
