@@ -157,6 +157,12 @@ class LoadReport:
     def first_errors(self, n: int = 3) -> list[str]:
         return [str(r["error"]) for r in self.records if not r["ok"]][:n]
 
+    def resumed_after(self, at: float) -> float:
+        """Seconds from `at` (a kill, unix time) until the first dispatch started after it was
+        answered with its result; NaN if none was."""
+        after = [r["at"] for r in self.records if r["ok"] and r["at"] - r["seconds"] > at]
+        return min(after) - at if after else float("nan")
+
     def line(self) -> str:
         return (
             f"{self.total} dispatches: {self.ok} ok, errors {dict(self.errors) or 0}, "
