@@ -299,7 +299,8 @@ class LapsedRecord(BaseModel):
 
 class JobRecord(Record):
     """`{prefix}job:{cluster}:{id}` (with a TTL): one job, written and fenced by the Lua scripts
-    (enqueue, claim, rebind, finish, cancel); Python only reads the reply list of a job it fails."""
+    (enqueue, claim, rebind, finish, cancel); Python only reads its reply list, of a job it fails
+    or moves (rebind.lua's callers, which declare the lists the script pushes to)."""
 
     REPLY: ClassVar[str] = "reply"
 
