@@ -247,7 +247,8 @@ class Reconciler:
         follow its fenced one, so a leader killed or deposed between the two leaves one missing
         or stray (docs/reliability.md, "Fencing"). True when something was rewritten."""
         want = {f"{cluster}/{k.name}": k for k in kernels}
-        held = self._assigned.get(cluster, set())
+        live = self.detector.assignments  # less what this pass removed since its snapshot
+        held = {(a, ref) for a, ref in self._assigned.get(cluster, set()) if ref in live.get(a, ())}
         stray = sorted((a, ref) for a, ref in held if ref not in want or want[ref].agent != a)
         missing = [k for ref, k in want.items() if (k.agent, ref) not in held]
         if not stray and not missing:

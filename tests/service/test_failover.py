@@ -16,7 +16,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import ClusterConfig, KcpClient, KernelError, KernelGone, OrchestrationConfig, Settings
 from controlplane.protocol.keys import ASSIGN_RUN, Keys
-from controlplane.protocol.models import ClusterStatus
+from controlplane.protocol.models import ClusterStatus, KernelState
 from controlplane.protocol.records import AgentLease, AgentRecord, ClusterRecord
 from controlplane.redis.connect import parse_sentinel_url
 from controlplane.redis.state import State
@@ -132,6 +132,36 @@ async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: Asyn
     await second.reconcile_all()
     assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
     assert [k.name for k in await state.kernels("web")] == ["worker-0"], "repaired, not replaced"
+
+
+@pytest.mark.integration
+async def test_a_kernel_removed_in_a_pass_is_not_taken_for_a_stray_assignment(
+    redis: AsyncRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The repair compares with the assignments as the pass began, less what the pass removed
+    since: a drained kernel's removal (its assignment deleted) is no stray to rewrite."""
+    state = State(redis, KEYS)
+    await state.create_cluster("web", ClusterConfig(), 2)
+    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
+    await redis.sadd(KEYS.agents(), "a1")
+    seconds, micros = await redis.time()
+    await redis.set(
+        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
+    )
+    leader = await _lead(redis, "only", ttl=3.0)
+    await leader.reconcile_all()
+    assert len(await redis.hgetall(KEYS.agent_kernels("a1"))) == 2
+    await redis.hset(KEYS.kernel("web", "worker-1"), "state", KernelState.STOPPED.value)  # drained
+    await redis.incr(KEYS.cluster_version("web"))  # as the kernel's stop script does
+    caplog.clear()
+    await leader.reconcile_all()
+    # removed, and its name placed again (a new record)
+    assert await redis.hgetall(KEYS.agent_kernels("a1")) == {
+        "web/worker-0": ASSIGN_RUN,
+        "web/worker-1": ASSIGN_RUN,
+    }
+    assert await redis.hget(KEYS.kernel("web", "worker-1"), "state") == KernelState.PENDING.value
+    assert not [r for r in caplog.records if "rewrote" in r.getMessage()], "nothing to repair"
 
 
 @pytest.mark.integration
