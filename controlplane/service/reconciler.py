@@ -244,14 +244,16 @@ class Reconciler:
 
     async def _repair_assignments(self, cluster: str, kernels: list[KernelRecord], fleet: Fleet) -> bool:
         """Make the agents' assignments match the kernel records: a decision's fleet-wide writes
-        follow its fenced one, so a leader killed or deposed between the two leaves one missing
-        or stray (docs/reliability.md, "Fencing"). True when something was rewritten."""
+        follow its fenced one, so a leader killed or deposed between the two leaves one missing,
+        stray, or still `run` under a draining record (docs/reliability.md, "Fencing"). True when
+        something was rewritten."""
         want = {f"{cluster}/{k.name}": k for k in kernels}
         live = self.detector.assignments  # less what this pass removed since its snapshot
         held = {(a, ref) for a, ref in self._assigned.get(cluster, set()) if ref in live.get(a, ())}
         stray = sorted((a, ref) for a, ref in held if ref not in want or want[ref].agent != a)
         missing = [k for ref, k in want.items() if (k.agent, ref) not in held]
-        if not stray and not missing:
+        undrained = await self._undrained(cluster, [k for k in kernels if k not in missing])
+        if not stray and not missing and not undrained:
             return False
 
         def write(pipe: AsyncPipeline) -> None:
@@ -260,10 +262,11 @@ class Reconciler:
             for k in missing:
                 mode = ASSIGN_DRAIN if k.state is KernelState.DRAINING else ASSIGN_RUN
                 pipe.hset(self.keys.agent_kernels(k.agent), f"{cluster}/{k.name}", mode)
+            for k in undrained:
+                pipe.hset(self.keys.agent_kernels(k.agent), f"{cluster}/{k.name}", ASSIGN_DRAIN)
 
-        await self._fleet_write(
-            write, [(a, "remove") for a, _ in stray] + [(k.agent, "place") for k in missing]
-        )
+        wakes = [(a, "remove") for a, _ in stray] + [(k.agent, "place") for k in missing]
+        await self._fleet_write(write, wakes + [(k.agent, "drain") for k in undrained])
         for agent, ref in stray:
             self.detector.unassign(agent, ref)
             fleet.assigned[agent] -= 1
@@ -273,9 +276,22 @@ class Reconciler:
         logger.warning(
             "cluster %s: rewrote %d assignment(s) the kernel records did not match",
             cluster,
-            len(stray) + len(missing),
+            len(stray) + len(missing) + len(undrained),
         )
         return True
+
+    async def _undrained(self, cluster: str, kernels: list[KernelRecord]) -> list[KernelRecord]:
+        """Of `kernels`, the draining ones whose agent's assignment still says run: a leader
+        stopped between the fenced drain and the assignment leaves the process running under a
+        draining record, which nothing else would ever stop."""
+        draining = [k for k in kernels if k.state is KernelState.DRAINING]
+        if not draining:
+            return []
+        async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for k in draining:
+                pipe.hget(self.keys.agent_kernels(k.agent), f"{cluster}/{k.name}")
+            modes = await pipe.execute()
+        return [k for k, mode in zip(draining, modes, strict=True) if mode != ASSIGN_DRAIN]
 
     async def _place(
         self,

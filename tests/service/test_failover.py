@@ -15,7 +15,7 @@ from conftest import ProcessStack, wait_for
 from redis.asyncio import Redis as AsyncRedis
 
 from controlplane import ClusterConfig, KcpClient, KernelError, KernelGone, OrchestrationConfig, Settings
-from controlplane.protocol.keys import ASSIGN_RUN, Keys
+from controlplane.protocol.keys import ASSIGN_DRAIN, ASSIGN_RUN, Keys
 from controlplane.protocol.models import ClusterStatus, KernelState
 from controlplane.protocol.records import AgentLease, AgentRecord, ClusterRecord
 from controlplane.redis.connect import parse_sentinel_url
@@ -132,6 +132,32 @@ async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: Asyn
     await second.reconcile_all()
     assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
     assert [k.name for k in await state.kernels("web")] == ["worker-0"], "repaired, not replaced"
+
+
+@pytest.mark.integration
+async def test_a_drain_whose_assignment_was_lost_is_written_again(redis: AsyncRedis) -> None:
+    """A leader stopped between a drain's fenced write (the record says draining) and the agent's
+    assignment (still run) left a process nothing would stop: the next leader writes the drain."""
+    state = State(redis, KEYS)
+    await state.create_cluster("web", ClusterConfig(), 2)
+    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
+    await redis.sadd(KEYS.agents(), "a1")
+    seconds, micros = await redis.time()
+    await redis.set(
+        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
+    )
+    first = await _lead(redis, "first", ttl=3.0)
+    await first.reconcile_all()
+    await redis.hset(KEYS.kernel("web", "worker-1"), "state", KernelState.DRAINING.value)  # fenced, landed
+    await first.lease.release()  # ... and the assignment's "drain" never written
+    second = await _lead(redis, "second", ttl=3.0)
+    await second.reconcile_all()
+    assert await redis.hgetall(KEYS.agent_kernels("a1")) == {
+        "web/worker-0": ASSIGN_RUN,
+        "web/worker-1": ASSIGN_DRAIN,
+        "web/worker-2": ASSIGN_RUN,  # its replacement: a draining kernel is not counted
+    }
+    assert "drain" in await redis.lrange(KEYS.agent_wake("a1"), 0, -1), "the agent is woken to read it"
 
 
 @pytest.mark.integration
