@@ -8,42 +8,44 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
-import redis as sync_redis
 
 from controlplane import ClusterMetrics
+from controlplane.redis.connect import connect_sync
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.system, pytest.mark.redis_cluster, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-def kcp_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> object:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane.ops.cli",
-            "--redis-url",
-            redis_url,
-            "up",
-            "--agents",
-            "3",
-            "--slots",
-            "4",
-        ]
-    )
-    client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
-    deadline = time.monotonic() + 30
-    while client.scard("kcp:agents") < 3:
-        assert time.monotonic() < deadline, "kcp up did not bring 3 agents up"
-        time.sleep(0.1)
-    monkeypatch.setenv("KCP_REDIS_URL", redis_url)  # OrchestrationTools() takes it from the environment
-    yield proc
-    proc.send_signal(signal.SIGINT)  # Ctrl-C stops everything
-    assert proc.wait(40) == 0
-    assert client.scard("kcp:agents") == 0, "agents deregistered on the way out"
-    client.close()
+def kcp_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[bytes]]:
+    """`kcp up` (3 agents of 4 slots) on `redis_url`; stopped with Ctrl-C at teardown, and killed
+    if the setup fails: a stack left running would go on retrying the test Redis's ports and join
+    whatever server later listens there (on a Redis Cluster: its leader takes over later tests)."""
+    argv = ["--redis-url", redis_url, "up", "--agents", "3", "--slots", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane.ops.cli", *argv])
+    stopped = False
+    try:
+        with connect_sync(redis_url) as client:
+            deadline = time.monotonic() + 30
+            while client.scard("kcp:agents") < 3:
+                assert time.monotonic() < deadline, "kcp up did not bring 3 agents up"
+                time.sleep(0.1)
+            monkeypatch.setenv("KCP_REDIS_URL", redis_url)  # OrchestrationTools() reads it
+            yield proc
+            proc.send_signal(signal.SIGINT)  # Ctrl-C stops everything
+            assert proc.wait(40) == 0
+            stopped = True
+            assert client.scard("kcp:agents") == 0, "agents deregistered on the way out"
+    finally:
+        if not stopped and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # `kcp up` stops its serve and agents on the way out
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 async def test_quick_start_snippets(kcp_up: object) -> None:
