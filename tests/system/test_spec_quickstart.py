@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,11 +21,12 @@ pytestmark = [pytest.mark.system, pytest.mark.redis_cluster, pytest.mark.timeout
 
 @pytest.fixture
 def kcp_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[bytes]]:
-    """`kcp up` (3 agents of 4 slots) on `redis_url`; stopped with Ctrl-C at teardown, and killed
-    if the setup fails: a stack left running would go on retrying the test Redis's ports and join
-    whatever server later listens there (on a Redis Cluster: its leader takes over later tests)."""
+    """`kcp up` (3 agents of 4 slots) on `redis_url`, stopped with Ctrl-C at teardown. If the setup
+    or the stop fails, its whole process group is killed: a stack left running would go on
+    retrying the test Redis's ports and join whatever server listens there later (on the session
+    Redis Cluster: its `kcp serve` took the lead and its agents took placements in later tests)."""
     argv = ["--redis-url", redis_url, "up", "--agents", "3", "--slots", "4"]
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane.ops.cli", *argv])
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane.ops.cli", *argv], start_new_session=True)
     stopped = False
     try:
         with connect_sync(redis_url) as client:
@@ -39,13 +41,10 @@ def kcp_up(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[subproce
             stopped = True
             assert client.scard("kcp:agents") == 0, "agents deregistered on the way out"
     finally:
-        if not stopped and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # `kcp up` stops its serve and agents on the way out
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if not stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # `kcp up`, its serve, agents and kernels
+            proc.wait()
 
 
 async def test_quick_start_snippets(kcp_up: object) -> None:
