@@ -16,7 +16,7 @@ from redis.asyncio import Redis as AsyncRedis
 from controlplane import ClusterStatus, KcpClient, KcpError, Settings
 from controlplane.protocol.keys import Keys
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.system, pytest.mark.redis_cluster, pytest.mark.timeout(180)]
 
 KEYS = Keys()
 
