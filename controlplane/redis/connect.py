@@ -206,12 +206,12 @@ class _RedisCluster(AsyncRedisCluster):
         resharding answered with MOVED or ASK; when one of those re-sends closed the client, it
         raised AttributeError on None (redis/redis-py#3835), not a Redis error: whoever ran the
         pipeline died of it (an agent's main loop after a live reshard, its lease let lapse)."""
-        node = self.nodes_manager.default_node
-        if node is None:
-            primaries = self.get_primaries()  # the nodes cache outlives a close
-            if primaries:
-                return primaries[0]
-        return node
+        node = cast("redis.asyncio.cluster.ClusterNode | None", self.nodes_manager.default_node)
+        if node is not None:
+            return node
+        primaries = self.get_primaries()  # the nodes cache outlives a close
+        # none known only before the first read of the slot table, which sets the default node
+        return primaries[0] if primaries else self.nodes_manager.default_node
 
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
