@@ -1,6 +1,8 @@
 """A live reshard under kcp's cluster client: a non-transactional pipeline whose commands a moved
-slot answers with MOVED still returns, and an agent whose load records sit in that slot keeps its
-main loop and its lease (bench/fleet.py --cluster saw both agents of the cluster stack die here).
+slot answers with MOVED still returns, and an agent's load report (a pipeline over its kernels'
+load records, one of them in that slot) returns or raises a Redis error, never anything its main
+loop would die of (bench/fleet.py --cluster saw both agents of the cluster stack die there, and
+their heartbeat threads report a stalled loop until their leases lapsed).
 
 redis-py 5.3's asyncio cluster client closes itself at every `reinitialize_steps`-th MOVED, which
 leaves it without a default node until the next command re-reads the slot table; its pipeline then
