@@ -298,6 +298,13 @@ class FleetAgent(Agent):
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """Say so when the loop died of an error: its heartbeat thread lives on in this process
+        and would only report it as a stalled loop (a real agent process exits instead)."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            print(f"agent {self.config.name}: main loop died: {exc!r}", file=sys.stderr, flush=True)
 
     async def kill(self) -> None:
         """As SIGKILL would: the lease stops being renewed, nothing is cleaned up."""

@@ -197,6 +197,22 @@ class _RedisCluster(AsyncRedisCluster):
             annotate(exc, self.kcp_where, args)
             raise
 
+    def get_default_node(self) -> redis.asyncio.cluster.ClusterNode:
+        """The default node, or while there is none (the client was closed: by redis-py itself at
+        every `reinitialize_steps`-th MOVED, or after a lost connection, until the next command
+        re-reads the slot table) a primary it still knows.
+
+        redis-py 5.3's pipeline reads `get_default_node().name` once it has re-sent the commands a
+        resharding answered with MOVED or ASK; when one of those re-sends closed the client, it
+        raised AttributeError on None (redis/redis-py#3835), not a Redis error: whoever ran the
+        pipeline died of it (an agent's main loop after a live reshard, its lease let lapse)."""
+        node = cast("redis.asyncio.cluster.ClusterNode | None", self.nodes_manager.default_node)
+        if node is not None:
+            return node
+        primaries = self.get_primaries()  # the nodes cache outlives a close
+        # none known only before the first read of the slot table, which sets the default node
+        return primaries[0] if primaries else self.nodes_manager.default_node
+
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """An asyncio Redis client for `url` (redis://, rediss://, unix://, redis+sentinel://,
