@@ -57,6 +57,19 @@ def test_settings_refuse_a_lease_shorter_than_two_heartbeats() -> None:
 # ---------------------------------------------------------------- integration (real Redis)
 
 
+async def _web_on_one_agent(redis: AsyncRedis, kernels: int) -> State:
+    """Cluster `web` of `kernels` created, and agent `a1` (4 slots) registered with a fresh lease."""
+    state = State(redis, KEYS)
+    await state.create_cluster("web", ClusterConfig(), kernels)
+    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
+    await redis.sadd(KEYS.agents(), "a1")
+    seconds, micros = await redis.time()
+    await redis.set(
+        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
+    )
+    return state
+
+
 async def _lead(redis: AsyncRedis, token: str, ttl: float) -> Reconciler:
     lease = LeaderLease(redis, KEYS, ttl=ttl, token=token)
     assert await lease.acquire()
@@ -111,14 +124,7 @@ async def test_a_deposed_leaders_writes_are_refused_once_a_new_one_leads(redis: 
 @pytest.mark.timeout(30)
 @pytest.mark.redis_cluster
 async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: AsyncRedis) -> None:
-    state = State(redis, KEYS)
-    await state.create_cluster("web", ClusterConfig(), 1)
-    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
-    await redis.sadd(KEYS.agents(), "a1")
-    seconds, micros = await redis.time()
-    await redis.set(
-        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
-    )
+    state = await _web_on_one_agent(redis, 1)
     first = await _lead(redis, "first", ttl=3.0)
     await first.reconcile_all()
     assert await redis.hgetall(KEYS.agent_kernels("a1")) == {"web/worker-0": ASSIGN_RUN}
@@ -138,14 +144,7 @@ async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: Asyn
 async def test_a_drain_whose_assignment_was_lost_is_written_again(redis: AsyncRedis) -> None:
     """A leader stopped between a drain's fenced write (the record says draining) and the agent's
     assignment (still run) left a process nothing would stop: the next leader writes the drain."""
-    state = State(redis, KEYS)
-    await state.create_cluster("web", ClusterConfig(), 2)
-    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
-    await redis.sadd(KEYS.agents(), "a1")
-    seconds, micros = await redis.time()
-    await redis.set(
-        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
-    )
+    await _web_on_one_agent(redis, 2)
     first = await _lead(redis, "first", ttl=3.0)
     await first.reconcile_all()
     await redis.hset(KEYS.kernel("web", "worker-1"), "state", KernelState.DRAINING.value)  # fenced, landed
@@ -166,14 +165,7 @@ async def test_a_kernel_removed_in_a_pass_is_not_taken_for_a_stray_assignment(
 ) -> None:
     """The repair compares with the assignments as the pass began, less what the pass removed
     since: a drained kernel's removal (its assignment deleted) is no stray to rewrite."""
-    state = State(redis, KEYS)
-    await state.create_cluster("web", ClusterConfig(), 2)
-    await redis.hset(KEYS.agent("a1"), mapping=AgentRecord(name="a1", slots=4).to_fields())
-    await redis.sadd(KEYS.agents(), "a1")
-    seconds, micros = await redis.time()
-    await redis.set(
-        KEYS.agent_lease("a1"), AgentLease(seconds * 1000 + micros // 1000, "1").encode(), px=10_000
-    )
+    await _web_on_one_agent(redis, 2)
     leader = await _lead(redis, "only", ttl=3.0)
     await leader.reconcile_all()
     assert len(await redis.hgetall(KEYS.agent_kernels("a1"))) == 2
