@@ -19,8 +19,6 @@ from chaoslib import (
     KEYS,
     Procs,
     collect,
-    create_cluster,
-    registered_agents,
     reliability,
     start_clients,
     wait_until,
@@ -41,11 +39,7 @@ def test_cluster_master_failover_mid_load(tmp_path: Path) -> None:
     url = cluster.url
     procs = Procs(url)
     try:
-        procs.serve()
-        for name in ("agent-0", "agent-1"):
-            procs.agent(name, slots=3)
-        wait_until(lambda: len(registered_agents(url)) == 2, 30, "agents")
-        create_cluster(url, "shard", 3)
+        procs.fleet("shard", agents=2, slots=3, kernels=3)
         victim = cluster.master_of_key(KEYS.cluster("shard"))
         clients = start_clients(
             url,
