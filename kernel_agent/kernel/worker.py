@@ -484,10 +484,11 @@ class KernelProcess(Service):
         elif finish.express:
             if self._ringer is None:
                 self._ringer = preloading(self.redis)
-            # best effort: an error reply is returned, not raised; a lost one only delays the reply
-            # (the client takes the list's copy)
+            # not waited for (the next job need not wait a round trip to another node), best
+            # effort: a lost one only delays the reply (the client takes the list's copy)
             async with best_effort():
-                await self._ringer.execute_many(finish.express)
+                for sent in await self._ringer.send(finish.express):
+                    sent.add_done_callback(_forget)
 
 
 def _now_ms() -> int:

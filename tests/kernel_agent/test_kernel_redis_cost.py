@@ -149,7 +149,7 @@ async def test_a_result_reaches_its_clients_bell_once_on_the_list(
             strategy="random",
         )
         assert isinstance(await call.run(redis), jobs.Enqueued)
-        await wait_for(lambda: _rung(redis, bell), 10, "the reply on the bell, with its TTL (a dead client's bell goes)")
+        await wait_for(lambda: _rung(redis, bell), 10, "the reply on the bell, with its TTL")
         [(member, score)] = await redis.zpopmin(bell)
         assert json.loads(member)["id"] == f"r{n}" and score == 0
         assert await redis.lpop(reply) == member, "the list keeps the reply's copy"
