@@ -12,7 +12,8 @@ finishes, then the process exits.
 
 A kernel of one worker (the default) holds one Redis connection: its start, the sibling reads,
 its stop and every job go over the worker's channel, in the gaps between its blocking pops
-(only the rare re-run of a script Redis forgot takes a connection of the pool).
+(only the rare re-run of a script Redis forgot takes a connection of the pool; on a Redis Cluster
+it holds one more, to add its results to clients' bells on other nodes).
 """
 
 from __future__ import annotations
