@@ -2,14 +2,18 @@
 
 Each client process owns one reply list per kcp cluster it dispatches to
 (`reply:{cluster}:client_id`, in the cluster's slot, so finish.lua pushes there in one slot with
-the job), one doorbell (`reply:{client_id}:bell`, a ZSET of cluster names in the client's slot:
-whoever pushed a reply rings it, after the push) and one listener task that blocks on the bell,
-takes from the lists of the clusters it names and resolves the future of each job id: no
-polling, and one blocking connection per client whatever the number of clusters and wherever
-their slots live. A ring is a hint: the listener also sweeps (takes from) every cluster it
-waits on at each idle timeout and every `SWEEP_SECONDS`, so a lost ring only delays a reply. A
-cached view of each cluster's kernels, invalidated by `notify` pub/sub messages, keeps routing
-from reading Redis on every dispatch.
+the job), one doorbell (`reply:{client_id}:bell`, a ZSET in the client's slot) and one listener
+task that blocks on the bell and resolves the future of each job id: no polling, and one
+blocking connection per client whatever the number of clusters and wherever their slots live.
+A kernel that delivered a result adds the reply itself to the bell (finish.lua does on one
+Redis; on a Redis Cluster the kernel does once finish.lua replied), so the listener wakes with
+it in hand; the list keeps the reply's copy until the listener takes from it, once every
+`DRAIN_AFTER` replies of that cluster or at the next sweep. Whoever else pushes to a list (the
+reconciler failing the jobs of a removed kernel, a rebind) rings the bell with the cluster's
+name instead: the listener then takes from that list. The bell is a hint: the listener also
+sweeps (takes from) every cluster it waits on at each idle timeout and every `SWEEP_SECONDS`,
+so a lost ring only delays a reply. A cached view of each cluster's kernels, invalidated by
+`notify` pub/sub messages, keeps routing from reading Redis on every dispatch.
 
 No reply is lost to a Redis crash: a take (`take_replies.lua`) moves replies to the cluster's
 `reply:{cluster}:client_id:taken` and drops them from there only at the next take there (or a
@@ -40,7 +44,7 @@ from controlplane.protocol.models import NAME_PATTERN, KernelLoad, KernelState
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis import portable
-from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis, AsyncRedisCluster
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.redis.scripts import jobs
@@ -49,8 +53,11 @@ from controlplane.redis.state import State, now_ms
 
 logger = logging.getLogger(__name__)
 
-#: Replies the listener takes per take (one cluster's list), at most.
+#: Replies the listener takes per take (one cluster's list), and pops off its bell per pop, at most.
 REPLY_BATCH = 512
+#: How many replies of one cluster the listener has off its bell before it takes their copies
+#: off that cluster's list (else at the next sweep).
+DRAIN_AFTER = 256
 #: How often the listener takes from every cluster it waits on, whatever its bell says, seconds
 #: (and at each idle timeout of its bell pop): a reply whose ring was lost waits no longer.
 SWEEP_SECONDS = float(MAX_BLOCK_SECONDS)
@@ -86,12 +93,11 @@ class Dispatcher:
         #: the jobs queued when the listener lost Redis: their fate is read back when it returns
         self._unsure: dict[str, str] | None = None
         self._listener: asyncio.Task[None] | None = None
-        #: one connection to one Redis: a take written behind the bell pop runs when it returns
-        self._ordered = not isinstance(redis, AsyncRedisCluster)
         self._due: set[str] = set()  # clusters the next step takes from, without blocking
         #: clusters whose taken list holds replies delivered already (dropped by the next step)
         self._acked: set[str] = set()
-        self._last = ""  # the last cluster a take found replies in (the next bell pop bets on it)
+        #: cluster -> replies delivered off the bell whose copies its list holds (till a take there)
+        self._copies: dict[str, int] = {}
         self._swept = time.monotonic()
 
     def reply_key(self, cluster: str) -> str:
@@ -230,13 +236,9 @@ class Dispatcher:
     async def _take_replies(self) -> None:
         """One step of the reply listener: a take from each cluster due (`take_replies.lua`,
         which first drops what the last take there delivered), or else one blocking pop of the
-        bell (`BZPOPMIN`, behind the `DEL` of the taken lists whose replies are delivered), whose
-        member names the cluster to take from next. A take that filled a batch is followed by
-        another there at once; otherwise the next ring says when more came (the pusher rings
-        after its push). With one connection to one Redis, a take from the cluster the listener
-        bets on (the only one it waits on, or the last it took from) rides behind the pop and
-        runs when it returns: an idle reply then costs one round trip and two commands. At each
-        idle timeout, and every `SWEEP_SECONDS`, it takes from every cluster it waits on."""
+        bell (`_wait_for_bell`). A take that filled a batch is followed by another there at once.
+        At each idle timeout, and every `SWEEP_SECONDS`, it takes from every cluster it waits on
+        and from every list that holds copies of replies delivered off the bell."""
         try:
             async with asyncio.timeout(MAX_BLOCK_SECONDS + BLOCK_GRACE_SECONDS), amap_redis_errors():
                 if self._unsure is not None:
@@ -257,7 +259,7 @@ class Dispatcher:
         return {*self._queued.values(), *self._watched.values()}
 
     def _sweep(self) -> None:
-        self._due |= self._waited_on()
+        self._due |= self._waited_on() | self._copies.keys()
         self._swept = time.monotonic()
 
     def _take_call(self, cluster: str) -> Call[list[str]]:
@@ -276,8 +278,8 @@ class Dispatcher:
 
     async def _taken(self, cluster: str, batch: list[str]) -> None:
         """Deliver what a take from `cluster` returned."""
+        self._copies.pop(cluster, None)  # taken, or in the taken list (dropped by the next step)
         if batch:
-            self._last = cluster
             self._acked.add(cluster)  # delivered below: dropped by the next step
         else:
             self._acked.discard(cluster)  # the take dropped the taken list
@@ -286,42 +288,36 @@ class Dispatcher:
         await self._deliver_all(batch)
 
     async def _wait_for_bell(self) -> None:
-        waited = self._waited_on()
-        bet: str | None = None
-        if self._ordered:  # the one cluster waited on, else the last one a reply came from
-            bet = next(iter(waited)) if len(waited) == 1 else self._last or None
-        acks = [("DEL", self.keys.reply_taken(c, self.client_id)) for c in sorted(self._acked) if c != bet]
+        """One blocking pop of the bell (`BZPOPMIN`, behind the `DEL` of the taken lists whose
+        replies are delivered; with more than one job waited for, a `ZPOPMIN` of the rest
+        behind it, in the same round trip). A member is a reply, delivered at once (its copy is
+        taken off its cluster's list later), or a cluster's name, taken from next: an idle reply
+        costs one round trip and one command."""
+        acks = [("DEL", self.keys.reply_taken(c, self.client_id)) for c in sorted(self._acked)]
         self._acked.clear()  # a failed step ends in `_recover`, which takes from every cluster
-        take = self._take_call(bet) if bet is not None else None
         step: list[tuple[str | int, ...]] = [*acks, ("BZPOPMIN", self.bell_key, MAX_BLOCK_SECONDS)]
-        futures = await self._replies.send(step + ([take.command] if take is not None else []))
+        if len(self._waiting) > 1:
+            step.append(("ZPOPMIN", self.bell_key, REPLY_BATCH - 1))
+        futures = await self._replies.send(step)
         try:
-            popped = await futures[len(acks)]
-            if isinstance(popped, Exception):
-                raise popped
-            if take is not None and bet is not None:
-                await self._taken(bet, await take.settle(await futures[-1], self._replies))
-            for fut in futures[: len(acks)]:
-                if isinstance(await fut, Exception):
-                    raise await fut
+            replies = [await fut for fut in futures]
         finally:
             _drop(futures)
-        if popped is None:  # idle for a whole pop: take from every cluster waited on ...
-            if not waited:
-                self._last = ""  # and bet no more: an idle client's pop goes alone
-            full = bet is not None and bet in self._due
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        popped = replies[len(acks)]
+        if popped is None:  # idle for a whole pop: take from every cluster waited on
             self._sweep()
-            if bet is not None and not full:  # ... but the one the take behind the pop swept
-                self._due.discard(bet)
             return
-        cluster = popped[1]
-        cluster = cluster.decode() if isinstance(cluster, bytes) else str(cluster)
-        if cluster == bet:
-            return  # the take behind the pop ran after it: it took what the ring announced
-        if _NAME.match(cluster):
-            self._due.add(cluster)
-        else:
-            logger.warning("dropping a malformed ring on %s: %r", self.bell_key, cluster[:80])
+        members = [popped[1], *(replies[-1][::2] if len(replies) > len(acks) + 1 else [])]
+        for member in members:
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            if _NAME.match(text):
+                self._due.add(text)
+            else:
+                self._expressed(text)
+        await asyncio.sleep(0)  # let the callers woken run before we go on
 
     async def _deliver_all(self, replies: list[str]) -> int:
         for raw in replies:
@@ -366,15 +362,27 @@ class Dispatcher:
             self._unsure.update(self._queued)
         await self._replies.reset("reply listener reconnects")
 
-    def _deliver(self, raw: str) -> None:
+    def _expressed(self, raw: str) -> None:
+        """Deliver a reply popped off the bell, and count its copy against its cluster's list."""
+        job_id = self._deliver(raw)
+        cluster = self._queued.get(job_id) or self._watched.get(job_id) if job_id else None
+        if cluster is not None:
+            copies = self._copies[cluster] = self._copies.get(cluster, 0) + 1
+            if copies >= DRAIN_AFTER:
+                self._due.add(cluster)
+
+    def _deliver(self, raw: str) -> str | None:
+        """Resolve the future of the job `raw` answers (once: a reply delivered off the bell
+        comes again with a take of its list); its job id, None when `raw` is not a reply."""
         try:
             outcome = decode_result(raw)
         except Exception:
             logger.warning("dropping a malformed reply to %s", self.client_id)
-            return
+            return None
         fut = self._waiting.get(outcome.job_id)
         if fut is not None and not fut.done():
             fut.set_result(outcome)
+        return outcome.job_id
 
 
 def _drop(futures: list[asyncio.Future[Any]]) -> None:

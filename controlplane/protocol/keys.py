@@ -138,10 +138,11 @@ class Keys:
         return f"{self.prefix}reply:{{{cluster}}}:{client_id}:taken"
 
     def reply_bell(self, client_id: str) -> str:
-        """ZSET cluster -> ms: the client's doorbell, in the client's own slot. Whoever pushed to
-        one of its `reply` lists rings it (ZADD, after the push) with the cluster's name, so one
-        blocking pop per client serves every cluster, wherever their slots live. A hint: the
-        listener also takes, now and then, from every cluster it waits on."""
+        """ZSET: the client's doorbell, in the client's own slot, so one blocking pop per client
+        serves every cluster, wherever their slots live. A kernel that delivered a result adds
+        the reply itself (score 0); whoever else pushed to one of its `reply` lists rings it with
+        the cluster's name (score: ms), after the push. A hint: the listener also takes, now and
+        then, from every cluster it waits on."""
         return f"{self.prefix}reply:{{{client_id}}}:bell"
 
     def reply_bell_for(self, reply_key: str) -> str | None:

@@ -12,7 +12,8 @@ finishes, then the process exits.
 
 A kernel of one worker (the default) holds one Redis connection: its start, the sibling reads,
 its stop and every job go over the worker's channel, in the gaps between its blocking pops
-(only the rare re-run of a script Redis forgot takes a connection of the pool).
+(only the rare re-run of a script Redis forgot takes a connection of the pool; on a Redis Cluster
+it holds one more, to add its results to clients' bells on other nodes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.lifecycle import Service
@@ -71,9 +72,20 @@ DRAIN_BLOCK = 0.2
 MIN_BLOCK = 0.05
 #: How long a deferred job's keys outlive its deadline, ms (a safety net, as for queued jobs).
 DEFERRED_TTL_EXTRA_MS = 3_600_000
-#: A finished job's id, its finish.lua call (defer.lua for a job an arq `Retry` defers) and the
-#: commands that ring its client's bell once the result is delivered (none: no bell to ring).
-Finish = tuple[str, Call[bool] | Call[int], tuple[Command, ...]]
+
+
+class Finish(NamedTuple):
+    """A finished job: its id, its finish.lua call (defer.lua for a job an arq `Retry` defers),
+    and what tells its client: `express`, the commands that add the reply to the client's bell
+    once the call delivered it (on a Redis Cluster; on one Redis finish.lua adds it itself), and
+    `ring`, those that ring the bell with the cluster's name when a call sent again after an
+    outage was rejected (it may have been delivered before the outage, its bell write lost).
+    Both are empty without a bell."""
+
+    job_id: str
+    call: Call[bool] | Call[int]
+    express: tuple[Command, ...] = ()
+    ring: tuple[Command, ...] = ()
 
 
 class KernelProcess(Service):
@@ -110,13 +122,12 @@ class KernelProcess(Service):
         self._undelivered: list[Finish] = []  # results an outage kept from finish.lua
         self._draining = asyncio.Event()
         self._superseded = False  # a newer incarnation owns our name: stop without touching its work
-        #: a worker's channel is one connection to the one Redis that holds the job and the
-        #: client's bell: a ring written behind finish.lua runs after it, in the same round trip.
-        #: On a Redis Cluster the bell may live on another node: it is rung once finish.lua replied
-        #: (a ring sent beside it could overtake the push), on a channel of its own (the worker's
-        #: channel to that node may be blocked in its pop)
-        self._ring_behind = not isinstance(redis, AsyncRedisCluster)
-        self._ringer: Channel | None = None  # made at the first ring it sends
+        #: on one Redis the client's bell is on the node of the job: finish.lua adds the reply to
+        #: it. On a Redis Cluster it may live on another node: the reply is added once finish.lua
+        #: delivered it (not beside it: a result finish.lua rejects must not reach the client), on
+        #: a channel of its own (the worker's channel to that node may be blocked in its pop)
+        self._bell_inside = not isinstance(redis, AsyncRedisCluster)
+        self._ringer: Channel | None = None  # made at the first reply it adds
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
@@ -213,10 +224,10 @@ class KernelProcess(Service):
         (finish.lua is fenced, so one that did arrive is not delivered twice), then put back
         the jobs whose claim was lost with the connection."""
         while self._undelivered:
-            _, call, ring = self._undelivered[-1]
-            await call.run(self.channel)
-            if ring:  # delivered now or before the outage (then its ring may be lost)
-                await self.channel.execute_many(ring)  # best effort: an error reply is returned
+            finish = self._undelivered[-1]
+            tell = finish.express if await finish.call.run(self.channel) else finish.ring
+            if tell:  # best effort: an error reply is returned
+                await self.channel.execute_many(tell)
             self._undelivered.pop()
         self._busy = 0
         await self.requeue_own(self.channel)
@@ -251,7 +262,7 @@ class KernelProcess(Service):
             while not self._superseded:  # a newer incarnation owns our name: stop, touch nothing of it
                 draining = self._draining.is_set()
                 block = DRAIN_BLOCK if draining else IDLE_BLOCK
-                steps = [] if finish is None else self._finish_steps(finish)
+                steps = [] if finish is None else [finish.call.command]
                 first = len(steps)
                 steps += self.load.commands()  # our load record, when a report is due
                 reporting = len(steps) - first
@@ -284,7 +295,7 @@ class KernelProcess(Service):
                 busy = not isinstance(claimed, jobs.Claimed) or claimed.queued > 0
                 finish = await self._run(claimed)
             if finish is not None:  # still deliver it: finish.lua decides whether it may
-                await self._delivered(finish, await channel.send(self._finish_steps(finish)))
+                await self._delivered(finish, await channel.send([finish.call.command]))
         except BaseException:
             if finish is not None:  # `_recover` delivers it once Redis is back
                 self._undelivered.append(finish)
@@ -386,7 +397,7 @@ class KernelProcess(Service):
                 ctx = dataclasses.replace(self.ctx, job=job)
             value = await self.registry.execute(ctx, request)
         except Deferral as exc:
-            return job_id, self._defer(job_id, request, enqueue_ms, exc), ()
+            return Finish(job_id, self._defer(job_id, request, enqueue_ms, exc))
         except SyscallError as exc:
             error, error_type = str(exc), exc.error_type
         except Exception as exc:  # a corrupt job must not kill the kernel
@@ -426,10 +437,16 @@ class KernelProcess(Service):
                 stats.bucket_field(stats.QUEUE, queue_ms / 1000),
             ),
             keep_ms=keep_ms,
+            bell=self.keys.reply_bell_for(claimed.reply) if self._bell_inside else None,
         )
         self.load.finished(latency_ms, failed=bool(error_type), queued=getattr(claimed, "queued", 0))
         self._busy += 1  # until `_delivered` has finish.lua's reply
-        return job_id, call, jobs.ring(self.keys, self.cluster, claimed.reply, finish_ms, ttl_ms=REPLY_TTL_MS)
+        return Finish(
+            job_id,
+            call,
+            () if self._bell_inside else jobs.express(self.keys, claimed.reply, reply, ttl_ms=REPLY_TTL_MS),
+            jobs.ring(self.keys, self.cluster, claimed.reply, finish_ms, ttl_ms=REPLY_TTL_MS),
+        )
 
     def _defer(self, job_id: str, request: dict[str, Any], enqueue_ms: int, exc: Deferral) -> Call[int]:
         """defer.lua for a job whose arq function raised `Retry`: back to the cluster's deferred
@@ -455,30 +472,24 @@ class KernelProcess(Service):
             retry_of=(self.name, self.epoch),
         )
 
-    def _finish_steps(self, finish: Finish) -> list[Command]:
-        """The commands that deliver `finish`: its call, and its ring behind it when they go
-        to one Redis on one connection (else `_delivered` rings once the call replied)."""
-        _, call, ring = finish
-        return [call.command, *ring] if self._ring_behind else [call.command]
-
     async def _delivered(self, finish: Finish, replies: Sequence[asyncio.Future[Any]]) -> None:
-        """Account for the replies of `_finish_steps(finish)`, sent together with the next pop."""
-        job_id, call, ring = finish
-        for rang in replies[1:]:  # best effort: a lost ring only delays the reply
-            _forget(rang)
+        """Account for the reply of `finish`'s call, sent together with the next pop."""
         try:
             # NOSCRIPT (SCRIPT FLUSH): again, not on the worker's channel: the blocking pop sent
             # after it holds that connection
-            delivered = await call.settle(await replies[0], self.redis)
+            delivered = await finish.call.settle(await replies[0], self.redis)
         finally:
             self._busy -= 1
         if not delivered:
-            logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", job_id)
-        elif ring and not self._ring_behind:
+            logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", finish.job_id)
+        elif finish.express:
             if self._ringer is None:
                 self._ringer = preloading(self.redis)
-            async with best_effort():  # an error reply is returned, not raised: a lost ring only delays
-                await self._ringer.execute_many(ring)
+            # not waited for (the next job need not wait a round trip to another node), best
+            # effort: a lost one only delays the reply (the client takes the list's copy)
+            async with best_effort():
+                for sent in await self._ringer.send(finish.express):
+                    sent.add_done_callback(_forget)
 
 
 def _now_ms() -> int:

@@ -1,7 +1,8 @@
 """The reply listener after an outage learns each waiting job's fate from Redis: a reply whose
 take was lost with the connection is delivered from the taken list, a job still queued is
-waited for, and a job gone without a result ends its attempt at once (it never ran). Rings of
-its bell name the clusters to take from; a reply whose ring was lost is still delivered."""
+waited for, and a job gone without a result ends its attempt at once (it never ran). Its bell
+holds replies, delivered as popped, or rings naming the clusters to take from; a reply whose
+ring was lost is still delivered."""
 
 from __future__ import annotations
 
@@ -106,6 +107,40 @@ async def test_rings_of_two_clusters_deliver_both_at_once(redis: AsyncRedis, red
         assert [o.value for o in done] == [{"job": "j-web"}, {"job": "j-train"}]
         assert time.monotonic() - started < 1.0, "rung: no sweep needed"
         assert await redis.zcard(KEYS.reply_bell(dispatcher.client_id)) == 0
+    finally:
+        await dispatcher.stop()
+        await client.aclose()
+
+
+async def test_replies_on_the_bell_are_delivered_and_their_copies_taken_later(
+    redis: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies added to the bell (as a kernel does) are delivered off it, many in one pop, with
+    no take; their copies leave the cluster's list once `DRAIN_AFTER` of them came, so the list
+    does not grow while the client keeps dispatching."""
+    monkeypatch.setattr(dispatch, "DRAIN_AFTER", 4)
+    client = connect(redis_url)
+    dispatcher = Dispatcher(client, KEYS)
+    reply, bell = KEYS.reply("web", dispatcher.client_id), KEYS.reply_bell(dispatcher.client_id)
+    try:
+        first = await _waiting(dispatcher, "j0", "web")
+        dispatcher._listen_for_replies()
+        await asyncio.sleep(0.2)  # the listener blocks on its bell
+        await redis.rpush(reply, result("j0"))
+        await redis.zadd(bell, {result("j0"): 0})
+        assert (await asyncio.wait_for(first, 3)).value == {"job": "j0"}
+        assert await redis.lrange(reply, 0, -1) == [result("j0")], "its copy waits for a take"
+
+        futures = [await _waiting(dispatcher, f"j{n}", "web") for n in range(1, 6)]
+        await redis.rpush(reply, *(result(f"j{n}") for n in range(1, 6)))
+        await redis.zadd(bell, {result(f"j{n}"): 0 for n in range(1, 6)})
+        done = await asyncio.wait_for(asyncio.gather(*futures), 3)
+        assert [o.value for o in done] == [{"job": f"j{n}"} for n in range(1, 6)]
+        deadline = time.monotonic() + 3
+        while await redis.exists(reply):  # 6 delivered >= DRAIN_AFTER: the copies are taken
+            assert time.monotonic() < deadline, "the list still holds delivered copies"
+            await asyncio.sleep(0.02)
+        assert dispatcher._copies == {}
     finally:
         await dispatcher.stop()
         await client.aclose()

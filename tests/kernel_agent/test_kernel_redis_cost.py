@@ -124,14 +124,15 @@ async def _listed(kernel: KernelProcess, n: int) -> bool:
     return len(kernel.siblings.for_claim()) == n
 
 
-@pytest.mark.parametrize("behind", [True, False], ids=["one-redis", "cluster-order"])
-async def test_a_result_rings_its_clients_bell_after_the_push(
-    redis: AsyncRedis, kernel: KernelProcess, behind: bool
+@pytest.mark.parametrize("inside", [True, False], ids=["one-redis", "cluster-order"])
+async def test_a_result_reaches_its_clients_bell_once_on_the_list(
+    redis: AsyncRedis, kernel: KernelProcess, inside: bool
 ) -> None:
-    """The kernel rings the client's bell (issue 20, Replies) once its result is on the list:
-    written behind finish.lua on one Redis, sent after finish.lua's reply where the bell may be on
-    another node (`_ring_behind` False, as on a Redis Cluster). Popping the ring finds the result."""
-    kernel._ring_behind = behind
+    """The kernel adds its reply to the client's bell (issue 20, Replies) once it is on the
+    list: in finish.lua on one Redis, sent after finish.lua's reply where the bell may be on
+    another node (`_bell_inside` False, as on a Redis Cluster). The bell holds the reply itself,
+    the list its copy."""
+    kernel._bell_inside = inside
     reply, bell = KEYS.reply(CLUSTER, "cl1"), KEYS.reply_bell("cl1")
     now = int(time.time() * 1000)
     for n in range(2):
@@ -148,10 +149,10 @@ async def test_a_result_rings_its_clients_bell_after_the_push(
             strategy="random",
         )
         assert isinstance(await call.run(redis), jobs.Enqueued)
-        await wait_for(lambda: _rung(redis, bell), 10, "the ring, with its TTL (a dead client's bell goes)")
-        assert [m for m, _ in await redis.zpopmin(bell)] == [CLUSTER]
-        raw = await redis.lpop(reply)
-        assert raw is not None and json.loads(raw)["id"] == f"r{n}", "rung after the push"
+        await wait_for(lambda: _rung(redis, bell), 10, "the reply on the bell, with its TTL")
+        [(member, score)] = await redis.zpopmin(bell)
+        assert json.loads(member)["id"] == f"r{n}" and score == 0
+        assert await redis.lpop(reply) == member, "the list keeps the reply's copy"
 
 
 async def _rung(redis: AsyncRedis, bell: str) -> bool:

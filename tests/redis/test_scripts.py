@@ -140,6 +140,7 @@ class Lua:
         message: str = "result",
         success: bool = True,
         latency_ms: float = 12,
+        bell: bool = False,
     ) -> Any:
         return await self.call(
             jobs.finish(
@@ -153,6 +154,7 @@ class Lua:
                 success=success,
                 latency_ms=latency_ms,
                 reply_ttl_ms=REPLY_TTL_MS,
+                bell=KEYS.reply_bell(CLIENT) if bell else None,
             )
         )
 
@@ -471,6 +473,23 @@ async def test_finish_delivers_exactly_once_and_counts(lua: Lua) -> None:
     assert stats.derive(theirs["k1"])[stats.DISPATCHES] == 2
 
 
+async def test_finish_adds_the_reply_to_the_clients_bell_when_given(lua: Lua) -> None:
+    """On one Redis the kernel passes the client's bell: the reply goes on it too (score 0, so it
+    pops before any ring of a cluster's name), the list keeping its copy; a rejected finish
+    leaves the bell alone (test_a_zombie_finish_is_rejected_and_changes_nothing)."""
+    await lua.put_kernel()
+    await lua.enqueue("j1")
+    await lua.claim()
+    bell = KEYS.reply_bell(CLIENT)
+    await lua.r.zadd(bell, {CLUSTER: NOW})  # a ring from elsewhere, waiting
+    assert await lua.finish("j1", message="r1", bell=True) == 1
+    assert await lua.r.zrange(bell, 0, -1, withscores=True) == [("r1", 0), (CLUSTER, NOW)]
+    assert 0 < await lua.r.pttl(bell) <= REPLY_TTL_MS
+    assert await lua.r.lrange(KEYS.reply(CLUSTER, CLIENT), 0, -1) == ["r1"]
+    assert await lua.finish("j1", message="r1-again", bell=True) == 0
+    assert await lua.r.zcard(bell) == 2
+
+
 async def test_finish_counts_a_jobs_strategy_and_buckets_in_one_field(lua: Lua) -> None:
     """One HINCRBY per job for its strategy and both histograms; readers split it back."""
     await lua.put_kernel()
@@ -606,7 +625,7 @@ async def test_a_zombie_finish_is_rejected_and_changes_nothing(lua: Lua, kernel:
     if kernel == "k1":  # the old incarnation (epoch 1) still thinks it owns the job
         assert await lua.claim(epoch=1) == ["zombie", "j1"]
     before = await lua.snapshot()
-    assert await lua.finish("j1", kernel=kernel, epoch=epoch) == 0
+    assert await lua.finish("j1", kernel=kernel, epoch=epoch, bell=True) == 0
     assert await lua.snapshot() == before
 
 

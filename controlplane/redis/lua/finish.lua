@@ -4,15 +4,18 @@
 -- KEYS[1] job            HASH  {prefix}job:{cluster}:{id}
 -- KEYS[2] inflight       ZSET  {prefix}kernel:{cluster}:{kernel}:inflight
 -- KEYS[3] reply          LIST  {prefix}reply:{cluster}:{client} (the job's `reply` field, read by
---                              claim.lua: in the cluster's slot). The caller rings the client's
---                              bell, {prefix}reply:{client}:bell, once this call returned 1
---                              (another slot: not touched here)
+--                              claim.lua: in the cluster's slot), where the reply stays until the
+--                              client takes it (take_replies.lua): no reply is lost to a crash
 -- KEYS[4] cluster stats  HASH  {prefix}cluster:{cluster}:stats (written only when KEYS[2] no longer
 --                        holds the job: the kernel was removed, its hash folded into this one; a
 --                        cluster's counters are this hash plus its kernels', controlplane/protocol/stats.py)
 -- KEYS[5] kernel stats   HASH  {prefix}kernel:{cluster}:{kernel}:stats
 -- KEYS[6] result         STRING {prefix}job:{cluster}:{id}:result (optional: arq jobs keep their
 --                        result there for ARGV[8] ms, for `Job.result()` and `Job.status()`)
+-- KEYS[7] bell           ZSET  {prefix}reply:{client}:bell (optional, on one Redis only: the
+--                        client's slot): the reply itself is added to it, which wakes the client's
+--                        listener with the reply in hand. On a Redis Cluster the bell is on another
+--                        node: the caller adds the reply to it once this call returned 1.
 -- ARGV[1] job id
 -- ARGV[2] kernel name of the caller
 -- ARGV[3] fencing epoch of the caller
@@ -50,6 +53,10 @@ local owned = redis.call('ZREM', KEYS[2], ARGV[1])
 local waiting = redis.call('RPUSH', KEYS[3], ARGV[4])
 if waiting == 1 or waiting >= 64 then
     redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
+if KEYS[7] then
+    redis.call('ZADD', KEYS[7], 0, ARGV[4])
+    redis.call('PEXPIRE', KEYS[7], ARGV[7])
 end
 local keep = tonumber(ARGV[8]) or 0
 if KEYS[6] and keep > 0 then

@@ -231,12 +231,13 @@ def finish(
     queue_ms: int | None = None,
     buckets: Sequence[str] = (),
     keep_ms: int = 0,
+    bell: str | None = None,
 ) -> Call[bool]:
     """finish.lua: deliver `message` to `reply_key`; True when delivered, False when rejected
-    (the job is gone or belongs to someone else). Once delivered, ring the client's bell
-    (`ring`): not in this call, the bell is in the client's slot. `buckets`: histogram fields to count, which
-    need `queue_ms`. `keep_ms` > 0 (arq jobs) also keeps the result at `Keys.job_result` for
-    that long."""
+    (the job is gone or belongs to someone else). `bell` (the client's, `Keys.reply_bell_for`;
+    on one Redis only, it is in the client's slot): add the reply to it in the same call, else
+    `express` it once delivered. `buckets`: histogram fields to count, which need `queue_ms`.
+    `keep_ms` > 0 (arq jobs) also keeps the result at `Keys.job_result` for that long."""
     klist = [
         keys.job(cluster, job_id),
         keys.inflight(cluster, kernel),
@@ -245,8 +246,10 @@ def finish(
         keys.kernel_stats(cluster, kernel),
     ]
     argv: list[Arg] = [job_id, kernel, epoch, message, 1 if success else 0, latency_ms, reply_ttl_ms, keep_ms]
-    if keep_ms > 0:
-        klist.append(keys.job_result(cluster, job_id))
+    if keep_ms > 0 or bell is not None:
+        klist.append(keys.job_result(cluster, job_id))  # written only when keep_ms > 0
+    if bell is not None:
+        klist.append(bell)
     if queue_ms is not None:
         argv += [queue_ms, *buckets]
     return Call(FINISH, klist, argv, _flag)
@@ -304,7 +307,17 @@ def take_replies(keys: Keys, cluster: str, client_id: str, *, count: int, ttl_ms
 
 def ring(keys: Keys, cluster: str, reply_key: str, now_ms: int, *, ttl_ms: int) -> tuple[Command, ...]:
     """The commands that ring the bell of the client whose reply list of `cluster` is
-    `reply_key` (a ZADD, and a PEXPIRE so a dead client's bell goes like its lists), to send
-    once a push there is known to have happened; none for a list with no bell."""
+    `reply_key` with the cluster's name (a ZADD, and a PEXPIRE so a dead client's bell goes like
+    its lists), to send once a push there is known to have happened: its listener then takes
+    from that list. None for a list with no bell."""
     bell = keys.reply_bell_for(reply_key)
     return () if bell is None else (("ZADD", bell, now_ms, cluster), ("PEXPIRE", bell, ttl_ms))
+
+
+def express(keys: Keys, reply_key: str, message: str, *, ttl_ms: int) -> tuple[Command, ...]:
+    """The commands that add a reply itself to the bell of the client whose reply list is
+    `reply_key` (what finish.lua does with its `bell` on one Redis), to send once finish.lua
+    delivered `message` there: the listener has the reply as it wakes, and takes the list's
+    copy later. The score is 0: a reply is woken for before any ring. None for a list with no bell."""
+    bell = keys.reply_bell_for(reply_key)
+    return () if bell is None else (("ZADD", bell, 0, message), ("PEXPIRE", bell, ttl_ms))
