@@ -278,6 +278,13 @@ def node_client(cluster: AsyncRedisCluster, node: redis.asyncio.cluster.ClusterN
     return client
 
 
+def cluster_settings(cluster: SyncRedisCluster) -> dict[str, Any]:
+    """The connection settings of the blocking cluster client's default node (host, port, TLS,
+    credentials, timeouts), which every node connection of the client shares."""
+    node = cluster.get_default_node()  # type: ignore[no-untyped-call]
+    return dict(node.redis_connection.connection_pool.connection_kwargs)
+
+
 def node_sync(
     cluster: SyncRedisCluster, host: str, port: int, *, decode_responses: bool | None = None
 ) -> redis.Redis:
@@ -285,14 +292,12 @@ def node_sync(
     connection settings (TLS, ACL user, timeouts, RESP2, and its decoding unless
     `decode_responses` says otherwise): for what a node answers for itself (ACL users, CLUSTER
     SETSLOT, MIGRATE). The caller closes it."""
-    pool = cluster.get_default_node().redis_connection.connection_pool
-    settings = {k: v for k, v in pool.connection_kwargs.items() if k not in ("host", "port")}
+    node = cluster.get_default_node()  # type: ignore[no-untyped-call]
+    kind = node.redis_connection.connection_pool.connection_class
+    settings = cluster_settings(cluster) | {"host": host, "port": port}
     if decode_responses is not None:
         settings["decode_responses"] = decode_responses
-    kind = pool.connection_class
-    return redis.Redis(
-        connection_pool=redis.ConnectionPool(connection_class=kind, host=host, port=port, **settings)
-    )
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=kind, **settings))
 
 
 @contextlib.contextmanager

@@ -22,13 +22,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.crc import key_slot
 
 from controlplane.errors import NotRedisCluster, RedisError, ReshardError
-from controlplane.redis.connect import SyncRedis, SyncRedisCluster, node_sync
+from controlplane.redis.connect import SyncRedis, SyncRedisCluster, cluster_settings, node_sync
 from controlplane.redis.errors import Where, map_redis_errors, where_of
 
 #: The number of hash slots of every Redis Cluster.
@@ -125,13 +125,14 @@ class SlotTable:
     def masters(self) -> list[Node]:
         return [n for n in self.nodes if n.master]
 
-    def node(self, node_id: str) -> Node:
-        """The master `node_id` (a unique prefix of it will do); ReshardError if there is none."""
-        found = [n for n in self.masters() if n.node_id.startswith(node_id)] if node_id else []
+    def master(self, ref: str) -> Node:
+        """The master `ref` names: its `host:port`, its node id or a unique prefix of that id;
+        ReshardError if none does (or several)."""
+        found = [n for n in self.masters() if ref and (n.address == ref or n.node_id.startswith(ref))]
         if len(found) != 1:
-            known = ", ".join(f"{n.node_id[:8]} ({n.address})" for n in self.masters())
+            known = ", ".join(f"{n.address} ({n.node_id[:8]})" for n in self.masters())
             what = "no master" if not found else "several masters"
-            raise ReshardError(f"{what} with node id {node_id!r} in this Redis Cluster (masters: {known})")
+            raise ReshardError(f"{what} named {ref!r} in this Redis Cluster (masters: {known})")
         return found[0]
 
     def master_of(self, slot: int) -> Node:
@@ -153,14 +154,15 @@ class SlotTable:
         return out
 
 
-def cluster_client(client: SyncRedis) -> SyncRedisCluster:
-    """`client` as the cluster client it is; NotRedisCluster if it is one server's."""
+def cluster_client(client: SyncRedis | SyncRedisCluster) -> SyncRedisCluster:
+    """`client` as the cluster client it is (`connect_sync` types both as `SyncRedis`);
+    NotRedisCluster if it is one server's."""
     if not isinstance(client, SyncRedisCluster):
         raise NotRedisCluster(
             "this is a single Redis, not a Redis Cluster: every key is on one server, there are no slots "
             "to spread (a Redis Cluster needs a redis+cluster:// or rediss+cluster:// URL)"
         )
-    return client
+    return cast(SyncRedisCluster, client)  # redis-py's cluster client derives from untyped bases
 
 
 @contextlib.contextmanager
@@ -179,12 +181,12 @@ def _ask(client: redis.Redis, where: Where, *args: Any) -> Any:
         return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def read_table(client: SyncRedis) -> SlotTable:
+def read_table(client: SyncRedis | SyncRedisCluster) -> SlotTable:
     """Every node as the cluster client's default node lists it, with each reachable master's
     open migrations from its own line (NotRedisCluster for a single Redis's client)."""
     cluster = cluster_client(client)
-    default = cluster.get_default_node()
-    view = Node("", default.host, int(default.port), frozenset(), True)
+    default = cluster_settings(cluster)
+    view = Node("", str(default["host"]), int(default["port"]), frozenset(), True)
     with _node(cluster, view) as (conn, where):
         nodes = parse_nodes(_ask(conn, where, "CLUSTER", "NODES").decode())
     merged = []
@@ -200,7 +202,7 @@ def read_table(client: SyncRedis) -> SlotTable:
 
 def _auth(cluster: SyncRedisCluster) -> tuple[str, ...]:
     """MIGRATE's AUTH/AUTH2 arguments: the client's own credentials, which the target checks."""
-    settings = cluster.get_default_node().redis_connection.connection_pool.connection_kwargs
+    settings = cluster_settings(cluster)
     username, password = settings.get("username"), settings.get("password")
     if password is None:
         return ()
@@ -235,32 +237,31 @@ def _check_movable(table: SlotTable, slot: int, source: Node, target: Node) -> N
         )
 
 
-def move_slot(client: SyncRedis, slot: int, target_id: str, *, batch: int = MIGRATE_BATCH) -> bool:
-    """Move `slot`, keys and all, to the master `target_id` (a unique prefix will do) while
-    clients keep using it; False when it is there already. ReshardError when it will not start
-    (a master down, the slot migrating elsewhere) or stops part-way (the message says how the
-    slot was left); NotRedisCluster for a single Redis's client. Re-running a move that stopped
-    part-way resumes it."""
+def move_slot(
+    client: SyncRedis | SyncRedisCluster, slot: int, to: str, *, batch: int = MIGRATE_BATCH
+) -> bool:
+    """Move `slot`, keys and all, to the master `to` (its address or node id: `SlotTable.master`)
+    while clients keep using it; False when it is there already. ReshardError when the move will
+    not start (a master down, the slot migrating elsewhere) or stops part-way (the message says
+    how the slot was left: the same move again resumes it); NotRedisCluster for a single Redis's
+    client."""
     if not 0 <= slot < CLUSTER_SLOTS:
         raise ReshardError(f"slot {slot} is not a Redis Cluster slot (0-{CLUSTER_SLOTS - 1})")
     cluster = cluster_client(client)
     table = read_table(cluster)
-    target, source = table.node(target_id), table.master_of(slot)
+    source, target = table.master_of(slot), table.master(to)
     if source.node_id == target.node_id:
         return False
     _check_movable(table, slot, source, target)
     auth = _auth(cluster)
     others = [n for n in table.masters() if n.node_id not in (source.node_id, target.node_id)]
-    with (
-        _node(cluster, source) as (src, src_at),
-        _node(cluster, target) as (dst, dst_at),
-    ):
+    with _node(cluster, source) as (src, src_at), _node(cluster, target) as (dst, dst_at):
         # refused here (an ACL user without the right, say), nothing has changed: that error as such
         _ask(dst, dst_at, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
         try:
             _ask(src, src_at, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+            migrate = ("MIGRATE", target.host, target.port, "", 0, MIGRATE_TIMEOUT_MS, *auth, "KEYS")
             while keys := _ask(src, src_at, "CLUSTER", "GETKEYSINSLOT", slot, batch):
-                migrate = ("MIGRATE", target.host, target.port, "", 0, MIGRATE_TIMEOUT_MS, *auth, "KEYS")
                 _ask(src, src_at, *migrate, *keys)
             _ask(dst, dst_at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
             _ask(src, src_at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
@@ -270,7 +271,6 @@ def move_slot(client: SyncRedis, slot: int, target_id: str, *, batch: int = MIGR
         except RedisError as exc:
             raise ReshardError(
                 f"moving slot {slot} from {source.address} to {target.address} stopped part-way: {exc}; "
-                "the same move resumes it, or `redis-cli --cluster fix "
-                f"{source.address}` settles it"
+                f"the same move again resumes it, or `redis-cli --cluster fix {source.address}` settles it"
             ) from exc
     return True
