@@ -39,6 +39,8 @@ from controlplane.tls import redact_url
 
 #: What a weight counts: dispatches per second in the window, or kcp clusters (none dispatched).
 RATE, COUNT = "dispatches/s", "kcp clusters"
+#: The defaults of `kcp slots`: the sampling window, seconds, and the busiest / idlest target.
+WINDOW_S, RATIO = 5.0, 1.25
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,8 +221,11 @@ def _check_movable(table: SlotTable, slot: int, source: Node, target: Node) -> N
             f"cannot move slot {slot}: master {which} is down; every master takes the slot's new owner, "
             "so slots move only while all of them answer"
         )
-    ours = (source.migrating.get(slot) in (None, target.node_id)) and (
-        target.importing.get(slot) in (None, source.node_id)
+    ours = (
+        source.migrating.get(slot) in (None, target.node_id)
+        and target.importing.get(slot) in (None, source.node_id)
+        and slot not in source.importing
+        and slot not in target.migrating
     )
     others = [
         n
@@ -270,7 +273,8 @@ def move_slot(
                     _ask(conn, at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         except RedisError as exc:
             raise ReshardError(
-                f"moving slot {slot} from {source.address} to {target.address} stopped part-way: {exc}; "
+                f"moving slot {slot} from {source.address} to {target.address} stopped part-way: "
+                f"{str(exc).rstrip('.')}; "
                 f"the same move again resumes it, or `redis-cli --cluster fix {source.address}` settles it"
             ) from exc
     return True

@@ -23,6 +23,8 @@ from typing import Any
 from controlplane.ops.cli.output import emit, non_negative_seconds, table
 from controlplane.ops.slots import (
     RATE,
+    RATIO,
+    WINDOW_S,
     Balance,
     Layout,
     Move,
@@ -33,8 +35,6 @@ from controlplane.ops.slots import (
 )
 from controlplane.protocol.keys import Keys
 
-#: The default sampling window, seconds, and the default target of `balance`.
-WINDOW_S, RATIO = 5.0, 1.25
 #: Names shown per master in the table; the rest are counted.
 SHOWN_NAMES = 4
 
