@@ -6,11 +6,13 @@ clusters land 13/9/8 on 3 masters; `redis-cli --cluster reshard` moves N slots o
 not the one a busy kcp cluster is in. So kcp weighs its clusters and moves their slots itself:
 
 - `read_layout`: each kcp cluster (the fleet's cluster set, as `kcp cluster list` reads it) in
-  its slot, on the master serving it, weighed by its dispatches/s over a short window (its stats
-  counters, its kernels' summed: `StatsRead.totals`), or each counted as one when nothing was
-  dispatched in the window. Names that hash to one slot share it, weigh together, move together.
-- `plan`: a pure function, the moves that bring the busiest master's weight within `ratio` of the
-  idlest's: greedily the slot of the heaviest master whose move to the lightest leaves the best
+  its slot, on the master serving it, weighed over a short window (`weigh`) by the commands/s its
+  dispatches (its stats counters, its kernels' summed: `StatsRead.totals`) cost its master, or
+  each counted as one when nothing was dispatched. A master also carries a base, the fleet-wide
+  keys' commands/s (agents, the leader, clients' bells), which no move changes. Names that hash
+  to one slot share it, weigh together, move together.
+- `plan`: a pure function, the moves that bring the busiest master's weight (base included)
+  within `ratio` of the idlest's: greedily the slot of the heaviest master whose move to the lightest leaves the best
   spread, while a move improves it; so few moves, not a proven minimum.
 - `balance`: the plan carried out live, one slot at a time (`controlplane.redis.slots.move_slot`;
   clients follow the keys by ASK and MOVED, dispatching goes on).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,12 +35,13 @@ from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import SyncRedis, connect_sync, is_cluster_url
 from controlplane.redis.errors import map_redis_errors, where_from_url
 from controlplane.redis.scripts import jobs
-from controlplane.redis.slots import SlotTable, move_slot, read_table, slot_of
+from controlplane.redis.slots import commands_served, move_slot, read_table, slot_of
 from controlplane.settings import Settings
 from controlplane.tls import redact_url
 
-#: What a weight counts: dispatches per second in the window, or kcp clusters (none dispatched).
-RATE, COUNT = "dispatches/s", "kcp clusters"
+#: What a weight counts: commands per second (estimated from the dispatches in the window), or
+#: kcp clusters (none dispatched).
+COMMANDS, COUNT = "commands/s", "kcp clusters"
 #: The defaults of `kcp slots`: the sampling window, seconds, and the busiest / idlest target.
 WINDOW_S, RATIO = 5.0, 1.25
 
@@ -59,10 +62,12 @@ class MasterLoad:
     node_id: str
     address: str
     slots: tuple[SlotLoad, ...] = ()
+    #: what it carries that no slot move changes (the fleet-wide keys' commands/s), in the same unit
+    base: float = 0.0
 
     @property
     def weight(self) -> float:
-        return sum(s.weight for s in self.slots)
+        return self.base + sum(s.weight for s in self.slots)
 
     @property
     def clusters(self) -> list[str]:
@@ -91,7 +96,7 @@ def spread(weights: Iterable[float]) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The kcp clusters per master of a Redis Cluster, weighed in `unit` (RATE or COUNT)."""
+    """The kcp clusters per master of a Redis Cluster, weighed in `unit` (COMMANDS or COUNT)."""
 
     masters: tuple[MasterLoad, ...]
     unit: str = COUNT
@@ -129,6 +134,7 @@ class Layout:
                     "node_id": m.node_id,
                     "address": m.address,
                     "weight": round(m.weight, 3),
+                    "base": round(m.base, 3),
                     "kcp_clusters": m.clusters,
                     "slots": [
                         {"slot": s.slot, "clusters": list(s.clusters), "weight": s.weight} for s in m.slots
@@ -214,53 +220,74 @@ def _dispatches(client: SyncRedis, keys: Keys, names: Sequence[str]) -> dict[str
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """What `weigh` found: each kcp cluster's weight, each master's base (its load that no slot
+    move changes), in `unit`."""
+
+    clusters: dict[str, float]
+    unit: str = COUNT
+    base: dict[str, float] = field(default_factory=dict)
+
+
 def weigh(
     client: SyncRedis,
     keys: Keys,
-    names: Sequence[str],
+    homes: Mapping[str, Sequence[str]],
     window: float,
     *,
     sleep: Callable[[float], None] = time.sleep,
-) -> tuple[dict[str, float], str]:
-    """Each kcp cluster's weight and its unit: dispatches/s over `window` seconds (RATE), or 1 each
-    (COUNT) with no window or when none was dispatched in it."""
+) -> Weights:
+    """Weigh the kcp clusters (`homes`: master address -> the kcp clusters on it) over `window`
+    seconds: each kcp cluster's dispatches/s (its stats counters), each master's commands/s
+    (`commands_served`). A dispatch costs its kcp cluster's master about as many commands on
+    every master; taken as the lowest ratio of a master's commands to its kcp clusters'
+    dispatches (so that master's own traffic counts as none), a kcp cluster weighs its
+    dispatches/s times that (COMMANDS), and what a master serves beyond its kcp clusters' share
+    is its base: the fleet-wide keys' traffic (agents, the leader, clients' bells), which no move
+    changes. 1 each and no base (COUNT) without a window or a dispatch in it."""
+    names = [n for held in homes.values() for n in held]
     if window > 0 and names:
-        before, began = _dispatches(client, keys, names), time.monotonic()
+        before, served = _dispatches(client, keys, names), commands_served(client)
+        began = time.monotonic()
         sleep(window)
-        after = _dispatches(client, keys, names)
         took = max(time.monotonic() - began, 1e-3)
+        served = {m: (c - served.get(m, c)) / took for m, c in commands_served(client).items()}
+        after = _dispatches(client, keys, names)
         rates = {n: max(after[n] - before[n], 0.0) / took for n in names}
-        if any(rates.values()):
-            return rates, RATE
-    return dict.fromkeys(names, 1.0), COUNT
-
-
-def layout_of(table: SlotTable, slots: dict[int, list[str]], weights: dict[str, float], unit: str) -> Layout:
-    """The layout of kcp clusters (`slots`: slot -> names) over the masters of `table`. A master
-    that is down and serves no slot (one whose replica took over) is left out."""
-    masters = []
-    for node in sorted(table.masters(), key=lambda n: (n.host, n.port)):
-        if node.down and not node.ranges:
-            continue
-        held = tuple(
-            SlotLoad(slot, tuple(names), sum(weights[n] for n in names))
-            for slot, names in sorted(slots.items())
-            if node.serves(slot)
-        )
-        masters.append(MasterLoad(node.node_id, node.address, held))
-    opened = {slot: said for slot, said in table.open_slots().items() if slot in slots}
-    return Layout(tuple(masters), unit, opened)
+        dispatched = {m: sum(rates[n] for n in held) for m, held in homes.items()}
+        ratios = [served.get(m, 0.0) / d for m, d in dispatched.items() if d > 0]
+        if ratios:
+            cost = min(ratios)
+            base = {m: max(served.get(m, 0.0) - cost * d, 0.0) for m, d in dispatched.items()}
+            return Weights({n: r * cost for n, r in rates.items()}, COMMANDS, base)
+    return Weights(dict.fromkeys(names, 1.0))
 
 
 def read_layout(client: SyncRedis, keys: Keys, *, window: float) -> Layout:
-    """Every kcp cluster of the fleet's set in its slot, on its master, weighed over `window` s."""
+    """Every kcp cluster of the fleet's set in its slot, on its master, weighed over `window` s
+    (`weigh`). A master that is down and serves no slot (one whose replica took over) is left out."""
     table = read_table(client)
-    names = _cluster_names(client, keys)
-    slots: dict[int, list[str]] = {}
-    for name in names:
-        slots.setdefault(slot_of(keys.cluster(name)), []).append(name)
-    weights, unit = weigh(client, keys, names, window)
-    return layout_of(table, slots, weights, unit)
+    by_slot: dict[int, list[str]] = {}
+    for name in _cluster_names(client, keys):
+        by_slot.setdefault(slot_of(keys.cluster(name)), []).append(name)
+    masters = [m for m in sorted(table.masters(), key=lambda n: (n.host, n.port)) if m.ranges or not m.down]
+    held = {m.address: [(s, names) for s, names in sorted(by_slot.items()) if m.serves(s)] for m in masters}
+    weights = weigh(client, keys, {m: [n for _, names in h for n in names] for m, h in held.items()}, window)
+    loads = tuple(
+        MasterLoad(
+            m.node_id,
+            m.address,
+            tuple(
+                SlotLoad(s, tuple(names), sum(weights.clusters[n] for n in names))
+                for s, names in held[m.address]
+            ),
+            weights.base.get(m.address, 0.0),
+        )
+        for m in masters
+    )
+    opened = {slot: said for slot, said in table.open_slots().items() if slot in by_slot}
+    return Layout(loads, weights.unit, opened)
 
 
 @dataclass(frozen=True, slots=True)

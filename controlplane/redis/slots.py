@@ -200,6 +200,19 @@ def read_table(client: SyncRedis | SyncRedisCluster) -> SlotTable:
     return SlotTable(tuple(merged))
 
 
+def commands_served(client: SyncRedis | SyncRedisCluster) -> dict[str, int]:
+    """The commands each running master has served since it started (`INFO commandstats` calls,
+    the commands Lua scripts run included), by address."""
+    cluster = cluster_client(client)
+    out = {}
+    for node in read_table(cluster).masters():
+        if not node.down:
+            with _node(cluster, node) as (conn, where), map_redis_errors(where):
+                info: Any = conn.info("commandstats")
+            out[node.address] = sum(int(v["calls"]) for v in info.values())
+    return out
+
+
 def _auth(cluster: SyncRedisCluster) -> tuple[str, ...]:
     """MIGRATE's AUTH/AUTH2 arguments: the client's own credentials, which the target checks."""
     settings = cluster_settings(cluster)

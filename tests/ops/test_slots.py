@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from conftest import ProcessStack, wait_for
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 from controlplane import KcpClient, Settings
 from controlplane.ops.redis_server import RedisClusterProcess
 from controlplane.ops.slots import (
+    COMMANDS,
     COUNT,
-    RATE,
     Layout,
     MasterLoad,
     SlotLoad,
@@ -111,7 +112,7 @@ def test_idle_kcp_clusters_never_move_and_a_shared_slot_moves_whole() -> None:
             MasterLoad("id0", "m0", (shared, SlotLoad(8, ("idle",), 0.0), SlotLoad(9, ("x",), 5.0))),
             MasterLoad("id1", "m1", (SlotLoad(10, ("y",), 2.0),)),
         ),
-        RATE,
+        COMMANDS,
     )
     (move,) = plan(layout, 1.25)
     assert (move.slot, move.clusters, move.source, move.target) == (7, ("a", "b"), "m0", "m1")
@@ -127,7 +128,9 @@ def test_idle_kcp_clusters_never_move_and_a_shared_slot_moves_whole() -> None:
 @pytest.mark.timeout(30)
 @given(
     st.lists(
-        st.lists(st.floats(0, 100, allow_nan=False).map(lambda w: round(w, 1)), max_size=12), min_size=1, max_size=5
+        st.lists(st.floats(0, 100, allow_nan=False).map(lambda w: round(w, 1)), max_size=12),
+        min_size=1,
+        max_size=5,
     ),
     st.floats(1.0, 3.0),
 )
@@ -155,7 +158,7 @@ def restored(redis_cluster: RedisClusterProcess) -> Iterator[RedisClusterProcess
     owners = _owners(redis_cluster)
     yield redis_cluster
     by_port = {m.port: m for m in redis_cluster.masters()}
-    for slot, port in sorted(set(_owners(redis_cluster).items()) - set(owners.items())):
+    for slot, _ in sorted(set(_owners(redis_cluster).items()) - set(owners.items())):
         redis_cluster.move_slot(slot, by_port[owners[slot]])
 
 
@@ -187,20 +190,35 @@ def client(redis_cluster_url: str) -> Iterator[SyncRedis]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(30)
-def test_weights_are_dispatches_per_second_over_the_window_or_one_each(client: SyncRedis) -> None:
+def test_weights_are_commands_per_second_from_the_dispatches_or_one_each(client: SyncRedis) -> None:
     names = ["busy", "quiet", "idle"]
     client.sadd(KEYS.clusters(), *names)
+    homes = {"m": names}  # one master: its commands are all its kcp clusters' (no base)
 
     def window(seconds: float) -> None:  # what kernels write as they finish jobs, during the window
         client.hincrby(KEYS.cluster_stats("busy"), stats.DISPATCHES, 300)
         client.hincrby(KEYS.cluster_stats("quiet"), stats.DISPATCHES, 100)
 
-    weights, unit = weigh(client, KEYS, names, 1.0, sleep=window)
-    assert unit == RATE
-    assert weights["busy"] == pytest.approx(3 * weights["quiet"])
-    assert weights["idle"] == 0.0
-    assert weigh(client, KEYS, names, 1.0, sleep=lambda s: None) == (dict.fromkeys(names, 1.0), COUNT)
-    assert weigh(client, KEYS, names, 0.0) == (dict.fromkeys(names, 1.0), COUNT)
+    weights = weigh(client, KEYS, homes, 1.0, sleep=window)
+    assert weights.unit == COMMANDS
+    assert weights.clusters["busy"] == pytest.approx(3 * weights.clusters["quiet"])
+    assert weights.clusters["idle"] == 0.0
+    counted = weigh(client, KEYS, homes, 1.0, sleep=lambda s: None)
+    assert (counted.clusters, counted.unit, counted.base) == (dict.fromkeys(names, 1.0), COUNT, {})
+    assert weigh(client, KEYS, homes, 0.0).clusters == dict.fromkeys(names, 1.0)
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(10)
+def test_a_masters_base_stays_put_and_the_plan_balances_around_it() -> None:
+    # equal kcp clusters, but m0 also serves the fleet-wide keys: it ends up with fewer of them
+    layout = _layout([1.0] * 10, [1.0] * 10, [1.0] * 10)
+    based = Layout((replace(layout.masters[0], base=4.0), *layout.masters[1:]), COMMANDS)
+    moves = plan(based, 1.1)
+    after = based.moved(moves)
+    assert after.masters[0].base == 4.0
+    assert [len(m.clusters) for m in after.masters] == [8, 11, 11]
+    assert after.spread == pytest.approx(12 / 11)
 
 
 @pytest.mark.system
@@ -238,15 +256,16 @@ async def test_balance_moves_kcp_clusters_live_while_clients_dispatch(
             loops = [asyncio.create_task(dispatching(k)) for k in range(3)]
             try:
                 with cluster_client(Settings(redis_url=redis_cluster_url)) as client:
-                    result = await asyncio.to_thread(balance, client, KEYS, ratio=1.25, window=1.0)
+                    result = await asyncio.to_thread(balance, client, KEYS, ratio=1.5, window=1.0)
                     before_stop = answered
                     await asyncio.sleep(0.5)  # dispatching goes on after the moves
             finally:
                 stop.set()
                 await asyncio.gather(*loops)
-            assert result.before.unit == RATE
-            assert result.before.spread == math.inf  # all six on one master
-            assert len(result.moves) == 4 and result.reached, result.moves  # 2 / 2 / 2
+            assert result.before.unit == COMMANDS
+            assert sorted(len(m.clusters) for m in result.before.masters) == [0, 0, 6]
+            assert result.moves and result.reached, result
+            assert result.after.spread < result.before.spread
             for move in result.moves:
                 (name,) = move.clusters
                 assert restored.master_of_key(KEYS.cluster(name)).url.endswith(f"{move.target}/0")

@@ -6,8 +6,9 @@
     kcp slots balance --ratio 1.2           ... made, live: dispatching goes on
     kcp slots move web --to 10.0.0.3:7002   the slot of kcp cluster `web` to that master (or node id)
 
-A weight is a kcp cluster's dispatches/s over `--window`, or 1 when none was dispatched in it
-(`controlplane/ops/slots.py`). On a single Redis or Sentinel there are no slots: exit 2. A move
+A kcp cluster weighs the commands/s its dispatches over `--window` cost its master, or 1 when
+none was dispatched in it; a master's base is its fleet-wide keys' commands/s, which no move
+changes (`controlplane/ops/slots.py`). On a single Redis or Sentinel there are no slots: exit 2. A move
 kcp refuses or that stops part-way (a master down, the slot migrating already) exits 1 and says
 how the slot was left; the moves made before it stay.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from controlplane.ops.cli.output import emit, non_negative_seconds, table
 from controlplane.ops.slots import (
-    RATE,
+    COMMANDS,
     RATIO,
     WINDOW_S,
     Balance,
@@ -82,24 +83,27 @@ def _ratio_text(value: float) -> str:
 
 
 def _weight(value: float, unit: str) -> str:
-    return f"{value:.1f}" if unit == RATE else f"{value:g}"
+    return f"{value:.0f}" if unit == COMMANDS else f"{value:g}"
 
 
 def _layout_text(layout: Layout) -> str:
     count = sum(len(m.clusters) for m in layout.masters)
-    by = "dispatches/s" if layout.unit == RATE else "count (no dispatches in the window)"
+    by = (
+        "commands/s (from their dispatches/s; BASE: the master's fleet-wide keys, which stay)"
+        if layout.unit == COMMANDS
+        else "count (no dispatches in the window)"
+    )
     rows = []
     for m in layout.masters:
         names = m.clusters
         more = f" +{len(names) - SHOWN_NAMES}" if len(names) > SHOWN_NAMES else ""
         shown = ", ".join(names[:SHOWN_NAMES]) + more
-        rows.append(
-            (m.address, m.node_id[:8], len(names), len(m.slots), _weight(m.weight, layout.unit), shown)
-        )
+        weight, base = _weight(m.weight, layout.unit), _weight(m.base, layout.unit)
+        rows.append((m.address, m.node_id[:8], len(names), len(m.slots), weight, base, shown))
     lines = [
         f"{count} kcp clusters on {len(layout.masters)} masters, weighed by {by}: "
         f"busiest / idlest master {_ratio_text(layout.spread)}",
-        table(rows, ("MASTER", "NODE", "KCP CLUSTERS", "SLOTS", "WEIGHT", "NAMES")),
+        table(rows, ("MASTER", "NODE", "KCP CLUSTERS", "SLOTS", "WEIGHT", "BASE", "NAMES")),
     ]
     lines += [
         f"slot {s.slot} holds {len(s.clusters)} kcp clusters (they move together): {', '.join(s.clusters)}"
@@ -120,7 +124,7 @@ def _move_json(move: Move) -> dict[str, Any]:
 
 
 def _move_line(move: Move, unit: str, verb: str) -> str:
-    weight = f"; {_weight(move.weight, unit)} {unit}" if unit == RATE else ""
+    weight = f"; {_weight(move.weight, unit)} {unit}" if unit == COMMANDS else ""
     return f"{verb} slot {move.slot} ({', '.join(move.clusters)}{weight}) {move.source} -> {move.target}"
 
 

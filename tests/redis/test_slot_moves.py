@@ -53,7 +53,10 @@ def test_cluster_nodes_lines_give_ranges_flags_and_open_migrations() -> None:
     with pytest.raises(ReshardError, match="no master named 'zz'"):
         table.master("zz")
     assert table.open_slots() == {
-        5461: ["127.0.0.1:7000 importing it from 127.0.0.1:7001", "127.0.0.1:7001 migrating it to 127.0.0.1:7000"]
+        5461: [
+            "127.0.0.1:7000 importing it from 127.0.0.1:7001",
+            "127.0.0.1:7001 migrating it to 127.0.0.1:7000",
+        ]
     }
 
 
