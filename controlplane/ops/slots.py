@@ -12,8 +12,8 @@ not the one a busy kcp cluster is in. So kcp weighs its clusters and moves their
   keys' commands/s (agents, the leader, clients' bells), which no move changes. Names that hash
   to one slot share it, weigh together, move together.
 - `plan`: a pure function, the moves that bring the busiest master's weight (base included)
-  within `ratio` of the idlest's: greedily the slot of the heaviest master whose move to the lightest leaves the best
-  spread, while a move improves it; so few moves, not a proven minimum.
+  within `ratio` of the idlest's: greedily the slot of the heaviest master whose move to the
+  lightest leaves the best spread, while a move improves it; so few moves, not a proven minimum.
 - `balance`: the plan carried out live, one slot at a time (`controlplane.redis.slots.move_slot`;
   clients follow the keys by ASK and MOVED, dispatching goes on).
 
