@@ -1054,7 +1054,7 @@ async def cluster_stage(args: argparse.Namespace, tmp: Path) -> None:
             if phase == "rebalanced":
                 done = await rebalance(many, args)
                 print(
-                    f"  moved {len(done.moves)} slot(s) live in {done.seconds:.1f}s (`kcp slots balance "
+                    f"  moved {len(done.moves)} slot(s) live in {done.seconds:.2f}s (`kcp slots balance "
                     f"--ratio {args.balance_ratio:g} --window {args.balance_window:g}`: busiest / idlest "
                     f"master by {done.before.unit} {done.before.spread:.2f}x -> {done.after.spread:.2f}x)",
                     flush=True,

@@ -1,20 +1,25 @@
-"""`controlplane/ops/slots.py`: the planner (a pure function, no Redis) and, on the session's
-3-master Redis Cluster, the weighing of kcp clusters by their stats counters and `balance`
-carried out live under dispatching kcp clients (`kcp serve`, a `kcp agent`, real kernels)."""
+"""`controlplane/ops/slots.py` and `kcp slots`: the planner (a pure function, no Redis) and, on
+the session's 3-master Redis Cluster, the weighing of kcp clusters by their stats counters,
+`balance` carried out live under dispatching kcp clients (`kcp serve`, a `kcp agent`, real
+kernels), and the CLI's output and exit codes (its single-Redis cases: tests/ops/test_cli.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+import redis
 from conftest import ProcessStack, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
 from controlplane import KcpClient, Settings
+from controlplane.errors import EXIT_FAILED
+from controlplane.ops.cli.main import main
 from controlplane.ops.redis_server import RedisClusterProcess
 from controlplane.ops.slots import (
     COMMANDS,
@@ -30,8 +35,10 @@ from controlplane.ops.slots import (
 )
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
-from controlplane.redis.connect import SyncRedis, connect_sync
+from controlplane.protocol.models import ClusterConfig
+from controlplane.redis.connect import SyncRedis, connect, connect_sync
 from controlplane.redis.slots import CLUSTER_SLOTS, read_table, slot_of
+from controlplane.redis.state import State
 
 KEYS = Keys()
 
@@ -274,3 +281,87 @@ async def test_balance_moves_kcp_clusters_live_while_clients_dispatch(
             assert answered > before_stop > 0
     finally:
         stack.stop()
+
+
+# ------------------------------------------------------------------ `kcp slots` on the cluster
+def _kcp(capsys: pytest.CaptureFixture[str], url: str, *argv: str) -> tuple[int, str, str]:
+    code = main(["--redis-url", url, *argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+async def _create(url: str, names: list[str]) -> None:
+    redis = connect(url)
+    try:
+        for name in names:
+            await State(redis, KEYS).create_cluster(name, ClusterConfig(), 1)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_kcp_slots_shows_plans_balances_and_moves_one(
+    restored: RedisClusterProcess, redis_cluster_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = names_on_one_master(restored, 6)
+    await _create(redis_cluster_url, names)
+    home = f"{restored.masters()[0].host}:{restored.masters()[0].port}"
+
+    code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "--window", "0")
+    assert code == 0 and "busiest / idlest master inf" in out and home in out
+    code, out, _ = _kcp(capsys, redis_cluster_url, "--json", "slots", "--window", "0")
+    shown = json.loads(out)
+    assert code == 0 and shown["unit"] == COUNT and shown["spread"] is None
+    assert {m["address"]: len(m["kcp_clusters"]) for m in shown["masters"]}[home] == 6
+
+    code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "balance", "--dry-run", "--window", "0")
+    assert code == 0 and out.count("would move slot") == 4 and "-> 1.00x" in out
+    assert {restored.master_of_key(KEYS.cluster(n)).port for n in names} == {restored.masters()[0].port}
+
+    code, out, _ = _kcp(capsys, redis_cluster_url, "--json", "slots", "balance", "--window", "0")
+    done = json.loads(out)
+    assert code == 0 and done["reached"] and done["spread_after"] == 1.0 and len(done["moves"]) == 4
+    for move in done["moves"]:
+        (name,) = move["clusters"]
+        assert restored.master_of_key(KEYS.cluster(name)).url.endswith(f"{move['to']}/0")
+    code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "balance", "--window", "0")
+    assert code == 0 and "1.00x, within 1.25x" in out
+
+    code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "move", names[0], "--to", home)
+    assert code == 0 and out.startswith(f"moved slot {slot_of(KEYS.cluster(names[0]))} ({names[0]})")
+    assert restored.master_of_key(KEYS.cluster(names[0])).port == restored.masters()[0].port
+    code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "move", names[0], "--to", home)
+    assert code == 0 and "already" in out
+    code, _, err = _kcp(capsys, redis_cluster_url, "slots", "move", "nosuch", "--to", home)
+    assert code == EXIT_FAILED and "cluster 'nosuch' does not exist" in err
+    code, out, _ = _kcp(capsys, redis_cluster_url, "--json", "slots", "move", names[0], "--to", "nowhere:1")
+    error = json.loads(out)
+    assert (code, error["error_type"]) == (EXIT_FAILED, "ReshardError") and "no master named" in error[
+        "error"
+    ]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_kcp_slots_refuses_a_slot_migrating_already_and_shows_it(
+    restored: RedisClusterProcess, redis_cluster_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (name,) = names_on_one_master(restored, 1)
+    await _create(redis_cluster_url, [name])
+    slot = slot_of(KEYS.cluster(name))
+    home, target, third = restored.masters()
+    with redis.Redis.from_url(home.url) as src, redis.Redis.from_url(target.url) as dst:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", restored.node_id(home))
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", restored.node_id(target))
+    try:
+        code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "--window", "0")
+        assert code == 0 and f"slot {slot} is migrating" in out
+        code, _, err = _kcp(
+            capsys, redis_cluster_url, "slots", "move", name, "--to", f"{third.host}:{third.port}"
+        )
+        assert code == EXIT_FAILED and f"slot {slot} is already migrating" in err
+        assert "redis-cli --cluster fix" in err
+    finally:
+        restored.move_slot(slot, target)  # the move left open, finished (the fixture moves it back)
