@@ -129,23 +129,22 @@ def _move_line(move: Move, unit: str, verb: str) -> str:
 
 
 def _balance_json(result: Balance) -> dict[str, Any]:
-    before, after = result.before, result.after
+    before, after = result.before.to_json(), result.after.to_json()
     return {
         "dry_run": result.dry_run,
         "ratio": result.ratio,
         "moves": [_move_json(m) for m in result.moves],
-        "spread_before": before.to_json()["spread"],
-        "spread_after": after.to_json()["spread"],
+        "spread_before": before["spread"],
+        "spread_after": after["spread"],
         "reached": result.reached,
         "seconds": round(result.seconds, 3),
-        "before": before.to_json(),
-        "after": after.to_json(),
+        "before": before,
+        "after": after,
     }
 
 
 def _balance_text(result: Balance) -> str:
     before, after = result.before, result.after
-    target = f"target {result.ratio:g}x"
     lines = [_move_line(m, before.unit, "would move") for m in result.moves] if result.dry_run else []
     if not result.moves:
         fits = "within" if result.reached else "not within"
@@ -158,8 +157,7 @@ def _balance_text(result: Balance) -> str:
     short = "" if result.reached else " (as close as moving whole slots gets)"
     lines.append(
         f"busiest / idlest master by {before.unit} {_ratio_text(before.spread)} -> "
-        f"{_ratio_text(after.spread)}{short}, "
-        f"{target}: {moved}{took}"
+        f"{_ratio_text(after.spread)}{short}, target {result.ratio:g}x: {moved}{took}"
     )
     return "\n".join(lines)
 
