@@ -5,6 +5,7 @@
                                     [--skip-startup | --only-startup] [--place 64]
                                     [--procs 1] [--real 1x8,4x8,8x8] [--real-only]
     .venv/bin/python bench/fleet.py --cluster [--clusters 30] [--cluster-seconds 10] [--repeat 3]
+                                    [--balance-ratio 1.25] [--balance-window 3]
 
 Every figure comes from the private redis-server this script starts (never 127.0.0.1:6379):
 commands from `INFO commandstats` deltas (commands that Lua scripts run inside Redis included),
@@ -42,8 +43,10 @@ Redis CPU from `INFO cpu` (used_cpu_sys + used_cpu_user) deltas.
 6. Redis Cluster (`--cluster`, this stage alone): a private 3-master Redis Cluster and a private
    single Redis, each with its own leader (child process) and real agents with in-process
    kernels, `--clusters` kcp clusters of 2 kernels each. Two phases: the kcp clusters where
-   their names' hash puts them, then rebalanced (their slots moved live, keys and all, until the
-   masters hold as many kcp clusters each, give or take one). Per round of a phase, on each
+   their names' hash puts them, then rebalanced by `kcp slots balance` (`controlplane/ops/slots.py`:
+   the kcp clusters weighed by their dispatches/s over `--balance-window` s under the load
+   window's loops, their slots moved live, keys and all, until the busiest master's weight is
+   within `--balance-ratio` of the idlest's). Per round of a phase, on each
    deployment in turn: sequential dispatches of PING spread over the kcp clusters (p50, p99),
    then `--cluster-seconds` of load (8 concurrent dispatch loops) during which every master's
    `INFO commandstats` delta gives its commands/s: the busiest master against the idlest, and
@@ -77,12 +80,14 @@ from typing import Any
 import psutil
 
 from controlplane import KcpClient, Settings
+from controlplane.ops import slots
 from controlplane.ops.redis_server import (
     RedisClusterProcess,
     free_port,
     start_redis_cluster,
     start_redis_server,
 )
+from controlplane.ops.slots import Balance
 from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
@@ -1013,20 +1018,27 @@ def homes(cluster: RedisClusterProcess, names: list[str]) -> dict[int, list[str]
     return out
 
 
-def rebalance(cluster: RedisClusterProcess, names: list[str]) -> int:
-    """Move kcp clusters' slots (keys and all, live) from the fullest master to the emptiest
-    until their counts differ by one at most, as an operator would with `redis-cli --cluster
-    reshard`; the number of slots moved."""
-    moved = 0
-    while True:
-        by_port = homes(cluster, names)
-        full = max(by_port, key=lambda p: len(by_port[p]))
-        empty = min(by_port, key=lambda p: len(by_port[p]))
-        if len(by_port[full]) - len(by_port[empty]) <= 1:
-            return moved
-        target = next(m for m in cluster.masters() if m.port == empty)
-        cluster.move_slot(cluster.keyslot(KEYS.cluster(by_port[full][0])), target)
-        moved += 1
+async def rebalance(stack: SpreadStack, args: argparse.Namespace) -> Balance:
+    """`kcp slots balance` on the cluster stack: its plan from the kcp clusters' dispatches/s over
+    `--balance-window` s, its moves made live, all the while under the load window's dispatch
+    loops (which go on until the last move is made)."""
+    stop = asyncio.Event()
+
+    async def dispatching(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            await stack.kcp.dispatch(stack.names[i % len(stack.names)], {"type": "PING"})
+            i += SPREAD_LOOPS
+
+    loops = [asyncio.create_task(dispatching(k)) for k in range(SPREAD_LOOPS)]
+    try:
+        with slots.cluster_client(Settings(redis_url=stack.url)) as client:
+            return await asyncio.to_thread(
+                slots.balance, client, KEYS, ratio=args.balance_ratio, window=args.balance_window
+            )
+    finally:
+        stop.set()
+        await asyncio.gather(*loops)
 
 
 async def cluster_stage(args: argparse.Namespace, tmp: Path) -> None:
@@ -1040,9 +1052,13 @@ async def cluster_stage(args: argparse.Namespace, tmp: Path) -> None:
             await stack.start()
         for phase, rounds in phases.items():
             if phase == "rebalanced":
-                t0 = time.monotonic()
-                moved = await asyncio.to_thread(rebalance, cluster, many.names)
-                print(f"  moved {moved} slot(s) live in {time.monotonic() - t0:.1f}s", flush=True)
+                done = await rebalance(many, args)
+                print(
+                    f"  moved {len(done.moves)} slot(s) live in {done.seconds:.2f}s (`kcp slots balance "
+                    f"--ratio {args.balance_ratio:g} --window {args.balance_window:g}`: busiest / idlest "
+                    f"master by {done.before.unit} {done.before.spread:.2f}x -> {done.after.spread:.2f}x)",
+                    flush=True,
+                )
             counts = {port: len(names) for port, names in sorted(homes(cluster, many.names).items())}
             print(f"  {phase}: {args.clusters} kcp clusters of {SPREAD_KERNELS}, per master {counts}")
             for i in range(args.repeat):
@@ -1145,6 +1161,12 @@ def main() -> None:
     parser.add_argument("--cluster", action="store_true", help="only the Redis Cluster stage (6)")
     parser.add_argument("--clusters", type=int, default=30, help="kcp clusters in the Redis Cluster stage")
     parser.add_argument("--cluster-seconds", type=float, default=10.0, help="its load window per round, s")
+    parser.add_argument(
+        "--balance-ratio", type=float, default=slots.RATIO, help="its `kcp slots balance --ratio`"
+    )
+    parser.add_argument(
+        "--balance-window", type=float, default=3.0, help="its `kcp slots balance --window`, s"
+    )
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parents[1])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the private redis-server too

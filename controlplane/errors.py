@@ -2,6 +2,7 @@
 
 KcpError
 ├── InvalidRequest          bad input: a name, a config, a request (also a ValueError)
+│   └── NotRedisCluster     `kcp slots` on a single Redis or Sentinel: no slots to spread
 ├── ClusterNotFound
 ├── ClusterExists
 ├── DispatchError           a dispatch did not produce a result
@@ -9,6 +10,7 @@ KcpError
 │   ├── DispatchTimeout     a kernel took the request but no result came in time
 │   ├── KernelGone          a request pinned to a kernel incarnation that died or was replaced
 │   └── KernelError         the kernel ran the request and it failed (bad args, handler raised)
+├── ReshardError            a Redis Cluster slot was not moved: a master down, the slot migrating already
 └── RedisError              Redis did not carry out a command
     ├── RedisUnavailable    not reachable, timed out, connection lost, still loading its data
     ├── ReadOnly            the server is a replica (a failover is under way): retry
@@ -40,6 +42,16 @@ class ClusterExists(KcpError):
     def __init__(self, name: str) -> None:
         super().__init__(f"cluster {name!r} already exists")
         self.name = name
+
+
+class NotRedisCluster(InvalidRequest):
+    """A Redis Cluster operation (`kcp slots`) on a URL that is not a `redis+cluster://` one:
+    one server (or Sentinel's master) holds every key, so there is nothing to spread."""
+
+
+class ReshardError(KcpError):
+    """A slot move kcp refused to start (a master down, the slot already migrating) or that
+    failed part-way (the message says in which state it left the slot and how to settle it)."""
 
 
 class DispatchError(KcpError):

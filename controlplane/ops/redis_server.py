@@ -21,6 +21,8 @@ from typing import Any
 from controlplane.errors import RedisError, RedisUnavailable
 from controlplane.redis.connect import connect_sync
 from controlplane.redis.errors import map_redis_errors
+from controlplane.redis.slots import CLUSTER_SLOTS, DOWN_FLAGS
+from controlplane.redis.slots import move_slot as move_slot_live
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +235,6 @@ def start_redis_server(
 
 
 # ------------------------------------------------------------------ Redis Cluster
-#: The number of hash slots of every Redis Cluster.
-CLUSTER_SLOTS = 16384
-#: CLUSTER NODES flags of a peer that is not (yet, or any more) a healthy member.
-_BAD_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})
 
 
 class RedisClusterProcess:
@@ -331,7 +329,7 @@ class RedisClusterProcess:
             healthy = [
                 line
                 for line in lines
-                if line.split()[7] == "connected" and not _BAD_FLAGS & set(line.split()[2].split(","))
+                if line.split()[7] == "connected" and not DOWN_FLAGS & set(line.split()[2].split(","))
             ]
             if len(healthy) != len(running):
                 return f"{_address(node)} sees {len(healthy)} of {len(running)} running nodes connected"
@@ -348,18 +346,11 @@ class RedisClusterProcess:
         return None
 
     def move_slot(self, slot: int, to: RedisServerProcess) -> None:
-        """Reshard `slot`, with its keys, to the master `to` (as `redis-cli --cluster reshard` does:
-        IMPORTING/MIGRATING, MIGRATE the keys, SETSLOT NODE on every master), then `wait_ok`."""
-        source = self.master_of_slot(slot)
-        if source is to:
-            return
-        source_id, target_id = self.node_id(source), self.node_id(to)
-        self._ask(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-        self._ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-        while keys := self._ask(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
-            self._ask(source, "MIGRATE", to.host, to.port, "", 0, 5000, "KEYS", *keys)
-        for node in [to, source, *(m for m in self.masters() if m not in (to, source))]:
-            self._ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        """Reshard `slot`, with its keys, to the master `to` by the live resharding protocol of
+        `kcp slots` (`controlplane.redis.slots.move_slot`, which also finishes that very move when
+        it was left part-way), then `wait_ok`."""
+        with connect_sync(self.url) as client:
+            move_slot_live(client, slot, self.node_id(to))
         self.wait_ok()
 
     def kill(self, node: RedisServerProcess) -> None:

@@ -278,6 +278,28 @@ def node_client(cluster: AsyncRedisCluster, node: redis.asyncio.cluster.ClusterN
     return client
 
 
+def cluster_settings(cluster: SyncRedisCluster) -> dict[str, Any]:
+    """The connection settings of the blocking cluster client's default node (host, port, TLS,
+    credentials, timeouts), which every node connection of the client shares."""
+    node = cluster.get_default_node()  # type: ignore[no-untyped-call]
+    return dict(node.redis_connection.connection_pool.connection_kwargs)
+
+
+def node_sync(
+    cluster: SyncRedisCluster, host: str, port: int, *, decode_responses: bool | None = None
+) -> redis.Redis:
+    """A plain blocking client for the node at `host:port` of `cluster`, with the cluster's
+    connection settings (TLS, ACL user, timeouts, RESP2, and its decoding unless
+    `decode_responses` says otherwise): for what a node answers for itself (ACL users, CLUSTER
+    SETSLOT, MIGRATE). The caller closes it."""
+    node = cluster.get_default_node()  # type: ignore[no-untyped-call]
+    kind = node.redis_connection.connection_pool.connection_class
+    settings = cluster_settings(cluster) | {"host": host, "port": port}
+    if decode_responses is not None:
+        settings["decode_responses"] = decode_responses
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=kind, **settings))
+
+
 @contextlib.contextmanager
 def every_node_sync(client: redis.Redis) -> Iterator[list[redis.Redis]]:
     """`[client]` for one Redis; for a Redis Cluster a plain blocking client for each of its
@@ -287,9 +309,6 @@ def every_node_sync(client: redis.Redis) -> Iterator[list[redis.Redis]]:
     if not isinstance(client, SyncRedisCluster):
         yield [client]
         return
-    settings = dict(client.get_default_node().redis_connection.connection_pool.connection_kwargs)
-    for key in ("host", "port"):
-        settings.pop(key, None)
     # redis-py parses the reply: {"host:port": {"flags": "myself,master", ...}, ...}
     listing = client.execute_command("CLUSTER NODES", target_nodes=SyncRedisCluster.DEFAULT_NODE)
     addresses = []
@@ -297,11 +316,7 @@ def every_node_sync(client: redis.Redis) -> Iterator[list[redis.Redis]]:
         if not {"fail", "noaddr", "handshake"} & set(str(node.get("flags", "")).split(",")):
             host, _, port = str(address).partition("@")[0].rpartition(":")
             addresses.append((host, int(port)))
-    kind = client.get_default_node().redis_connection.connection_pool.connection_class
-    nodes = [
-        redis.Redis(connection_pool=redis.ConnectionPool(connection_class=kind, host=h, port=p, **settings))
-        for h, p in addresses
-    ]
+    nodes = [node_sync(client, h, p) for h, p in addresses]
     try:
         yield nodes
     finally:

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from controlplane.errors import ClusterExists, ClusterNotFound
-from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import ClusterConfig, ClusterStatus, KernelLoad
-from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord, LoadRecord, parse_counters
+from controlplane.protocol.records import AgentRecord, ClusterRecord, KernelRecord, LoadRecord
 from controlplane.redis import portable
 from controlplane.redis.connect import AsyncPipeline
 from controlplane.redis.errors import amap_redis_errors
@@ -113,10 +112,7 @@ class State:
         (`stats.totals`), DISPATCHES and ERRORS among them."""
         async with amap_redis_errors():
             read = await jobs.read_stats(self.keys, name).run(self.redis)
-        return stats.totals(
-            parse_counters(read.cluster, self.keys.cluster_stats(name)),
-            (parse_counters(h, self.keys.kernel_stats(name, k)) for k, h in read.kernels.items()),
-        )
+        return read.totals(self.keys, name)
 
     # ------------------------------------------------------------ kernels
     async def kernels(self, cluster: str) -> list[KernelRecord]:

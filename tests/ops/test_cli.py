@@ -274,6 +274,10 @@ CASES = [
     case("bus", "tail", "events", "--last", "-1", code=EXIT_BAD_INPUT, says=">= 0"),
     case("bus", "stats", says="SUBSCRIBERS"),
     case("bus", code=EXIT_BAD_INPUT, says="required"),
+    # slots: a single Redis has none (the Redis Cluster side: tests/ops/test_cli_slots.py)
+    case("slots", code=EXIT_BAD_INPUT, says="there are no slots to spread"),
+    case("slots", "balance", "--dry-run", code=EXIT_BAD_INPUT, says="there are no slots to spread"),
+    case("slots", "balance", "--ratio", "0.5", code=EXIT_BAD_INPUT, says="expected a ratio >= 1"),
     # acl, and the daemons' bad input (they never start)
     case("acl", "--agent", "a1", says="ACL SETUSER"),
     case("acl", "--format", "ldif", code=EXIT_BAD_INPUT, says="invalid choice"),

@@ -7,6 +7,7 @@
     kcp dispatch CLUSTER '{"type": "PING"}' [--kernel worker-1]
     kcp metrics CLUSTER | status | top | demo
     kcp bus publish TOPIC JSON [--to KERNEL] | tail TOPIC|inbox:KERNEL|dead | stats
+    kcp slots [balance [--dry-run] [--ratio 1.25] | move CLUSTER --to MASTER]   on a Redis Cluster
     kcp serve --metrics-port 9464   ... with Prometheus /metrics
     kcp mcp [--transport http]      the cluster tools for AI assistants (Model Context Protocol)
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_dispatch_arguments,
         add_metrics_arguments,
     )
+    from controlplane.ops.cli.slots import add_arguments as add_slots_arguments
     from controlplane.ops.cli.top import add_top_arguments
     from kernel_agent.agent.main import add_arguments as add_agent_arguments
 
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_top_arguments(add("top", help="live view of clusters, kernels and events (refreshes in place)"))
     add("demo", help="a real local stack, a cluster, a few hundred dispatches, scaling")
     add_bus_arguments(add("bus", help="inter-kernel bus: publish, tail a stream, stats"), common)
+    add_slots_arguments(
+        add("slots", help="Redis Cluster: kcp clusters per master; balance them over the masters"), common
+    )
     add_acl_arguments(add("acl", help="Redis ACL users for the service, clients and each agent"))
     from controlplane.ops.mcp import add_arguments as add_mcp_arguments
 
@@ -302,6 +307,10 @@ def _command(args: argparse.Namespace) -> int:
         from controlplane.ops.cli.bus import run as run_bus
 
         return run_bus(args)
+    if args.command == "slots":
+        from controlplane.ops.cli.slots import run as run_slots
+
+        return run_slots(args)
     if args.command == "mcp":
         from controlplane.ops.mcp import run as run_mcp
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from controlplane.protocol import stats
 from controlplane.protocol.keys import Keys
+from controlplane.protocol.records import parse_counters
 from controlplane.redis.channel import Command
 from controlplane.redis.lua import Script
 from controlplane.redis.scripts.call import Arg, Call
@@ -261,6 +263,14 @@ class StatsRead:
 
     cluster: Mapping[str, str]
     kernels: Mapping[str, Mapping[str, str]]
+
+    def totals(self, keys: Keys, cluster: str) -> dict[str, float]:
+        """The cluster's counters (`stats.totals`: its events, its kernels' dispatch counters
+        summed, DISPATCHES and ERRORS among them); a malformed field is logged and skipped."""
+        return stats.totals(
+            parse_counters(self.cluster, keys.cluster_stats(cluster)),
+            (parse_counters(h, keys.kernel_stats(cluster, k)) for k, h in self.kernels.items()),
+        )
 
 
 def read_stats(keys: Keys, cluster: str) -> Call[StatsRead]:
