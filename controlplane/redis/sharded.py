@@ -61,6 +61,11 @@ class ShardedSubscriber:
         """Subscribe to `channel` on the master of its slot; True once Redis confirmed it (at
         once when it is already), False when that could not be done now (the master is down,
         the slot moved, or it failed less than `BACKOFF_SECONDS` ago)."""
+        if not self._cluster.nodes_manager.slots_cache:
+            try:
+                await self._cluster.initialize()  # a new client reads its slot table at first use
+            except (OSError, aioredis.RedisError):
+                return False
         name = self._master_of(channel)
         if name is None:
             return False
