@@ -18,11 +18,11 @@ from controlplane.protocol.keys import Keys
 from controlplane.redis.channel import Channel
 from controlplane.redis.cluster_channel import ClusterChannel, first_key
 from controlplane.redis.connect import AsyncRedisCluster, connect
-from controlplane.redis.sharded import ShardedSubscriber
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.lua import Script
 from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.call import Call, preloading
+from controlplane.redis.sharded import ShardedSubscriber
 
 pytestmark = [pytest.mark.redis_cluster, pytest.mark.timeout(60)]
 
