@@ -46,7 +46,8 @@ async def _finish_one(r: AsyncRedisCluster, cluster: str, job_id: str, reply: st
         now = int(time.time() * 1000)
         payload = encode_job({"type": "PING"}, job_try=1, enqueue_ms=now)
         enqueue = jobs.enqueue(
-            KEYS, cluster, "k0", job_id=job_id, payload=payload, reply_key=reply, now_ms=now, deadline_ms=now + 10_000, ttl_ms=60_000, strategy="random",
+            KEYS, cluster, "k0", job_id=job_id, payload=payload, reply_key=reply,
+            now_ms=now, deadline_ms=now + 10_000, ttl_ms=60_000, strategy="random",
         )  # fmt: skip
         assert isinstance(await enqueue.run(channel), jobs.Enqueued)
         assert isinstance(await jobs.claim(KEYS, cluster, "k0", epoch=1).run(channel), jobs.Claimed)
