@@ -56,6 +56,7 @@ class ShardedSubscriber:
         self._on_message = on_message
         self._nodes: dict[str, _Node] = {}
         self._failed: dict[str, float] = {}  # master -> when it last refused or dropped us
+        self._opening = asyncio.Lock()
 
     async def subscribe(self, channel: str) -> bool:
         """Subscribe to `channel` on the master of its slot; True once Redis confirmed it (at
@@ -75,13 +76,14 @@ class ShardedSubscriber:
         if time.monotonic() - self._failed.get(name, -BACKOFF_SECONDS) < BACKOFF_SECONDS:
             return False
         try:
-            if node is None:
-                node = await self._open(name)
-            confirmed = node.pending.get(channel)
-            if confirmed is None:
-                confirmed = node.pending[channel] = asyncio.get_running_loop().create_future()
-                await node.connection.send_command("SSUBSCRIBE", channel)
-            return await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_SECONDS)
+            async with asyncio.timeout(CONFIRM_SECONDS):
+                async with self._opening:  # concurrent first calls open one connection
+                    node = self._nodes.get(name) or await self._open(name)
+                confirmed = node.pending.get(channel)
+                if confirmed is None:
+                    confirmed = node.pending[channel] = asyncio.get_running_loop().create_future()
+                    await node.connection.send_command("SSUBSCRIBE", channel)
+                return await asyncio.shield(confirmed)
         except (TimeoutError, OSError, aioredis.RedisError) as exc:
             logger.debug("no subscription to %s on %s: %s", channel, name, exc)
             self._failed[name] = time.monotonic()
