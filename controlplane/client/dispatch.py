@@ -6,9 +6,12 @@ the job), one doorbell (`reply:{client_id}:bell`, a ZSET in the client's slot) a
 task that blocks on the bell and resolves the future of each job id: no polling, and one
 blocking connection per client whatever the number of clusters and wherever their slots live.
 A kernel that delivered a result adds the reply itself to the bell (finish.lua does on one
-Redis; on a Redis Cluster the kernel does once finish.lua replied), so the listener wakes with
-it in hand; the list keeps the reply's copy until the listener takes from it, once every
-`DRAIN_AFTER` replies of that cluster or at the next sweep. Whoever else pushes to a list (the
+Redis), so the listener wakes with it in hand; the list keeps the reply's copy until the listener
+takes from it, once every `DRAIN_AFTER` replies of that cluster or at the next sweep. On a Redis
+Cluster the bell is usually on another node than the job: there the client subscribes to each
+reply list's shard channel (`SSUBSCRIBE`, one connection per master, `ShardedSubscriber`) before
+its first job there, finish.lua publishes the reply on it, and only when no subscriber got it
+does the kernel add the reply to the bell, once finish.lua replied. Whoever else pushes to a list (the
 reconciler failing the jobs of a removed kernel, a rebind) rings the bell with the cluster's
 name instead: the listener then takes from that list. The bell is a hint: the listener also
 sweeps (takes from) every cluster it waits on at each idle timeout and every `SWEEP_SECONDS`,
@@ -44,11 +47,12 @@ from controlplane.protocol.models import NAME_PATTERN, KernelLoad, KernelState
 from controlplane.protocol.records import KernelRecord
 from controlplane.protocol.requests import SyscallRequest
 from controlplane.redis import portable
-from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis
+from controlplane.redis.connect import BLOCK_GRACE_SECONDS, MAX_BLOCK_SECONDS, AsyncRedis, AsyncRedisCluster
 from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.retry import Backoff, best_effort, periodically
 from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.call import Call, preloading
+from controlplane.redis.sharded import ShardedSubscriber
 from controlplane.redis.state import State, now_ms
 
 logger = logging.getLogger(__name__)
@@ -99,6 +103,12 @@ class Dispatcher:
         #: cluster -> replies delivered off the bell whose copies its list holds (till a take there)
         self._copies: dict[str, int] = {}
         self._swept = time.monotonic()
+        #: on a Redis Cluster, the reply lists' shard channels, where finish.lua publishes
+        self._shards = (
+            ShardedSubscriber(redis, lambda _, reply: self._expressed(reply))
+            if isinstance(redis, AsyncRedisCluster)
+            else None
+        )
 
     def reply_key(self, cluster: str) -> str:
         """This client's reply list of `cluster`, for a job enqueued or deferred there (its
@@ -121,6 +131,8 @@ class Dispatcher:
             if not fut.done():
                 fut.cancel()
         await self._replies.aclose()
+        if self._shards is not None:
+            await self._shards.aclose()
         # one DEL per cluster: its lists share its slot, the bell is in ours
         lists = [
             ("DEL", self.keys.reply(c, self.client_id), self.keys.reply_taken(c, self.client_id))
@@ -154,6 +166,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outcome] = loop.create_future()
         self._waiting[job_id] = fut
+        reply_key = self.reply_key(plan.cluster)
+        if self._shards is not None:  # one round trip before a cluster's first job, else none
+            await self._shards.subscribe(reply_key)  # not subscribed: the bell brings the result
         try:
             placed = await routing.enqueue(
                 self.channel,
@@ -161,7 +176,7 @@ class Dispatcher:
                 plan,
                 job_id=job_id,
                 payload=payload,
-                reply_key=self.reply_key(plan.cluster),
+                reply_key=reply_key,
                 now_ms=now,
                 deadline_ms=now + int(wait_s * 1000),
                 ttl_ms=int(wait_s * 1000) + JOB_TTL_EXTRA_MS,

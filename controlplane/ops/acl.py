@@ -121,7 +121,9 @@ def client_rules(k: Keys) -> list[str]:
     keys += _rw(k.load("*", "*", "*"))
     keys += _ro(k.agents(), k.agent("*"), k.heartbeats(), k.reliability())
     keys += _ro(k.lapsed_agents(), k.lapsed_kernels())  # `kcp status`/`top` list lost agents and kernels
-    return ["resetkeys", *keys, "resetchannels", f"&{k.notify()}", *BASE_COMMANDS]
+    # its reply lists' shard channels (on a Redis Cluster finish.lua publishes results there)
+    channels = [f"&{k.notify()}", f"&{k.reply_pattern()}"]
+    return ["resetkeys", *keys, "resetchannels", *channels, *BASE_COMMANDS]
 
 
 def agent_rules(k: Keys, agent: str) -> list[str]:
@@ -151,6 +153,7 @@ def agent_rules(k: Keys, agent: str) -> list[str]:
         *_shared_kernel_side(k),
         "resetchannels",
         f"&{k.notify()}",
+        f"&{k.reply_pattern()}",  # finish.lua SPUBLISHes results on the reply lists' shard channels
         *BASE_COMMANDS,
         *selectors,
     ]

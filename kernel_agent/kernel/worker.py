@@ -77,7 +77,8 @@ DEFERRED_TTL_EXTRA_MS = 3_600_000
 class Finish(NamedTuple):
     """A finished job: its id, its finish.lua call (defer.lua for a job an arq `Retry` defers),
     and what tells its client: `express`, the commands that add the reply to the client's bell
-    once the call delivered it (on a Redis Cluster; on one Redis finish.lua adds it itself), and
+    once the call delivered it and no subscriber got it from the call (on a Redis Cluster; on one
+    Redis finish.lua adds it itself), and
     `ring`, those that ring the bell with the cluster's name when a call sent again after an
     outage was rejected (it may have been delivered before the outage, its bell write lost).
     Both are empty without a bell."""
@@ -123,9 +124,11 @@ class KernelProcess(Service):
         self._draining = asyncio.Event()
         self._superseded = False  # a newer incarnation owns our name: stop without touching its work
         #: on one Redis the client's bell is on the node of the job: finish.lua adds the reply to
-        #: it. On a Redis Cluster it may live on another node: the reply is added once finish.lua
-        #: delivered it (not beside it: a result finish.lua rejects must not reach the client), on
-        #: a channel of its own (the worker's channel to that node may be blocked in its pop)
+        #: it. On a Redis Cluster it may live on another node: finish.lua publishes the reply on
+        #: the reply list's shard channel, where the client subscribes, and when no subscriber got
+        #: it the reply goes to the bell once finish.lua delivered it (not beside it: a result
+        #: finish.lua rejects must not reach the client), on a channel of its own (the worker's
+        #: channel to that node may be blocked in its pop)
         self._bell_inside = not isinstance(redis, AsyncRedisCluster)
         self._ringer: Channel | None = None  # made at the first reply it adds
         self.queue_key = keys.queue(cluster, name)
@@ -225,7 +228,8 @@ class KernelProcess(Service):
         the jobs whose claim was lost with the connection."""
         while self._undelivered:
             finish = self._undelivered[-1]
-            tell = finish.express if await finish.call.run(self.channel) else finish.ring
+            delivered = await finish.call.run(self.channel)
+            tell = finish.ring if not delivered else _unheard(finish, delivered)
             if tell:  # best effort: an error reply is returned
                 await self.channel.execute_many(tell)
             self._undelivered.pop()
@@ -438,6 +442,7 @@ class KernelProcess(Service):
             ),
             keep_ms=keep_ms,
             bell=self.keys.reply_bell_for(claimed.reply) if self._bell_inside else None,
+            publish=not self._bell_inside,
         )
         self.load.finished(latency_ms, failed=bool(error_type), queued=getattr(claimed, "queued", 0))
         self._busy += 1  # until `_delivered` has finish.lua's reply
@@ -482,13 +487,13 @@ class KernelProcess(Service):
             self._busy -= 1
         if not delivered:
             logger.info("result of job %s rejected (fenced: the job moved or was cancelled)", finish.job_id)
-        elif finish.express:
+        elif express := _unheard(finish, delivered):
             if self._ringer is None:
                 self._ringer = preloading(self.redis)
             # not waited for (the next job need not wait a round trip to another node), best
             # effort: a lost one only delays the reply (the client takes the list's copy)
             async with best_effort():
-                for sent in await self._ringer.send(finish.express):
+                for sent in await self._ringer.send(express):
                     sent.add_done_callback(_forget)
 
 
@@ -499,6 +504,11 @@ def _now_ms() -> int:
 def _empty(claimed: jobs.Claimed | jobs.NotClaimed) -> bool:
     """Whether claim.lua found nothing to take (with or without the cluster's version)."""
     return isinstance(claimed, jobs.NotClaimed) and claimed.status is jobs.Skip.EMPTY
+
+
+def _unheard(finish: Finish, delivered: int) -> tuple[Command, ...]:
+    """What adds `finish`'s delivered reply to its client's bell: nothing when a subscriber got it."""
+    return () if delivered == jobs.PUBLISHED else finish.express
 
 
 def _forget(reply: asyncio.Future[Any]) -> None:

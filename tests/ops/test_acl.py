@@ -140,6 +140,11 @@ def test_agent_a_gets_noperm_on_agent_b_keys(acl_server: tuple[RedisServerProces
         # its kernels push results to any client's reply list of a cluster and ring its bell
         a1.rpush(KEYS.reply("c", "client-1"), "r")
         a1.zadd(KEYS.reply_bell("client-1"), {"c": 1})
+        # ... and publish results on the reply lists' shard channels, where clients subscribe
+        a1.execute_command("SPUBLISH", KEYS.reply("c", "client-1"), "r")
+        with redis.Redis.from_url(server.url, decode_responses=True) as admin:
+            dryrun = ("ACL", "DRYRUN", "kcp-client", "SSUBSCRIBE", KEYS.reply("c", "client-1"))
+            assert admin.execute_command(*dryrun) == "OK"
         # agent B's load record, lease, running kernels, record, wake list and assignment: refused
         assert _denied(lambda: a1.hset(KEYS.agent_running("a2"), "c/worker-0", "1"))
         assert _denied(lambda: a1.delete(KEYS.agent_running("a2")))

@@ -22,6 +22,7 @@ from controlplane.redis.errors import amap_redis_errors
 from controlplane.redis.lua import Script
 from controlplane.redis.scripts import jobs
 from controlplane.redis.scripts.call import Call, preloading
+from controlplane.redis.sharded import ShardedSubscriber
 
 pytestmark = [pytest.mark.redis_cluster, pytest.mark.timeout(60)]
 
@@ -309,12 +310,14 @@ async def test_tryagain_is_retried_briefly_then_a_transient_typed_error(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("subscribed", [True, False], ids=["subscribed", "bell"])
 async def test_a_kernel_serves_jobs_over_its_cluster_channel(
-    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str, subscribed: bool
 ) -> None:
-    """A real `KernelProcess` on the cluster client: start, claims behind blocking pops, results
-    (the reply list is put in the kcp cluster's slot: finish.lua's reply key in another slot is
-    the reply path's work, not the transport's), drain; its channels reach that master only."""
+    """A real `KernelProcess` on the cluster client: start, claims behind blocking pops, results,
+    drain; its channel reaches that master only. Each result is published on the reply list's
+    shard channel: a client subscribed there gets it and the bell (in the client's slot) is left
+    alone; with nobody subscribed the kernel adds the result to the bell."""
     from controlplane.protocol.jobs import encode_job
     from controlplane.protocol.models import ClusterConfig
     from controlplane.protocol.records import ClusterRecord, KernelRecord
@@ -333,8 +336,12 @@ async def test_a_kernel_serves_jobs_over_its_cluster_channel(
     await r.hset(keys.kernel(cluster, "k0"), mapping={**fields, "syscalls": "PING", "capabilities": ""})
     await r.sadd(keys.cluster_kernels(cluster), "k0")
     process = KernelProcess(own, keys, cluster=cluster, name="k0", agent="a", registry=builtin_registry())
+    heard: list[str] = []
+    shards = ShardedSubscriber(r, lambda _, message: heard.append(json.loads(message)["id"]))
     task = asyncio.create_task(process.run())
     try:
+        if subscribed:
+            assert await shards.subscribe(reply), "subscribed on the master of the reply list's slot"
         assert isinstance(process.channel, ClusterChannel)
         deadline = time.monotonic() + 10
         while await r.hget(keys.kernel(cluster, "k0"), "state") != "running":
@@ -353,9 +360,11 @@ async def test_a_kernel_serves_jobs_over_its_cluster_channel(
         # the kernel's channel holds its cluster's master only (it adds each reply to the bell, in
         # another slot, on a channel of its own after finish.lua replied)
         assert set(process.channel._nodes) == {f"{home.host}:{home.port}"}
-        on_bell = await r.zrange(keys.reply_bell("client-1"), 0, -1)
-        assert sorted(json.loads(m)["id"] for m in on_bell) == [f"j{n}" for n in range(5)]
+        on_bell = sorted(json.loads(m)["id"] for m in await r.zrange(keys.reply_bell("client-1"), 0, -1))
+        done = [f"j{n}" for n in range(5)]
+        assert (heard, on_bell) == ((done, []) if subscribed else ([], done))
     finally:
+        await shards.aclose()
         process.drain()
         await asyncio.wait_for(task, 20)
         await channel.aclose()

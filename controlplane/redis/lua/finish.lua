@@ -25,13 +25,16 @@
 -- ARGV[7] reply list TTL, ms (set when the push creates the list or finds 64 or more waiting)
 -- ARGV[8] how long KEYS[6] keeps the result, ms (0 or KEYS[6] missing: not kept)
 -- ARGV[9] queue wait, whole ms: enqueue to claim (optional; added to queue_ms_sum)
--- ARGV[10..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
+-- ARGV[10] 1: also SPUBLISH the reply on the shard channel named as KEYS[3] (in its slot: on a
+--         Redis Cluster, a client subscribed there gets it at once, controlplane/redis/sharded.py)
+-- ARGV[11..] histogram bucket fields to increment by 1, e.g. latency_le_0.005 queue_le_0.001
 --         (optional; one non-cumulative bucket per histogram, see controlplane/stats.py)
 -- The job is counted by the strategy that routed it (the job's `strategy` field, '|' replaced by
--- '_') together with its buckets, in one field 'dispatches:<strategy>|<ARGV[10]>|...', and when it
+-- '_') together with its buckets, in one field 'dispatches:<strategy>|<ARGV[11]>|...', and when it
 -- failed in errors:<strategy>; readers split the first into dispatches:<strategy> and the bucket
 -- fields and sum those into dispatches and errors (controlplane/protocol/stats.py derive).
--- Returns 1 when delivered, 0 when rejected (job gone or owned by someone else). A job that is
+-- Returns 1 when delivered, 2 when delivered and published to a subscriber (ARGV[10]), 0 when
+-- rejected (job gone or owned by someone else). A job that is
 -- gone (cancelled or expired while it ran) leaves the caller's inflight set too: cancel.lua
 -- cleaned the sets of the kernel the job was sent to, and a stolen job ran elsewhere.
 --
@@ -58,6 +61,11 @@ if KEYS[7] then
     redis.call('ZADD', KEYS[7], 0, ARGV[4])
     redis.call('PEXPIRE', KEYS[7], ARGV[7])
 end
+local heard = 0
+if ARGV[10] == '1' then
+    -- pcall: a server without sharded pub/sub (Redis < 7) delivers through the bell instead
+    heard = tonumber(redis.pcall('SPUBLISH', KEYS[3], ARGV[4])) or 0
+end
 local keep = tonumber(ARGV[8]) or 0
 if KEYS[6] and keep > 0 then
     redis.call('SET', KEYS[6], ARGV[4], 'PX', math.floor(keep))
@@ -74,7 +82,7 @@ end
 -- (readers split it: protocol/stats.py derive), so a job costs one HINCRBY for all three
 local strategy = string.gsub(f[3] or 'unknown', '|', '_')
 local counter = {'dispatches:' .. strategy}
-for j = 10, #ARGV do
+for j = 11, #ARGV do
     counter[#counter + 1] = ARGV[j]
 end
 redis.call('HINCRBY', stats, table.concat(counter, '|'), 1)
@@ -85,5 +93,8 @@ redis.call('HINCRBYFLOAT', stats, 'latency_ms_sum', ARGV[6])
 local queue_ms = tonumber(ARGV[9]) or 0
 if queue_ms ~= 0 then
     redis.call('HINCRBY', stats, 'queue_ms_sum', queue_ms)
+end
+if heard > 0 then
+    return 2
 end
 return 1

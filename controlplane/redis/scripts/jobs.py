@@ -218,6 +218,11 @@ def _claimed(reply: Any) -> Claimed | NotClaimed:
 
 
 # ---------------------------------------------------------------- finish, cancel
+#: What finish.lua gives for a result delivered to its reply list, and for one also published
+#: to a subscriber of that list's shard channel.
+DELIVERED, PUBLISHED = 1, 2
+
+
 def finish(
     keys: Keys,
     cluster: str,
@@ -234,12 +239,15 @@ def finish(
     buckets: Sequence[str] = (),
     keep_ms: int = 0,
     bell: str | None = None,
-) -> Call[bool]:
-    """finish.lua: deliver `message` to `reply_key`; True when delivered, False when rejected
-    (the job is gone or belongs to someone else). `bell` (the client's, `Keys.reply_bell_for`;
-    on one Redis only, it is in the client's slot): add the reply to it in the same call, else
-    `express` it once delivered. `buckets`: histogram fields to count, which need `queue_ms`.
-    `keep_ms` > 0 (arq jobs) also keeps the result at `Keys.job_result` for that long."""
+    publish: bool = False,
+) -> Call[int]:
+    """finish.lua: deliver `message` to `reply_key`; `DELIVERED` (`PUBLISHED` when `publish`ed
+    to a subscriber too), or 0 when rejected (the job is gone or belongs to someone else).
+    `bell` (the client's, `Keys.reply_bell_for`; on one Redis only, it is in the client's slot):
+    add the reply to it in the same call, else `express` it once delivered (unless published).
+    `publish` (on a Redis Cluster): also SPUBLISH it on the shard channel named as `reply_key`.
+    `buckets`: histogram fields to count, which need `queue_ms`. `keep_ms` > 0 (arq jobs) also
+    keeps the result at `Keys.job_result` for that long."""
     klist = [
         keys.job(cluster, job_id),
         keys.inflight(cluster, kernel),
@@ -252,9 +260,9 @@ def finish(
         klist.append(keys.job_result(cluster, job_id))  # written only when keep_ms > 0
     if bell is not None:
         klist.append(bell)
-    if queue_ms is not None:
-        argv += [queue_ms, *buckets]
-    return Call(FINISH, klist, argv, _flag)
+    if queue_ms is not None or publish:
+        argv += [queue_ms or 0, 1 if publish else 0, *buckets]
+    return Call(FINISH, klist, argv, int)
 
 
 @dataclass(frozen=True, slots=True)
