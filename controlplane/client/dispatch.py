@@ -59,8 +59,10 @@ logger = logging.getLogger(__name__)
 
 #: Replies the listener takes per take (one cluster's list), and pops off its bell per pop, at most.
 REPLY_BATCH = 512
-#: How many replies of one cluster the listener has off its bell before it takes their copies
-#: off that cluster's list (else at the next sweep).
+#: How many replies of one cluster the listener has off its bell (or its shard channel) before
+#: it takes their copies off that cluster's list, at its next step (else at the next sweep; on a
+#: Redis Cluster, where results come by shard channel while it blocks, its next step may be the
+#: bell pop's idle timeout).
 DRAIN_AFTER = 256
 #: How often the listener takes from every cluster it waits on, whatever its bell says, seconds
 #: (and at each idle timeout of its bell pop): a reply whose ring was lost waits no longer.
