@@ -273,6 +273,7 @@ async def test_balance_moves_kcp_clusters_live_while_clients_dispatch(
             assert sorted(len(m.clusters) for m in result.before.masters) == [0, 0, 6]
             assert result.moves and result.reached, result
             assert result.after.spread < result.before.spread
+            await asyncio.to_thread(restored.wait_ok)  # every node agrees on the new owners
             for move in result.moves:
                 (name,) = move.clusters
                 assert restored.master_of_key(KEYS.cluster(name)).url.endswith(f"{move.target}/0")
@@ -323,6 +324,7 @@ async def test_kcp_slots_shows_plans_balances_and_moves_one(
     code, out, _ = _kcp(capsys, redis_cluster_url, "--json", "slots", "balance", "--window", "0")
     done = json.loads(out)
     assert code == 0 and done["reached"] and done["spread_after"] == 1.0 and len(done["moves"]) == 4
+    restored.wait_ok()  # every node agrees on the new owners (replicas learn them by gossip)
     for move in done["moves"]:
         (name,) = move["clusters"]
         assert restored.master_of_key(KEYS.cluster(name)).url.endswith(f"{move['to']}/0")
@@ -331,6 +333,7 @@ async def test_kcp_slots_shows_plans_balances_and_moves_one(
 
     code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "move", names[0], "--to", home)
     assert code == 0 and out.startswith(f"moved slot {slot_of(KEYS.cluster(names[0]))} ({names[0]})")
+    restored.wait_ok()
     assert restored.master_of_key(KEYS.cluster(names[0])).port == restored.masters()[0].port
     code, out, _ = _kcp(capsys, redis_cluster_url, "slots", "move", names[0], "--to", home)
     assert code == 0 and "already" in out

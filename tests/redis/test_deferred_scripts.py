@@ -198,7 +198,7 @@ async def test_finish_keeps_an_arq_result_when_asked(r: AsyncRedis, keep_ms: int
         buckets=("latency_le_0.005",),
         keep_ms=keep_ms,
     )
-    assert await call.run(r) is True
+    assert await call.run(r) == jobs.DELIVERED
     assert await r.lrange(REPLY, 0, -1) == ["the result"]
     assert await r.get(KEYS.job_result(C, "j1")) == ("the result" if keep_ms else None)
     if keep_ms:
