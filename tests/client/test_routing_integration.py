@@ -203,7 +203,8 @@ async def test_primary_failure_falls_back_and_retries_run_out(stack: ProcessStac
         assert (pf.metrics.retries, pf.metrics.failovers) == (1, 1)
         assert result.attempts == 2  # the failed one counts
 
-        profile(path, worker_0={"stuck_ms": 5000, "stuck_until": 2e9})  # primary hangs: a timeout
+        # the primary hangs (a timeout); its job ends soon after, so the stack's drain is quick
+        profile(path, worker_0={"stuck_ms": 1500, "stuck_until": 2e9})
         await asyncio.sleep(0.2)
         pf = engine(RoutingStrategy.PRIMARY_FALLBACK, timeout_ms=500, retry_count=2)
         result = await kcp.dispatch("r", SIM, engine=pf)
@@ -218,7 +219,7 @@ async def test_primary_failure_falls_back_and_retries_run_out(stack: ProcessStac
             await kcp.dispatch("r", SIM, engine=pf)
         assert (pf.metrics.retries, pf.metrics.failed) == (2, 1)
 
-        stuck = {"stuck_ms": 3000, "stuck_until": 2e9}
+        stuck = {"stuck_ms": 1500, "stuck_until": 2e9}  # 5 times the attempt's timeout
         profile(path, worker_0=stuck, worker_1=stuck, worker_2=stuck)
         await asyncio.sleep(0.2)
         rr = engine(RoutingStrategy.ROUND_ROBIN, timeout_ms=300, retry_count=2)

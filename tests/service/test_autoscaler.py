@@ -93,6 +93,7 @@ def test_cluster_load_counts_cpu_and_queue_and_skips_kernels_without_records() -
 
 @pytest.mark.system
 @pytest.mark.timeout(120)
+@pytest.mark.redis_cluster
 async def test_cluster_grows_under_load_and_shrinks_back(
     stack: ProcessStack, redis: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

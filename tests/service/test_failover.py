@@ -141,6 +141,7 @@ async def test_an_assignment_lost_after_the_fenced_write_is_repaired(redis: Asyn
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_a_drain_whose_assignment_was_lost_is_written_again(redis: AsyncRedis) -> None:
     """A leader stopped between a drain's fenced write (the record says draining) and the agent's
     assignment (still run) left a process nothing would stop: the next leader writes the drain."""
@@ -160,6 +161,7 @@ async def test_a_drain_whose_assignment_was_lost_is_written_again(redis: AsyncRe
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 async def test_a_kernel_removed_in_a_pass_is_not_taken_for_a_stray_assignment(
     redis: AsyncRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -269,8 +271,12 @@ async def test_heartbeat_thread_renews_leases_and_stops_when_the_agent_stalls(
         # the beat is Redis's clock as the heartbeat estimates it (its offset taken at the middle
         # of a TIME round trip, on a cluster from another node than this TIME): within a few ms
         assert -5 <= seconds * 1000 + micros / 1000 - lease.beat_ms < 300, "the beat is in Redis's clock"
-        await asyncio.sleep(1.6)  # nobody called touch(): the main loop looks wedged
-        assert not await redis.exists(KEYS.agent_lease("a1")), "a stalled agent lets its lease lapse"
+
+        async def lapsed() -> bool:  # nobody called touch(): the main loop looks wedged
+            return not await redis.exists(KEYS.agent_lease("a1"))
+
+        # stalled 1 s after the start, the lease renewed last then lapses 0.5 s later
+        await wait_for(lapsed, 2.0, "a stalled agent to let its lease lapse")
     finally:
         await asyncio.to_thread(beat.stop)
 
@@ -302,6 +308,7 @@ async def test_agent_starts_a_replaced_kernel_afresh(redis: AsyncRedis, redis_ur
 
 @pytest.mark.system
 @pytest.mark.timeout(90)
+@pytest.mark.redis_cluster
 async def test_request_that_kills_every_kernel_ends_in_a_clear_error(
     stack: ProcessStack, redis: AsyncRedis, redis_url: str
 ) -> None:
@@ -327,6 +334,7 @@ async def test_request_that_kills_every_kernel_ends_in_a_clear_error(
 
 @pytest.mark.system
 @pytest.mark.timeout(90)
+@pytest.mark.redis_cluster
 async def test_kernel_down_longer_than_its_lease_is_replaced_and_its_jobs_move(
     stack: ProcessStack, redis: AsyncRedis, redis_url: str
 ) -> None:
@@ -343,9 +351,13 @@ async def test_kernel_down_longer_than_its_lease_is_replaced_and_its_jobs_move(
         await kcp.create_cluster("flaky", 2)
         # each crash doubles the agent's restart delay (0.2 s, 0.4 s, ...): once it exceeds the
         # lease, the leader declares the kernel dead before the agent brings it back
+        lease_ttl = float(stack.ENV["KCP_LEASE_TTL"])
         gone = 0
         for crash in range(8):
-            await asyncio.sleep(1.5)  # past the start-up grace of the kernel lease
+            # the back-off this crash starts (0.2 s doubling): while it is shorter than the lease
+            # the kernel is back before it could be declared dead, so it is killed again at once
+            if 0.2 * 2**crash > lease_ttl:
+                await asyncio.sleep(lease_ttl)  # past the start-up grace of the kernel lease
             victim = (await kcp.get_cluster("flaky")).kernels[0]
             os.kill(victim.pid, signal.SIGKILL)
             try:
@@ -372,6 +384,8 @@ async def test_kernel_down_longer_than_its_lease_is_replaced_and_its_jobs_move(
 
 @pytest.mark.system
 @pytest.mark.timeout(120)
+# single Redis only, for `make test`'s budget (10 s): on the cluster run, the fenced writes and
+# the next leader's repair are the integration tests above (each write one script in its slot)
 async def test_leader_killed_mid_reconcile_leaves_no_half_placed_kernel(
     stack: ProcessStack, redis: AsyncRedis, redis_url: str
 ) -> None:

@@ -40,10 +40,18 @@ async def _calls(redis: AsyncRedis) -> int:
     return sum(int(v["calls"]) for v in info.values())
 
 
-async def _fleet(redis: AsyncRedis, agents: int, clusters: int, size: int) -> tuple[Reconciler, State]:
+#: No sweep slice in the way of the command counts.
+SETTINGS = Settings(full_sweep_interval=3600)
+#: The same with short leases: a kernel's death and a new leader's blind window (lease TTL plus
+#: heartbeat) take 0.5 s, not 2 s. The agents' leases are written to last a minute either way.
+SHORT_LEASES = Settings(full_sweep_interval=3600, heartbeat_interval=0.1, lease_ttl=0.4)
+
+
+async def _fleet(
+    redis: AsyncRedis, agents: int, clusters: int, size: int, settings: Settings = SETTINGS
+) -> tuple[Reconciler, State]:
     """`agents` registered agents and `clusters` clusters of `size`, placed and running (the
     kernels' starts done by hand, as kernel_start.lua would, with their processes listed)."""
-    settings = Settings(full_sweep_interval=3600)  # no sweep slice in the way of the count
     state = State(redis, KEYS)
     lease = LeaderLease(redis, KEYS, ttl=30)
     assert await lease.acquire()
@@ -111,7 +119,7 @@ async def test_a_pass_is_bounded_and_the_rest_waits_for_the_next(
 @pytest.mark.timeout(60)
 @pytest.mark.redis_cluster
 async def test_changes_bring_clusters_back_into_view(redis: AsyncRedis) -> None:
-    reconciler, state = await _fleet(redis, agents=3, clusters=3, size=2)
+    reconciler, state = await _fleet(redis, agents=3, clusters=3, size=2, settings=SHORT_LEASES)
     await reconciler.reconcile_all()
     assert reconciler.reconciled == 0
 
@@ -143,7 +151,7 @@ async def test_changes_bring_clusters_back_into_view(redis: AsyncRedis) -> None:
 async def test_a_kernel_death_is_confirmed_from_the_agents_record(redis: AsyncRedis) -> None:
     """The leader's copy of a running record follows the agent's beats; a kernel listed again
     before the next beat (a slow beat, a restart) must not be declared dead on the old copy."""
-    reconciler, state = await _fleet(redis, agents=2, clusters=1, size=2)
+    reconciler, state = await _fleet(redis, agents=2, clusters=1, size=2, settings=SHORT_LEASES)
     victim = (await state.kernels("c0"))[0]
     ref = f"c0/{victim.name}"
     await redis.hdel(KEYS.agent_running(victim.agent), ref)

@@ -36,7 +36,8 @@ async def agent(redis: AsyncRedis, name: str, *, alive: bool, draining: bool = F
 async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
     redis: AsyncRedis, redis_url: str
 ) -> None:
-    settings = Settings(redis_url=redis_url, down_retention=60)
+    # short leases (a blind window of 0.5 s, not 2 s): both agents' last beats are 4 s old
+    settings = Settings(redis_url=redis_url, down_retention=60, heartbeat_interval=0.1, lease_ttl=0.4)
     state = State(redis, KEYS)
     lease = LeaderLease(redis, KEYS, ttl=10)
     assert await lease.acquire()
