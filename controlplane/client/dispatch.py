@@ -60,9 +60,7 @@ logger = logging.getLogger(__name__)
 #: Replies the listener takes per take (one cluster's list), and pops off its bell per pop, at most.
 REPLY_BATCH = 512
 #: How many replies of one cluster the listener has off its bell (or its shard channel) before
-#: it takes their copies off that cluster's list, at its next step (else at the next sweep; on a
-#: Redis Cluster, where results come by shard channel while it blocks, its next step may be the
-#: bell pop's idle timeout).
+#: it takes their copies off that cluster's list (else at the next sweep).
 DRAIN_AFTER = 256
 #: How often the listener takes from every cluster it waits on, whatever its bell says, seconds
 #: (and at each idle timeout of its bell pop): a reply whose ring was lost waits no longer.
@@ -105,9 +103,10 @@ class Dispatcher:
         #: cluster -> replies delivered off the bell whose copies its list holds (till a take there)
         self._copies: dict[str, int] = {}
         self._swept = time.monotonic()
+        self._rings: set[asyncio.Task[Any]] = set()  # rings of our own bell, in flight
         #: on a Redis Cluster, the reply lists' shard channels, where finish.lua publishes
         self._shards = (
-            ShardedSubscriber(redis, lambda _, reply: self._expressed(reply))
+            ShardedSubscriber(redis, lambda _, reply: self._published(reply))
             if isinstance(redis, AsyncRedisCluster)
             else None
         )
@@ -379,14 +378,34 @@ class Dispatcher:
             self._unsure.update(self._queued)
         await self._replies.reset("reply listener reconnects")
 
-    def _expressed(self, raw: str) -> None:
-        """Deliver a reply popped off the bell, and count its copy against its cluster's list."""
+    def _expressed(self, raw: str) -> str | None:
+        """Deliver a reply popped off the bell or published, and count its copy against its
+        cluster's list: that cluster once `DRAIN_AFTER` copies wait there (the listener's next
+        step takes them), else None."""
         job_id = self._deliver(raw)
         cluster = self._queued.get(job_id) or self._watched.get(job_id) if job_id else None
+        if cluster is None:
+            return None
+        copies = self._copies[cluster] = self._copies.get(cluster, 0) + 1
+        if copies < DRAIN_AFTER or cluster in self._due:
+            return None
+        self._due.add(cluster)
+        return cluster
+
+    def _published(self, raw: str) -> None:
+        """A reply that came by shard channel. The listener may be blocked on the bell meanwhile:
+        when copies are due to be taken, ring the bell with their cluster's name to wake it."""
+        cluster = self._expressed(raw)
         if cluster is not None:
-            copies = self._copies[cluster] = self._copies.get(cluster, 0) + 1
-            if copies >= DRAIN_AFTER:
-                self._due.add(cluster)
+            commands = jobs.ring(self.keys, cluster, self.reply_key(cluster), now_ms(), ttl_ms=REPLY_TTL_MS)
+            ring = asyncio.create_task(self.channel.execute_many(commands))
+            self._rings.add(ring)
+            ring.add_done_callback(self._rung)
+
+    def _rung(self, ring: asyncio.Task[Any]) -> None:
+        self._rings.discard(ring)
+        if not ring.cancelled() and ring.exception() is not None:  # a lost ring only delays the take
+            logger.debug("ringing our own bell failed: %s", ring.exception())
 
     def _deliver(self, raw: str) -> str | None:
         """Resolve the future of the job `raw` answers (once: a reply delivered off the bell

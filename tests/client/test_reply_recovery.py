@@ -146,6 +146,35 @@ async def test_replies_on_the_bell_are_delivered_and_their_copies_taken_later(
         await client.aclose()
 
 
+async def test_copies_of_published_replies_are_taken_while_the_listener_blocks(
+    redis: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies that come by shard channel (a Redis Cluster) reach the client while its listener
+    blocks on a quiet bell: once `DRAIN_AFTER` copies wait, the client rings its own bell, and
+    the listener takes them well before its pop's idle timeout."""
+    monkeypatch.setattr(dispatch, "DRAIN_AFTER", 3)
+    client = connect(redis_url)
+    dispatcher = Dispatcher(client, KEYS)
+    reply = KEYS.reply("web", dispatcher.client_id)
+    try:
+        futures = [await _waiting(dispatcher, f"p{n}", "web") for n in range(4)]
+        dispatcher._listen_for_replies()
+        await asyncio.sleep(0.2)  # the listener blocks on its bell (5 s)
+        await redis.rpush(reply, *(result(f"p{n}") for n in range(4)))
+        started = time.monotonic()
+        for n in range(4):
+            dispatcher._published(result(f"p{n}"))  # as its shard subscription hands them over
+        assert [o.value for o in await asyncio.wait_for(asyncio.gather(*futures), 1)] == [
+            {"job": f"p{n}"} for n in range(4)
+        ]
+        while await redis.exists(reply):
+            assert time.monotonic() - started < 2, "the copies waited for the pop's idle timeout"
+            await asyncio.sleep(0.02)
+    finally:
+        await dispatcher.stop()
+        await client.aclose()
+
+
 @pytest.mark.parametrize("busy_bell", [False, True], ids=["idle", "other-cluster-ringing"])
 async def test_a_reply_whose_ring_was_lost_is_delivered_by_the_sweep(
     redis: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch, busy_bell: bool
