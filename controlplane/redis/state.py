@@ -117,17 +117,28 @@ class State:
     # ------------------------------------------------------------ kernels
     async def kernels(self, cluster: str) -> list[KernelRecord]:
         """The cluster's kernel records, ordered by index (worker-0 first)."""
+        return (await self.kernels_of([cluster]))[cluster]
+
+    async def kernels_of(self, clusters: Sequence[str]) -> dict[str, list[KernelRecord]]:
+        """`kernels` of each of `clusters`, in two round trips however many they are."""
         async with amap_redis_errors():
-            names = sorted(await self.redis.smembers(self.keys.cluster_kernels(cluster)))
             async with self.redis.pipeline(transaction=False) as pipe:
-                for name in names:
+                for cluster in clusters:
+                    pipe.smembers(self.keys.cluster_kernels(cluster))
+                members = await pipe.execute()
+            refs = [(c, name) for c, names in zip(clusters, members, strict=True) for name in sorted(names)]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cluster, name in refs:
                     pipe.hgetall(self.keys.kernel(cluster, name))
                 rows = await pipe.execute()
-        records = [
-            KernelRecord.from_fields(fields, self.keys.kernel(cluster, name))
-            for name, fields in zip(names, rows, strict=True)
-        ]
-        return sorted((r for r in records if r is not None), key=lambda r: (r.index, r.name))
+        out: dict[str, list[KernelRecord]] = {c: [] for c in clusters}
+        for (cluster, name), fields in zip(refs, rows, strict=True):
+            record = KernelRecord.from_fields(fields, self.keys.kernel(cluster, name))
+            if record is not None:
+                out[cluster].append(record)
+        for records in out.values():
+            records.sort(key=lambda r: (r.index, r.name))
+        return out
 
     async def loads(self, kernels: Sequence[KernelRecord]) -> dict[str, KernelLoad]:
         """Fresh load records of `kernels` by kernel name (expired ones are simply absent)."""

@@ -88,6 +88,9 @@ class FailureDetector:
         self._loaded = False
         self.records: dict[str, AgentRecord] = {}
         self.assignments: dict[str, set[str]] = {}  # agent -> ``cluster/kernel`` assigned to it
+        # the same inverted: cluster -> (agent, ``cluster/kernel``), so a pass that reconciles a few
+        # clusters reads theirs without walking every assignment of the fleet
+        self._by_cluster: dict[str, set[tuple[str, str]]] = {}
         self._running: dict[str, frozenset[str]] = {}
         self._versions: dict[str, str] = {}
         self._beats: dict[str, int] = {}  # agent -> its last beat seen, Redis-clock ms
@@ -126,9 +129,32 @@ class FailureDetector:
 
     def assign(self, agent: str, ref: str) -> None:
         self.assignments.setdefault(agent, set()).add(ref)
+        self._by_cluster.setdefault(ref.partition("/")[0], set()).add((agent, ref))
 
     def unassign(self, agent: str, ref: str) -> None:
         self.assignments.get(agent, set()).discard(ref)
+        self._unindex(agent, [ref])
+
+    def assigned_in(self, cluster: str) -> set[tuple[str, str]]:
+        """(agent, ``cluster/kernel``) of `cluster`'s assignments as held now."""
+        return set(self._by_cluster.get(cluster, ()))
+
+    def _reassign(self, agent: str, refs: set[str] | None) -> None:
+        """Hold `refs` as `agent`'s assignments (None: it has none any more)."""
+        self._unindex(agent, self.assignments.pop(agent, ()))
+        if refs is not None:
+            self.assignments[agent] = refs
+            for ref in refs:
+                self._by_cluster.setdefault(ref.partition("/")[0], set()).add((agent, ref))
+
+    def _unindex(self, agent: str, refs: Iterable[str]) -> None:
+        for ref in refs:
+            cluster = ref.partition("/")[0]
+            held = self._by_cluster.get(cluster)
+            if held is not None:
+                held.discard((agent, ref))
+                if not held:
+                    del self._by_cluster[cluster]
 
     async def _redis_now(self) -> float:
         now = time.monotonic()
@@ -227,7 +253,7 @@ class FailureDetector:
                 if self.records.pop(name, None) is not None:
                     differs.add(name)
                 self._running.pop(name, None)
-                self.assignments.pop(name, None)
+                self._reassign(name, None)
                 continue
             if (
                 self.records.get(name) != record
@@ -238,7 +264,7 @@ class FailureDetector:
             self.records[name] = record
             self._running[name] = frozenset(running)
             if assigned is not None:
-                self.assignments[name] = set(assigned)
+                self._reassign(name, set(assigned))
         return differs
 
     async def _report(
@@ -323,6 +349,7 @@ class FailureDetector:
 
     async def forget(self, agent: str) -> None:
         self._declared.discard(agent)
-        for cache in (self.records, self._running, self.assignments, self._versions, self._beats):
+        self._reassign(agent, None)
+        for cache in (self.records, self._running, self._versions, self._beats):
             cache.pop(agent, None)
         self._alive.discard(agent)

@@ -52,6 +52,8 @@ TEARDOWN_GRACE = 10.0
 #: Clusters one pass reconciles at most (the rest at the next passes): a pass stays short, so
 #: deaths are seen on time while a big fleet settles (a leader's first pass, a mass placement).
 MAX_CLUSTERS_PER_PASS = 64
+#: Orphaned jobs of a cluster one pass hands over (the rest at the next)
+ORPHANS_PER_PASS = 1024
 
 
 __all__ = ["Fleet", "Reconciler"]
@@ -75,7 +77,6 @@ class Reconciler:
         self._passes = 0
         self._cursor = 0  # the rolling sweep's position (passes since the set was read)
         self._termed: set[str] = set()  # clusters whose term we lifted to `_term`
-        self._assigned: dict[str, set[tuple[str, str]]] = {}  # see `_assignments_by_cluster`
         self._term = 0
         #: clusters reconciled by the latest pass (tests and `bench/fleet.py` read it)
         self.reconciled = 0
@@ -135,7 +136,12 @@ class Reconciler:
             await self.lease.raise_terms(sorted(dirty - self._termed))
             self._termed |= dirty
             clusters = await self.state.clusters(sorted(dirty))
-            self._assigned = self._assignments_by_cluster()
+            # what every cluster of the pass holds, read at once (a few round trips for all of
+            # them, not a few each): the pass acts on it with fenced writes, and whatever moves
+            # meanwhile moves the cluster's version, so the next pass looks again
+            live = [c.name for c in clusters if c.status is not ClusterStatus.STOPPED]
+            kernels = await self.state.kernels_of(live)
+            orphans = await self._orphans(live)
             self.reconciled = len(clusters)
             for name in dirty - {c.name for c in clusters}:  # gone (destroyed, or malformed)
                 self._unsettled.discard(name)
@@ -147,7 +153,9 @@ class Reconciler:
                         if cluster.status is ClusterStatus.STOPPED:
                             await self._teardown(cluster, fleet)
                         else:
-                            settled = await self._reconcile(cluster, fleet)
+                            settled = await self._reconcile(
+                                cluster, fleet, kernels[cluster.name], orphans[cluster.name]
+                            )
                 except NotLeader:
                     raise
                 except RedisUnavailable as exc:  # e.g. its master is failing over (a Redis Cluster)
@@ -180,12 +188,14 @@ class Reconciler:
         }
 
     # ------------------------------------------------------------ one cluster
-    async def _reconcile(self, cluster: ClusterRecord, fleet: Fleet) -> bool:
-        """Converge one cluster; True when it is settled (nothing to look at until a change)."""
+    async def _reconcile(
+        self, cluster: ClusterRecord, fleet: Fleet, current: list[KernelRecord], orphans: list[str]
+    ) -> bool:
+        """Converge one cluster, whose kernel records and orphaned job ids were read at the start
+        of the pass; True when it is settled (nothing to look at until a change)."""
         name = cluster.name
         changed = False
         kernels: list[KernelRecord] = []
-        current = await self.state.kernels(name)
         dead = {k.name for k in await self.detector.dead_kernels(current, fleet)}
         for k in current:
             if k.state is KernelState.STOPPED or not fleet.hosts(k.agent) or k.name in dead:
@@ -216,7 +226,8 @@ class Reconciler:
             for k in surplus:
                 await self._drain(k)
             changed = True
-        orphaned = await self._adopt_orphans(name, [k for k in kernels if k.state is KernelState.RUNNING])
+        running = [k for k in kernels if k.state is KernelState.RUNNING]
+        orphaned = await self._adopt_orphans(name, orphans, running)
         now = await self.state.kernels(name) if changed else kernels
         status = await self._set_status(cluster, now, reason)
         if changed:
@@ -233,23 +244,14 @@ class Reconciler:
             and not any(f"{name}/{k.name}" in missing for k in now)
         )
 
-    def _assignments_by_cluster(self) -> dict[str, set[tuple[str, str]]]:
-        """cluster -> (agent, ``cluster/kernel``) of the assignments as the detector holds them
-        (read at the start of a pass; a cluster's own are only written while it is reconciled)."""
-        out: dict[str, set[tuple[str, str]]] = {}
-        for agent, refs in self.detector.assignments.items():
-            for ref in refs:
-                out.setdefault(ref.partition("/")[0], set()).add((agent, ref))
-        return out
-
     async def _repair_assignments(self, cluster: str, kernels: list[KernelRecord], fleet: Fleet) -> bool:
         """Make the agents' assignments match the kernel records: a decision's fleet-wide writes
         follow its fenced one, so a leader killed or deposed between the two leaves one missing,
         stray, or still `run` under a draining record (docs/reliability.md, "Fencing"). True when
         something was rewritten."""
         want = {f"{cluster}/{k.name}": k for k in kernels}
-        live = self.detector.assignments  # less what this pass removed since its snapshot
-        held = {(a, ref) for a, ref in self._assigned.get(cluster, set()) if ref in live.get(a, ())}
+        # a cluster's assignments change only while it is reconciled, which is now
+        held = self.detector.assigned_in(cluster)
         stray = sorted((a, ref) for a, ref in held if ref not in want or want[ref].agent != a)
         missing = [k for ref, k in want.items() if (k.agent, ref) not in held]
         undrained = await self._undrained(cluster, [k for k in kernels if k not in missing])
@@ -442,10 +444,17 @@ class Reconciler:
         await self._fleet_write(unassign, [(k.agent, "remove")] if wake_agent else [])
         self.detector.unassign(k.agent, f"{k.cluster}/{k.name}")
 
-    async def _adopt_orphans(self, cluster: str, running: list[KernelRecord]) -> bool:
-        """Hand jobs of lost kernels to running ones, spread evenly; True while some are left."""
+    async def _orphans(self, clusters: list[str]) -> dict[str, list[str]]:
+        """Of each of `clusters`, the first `ORPHANS_PER_PASS` ids of its orphaned jobs."""
+        async with amap_redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for cluster in clusters:
+                pipe.zrange(self.keys.cluster_orphans(cluster), 0, ORPHANS_PER_PASS - 1)
+            return dict(zip(clusters, await pipe.execute(), strict=True))
+
+    async def _adopt_orphans(self, cluster: str, ids: list[str], running: list[KernelRecord]) -> bool:
+        """Hand jobs of lost kernels (`ids`, as read at the start of the pass) to running ones,
+        spread evenly; True while some are left."""
         orphans = self.keys.cluster_orphans(cluster)
-        ids = await self.redis.zrange(orphans, 0, 1023)
         if not ids or not running:
             return bool(ids)
         share = -(-len(ids) // len(running))

@@ -60,7 +60,8 @@ async def test_orphans_answered_on_rebind_ring_their_clients_bell(redis: AsyncRe
     await redis.zadd(KEYS.cluster_orphans("web"), {"pin": 1, "free": 2})
     k2 = KernelRecord(cluster="web", name="k2", agent="a1", state=KernelState.RUNNING, epoch=5)
 
-    await reconciler._adopt_orphans("web", [k2])
+    ids = (await reconciler._orphans(["web"]))["web"]
+    await reconciler._adopt_orphans("web", ids, [k2])
 
     (raw,) = await redis.lrange(KEYS.reply("web", CLIENT), 0, -1)
     assert (decode_result(raw).job_id, decode_result(raw).error_type) == ("pin", "KernelGone")
@@ -76,7 +77,8 @@ async def test_a_moved_job_rings_no_bell(redis: AsyncRedis) -> None:
     await _enqueue(redis, "free", "k2")
     await redis.zadd(KEYS.cluster_orphans("web"), {"free": 2})
     k2 = KernelRecord(cluster="web", name="k2", agent="a1", state=KernelState.RUNNING, epoch=5)
-    await reconciler._adopt_orphans("web", [k2])
+    ids = (await reconciler._orphans(["web"]))["web"]
+    await reconciler._adopt_orphans("web", ids, [k2])
     assert await redis.exists(KEYS.reply_bell(CLIENT), KEYS.reply("web", CLIENT)) == 0
 
 
