@@ -173,15 +173,17 @@ async def until(predicate: Callable[[], Awaitable[bool]], limit: float, what: st
 
 # ------------------------------------------------------------------ the leader, in a child process
 def _leader(url: str, conn: Connection) -> None:
-    """Run `kcp serve`'s ControlPlane; answer "passes" with the pass durations since the last ask."""
+    """Run `kcp serve`'s ControlPlane; answer "passes" with the pass durations since the last ask
+    (wall seconds, and the CPU seconds the leader spent in each)."""
 
     async def main() -> None:
         redis = connect(url)
         async with ControlPlane(redis, Settings(redis_url=url)) as control:
             while (ask := await asyncio.to_thread(conn.recv)) != "stop":
                 assert ask == "passes"
-                conn.send(list(control.passes))
+                conn.send((list(control.passes), list(control.pass_cpu)))
                 control.passes.clear()
+                control.pass_cpu.clear()
         await redis.aclose()
 
     asyncio.run(main())
@@ -194,11 +196,13 @@ class Leader:
         self.proc = ctx.Process(target=_leader, args=(url, child), daemon=True)
         self.proc.start()
 
-    async def passes(self) -> list[float]:
+    async def passes(self) -> tuple[list[float], list[float]]:
         self.conn.send("passes")
         return await asyncio.to_thread(self.conn.recv)  # type: ignore[no-any-return]
 
     def stop(self) -> None:
+        if not self.proc.is_alive():
+            return
         self.conn.send("stop")
         self.proc.join(15)
         if self.proc.is_alive():
@@ -665,6 +669,7 @@ class Stage:
     kernels: int
     idle: Delta
     passes: list[float]
+    pass_cpu: list[float]
 
 
 async def create_clusters(url: str, kernels: int, prefix: str) -> dict[str, int]:
@@ -687,11 +692,12 @@ async def idle_fleet(
     async def measure(name: str, a: int, k: int) -> None:
         await leader.passes()  # drop those before the window
         idle = await window(r, idle_seconds)
-        stages.append(Stage(name, a, k, idle, await leader.passes()))
+        stages.append(Stage(name, a, k, idle, *await leader.passes()))
         p50, p99, count = quantiles_ms(stages[-1].passes)
+        cpu50, cpu99, _ = quantiles_ms(stages[-1].pass_cpu)
         print(
             f"  {name}: {idle.rate:.0f} cmd/s, Redis CPU {idle.cpu_percent:.1f} %, "
-            f"{count} passes p50 {p50:.1f} ms p99 {p99:.1f} ms",
+            f"{count} passes p50 {p50:.1f} ms p99 {p99:.1f} ms (CPU p50 {cpu50:.1f} ms p99 {cpu99:.1f} ms)",
             flush=True,
         )
 
@@ -739,6 +745,7 @@ async def idle_fleet(
         for k, v in reliability1.items()
         if k in (stats.AGENTS_DEAD, stats.AGENTS_SUSPECTED, stats.KERNELS_DEAD, stats.KERNELS_LOST)
     }
+    leader.stop()  # before the agents: a leader watching them stop would declare them all dead
     await fleet.stop()
     await r.aclose()
     return stages, placement, failure, changes
@@ -763,7 +770,7 @@ async def real_idle(url: str, configs: list[tuple[int, int]], idle_seconds: floa
 
     async def measure(name: str, a: int, k: int) -> None:
         idle = await window(r, idle_seconds)
-        stages.append(Stage(name, a, k, idle, []))
+        stages.append(Stage(name, a, k, idle, [], []))
         print(f"  {name}: {idle.rate:.1f} cmd/s, Redis CPU {idle.cpu_percent:.2f} %", flush=True)
 
     serve = await asyncio.create_subprocess_exec(*cmd, "serve", env=env)
@@ -866,10 +873,15 @@ def report_fleet(
     print(
         "\nIdle fleet (stubbed kernels; leader in its own process)\n"
         f"  {'':<28}{'cmd/s':>9}{'Redis CPU %':>13}{'passes':>8}{'pass p50 ms':>13}{'p99 ms':>9}"
+        f"{'CPU p50 ms':>12}{'p99 ms':>9}"
     )
     for s in stages:
         p50, p99, count = quantiles_ms(s.passes)
-        print(f"  {s.name:<28}{s.idle.rate:9.0f}{s.idle.cpu_percent:13.1f}{count:>8}{p50:13.1f}{p99:9.1f}")
+        cpu50, cpu99, _ = quantiles_ms(s.pass_cpu)
+        print(
+            f"  {s.name:<28}{s.idle.rate:9.0f}{s.idle.cpu_percent:13.1f}{count:>8}{p50:13.1f}{p99:9.1f}"
+            f"{cpu50:12.1f}{cpu99:9.1f}"
+        )
     leader, bare, full = stages
     per_agent = (bare.idle.rate - leader.idle.rate) / bare.agents
     per_kernel = (full.idle.rate - bare.idle.rate) / full.kernels

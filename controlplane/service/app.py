@@ -44,6 +44,9 @@ class ControlPlane(Service):
         self._stop = asyncio.Event()
         #: Seconds each of the latest leader passes (`reconcile_all`) took; `bench/fleet.py` reads them.
         self.passes: deque[float] = deque(maxlen=PASSES_KEPT)
+        #: CPU seconds of this process in each of those passes (on a shared host a pass may wait
+        #: for a core: its wall time above is then more than the work it did)
+        self.pass_cpu: deque[float] = deque(maxlen=PASSES_KEPT)
 
     def _on_stop(self) -> None:
         self._stop.set()
@@ -68,9 +71,10 @@ class ControlPlane(Service):
         if await self.lease.acquire():
             if not was_leading:  # what a former leader was told is not ours: read it all
                 self.reconciler.invalidate()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await self.reconciler.reconcile_all()
             self.passes.append(time.perf_counter() - started)
+            self.pass_cpu.append(time.process_time() - cpu)
             # wake when the next agent lease would lapse, so a death is seen at once
             pause = min(self.settings.reconcile_interval, self.reconciler.detector.next_check_in())
             await self._wait(pause, wake=True)

@@ -27,6 +27,8 @@ async def test_the_leader_records_each_pass_duration(redis_url: str) -> None:
                 await asyncio.sleep(0.05)
         assert len(control.passes) >= 3, "a leader passes every reconcile_interval"
         assert all(0 < seconds < 5 for seconds in control.passes)
+        assert len(control.pass_cpu) == len(control.passes)
+        assert all(0 <= cpu < 5 for cpu in control.pass_cpu)
         standby = ControlPlane(redis, Settings(redis_url=redis_url))
         await redis.set(Keys().leader(), "someone-else", px=5_000)
         async with standby:
