@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -157,7 +158,7 @@ class Dispatcher:
         late result is dropped by the kernel instead of delivered twice).
         """
         self._listen_for_replies()
-        job_id = uuid.uuid4().hex
+        job_id = os.urandom(16).hex()  # as unique as a uuid4's hex (128 random bits), at a fifth of the cost
         now = now_ms()
         payload = encode_job(
             request.model_dump(mode="json", exclude_defaults=True) | {"type": request.type},
@@ -440,7 +441,9 @@ class _Vanished(Exception):
 
 @dataclass(slots=True)
 class _View:
-    kernels: list[KernelRecord] = field(default_factory=list)
+    #: a tuple, replaced (never changed) when read again: the engine keeps what it derived
+    #: from one (`OrchestrationEngine.eligible`) while the same one comes back
+    kernels: tuple[KernelRecord, ...] = ()
     loads: dict[str, KernelLoad] = field(default_factory=dict)
     kernels_at: float = 0.0
     loads_at: float = 0.0
@@ -489,7 +492,7 @@ class ClusterViews:
 
     async def get(
         self, cluster: str, *, wait: float = 0.0, with_loads: bool = False
-    ) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
+    ) -> tuple[tuple[KernelRecord, ...], dict[str, KernelLoad]]:
         """The cluster's kernels (and loads); waits up to `wait` seconds for a running one."""
         self._watch_notifications()
         deadline = time.monotonic() + wait
@@ -516,7 +519,7 @@ class ClusterViews:
         version = str(version or "")
         if view.version is None or version != view.version:
             self._changed.clear()
-            view.kernels = await self.state.kernels(cluster)
+            view.kernels = tuple(await self.state.kernels(cluster))
             view.version = version
         view.kernels_at = now
 
@@ -567,7 +570,7 @@ class DispatchTarget:
         self.views, self.dispatcher = views, dispatcher
         self.strategy, self.with_loads = strategy, with_loads
 
-    async def candidates(self, wait: float) -> tuple[list[KernelRecord], dict[str, KernelLoad]]:
+    async def candidates(self, wait: float) -> tuple[tuple[KernelRecord, ...], dict[str, KernelLoad]]:
         return await self.views.get(self.cluster, wait=wait, with_loads=self.with_loads)
 
     async def submit(self, plan: routing.Plan, wait_s: float) -> routing.Attempt:
