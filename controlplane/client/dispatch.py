@@ -101,8 +101,9 @@ class Dispatcher:
         self._due: set[str] = set()  # clusters the next step takes from, without blocking
         #: clusters whose taken list holds replies delivered already (dropped by the next step)
         self._acked: set[str] = set()
-        #: cluster -> replies delivered off the bell whose copies its list holds (till a take there)
-        self._copies: dict[str, int] = {}
+        #: cluster -> replies delivered off the bell whose copies its list holds (till a take
+        #: there, which then does not decode them again)
+        self._copies: dict[str, set[str]] = {}
         self._swept = time.monotonic()
         self._rings: set[asyncio.Task[Any]] = set()  # rings of our own bell, in flight
         #: on a Redis Cluster, the reply lists' shard channels, where finish.lua publishes
@@ -295,14 +296,14 @@ class Dispatcher:
 
     async def _taken(self, cluster: str, batch: list[str]) -> None:
         """Deliver what a take from `cluster` returned."""
-        self._copies.pop(cluster, None)  # taken, or in the taken list (dropped by the next step)
+        copies = self._copies.pop(cluster, set())  # taken, or in the taken list (dropped by the next step)
         if batch:
             self._acked.add(cluster)  # delivered below: dropped by the next step
         else:
             self._acked.discard(cluster)  # the take dropped the taken list
         if len(batch) >= REPLY_BATCH:
             self._due.add(cluster)  # more may wait behind
-        await self._deliver_all(batch)
+        await self._deliver_all([raw for raw in batch if raw not in copies])
 
     async def _wait_for_bell(self) -> None:
         """One blocking pop of the bell (`BZPOPMIN`, behind the `DEL` of the taken lists whose
@@ -387,8 +388,9 @@ class Dispatcher:
         cluster = self._queued.get(job_id) or self._watched.get(job_id) if job_id else None
         if cluster is None:
             return None
-        copies = self._copies[cluster] = self._copies.get(cluster, 0) + 1
-        if copies < DRAIN_AFTER or cluster in self._due:
+        copies = self._copies.setdefault(cluster, set())
+        copies.add(raw)
+        if len(copies) < DRAIN_AFTER or cluster in self._due:
             return None
         self._due.add(cluster)
         return cluster
