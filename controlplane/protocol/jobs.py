@@ -18,8 +18,12 @@ from arq.jobs import deserialize_job_raw, serialize_job, serialize_result
 REPLY_TTL_MS = 60_000
 
 
+#: made once: `json.dumps` with arguments other than its defaults builds an encoder per call
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _COMPACT.encode(obj).encode()
 
 
 def json_loads(raw: bytes | str) -> Any:
