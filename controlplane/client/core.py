@@ -334,7 +334,8 @@ class KcpClient:
             if len(trace.attempts) > 1:
                 retries, failovers = len(trace.attempts) - 1, len(set(trace.attempts)) - 1
                 await self._bump(cluster, {RETRIES: retries, FAILOVERS: failovers})
-        return DispatchResult(
+        # built from values of our own making: pydantic's validation would only cost time here
+        return DispatchResult.model_construct(
             kernel=outcome.kernel,
             result=outcome.value or {},
             attempts=len(trace.attempts),

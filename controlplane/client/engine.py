@@ -84,6 +84,10 @@ class OrchestrationEngine:
         self.estimates = Estimates()
         self._balancers: dict[str, LoadBalancer] = {}
         self.budget = RetryBudget(self.config.retry_budget, self.config.min_retries_per_s)
+        #: the last `eligible` answer: (kernels, (type, requires), the kernels eligible)
+        self._eligible_memo: (
+            tuple[tuple[KernelRecord, ...], tuple[str, tuple[str, ...]], list[KernelRecord]] | None
+        ) = None
 
     @property
     def outlier_detection(self) -> bool:
@@ -93,7 +97,19 @@ class OrchestrationEngine:
 
     # ------------------------------------------------------------ policy
     def eligible(self, kernels: Sequence[KernelRecord], request: SyscallRequest) -> list[KernelRecord]:
-        """Running kernels that execute `request.type` and declare every capability it requires."""
+        """Running kernels that execute `request.type` and declare every capability it requires.
+
+        For a tuple of kernels (what the client's cached views hand out until a change) the
+        answer is kept and given again while the same tuple comes with the same request kind:
+        a sequential dispatch then skips splitting every kernel's declarations."""
+        if type(kernels) is not tuple:
+            return self._eligible(kernels, request)
+        memo, kind = self._eligible_memo, (request.type, tuple(request.requires))
+        if memo is None or memo[0] is not kernels or memo[1] != kind:
+            memo = self._eligible_memo = (kernels, kind, self._eligible(kernels, request))
+        return list(memo[2])
+
+    def _eligible(self, kernels: Sequence[KernelRecord], request: SyscallRequest) -> list[KernelRecord]:
         running = [k for k in kernels if k.state is KernelState.RUNNING]
         able = [k for k in running if request.type in k.syscalls.split()]
         if running and not able:

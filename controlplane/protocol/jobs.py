@@ -12,15 +12,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import pydantic
 from arq.jobs import deserialize_job_raw, serialize_job, serialize_result
 
 #: How long a pushed result waits for its client before the reply list expires, ms.
 REPLY_TTL_MS = 60_000
 
 
+#: made once: `json.dumps` with arguments other than its defaults builds an encoder per call
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def json_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _COMPACT.encode(obj).encode()
 
 
 def json_loads(raw: bytes | str) -> Any:
@@ -35,9 +38,6 @@ def encode_job(request: dict[str, Any], *, job_try: int, enqueue_ms: int) -> str
 
 #: Largest encoded job a kernel decodes, bytes: the largest `max_request_bytes` plus the envelope.
 MAX_JOB_BYTES = (64 << 20) + 4096
-_DECODED_JOB: pydantic.TypeAdapter[tuple[dict[str, Any], int, int]] = pydantic.TypeAdapter(
-    tuple[dict[str, Any], pydantic.StrictInt, pydantic.StrictInt]
-)
 
 
 def decode_job(raw: str) -> tuple[dict[str, Any], int, int]:
@@ -47,8 +47,19 @@ def decode_job(raw: str) -> tuple[dict[str, Any], int, int]:
     if len(raw) > MAX_JOB_BYTES:
         raise ValueError(f"job is {len(raw)} bytes, above {MAX_JOB_BYTES}")
     _function, _args, kwargs, job_try, enqueue_ms = deserialize_job_raw(raw.encode(), deserializer=json_loads)
-    # pydantic's ValidationError is a ValueError
-    return _DECODED_JOB.validate_python((kwargs, enqueue_ms, 1 if job_try is None else job_try))
+    job_try = 1 if job_try is None else job_try
+    # checked here rather than by a pydantic TypeAdapter: a kernel decodes a job per request
+    if not isinstance(kwargs, dict) or not _is_int(enqueue_ms) or not _is_int(job_try):
+        raise ValueError(
+            "not a job: 'k' must be an object and 'et' and 't' integers "
+            f"(got {type(kwargs).__name__}, {enqueue_ms!r}, {job_try!r})"
+        )
+    return kwargs, enqueue_ms, job_try
+
+
+def _is_int(value: object) -> bool:
+    """An integer, not a bool (JSON's `true` is not a number here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,10 +75,14 @@ _CAPABILITIES: TypeAdapter[list[Capability]] = TypeAdapter(list[Capability])
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+#: made once: `json.dumps` with arguments other than its defaults builds an encoder per call
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json_size(value: object) -> int:
     """Bytes of `value`'s compact JSON encoding; InvalidRequest if it has none."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        text = _COMPACT.encode(value)
         return len(text.encode("utf-8", "surrogatepass"))
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequest(f"request is not JSON-serialisable: {exc}") from exc

@@ -20,6 +20,8 @@ field); readers make the buckets cumulative, as Prometheus expects.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -146,8 +148,13 @@ def _bound(upper: float) -> str:
 
 def bucket_field(histogram: str, seconds: float) -> str:
     """The one field `finish.lua` increments for an observation of `seconds` (non-cumulative)."""
-    upper = next(b for b in BUCKETS if seconds <= b)
-    return f"{histogram}_le_{_bound(upper)}"
+    return _bucket_fields(histogram)[bisect.bisect_left(BUCKETS, seconds)]  # the first bound >= seconds
+
+
+@functools.cache
+def _bucket_fields(histogram: str) -> tuple[str, ...]:
+    """Every bucket's field of `histogram`, in `BUCKETS` order (a kernel names two per job)."""
+    return tuple(f"{histogram}_le_{_bound(upper)}" for upper in BUCKETS)
 
 
 def histogram(stats: Mapping[str, float], name: str) -> list[tuple[float, float]]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -302,20 +302,35 @@ def _mapped(exc: rex.RedisError | rex.RedisClusterException, where: Where | None
     return translate(exc)
 
 
-@contextlib.contextmanager
-def map_redis_errors(where: Where | None = None) -> Iterator[None]:
+class _Mapping:
+    """The block of `map_redis_errors` / `amap_redis_errors`: a plain class rather than a
+    generator-based context manager, as the dispatch hot path enters one per request."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, where: Where | None) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if isinstance(exc, _REDIS_PY_ERRORS):
+            raise _mapped(exc, self.where) from exc
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        self.__exit__(_type, exc, _tb)
+
+
+def map_redis_errors(where: Where | None = None) -> contextlib.AbstractContextManager[None]:
     """Raise redis-py exceptions from inside the block as kcp's (`translate`); `where` says
     what the block talks to, when the client does not."""
-    try:
-        yield
-    except _REDIS_PY_ERRORS as exc:
-        raise _mapped(exc, where) from exc
+    return _Mapping(where)
 
 
-@contextlib.asynccontextmanager
-async def amap_redis_errors(where: Where | None = None) -> AsyncIterator[None]:
+def amap_redis_errors(where: Where | None = None) -> contextlib.AbstractAsyncContextManager[None]:
     """Async flavour of `map_redis_errors` for `async with` blocks."""
-    try:
-        yield
-    except _REDIS_PY_ERRORS as exc:
-        raise _mapped(exc, where) from exc
+    return _Mapping(where)

@@ -70,6 +70,8 @@ IDLE_BLOCK = 8.0
 DRAIN_BLOCK = 0.2
 #: The shortest blocking pop a due load report shortens an idle block to, seconds.
 MIN_BLOCK = 0.05
+#: claim.lua calls a kernel keeps for reuse at most (more only when siblings are sampled).
+MAX_CLAIM_CALLS = 64
 #: How long a deferred job's keys outlive its deadline, ms (a safety net, as for queued jobs).
 DEFERRED_TTL_EXTRA_MS = 3_600_000
 
@@ -136,6 +138,9 @@ class KernelProcess(Service):
         self.wake_key = keys.kernel_wake(cluster, name)
         self.siblings = Siblings(keys, cluster=cluster, name=name, registry=registry, wake_key=self.wake_key)
         self.load = LoadReporter(keys, cluster=cluster, name=name, agent=agent, busy=lambda: self._busy)
+        #: claim.lua calls made so far, by what they depend on (`_claim_call`): a worker claims
+        #: once per job, and the call's keys and arguments rarely change
+        self._claims: dict[tuple[object, ...], Call[jobs.Claimed | jobs.NotClaimed]] = {}
         scripts = (jobs.CLAIM, jobs.FINISH, KERNEL_START, KERNEL_STOP, REBIND)
         #: the first worker's channel, which also carries the start, the stop and the sibling
         #: reads (so a kernel of one worker holds one connection)
@@ -344,16 +349,25 @@ class KernelProcess(Service):
         from, asking for the cluster's version `after_job` when the check is due. `now` is left
         to the Redis clock: a claim written behind a blocking pop runs when the pop returns."""
         if self._draining.is_set():
-            return jobs.claim(self.keys, self.cluster, self.name, epoch=self.epoch, after_pop=after_pop)
-        return jobs.claim(
-            self.keys,
-            self.cluster,
-            self.name,
-            epoch=self.epoch,
-            siblings=self.siblings.for_claim(),
-            version=self.siblings.ask_version(after_job=after_job),
-            after_pop=after_pop,
-        )
+            siblings, version = None, False
+        else:
+            siblings = tuple(self.siblings.for_claim())
+            version = self.siblings.ask_version(after_job=after_job)
+        key = (self.epoch, siblings, version, after_pop)
+        call = self._claims.get(key)
+        if call is None:
+            if len(self._claims) >= MAX_CLAIM_CALLS:  # siblings sampled from a large cluster
+                self._claims.clear()
+            call = self._claims[key] = jobs.claim(
+                self.keys,
+                self.cluster,
+                self.name,
+                epoch=self.epoch,
+                siblings=siblings,
+                version=version,
+                after_pop=after_pop,
+            )
+        return call
 
     async def _try_stop(self, channel: Channel) -> bool:
         """Mark ourselves draining, and stopped once nothing is in flight (on the worker's own

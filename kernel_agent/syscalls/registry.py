@@ -125,6 +125,10 @@ class SyscallRegistry:
         return await _run(req.type, entry.handler, ctx, args)
 
 
+#: made once: `json.dumps` with arguments other than its defaults builds an encoder per call
+_STRICT_JSON = json.JSONEncoder(allow_nan=False)
+
+
 async def _run(name: str, handler: Handler, ctx: SyscallContext, args: dict[str, Any]) -> dict[str, Any]:
     try:
         result = handler(ctx, args)
@@ -142,7 +146,7 @@ async def _run(name: str, handler: Handler, ctx: SyscallContext, args: dict[str,
     if not isinstance(result, dict):
         raise SyscallError(f"{name}: handler returned {type(result).__name__}, not a dict")
     try:
-        json.dumps(result, allow_nan=False)
+        _STRICT_JSON.encode(result)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SyscallError(f"{name}: handler result is not JSON-serialisable: {exc}") from exc
     return result
