@@ -70,6 +70,10 @@ async def test_clusters_are_created_read_scaled_and_destroyed(redis: Any) -> Non
     for _ in range(3):
         await reconciler.reconcile_all()
     assert {c.status for c in await state.list_clusters()} == {ClusterStatus.RUNNING}
+    # the clusters' kernels in one read, across the masters on a Redis Cluster
+    many = await state.kernels_of([*NAMES, "nope"])
+    assert many == {**{n: await state.kernels(n) for n in NAMES}, "nope": []}
+    assert [k.name for k in many["c0"]] == ["worker-0", "worker-1"], "ordered by index"
     assert {a.name for a, alive in await state.agents() if alive} == {"a1", "a2"}
     assert abs(await clock_offset(redis) + time.monotonic() * 1000 - time.time() * 1000) < 5_000
 

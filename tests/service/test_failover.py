@@ -185,6 +185,46 @@ async def test_a_kernel_removed_in_a_pass_is_not_taken_for_a_stray_assignment(
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(10)
+async def test_detector_holds_each_clusters_assignments_as_the_agents_do(redis: AsyncRedis) -> None:
+    """The reconciler reads a cluster's assignments from the detector's index by cluster: it must
+    follow every way the agents' assignments change (a read, the leader's own writes, a
+    deregistration, a forgotten agent)."""
+    detector = FailureDetector(State(redis, KEYS), Settings())
+
+    def by_agent(cluster: str) -> set[tuple[str, str]]:
+        held = detector.assignments.items()
+        return {(a, ref) for a, refs in held for ref in refs if ref.partition("/")[0] == cluster}
+
+    for agent, refs in {"a1": ["web/k0", "db/k0"], "a2": ["web/k1"]}.items():
+        await redis.hset(KEYS.agent(agent), mapping={"name": agent, "slots": "4"})
+        await redis.sadd(KEYS.agents(), agent)
+        await redis.hset(KEYS.agent_kernels(agent), mapping=dict.fromkeys(refs, ASSIGN_RUN))
+    await detector.fleet()
+    assert detector.assigned_in("web") == {("a1", "web/k0"), ("a2", "web/k1")} == by_agent("web")
+    assert detector.assigned_in("db") == {("a1", "db/k0")}
+
+    detector.assign("a2", "db/k1")
+    detector.unassign("a1", "web/k0")
+    assert detector.assigned_in("web") == {("a2", "web/k1")} == by_agent("web")
+    assert detector.assigned_in("db") == {("a1", "db/k0"), ("a2", "db/k1")} == by_agent("db")
+
+    # a re-read replaces what was held of the agent (the sweep reaches it)
+    await redis.delete(KEYS.agent_kernels("a1"))
+    await redis.hset(KEYS.agent_kernels("a1"), "cache/k0", ASSIGN_RUN)
+    await detector.fleet(touched=["a1"])
+    assert detector.assigned_in("db") == {("a2", "db/k1")} == by_agent("db")
+    assert detector.assigned_in("cache") == {("a1", "cache/k0")}
+
+    await redis.delete(KEYS.agent("a1"))  # deregistered: gone from the fleet at its next read
+    await detector.fleet(touched=["a1"])
+    assert detector.assigned_in("cache") == set() == by_agent("cache")
+    await detector.forget("a2")
+    assert detector.assigned_in("web") == detector.assigned_in("db") == set()
+    assert detector._by_cluster == {}, "no empty entry left behind per cluster"
+
+
+@pytest.mark.integration
 @pytest.mark.redis_cluster
 async def test_detector_suspects_then_declares_dead_and_spares_blind_periods(redis: AsyncRedis) -> None:
     settings = Settings(heartbeat_interval=0.1, lease_ttl=0.4)
