@@ -18,7 +18,7 @@ import random
 import time
 from typing import Any
 
-from controlplane.errors import RedisError, RedisUnavailable
+from controlplane.errors import RedisError, RedisUnavailable, WrongData
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import KernelState
 from controlplane.protocol.records import ClusterRecord, KernelRecord
@@ -103,7 +103,10 @@ class Siblings:
         if changed:
             # a blocked worker's claim went out with the old list: wake it, so that the claim
             # it writes next carries this one (else it could wait up to IDLE_BLOCK to see it)
-            await channel.execute("ZADD", self.wake_key, 0, "w")
+            try:
+                await channel.execute("ZADD", self.wake_key, 0, "w")
+            except WrongData as exc:  # a wake key of another type: claim.lua replaces it
+                logger.warning("kernel %s/%s: could not wake its workers: %s", self.cluster, self.name, exc)
 
     async def _read(self, channel: Channel) -> tuple[list[tuple[str, int]], str]:
         k = self.keys
