@@ -129,7 +129,7 @@ class FailureDetector:
 
     def assign(self, agent: str, ref: str) -> None:
         self.assignments.setdefault(agent, set()).add(ref)
-        self._by_cluster.setdefault(ref.partition("/")[0], set()).add((agent, ref))
+        self._index(agent, [ref])
 
     def unassign(self, agent: str, ref: str) -> None:
         self.assignments.get(agent, set()).discard(ref)
@@ -144,8 +144,11 @@ class FailureDetector:
         self._unindex(agent, self.assignments.pop(agent, ()))
         if refs is not None:
             self.assignments[agent] = refs
-            for ref in refs:
-                self._by_cluster.setdefault(ref.partition("/")[0], set()).add((agent, ref))
+            self._index(agent, refs)
+
+    def _index(self, agent: str, refs: Iterable[str]) -> None:
+        for ref in refs:
+            self._by_cluster.setdefault(ref.partition("/")[0], set()).add((agent, ref))
 
     def _unindex(self, agent: str, refs: Iterable[str]) -> None:
         for ref in refs:
