@@ -296,8 +296,9 @@ class RedisClusterProcess:
 
     def wait_ok(self, timeout: float | None = None) -> None:
         """Block until every running node reports `cluster_state:ok`, knows every other running node
-        as connected, sees every slot served by a running master, and they all agree on which;
-        every replica has synced with its master (raise RuntimeError after `timeout` s)."""
+        as connected, sees every slot served by a running master, and they all agree on which and
+        on which nodes are masters; every replica has synced with its master (raise RuntimeError
+        after `timeout` s)."""
         deadline = time.monotonic() + (self._wait if timeout is None else timeout)
         while True:
             problem = self._problem()
@@ -311,6 +312,8 @@ class RedisClusterProcess:
         """What keeps the cluster from being ready, or None."""
         running = [n for n in self.nodes if n.alive()]
         tables = set()
+        roles: dict[int, str] = {}  # port -> the role the node itself reports
+        seen: list[tuple[str, int, bool]] = []  # (viewer, port, listed as a master)
         for node in running:
             try:  # one connection for the four questions: this runs every 50 ms
                 with connect_sync(node.url, timeout=2.0) as client, map_redis_errors():
@@ -333,6 +336,10 @@ class RedisClusterProcess:
             ]
             if len(healthy) != len(running):
                 return f"{_address(node)} sees {len(healthy)} of {len(running)} running nodes connected"
+            roles[node.port] = replication["role"]
+            for line in healthy:
+                address, flags = line.split()[1], line.split()[2].split(",")
+                seen.append((_address(node), int(address.split("@")[0].rsplit(":", 1)[1]), "master" in flags))
             table = tuple(sorted((int(s[0]), int(s[1]), int(s[2][1])) for s in slots))
             if sum(end - start + 1 for start, end, _ in table) != CLUSTER_SLOTS:
                 return f"{_address(node)} does not see every slot served"
@@ -343,6 +350,10 @@ class RedisClusterProcess:
             tables.add(table)
         if len(tables) > 1:
             return "the nodes disagree on which master serves which slot"
+        for viewer, port, listed_master in seen:  # a former master rejoining lags in others' views
+            if listed_master != (roles.get(port) == "master"):
+                role = "a master" if listed_master else "a replica"
+                return f"{viewer} lists the node on port {port} as {role}"
         return None
 
     def move_slot(self, slot: int, to: RedisServerProcess) -> None:

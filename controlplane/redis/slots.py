@@ -281,13 +281,16 @@ def move_slot(
                 _ask(src, src_at, *migrate, *keys)
             _ask(dst, dst_at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
             _ask(src, src_at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
-            for node in others:
-                with _node(cluster, node) as (conn, at):
-                    _ask(conn, at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         except RedisError as exc:
             raise ReshardError(
                 f"moving slot {slot} from {source.address} to {target.address} stopped part-way: "
                 f"{str(exc).rstrip('.')}; "
                 f"the same move again resumes it, or `redis-cli --cluster fix {source.address}` settles it"
             ) from exc
+    # the move is done: the other masters are told only so they redirect sooner (gossip tells them
+    # anyway), so one that cannot be (down, or a replica now though the view still says master,
+    # as just after a failover) is no reason to fail it
+    for node in others:
+        with contextlib.suppress(RedisError), _node(cluster, node) as (conn, at):
+            _ask(conn, at, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
     return True
