@@ -18,6 +18,7 @@ from controlplane import KcpClient, OrchestrationConfig, OrchestrationEngine, Ro
 from controlplane.errors import DispatchTimeout, KernelError, NoKernelAvailable
 from controlplane.protocol.keys import Keys
 from controlplane.protocol.models import LoadBalancerConfig, OutlierConfig
+from controlplane.protocol.records import LoadRecord
 from kernel_agent.kernel.siblings import SIBLINGS_TTL
 from kernel_agent.kernel.worker import IDLE_BLOCK
 from tests.conftest import ProcessStack
@@ -80,7 +81,11 @@ async def test_every_strategy_routes_and_a_capability_miss_is_clear(
         primary = engine(RoutingStrategy.PRIMARY_FALLBACK, primary="worker-2")
         assert set(await kernels_of(kcp, primary, 5)) == {"worker-2"}
 
-        # adaptive: concurrent work spreads over every kernel (in-flight counts live in Redis)
+        # adaptive: concurrent work spreads over every kernel (in-flight counts live in Redis).
+        # Fresh engines have no estimates of their own, and a load report made while its kernel
+        # was busy counts as one (a kernel reported 15x slower than its peers rightly gets no work
+        # while their queues are short), so the step waits for the reports made once work stopped
+        loads = await idle_reports(kcp)
         slow = {**SIM, "ms": 150.0}
         adaptive = [engine(RoutingStrategy.ADAPTIVE), engine(RoutingStrategy.ADAPTIVE)]
         results = await asyncio.gather(
@@ -91,12 +96,23 @@ async def test_every_strategy_routes_and_a_capability_miss_is_clear(
             )
         )
         spread = Counter(r.kernel for r in results)
-        assert set(spread) == set(KERNELS) and max(spread.values()) <= 3, spread
+        assert set(spread) == set(KERNELS) and max(spread.values()) <= 3, (spread, loads)
 
         capability = engine(RoutingStrategy.CAPABILITY_BASED)
         assert set(await kernels_of(kcp, capability, 6)) <= set(KERNELS)
         with pytest.raises(NoKernelAvailable, match=r"\['gpu', 'sim'\].*declare: sim"):
             await kcp.dispatch("r", {**SIM, "requires": ["sim", "gpu"]}, engine=capability)
+
+
+async def idle_reports(kcp: KcpClient) -> dict[str, LoadRecord]:
+    """The load records of cluster `r` once each says no job is in flight (the kernel's report after
+    its last job comes within a report interval, 0.5 s), for 5 s at most."""
+    for _ in range(50):
+        records = await kcp.state.load_records(await kcp.state.kernels("r"))
+        if len(records) == len(KERNELS) and not any(r.inflight for r in records.values()):
+            return records
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"load records still report work in flight: {records}")
 
 
 async def fail_until_reported(kcp: KcpClient, names: list[str], rate: float = 0.2) -> None:
