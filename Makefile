@@ -21,10 +21,13 @@ demo: $(STAMP)
 	$(BIN)/kcp demo
 
 # Every test on single Redis, then the suites marked redis_cluster again on a local 3-master
-# Redis Cluster (README, "Redis Cluster").
+# Redis Cluster (README, "Redis Cluster"); each on TEST_WORKERS processes (pytest-xdist; a file's
+# tests, and all chaos tests, stay on one worker: tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 test: $(STAMP)
-	$(BIN)/pytest
-	$(BIN)/pytest --redis-cluster
+	$(BIN)/pytest $(PYTEST_PARALLEL)
+	$(BIN)/pytest $(PYTEST_PARALLEL) --redis-cluster
 
 # The fuzz suites with long budgets: 3000 hypothesis examples per property, and malformed writes
 # into a live system's Redis for KCP_FUZZ_SECONDS (default 60).

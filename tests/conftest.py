@@ -37,12 +37,18 @@ CLASSIFYING_MARKERS = ("unit", "integration", "system")
 RedisServerFactory = Callable[..., RedisServerProcess]
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so chaos tests already carry `system`
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse to run unclassified tests; chaos tests are system tests too (so `-m system` selects them)."""
+    """Refuse to run unclassified tests; chaos tests are system tests too (so `-m system` selects them).
+
+    Under `pytest -n N --dist loadgroup` (`make test`) a file's tests run on one worker, one after
+    the other (its module fixtures are built once), and all chaos tests on one worker, so no two
+    failure injections (a saturated CPU, a killed Redis) overlap."""
     for item in items:
-        if item.get_closest_marker("chaos") and not item.get_closest_marker("system"):
+        chaos = item.get_closest_marker("chaos") is not None
+        if chaos and not item.get_closest_marker("system"):
             item.add_marker(pytest.mark.system)
+        item.add_marker(pytest.mark.xdist_group("chaos" if chaos else item.nodeid.split("::", 1)[0]))
     unmarked = [item.nodeid for item in items if not any(map(item.get_closest_marker, CLASSIFYING_MARKERS))]
     if unmarked:
         raise pytest.UsageError(
