@@ -88,7 +88,8 @@ def totals(cluster: Mapping[str, float], kernels: Iterable[Mapping[str, float]])
 # Global failure-handling counters, written by the service; the exporter publishes every
 # `*_total` field as a counter and the detection fields as a summary (docs/reliability.md).
 AGENTS_SUSPECTED = "agents_suspected_total"  #: agents seen with an overdue lease renewal, not yet dead
-AGENTS_DEAD = "agents_dead_total"  #: agents declared dead (lease expired)
+AGENTS_DEAD = "agents_dead_total"  #: agents declared dead (lease expired without a goodbye)
+AGENTS_DEPARTED = "agents_departed_total"  #: agents that stopped on purpose (draining, or deregistered)
 KERNELS_DEAD = "kernels_dead_total"  #: kernels dead by their own lease while their agent lived
 JOBS_FAILED_OVER = "jobs_failed_over_total"  #: orphaned jobs moved to a live kernel (reconciler)
 LEADER_FENCED_WRITES = "leader_fenced_writes_total"  #: reconcile writes dropped: the lease moved before EXEC
@@ -98,6 +99,7 @@ AUTOSCALE_DOWN = "autoscale_down_total"  #: autoscaler steps down
 RELIABILITY_COUNTERS = (
     AGENTS_SUSPECTED,
     AGENTS_DEAD,
+    AGENTS_DEPARTED,
     KERNELS_DEAD,
     JOBS_FAILED_OVER,
     LEADER_FENCED_WRITES,

@@ -7,7 +7,13 @@ every pass, reads every known lease at once (one MGET, whatever the fleet's size
 
 - **alive**: the lease exists and its beat is recent;
 - **suspect**: the lease exists but at least one renewal is overdue (nothing is moved yet);
-- **dead**: the lease is gone. The reconciler then removes its kernels and fails their work over.
+- **dead**: the lease is gone and the agent did not say it was leaving. The reconciler then
+  removes its kernels and fails their work over;
+- **departed**: the lease is gone and the agent said it was leaving: its record, read again when
+  the lease is found gone, no longer exists (it deregistered) or says `draining` (an agent sets
+  it first thing when it stops on purpose: SIGTERM, `Agent.stop`). Its kernels are removed and
+  placed elsewhere as a dead agent's are, but it is no death: not logged as one, not counted in
+  `agents_dead_total` (in `agents_departed_total` instead), not listed as lapsed.
 
 It re-reads an agent's record and running kernels (`agent:{name}:running`) only when its lease's
 version moved, when the agent announced itself (`service:wake`), or when the rolling sweep
@@ -80,6 +86,8 @@ class FailureDetector:
         self.lease_ttl = settings.lease_ttl
         self._suspects: set[str] = set()
         self._declared: set[str] = set()
+        self._departed: set[str] = set()  # lease gone under a `draining` record, already reported
+        self._left: set[str] = set()  # records gone (deregistered) since the last report
         self._next_expiry = time.monotonic() + settings.lease_ttl
         self.window = settings.lease_ttl + settings.heartbeat_interval
         self._unseen = True  # no read has succeeded yet: the blind window opens with the first
@@ -200,14 +208,23 @@ class FailureDetector:
             logger.info("Redis answers: no death declared for %.1fs, so every agent can renew", self.window)
         alive: set[str] = set()
         suspect: set[str] = set()
+        departed: set[str] = set()
         soonest = self.lease_ttl
         blind = self.blind
+        if not blind:  # a lease newly gone: whether its agent said it was leaving, its record says
+            seen = self._declared | self._departed | reread
+            lapsed = [
+                n for n, lease in zip(names_sorted, leases, strict=True) if lease is None and n not in seen
+            ]
+            differs |= await self._reread(lapsed, assignments=False)
         for name, lease in zip(names_sorted, leases, strict=True):
             if name not in self.records:  # its record vanished on the re-read
                 continue
             if lease is None:
                 if blind:  # no lease: dead, unless nobody could renew it
                     alive.add(name)
+                elif self.records[name].draining:  # it stopped on purpose: a departure
+                    departed.add(name)
                 continue
             alive.add(name)
             self._versions[name] = lease.version
@@ -222,7 +239,7 @@ class FailureDetector:
         changed = (alive ^ self._alive) | differs | (set(self.records) if full else set())
         self._alive = alive
         assigned = Counter({n: len(self.assignments.get(n, ())) for n in self.records})
-        await self._report(alive, suspect, set(self.records), assigned, now_redis)
+        await self._report(alive, suspect, departed, set(self.records), assigned, now_redis)
         return Fleet(
             agents=dict(self.records),
             alive=frozenset(alive),
@@ -255,6 +272,7 @@ class FailureDetector:
             if record is None:  # deregistered (or malformed): gone from the fleet
                 if self.records.pop(name, None) is not None:
                     differs.add(name)
+                    self._gone(name)
                 self._running.pop(name, None)
                 self._reassign(name, None)
                 continue
@@ -270,21 +288,35 @@ class FailureDetector:
                 self._reassign(name, set(assigned))
         return differs
 
+    def _gone(self, name: str) -> None:
+        """`name`'s record, read again, is gone: it deregistered (it left on purpose), unless we
+        already declared it dead or saw it leave."""
+        if name not in self._declared | self._departed:
+            self._left.add(name)
+
     async def _report(
         self,
         alive: set[str],
         suspect: set[str],
+        departed: set[str],
         known: set[str],
         assigned: Counter[str],
         now_redis: float,
     ) -> None:
         """Log state changes and count them in the `reliability` hash."""
+        left, self._left = sorted(self._left | (departed - self._departed)), set()
+        for name in left:
+            logger.info("agent %s left: it stopped on purpose (no death)", name)
+        if left:
+            async with amap_redis_errors():
+                await self.redis.hincrby(self.keys.reliability(), stats.AGENTS_DEPARTED, len(left))
+        self._departed = (self._departed | departed) & (known - alive)
         for name in suspect - self._suspects:
             logger.warning("agent %s is suspect: a lease renewal is overdue", name)
             async with amap_redis_errors():
                 await self.redis.hincrby(self.keys.reliability(), stats.AGENTS_SUSPECTED, 1)
         self._suspects = suspect
-        for name in known - alive - self._declared:
+        for name in known - alive - departed - self._declared:
             self._declared.add(name)
             last = self._beats.get(name, 0)
             detection = round(now_redis - last) if last else None
@@ -352,6 +384,7 @@ class FailureDetector:
 
     async def forget(self, agent: str) -> None:
         self._declared.discard(agent)
+        self._departed.discard(agent)
         self._reassign(agent, None)
         for cache in (self.records, self._running, self._versions, self._beats):
             cache.pop(agent, None)

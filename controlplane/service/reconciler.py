@@ -602,7 +602,8 @@ class Reconciler:
                 await pipe.execute()
 
     async def _forget_dead_agents(self, fleet: Fleet) -> None:
-        """Deregister agents whose lease expired once none of their kernels is left."""
+        """Deregister agents whose lease is gone (dead, or left with their record still there)
+        once none of their kernels is left."""
         for agent in fleet.agents.values():
             if agent.name in fleet.alive or fleet.assigned[agent.name] > 0:
                 continue
@@ -630,7 +631,7 @@ class Reconciler:
 
         await self._fleet_write(forget)
         await self.detector.forget(agent)
-        logger.info("forgot agent %s (lease expired)", agent)
+        logger.info("forgot agent %s (%s)", agent, "it left" if record.draining else "lease expired")
 
 
 def shortfall(desired: int, missing: int, required: set[str], fleet: Fleet) -> str:
