@@ -459,6 +459,8 @@ class Agent(Service):
         await self._cancel_wake()
         self.heartbeat.stall_after = float("inf")  # draining may take a while: stay alive meanwhile
         async with best_effort():
+            # first of all, before the lease can go: the leader takes a lease gone under a
+            # `draining` record (or no record) for a departure, never for a death
             await self.redis.hset(self.keys.agent(name), mapping=AgentRecord.fields(draining=True))
             await self.redis.lpush(self.keys.service_wake(), f"agent {name}")
         procs = [c.proc for c in self.children.values() if c.running and c.proc is not None]
@@ -483,7 +485,8 @@ class Agent(Service):
         k = self.keys
         async with best_effort():
             # not transactions (several slots, one DEL each): the lease first, so the leader
-            # sees us gone at once; what a cut-short stop leaves, the leader's forget clears
+            # sees us gone at once (a departure: the record says draining, or is gone); what a
+            # cut-short stop leaves, the leader's forget clears
             async with self.redis.pipeline(transaction=False) as pipe:
                 # the assignment hash stays: the control plane owns it and clears it
                 for key in (k.agent_lease(name), k.agent_wake(name), k.agent_running(name)):
