@@ -288,6 +288,10 @@ async def test_whole_system_runs_under_least_privilege_users(
                 await asyncio.sleep(0.1)
             assert admin.smembers(KEYS.agents()) == set()
             assert not admin.exists(KEYS.agent("a1"), KEYS.agent("a2"))
+            # they left on purpose (their records said draining): departures, not deaths
+            counted = admin.hgetall(KEYS.reliability())
+            assert "agents_dead_total" not in counted and counted["agents_departed_total"] == "2", counted
+            assert not admin.exists(KEYS.lapsed_agents())
             refused = {(e["username"], e["object"]) for e in admin.acl_log()}
             assert refused == {("kcp-agent-a1", KEYS.agents()), ("kcp-agent-a2", KEYS.agents())}, (
                 admin.acl_log()

@@ -59,6 +59,8 @@ async def test_the_leader_lists_what_lapsed_and_forgets_what_left_on_purpose(
 
     await reconciler.reconcile_all()
     assert await redis.smembers(KEYS.agents()) == set()  # both forgotten
+    counted = await redis.hgetall(KEYS.reliability())
+    assert (counted["agents_dead_total"], counted["agents_departed_total"]) == ("1", "1"), "stopped: no death"
     lapsed = await redis.hgetall(KEYS.lapsed_agents())
     assert set(lapsed) == {"crashed"}
     entry = LapsedRecord.decode(lapsed["crashed"], "test")
