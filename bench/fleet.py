@@ -99,7 +99,7 @@ from kernel_agent.agent.daemon import Agent, AgentConfig
 from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.contract import EXIT_UNASSIGNED
 from kernel_agent.kernel.worker import KernelProcess
-from kernel_agent.syscalls import builtin_registry
+from kernel_agent.syscalls import builtin_registry, declared_capabilities
 
 KEYS = Keys()
 _STUB_PIDS = itertools.count(1 << 22)  # above Linux's pid_max (4,194,304 at most)
@@ -290,6 +290,7 @@ class FleetAgent(Agent):
                 name=name,
                 agent=self.config.name,
                 registry=self.registry,
+                capabilities=self.config.capabilities,
             )
             return InProcess(kernel)
         started = await kernel_start(
@@ -301,7 +302,7 @@ class FleetAgent(Agent):
             host="fleet",
             now_s=f"{time.time():.3f}",
             syscalls=self.registry.names(),
-            capabilities=sorted(self.registry.capabilities()),
+            capabilities=sorted(declared_capabilities(self.registry, self.config.capabilities)),
         ).run(self.redis)
         return InProcess(returncode=EXIT_UNASSIGNED if isinstance(started, NotStarted) else None)
 

@@ -41,7 +41,7 @@ from kernel_agent.agent.heartbeat import Heartbeat
 from kernel_agent.agent.load import LoadGate, ProcessSampler
 from kernel_agent.agent.spawner import KernelHandle, Spawner
 from kernel_agent.contract import EXIT_UNASSIGNED, KERNEL_MODULE, KERNEL_PRELOAD
-from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
+from kernel_agent.syscalls import arq_settings_in, builtin_registry, declared_capabilities, load_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Agent(Service):
             from kernel_agent.syscalls.arq_bridge import load_arq_settings
 
             load_arq_settings(registry, arq_paths)
-        self.capabilities = sorted(set(config.capabilities) | registry.capabilities())
+        self.capabilities = sorted(declared_capabilities(registry, config.capabilities))
         self.children: dict[str, _Child] = {}
         self.sampler = ProcessSampler()
         self._stop = asyncio.Event()
@@ -397,6 +397,8 @@ class Agent(Service):
             "--log-level",
             logging.getLevelName(logging.getLogger().level),
         ]
+        if self.config.capabilities:  # the kernel declares them too, beside its handlers' own
+            cmd += ["--capabilities", ",".join(self.config.capabilities)]
         for module in self.config.handlers:
             cmd += ["--handlers", module]
         for path in self.config.arq_settings:

@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
         parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--name", help="agent name (default: the host name)")
     parser.add_argument("--slots", type=int, default=4, help="kernels this agent may host (default 4)")
-    parser.add_argument("--capabilities", default="", help="comma-separated, e.g. gpu,infer")
+    parser.add_argument(
+        "--capabilities",
+        default="",
+        help="comma-separated, e.g. gpu,infer: declared by the agent and every kernel it hosts",
+    )
     parser.add_argument("--labels", default="{}", help='JSON object, e.g. {"zone": "a"}')
     parser.add_argument(
         "--handlers",

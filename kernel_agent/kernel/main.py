@@ -43,6 +43,7 @@ async def _amain(args: argparse.Namespace) -> int:
         agent=args.agent,
         registry=registry,
         concurrency=args.concurrency,
+        capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
         arq_keep_ms={
             name: fn.keep_result_ms for functions in arq for name, fn in functions.functions.items()
         },
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--agent", required=True)
+    parser.add_argument(
+        "--capabilities", default="", help="comma-separated: the agent's, declared beside the handlers' own"
+    )
     parser.add_argument("--handlers", action="append", default=[], help="module with register(registry)")
     parser.add_argument(
         "--arq-settings", action="append", default=[], help="arq WorkerSettings whose functions to run"

@@ -44,11 +44,21 @@ class Siblings:
     """(name, epoch) of the kernels this one may take work from, and the version they were read at."""
 
     def __init__(
-        self, keys: Keys, *, cluster: str, name: str, registry: SyscallRegistry, wake_key: str
+        self,
+        keys: Keys,
+        *,
+        cluster: str,
+        name: str,
+        registry: SyscallRegistry,
+        capabilities: frozenset[str],
+        wake_key: str,
     ) -> None:
+        """`capabilities`: what this kernel declares (`declared_capabilities`: its agent's and
+        its syscalls'), as its record does."""
         self.keys = keys
         self.cluster, self.name = cluster, name
         self.registry = registry
+        self.capabilities = capabilities
         self.wake_key = wake_key
         self._list: list[tuple[str, int]] = []
         self._version: str | None = None  # the cluster's version the list was read at (None: never read)
@@ -130,7 +140,7 @@ class Siblings:
             if others
             else []
         )
-        syscalls, capabilities = set(self.registry.names()), self.registry.capabilities()
+        syscalls, capabilities = set(self.registry.names()), self.capabilities
         siblings = []
         for n, fields in zip(others, rows, strict=True):
             if isinstance(fields, Exception):  # a key of the wrong type: not a sibling

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from controlplane.errors import RedisError, RedisUnavailable
@@ -58,6 +58,7 @@ from kernel_agent.syscalls import (
     SyscallContext,
     SyscallError,
     SyscallRegistry,
+    declared_capabilities,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,10 +105,12 @@ class KernelProcess(Service):
         agent: str,
         registry: SyscallRegistry,
         concurrency: int = 1,
+        capabilities: Iterable[str] = (),
         arq_keep_ms: Mapping[str, int] | None = None,
     ) -> None:
-        """`arq_keep_ms`: the syscalls that are arq functions, and how long each keeps its
-        result, ms (they also get the job in their context, and may defer it)."""
+        """`capabilities`: the agent's (`kcp agent --capabilities`), declared with those of the
+        registry's syscalls. `arq_keep_ms`: the syscalls that are arq functions, and how long
+        each keeps its result, ms (they also get the job in their context, and may defer it)."""
         super().__init__()
         self.what = f"kernel {cluster}/{name}"
         self.redis = redis
@@ -116,6 +119,8 @@ class KernelProcess(Service):
         self.name = name
         self.agent = agent
         self.registry = registry
+        #: what the kernel record declares and work stealing compares siblings against
+        self.capabilities = declared_capabilities(registry, capabilities)
         self.ctx = SyscallContext(memory=KernelMemory(), kernel=name, cluster=cluster)
         self.epoch = ""
         self.concurrency = concurrency
@@ -136,7 +141,14 @@ class KernelProcess(Service):
         self.queue_key = keys.queue(cluster, name)
         self.inflight_key = keys.inflight(cluster, name)
         self.wake_key = keys.kernel_wake(cluster, name)
-        self.siblings = Siblings(keys, cluster=cluster, name=name, registry=registry, wake_key=self.wake_key)
+        self.siblings = Siblings(
+            keys,
+            cluster=cluster,
+            name=name,
+            registry=registry,
+            capabilities=self.capabilities,
+            wake_key=self.wake_key,
+        )
         self.load = LoadReporter(keys, cluster=cluster, name=name, agent=agent, busy=lambda: self._busy)
         #: claim.lua calls made so far, by what they depend on (`_claim_call`): a worker claims
         #: once per job, and the call's keys and arguments rarely change
@@ -166,7 +178,7 @@ class KernelProcess(Service):
             host=socket.gethostname(),
             now_s=f"{time.time():.3f}",
             syscalls=self.registry.names(),
-            capabilities=sorted(self.registry.capabilities()),
+            capabilities=sorted(self.capabilities),
         ).run(self.channel)
         if isinstance(started, NotStarted):
             logger.warning("kernel %s/%s not started: %s", self.cluster, self.name, started.reason)

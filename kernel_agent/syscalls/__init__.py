@@ -18,6 +18,7 @@ from kernel_agent.syscalls.registry import (
     SyscallContext,
     SyscallRegistry,
     arq_settings_in,
+    declared_capabilities,
     load_handlers,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "arq_settings_in",
     "builtin_registry",
     "compute",
+    "declared_capabilities",
     "load_handlers",
 ]

@@ -152,6 +152,14 @@ async def _run(name: str, handler: Handler, ctx: SyscallContext, args: dict[str,
     return result
 
 
+def declared_capabilities(registry: SyscallRegistry, agent: Iterable[str] = ()) -> frozenset[str]:
+    """What a kernel of `registry` declares: its agent's capabilities (`kcp agent --capabilities`,
+    checked as `validate_capabilities` does) plus every capability a registered syscall declares.
+    The kernel record carries them (`kernel_start.lua`), routing's `requires` and work stealing's
+    sibling check compare against them, and the agent record carries the same union."""
+    return validate_capabilities(agent) | registry.capabilities()
+
+
 #: A handler module may name an arq settings object under this name: its functions are
 #: registered as with ``--arq-settings module:arq_settings`` (`arq_bridge`).
 ARQ_SETTINGS = "arq_settings"
