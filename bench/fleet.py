@@ -191,6 +191,8 @@ def _leader(url: str, conn: Connection) -> None:
 
 class Leader:
     def __init__(self, url: str) -> None:
+        # sends "passes" or "stop"; receives the passes' wall and CPU seconds
+        self.conn: Connection[str, tuple[list[float], list[float]]]
         self.conn, child = multiprocessing.get_context("spawn").Pipe()
         ctx = multiprocessing.get_context("spawn")
         self.proc = ctx.Process(target=_leader, args=(url, child), daemon=True)
@@ -198,7 +200,7 @@ class Leader:
 
     async def passes(self) -> tuple[list[float], list[float]]:
         self.conn.send("passes")
-        return await asyncio.to_thread(self.conn.recv)  # type: ignore[no-any-return]
+        return await asyncio.to_thread(self.conn.recv)
 
     def stop(self) -> None:
         if not self.proc.is_alive():
@@ -620,14 +622,14 @@ async def dispatch_costs(
                     a = await counters(kcp.redis)
                     for _ in range(n):
                         await kcp.dispatch(name, {"type": "PING"})
-                    busy = Delta.of(a, await counters(kcp.redis))
-                    commands = busy.commands - idle.rate * busy.seconds
-                    cpu = busy.cpu - idle.cpu / idle.seconds * busy.seconds
+                    measured = Delta.of(a, await counters(kcp.redis))  # the window of the n dispatches
+                    commands = measured.commands - idle.rate * measured.seconds
+                    cpu = measured.cpu - idle.cpu / idle.seconds * measured.seconds
                     figures.commands.append(commands / n)
                     figures.cpu_us.append(cpu / n * 1e6)
                     figures.per = {
-                        k: (v - idle.per.get(k, 0) / idle.seconds * busy.seconds) / n
-                        for k, v in busy.per.items()
+                        k: (v - idle.per.get(k, 0) / idle.seconds * measured.seconds) / n
+                        for k, v in measured.per.items()
                     }
                 await kcp.destroy_cluster(name, wait=120)
             busy = await busy_cluster(kcp, *busy_load) if busy_load[0] else None
