@@ -318,12 +318,18 @@ class FleetAgent(Agent):
             print(f"agent {self.config.name}: main loop died: {exc!r}", file=sys.stderr, flush=True)
 
     async def kill(self) -> None:
-        """As SIGKILL would: the lease stops being renewed, nothing is cleaned up."""
+        """As SIGKILL would: the lease stops being renewed, nothing is cleaned up. The tasks that
+        watch its kernels' handles (`Agent._watch`) die with it: a stub never exits, so left
+        pending they would be garbage-collected pending ("Task was destroyed but it is pending!")."""
         self.heartbeat._stop.set()
         self.heartbeat.stop()  # at once (a pooled beat: leaves the pool)
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        watchers = list(self._waiters)
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         await asyncio.to_thread(self.heartbeat.stop)
 
     async def stop(self, grace: float | None = None) -> None:
