@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
-	$(BIN)/mypy controlplane kernel_agent
+	$(BIN)/mypy controlplane kernel_agent bench
 
 bench: $(STAMP)
 	@for script in bench/*.py; do \

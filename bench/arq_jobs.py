@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from controlplane import KcpClient, Settings
 from controlplane.ops.stack import LocalStack
@@ -34,6 +34,15 @@ ROOT = str(Path(__file__).resolve().parents[1])
 SETTINGS = "examples.arq_worker.WorkerSettings"
 TUNED_POLL = 0.010
 DEFER_S = 0.2
+T = TypeVar("T")
+
+
+def present(value: T | None, what: str) -> T:
+    """`value`, or a RuntimeError saying what was missing (arq and kcp answer None for a job they
+    did not enqueue, its id being taken, and for a result they do not hold)."""
+    if value is None:
+        raise RuntimeError(f"{what} is None")
+    return value
 
 
 def dumps(obj: object) -> bytes:
@@ -48,8 +57,8 @@ def _arq_worker(url: str, queue: str, poll_delay: float | None) -> None:
     from examples.arq_worker import WorkerSettings
 
     options: dict[str, Any] = {} if poll_delay is None else {"poll_delay": poll_delay}
-    Worker(
-        **{**get_kwargs(WorkerSettings), **options},
+    Worker(  # the example's class is no `WorkerSettingsBase` (no cron_jobs): its attributes, as a dict
+        **{**get_kwargs(dict(vars(WorkerSettings))), **options},
         redis_settings=RedisSettings.from_dsn(url),
         queue_name=queue,
         handle_signals=False,
@@ -80,19 +89,22 @@ async def arq_figures(url: str, poll: float | None, n: int, deferred: int) -> tu
     )
     delay = poll if poll is not None else 0.5
     try:
-        await (await pool.enqueue_job("add", 0, 0)).result(timeout=30, poll_delay=delay)  # worker up
+        warm = present(await pool.enqueue_job("add", 0, 0), "arq's enqueue_job (warm-up)")
+        await warm.result(timeout=30, poll_delay=delay)  # worker up
         trips = []
         for _ in range(n):
             t0 = time.perf_counter()
-            job = await pool.enqueue_job("add", 1, 2)
+            job = present(await pool.enqueue_job("add", 1, 2), "arq's enqueue_job")
             assert await job.result(poll_delay=delay) == 3
             trips.append((time.perf_counter() - t0) * 1000)
         late = []
         for _ in range(deferred):
             due = time.time() + DEFER_S
-            job = await pool.enqueue_job("add", 1, 2, _defer_by=DEFER_S)
+            job = present(
+                await pool.enqueue_job("add", 1, 2, _defer_by=DEFER_S), "arq's enqueue_job (deferred)"
+            )
             await job.result(poll_delay=delay)
-            info = await job.result_info()
+            info = present(await job.result_info(), "arq's result_info (deferred)")
             late.append((info.start_time.timestamp() - due) * 1000)
         return trips, late
     finally:
@@ -105,14 +117,13 @@ async def kcp_figures(url: str, n: int, deferred: int) -> tuple[list[float], lis
     async with KcpClient(Settings(redis_url=url)) as kcp:
         await kcp.create_cluster("arqbench", 2, config={"capabilities": ["arq"]}, wait=60)
         for _ in range(50):  # warm up
-            job = await kcp.enqueue_job("arqbench", "add", 0, 0)
-            assert job is not None
+            job = present(await kcp.enqueue_job("arqbench", "add", 0, 0), "kcp's enqueue_job (warm-up)")
             await job.result(timeout=30)
         trips = []
         for _ in range(n):
             t0 = time.perf_counter()
-            job = await kcp.enqueue_job("arqbench", "add", 1, 2)
-            assert job is not None and await job.result() == 3
+            job = present(await kcp.enqueue_job("arqbench", "add", 1, 2), "kcp's enqueue_job")
+            assert await job.result() == 3
             trips.append((time.perf_counter() - t0) * 1000)
         calls = []  # the same call as a dispatch: the caller waits, nothing is kept
         for _ in range(n):
@@ -123,11 +134,12 @@ async def kcp_figures(url: str, n: int, deferred: int) -> tuple[list[float], lis
         late = []
         for _ in range(deferred):
             due = time.time() + DEFER_S
-            job = await kcp.enqueue_job("arqbench", "add", 1, 2, _defer_by=DEFER_S)
-            assert job is not None
+            job = present(
+                await kcp.enqueue_job("arqbench", "add", 1, 2, _defer_by=DEFER_S),
+                "kcp's enqueue_job (deferred)",
+            )
             await job.result()
-            info = await job.result_info()
-            assert info is not None
+            info = present(await job.result_info(), "kcp's result_info (deferred)")
             late.append((info.start_time.timestamp() - due) * 1000)
         await kcp.destroy_cluster("arqbench")
         return trips, late, calls

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from controlplane import BusMessage, BusTopic, InterKernelBus, Settings
 from controlplane.ops.redis_server import start_redis_server
@@ -38,7 +39,7 @@ PAYLOAD = {"kernel": "worker-1", "cpu": 0.42, "memory": 0.31, "queue_depth": 3}
 BATCH = 1000
 
 
-def _fields(i: int) -> dict[str, Any]:
+def _fields(i: int) -> dict[FieldT, EncodableT]:  # what XADD takes
     return {"seq": i, "from": "bench", "topic": "metrics", "ts": repr(time.time()), "payload": '{"x":1}'}
 
 

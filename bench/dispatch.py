@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
 from typing import Any
 
 import psutil
@@ -46,7 +47,7 @@ KCP_IDLE_SECONDS = 3 * IDLE_BLOCK
 def _floor_worker(url: str) -> None:
     r = redis.Redis.from_url(url)
     while True:
-        _, msg = r.blpop(["bench:floor:req"])  # type: ignore[misc]
+        _, msg = r.blpop(["bench:floor:req"])
         if msg == b"stop":
             return
         r.lpush(msg, b"ok")  # the message is the client's reply list
@@ -70,7 +71,7 @@ def _arq_worker(url: str, queue: str, poll_delay: float | None) -> None:
     ).run()
 
 
-def _start(target: Callable[..., None], *args: object) -> list[multiprocessing.Process]:
+def _start(target: Callable[..., None], *args: object) -> list[SpawnProcess]:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=target, args=args, daemon=True) for _ in range(WORKERS)]
     for p in procs:
@@ -78,7 +79,7 @@ def _start(target: Callable[..., None], *args: object) -> list[multiprocessing.P
     return procs
 
 
-def _stop(procs: list[multiprocessing.Process]) -> None:
+def _stop(procs: list[SpawnProcess]) -> None:
     for p in procs:
         p.terminate()
     for p in procs:
@@ -165,7 +166,8 @@ class Figures:
         self.runs += 1
 
     def median(self, name: str) -> float:
-        return statistics.median(getattr(self, name))
+        values: list[float] = getattr(self, name)
+        return statistics.median(values)
 
 
 # ------------------------------------------------------------------ the systems

@@ -191,6 +191,8 @@ def _leader(url: str, conn: Connection) -> None:
 
 class Leader:
     def __init__(self, url: str) -> None:
+        # sends "passes" or "stop"; receives the passes' wall and CPU seconds
+        self.conn: Connection[str, tuple[list[float], list[float]]]
         self.conn, child = multiprocessing.get_context("spawn").Pipe()
         ctx = multiprocessing.get_context("spawn")
         self.proc = ctx.Process(target=_leader, args=(url, child), daemon=True)
@@ -198,7 +200,7 @@ class Leader:
 
     async def passes(self) -> tuple[list[float], list[float]]:
         self.conn.send("passes")
-        return await asyncio.to_thread(self.conn.recv)  # type: ignore[no-any-return]
+        return await asyncio.to_thread(self.conn.recv)
 
     def stop(self) -> None:
         if not self.proc.is_alive():
@@ -317,12 +319,18 @@ class FleetAgent(Agent):
             print(f"agent {self.config.name}: main loop died: {exc!r}", file=sys.stderr, flush=True)
 
     async def kill(self) -> None:
-        """As SIGKILL would: the lease stops being renewed, nothing is cleaned up."""
+        """As SIGKILL would: the lease stops being renewed, nothing is cleaned up. The tasks that
+        watch its kernels' handles (`Agent._watch`) die with it: a stub never exits, so left
+        pending they would be garbage-collected pending ("Task was destroyed but it is pending!")."""
         self.heartbeat._stop.set()
         self.heartbeat.stop()  # at once (a pooled beat: leaves the pool)
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        watchers = list(self._waiters)
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         await asyncio.to_thread(self.heartbeat.stop)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -621,14 +629,14 @@ async def dispatch_costs(
                     a = await counters(kcp.redis)
                     for _ in range(n):
                         await kcp.dispatch(name, {"type": "PING"})
-                    busy = Delta.of(a, await counters(kcp.redis))
-                    commands = busy.commands - idle.rate * busy.seconds
-                    cpu = busy.cpu - idle.cpu / idle.seconds * busy.seconds
+                    measured = Delta.of(a, await counters(kcp.redis))  # the window of the n dispatches
+                    commands = measured.commands - idle.rate * measured.seconds
+                    cpu = measured.cpu - idle.cpu / idle.seconds * measured.seconds
                     figures.commands.append(commands / n)
                     figures.cpu_us.append(cpu / n * 1e6)
                     figures.per = {
-                        k: (v - idle.per.get(k, 0) / idle.seconds * busy.seconds) / n
-                        for k, v in busy.per.items()
+                        k: (v - idle.per.get(k, 0) / idle.seconds * measured.seconds) / n
+                        for k, v in measured.per.items()
                     }
                 await kcp.destroy_cluster(name, wait=120)
             busy = await busy_cluster(kcp, *busy_load) if busy_load[0] else None

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -111,7 +112,7 @@ class Scenario:
         return sum(1 / self.service_s(k, MEAN_MS) for k in healthy)
 
 
-def scenarios(measure: float, names: list[str]) -> list[Scenario]:
+def scenarios(measure: float, names: Collection[str]) -> list[Scenario]:
     half = {"worker-2": 0.5, "worker-5": 0.5}
     out: list[Scenario] = []
     if "half" in names:
@@ -179,7 +180,8 @@ def shown(sc: Scenario) -> int:
 def schedule(sc: Scenario, seed: int) -> list[tuple[float, float]]:
     """(arrival offset s, base service ms) of every request, warm-up included."""
     rng = random.Random(seed)
-    t, out, end = 0.0, [], WARMUP_S + sc.measure_s
+    t, end = 0.0, WARMUP_S + sc.measure_s
+    out: list[tuple[float, float]] = []
     if sc.sequential:  # service times only; a request starts when the previous one is done
         return [(0.0, rng.expovariate(1 / MEAN_MS)) for _ in range(int(end * 1000 / MEAN_MS))]
     rate = sc.load * sc.capacity

@@ -16,25 +16,38 @@ import argparse
 import asyncio
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypedDict
 
 import redis
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_tls import make_certificates  # the tests' certificate maker
 
 from controlplane.ops.acl import build_users, passwords_for, setuser_args
 from controlplane.ops.redis_server import free_port, start_redis_server
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import connect
 from controlplane.settings import Settings
+from tests.certificates import make_certificates  # the tests' certificate maker
 
 KEYS = Keys()
 SCRIPT = "redis.call('HSET', KEYS[1], 'x', ARGV[1]) return redis.call('INCR', KEYS[2])"
+
+
+class Credentials(TypedDict):
+    """The `Settings` fields of an ACL user."""
+
+    redis_username: str
+    redis_password: str
+
+
+class TlsFiles(TypedDict):
+    """The `Settings` fields of mutual TLS."""
+
+    redis_tls_ca_file: Path
+    redis_tls_cert_file: Path
+    redis_tls_key_file: Path
 
 
 async def _median_ms(n: int, op: Callable[[], Awaitable[object]]) -> float:
@@ -52,7 +65,7 @@ async def measure(url: str, n: int) -> dict[str, float]:
     await client.ping()
     connect_ms = (time.perf_counter() - t) * 1000
     sha = await client.script_load(SCRIPT)
-    load, epoch = KEYS.load("bench", "c", "k"), KEYS.epoch()
+    load, epoch = KEYS.load("bench", "c", "k"), KEYS.cluster_epoch("c")
 
     async def pipeline() -> None:
         async with client.pipeline(transaction=False) as pipe:
@@ -60,11 +73,14 @@ async def measure(url: str, n: int) -> dict[str, float]:
             pipe.pexpire(load, 3000)
             await pipe.execute()
 
+    async def script() -> None:
+        await client.evalsha(sha, 2, load, epoch, "1")
+
     out = {
         "connect": connect_ms,
         "PING": await _median_ms(n, client.ping),
         "HSET+PEXPIRE": await _median_ms(n, pipeline),
-        "EVALSHA 2 keys": await _median_ms(n, lambda: client.evalsha(sha, 2, load, epoch, "1")),
+        "EVALSHA 2 keys": await _median_ms(n, script),
     }
     await client.aclose()
     return out
@@ -93,12 +109,12 @@ def main() -> int:
             with redis.Redis.from_url(server.url) as admin:
                 for user in users:
                     admin.execute_command("ACL", "SETUSER", *setuser_args(user, passwords[user.name]))
-            agent = {"redis_username": "kcp-agent-bench", "redis_password": passwords["kcp-agent-bench"]}
-            tls = {
-                "redis_tls_ca_file": certs["ca"],
-                "redis_tls_cert_file": certs["client"],
-                "redis_tls_key_file": certs["client_key"],
-            }
+            agent = Credentials(redis_username="kcp-agent-bench", redis_password=passwords["kcp-agent-bench"])
+            tls = TlsFiles(
+                redis_tls_ca_file=certs["ca"],
+                redis_tls_cert_file=certs["client"],
+                redis_tls_key_file=certs["client_key"],
+            )
             ways = {
                 "plain, default user": server.url,
                 "plain, agent ACL user": Settings(redis_url=server.url, **agent).redis_url,
