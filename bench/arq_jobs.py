@@ -1,6 +1,6 @@
 """arq jobs: the same WorkerSettings (examples/arq_worker.py) under arq's Worker and on kcp.
 
-    PYTHONPATH=. .venv/bin/python bench/arq_jobs.py [--n 300]
+    .venv/bin/python bench/arq_jobs.py [--n 300]
 
 One private redis-server. For each system, `enqueue_job("add", 1, 2)` then `job.result()`,
 one job at a time (p50, p99 of the round trip, ms):
