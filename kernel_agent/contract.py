@@ -9,3 +9,8 @@ KERNEL_MODULE = "kernel_agent.kernel"
 KERNEL_PRELOAD = ("kernel_agent.kernel.main",)
 #: Exit code when the control plane no longer assigns this kernel to our agent.
 EXIT_UNASSIGNED = 3
+
+
+def split_capabilities(text: str) -> list[str]:
+    """`--capabilities gpu,infer` as `kcp agent` takes it and passes it on to its kernels."""
+    return [c.strip() for c in text.split(",") if c.strip()]

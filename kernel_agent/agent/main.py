@@ -15,6 +15,7 @@ from controlplane.errors import InvalidRequest, KcpError, exit_code
 from controlplane.redis.connect import connect, wait_for_redis
 from controlplane.settings import Settings, explain_settings_error
 from kernel_agent.agent.daemon import Agent, AgentConfig
+from kernel_agent.contract import split_capabilities
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
         config = AgentConfig(
             slots=args.slots,
-            capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
+            capabilities=split_capabilities(args.capabilities),
             labels=json.loads(args.labels),
             handlers=args.handlers,
             arq_settings=args.arq_settings,

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - optional on platforms without a wheel
 from controlplane.protocol.keys import Keys
 from controlplane.redis.connect import connect
 from controlplane.settings import Settings
-from kernel_agent.contract import EXIT_UNASSIGNED
+from kernel_agent.contract import EXIT_UNASSIGNED, split_capabilities
 from kernel_agent.kernel.worker import KernelProcess
 from kernel_agent.syscalls import arq_settings_in, builtin_registry, load_handlers
 
@@ -43,7 +43,7 @@ async def _amain(args: argparse.Namespace) -> int:
         agent=args.agent,
         registry=registry,
         concurrency=args.concurrency,
-        capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
+        capabilities=split_capabilities(args.capabilities),
         arq_keep_ms={
             name: fn.keep_result_ms for functions in arq for name, fn in functions.functions.items()
         },
